@@ -1,0 +1,206 @@
+//! The one error type of idem, and its HTTP status mapping.
+
+use std::time::Duration;
+
+/// A boxed error from a store backend or a codec.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// Everything that can go wrong around an idempotent call.
+///
+/// The function an attribute is put on returns `Result<T, E>` with `E: From<Error>`, so these
+/// reach the caller through the function's own error type.
+///
+/// ```
+/// use idem_core::Error;
+/// let e = Error::KeyReused;
+/// assert_eq!(e.http_status(), 422);
+/// assert_eq!(e.outcome().as_str(), "key_reused");
+/// ```
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// Another call holds the key under a live lease: `on_conflict = reject`, or the wait
+    /// (`wait_timeout`) ran out. Retry later (HTTP 409).
+    #[error("a call with this idempotency key is in progress{}", retry_hint(*.retry_after))]
+    InProgress {
+        /// How long the current holder's lease still runs, when the store knows it.
+        retry_after: Option<Duration>,
+    },
+    /// The key was used before with different arguments (HTTP 422). The stored answer belongs
+    /// to another request and is never replayed to this one.
+    #[error("idempotency key reused with different arguments")]
+    KeyReused,
+    /// The key expression evaluated to `None` (HTTP 400).
+    #[error("idempotency key is missing (the key expression evaluated to None)")]
+    MissingKey,
+    /// The stored record was written for another return type, codec or `version` (HTTP 500).
+    #[error("stored record is incompatible: expected `{expected}`, found `{found}`")]
+    IncompatibleRecord {
+        /// The type tag this call expects.
+        expected: String,
+        /// The type tag in the store.
+        found: String,
+    },
+    /// The store failed or could not be reached; the body was not run (HTTP 503).
+    #[error("idempotency store failed")]
+    Store(#[source] StoreError),
+    /// A value could not be encoded, or a stored record could not be decoded (HTTP 500).
+    #[error("idempotency record codec failed")]
+    Codec(#[source] CodecError),
+    /// The claim was taken over while the body ran (the lease lapsed), so the result could not
+    /// be recorded; the body's side effect may have happened twice (HTTP 500).
+    #[error("idempotency lease lost: another caller took over the key while the body ran")]
+    LeaseLost,
+    /// The encoded result is larger than the store accepts; the claim was released (HTTP 500).
+    #[error("encoded result is {size} bytes, over the limit of {limit} bytes")]
+    TooLarge {
+        /// Encoded size in bytes.
+        size: usize,
+        /// The limit in bytes.
+        limit: usize,
+    },
+    /// The call names no store and no process default store was set (HTTP 500).
+    #[error(
+        "no idempotency store: pass `store = ...` to #[idempotent] or call \
+         idem_core::set_default_store(...) at start-up"
+    )]
+    NoStore,
+}
+
+fn retry_hint(d: Option<Duration>) -> String {
+    match d {
+        Some(d) => format!(" (retry after {} ms)", d.as_millis()),
+        None => String::new(),
+    }
+}
+
+impl Error {
+    /// The HTTP status this error maps to: 409 `InProgress`, 422 `KeyReused`, 400 `MissingKey`,
+    /// 503 `Store`, 500 for the rest.
+    ///
+    /// ```
+    /// assert_eq!(idem_core::Error::InProgress { retry_after: None }.http_status(), 409);
+    /// assert_eq!(idem_core::Error::MissingKey.http_status(), 400);
+    /// ```
+    pub fn http_status(&self) -> u16 {
+        match self {
+            Error::InProgress { .. } => 409,
+            Error::KeyReused => 422,
+            Error::MissingKey => 400,
+            Error::Store(_) => 503,
+            Error::IncompatibleRecord { .. }
+            | Error::Codec(_)
+            | Error::LeaseLost
+            | Error::TooLarge { .. }
+            | Error::NoStore => 500,
+        }
+    }
+
+    /// The outcome a call that ends with this error is counted under.
+    pub fn outcome(&self) -> crate::Outcome {
+        use crate::Outcome;
+        match self {
+            Error::InProgress { .. } => Outcome::InProgress,
+            Error::KeyReused => Outcome::KeyReused,
+            Error::MissingKey => Outcome::MissingKey,
+            Error::IncompatibleRecord { .. } => Outcome::IncompatibleRecord,
+            Error::Store(_) | Error::NoStore => Outcome::StoreError,
+            Error::Codec(_) => Outcome::CodecError,
+            Error::LeaseLost => Outcome::LeaseLost,
+            Error::TooLarge { .. } => Outcome::TooLarge,
+        }
+    }
+}
+
+/// A failure reported by a [`Store`](crate::Store).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// A fenced operation (`complete`, `release`, `renew`) carried a token that is no longer
+    /// current: the claim expired or was taken over.
+    #[error("fencing token is no longer current")]
+    Fenced,
+    /// The store holds data under this key that it cannot read (written by another program,
+    /// or corrupted).
+    #[error("stored record is corrupt: {0}")]
+    Corrupt(String),
+    /// The value is larger than this store accepts.
+    #[error("value of {size} bytes is over the store's limit of {limit} bytes")]
+    TooLarge {
+        /// Size in bytes.
+        size: usize,
+        /// The limit in bytes.
+        limit: usize,
+    },
+    /// The operation did not finish in time.
+    #[error("store operation timed out after {0:?}")]
+    Timeout(Duration),
+    /// The backend failed: connection, protocol, server error.
+    #[error("store backend error: {message}")]
+    Backend {
+        /// What was being done.
+        message: String,
+        /// The backend's error.
+        #[source]
+        source: BoxError,
+    },
+}
+
+impl StoreError {
+    /// Wraps a backend error with a short description of what was being done.
+    ///
+    /// ```
+    /// let e = idem_core::StoreError::backend("claim", std::io::Error::other("refused"));
+    /// assert!(std::error::Error::source(&e).is_some());
+    /// ```
+    pub fn backend(
+        message: impl Into<String>,
+        source: impl Into<BoxError>,
+    ) -> Self {
+        StoreError::Backend {
+            message: message.into(),
+            source: source.into(),
+        }
+    }
+}
+
+impl From<StoreError> for Error {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::Fenced => Error::LeaseLost,
+            StoreError::Corrupt(msg) => Error::Codec(CodecError::Corrupt(msg)),
+            StoreError::TooLarge { size, limit } => Error::TooLarge { size, limit },
+            other => Error::Store(other),
+        }
+    }
+}
+
+/// A failure to encode or decode a value or a record.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum CodecError {
+    /// The value could not be encoded.
+    #[error("could not encode the value with codec `{codec}`")]
+    Encode {
+        /// Codec name.
+        codec: &'static str,
+        /// The codec's error.
+        #[source]
+        source: BoxError,
+    },
+    /// The stored bytes could not be decoded as the expected type.
+    #[error("could not decode the stored value with codec `{codec}`")]
+    Decode {
+        /// Codec name.
+        codec: &'static str,
+        /// The codec's error.
+        #[source]
+        source: BoxError,
+    },
+    /// The stored record is not an idem record (foreign data or corruption).
+    #[error("stored record is corrupt: {0}")]
+    Corrupt(String),
+    /// An argument or key could not be fingerprinted (its `Serialize` impl failed).
+    #[error("could not fingerprint the arguments: {0}")]
+    Fingerprint(String),
+}

@@ -1,0 +1,85 @@
+//! # idem-core — make an async function idempotent
+//!
+//! A caller may retry a call as often as the network forces it to; the side effect happens
+//! once, and every repeat gets the first call's result back — including duplicates that arrive
+//! while the first call still runs, in this process or another.
+//!
+//! ```
+//! use idem_core::{Call, Error};
+//! use idem_stores::MemoryStore;
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Error> {
+//! let store = MemoryStore::new();
+//! let charge = |amount: u64| {
+//!     Call::new("docs::charge")
+//!         .key("order-7")
+//!         .fingerprint(&(amount,))
+//!         .run(&store, async move { Ok::<_, Error>(format!("charged {amount}")) })
+//! };
+//! assert_eq!(charge(100).await?, "charged 100");
+//! assert_eq!(charge(100).await?, "charged 100"); // replayed, not run again
+//! assert!(matches!(charge(200).await, Err(Error::KeyReused)));
+//! # Ok(()) }
+//! ```
+//!
+//! The pieces, one module each:
+//!
+//! - [`Store`] — the trait every backend implements (memory, Redis, SQL in `idem-stores`);
+//! - [`key`] and [`fingerprint`] — hashed identities and argument fingerprints;
+//! - [`codec`] — the `Codec` trait, the MessagePack default and the record envelope;
+//! - [`Call`] — the runtime: claim, replay, wait, execute, complete, release;
+//! - [`Error`] — one error enum with an HTTP status per variant;
+//! - [`Outcome`] and [`counters`] — one outcome per call, logged and counted;
+//! - `testkit` (feature) — the conformance suite every store passes.
+//!
+//! The runtime needs a tokio runtime with the time driver enabled.
+
+mod error;
+mod observe;
+mod runtime;
+mod store;
+
+pub mod codec;
+pub mod fingerprint;
+pub mod key;
+pub mod options;
+
+#[cfg(feature = "testkit")]
+pub mod testkit;
+
+pub use async_trait::async_trait;
+pub use error::{BoxError, CodecError, Error, StoreError};
+pub use observe::{count, counters, Outcome};
+pub use options::{MissingKey, OnConflict, Options};
+pub use runtime::{current_key, default_store, set_default_store, Call};
+pub use store::{
+    Claim, ClaimRequest, CompletedRecord, FencingToken, Fingerprint, Key, RecordState, Store,
+    DEFAULT_MAX_VALUE_SIZE,
+};
+
+#[cfg(feature = "macros")]
+pub use idem_macros::idempotent;
+
+/// What `#[idempotent]` expands to reaches the runtime only through here.
+///
+/// Not a stable API: anything in this module may change in any release.
+#[doc(hidden)]
+pub mod __private {
+    pub use crate::options::{MissingKey, OnConflict};
+    pub use crate::runtime::Call;
+    pub use crate::store::Store;
+    pub use crate::Error;
+    pub use core::concat;
+    pub use core::module_path;
+    pub use core::result::Result;
+    pub use core::time::Duration;
+
+    /// Asserts at the return type's span that `T` can be stored (one precise error).
+    pub fn assert_storable<T: serde::Serialize + serde::de::DeserializeOwned>() {}
+
+    /// Asserts that an argument can be fingerprinted.
+    pub fn fingerprintable<T: serde::Serialize + ?Sized>(value: &T) -> &T {
+        value
+    }
+}

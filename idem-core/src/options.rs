@@ -1,0 +1,118 @@
+//! Per-call options and duration parsing.
+
+use std::time::Duration;
+
+/// What a concurrent duplicate does while the first call runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum OnConflict {
+    /// Wait (up to `wait_timeout`) for the first call's result and return it.
+    #[default]
+    Wait,
+    /// Return [`Error::InProgress`](crate::Error::InProgress) at once.
+    Reject,
+}
+
+/// What a `None` key does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum MissingKey {
+    /// Fail with [`Error::MissingKey`](crate::Error::MissingKey).
+    #[default]
+    Error,
+    /// Run the body unprotected, with a warning.
+    Run,
+}
+
+/// The options of one idempotent call. The defaults are SPEC §2's.
+///
+/// ```
+/// let o = idem_core::Options::default();
+/// assert_eq!(o.ttl, std::time::Duration::from_secs(24 * 3600));
+/// assert_eq!(o.lease, std::time::Duration::from_secs(30));
+/// ```
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub struct Options {
+    /// How long a completed result is replayed. Default 24 h.
+    pub ttl: Duration,
+    /// How long a claim is held before another caller may take it over; renewed every
+    /// third of it while the body runs. Default 30 s.
+    pub lease: Duration,
+    /// Wait for or reject a concurrent duplicate. Default: wait.
+    pub on_conflict: OnConflict,
+    /// How long a duplicate waits before `InProgress`. Default 10 s.
+    pub wait_timeout: Duration,
+    /// Bumps the record's type tag. Default 0.
+    pub version: u32,
+    /// What a `None` key does. Default: error.
+    pub missing_key: MissingKey,
+    /// Run unprotected when the store fails to claim. Default: false (fail closed).
+    pub fail_open: bool,
+    /// A limit on encoded results below the store's own. Default: the store's.
+    pub max_value_size: Option<usize>,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            ttl: Duration::from_secs(24 * 3600),
+            lease: Duration::from_secs(30),
+            on_conflict: OnConflict::Wait,
+            wait_timeout: Duration::from_secs(10),
+            version: 0,
+            missing_key: MissingKey::Error,
+            fail_open: false,
+            max_value_size: None,
+        }
+    }
+}
+
+/// Why a duration string was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DurationError {
+    /// Not `<digits><unit>`.
+    #[error("malformed duration `{0}`: write a whole number and a unit, e.g. \"500ms\", \"30s\", \"15m\", \"24h\", \"7d\"")]
+    Malformed(String),
+    /// Zero is never a useful ttl, lease or timeout.
+    #[error("duration `{0}` is zero")]
+    Zero(String),
+    /// Too large to represent.
+    #[error("duration `{0}` overflows")]
+    Overflow(String),
+}
+
+/// Parses `"500ms"`, `"30s"`, `"15m"`, `"24h"`, `"7d"`. The macro runs this at compile time.
+///
+/// ```
+/// use std::time::Duration;
+/// use idem_core::options::parse_duration;
+/// assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+/// assert_eq!(parse_duration("7d"), Ok(Duration::from_secs(7 * 86400)));
+/// assert!(parse_duration("0s").is_err());
+/// assert!(parse_duration("5 minutes").is_err());
+/// ```
+pub fn parse_duration(s: &str) -> Result<Duration, DurationError> {
+    let digits = s.bytes().take_while(u8::is_ascii_digit).count();
+    let (num, unit) = s.split_at(digits);
+    let malformed = || DurationError::Malformed(s.to_string());
+    if num.is_empty() {
+        return Err(malformed());
+    }
+    let n: u64 = num
+        .parse()
+        .map_err(|_| DurationError::Overflow(s.to_string()))?;
+    let per_unit_ms: u64 = match unit {
+        "ms" => 1,
+        "s" => 1_000,
+        "m" => 60_000,
+        "h" => 3_600_000,
+        "d" => 86_400_000,
+        _ => return Err(malformed()),
+    };
+    let ms = n
+        .checked_mul(per_unit_ms)
+        .ok_or_else(|| DurationError::Overflow(s.to_string()))?;
+    if ms == 0 {
+        return Err(DurationError::Zero(s.to_string()));
+    }
+    Ok(Duration::from_millis(ms))
+}

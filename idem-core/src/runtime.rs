@@ -1,0 +1,603 @@
+//! The execute loop: claim → replay | wait | reject | execute → complete | release.
+//!
+//! [`Call`] is the one entry point. `#[idempotent]` expands to a `Call` built from the
+//! attribute's arguments and a `run` of the function's body; it can be used by hand too.
+
+use std::any::Any;
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
+use std::pin::{pin, Pin};
+use std::sync::{Arc, OnceLock};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use serde::{de::DeserializeOwned, Serialize};
+use tracing::Instrument;
+
+use crate::codec::{self, Codec, MsgPack};
+use crate::error::{CodecError, Error, StoreError};
+use crate::fingerprint::digest;
+use crate::key::{self, Identity};
+use crate::observe::{emit, Outcome};
+use crate::options::{MissingKey, OnConflict, Options};
+use crate::store::{Claim, ClaimRequest, FencingToken, Key, Store};
+
+tokio::task_local! {
+    static CURRENT_KEY: Key;
+}
+
+/// The hashed key of the idempotent call whose body is running, if any.
+///
+/// Pass it (or something derived from it) as the idempotency key of a downstream API, so that
+/// a retry after a crash between the remote side effect and the completion write is
+/// deduplicated there too.
+///
+/// ```
+/// assert!(idem_core::current_key().is_none()); // not inside an idempotent body
+/// ```
+pub fn current_key() -> Option<Key> {
+    CURRENT_KEY.try_with(|k| *k).ok()
+}
+
+static DEFAULT_STORE: OnceLock<Arc<dyn Store>> = OnceLock::new();
+
+/// Sets the process default store, used by calls that name no `store`. Once per process: a
+/// second call returns the store it was given back as `Err`.
+///
+/// ```
+/// # #[derive(Debug)] struct S;
+/// # #[idem_core::async_trait] impl idem_core::Store for S {
+/// #  async fn claim(&self, _: &idem_core::ClaimRequest) -> Result<idem_core::Claim, idem_core::StoreError> { unimplemented!() }
+/// #  async fn complete(&self, _: &idem_core::Key, _: idem_core::FencingToken, _: &[u8], _: std::time::Duration) -> Result<(), idem_core::StoreError> { unimplemented!() }
+/// #  async fn release(&self, _: &idem_core::Key, _: idem_core::FencingToken) -> Result<(), idem_core::StoreError> { unimplemented!() }
+/// #  async fn renew(&self, _: &idem_core::Key, _: idem_core::FencingToken, _: std::time::Duration) -> Result<(), idem_core::StoreError> { unimplemented!() }
+/// #  async fn get(&self, _: &idem_core::Key) -> Result<Option<idem_core::RecordState>, idem_core::StoreError> { unimplemented!() }
+/// #  async fn wait(&self, _: &idem_core::Key, _: std::time::Duration) -> Result<(), idem_core::StoreError> { unimplemented!() }
+/// #  async fn remove(&self, _: &idem_core::Key) -> Result<(), idem_core::StoreError> { unimplemented!() }
+/// #  fn release_detached(&self, _: idem_core::Key, _: idem_core::FencingToken) {}
+/// # }
+/// let store = std::sync::Arc::new(S);
+/// assert!(idem_core::set_default_store(store.clone()).is_ok());
+/// assert!(idem_core::set_default_store(store).is_err());
+/// ```
+pub fn set_default_store(store: Arc<dyn Store>) -> Result<(), Arc<dyn Store>> {
+    DEFAULT_STORE.set(store)
+}
+
+/// The process default store, if one was set.
+pub fn default_store() -> Option<&'static dyn Store> {
+    DEFAULT_STORE.get().map(|s| &**s)
+}
+
+/// One idempotent call: its identity (pinned when the builder methods run, before the body
+/// exists), its options and its codec.
+///
+/// ```
+/// use idem_core::Call;
+/// # async fn demo(store: &dyn idem_core::Store) -> Result<u64, idem_core::Error> {
+/// let order_id = "order-42";
+/// let amount = 1999u64;
+/// Call::new("shop::charge")
+///     .key(&order_id)
+///     .fingerprint(&(&amount,))
+///     .ttl(std::time::Duration::from_secs(3600))
+///     .run(store, async move { Ok::<_, idem_core::Error>(amount) })
+///     .await
+/// # }
+/// ```
+#[must_use = "a Call does nothing until `run`"]
+pub struct Call<C: Codec = MsgPack> {
+    namespace: &'static str,
+    /// The key material's digest; `None` for a missing key.
+    key: Option<[u8; 32]>,
+    scope: Option<[u8; 32]>,
+    fingerprint: Option<[u8; 32]>,
+    /// The first argument that could not be hashed.
+    error: Option<String>,
+    options: Options,
+    codec: C,
+}
+
+impl Call<MsgPack> {
+    /// A call in `namespace` (the macro passes `module_path!()::fn_name` unless pinned).
+    pub fn new(namespace: &'static str) -> Self {
+        Call {
+            namespace,
+            key: None,
+            scope: None,
+            fingerprint: None,
+            error: None,
+            options: Options::default(),
+            codec: MsgPack,
+        }
+    }
+}
+
+impl<C: Codec> Call<C> {
+    /// The key material. A top-level `None` is a missing key.
+    pub fn key<K: Serialize + ?Sized>(mut self, key: &K) -> Self {
+        self.key = self.hash(key::MATERIAL_CONTEXT, key);
+        self
+    }
+
+    /// The tenant or principal: the same key under two scopes never shares a record.
+    pub fn scope<S: Serialize + ?Sized>(mut self, scope: &S) -> Self {
+        self.scope = self.hash(key::SCOPE_CONTEXT, scope);
+        self
+    }
+
+    /// The arguments checked against the stored fingerprint (with an explicit key).
+    pub fn fingerprint<F: Serialize + ?Sized>(mut self, args: &F) -> Self {
+        // `Some(..)` so that a `None` argument list is a value, not a missing key.
+        self.fingerprint = self.hash(key::FINGERPRINT_CONTEXT, &Some(args));
+        self
+    }
+
+    fn hash<V: Serialize + ?Sized>(&mut self, context: &str, value: &V) -> Option<[u8; 32]> {
+        match digest(context, value) {
+            Ok(d) => d,
+            Err(e) => {
+                self.error.get_or_insert_with(|| e.to_string());
+                None
+            }
+        }
+    }
+
+    /// Replaces all options.
+    pub fn options(mut self, options: Options) -> Self {
+        self.options = options;
+        self
+    }
+
+    /// How long a completed result is replayed.
+    pub fn ttl(mut self, ttl: Duration) -> Self {
+        self.options.ttl = ttl;
+        self
+    }
+
+    /// How long a claim is held while the body runs (renewed every third of it).
+    pub fn lease(mut self, lease: Duration) -> Self {
+        self.options.lease = lease;
+        self
+    }
+
+    /// Wait for, or reject, a concurrent duplicate.
+    pub fn on_conflict(mut self, on_conflict: OnConflict) -> Self {
+        self.options.on_conflict = on_conflict;
+        self
+    }
+
+    /// How long a duplicate waits for the first call.
+    pub fn wait_timeout(mut self, wait_timeout: Duration) -> Self {
+        self.options.wait_timeout = wait_timeout;
+        self
+    }
+
+    /// The record version, part of the type tag.
+    pub fn version(mut self, version: u32) -> Self {
+        self.options.version = version;
+        self
+    }
+
+    /// What a `None` key does.
+    pub fn missing_key(mut self, missing_key: MissingKey) -> Self {
+        self.options.missing_key = missing_key;
+        self
+    }
+
+    /// Run unprotected when the store cannot claim.
+    pub fn fail_open(mut self, fail_open: bool) -> Self {
+        self.options.fail_open = fail_open;
+        self
+    }
+
+    /// A limit on encoded results below the store's own.
+    pub fn max_value_size(mut self, limit: usize) -> Self {
+        self.options.max_value_size = Some(limit);
+        self
+    }
+
+    /// Encode records with another codec.
+    pub fn codec<C2: Codec>(self, codec: C2) -> Call<C2> {
+        Call {
+            namespace: self.namespace,
+            key: self.key,
+            scope: self.scope,
+            fingerprint: self.fingerprint,
+            error: self.error,
+            options: self.options,
+            codec,
+        }
+    }
+
+    /// The record key this call will use (`Ok(None)` for a missing key).
+    pub fn identity(&self) -> Result<Option<Identity>, Error> {
+        if let Some(msg) = &self.error {
+            return Err(Error::Codec(CodecError::Fingerprint(msg.clone())));
+        }
+        Ok(self.key.map(|material| Identity {
+            key: key::combine(self.namespace, self.scope.as_ref(), &material),
+            fingerprint: self.fingerprint.map(crate::Fingerprint),
+        }))
+    }
+
+    /// Runs `body` at most once per key: `Ok` values are stored and replayed, an `Err`
+    /// releases the claim so that a retry runs again.
+    pub async fn run<T, E, Fut>(self, store: &dyn Store, body: Fut) -> Result<T, E>
+    where
+        T: Serialize + DeserializeOwned,
+        E: From<Error>,
+        Fut: Future<Output = Result<T, E>>,
+    {
+        self.drive::<ReleaseErrors, T, E, Fut>(store, body).await
+    }
+
+    /// Like [`run`](Self::run), but `Err` values are stored and replayed too
+    /// (`errors = store`).
+    pub async fn run_storing_errors<T, E, Fut>(self, store: &dyn Store, body: Fut) -> Result<T, E>
+    where
+        T: Serialize + DeserializeOwned,
+        E: From<Error> + Serialize + DeserializeOwned,
+        Fut: Future<Output = Result<T, E>>,
+    {
+        self.drive::<StoreErrors, T, E, Fut>(store, body).await
+    }
+
+    /// [`run`](Self::run) on the process default store ([`set_default_store`]); without one,
+    /// fails with [`Error::NoStore`].
+    pub async fn run_on_default<T, E, Fut>(self, body: Fut) -> Result<T, E>
+    where
+        T: Serialize + DeserializeOwned,
+        E: From<Error>,
+        Fut: Future<Output = Result<T, E>>,
+    {
+        match default_store() {
+            Some(store) => self.run(store, body).await,
+            None => {
+                emit(Outcome::StoreError, self.namespace, None);
+                Err(Error::NoStore.into())
+            }
+        }
+    }
+
+    /// [`run_storing_errors`](Self::run_storing_errors) on the process default store.
+    pub async fn run_storing_errors_on_default<T, E, Fut>(self, body: Fut) -> Result<T, E>
+    where
+        T: Serialize + DeserializeOwned,
+        E: From<Error> + Serialize + DeserializeOwned,
+        Fut: Future<Output = Result<T, E>>,
+    {
+        match default_store() {
+            Some(store) => self.run_storing_errors(store, body).await,
+            None => {
+                emit(Outcome::StoreError, self.namespace, None);
+                Err(Error::NoStore.into())
+            }
+        }
+    }
+
+    async fn drive<P, T, E, Fut>(self, store: &dyn Store, body: Fut) -> Result<T, E>
+    where
+        P: Policy<T, E>,
+        E: From<Error>,
+        Fut: Future<Output = Result<T, E>>,
+    {
+        let ns = self.namespace;
+        let ident = match self.identity() {
+            Ok(Some(ident)) => ident,
+            Ok(None) if self.options.missing_key == MissingKey::Run => {
+                tracing::warn!(target: "idem", namespace = ns, "idempotency key is None: running unprotected (missing_key = run)");
+                emit(Outcome::Unprotected, ns, None);
+                return body.await;
+            }
+            Ok(None) => return Err(fail(Error::MissingKey, ns, None)),
+            Err(e) => return Err(fail(e, ns, None)),
+        };
+        let span = tracing::debug_span!(target: "idem", "idem.call", namespace = ns, key = %ident.key);
+        self.drive_claimed::<P, T, E, Fut>(store, ident, body)
+            .instrument(span)
+            .await
+    }
+
+    async fn drive_claimed<P, T, E, Fut>(
+        self,
+        store: &dyn Store,
+        ident: Identity,
+        body: Fut,
+    ) -> Result<T, E>
+    where
+        P: Policy<T, E>,
+        E: From<Error>,
+        Fut: Future<Output = Result<T, E>>,
+    {
+        let Call {
+            namespace: ns,
+            options: opts,
+            codec,
+            ..
+        } = self;
+        let key = ident.key;
+        let tag = P::tag(C::NAME, opts.version);
+        let deadline = Instant::now().checked_add(opts.wait_timeout);
+        let mut waited = false;
+
+        // 1. Claim (and wait, and claim again) until this call owns the key or has an answer.
+        let (token, taken_over) = loop {
+            let token = FencingToken::random();
+            let req = ClaimRequest {
+                key,
+                fingerprint: ident.fingerprint,
+                token,
+                lease: opts.lease,
+            };
+            let claim = match store.claim(&req).await {
+                Ok(claim) => claim,
+                Err(e) if opts.fail_open && !matches!(e, StoreError::Corrupt(_)) => {
+                    tracing::warn!(target: "idem", namespace = ns, %key, error = %e, "store unreachable: running unprotected (fail_open)");
+                    emit(Outcome::Unprotected, ns, Some(&key));
+                    return body.await;
+                }
+                Err(e) => return Err(fail(e.into(), ns, Some(&key))),
+            };
+            match claim {
+                Claim::Acquired { taken_over } => break (token, taken_over),
+                Claim::Completed(record) => {
+                    if mismatch(ident.fingerprint, record.fingerprint) {
+                        return Err(fail(Error::KeyReused, ns, Some(&key)));
+                    }
+                    let replay = codec::open(&tag, &record.value)
+                        .and_then(|payload| P::decode(&codec, payload).map_err(Error::Codec));
+                    return match replay {
+                        Ok(result) => {
+                            let outcome = if waited {
+                                Outcome::ReplayedAfterWait
+                            } else {
+                                Outcome::Replayed
+                            };
+                            emit(outcome, ns, Some(&key));
+                            result
+                        }
+                        Err(e) => Err(fail(e, ns, Some(&key))),
+                    };
+                }
+                Claim::InProgress {
+                    fingerprint,
+                    lease_remaining,
+                } => {
+                    if mismatch(ident.fingerprint, fingerprint) {
+                        return Err(fail(Error::KeyReused, ns, Some(&key)));
+                    }
+                    let retry_after = lease_remaining;
+                    if opts.on_conflict == OnConflict::Reject {
+                        return Err(fail(Error::InProgress { retry_after }, ns, Some(&key)));
+                    }
+                    let now = Instant::now();
+                    let left = deadline.map_or(opts.wait_timeout, |d| d.saturating_duration_since(now));
+                    if left.is_zero() {
+                        emit(Outcome::WaitTimeout, ns, Some(&key));
+                        return Err(Error::InProgress { retry_after }.into());
+                    }
+                    // Wake up at the latest when the holder's lease passes, to take it over.
+                    let wait_for = match lease_remaining {
+                        Some(l) => left.min(l + Duration::from_millis(1)),
+                        None => left,
+                    };
+                    tracing::debug!(target: "idem", %key, ?wait_for, "waiting for the call in progress");
+                    if let Err(e) = store.wait(&key, wait_for).await {
+                        return Err(fail(e.into(), ns, Some(&key)));
+                    }
+                    waited = true;
+                }
+            }
+        };
+        if taken_over {
+            tracing::info!(target: "idem", %key, "took over a claim whose lease had passed");
+        }
+
+        // 2. Execute, renewing the lease; release if the caller's future is dropped.
+        let mut guard = ReleaseOnDrop {
+            store,
+            key,
+            token,
+            namespace: ns,
+            armed: true,
+        };
+        let outcome = {
+            let body = pin!(CURRENT_KEY.scope(key, body));
+            let renew = pin!(renew_lease(store, key, token, opts.lease));
+            tokio::select! {
+                biased;
+                r = CatchUnwind(body) => r,
+                never = renew => match never {},
+            }
+        };
+        let result = match outcome {
+            Ok(result) => result,
+            Err(panic) => {
+                guard.armed = false;
+                release(store, &key, token).await;
+                emit(Outcome::Released, ns, Some(&key));
+                std::panic::resume_unwind(panic);
+            }
+        };
+
+        // 3. Complete, or release.
+        guard.armed = false;
+        let payload = match P::encode(&codec, &result) {
+            None => {
+                release(store, &key, token).await;
+                emit(Outcome::Released, ns, Some(&key));
+                return result;
+            }
+            Some(Err(e)) => {
+                release(store, &key, token).await;
+                return Err(fail(Error::Codec(e), ns, Some(&key)));
+            }
+            Some(Ok(payload)) => payload,
+        };
+        let envelope = codec::seal(&tag, &payload);
+        let limit = opts
+            .max_value_size
+            .map_or(store.max_value_size(), |l| l.min(store.max_value_size()));
+        if envelope.len() > limit {
+            release(store, &key, token).await;
+            return Err(fail(
+                Error::TooLarge {
+                    size: envelope.len(),
+                    limit,
+                },
+                ns,
+                Some(&key),
+            ));
+        }
+        let mut backoff = Duration::from_millis(20);
+        for attempt in 1..=COMPLETE_ATTEMPTS {
+            match store.complete(&key, token, &envelope, opts.ttl).await {
+                Ok(()) => {
+                    let outcome = if taken_over {
+                        Outcome::TakenOver
+                    } else {
+                        Outcome::Executed
+                    };
+                    emit(outcome, ns, Some(&key));
+                    return result;
+                }
+                Err(StoreError::Fenced) => return Err(fail(Error::LeaseLost, ns, Some(&key))),
+                Err(StoreError::TooLarge { size, limit }) => {
+                    release(store, &key, token).await;
+                    return Err(fail(Error::TooLarge { size, limit }, ns, Some(&key)));
+                }
+                Err(e) if attempt < COMPLETE_ATTEMPTS => {
+                    tracing::warn!(target: "idem", %key, attempt, error = %e, "completion write failed; retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff *= 4;
+                }
+                Err(e) => {
+                    // The side effect happened: the caller gets its value. The record stays in
+                    // progress until its lease passes; a retry after that runs again.
+                    tracing::error!(target: "idem", %key, error = %e, "completion write failed {COMPLETE_ATTEMPTS} times: result not recorded");
+                    emit(Outcome::Executed, ns, Some(&key));
+                    return result;
+                }
+            }
+        }
+        result
+    }
+}
+
+const COMPLETE_ATTEMPTS: u32 = 3;
+
+fn mismatch(ours: Option<crate::Fingerprint>, stored: Option<crate::Fingerprint>) -> bool {
+    matches!((ours, stored), (Some(a), Some(b)) if a != b)
+}
+
+/// Counts and logs a call that ends in `e`, and converts it to the function's error type.
+fn fail<E: From<Error>>(e: Error, namespace: &str, key: Option<&Key>) -> E {
+    emit(e.outcome(), namespace, key);
+    E::from(e)
+}
+
+async fn release(store: &dyn Store, key: &Key, token: FencingToken) {
+    match store.release(key, token).await {
+        Ok(()) | Err(StoreError::Fenced) => {}
+        Err(e) => {
+            tracing::warn!(target: "idem", %key, error = %e, "release failed; the claim lapses with its lease");
+        }
+    }
+}
+
+async fn renew_lease(
+    store: &dyn Store,
+    key: Key,
+    token: FencingToken,
+    lease: Duration,
+) -> std::convert::Infallible {
+    let period = (lease / 3).max(Duration::from_millis(1));
+    loop {
+        tokio::time::sleep(period).await;
+        match store.renew(&key, token, lease).await {
+            Ok(()) => {}
+            Err(StoreError::Fenced) => {
+                tracing::error!(target: "idem", %key, "lease lost while the body runs");
+                std::future::pending::<()>().await;
+            }
+            Err(e) => {
+                tracing::warn!(target: "idem", %key, error = %e, "lease renewal failed; retrying");
+            }
+        }
+    }
+}
+
+struct ReleaseOnDrop<'a> {
+    store: &'a dyn Store,
+    key: Key,
+    token: FencingToken,
+    namespace: &'static str,
+    armed: bool,
+}
+
+impl Drop for ReleaseOnDrop<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            self.store.release_detached(self.key, self.token);
+            emit(Outcome::Released, self.namespace, Some(&self.key));
+        }
+    }
+}
+
+/// Polls a future, turning a panic into a value so that the claim can be released before the
+/// panic continues.
+struct CatchUnwind<'a, F>(Pin<&'a mut F>);
+
+impl<F: Future> Future for CatchUnwind<'_, F> {
+    type Output = Result<F::Output, Box<dyn Any + Send>>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let fut = &mut self.0;
+        match std::panic::catch_unwind(AssertUnwindSafe(|| fut.as_mut().poll(cx))) {
+            Ok(Poll::Pending) => Poll::Pending,
+            Ok(Poll::Ready(v)) => Poll::Ready(Ok(v)),
+            Err(panic) => Poll::Ready(Err(panic)),
+        }
+    }
+}
+
+/// What is stored, and how a record is read back.
+trait Policy<T, E> {
+    fn tag(codec: &str, version: u32) -> String;
+    /// `None`: do not store, release.
+    fn encode<C: Codec>(codec: &C, result: &Result<T, E>) -> Option<Result<Vec<u8>, CodecError>>;
+    fn decode<C: Codec>(codec: &C, payload: &[u8]) -> Result<Result<T, E>, CodecError>;
+}
+
+struct ReleaseErrors;
+
+impl<T: Serialize + DeserializeOwned, E> Policy<T, E> for ReleaseErrors {
+    fn tag(codec: &str, version: u32) -> String {
+        codec::type_tag::<T>(codec, version)
+    }
+    fn encode<C: Codec>(codec: &C, result: &Result<T, E>) -> Option<Result<Vec<u8>, CodecError>> {
+        result.as_ref().ok().map(|v| codec.encode(v))
+    }
+    fn decode<C: Codec>(codec: &C, payload: &[u8]) -> Result<Result<T, E>, CodecError> {
+        codec.decode(payload).map(Ok)
+    }
+}
+
+struct StoreErrors;
+
+impl<T, E> Policy<T, E> for StoreErrors
+where
+    T: Serialize + DeserializeOwned,
+    E: Serialize + DeserializeOwned,
+{
+    fn tag(codec: &str, version: u32) -> String {
+        codec::type_tag::<Result<T, E>>(codec, version)
+    }
+    fn encode<C: Codec>(codec: &C, result: &Result<T, E>) -> Option<Result<Vec<u8>, CodecError>> {
+        Some(codec.encode(result))
+    }
+    fn decode<C: Codec>(codec: &C, payload: &[u8]) -> Result<Result<T, E>, CodecError> {
+        codec.decode(payload)
+    }
+}

@@ -1,0 +1,338 @@
+//! The `Store` trait: the contract every backend keeps, method by method.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+
+use crate::error::StoreError;
+
+/// The hashed identity of one record: a 32-byte digest of (namespace, scope, key).
+///
+/// Raw keys never reach a store; backends store [`Key::to_hex`] (64 characters) or the bytes.
+/// See [`crate::key`] for how it is derived.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Key(pub [u8; 32]);
+
+impl Key {
+    /// The digest as 64 lowercase hex characters.
+    ///
+    /// ```
+    /// let k = idem_core::Key([0xab; 32]);
+    /// assert_eq!(k.to_hex().len(), 64);
+    /// assert!(k.to_hex().starts_with("abab"));
+    /// ```
+    pub fn to_hex(&self) -> String {
+        hex(&self.0)
+    }
+}
+
+impl fmt::Debug for Key {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Key({})", &self.to_hex()[..16])
+    }
+}
+
+impl fmt::Display for Key {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.to_hex())
+    }
+}
+
+/// A 32-byte digest of a call's arguments, stored with the claim so that a repeat with other
+/// arguments is detected (`Error::KeyReused`).
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Fingerprint(pub [u8; 32]);
+
+impl Fingerprint {
+    /// The digest as 64 lowercase hex characters.
+    pub fn to_hex(&self) -> String {
+        hex(&self.0)
+    }
+
+    /// Parses 32 raw bytes, as a backend reads them back.
+    ///
+    /// ```
+    /// use idem_core::Fingerprint;
+    /// assert!(Fingerprint::from_slice(&[1; 32]).is_some());
+    /// assert!(Fingerprint::from_slice(&[1; 3]).is_none());
+    /// ```
+    pub fn from_slice(bytes: &[u8]) -> Option<Self> {
+        bytes.try_into().ok().map(Fingerprint)
+    }
+}
+
+impl fmt::Debug for Fingerprint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Fingerprint({})", &self.to_hex()[..16])
+    }
+}
+
+/// The fencing token of one claim. Each claim gets a fresh random token; complete, release and
+/// renew are refused unless they carry the token that is current in the store.
+///
+/// Tokens are random 63-bit positive integers, so that SQL backends can keep them in a
+/// `BIGINT` ([`FencingToken::as_i64`]).
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+pub struct FencingToken(pub u64);
+
+impl FencingToken {
+    /// A fresh token, unique with overwhelming probability.
+    ///
+    /// ```
+    /// let a = idem_core::FencingToken::random();
+    /// let b = idem_core::FencingToken::random();
+    /// assert_ne!(a, b);
+    /// assert!(a.as_i64() > 0);
+    /// ```
+    pub fn random() -> Self {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        static COUNTER: AtomicU64 = AtomicU64::new(0);
+        let mut h = blake3::Hasher::new_derive_key("idem fencing token v1");
+        h.update(&std::process::id().to_le_bytes());
+        h.update(&COUNTER.fetch_add(1, Ordering::Relaxed).to_le_bytes());
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        h.update(&now.as_nanos().to_le_bytes());
+        let local = 0u8;
+        h.update(&(std::ptr::addr_of!(local) as usize).to_le_bytes());
+        let out = h.finalize();
+        let mut b = [0u8; 8];
+        b.copy_from_slice(&out.as_bytes()[..8]);
+        FencingToken((u64::from_le_bytes(b) >> 1).max(1))
+    }
+
+    /// The token as a positive `i64`, for SQL `BIGINT` columns.
+    pub fn as_i64(self) -> i64 {
+        (self.0 & (i64::MAX as u64)) as i64
+    }
+
+    /// The inverse of [`as_i64`](Self::as_i64).
+    pub fn from_i64(v: i64) -> Self {
+        FencingToken(v as u64)
+    }
+}
+
+/// What a caller asks of [`Store::claim`].
+#[derive(Clone, Debug)]
+pub struct ClaimRequest {
+    /// The record.
+    pub key: Key,
+    /// The arguments' fingerprint, stored with a new claim (None: not checked).
+    pub fingerprint: Option<Fingerprint>,
+    /// The token this caller will hold if it acquires the claim.
+    pub token: FencingToken,
+    /// How long the claim is held before another caller may take it over.
+    pub lease: Duration,
+}
+
+/// A completed record as the store returns it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CompletedRecord {
+    /// The fingerprint stored at claim time.
+    pub fingerprint: Option<Fingerprint>,
+    /// The encoded value (an idem envelope; opaque to the store).
+    pub value: Vec<u8>,
+}
+
+/// The answer of [`Store::claim`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Claim {
+    /// The caller owns the key under the request's token.
+    Acquired {
+        /// True when an in-progress claim whose lease had passed was taken over.
+        taken_over: bool,
+    },
+    /// The key holds a completed, unexpired record.
+    Completed(CompletedRecord),
+    /// Another caller holds the key under a live lease.
+    InProgress {
+        /// The holder's fingerprint.
+        fingerprint: Option<Fingerprint>,
+        /// How long the holder's lease still runs, if the store knows.
+        lease_remaining: Option<Duration>,
+    },
+}
+
+/// The state of a record, as [`Store::get`] reports it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RecordState {
+    /// Claimed under a live lease.
+    InProgress {
+        /// The holder's token.
+        token: FencingToken,
+        /// The holder's fingerprint.
+        fingerprint: Option<Fingerprint>,
+    },
+    /// Completed and unexpired.
+    Completed(CompletedRecord),
+}
+
+/// Where idempotency records live. Object safe: use it as `Arc<dyn Store>`.
+///
+/// A store keeps one record per [`Key`], in one of three states: absent, *in progress* (claimed
+/// under a fencing token with a lease expiry) or *completed* (an encoded value with a record
+/// expiry). Every method is a single atomic step; no method may check and then write in two
+/// steps that another caller can interleave. Times are the store's own clock (a remote store
+/// uses the server's clock, so that processes with skewed clocks agree).
+///
+/// [`crate::testkit`] (feature `testkit`) is the conformance suite: a backend is correct when
+/// it passes it.
+///
+/// # Implementing
+///
+/// ```
+/// use std::time::Duration;
+/// use idem_core::{async_trait, Claim, ClaimRequest, FencingToken, Key, RecordState, Store, StoreError};
+///
+/// #[derive(Debug)]
+/// struct Unreachable;
+///
+/// #[async_trait]
+/// impl Store for Unreachable {
+///     async fn claim(&self, _: &ClaimRequest) -> Result<Claim, StoreError> {
+///         Err(StoreError::Timeout(Duration::from_secs(1)))
+///     }
+///     async fn complete(&self, _: &Key, _: FencingToken, _: &[u8], _: Duration) -> Result<(), StoreError> {
+///         Err(StoreError::Fenced)
+///     }
+///     async fn release(&self, _: &Key, _: FencingToken) -> Result<(), StoreError> { Ok(()) }
+///     async fn renew(&self, _: &Key, _: FencingToken, _: Duration) -> Result<(), StoreError> {
+///         Err(StoreError::Fenced)
+///     }
+///     async fn get(&self, _: &Key) -> Result<Option<RecordState>, StoreError> { Ok(None) }
+///     async fn wait(&self, _: &Key, _: Duration) -> Result<(), StoreError> { Ok(()) }
+///     async fn remove(&self, _: &Key) -> Result<(), StoreError> { Ok(()) }
+///     fn release_detached(&self, _: Key, _: FencingToken) {}
+/// }
+/// let store: std::sync::Arc<dyn Store> = std::sync::Arc::new(Unreachable);
+/// # let _ = store;
+/// ```
+#[async_trait]
+pub trait Store: Send + Sync + fmt::Debug {
+    /// Claims `req.key`, atomically, in one step (one round trip for a remote store):
+    ///
+    /// - absent, or completed but past its expiry → store an in-progress record with
+    ///   `req.token`, `req.fingerprint` and a lease ending `req.lease` from now; return
+    ///   `Acquired { taken_over: false }`;
+    /// - in progress with a lease that has passed → replace it the same way; return
+    ///   `Acquired { taken_over: true }`;
+    /// - in progress under a live lease → `InProgress` with the holder's fingerprint;
+    /// - completed and unexpired → `Completed` with the stored fingerprint and value.
+    ///
+    /// Of any number of concurrent claims of an absent key, exactly one is `Acquired`.
+    async fn claim(&self, req: &ClaimRequest) -> Result<Claim, StoreError>;
+
+    /// Completes the claim held under `token`: the record becomes completed with `value`,
+    /// keeps its fingerprint, and expires `ttl` from now. Refused with
+    /// [`StoreError::Fenced`] unless the record is in progress under `token` (a store may
+    /// treat a claim whose lease has passed as gone). A value over
+    /// [`max_value_size`](Self::max_value_size) is refused with [`StoreError::TooLarge`].
+    /// Wakes the key's waiters.
+    async fn complete(
+        &self,
+        key: &Key,
+        token: FencingToken,
+        value: &[u8],
+        ttl: Duration,
+    ) -> Result<(), StoreError>;
+
+    /// Removes the in-progress record held under `token`, so that the next claim acquires at
+    /// once. Refused with [`StoreError::Fenced`] if the record is not in progress under `token`
+    /// (it never removes someone else's claim or a completed record). Wakes the key's waiters.
+    async fn release(&self, key: &Key, token: FencingToken) -> Result<(), StoreError>;
+
+    /// Extends the lease of the claim held under `token` to `lease` from now. Refused with
+    /// [`StoreError::Fenced`] if the record is not in progress under `token`.
+    async fn renew(&self, key: &Key, token: FencingToken, lease: Duration)
+        -> Result<(), StoreError>;
+
+    /// Reads the record: `None` when absent or expired (an in-progress record whose lease
+    /// has passed also reads as `None`).
+    async fn get(&self, key: &Key) -> Result<Option<RecordState>, StoreError>;
+
+    /// Waits until the record is not in progress under a live lease (completed, released,
+    /// removed or lapsed), or until `timeout` passes, whichever is first. Returns at once if it
+    /// is not in progress now. It must not miss a completion that happens while it starts
+    /// (subscribe first, then look). Spurious early returns are allowed: the caller claims
+    /// again. Waiting must be cheap: no blocked thread, and a notification rather than a tight
+    /// poll where the backend has one.
+    async fn wait(&self, key: &Key, timeout: Duration) -> Result<(), StoreError>;
+
+    /// Removes the record whatever its state (administration and tests).
+    async fn remove(&self, key: &Key) -> Result<(), StoreError>;
+
+    /// Releases the claim held under `token` from a synchronous context — the runtime calls it
+    /// when the caller's future is dropped mid-body. It must not block: spawn the release on
+    /// the current tokio runtime if there is one (`tokio::runtime::Handle::try_current`). If it
+    /// does nothing, the claim is freed when its lease passes.
+    fn release_detached(&self, key: Key, token: FencingToken);
+
+    /// The largest encoded value this store accepts, in bytes. Default: 1 MiB.
+    fn max_value_size(&self) -> usize {
+        DEFAULT_MAX_VALUE_SIZE
+    }
+}
+
+/// The default limit on an encoded value: 1 MiB.
+pub const DEFAULT_MAX_VALUE_SIZE: usize = 1 << 20;
+
+macro_rules! forward_store {
+    ($($ty:ty),*) => {$(
+        #[async_trait]
+        impl<S: Store + ?Sized> Store for $ty {
+            async fn claim(&self, req: &ClaimRequest) -> Result<Claim, StoreError> {
+                (**self).claim(req).await
+            }
+            async fn complete(
+                &self,
+                key: &Key,
+                token: FencingToken,
+                value: &[u8],
+                ttl: Duration,
+            ) -> Result<(), StoreError> {
+                (**self).complete(key, token, value, ttl).await
+            }
+            async fn release(&self, key: &Key, token: FencingToken) -> Result<(), StoreError> {
+                (**self).release(key, token).await
+            }
+            async fn renew(
+                &self,
+                key: &Key,
+                token: FencingToken,
+                lease: Duration,
+            ) -> Result<(), StoreError> {
+                (**self).renew(key, token, lease).await
+            }
+            async fn get(&self, key: &Key) -> Result<Option<RecordState>, StoreError> {
+                (**self).get(key).await
+            }
+            async fn wait(&self, key: &Key, timeout: Duration) -> Result<(), StoreError> {
+                (**self).wait(key, timeout).await
+            }
+            async fn remove(&self, key: &Key) -> Result<(), StoreError> {
+                (**self).remove(key).await
+            }
+            fn release_detached(&self, key: Key, token: FencingToken) {
+                (**self).release_detached(key, token)
+            }
+            fn max_value_size(&self) -> usize {
+                (**self).max_value_size()
+            }
+        }
+    )*};
+}
+
+forward_store!(&S, Arc<S>, Box<S>);
+
+fn hex(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut s = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        s.push(DIGITS[(b >> 4) as usize] as char);
+        s.push(DIGITS[(b & 15) as usize] as char);
+    }
+    s
+}

@@ -1,0 +1,22 @@
+//! # idem-stores — where idempotency records live
+//!
+//! One cargo feature per backend:
+//!
+//! | feature | store | claim | waiting | expiry |
+//! |---|---|---|---|---|
+//! | `memory` (default) | [`MemoryStore`] on moka | one atomic entry operation | in-process notification | per-entry |
+//!
+//! Every store implements [`idem_core::Store`] and passes `idem_core::testkit`.
+
+#[cfg(feature = "memory")]
+mod memory;
+#[cfg(feature = "memory")]
+pub use memory::{MemoryStore, MemoryStoreBuilder};
+
+#[cfg(feature = "redis")]
+pub mod redis;
+#[cfg(feature = "redis")]
+pub use crate::redis::RedisStore;
+
+#[cfg(any(feature = "postgres", feature = "mysql", feature = "sqlite"))]
+pub mod sql;

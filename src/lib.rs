@@ -1,0 +1,1 @@
+//! Examples and cross-crate integration tests of idem. Not published; see `idem-core`.
