@@ -1,0 +1,529 @@
+//! The store conformance suite (feature `testkit`).
+//!
+//! Every backend — ours and third parties' — proves itself by passing these cases. Each case is
+//! a `pub async fn case(store: Arc<dyn Store>)` that panics on a violation; the
+//! [`conformance_tests!`](crate::conformance_tests) macro stamps one `#[tokio::test]` per case:
+//!
+//! ```ignore
+//! // tests/conformance.rs of a backend crate (needs tokio with rt-multi-thread + macros)
+//! idem_core::conformance_tests!(async {
+//!     let url = idem_core::testkit::env_url("IDEM_TEST_REDIS_URL")?; // None: skipped
+//!     Some(std::sync::Arc::new(MyStore::connect(&url).await.expect("connect")) as _)
+//! });
+//! ```
+//!
+//! Cases use fresh random keys, so they can run in parallel against a shared server, and short
+//! real durations (leases of a few hundred milliseconds), so the whole suite takes seconds.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::{
+    Call, Claim, ClaimRequest, Error, FencingToken, Fingerprint, Key, RecordState, Store,
+    StoreError,
+};
+
+/// Stamps one `#[tokio::test]` per conformance case. The argument is an expression (usually
+/// an `async` block) evaluating to a future of `Option<Arc<dyn Store>>`; `None` skips (the
+/// block should print why, as [`testkit::env_url`](crate::testkit::env_url) does).
+#[macro_export]
+macro_rules! conformance_tests {
+    ($make:expr) => {
+        $crate::conformance_tests!(@cases $make;
+            claim_race, distinct_keys, fencing, lease_takeover, renew_extends_lease, ttl_expiry,
+            release_frees_at_once, release_never_frees_completed, wait_wakes_on_complete,
+            wait_wakes_on_release, wait_returns_when_not_in_progress, wait_is_bounded,
+            values_up_to_the_limit, fingerprints_round_trip, get_and_remove, release_detached,
+            hostile_keys, runtime_exactly_once);
+    };
+    (@cases $make:expr; $($case:ident),* $(,)?) => {$(
+        #[::tokio::test(flavor = "multi_thread", worker_threads = 4)]
+        async fn $case() {
+            let store: ::std::option::Option<::std::sync::Arc<dyn $crate::Store>> = $make.await;
+            if let ::std::option::Option::Some(store) = store {
+                $crate::testkit::$case(store).await;
+            }
+        }
+    )*};
+}
+
+/// Reads a test server URL from `var`. Unset: prints `skipped: ...` and returns `None` — unless
+/// the `CI` variable is set, where a backend test must never skip, and it panics.
+pub fn env_url(var: &str) -> Option<String> {
+    match std::env::var(var) {
+        Ok(url) if !url.is_empty() => Some(url),
+        _ if std::env::var_os("CI").is_some() => {
+            panic!("{var} is not set, and CI is: backend tests must not skip in CI")
+        }
+        _ => {
+            println!("skipped: {var} is not set");
+            None
+        }
+    }
+}
+
+/// A fresh random key, unique to this run.
+pub fn fresh_key() -> Key {
+    let t = FencingToken::random();
+    Key(*blake3::hash(&t.0.to_le_bytes()).as_bytes())
+}
+
+fn req(key: Key, lease: Duration) -> (ClaimRequest, FencingToken) {
+    let token = FencingToken::random();
+    (
+        ClaimRequest {
+            key,
+            fingerprint: None,
+            token,
+            lease,
+        },
+        token,
+    )
+}
+
+async fn acquire(store: &dyn Store, key: Key, lease: Duration) -> FencingToken {
+    let (r, token) = req(key, lease);
+    let claim = store.claim(&r).await.expect("claim");
+    assert_eq!(
+        claim,
+        Claim::Acquired { taken_over: false },
+        "a fresh key must be acquired"
+    );
+    token
+}
+
+const LONG: Duration = Duration::from_secs(30);
+const SHORT: Duration = Duration::from_millis(400);
+const PAST_SHORT: Duration = Duration::from_millis(700);
+
+/// 64 concurrent claims of one fresh key: exactly one acquires, the others see it in progress.
+pub async fn claim_race(store: Arc<dyn Store>) {
+    for _round in 0..3 {
+        let key = fresh_key();
+        let barrier = Arc::new(tokio::sync::Barrier::new(64));
+        let tasks: Vec<_> = (0..64)
+            .map(|_| {
+                let store = store.clone();
+                let barrier = barrier.clone();
+                tokio::spawn(async move {
+                    let (r, _) = req(key, LONG);
+                    barrier.wait().await;
+                    store.claim(&r).await.expect("claim")
+                })
+            })
+            .collect();
+        let mut acquired = 0;
+        for t in tasks {
+            match t.await.expect("task") {
+                Claim::Acquired { taken_over } => {
+                    assert!(!taken_over);
+                    acquired += 1;
+                }
+                Claim::InProgress { .. } => {}
+                other => panic!("unexpected claim result {other:?}"),
+            }
+        }
+        assert_eq!(acquired, 1, "exactly one of 64 concurrent claims acquires");
+    }
+}
+
+/// Claims of different keys do not interfere.
+pub async fn distinct_keys(store: Arc<dyn Store>) {
+    let keys: Vec<Key> = (0..32).map(|_| fresh_key()).collect();
+    let tasks: Vec<_> = keys
+        .iter()
+        .map(|k| {
+            let store = store.clone();
+            let k = *k;
+            tokio::spawn(async move { store.claim(&req(k, LONG).0).await.expect("claim") })
+        })
+        .collect();
+    for t in tasks {
+        assert_eq!(t.await.expect("task"), Claim::Acquired { taken_over: false });
+    }
+}
+
+/// A stale or foreign token can neither complete, release nor renew.
+pub async fn fencing(store: Arc<dyn Store>) {
+    let key = fresh_key();
+    let token = acquire(&*store, key, LONG).await;
+    let stale = FencingToken::random();
+    assert!(matches!(
+        store.complete(&key, stale, b"x", LONG).await,
+        Err(StoreError::Fenced)
+    ));
+    assert!(matches!(
+        store.release(&key, stale).await,
+        Err(StoreError::Fenced)
+    ));
+    assert!(matches!(
+        store.renew(&key, stale, LONG).await,
+        Err(StoreError::Fenced)
+    ));
+    // The real holder is unaffected.
+    store.renew(&key, token, LONG).await.expect("renew");
+    store
+        .complete(&key, token, b"done", LONG)
+        .await
+        .expect("complete");
+    // Once completed, even the holder's token no longer renews, releases or completes.
+    assert!(matches!(
+        store.renew(&key, token, LONG).await,
+        Err(StoreError::Fenced)
+    ));
+    assert!(matches!(
+        store.complete(&key, token, b"again", LONG).await,
+        Err(StoreError::Fenced)
+    ));
+    assert!(matches!(
+        store.release(&key, token).await,
+        Err(StoreError::Fenced)
+    ));
+    // Fenced ops on an absent key are refused too.
+    let absent = fresh_key();
+    assert!(matches!(
+        store.complete(&absent, token, b"x", LONG).await,
+        Err(StoreError::Fenced)
+    ));
+}
+
+/// A claim whose lease passes is taken over with a new token; the old token is fenced off.
+pub async fn lease_takeover(store: Arc<dyn Store>) {
+    let key = fresh_key();
+    let old = acquire(&*store, key, SHORT).await;
+    match store.claim(&req(key, LONG).0).await.expect("claim") {
+        Claim::InProgress {
+            lease_remaining, ..
+        } => {
+            if let Some(r) = lease_remaining {
+                assert!(r <= SHORT, "lease_remaining {r:?} exceeds the lease");
+            }
+        }
+        other => panic!("live lease must conflict, got {other:?}"),
+    }
+    tokio::time::sleep(PAST_SHORT).await;
+    let (r, new) = req(key, LONG);
+    assert_eq!(
+        store.claim(&r).await.expect("claim"),
+        Claim::Acquired { taken_over: true },
+        "an expired lease is taken over"
+    );
+    assert!(matches!(
+        store.complete(&key, old, b"old", LONG).await,
+        Err(StoreError::Fenced)
+    ));
+    assert!(matches!(
+        store.release(&key, old).await,
+        Err(StoreError::Fenced)
+    ));
+    store
+        .complete(&key, new, b"new", LONG)
+        .await
+        .expect("complete");
+    match store.claim(&req(key, LONG).0).await.expect("claim") {
+        Claim::Completed(rec) => assert_eq!(rec.value, b"new"),
+        other => panic!("expected the new holder's record, got {other:?}"),
+    }
+}
+
+/// Renewing keeps a claim alive past its original lease.
+pub async fn renew_extends_lease(store: Arc<dyn Store>) {
+    let key = fresh_key();
+    let token = acquire(&*store, key, SHORT).await;
+    let until = Instant::now() + SHORT * 3;
+    while Instant::now() < until {
+        tokio::time::sleep(SHORT / 4).await;
+        store.renew(&key, token, SHORT).await.expect("renew");
+    }
+    assert!(matches!(
+        store.claim(&req(key, LONG).0).await.expect("claim"),
+        Claim::InProgress { .. }
+    ));
+    store.complete(&key, token, b"ok", LONG).await.expect("complete after renewals");
+}
+
+/// A completed record replays until its ttl passes, then the key is claimable again.
+pub async fn ttl_expiry(store: Arc<dyn Store>) {
+    let key = fresh_key();
+    let token = acquire(&*store, key, LONG).await;
+    store.complete(&key, token, b"v", SHORT).await.expect("complete");
+    assert!(matches!(
+        store.claim(&req(key, LONG).0).await.expect("claim"),
+        Claim::Completed(_)
+    ));
+    tokio::time::sleep(PAST_SHORT).await;
+    assert_eq!(store.get(&key).await.expect("get"), None, "expired record reads as absent");
+    assert_eq!(
+        store.claim(&req(key, LONG).0).await.expect("claim"),
+        Claim::Acquired { taken_over: false },
+        "an expired completed record is not a takeover"
+    );
+}
+
+/// Release frees the key at once, without waiting for the lease.
+pub async fn release_frees_at_once(store: Arc<dyn Store>) {
+    let key = fresh_key();
+    let token = acquire(&*store, key, LONG).await;
+    store.release(&key, token).await.expect("release");
+    assert_eq!(store.get(&key).await.expect("get"), None);
+    let (r, _) = req(key, LONG);
+    assert_eq!(
+        store.claim(&r).await.expect("claim"),
+        Claim::Acquired { taken_over: false }
+    );
+}
+
+/// Release never removes someone else's claim or a completed record.
+pub async fn release_never_frees_completed(store: Arc<dyn Store>) {
+    let key = fresh_key();
+    let token = acquire(&*store, key, LONG).await;
+    store.complete(&key, token, b"v", LONG).await.expect("complete");
+    let _ = store.release(&key, token).await;
+    assert!(matches!(
+        store.get(&key).await.expect("get"),
+        Some(RecordState::Completed(_))
+    ));
+}
+
+async fn waiter(store: Arc<dyn Store>, key: Key, timeout: Duration) -> tokio::task::JoinHandle<Duration> {
+    let started = Arc::new(tokio::sync::Notify::new());
+    let s2 = started.clone();
+    let handle = tokio::spawn(async move {
+        let t = Instant::now();
+        s2.notify_one();
+        store.wait(&key, timeout).await.expect("wait");
+        t.elapsed()
+    });
+    started.notified().await;
+    // Give the waiter time to subscribe before the state changes.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    handle
+}
+
+/// A waiter is woken by a completion long before its timeout.
+pub async fn wait_wakes_on_complete(store: Arc<dyn Store>) {
+    let key = fresh_key();
+    let token = acquire(&*store, key, LONG).await;
+    let w = waiter(store.clone(), key, Duration::from_secs(20)).await;
+    store.complete(&key, token, b"v", LONG).await.expect("complete");
+    let waited = tokio::time::timeout(Duration::from_secs(10), w)
+        .await
+        .expect("waiter not woken by completion")
+        .expect("task");
+    assert!(waited < Duration::from_secs(10));
+}
+
+/// A waiter is woken by a release.
+pub async fn wait_wakes_on_release(store: Arc<dyn Store>) {
+    let key = fresh_key();
+    let token = acquire(&*store, key, LONG).await;
+    let w = waiter(store.clone(), key, Duration::from_secs(20)).await;
+    store.release(&key, token).await.expect("release");
+    tokio::time::timeout(Duration::from_secs(10), w)
+        .await
+        .expect("waiter not woken by release")
+        .expect("task");
+}
+
+/// Waiting on a key that is absent or completed returns at once.
+pub async fn wait_returns_when_not_in_progress(store: Arc<dyn Store>) {
+    let key = fresh_key();
+    tokio::time::timeout(Duration::from_secs(5), store.wait(&key, Duration::from_secs(30)))
+        .await
+        .expect("wait on an absent key must return at once")
+        .expect("wait");
+    let token = acquire(&*store, key, LONG).await;
+    store.complete(&key, token, b"v", LONG).await.expect("complete");
+    tokio::time::timeout(Duration::from_secs(5), store.wait(&key, Duration::from_secs(30)))
+        .await
+        .expect("wait on a completed key must return at once")
+        .expect("wait");
+}
+
+/// Waiting on a claim that nobody completes ends at the timeout (not earlier than asked by
+/// much, never never).
+pub async fn wait_is_bounded(store: Arc<dyn Store>) {
+    let key = fresh_key();
+    let _token = acquire(&*store, key, LONG).await;
+    let t = Instant::now();
+    tokio::time::timeout(Duration::from_secs(10), store.wait(&key, SHORT))
+        .await
+        .expect("wait must respect its timeout")
+        .expect("wait");
+    assert!(t.elapsed() < Duration::from_secs(10));
+    // Still in progress: the wait did not disturb the claim.
+    assert!(matches!(
+        store.get(&key).await.expect("get"),
+        Some(RecordState::InProgress { .. })
+    ));
+}
+
+/// Values from 0 bytes to the store's limit round-trip byte for byte; one byte more is refused.
+pub async fn values_up_to_the_limit(store: Arc<dyn Store>) {
+    let limit = store.max_value_size();
+    for size in [0, 1, 255, 4096, limit] {
+        let key = fresh_key();
+        let token = acquire(&*store, key, LONG).await;
+        let value: Vec<u8> = (0..size).map(|i| (i * 31 % 251) as u8).collect();
+        store.complete(&key, token, &value, LONG).await.expect("complete");
+        match store.claim(&req(key, LONG).0).await.expect("claim") {
+            Claim::Completed(rec) => assert!(rec.value == value, "value of {size} bytes changed"),
+            other => panic!("expected completed, got {other:?}"),
+        }
+    }
+    let key = fresh_key();
+    let token = acquire(&*store, key, LONG).await;
+    let too_big = vec![7u8; limit + 1];
+    assert!(matches!(
+        store.complete(&key, token, &too_big, LONG).await,
+        Err(StoreError::TooLarge { .. })
+    ));
+}
+
+/// The claim's fingerprint is reported to conflicting claims and kept through completion.
+pub async fn fingerprints_round_trip(store: Arc<dyn Store>) {
+    let key = fresh_key();
+    let fp = Fingerprint([0x5a; 32]);
+    let (mut r, token) = req(key, LONG);
+    r.fingerprint = Some(fp);
+    assert_eq!(store.claim(&r).await.expect("claim"), Claim::Acquired { taken_over: false });
+    match store.claim(&req(key, LONG).0).await.expect("claim") {
+        Claim::InProgress { fingerprint, .. } => assert_eq!(fingerprint, Some(fp)),
+        other => panic!("{other:?}"),
+    }
+    store.complete(&key, token, b"v", LONG).await.expect("complete");
+    match store.claim(&req(key, LONG).0).await.expect("claim") {
+        Claim::Completed(rec) => assert_eq!(rec.fingerprint, Some(fp)),
+        other => panic!("{other:?}"),
+    }
+    // No fingerprint stays no fingerprint.
+    let key = fresh_key();
+    let token = acquire(&*store, key, LONG).await;
+    store.complete(&key, token, b"v", LONG).await.expect("complete");
+    match store.claim(&req(key, LONG).0).await.expect("claim") {
+        Claim::Completed(rec) => assert_eq!(rec.fingerprint, None),
+        other => panic!("{other:?}"),
+    }
+}
+
+/// `get` reports each state; `remove` deletes whatever is there.
+pub async fn get_and_remove(store: Arc<dyn Store>) {
+    let key = fresh_key();
+    assert_eq!(store.get(&key).await.expect("get"), None);
+    let token = acquire(&*store, key, LONG).await;
+    match store.get(&key).await.expect("get") {
+        Some(RecordState::InProgress { token: t, .. }) => assert_eq!(t, token),
+        other => panic!("{other:?}"),
+    }
+    store.remove(&key).await.expect("remove");
+    assert_eq!(store.get(&key).await.expect("get"), None);
+    let token = acquire(&*store, key, LONG).await;
+    store.complete(&key, token, b"v", LONG).await.expect("complete");
+    match store.get(&key).await.expect("get") {
+        Some(RecordState::Completed(rec)) => assert_eq!(rec.value, b"v"),
+        other => panic!("{other:?}"),
+    }
+    store.remove(&key).await.expect("remove");
+    assert_eq!(store.get(&key).await.expect("get"), None);
+    store.remove(&key).await.expect("removing an absent key is fine");
+}
+
+/// `release_detached` frees the claim soon, from a synchronous context.
+pub async fn release_detached(store: Arc<dyn Store>) {
+    let key = fresh_key();
+    let token = acquire(&*store, key, LONG).await;
+    store.release_detached(key, token);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        if store.get(&key).await.expect("get").is_none() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "release_detached did not release");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Keys and scopes of any content — empty, 1 MiB, NUL bytes, invalid UTF-8, quote and
+/// Lua/SQL metacharacters — each get their own record, through the runtime.
+pub async fn hostile_keys(store: Arc<dyn Store>) {
+    let ns: &'static str = Box::leak(format!("testkit::hostile::{}", fresh_key()).into_boxed_str());
+    let mut keys: Vec<Vec<u8>> = vec![
+        vec![],
+        vec![0],
+        vec![0, 0, 0],
+        b"'; DROP TABLE idem; --".to_vec(),
+        b"\" OR 1=1 --".to_vec(),
+        b"]] redis.call('FLUSHALL') --[[".to_vec(),
+        b"{hash}tag}".to_vec(),
+        b"*?[]\\\n\r\t%_".to_vec(),
+        vec![0xff, 0xfe, 0x80],
+        vec![b'x'; 1 << 20],
+    ];
+    keys.push("ключ🔑".as_bytes().to_vec());
+    let scopes: [Option<&[u8]>; 3] = [None, Some(&[0xc3, 0x28]), Some(b"tenant'\"\0")];
+    for (i, key) in keys.iter().enumerate() {
+        for (j, scope) in scopes.iter().enumerate() {
+            let mut call = Call::new(ns).key(&ByteStr(key));
+            if let Some(s) = scope {
+                call = call.scope(&ByteStr(s));
+            }
+            let want = format!("{i}/{j}");
+            let w = want.clone();
+            let got: Result<String, Error> = call.run(&*store, async move { Ok(w) }).await;
+            assert_eq!(got.expect("hostile key call"), want);
+        }
+    }
+    // Each replays its own value.
+    for (i, key) in keys.iter().enumerate() {
+        for (j, scope) in scopes.iter().enumerate() {
+            let mut call = Call::new(ns).key(&ByteStr(key));
+            if let Some(s) = scope {
+                call = call.scope(&ByteStr(s));
+            }
+            let got: Result<String, Error> = call
+                .run(&*store, async { Ok("ran again".to_string()) })
+                .await;
+            assert_eq!(got.expect("replay"), format!("{i}/{j}"));
+        }
+    }
+}
+
+/// Raw bytes, serialized as a serde byte string (so invalid UTF-8 is fine).
+struct ByteStr<'a>(&'a [u8]);
+
+impl serde::Serialize for ByteStr<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_bytes(self.0)
+    }
+}
+
+/// 64 concurrent runtime calls with one key on this store run the body once and all return
+/// the same value.
+pub async fn runtime_exactly_once(store: Arc<dyn Store>) {
+    let ns: &'static str = Box::leak(format!("testkit::once::{}", fresh_key()).into_boxed_str());
+    let runs = Arc::new(AtomicUsize::new(0));
+    let tasks: Vec<_> = (0..64)
+        .map(|i| {
+            let store = store.clone();
+            let runs = runs.clone();
+            tokio::spawn(async move {
+                Call::new(ns)
+                    .key("the-key")
+                    .lease(Duration::from_secs(5))
+                    .run(&*store, async move {
+                        runs.fetch_add(1, Ordering::SeqCst);
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        Ok::<_, Error>(format!("first result from task {i}"))
+                    })
+                    .await
+            })
+        })
+        .collect();
+    let mut results = Vec::new();
+    for t in tasks {
+        results.push(t.await.expect("task").expect("call"));
+    }
+    assert_eq!(runs.load(Ordering::SeqCst), 1, "the body ran more than once");
+    assert!(results.iter().all(|r| r == &results[0]), "callers got different results");
+}
