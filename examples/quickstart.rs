@@ -47,10 +47,14 @@ struct Payments {
 
 impl Payments {
     /// Charges a card once per idempotency key, whatever the client retries.
-    async fn charge(&self, idempotency_key: &str, amount_cents: u64) -> Result<Receipt, PaymentError> {
+    async fn charge(
+        &self,
+        idempotency_key: &str,
+        amount_cents: u64,
+    ) -> Result<Receipt, PaymentError> {
         Call::new("quickstart::charge")
             .key(idempotency_key)
-            .fingerprint(&(amount_cents,))
+            .fingerprint((amount_cents,))
             .ttl(Duration::from_secs(24 * 3600))
             .run(&*self.store, async {
                 // The side effect: slow, and it must happen once.

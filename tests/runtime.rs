@@ -61,7 +61,7 @@ async fn distinct_keys_do_not_interfere() {
             let (store, runs) = (store.clone(), runs.clone());
             tasks.push(tokio::spawn(async move {
                 let got = Call::new(ns)
-                    .key(&k)
+                    .key(k)
                     .run(&*store, async move {
                         runs[k].fetch_add(1, Ordering::SeqCst);
                         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -88,7 +88,7 @@ async fn charge(
     let runs = runs.clone();
     Call::new(ns)
         .key("order-1")
-        .fingerprint(&(amount,))
+        .fingerprint((amount,))
         .run(store, async move {
             let n = runs.fetch_add(1, Ordering::SeqCst);
             Ok(format!("charged {amount} (run {n})"))
@@ -131,7 +131,7 @@ async fn another_payload_while_in_flight_is_key_reused_not_a_wait() {
     let first = tokio::spawn(async move {
         Call::new(ns)
             .key("k")
-            .fingerprint(&1u8)
+            .fingerprint(1u8)
             .run(&*s2, async {
                 tokio::time::sleep(Duration::from_millis(500)).await;
                 Ok::<_, Error>(1)
@@ -141,7 +141,7 @@ async fn another_payload_while_in_flight_is_key_reused_not_a_wait() {
     tokio::time::sleep(Duration::from_millis(100)).await;
     let second: Result<u8, Error> = Call::new(ns)
         .key("k")
-        .fingerprint(&2u8)
+        .fingerprint(2u8)
         .run(&*store, async { Ok(2) })
         .await;
     assert!(matches!(second, Err(Error::KeyReused)));
@@ -296,7 +296,10 @@ async fn a_body_longer_than_its_lease_is_not_taken_over() {
     }
     assert_eq!(first.await.unwrap().unwrap(), "first");
     assert_eq!(runs.load(Ordering::SeqCst), 1);
-    assert!(conflicts > 5, "only {conflicts} conflicts seen during a 900 ms body");
+    assert!(
+        conflicts > 5,
+        "only {conflicts} conflicts seen during a 900 ms body"
+    );
 }
 
 #[tokio::test]
@@ -346,12 +349,22 @@ async fn a_changed_return_type_or_version_is_incompatible() {
         .run(&store, async { Ok(2) })
         .await;
     assert!(matches!(bumped, Err(Error::IncompatibleRecord { .. })));
-    assert_eq!(runs.load(Ordering::SeqCst), 0, "never a silent re-execution");
+    assert_eq!(
+        runs.load(Ordering::SeqCst),
+        0,
+        "never a silent re-execution"
+    );
 }
 
 async fn replays_once<T>(store: &MemoryStore, value: T)
 where
-    T: Serialize + serde::de::DeserializeOwned + Clone + PartialEq + std::fmt::Debug + Send + 'static,
+    T: Serialize
+        + serde::de::DeserializeOwned
+        + Clone
+        + PartialEq
+        + std::fmt::Debug
+        + Send
+        + 'static,
 {
     let ns = ns("falsy");
     let runs = counter();
@@ -390,7 +403,9 @@ async fn an_expired_record_runs_again() {
         Call::new(ns)
             .key("k")
             .ttl(Duration::from_millis(200))
-            .run(&store, async move { Ok::<_, Error>(runs.fetch_add(1, Ordering::SeqCst)) })
+            .run(&store, async move {
+                Ok::<_, Error>(runs.fetch_add(1, Ordering::SeqCst))
+            })
     };
     assert_eq!(call(runs.clone()).await.unwrap(), 0);
     assert_eq!(call(runs.clone()).await.unwrap(), 0);
@@ -415,8 +430,10 @@ async fn a_hashmap_argument_fingerprints_the_same_in_any_order() {
         let r = runs.clone();
         let got: Result<u32, Error> = Call::new(ns)
             .key("cart-1")
-            .fingerprint(&(args,))
-            .run(&store, async move { Ok(r.fetch_add(1, Ordering::SeqCst) as u32) })
+            .fingerprint((args,))
+            .run(&store, async move {
+                Ok(r.fetch_add(1, Ordering::SeqCst) as u32)
+            })
             .await;
         assert_eq!(got.unwrap(), 0);
     }
@@ -437,7 +454,10 @@ async fn a_value_over_the_limit_is_too_large_and_released() {
             Ok(vec![1u8; 4096])
         })
         .await;
-    assert!(matches!(big, Err(Error::TooLarge { limit: 1024, .. })), "{big:?}");
+    assert!(
+        matches!(big, Err(Error::TooLarge { limit: 1024, .. })),
+        "{big:?}"
+    );
     // Released: the retry runs (in reject mode, so a leftover claim would show).
     let small: Result<Vec<u8>, Error> = Call::new(ns)
         .key("k")
@@ -455,7 +475,9 @@ async fn current_key_is_the_hashed_key_inside_the_body() {
     let call = Call::new(ns("current_key")).key("k");
     let expected = call.identity().unwrap().unwrap().key;
     let seen: Result<Option<String>, Error> = call
-        .run(&store, async { Ok(idem_core::current_key().map(|k| k.to_hex())) })
+        .run(&store, async {
+            Ok(idem_core::current_key().map(|k| k.to_hex()))
+        })
         .await;
     assert_eq!(seen.unwrap(), Some(expected.to_hex()));
     assert_eq!(idem_core::current_key(), None);
@@ -485,7 +507,11 @@ async fn a_none_key_is_missing_key_or_runs_unprotected() {
             .await;
         got.unwrap();
     }
-    assert_eq!(runs.load(Ordering::SeqCst), 2, "unprotected calls run every time");
+    assert_eq!(
+        runs.load(Ordering::SeqCst),
+        2,
+        "unprotected calls run every time"
+    );
 }
 
 #[tokio::test]
@@ -557,7 +583,12 @@ async fn garbage_in_the_store_is_a_codec_error_not_a_replay() {
         .await
         .unwrap();
     store
-        .complete(&key, token, b"\x00not an idem record", Duration::from_secs(60))
+        .complete(
+            &key,
+            token,
+            b"\x00not an idem record",
+            Duration::from_secs(60),
+        )
         .await
         .unwrap();
     let got: Result<u8, Error> = call().run(&store, async { Ok(1) }).await;
@@ -617,7 +648,12 @@ impl Store for Faulty {
     async fn release(&self, key: &Key, token: FencingToken) -> Result<(), StoreError> {
         self.inner.release(key, token).await
     }
-    async fn renew(&self, key: &Key, token: FencingToken, lease: Duration) -> Result<(), StoreError> {
+    async fn renew(
+        &self,
+        key: &Key,
+        token: FencingToken,
+        lease: Duration,
+    ) -> Result<(), StoreError> {
         if self.fenced {
             return Err(StoreError::Fenced);
         }
@@ -659,7 +695,11 @@ async fn an_unreachable_store_fails_closed_unless_fail_open() {
         }
         other => panic!("{other:?}"),
     }
-    assert_eq!(runs.load(Ordering::SeqCst), 0, "fail closed: the body did not run");
+    assert_eq!(
+        runs.load(Ordering::SeqCst),
+        0,
+        "fail closed: the body did not run"
+    );
     let r = runs.clone();
     let got: Result<u8, Error> = Call::new("tests::runtime::open")
         .key("k")
@@ -728,7 +768,10 @@ async fn a_call_on_the_default_store_without_one_is_no_store() {
     let e = got.unwrap_err();
     assert!(matches!(e, Error::NoStore));
     let msg = e.to_string();
-    assert!(msg.contains("store = ") && msg.contains("set_default_store"), "{msg}");
+    assert!(
+        msg.contains("store = ") && msg.contains("set_default_store"),
+        "{msg}"
+    );
     idem_core::set_default_store(Arc::new(MemoryStore::new())).unwrap();
     let got: Result<u8, Error> = Call::new("tests::runtime::default")
         .key("k")

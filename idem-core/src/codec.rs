@@ -154,15 +154,27 @@ mod tests {
         let payload = open(&tag, &env).unwrap();
         assert_eq!(MsgPack.decode::<u32>(payload).unwrap(), 7);
         let other = type_tag::<String>(MsgPack::NAME, 0);
-        assert!(matches!(open(&other, &env), Err(Error::IncompatibleRecord { .. })));
+        assert!(matches!(
+            open(&other, &env),
+            Err(Error::IncompatibleRecord { .. })
+        ));
         let v1 = type_tag::<u32>(MsgPack::NAME, 1);
-        assert!(matches!(open(&v1, &env), Err(Error::IncompatibleRecord { .. })));
+        assert!(matches!(
+            open(&v1, &env),
+            Err(Error::IncompatibleRecord { .. })
+        ));
     }
 
     #[test]
     fn garbage_is_a_codec_error() {
         let tag = type_tag::<u32>(MsgPack::NAME, 0);
-        for bad in [&b""[..], b"idem", b"idem\x01\xff\xff", b"garbage!", b"idem\x09\x00\x00"] {
+        for bad in [
+            &b""[..],
+            b"idem",
+            b"idem\x01\xff\xff",
+            b"garbage!",
+            b"idem\x09\x00\x00",
+        ] {
             assert!(matches!(open(&tag, bad), Err(Error::Codec(_))), "{bad:?}");
         }
     }

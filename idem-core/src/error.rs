@@ -153,10 +153,7 @@ impl StoreError {
     /// let e = idem_core::StoreError::backend("claim", std::io::Error::other("refused"));
     /// assert!(std::error::Error::source(&e).is_some());
     /// ```
-    pub fn backend(
-        message: impl Into<String>,
-        source: impl Into<BoxError>,
-    ) -> Self {
+    pub fn backend(message: impl Into<String>, source: impl Into<BoxError>) -> Self {
         StoreError::Backend {
             message: message.into(),
             source: source.into(),

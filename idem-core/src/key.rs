@@ -96,7 +96,10 @@ mod tests {
     use super::*;
 
     fn key(ns: &str, scope: Option<&str>, k: &str) -> Key {
-        Identity::derive(ns, scope, k, None::<&()>).unwrap().unwrap().key
+        Identity::derive(ns, scope, k, None::<&()>)
+            .unwrap()
+            .unwrap()
+            .key
     }
 
     #[test]
@@ -114,7 +117,13 @@ mod tests {
     #[test]
     fn hostile_keys_are_fixed_length() {
         let big = "x".repeat(1 << 20);
-        for k in ["", "\0\0", "'; DROP TABLE idem; --", "\"]]--redis.call('flushall')", &big] {
+        for k in [
+            "",
+            "\0\0",
+            "'; DROP TABLE idem; --",
+            "\"]]--redis.call('flushall')",
+            &big,
+        ] {
             assert_eq!(key("ns", None, k).to_hex().len(), 64);
         }
     }

@@ -115,12 +115,18 @@ pub(crate) fn emit(outcome: Outcome, namespace: &str, key: Option<&crate::Key>) 
         Outcome::Executed | Outcome::Replayed | Outcome::ReplayedAfterWait | Outcome::Released => {
             tracing::debug!(target: "idem", outcome = outcome.as_str(), namespace, key, "idempotent call")
         }
-        Outcome::InProgress | Outcome::KeyReused | Outcome::WaitTimeout | Outcome::TakenOver
+        Outcome::InProgress
+        | Outcome::KeyReused
+        | Outcome::WaitTimeout
+        | Outcome::TakenOver
         | Outcome::MissingKey => {
             tracing::info!(target: "idem", outcome = outcome.as_str(), namespace, key, "idempotent call")
         }
-        Outcome::StoreError | Outcome::Unprotected | Outcome::IncompatibleRecord
-        | Outcome::CodecError | Outcome::TooLarge => {
+        Outcome::StoreError
+        | Outcome::Unprotected
+        | Outcome::IncompatibleRecord
+        | Outcome::CodecError
+        | Outcome::TooLarge => {
             tracing::warn!(target: "idem", outcome = outcome.as_str(), namespace, key, "idempotent call")
         }
         Outcome::LeaseLost => {

@@ -114,22 +114,26 @@ impl Call<MsgPack> {
 }
 
 impl<C: Codec> Call<C> {
-    /// The key material. A top-level `None` is a missing key.
-    pub fn key<K: Serialize + ?Sized>(mut self, key: &K) -> Self {
-        self.key = self.hash(key::MATERIAL_CONTEXT, key);
+    /// The key material (a value or a reference; `&k` and `k` hash alike). A top-level
+    /// `None` is a missing key.
+    pub fn key<K: Serialize>(mut self, key: K) -> Self {
+        self.key = self.hash(key::MATERIAL_CONTEXT, &key);
         self
     }
 
     /// The tenant or principal: the same key under two scopes never shares a record.
-    pub fn scope<S: Serialize + ?Sized>(mut self, scope: &S) -> Self {
-        self.scope = self.hash(key::SCOPE_CONTEXT, scope);
+    pub fn scope<S: Serialize>(mut self, scope: S) -> Self {
+        self.scope = self.hash(key::SCOPE_CONTEXT, &scope);
         self
     }
 
     /// The arguments checked against the stored fingerprint (with an explicit key).
-    pub fn fingerprint<F: Serialize + ?Sized>(mut self, args: &F) -> Self {
+    ///
+    /// By value so that a tuple of argument references (what `#[idempotent]` passes) gets a
+    /// type error under the one element that is not `Serialize`.
+    pub fn fingerprint<F: Serialize>(mut self, args: F) -> Self {
         // `Some(..)` so that a `None` argument list is a value, not a missing key.
-        self.fingerprint = self.hash(key::FINGERPRINT_CONTEXT, &Some(args));
+        self.fingerprint = self.hash(key::FINGERPRINT_CONTEXT, &Some(&args));
         self
     }
 
@@ -293,7 +297,8 @@ impl<C: Codec> Call<C> {
             Ok(None) => return Err(fail(Error::MissingKey, ns, None)),
             Err(e) => return Err(fail(e, ns, None)),
         };
-        let span = tracing::debug_span!(target: "idem", "idem.call", namespace = ns, key = %ident.key);
+        let span =
+            tracing::debug_span!(target: "idem", "idem.call", namespace = ns, key = %ident.key);
         self.drive_claimed::<P, T, E, Fut>(store, ident, body)
             .instrument(span)
             .await
@@ -372,7 +377,8 @@ impl<C: Codec> Call<C> {
                         return Err(fail(Error::InProgress { retry_after }, ns, Some(&key)));
                     }
                     let now = Instant::now();
-                    let left = deadline.map_or(opts.wait_timeout, |d| d.saturating_duration_since(now));
+                    let left =
+                        deadline.map_or(opts.wait_timeout, |d| d.saturating_duration_since(now));
                     if left.is_zero() {
                         emit(Outcome::WaitTimeout, ns, Some(&key));
                         return Err(Error::InProgress { retry_after }.into());

@@ -246,8 +246,12 @@ pub trait Store: Send + Sync + fmt::Debug {
 
     /// Extends the lease of the claim held under `token` to `lease` from now. Refused with
     /// [`StoreError::Fenced`] if the record is not in progress under `token`.
-    async fn renew(&self, key: &Key, token: FencingToken, lease: Duration)
-        -> Result<(), StoreError>;
+    async fn renew(
+        &self,
+        key: &Key,
+        token: FencingToken,
+        lease: Duration,
+    ) -> Result<(), StoreError>;
 
     /// Reads the record: `None` when absent or expired (an in-progress record whose lease
     /// has passed also reads as `None`).

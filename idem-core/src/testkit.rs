@@ -15,6 +15,9 @@
 //! Cases use fresh random keys, so they can run in parallel against a shared server, and short
 //! real durations (leases of a few hundred milliseconds), so the whole suite takes seconds.
 
+// Test code: a violated expectation is a panic, by design.
+#![allow(clippy::expect_used, clippy::unwrap_used)]
+
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -140,7 +143,10 @@ pub async fn distinct_keys(store: Arc<dyn Store>) {
         })
         .collect();
     for t in tasks {
-        assert_eq!(t.await.expect("task"), Claim::Acquired { taken_over: false });
+        assert_eq!(
+            t.await.expect("task"),
+            Claim::Acquired { taken_over: false }
+        );
     }
 }
 
@@ -240,20 +246,30 @@ pub async fn renew_extends_lease(store: Arc<dyn Store>) {
         store.claim(&req(key, LONG).0).await.expect("claim"),
         Claim::InProgress { .. }
     ));
-    store.complete(&key, token, b"ok", LONG).await.expect("complete after renewals");
+    store
+        .complete(&key, token, b"ok", LONG)
+        .await
+        .expect("complete after renewals");
 }
 
 /// A completed record replays until its ttl passes, then the key is claimable again.
 pub async fn ttl_expiry(store: Arc<dyn Store>) {
     let key = fresh_key();
     let token = acquire(&*store, key, LONG).await;
-    store.complete(&key, token, b"v", SHORT).await.expect("complete");
+    store
+        .complete(&key, token, b"v", SHORT)
+        .await
+        .expect("complete");
     assert!(matches!(
         store.claim(&req(key, LONG).0).await.expect("claim"),
         Claim::Completed(_)
     ));
     tokio::time::sleep(PAST_SHORT).await;
-    assert_eq!(store.get(&key).await.expect("get"), None, "expired record reads as absent");
+    assert_eq!(
+        store.get(&key).await.expect("get"),
+        None,
+        "expired record reads as absent"
+    );
     assert_eq!(
         store.claim(&req(key, LONG).0).await.expect("claim"),
         Claim::Acquired { taken_over: false },
@@ -278,7 +294,10 @@ pub async fn release_frees_at_once(store: Arc<dyn Store>) {
 pub async fn release_never_frees_completed(store: Arc<dyn Store>) {
     let key = fresh_key();
     let token = acquire(&*store, key, LONG).await;
-    store.complete(&key, token, b"v", LONG).await.expect("complete");
+    store
+        .complete(&key, token, b"v", LONG)
+        .await
+        .expect("complete");
     let _ = store.release(&key, token).await;
     assert!(matches!(
         store.get(&key).await.expect("get"),
@@ -286,7 +305,11 @@ pub async fn release_never_frees_completed(store: Arc<dyn Store>) {
     ));
 }
 
-async fn waiter(store: Arc<dyn Store>, key: Key, timeout: Duration) -> tokio::task::JoinHandle<Duration> {
+async fn waiter(
+    store: Arc<dyn Store>,
+    key: Key,
+    timeout: Duration,
+) -> tokio::task::JoinHandle<Duration> {
     let started = Arc::new(tokio::sync::Notify::new());
     let s2 = started.clone();
     let handle = tokio::spawn(async move {
@@ -306,7 +329,10 @@ pub async fn wait_wakes_on_complete(store: Arc<dyn Store>) {
     let key = fresh_key();
     let token = acquire(&*store, key, LONG).await;
     let w = waiter(store.clone(), key, Duration::from_secs(20)).await;
-    store.complete(&key, token, b"v", LONG).await.expect("complete");
+    store
+        .complete(&key, token, b"v", LONG)
+        .await
+        .expect("complete");
     let waited = tokio::time::timeout(Duration::from_secs(10), w)
         .await
         .expect("waiter not woken by completion")
@@ -329,16 +355,25 @@ pub async fn wait_wakes_on_release(store: Arc<dyn Store>) {
 /// Waiting on a key that is absent or completed returns at once.
 pub async fn wait_returns_when_not_in_progress(store: Arc<dyn Store>) {
     let key = fresh_key();
-    tokio::time::timeout(Duration::from_secs(5), store.wait(&key, Duration::from_secs(30)))
-        .await
-        .expect("wait on an absent key must return at once")
-        .expect("wait");
+    tokio::time::timeout(
+        Duration::from_secs(5),
+        store.wait(&key, Duration::from_secs(30)),
+    )
+    .await
+    .expect("wait on an absent key must return at once")
+    .expect("wait");
     let token = acquire(&*store, key, LONG).await;
-    store.complete(&key, token, b"v", LONG).await.expect("complete");
-    tokio::time::timeout(Duration::from_secs(5), store.wait(&key, Duration::from_secs(30)))
+    store
+        .complete(&key, token, b"v", LONG)
         .await
-        .expect("wait on a completed key must return at once")
-        .expect("wait");
+        .expect("complete");
+    tokio::time::timeout(
+        Duration::from_secs(5),
+        store.wait(&key, Duration::from_secs(30)),
+    )
+    .await
+    .expect("wait on a completed key must return at once")
+    .expect("wait");
 }
 
 /// Waiting on a claim that nobody completes ends at the timeout (not earlier than asked by
@@ -366,7 +401,10 @@ pub async fn values_up_to_the_limit(store: Arc<dyn Store>) {
         let key = fresh_key();
         let token = acquire(&*store, key, LONG).await;
         let value: Vec<u8> = (0..size).map(|i| (i * 31 % 251) as u8).collect();
-        store.complete(&key, token, &value, LONG).await.expect("complete");
+        store
+            .complete(&key, token, &value, LONG)
+            .await
+            .expect("complete");
         match store.claim(&req(key, LONG).0).await.expect("claim") {
             Claim::Completed(rec) => assert!(rec.value == value, "value of {size} bytes changed"),
             other => panic!("expected completed, got {other:?}"),
@@ -387,12 +425,18 @@ pub async fn fingerprints_round_trip(store: Arc<dyn Store>) {
     let fp = Fingerprint([0x5a; 32]);
     let (mut r, token) = req(key, LONG);
     r.fingerprint = Some(fp);
-    assert_eq!(store.claim(&r).await.expect("claim"), Claim::Acquired { taken_over: false });
+    assert_eq!(
+        store.claim(&r).await.expect("claim"),
+        Claim::Acquired { taken_over: false }
+    );
     match store.claim(&req(key, LONG).0).await.expect("claim") {
         Claim::InProgress { fingerprint, .. } => assert_eq!(fingerprint, Some(fp)),
         other => panic!("{other:?}"),
     }
-    store.complete(&key, token, b"v", LONG).await.expect("complete");
+    store
+        .complete(&key, token, b"v", LONG)
+        .await
+        .expect("complete");
     match store.claim(&req(key, LONG).0).await.expect("claim") {
         Claim::Completed(rec) => assert_eq!(rec.fingerprint, Some(fp)),
         other => panic!("{other:?}"),
@@ -400,7 +444,10 @@ pub async fn fingerprints_round_trip(store: Arc<dyn Store>) {
     // No fingerprint stays no fingerprint.
     let key = fresh_key();
     let token = acquire(&*store, key, LONG).await;
-    store.complete(&key, token, b"v", LONG).await.expect("complete");
+    store
+        .complete(&key, token, b"v", LONG)
+        .await
+        .expect("complete");
     match store.claim(&req(key, LONG).0).await.expect("claim") {
         Claim::Completed(rec) => assert_eq!(rec.fingerprint, None),
         other => panic!("{other:?}"),
@@ -419,14 +466,20 @@ pub async fn get_and_remove(store: Arc<dyn Store>) {
     store.remove(&key).await.expect("remove");
     assert_eq!(store.get(&key).await.expect("get"), None);
     let token = acquire(&*store, key, LONG).await;
-    store.complete(&key, token, b"v", LONG).await.expect("complete");
+    store
+        .complete(&key, token, b"v", LONG)
+        .await
+        .expect("complete");
     match store.get(&key).await.expect("get") {
         Some(RecordState::Completed(rec)) => assert_eq!(rec.value, b"v"),
         other => panic!("{other:?}"),
     }
     store.remove(&key).await.expect("remove");
     assert_eq!(store.get(&key).await.expect("get"), None);
-    store.remove(&key).await.expect("removing an absent key is fine");
+    store
+        .remove(&key)
+        .await
+        .expect("removing an absent key is fine");
 }
 
 /// `release_detached` frees the claim soon, from a synchronous context.
@@ -439,7 +492,10 @@ pub async fn release_detached(store: Arc<dyn Store>) {
         if store.get(&key).await.expect("get").is_none() {
             break;
         }
-        assert!(Instant::now() < deadline, "release_detached did not release");
+        assert!(
+            Instant::now() < deadline,
+            "release_detached did not release"
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
@@ -464,9 +520,9 @@ pub async fn hostile_keys(store: Arc<dyn Store>) {
     let scopes: [Option<&[u8]>; 3] = [None, Some(&[0xc3, 0x28]), Some(b"tenant'\"\0")];
     for (i, key) in keys.iter().enumerate() {
         for (j, scope) in scopes.iter().enumerate() {
-            let mut call = Call::new(ns).key(&ByteStr(key));
+            let mut call = Call::new(ns).key(ByteStr(key));
             if let Some(s) = scope {
-                call = call.scope(&ByteStr(s));
+                call = call.scope(ByteStr(s));
             }
             let want = format!("{i}/{j}");
             let w = want.clone();
@@ -477,9 +533,9 @@ pub async fn hostile_keys(store: Arc<dyn Store>) {
     // Each replays its own value.
     for (i, key) in keys.iter().enumerate() {
         for (j, scope) in scopes.iter().enumerate() {
-            let mut call = Call::new(ns).key(&ByteStr(key));
+            let mut call = Call::new(ns).key(ByteStr(key));
             if let Some(s) = scope {
-                call = call.scope(&ByteStr(s));
+                call = call.scope(ByteStr(s));
             }
             let got: Result<String, Error> = call
                 .run(&*store, async { Ok("ran again".to_string()) })
@@ -524,6 +580,13 @@ pub async fn runtime_exactly_once(store: Arc<dyn Store>) {
     for t in tasks {
         results.push(t.await.expect("task").expect("call"));
     }
-    assert_eq!(runs.load(Ordering::SeqCst), 1, "the body ran more than once");
-    assert!(results.iter().all(|r| r == &results[0]), "callers got different results");
+    assert_eq!(
+        runs.load(Ordering::SeqCst),
+        1,
+        "the body ran more than once"
+    );
+    assert!(
+        results.iter().all(|r| r == &results[0]),
+        "callers got different results"
+    );
 }

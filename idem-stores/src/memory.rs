@@ -19,8 +19,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use idem_core::{
-    async_trait, Claim, ClaimRequest, CompletedRecord, FencingToken, Fingerprint, Key,
-    RecordState, Store, StoreError, DEFAULT_MAX_VALUE_SIZE,
+    async_trait, Claim, ClaimRequest, CompletedRecord, FencingToken, Fingerprint, Key, RecordState,
+    Store, StoreError, DEFAULT_MAX_VALUE_SIZE,
 };
 use moka::future::Cache;
 use moka::ops::compute::{CompResult, Op};
@@ -327,7 +327,12 @@ impl Store for MemoryStore {
         r
     }
 
-    async fn renew(&self, key: &Key, token: FencingToken, lease: Duration) -> Result<(), StoreError> {
+    async fn renew(
+        &self,
+        key: &Key,
+        token: FencingToken,
+        lease: Duration,
+    ) -> Result<(), StoreError> {
         let lease_until = Instant::now() + lease;
         self.fenced(key, token, |fingerprint| {
             Some(Entry::InProgress {
