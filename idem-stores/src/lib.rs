@@ -20,3 +20,5 @@ pub use crate::redis::RedisStore;
 
 #[cfg(any(feature = "postgres", feature = "mysql", feature = "sqlite"))]
 pub mod sql;
+#[cfg(feature = "mysql")]
+pub use crate::sql::mysql::{MySqlStore, MySqlStoreBuilder};

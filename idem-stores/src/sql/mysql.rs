@@ -1,0 +1,806 @@
+//! `MySqlStore`: records in one MySQL / MariaDB (InnoDB) table, through a sqlx pool.
+//!
+//! # Schema
+//!
+//! [`MySqlStore::migrate`] creates the table (default name `idem_records`) if it is missing:
+//!
+//! ```sql
+//! CREATE TABLE IF NOT EXISTS `idem_records` (
+//!     k           BINARY(32)  NOT NULL,  -- Key: blake3 of (namespace, scope, key); never raw
+//!     state       ENUM('in_progress','completed') NOT NULL,
+//!     token       BIGINT      NOT NULL,  -- FencingToken::as_i64 of the current claim
+//!     live_until  BIGINT      NOT NULL,  -- ms since the epoch (server clock): lease end while
+//!                                        -- in progress, ttl end once completed
+//!     expires_at  BIGINT      NOT NULL,  -- ms: when the sweep may delete the row (completed:
+//!                                        -- = live_until; in progress: lease end + grace)
+//!     fingerprint BINARY(32)  NULL,
+//!     value       MEDIUMBLOB  NULL,      -- the encoded envelope (type tag, version, value)
+//!     PRIMARY KEY (k),
+//!     KEY idem_expires_at (expires_at)
+//! ) ENGINE=InnoDB
+//! ```
+//!
+//! A record *counts* while `live_until` is in the future, whatever its state, so every
+//! statement decides liveness from that one column. Times are the server's clock
+//! (`UTC_TIMESTAMP(6)`, fixed for the length of a statement), so processes with skewed
+//! clocks agree. The table name is the only thing ever interpolated into SQL, and it is
+//! validated as a plain identifier; keys, tokens and values are bound parameters.
+//!
+//! # Claim: one `INSERT ... ON DUPLICATE KEY UPDATE`
+//!
+//! See [`claim_sql`] for the statement. It is atomic under concurrent inserts because InnoDB
+//! runs it as one step on the primary-key index: the insert either creates the row (holding
+//! an exclusive lock on the new index record until the statement commits) or meets the
+//! duplicate, takes an exclusive lock on the existing row — waiting for any other writer of
+//! that key to commit first — and evaluates the `UPDATE` assignments against the latest
+//! committed version of the row under that lock. No other statement can change the row
+//! between the liveness test and the write, so of N concurrent claims of an absent key
+//! exactly one inserts, and of N concurrent claims of a dead record exactly one replaces it.
+//!
+//! The statement reports what it found through the OK packet, in one round trip:
+//! `LAST_INSERT_ID(expr)` in the first assignment hands the client a code computed from the
+//! row as it was (1 = took over a lapsed claim, 2 = replaced an expired completed record,
+//! 3 = live claim, 4 = live completed record); a plain insert never calls it and reports 0.
+//! A conflict (3 or 4) then reads the row to return its fingerprint or value; if that read
+//! finds the record gone or lapsed (it changed in between), the claim starts over, so the
+//! answer is always a state the record really had.
+//!
+//! # Waiting, expiry
+//!
+//! MySQL has no notification channel: [`Store::wait`] polls the row with a backoff from 5 ms
+//! doubling to 200 ms, bounded by the timeout and by the holder's lease. Expired rows stay
+//! until [`MySqlStore::purge_expired`] (or the task of [`MySqlStore::spawn_sweeper`]) deletes
+//! them in batches, through the `expires_at` index.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use idem_core::{
+    async_trait, Claim, ClaimRequest, CompletedRecord, FencingToken, Fingerprint, Key, RecordState,
+    Store, StoreError, DEFAULT_MAX_VALUE_SIZE,
+};
+use sqlx::mysql::{MySqlPool, MySqlPoolOptions};
+use sqlx::{AssertSqlSafe, Row};
+
+/// The default table name.
+pub const DEFAULT_TABLE: &str = "idem_records";
+
+/// The largest value a `MEDIUMBLOB` holds.
+const MEDIUMBLOB_MAX: usize = (1 << 24) - 1;
+/// Room left in `max_allowed_packet` for the statement around a value.
+const PACKET_OVERHEAD: usize = 16 << 10;
+/// Durations are capped (100 years) so that `now + d` never overflows a `BIGINT`.
+const MAX_MS: i64 = 100 * 365 * 86_400 * 1000;
+/// How often a claim starts over when the record changes between its two steps, or when
+/// InnoDB picks it as a deadlock victim, before it gives up.
+const CLAIM_ATTEMPTS: usize = 16;
+
+/// The server's clock in milliseconds since the epoch. `UTC_TIMESTAMP` is fixed for the
+/// duration of one statement and does not depend on the session's time zone.
+const NOW_MS: &str =
+    "(TIMESTAMPDIFF(MICROSECOND, '1970-01-01 00:00:00', UTC_TIMESTAMP(6)) DIV 1000)";
+
+/// What the claim statement found, from its `LAST_INSERT_ID(...)`.
+const FOUND_NOTHING: u64 = 0;
+const FOUND_LAPSED_CLAIM: u64 = 1;
+const FOUND_EXPIRED_RECORD: u64 = 2;
+const FOUND_LIVE_CLAIM: u64 = 3;
+const FOUND_LIVE_RECORD: u64 = 4;
+
+/// The claim statement. Binds: key, token, lease ms, lease + grace ms, fingerprint (insert);
+/// token, fingerprint, lease + grace ms, lease ms (update).
+///
+/// `ON DUPLICATE KEY UPDATE` assigns left to right and each assignment sees the columns
+/// assigned before it. Liveness is read from `live_until` alone, so `live_until` is assigned
+/// LAST: every earlier assignment still sees the old value, and they all take the same
+/// branch. The code for the client is computed in the first assignment, while `state` is
+/// still the old one.
+fn claim_sql(table: &str) -> String {
+    let live = format!("live_until > {NOW_MS}");
+    format!(
+        "INSERT INTO {table} (k, state, token, live_until, expires_at, fingerprint, value) \
+         VALUES (?, 'in_progress', ?, {NOW_MS} + ?, {NOW_MS} + ?, ?, NULL) \
+         ON DUPLICATE KEY UPDATE \
+           token = IF(LAST_INSERT_ID(CASE \
+                        WHEN {live} AND state = 'in_progress' THEN {FOUND_LIVE_CLAIM} \
+                        WHEN {live} THEN {FOUND_LIVE_RECORD} \
+                        WHEN state = 'in_progress' THEN {FOUND_LAPSED_CLAIM} \
+                        ELSE {FOUND_EXPIRED_RECORD} END) >= {FOUND_LIVE_CLAIM}, token, ?), \
+           fingerprint = IF({live}, fingerprint, ?), \
+           value = IF({live}, value, NULL), \
+           expires_at = IF({live}, expires_at, {NOW_MS} + ?), \
+           state = IF({live}, state, 'in_progress'), \
+           live_until = IF({live}, live_until, {NOW_MS} + ?)"
+    )
+}
+
+/// Every statement of the store, built once for its table.
+#[derive(Debug)]
+struct Statements {
+    create: String,
+    claim: String,
+    read: String,
+    complete: String,
+    release: String,
+    renew: String,
+    holds: String,
+    get: String,
+    probe: String,
+    remove: String,
+    purge: String,
+}
+
+impl Statements {
+    fn new(table: &str) -> Self {
+        Statements {
+            create: format!(
+                "CREATE TABLE IF NOT EXISTS {table} ( \
+                   k BINARY(32) NOT NULL, \
+                   state ENUM('in_progress','completed') NOT NULL, \
+                   token BIGINT NOT NULL, \
+                   live_until BIGINT NOT NULL, \
+                   expires_at BIGINT NOT NULL, \
+                   fingerprint BINARY(32) NULL, \
+                   value MEDIUMBLOB NULL, \
+                   PRIMARY KEY (k), \
+                   KEY idem_expires_at (expires_at) \
+                 ) ENGINE=InnoDB"
+            ),
+            claim: claim_sql(table),
+            read: format!(
+                "SELECT CAST(state = 'completed' AS SIGNED) AS completed, fingerprint, value, \
+                        CAST(live_until - {NOW_MS} AS SIGNED) AS remaining \
+                 FROM {table} WHERE k = ?"
+            ),
+            complete: format!(
+                "UPDATE {table} SET state = 'completed', value = ?, \
+                   live_until = {NOW_MS} + ?, expires_at = {NOW_MS} + ? \
+                 WHERE k = ? AND token = ? AND state = 'in_progress'"
+            ),
+            release: format!(
+                "DELETE FROM {table} WHERE k = ? AND token = ? AND state = 'in_progress'"
+            ),
+            renew: format!(
+                "UPDATE {table} SET live_until = {NOW_MS} + ?, expires_at = {NOW_MS} + ? \
+                 WHERE k = ? AND token = ? AND state = 'in_progress'"
+            ),
+            holds: format!(
+                "SELECT 1 FROM {table} WHERE k = ? AND token = ? AND state = 'in_progress'"
+            ),
+            get: format!(
+                "SELECT CAST(state = 'completed' AS SIGNED) AS completed, token, fingerprint, value \
+                 FROM {table} WHERE k = ? AND live_until > {NOW_MS}"
+            ),
+            probe: format!(
+                "SELECT CAST(live_until - {NOW_MS} AS SIGNED) AS remaining FROM {table} \
+                 WHERE k = ? AND state = 'in_progress' AND live_until > {NOW_MS}"
+            ),
+            remove: format!("DELETE FROM {table} WHERE k = ?"),
+            purge: format!(
+                "DELETE FROM {table} WHERE expires_at < {NOW_MS} ORDER BY expires_at LIMIT ?"
+            ),
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Inner {
+    pool: MySqlPool,
+    table: String,
+    sql: Statements,
+    max_value_size: AtomicUsize,
+    lease_grace: Duration,
+    op_timeout: Duration,
+    poll_min: Duration,
+    poll_max: Duration,
+}
+
+/// A [`Store`] on a MySQL or MariaDB table (InnoDB), through a sqlx connection pool. Cheap to
+/// clone: clones share the pool.
+///
+/// ```no_run
+/// # async fn demo() -> Result<(), idem_core::StoreError> {
+/// use idem_stores::MySqlStore;
+/// let store = MySqlStore::connect("mysql://app@127.0.0.1:3306/app").await?;
+/// store.migrate().await?; // CREATE TABLE IF NOT EXISTS, once at start-up
+/// let _sweeper = store.spawn_sweeper(std::time::Duration::from_secs(60), 1000);
+/// let shared: std::sync::Arc<dyn idem_core::Store> = std::sync::Arc::new(store);
+/// # let _ = shared;
+/// # Ok(()) }
+/// ```
+#[derive(Clone, Debug)]
+pub struct MySqlStore {
+    inner: Arc<Inner>,
+}
+
+/// Configures a [`MySqlStore`] on a pool the application already has.
+///
+/// ```no_run
+/// # async fn demo() -> Result<(), idem_core::StoreError> {
+/// use std::time::Duration;
+/// use idem_stores::MySqlStore;
+/// let pool = sqlx::mysql::MySqlPoolOptions::new()
+///     .max_connections(8)
+///     .connect_lazy("mysql://app@127.0.0.1:3306/app")
+///     .map_err(|e| idem_core::StoreError::backend("mysql url", e))?;
+/// let store = MySqlStore::builder(pool)
+///     .table("payments_idempotency")
+///     .max_value_size(256 << 10)
+///     .op_timeout(Duration::from_secs(5))
+///     .build()?;
+/// store.migrate().await?;
+/// # Ok(()) }
+/// ```
+#[derive(Debug, Clone)]
+pub struct MySqlStoreBuilder {
+    pool: MySqlPool,
+    table: String,
+    max_value_size: usize,
+    lease_grace: Duration,
+    op_timeout: Duration,
+    poll_min: Duration,
+    poll_max: Duration,
+}
+
+impl MySqlStoreBuilder {
+    /// The table, as `name` or `database.name`: ASCII letters, digits and `_`, not starting
+    /// with a digit, at most 64 characters a part. Default `idem_records`.
+    pub fn table(mut self, table: impl Into<String>) -> Self {
+        self.table = table.into();
+        self
+    }
+
+    /// The largest encoded value accepted. Default 1 MiB; at most 16 MiB − 1 (`MEDIUMBLOB`).
+    /// [`MySqlStore::migrate`] lowers it, with a warning, to what the server's
+    /// `max_allowed_packet` lets through.
+    pub fn max_value_size(mut self, bytes: usize) -> Self {
+        self.max_value_size = bytes;
+        self
+    }
+
+    /// How long an in-progress row whose lease has passed is kept before the sweep may delete
+    /// it, so that a late claim is still reported as a takeover. Default 60 s.
+    pub fn lease_grace(mut self, grace: Duration) -> Self {
+        self.lease_grace = grace;
+        self
+    }
+
+    /// The bound on one store operation, pool wait included; past it the operation fails
+    /// with [`StoreError::Timeout`]. Default 10 s.
+    pub fn op_timeout(mut self, timeout: Duration) -> Self {
+        self.op_timeout = timeout;
+        self
+    }
+
+    /// The first and the largest pause between two looks of [`Store::wait`].
+    /// Default 5 ms doubling up to 200 ms.
+    pub fn poll_interval(mut self, first: Duration, max: Duration) -> Self {
+        self.poll_min = first.max(Duration::from_millis(1));
+        self.poll_max = max.max(self.poll_min);
+        self
+    }
+
+    /// Builds the store. Does not touch the server: call [`MySqlStore::migrate`] next.
+    ///
+    /// Fails if the table name is not a plain identifier or the value limit is over
+    /// `MEDIUMBLOB`'s.
+    pub fn build(self) -> Result<MySqlStore, StoreError> {
+        let table = quote_table(&self.table)?;
+        if self.max_value_size > MEDIUMBLOB_MAX {
+            return Err(config_error(format!(
+                "max_value_size {} is over the MEDIUMBLOB limit of {MEDIUMBLOB_MAX} bytes",
+                self.max_value_size
+            )));
+        }
+        Ok(MySqlStore {
+            inner: Arc::new(Inner {
+                pool: self.pool,
+                sql: Statements::new(&table),
+                table,
+                max_value_size: AtomicUsize::new(self.max_value_size),
+                lease_grace: self.lease_grace,
+                op_timeout: self.op_timeout,
+                poll_min: self.poll_min,
+                poll_max: self.poll_max,
+            }),
+        })
+    }
+}
+
+/// Quotes a validated `name` or `database.name` with backticks.
+fn quote_table(table: &str) -> Result<String, StoreError> {
+    let parts: Vec<&str> = table.split('.').collect();
+    let valid = |p: &&str| {
+        !p.is_empty()
+            && p.len() <= 64
+            && p.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+            && !p.as_bytes()[0].is_ascii_digit()
+    };
+    if parts.len() > 2 || !parts.iter().all(valid) {
+        return Err(config_error(format!(
+            "table name {table:?} is not a plain identifier (letters, digits, `_`; optionally \
+             `database.table`)"
+        )));
+    }
+    Ok(parts
+        .iter()
+        .map(|p| format!("`{p}`"))
+        .collect::<Vec<_>>()
+        .join("."))
+}
+
+fn config_error(message: String) -> StoreError {
+    StoreError::backend("mysql store configuration", message)
+}
+
+fn ms(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(MAX_MS).min(MAX_MS)
+}
+
+fn fingerprint(bytes: Option<Vec<u8>>) -> Result<Option<Fingerprint>, StoreError> {
+    match bytes {
+        None => Ok(None),
+        Some(b) => Fingerprint::from_slice(&b)
+            .map(Some)
+            .ok_or_else(|| StoreError::Corrupt(format!("fingerprint of {} bytes", b.len()))),
+    }
+}
+
+/// InnoDB rolled the statement back to break a deadlock or a lock wait: safe to run again.
+fn retryable(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Database(db) => {
+            matches!(db.code().as_deref(), Some("40001"))
+                || db
+                    .try_downcast_ref::<sqlx::mysql::MySqlDatabaseError>()
+                    .is_some_and(|m| matches!(m.number(), 1213 | 1205))
+        }
+        _ => false,
+    }
+}
+
+impl MySqlStore {
+    /// A store on a new pool for `url` (`mysql://user:password@host:port/database`), with the
+    /// default table and limits. Connects lazily: an unreachable server shows as
+    /// [`StoreError`]s from the operations (and from [`migrate`](Self::migrate)), not here.
+    pub async fn connect(url: &str) -> Result<Self, StoreError> {
+        let pool = MySqlPoolOptions::new()
+            .max_connections(16)
+            .acquire_timeout(Duration::from_secs(5))
+            .connect_lazy(url)
+            .map_err(|e| StoreError::backend("mysql: parse connection url", e))?;
+        Self::builder(pool).build()
+    }
+
+    /// A builder on an existing pool.
+    pub fn builder(pool: MySqlPool) -> MySqlStoreBuilder {
+        MySqlStoreBuilder {
+            pool,
+            table: DEFAULT_TABLE.to_owned(),
+            max_value_size: DEFAULT_MAX_VALUE_SIZE,
+            lease_grace: Duration::from_secs(60),
+            op_timeout: Duration::from_secs(10),
+            poll_min: Duration::from_millis(5),
+            poll_max: Duration::from_millis(200),
+        }
+    }
+
+    /// The pool the store runs on.
+    pub fn pool(&self) -> &MySqlPool {
+        &self.inner.pool
+    }
+
+    /// The table, as quoted in the store's SQL.
+    pub fn table(&self) -> &str {
+        &self.inner.table
+    }
+
+    /// Creates the table and its expiry index if they are missing (safe to run at every
+    /// start, from several processes at once), and lowers the value limit to what the
+    /// server's `max_allowed_packet` lets through.
+    pub async fn migrate(&self) -> Result<(), StoreError> {
+        let inner = &*self.inner;
+        self.timed(async {
+            sqlx::query(AssertSqlSafe(inner.sql.create.clone()))
+                .execute(&inner.pool)
+                .await
+                .map_err(|e| StoreError::backend("mysql: create table", e))?;
+            let packet: u64 = sqlx::query_scalar("SELECT CAST(@@max_allowed_packet AS UNSIGNED)")
+                .fetch_one(&inner.pool)
+                .await
+                .map_err(|e| StoreError::backend("mysql: read max_allowed_packet", e))?;
+            let fits = usize::try_from(packet)
+                .unwrap_or(usize::MAX)
+                .saturating_sub(PACKET_OVERHEAD);
+            let limit = inner.max_value_size.load(Ordering::Relaxed);
+            if limit > fits {
+                tracing::warn!(
+                    max_value_size = limit,
+                    max_allowed_packet = packet,
+                    "idem mysql store: lowering max_value_size to fit the server's \
+                     max_allowed_packet"
+                );
+                inner.max_value_size.store(fits, Ordering::Relaxed);
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    /// Deletes up to `batch` rows whose expiry has passed (completed records past their ttl,
+    /// claims past their lease and the grace period) and returns how many it deleted. Never
+    /// deletes a live record: a row that a claim revives meanwhile no longer matches.
+    pub async fn purge_expired(&self, batch: u32) -> Result<u64, StoreError> {
+        let inner = &*self.inner;
+        self.timed(async {
+            for attempt in 1.. {
+                match sqlx::query(AssertSqlSafe(inner.sql.purge.clone()))
+                    .bind(batch)
+                    .execute(&inner.pool)
+                    .await
+                {
+                    Ok(r) => return Ok(r.rows_affected()),
+                    Err(e) if retryable(&e) && attempt < CLAIM_ATTEMPTS => {
+                        tokio::time::sleep(Duration::from_millis(attempt as u64)).await;
+                    }
+                    Err(e) => return Err(StoreError::backend("mysql: purge expired rows", e)),
+                }
+            }
+            Ok(0)
+        })
+        .await
+    }
+
+    /// Spawns a task on the current tokio runtime that purges expired rows every `every`, in
+    /// batches of `batch` until a batch comes back short. Errors are logged and retried at
+    /// the next tick. The task stops when the returned handle is dropped.
+    ///
+    /// # Panics
+    ///
+    /// Outside a tokio runtime.
+    pub fn spawn_sweeper(&self, every: Duration, batch: u32) -> Sweeper {
+        let store = self.clone();
+        let task = tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every.max(Duration::from_millis(10)));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                loop {
+                    match store.purge_expired(batch).await {
+                        Ok(n) if n >= u64::from(batch) && batch > 0 => continue,
+                        Ok(n) => {
+                            tracing::debug!(removed = n, "idem mysql sweep");
+                            break;
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "idem mysql sweep failed");
+                            break;
+                        }
+                    }
+                }
+            }
+        });
+        Sweeper { task }
+    }
+
+    async fn timed<T>(
+        &self,
+        f: impl std::future::Future<Output = Result<T, StoreError>>,
+    ) -> Result<T, StoreError> {
+        match tokio::time::timeout(self.inner.op_timeout, f).await {
+            Ok(r) => r,
+            Err(_) => Err(StoreError::Timeout(self.inner.op_timeout)),
+        }
+    }
+
+    /// One run of the claim statement: what it found (`FOUND_*`).
+    async fn claim_once(&self, req: &ClaimRequest) -> Result<u64, sqlx::Error> {
+        let inner = &*self.inner;
+        let lease = ms(req.lease);
+        let until = lease.saturating_add(ms(inner.lease_grace));
+        let fp = req.fingerprint.map(|f| f.0.to_vec());
+        let token = req.token.as_i64();
+        let r = sqlx::query(AssertSqlSafe(inner.sql.claim.clone()))
+            .bind(&req.key.0[..])
+            .bind(token)
+            .bind(lease)
+            .bind(until)
+            .bind(fp.clone())
+            .bind(token)
+            .bind(fp)
+            .bind(until)
+            .bind(lease)
+            .execute(&inner.pool)
+            .await?;
+        Ok(r.last_insert_id())
+    }
+
+    async fn claim_inner(&self, req: &ClaimRequest) -> Result<Claim, StoreError> {
+        let inner = &*self.inner;
+        for attempt in 1..=CLAIM_ATTEMPTS {
+            let found = match self.claim_once(req).await {
+                Ok(found) => found,
+                Err(e) if retryable(&e) && attempt < CLAIM_ATTEMPTS => {
+                    tokio::time::sleep(Duration::from_millis(attempt as u64)).await;
+                    continue;
+                }
+                Err(e) => return Err(StoreError::backend("mysql: claim", e)),
+            };
+            match found {
+                FOUND_NOTHING | FOUND_EXPIRED_RECORD => {
+                    return Ok(Claim::Acquired { taken_over: false })
+                }
+                FOUND_LAPSED_CLAIM => return Ok(Claim::Acquired { taken_over: true }),
+                FOUND_LIVE_CLAIM | FOUND_LIVE_RECORD => {}
+                other => {
+                    return Err(StoreError::Corrupt(format!(
+                        "mysql claim reported an unknown outcome {other}"
+                    )))
+                }
+            }
+            // A conflict: read what holds the key. If it changed since (completed, released,
+            // lapsed), the read still gives a state the record really had; if it is gone or
+            // dead now, claim again.
+            let row = sqlx::query(AssertSqlSafe(inner.sql.read.clone()))
+                .bind(&req.key.0[..])
+                .fetch_optional(&inner.pool)
+                .await
+                .map_err(|e| StoreError::backend("mysql: read conflicting record", e))?;
+            let Some(row) = row else { continue };
+            let remaining: i64 = row.try_get("remaining").map_err(corrupt)?;
+            if remaining <= 0 {
+                continue;
+            }
+            let completed: i64 = row.try_get("completed").map_err(corrupt)?;
+            let fingerprint = fingerprint(row.try_get("fingerprint").map_err(corrupt)?)?;
+            return Ok(if completed != 0 {
+                let value: Option<Vec<u8>> = row.try_get("value").map_err(corrupt)?;
+                Claim::Completed(CompletedRecord {
+                    fingerprint,
+                    value: value.ok_or_else(|| {
+                        StoreError::Corrupt("completed mysql record without a value".into())
+                    })?,
+                })
+            } else {
+                Claim::InProgress {
+                    fingerprint,
+                    lease_remaining: Some(Duration::from_millis(remaining.unsigned_abs())),
+                }
+            });
+        }
+        Err(StoreError::backend(
+            "mysql: claim",
+            format!("the record kept changing under {CLAIM_ATTEMPTS} attempts"),
+        ))
+    }
+
+    /// Runs a fenced `UPDATE`/`DELETE`; zero rows changed means the token is not current.
+    async fn fenced(
+        &self,
+        what: &'static str,
+        query: sqlx::query::Query<'_, sqlx::MySql, sqlx::mysql::MySqlArguments>,
+    ) -> Result<bool, StoreError> {
+        let r = query
+            .execute(&self.inner.pool)
+            .await
+            .map_err(|e| StoreError::backend(what, e))?;
+        Ok(r.rows_affected() > 0)
+    }
+
+    /// Whether `token` holds the claim on `key` now.
+    async fn holds(&self, key: &Key, token: FencingToken) -> Result<bool, StoreError> {
+        let row = sqlx::query(AssertSqlSafe(self.inner.sql.holds.clone()))
+            .bind(&key.0[..])
+            .bind(token.as_i64())
+            .fetch_optional(&self.inner.pool)
+            .await
+            .map_err(|e| StoreError::backend("mysql: renew", e))?;
+        Ok(row.is_some())
+    }
+}
+
+fn corrupt(e: sqlx::Error) -> StoreError {
+    StoreError::Corrupt(format!("mysql row: {e}"))
+}
+
+/// The handle of the sweeper task of [`MySqlStore::spawn_sweeper`]; dropping it stops the
+/// task.
+#[derive(Debug)]
+pub struct Sweeper {
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Sweeper {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+#[async_trait]
+impl Store for MySqlStore {
+    async fn claim(&self, req: &ClaimRequest) -> Result<Claim, StoreError> {
+        self.timed(self.claim_inner(req)).await
+    }
+
+    async fn complete(
+        &self,
+        key: &Key,
+        token: FencingToken,
+        value: &[u8],
+        ttl: Duration,
+    ) -> Result<(), StoreError> {
+        let limit = self.max_value_size();
+        if value.len() > limit {
+            return Err(StoreError::TooLarge {
+                size: value.len(),
+                limit,
+            });
+        }
+        let ttl = ms(ttl);
+        let q = sqlx::query(AssertSqlSafe(self.inner.sql.complete.clone()))
+            .bind(value)
+            .bind(ttl)
+            .bind(ttl)
+            .bind(&key.0[..])
+            .bind(token.as_i64());
+        match self.timed(self.fenced("mysql: complete", q)).await? {
+            true => Ok(()),
+            false => Err(StoreError::Fenced),
+        }
+    }
+
+    async fn release(&self, key: &Key, token: FencingToken) -> Result<(), StoreError> {
+        let q = sqlx::query(AssertSqlSafe(self.inner.sql.release.clone()))
+            .bind(&key.0[..])
+            .bind(token.as_i64());
+        match self.timed(self.fenced("mysql: release", q)).await? {
+            true => Ok(()),
+            false => Err(StoreError::Fenced),
+        }
+    }
+
+    async fn renew(
+        &self,
+        key: &Key,
+        token: FencingToken,
+        lease: Duration,
+    ) -> Result<(), StoreError> {
+        let lease = ms(lease);
+        let q = sqlx::query(AssertSqlSafe(self.inner.sql.renew.clone()))
+            .bind(lease)
+            .bind(lease.saturating_add(ms(self.inner.lease_grace)))
+            .bind(&key.0[..])
+            .bind(token.as_i64());
+        self.timed(async {
+            // MySQL counts rows *changed*: a renew that writes the deadline the row already
+            // has (twice in one millisecond) reports 0. Tell that from a lost claim.
+            if self.fenced("mysql: renew", q).await? || self.holds(key, token).await? {
+                Ok(())
+            } else {
+                Err(StoreError::Fenced)
+            }
+        })
+        .await
+    }
+
+    async fn get(&self, key: &Key) -> Result<Option<RecordState>, StoreError> {
+        let inner = &*self.inner;
+        let row = self
+            .timed(async {
+                sqlx::query(AssertSqlSafe(inner.sql.get.clone()))
+                    .bind(&key.0[..])
+                    .fetch_optional(&inner.pool)
+                    .await
+                    .map_err(|e| StoreError::backend("mysql: get", e))
+            })
+            .await?;
+        let Some(row) = row else { return Ok(None) };
+        let completed: i64 = row.try_get("completed").map_err(corrupt)?;
+        let fingerprint = fingerprint(row.try_get("fingerprint").map_err(corrupt)?)?;
+        Ok(Some(if completed != 0 {
+            let value: Option<Vec<u8>> = row.try_get("value").map_err(corrupt)?;
+            RecordState::Completed(CompletedRecord {
+                fingerprint,
+                value: value.ok_or_else(|| {
+                    StoreError::Corrupt("completed mysql record without a value".into())
+                })?,
+            })
+        } else {
+            let token: i64 = row.try_get("token").map_err(corrupt)?;
+            RecordState::InProgress {
+                token: FencingToken::from_i64(token),
+                fingerprint,
+            }
+        }))
+    }
+
+    async fn wait(&self, key: &Key, timeout: Duration) -> Result<(), StoreError> {
+        let inner = &*self.inner;
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut pause = inner.poll_min;
+        loop {
+            // Polling cannot miss a completion: each look reads the row as it is now.
+            let remaining: Option<i64> = self
+                .timed(async {
+                    sqlx::query_scalar(AssertSqlSafe(inner.sql.probe.clone()))
+                        .bind(&key.0[..])
+                        .fetch_optional(&inner.pool)
+                        .await
+                        .map_err(|e| StoreError::backend("mysql: wait", e))
+                })
+                .await?;
+            let Some(lease_left) = remaining.filter(|r| *r > 0) else {
+                return Ok(());
+            };
+            let now = tokio::time::Instant::now();
+            if now >= deadline {
+                return Ok(());
+            }
+            let lease_left = Duration::from_millis(lease_left.unsigned_abs());
+            // Sleep to the next look, to the end of the lease, or to the deadline.
+            let nap = pause.min(lease_left).min(deadline - now);
+            tokio::time::sleep(nap).await;
+            pause = (pause * 2).min(inner.poll_max);
+        }
+    }
+
+    async fn remove(&self, key: &Key) -> Result<(), StoreError> {
+        let inner = &*self.inner;
+        self.timed(async {
+            sqlx::query(AssertSqlSafe(inner.sql.remove.clone()))
+                .bind(&key.0[..])
+                .execute(&inner.pool)
+                .await
+                .map_err(|e| StoreError::backend("mysql: remove", e))?;
+            Ok(())
+        })
+        .await
+    }
+
+    fn release_detached(&self, key: Key, token: FencingToken) {
+        if let Ok(handle) = tokio::runtime::Handle::try_current() {
+            let store = self.clone();
+            handle.spawn(async move {
+                if let Err(e) = store.release(&key, token).await {
+                    tracing::debug!(error = %e, "idem mysql: detached release failed");
+                }
+            });
+        }
+    }
+
+    fn max_value_size(&self) -> usize {
+        self.inner.max_value_size.load(Ordering::Relaxed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::quote_table;
+
+    #[test]
+    fn table_names_are_plain_identifiers() {
+        assert_eq!(
+            quote_table("idem_records").ok().as_deref(),
+            Some("`idem_records`")
+        );
+        assert_eq!(
+            quote_table("app.idem").ok().as_deref(),
+            Some("`app`.`idem`")
+        );
+        for bad in [
+            "",
+            "1abc",
+            "a-b",
+            "a`b",
+            "a;drop table x",
+            "a.b.c",
+            "a.",
+            "é",
+            "a b",
+        ] {
+            assert!(quote_table(bad).is_err(), "{bad:?} accepted");
+        }
+        assert!(quote_table(&"x".repeat(65)).is_err());
+    }
+}
