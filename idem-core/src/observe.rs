@@ -109,28 +109,31 @@ pub fn count(outcome: Outcome) -> u64 {
 /// Counts and logs the end of one call.
 pub(crate) fn emit(outcome: Outcome, namespace: &str, key: Option<&crate::Key>) {
     COUNTERS[outcome.index()].fetch_add(1, Ordering::Relaxed);
-    let key = key.map(crate::Key::to_hex);
-    let key = key.as_deref().unwrap_or("-");
+    // Formatted only if a subscriber takes the event: no allocation on the hot path.
+    let key = KeyField(key);
+    let outcome = outcome.as_str();
+    macro_rules! event {
+        ($level:ident) => {
+            tracing::$level!(target: "idem", outcome, namespace, key = %key, "idempotent call")
+        };
+    }
     match outcome {
-        Outcome::Executed | Outcome::Replayed | Outcome::ReplayedAfterWait | Outcome::Released => {
-            tracing::debug!(target: "idem", outcome = outcome.as_str(), namespace, key, "idempotent call")
+        "executed" | "replayed" | "replayed_after_wait" | "released" => event!(debug),
+        "in_progress" | "key_reused" | "wait_timeout" | "taken_over" | "missing_key" => {
+            event!(info)
         }
-        Outcome::InProgress
-        | Outcome::KeyReused
-        | Outcome::WaitTimeout
-        | Outcome::TakenOver
-        | Outcome::MissingKey => {
-            tracing::info!(target: "idem", outcome = outcome.as_str(), namespace, key, "idempotent call")
-        }
-        Outcome::StoreError
-        | Outcome::Unprotected
-        | Outcome::IncompatibleRecord
-        | Outcome::CodecError
-        | Outcome::TooLarge => {
-            tracing::warn!(target: "idem", outcome = outcome.as_str(), namespace, key, "idempotent call")
-        }
-        Outcome::LeaseLost => {
-            tracing::error!(target: "idem", outcome = outcome.as_str(), namespace, key, "idempotent call")
+        "lease_lost" => event!(error),
+        _ => event!(warn),
+    }
+}
+
+struct KeyField<'a>(Option<&'a crate::Key>);
+
+impl std::fmt::Display for KeyField<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            Some(k) => std::fmt::Display::fmt(k, f),
+            None => f.write_str("-"),
         }
     }
 }
