@@ -1,0 +1,134 @@
+//! Buffering bodies under a limit, and the layer's response body type.
+
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::{Bytes, BytesMut};
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::{BodyExt, Full};
+
+use crate::BoxError;
+
+/// The body of every response the layer returns: the handler's own body (streamed through
+/// untouched when it is not buffered), a replayed body, or a problem document.
+pub type ResponseBody = UnsyncBoxBody<Bytes, BoxError>;
+
+/// A complete body.
+pub(crate) fn full(bytes: Bytes) -> ResponseBody {
+    UnsyncBoxBody::new(Full::new(bytes).map_err(|never| match never {}))
+}
+
+/// Boxes any body into a [`ResponseBody`].
+pub(crate) fn boxed<B>(body: B) -> ResponseBody
+where
+    B: Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    UnsyncBoxBody::new(body.map_err(Into::into))
+}
+
+/// What reading a body under a limit gave.
+pub(crate) enum Buffered<B> {
+    /// The whole body, within the limit.
+    Complete(Bytes),
+    /// The body is longer than the limit: what was read so far, and the rest, unread.
+    Over { prefix: Bytes, rest: B },
+}
+
+/// Reads `body` to its end, or until more than `limit` bytes have arrived. Trailers are
+/// dropped.
+pub(crate) async fn read_limited<B>(mut body: B, limit: usize) -> Result<Buffered<B>, B::Error>
+where
+    B: Body<Data = Bytes> + Unpin,
+{
+    if body.size_hint().lower() > limit as u64 {
+        return Ok(Buffered::Over {
+            prefix: Bytes::new(),
+            rest: body,
+        });
+    }
+    let mut buf = BytesMut::new();
+    while let Some(frame) = body.frame().await {
+        if let Ok(data) = frame?.into_data() {
+            buf.extend_from_slice(&data);
+            if buf.len() > limit {
+                return Ok(Buffered::Over {
+                    prefix: buf.freeze(),
+                    rest: body,
+                });
+            }
+        }
+    }
+    Ok(Buffered::Complete(buf.freeze()))
+}
+
+/// A body that yields `prefix` and then the rest of a partly read body.
+pub(crate) struct Prefixed<B> {
+    prefix: Option<Bytes>,
+    rest: B,
+}
+
+impl<B> Prefixed<B> {
+    pub(crate) fn new(prefix: Bytes, rest: B) -> Self {
+        Prefixed {
+            prefix: Some(prefix).filter(|p| !p.is_empty()),
+            rest,
+        }
+    }
+}
+
+impl<B: Body<Data = Bytes> + Unpin> Body for Prefixed<B> {
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        if let Some(prefix) = self.prefix.take() {
+            return Poll::Ready(Some(Ok(Frame::data(prefix))));
+        }
+        Pin::new(&mut self.rest).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.prefix.is_none() && self.rest.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        let extra = self.prefix.as_ref().map_or(0, |p| p.len() as u64);
+        let inner = self.rest.size_hint();
+        let mut hint = SizeHint::new();
+        hint.set_lower(inner.lower().saturating_add(extra));
+        if let Some(upper) = inner.upper() {
+            hint.set_upper(upper.saturating_add(extra));
+        }
+        hint
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn reads_within_and_over_the_limit() {
+        let body = Full::new(Bytes::from_static(b"hello"));
+        match read_limited(body, 5).await {
+            Ok(Buffered::Complete(b)) => assert_eq!(&b[..], b"hello"),
+            _ => panic!("expected a complete body"),
+        }
+        let body = Full::new(Bytes::from_static(b"hello!"));
+        match read_limited(body, 5).await {
+            Ok(Buffered::Over { prefix, rest }) => {
+                let all = Prefixed::new(prefix, rest).collect().await;
+                assert_eq!(
+                    &all.map(|c| c.to_bytes()).ok().unwrap_or_default()[..],
+                    b"hello!"
+                );
+            }
+            _ => panic!("expected an oversized body"),
+        }
+    }
+}

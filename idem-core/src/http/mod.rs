@@ -1,0 +1,83 @@
+//! The IETF `Idempotency-Key` header for tower and axum (feature `http`).
+//!
+//! [`IdempotencyLayer`] wraps a service (an axum `Router`'s routes, any tower service over
+//! `http::Request`) so that a client may retry `POST /payments` with the same
+//! `Idempotency-Key` header as often as the network forces it to: the handler runs once, and
+//! every retry gets the first response back. It uses the same stores, records and semantics as
+//! `#[idempotent]`: each protected request is one [`Call`](crate::Call) whose key is the
+//! header value, whose scope is the value of the layer's [`scope`](IdempotencyLayer::scope)
+//! function (the authenticated principal), and whose fingerprint is the request.
+//!
+//! ```
+//! # use std::sync::Arc;
+//! use idem_core::http::IdempotencyLayer;
+//! use idem_core::Store;
+//!
+//! fn protect<S>(service: S, store: Arc<dyn Store>) -> idem_core::http::IdempotencyService<S> {
+//!     tower::Layer::layer(&IdempotencyLayer::new(store), service)
+//! }
+//! ```
+//!
+//! With axum 0.8: `Router::new().route("/payments", post(create)).route_layer(layer)`.
+//!
+//! # The protocol
+//!
+//! | request | response |
+//! |---|---|
+//! | no `Idempotency-Key` on a protected method (`POST`, `PATCH` by default) | 400 problem (or passed through, with [`required(false)`](IdempotencyLayer::required)) |
+//! | a malformed key (empty, longer than 255 characters, not an sf-string or bare token, sent twice) | 400 problem |
+//! | a body over the limit (1 MiB by default) | 413 problem |
+//! | a new key | the handler runs; its response is sent, and stored if the [`StorePolicy`] says so |
+//! | a key whose response is stored, same request | the stored status, headers and body, with `Idempotent-Replayed: true`; the handler does not run |
+//! | a key whose first request is still running | 409 problem with `Retry-After` (or, with [`OnConflict::Wait`](crate::OnConflict::Wait), the first response once it is there) |
+//! | a key used before with another method, path, query, body or fingerprinted header | 422 problem |
+//! | the store is unreachable | 503 problem; the handler does not run |
+//!
+//! **The key.** The header is a structured-field string, `Idempotency-Key: "abc-123"`; a bare
+//! value of token characters, `Idempotency-Key: abc-123`, is accepted too and is the same key
+//! (see [`parse_key`]). Keys are hashed before they reach the store or the log.
+//!
+//! **The fingerprint** covers the method, the path, the query string, the body (its BLAKE3
+//! digest) and the headers named with
+//! [`fingerprint_header`](IdempotencyLayer::fingerprint_header), in order.
+//!
+//! **The scope.** Records are scoped by the layer's scope function, so two tenants that pick
+//! the same key have two records, and one can never receive the other's stored response.
+//!
+//! **Replay** returns the stored status, end-to-end headers (repeated headers such as
+//! `set-cookie` in their order; hop-by-hop headers, `date` and `content-length` are not
+//! stored) and body, plus `Idempotent-Replayed: true`.
+//!
+//! **What is stored** is decided by a [`StorePolicy`]; by default 2xx–4xx responses are stored
+//! except 408, 409 and 429, and those and every 5xx release the key so that a retry runs the
+//! handler again.
+//!
+//! **Size limits.** A request body over
+//! [`max_request_body`](IdempotencyLayer::max_request_body) is refused with 413 before the
+//! key is claimed. A response larger than
+//! [`max_response_body`](IdempotencyLayer::max_response_body) (or the store's own limit) is
+//! sent to the client as it is, but not stored: the key is released and a warning is logged.
+//!
+//! **Disconnects.** The claimed request runs in a task of its own, so a client that hangs up
+//! does not cancel the handler halfway (which would release the key with the side effect
+//! half done): the handler completes, its response is stored, and the retry gets it. This is
+//! why the inner service must be `Clone + Send + 'static`.
+//!
+//! Every response the layer makes itself is an `application/problem+json` document
+//! ([`Problem`]).
+
+mod body;
+mod key_header;
+mod layer;
+mod policy;
+mod problem;
+mod replay;
+
+pub use body::ResponseBody;
+pub use key_header::{parse_key, parse_key_value, KeyError, DEFAULT_MAX_KEY_LEN};
+pub use layer::{
+    IdempotencyLayer, IdempotencyService, DEFAULT_BODY_LIMIT, DEFAULT_NAMESPACE, IDEMPOTENCY_KEY,
+};
+pub use policy::StorePolicy;
+pub use problem::{Problem, PROBLEM_JSON};
+pub use replay::IDEMPOTENT_REPLAYED;
