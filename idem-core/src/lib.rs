@@ -48,6 +48,9 @@ pub mod options;
 #[cfg(feature = "testkit")]
 pub mod testkit;
 
+#[cfg(feature = "http")]
+pub mod http;
+
 pub use async_trait::async_trait;
 pub use error::{BoxError, CodecError, Error, StoreError};
 pub use observe::{count, counters, Outcome};
