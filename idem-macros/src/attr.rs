@@ -1,0 +1,214 @@
+//! Parses `#[idempotent(..)]` into [`Args`]. Syntax errors stop the parse; everything else
+//! (an unknown or repeated argument, a bad duration or choice) is collected so that all of
+//! them are reported at once, each under its own token.
+
+use proc_macro2::TokenStream;
+use syn::ext::IdentExt;
+use syn::parse::{ParseStream, Parser};
+use syn::{Expr, ExprLit, Ident, Lit, LitBool, LitInt, Path, Token};
+
+use crate::duration::parse_millis;
+use crate::model::{Args, Dur};
+
+/// Every argument, in the order of SPEC §2 (listed by the "unknown argument" error).
+const ARGUMENTS: &[&str] = &[
+    "key",
+    "ttl",
+    "store",
+    "skip",
+    "scope",
+    "namespace",
+    "lease",
+    "on_conflict",
+    "wait_timeout",
+    "errors",
+    "version",
+    "missing_key",
+    "fail_open",
+    "crate",
+];
+
+/// The arguments, and the errors found in them.
+pub(crate) fn parse(attr: TokenStream) -> syn::Result<(Args, Vec<syn::Error>)> {
+    let mut args = Args::default();
+    let mut errors = Vec::new();
+    let parser = |input: ParseStream<'_>| {
+        let mut seen: Vec<String> = Vec::new();
+        while !input.is_empty() {
+            let name = input.call(Ident::parse_any)?;
+            let n = name.to_string();
+            if seen.contains(&n) {
+                errors.push(syn::Error::new(
+                    name.span(),
+                    format!("`{n}` set multiple times"),
+                ));
+                skip_value(input)?;
+            } else {
+                seen.push(n);
+                argument(input, &name, &mut args, &mut errors)?;
+            }
+            if input.is_empty() {
+                break;
+            }
+            input.parse::<Token![,]>()?;
+        }
+        Ok(())
+    };
+    parser.parse2(attr)?;
+    Ok((args, errors))
+}
+
+fn argument(
+    input: ParseStream<'_>,
+    name: &Ident,
+    args: &mut Args,
+    errors: &mut Vec<syn::Error>,
+) -> syn::Result<()> {
+    match name.to_string().as_str() {
+        "key" => args.key = Some(value(input, name, "an expression, e.g. `key = req.id`")?),
+        "store" => {
+            args.store = Some(value(input, name, "an expression, e.g. `store = self.store`")?);
+        }
+        "scope" => {
+            args.scope = Some(value(input, name, "an expression, e.g. `scope = tenant_id`")?);
+        }
+        "ttl" => args.ttl = Some(duration(input, name, errors)?),
+        "lease" => args.lease = Some(duration(input, name, errors)?),
+        "wait_timeout" => args.wait_timeout = Some((name.clone(), duration(input, name, errors)?)),
+        "namespace" => match value(input, name, "a string literal, e.g. `namespace = \"billing::charge\"`")? {
+            Expr::Lit(ExprLit { lit: Lit::Str(s), .. }) if !s.value().is_empty() => {
+                args.namespace = Some(s);
+            }
+            other => errors.push(syn::Error::new_spanned(
+                other,
+                "`namespace` takes a non-empty string literal, e.g. `namespace = \"billing::charge\"`",
+            )),
+        },
+        "on_conflict" => args.on_conflict = choice(input, name, &["wait", "reject"], errors)?,
+        "errors" => args.errors = choice(input, name, &["release", "store"], errors)?,
+        "missing_key" => args.missing_key = choice(input, name, &["error", "run"], errors)?,
+        "version" => {
+            eq(input, name, "a whole number, e.g. `version = 2`")?;
+            let lit: LitInt = input.parse()?;
+            match lit.base10_parse::<u32>() {
+                Ok(_) if lit.suffix().is_empty() || lit.suffix() == "u32" => args.version = Some(lit),
+                _ => errors.push(syn::Error::new(
+                    lit.span(),
+                    "`version` takes a whole number that fits a u32, e.g. `version = 2`",
+                )),
+            }
+        }
+        "fail_open" => {
+            if input.peek(Token![=]) {
+                input.parse::<Token![=]>()?;
+                let b: LitBool = input.parse()?;
+                args.fail_open = Some(b.value);
+            } else {
+                args.fail_open = Some(true);
+            }
+        }
+        "skip" => {
+            if !input.peek(syn::token::Paren) {
+                return Err(syn::Error::new(
+                    name.span(),
+                    "`skip` lists arguments in parentheses, e.g. `skip(db, client)`",
+                ));
+            }
+            let content;
+            syn::parenthesized!(content in input);
+            let names = content.parse_terminated(Ident::parse_any, Token![,])?;
+            args.skip.extend(names);
+        }
+        "crate" => {
+            eq(input, name, "a path, e.g. `crate = my_crate::idem`")?;
+            args.krate = Some(input.call(Path::parse_mod_style)?);
+        }
+        other => {
+            errors.push(syn::Error::new(
+                name.span(),
+                format!(
+                    "unknown argument `{other}`; the arguments are: {}",
+                    ARGUMENTS.join(", ")
+                ),
+            ));
+            skip_value(input)?;
+        }
+    }
+    Ok(())
+}
+
+/// `= <expr>`.
+fn value(input: ParseStream<'_>, name: &Ident, what: &str) -> syn::Result<Expr> {
+    eq(input, name, what)?;
+    input.parse()
+}
+
+fn eq(input: ParseStream<'_>, name: &Ident, what: &str) -> syn::Result<()> {
+    if input.peek(Token![=]) {
+        input.parse::<Token![=]>().map(drop)
+    } else {
+        Err(syn::Error::new(
+            name.span(),
+            format!("`{name}` needs a value: {what}"),
+        ))
+    }
+}
+
+/// `= "30s"` (checked here) or `= <Duration expression>`.
+fn duration(
+    input: ParseStream<'_>,
+    name: &Ident,
+    errors: &mut Vec<syn::Error>,
+) -> syn::Result<Dur> {
+    let expr = value(
+        input,
+        name,
+        "a duration, e.g. `\"30s\"`, or a `Duration` expression",
+    )?;
+    Ok(match expr {
+        Expr::Lit(ExprLit {
+            lit: Lit::Str(s), ..
+        }) => match parse_millis(&s.value()) {
+            Ok(ms) => Dur::Millis(ms),
+            Err(msg) => {
+                errors.push(syn::Error::new(s.span(), msg));
+                Dur::Millis(1)
+            }
+        },
+        other => Dur::Expr(other),
+    })
+}
+
+/// `= one_of_the_words`.
+fn choice(
+    input: ParseStream<'_>,
+    name: &Ident,
+    words: &[&str],
+    errors: &mut Vec<syn::Error>,
+) -> syn::Result<Option<Ident>> {
+    let expected = format!("`{name} = {}`", words.join("` or `"));
+    eq(input, name, &expected)?;
+    let word = input.call(Ident::parse_any)?;
+    if words.iter().any(|w| word == w) {
+        Ok(Some(word))
+    } else {
+        errors.push(syn::Error::new(
+            word.span(),
+            format!("unknown value `{word}`: write {expected}"),
+        ));
+        Ok(None)
+    }
+}
+
+/// Consumes the value of an argument that is not used (unknown or repeated).
+fn skip_value(input: ParseStream<'_>) -> syn::Result<()> {
+    if input.peek(Token![=]) {
+        input.parse::<Token![=]>()?;
+        input.parse::<Expr>()?;
+    } else if input.peek(syn::token::Paren) {
+        let content;
+        syn::parenthesized!(content in input);
+        let _: TokenStream = content.parse()?;
+    }
+    Ok(())
+}

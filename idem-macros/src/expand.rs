@@ -1,0 +1,239 @@
+//! Writes the wrapper: the body becomes the future that one runtime call (`Call::run`)
+//! drives. No algorithm is generated here; it all lives in `idem_core`.
+//!
+//! Input:
+//!     #[idempotent(key = req.id.clone(), ttl = "24h", store = self.store)]
+//!     async fn charge(&self, req: Req) -> Result<Receipt, PayError> { BODY }
+//! Output:
+//!     async fn charge(&self, req: Req) -> Result<Receipt, PayError> {
+//!         ::idem_core::__private::run::<Receipt, PayError, _>(
+//!             ::idem_core::__private::Call::new(concat!(module_path!(), "::charge"))
+//!                 .key(&(req.id.clone()))
+//!                 .fingerprint((&req,))
+//!                 .ttl(::idem_core::__private::Duration::from_secs(86400)),
+//!             &(self.store),
+//!             async { BODY },
+//!         )
+//!         .await
+//!     }
+
+use proc_macro2::{Literal, Span, TokenStream};
+use quote::{quote, quote_spanned, ToTokens};
+use syn::ext::IdentExt;
+use syn::spanned::Spanned;
+use syn::{Block, Expr, ItemFn};
+
+use crate::attr;
+use crate::model::{Args, Dur, Func, Shape};
+use crate::valid;
+
+/// The whole attribute: the wrapper, or the errors followed by the function unchanged (so
+/// that one mistake does not cascade into errors about a missing function).
+pub(crate) fn idempotent(attr: TokenStream, item: TokenStream) -> TokenStream {
+    let func: ItemFn = match syn::parse2(item.clone()) {
+        Ok(f) => f,
+        Err(e) => {
+            let e = syn::Error::new(
+                e.span(),
+                format!("#[idempotent] goes on an `async fn` with a body: {e}"),
+            );
+            return with_errors(vec![e], item);
+        }
+    };
+    let (args, mut errors) = match attr::parse(attr) {
+        Ok(parsed) => parsed,
+        Err(e) => return with_errors(vec![e], item),
+    };
+    let (model, more) = valid::check(&func, &args);
+    errors.extend(more);
+    match model {
+        Some(model) if errors.is_empty() => wrap(func, &args, &model),
+        _ => with_errors(errors, item),
+    }
+}
+
+fn with_errors(errors: Vec<syn::Error>, item: TokenStream) -> TokenStream {
+    let mut errors = errors.into_iter();
+    let Some(mut all) = errors.next() else {
+        return item;
+    };
+    for e in errors {
+        all.combine(e);
+    }
+    let mut out = all.to_compile_error();
+    out.extend(item);
+    out
+}
+
+/// A span that points at the user's tokens but belongs to the expansion, so that type errors
+/// land under those tokens while lints still see generated code.
+fn at(tokens: &impl Spanned) -> Span {
+    Span::call_site().located_at(tokens.span())
+}
+
+fn wrap(mut func: ItemFn, args: &Args, model: &Func) -> TokenStream {
+    let krate = args
+        .krate
+        .as_ref()
+        .map_or_else(|| quote!(::idem_core), ToTokens::to_token_stream);
+    let p = quote!(#krate::__private);
+    let call = call(&p, &func, args, model);
+    match model.shape {
+        Shape::Async => {
+            let run = run(&p, call, args, model, &func.block);
+            *func.block = syn::parse_quote!({ #run });
+        }
+        Shape::AsyncTrait => {
+            if let Some(body) = async_trait_body_mut(&mut func.block) {
+                let run = run(&p, call, args, model, &body.block);
+                body.block = syn::parse_quote!({ #run });
+            }
+        }
+    }
+    func.into_token_stream()
+}
+
+fn async_trait_body_mut(block: &mut Block) -> Option<&mut syn::ExprAsync> {
+    match block.stmts.as_mut_slice() {
+        [syn::Stmt::Expr(Expr::Call(call), None)] => match call.args.first_mut() {
+            Some(Expr::Async(body)) => Some(body),
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
+fn contains_impl(ty: &syn::Type) -> bool {
+    ty.to_token_stream()
+        .into_iter()
+        .any(|t| matches!(&t, proc_macro2::TokenTree::Ident(i) if i == "impl"))
+}
+
+/// `Call::new(..)` and its builder calls, up to (not including) the `run`.
+fn call(p: &TokenStream, func: &ItemFn, args: &Args, model: &Func) -> TokenStream {
+    let namespace = match &args.namespace {
+        Some(ns) => ns.to_token_stream(),
+        None => {
+            let name = format!("::{}", func.sig.ident.unraw());
+            quote!(#p::concat!(#p::module_path!(), #name))
+        }
+    };
+    let mut out = quote!(#p::Call::new(#namespace));
+    let skipped = |n: &syn::Ident| args.skip.iter().any(|s| s == n);
+    // The argument tuple carries the span of the parameter list, so that rustc points a
+    // missing `Serialize` at the one argument that lacks it.
+    let params = func.sig.paren_token.span.join();
+    match &args.key {
+        Some(key) => {
+            let k = quote_spanned!(at(key)=> &(#key));
+            out.extend(quote!(.key(#k)));
+            // Fingerprint what the key does not say: every argument not skipped, except an
+            // `impl Trait` one the key covers.
+            let fp: Vec<TokenStream> = model
+                .inputs
+                .iter()
+                .filter(|i| !i.opaque)
+                .flat_map(|i| &i.bindings)
+                .filter(|b| !skipped(b))
+                .map(|b| quote_spanned!(b.span()=> &#b))
+                .collect();
+            if !fp.is_empty() {
+                let fp = quote_spanned!(params=> (#(#fp,)*));
+                out.extend(quote!(.fingerprint(#fp)));
+            }
+        }
+        None => {
+            let parts: Vec<TokenStream> = model
+                .inputs
+                .iter()
+                .flat_map(|i| &i.bindings)
+                .filter(|b| !skipped(b))
+                .map(|b| quote_spanned!(b.span()=> &#b))
+                .collect();
+            let parts = quote_spanned!(params=> (#(#parts,)*));
+            out.extend(quote!(.key(#parts)));
+        }
+    }
+    if let Some(scope) = &args.scope {
+        let s = quote_spanned!(at(scope)=> &(#scope));
+        out.extend(quote!(.scope(#s)));
+    }
+    for (name, dur) in [
+        ("ttl", args.ttl.as_ref()),
+        ("lease", args.lease.as_ref()),
+        ("wait_timeout", args.wait_timeout.as_ref().map(|(_, d)| d)),
+    ] {
+        if let Some(dur) = dur {
+            let method = syn::Ident::new(name, Span::call_site());
+            let value = duration(p, dur);
+            out.extend(quote!(.#method(#value)));
+        }
+    }
+    if let Some(c) = &args.on_conflict {
+        let v = if c == "reject" {
+            quote!(Reject)
+        } else {
+            quote!(Wait)
+        };
+        out.extend(quote!(.on_conflict(#p::OnConflict::#v)));
+    }
+    if let Some(v) = &args.version {
+        let n = Literal::u32_unsuffixed(v.base10_parse::<u32>().unwrap_or_default());
+        out.extend(quote!(.version(#n)));
+    }
+    if let Some(m) = &args.missing_key {
+        let v = if m == "run" {
+            quote!(Run)
+        } else {
+            quote!(Error)
+        };
+        out.extend(quote!(.missing_key(#p::MissingKey::#v)));
+    }
+    if let Some(f) = args.fail_open {
+        out.extend(quote!(.fail_open(#f)));
+    }
+    out
+}
+
+fn duration(p: &TokenStream, dur: &Dur) -> TokenStream {
+    match dur {
+        Dur::Millis(ms) if ms % 1000 == 0 => {
+            let secs = Literal::u64_unsuffixed(ms / 1000);
+            quote!(#p::Duration::from_secs(#secs))
+        }
+        Dur::Millis(ms) => {
+            let ms = Literal::u64_unsuffixed(*ms);
+            quote!(#p::Duration::from_millis(#ms))
+        }
+        Dur::Expr(e) => e.to_token_stream(),
+    }
+}
+
+/// `run::<T, E, _>(call, &(store), async BODY).await`, or the default-store / stored-errors
+/// variants.
+///
+/// The turbofish repeats the user's `T` and `E` tokens: a missing `Serialize` or
+/// `From<idem_core::Error>` is reported under the return type's `T` or `E`, not the attribute.
+fn run(p: &TokenStream, call: TokenStream, args: &Args, model: &Func, body: &Block) -> TokenStream {
+    let method = match (args.store.is_some(), args.stores_errors()) {
+        (true, false) => quote!(run),
+        (true, true) => quote!(run_storing_errors),
+        (false, false) => quote!(run_on_default),
+        (false, true) => quote!(run_storing_errors_on_default),
+    };
+    let ok = &model.ok;
+    let types = match &model.err {
+        _ if contains_impl(ok) => TokenStream::new(),
+        Some(err) if !contains_impl(err) => quote!(::<#ok, #err, _>),
+        _ => quote!(::<#ok, _, _>),
+    };
+    let store = args.store.as_ref().map(|s| quote_spanned!(at(s)=> &(#s),));
+    quote! {
+        #p::#method #types (
+            #call,
+            #store
+            async #body,
+        )
+        .await
+    }
+}

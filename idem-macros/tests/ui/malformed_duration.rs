@@ -1,0 +1,13 @@
+use idem_core::{idempotent, Error};
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Receipt;
+
+#[idempotent(key = id, ttl = "5 minutes")]
+async fn charge(id: u64) -> Result<Receipt, Error> {
+    let _ = id;
+    Ok(Receipt)
+}
+
+fn main() {}
