@@ -85,4 +85,53 @@ pub mod __private {
     pub fn fingerprintable<T: serde::Serialize + ?Sized>(value: &T) -> &T {
         value
     }
+
+    // The four ways the expansion runs a body. Free functions rather than `Call` methods:
+    // the macro passes `T` and `E` in the turbofish as the user's own tokens, and rustc
+    // reports a missing `Serialize` or `From<idem_core::Error>` under that type argument
+    // (for a method call it would point at the attribute).
+
+    /// [`Call::run`] for `#[idempotent(store = ..)]`.
+    pub async fn run<T, E, Fut>(call: Call, store: &dyn Store, body: Fut) -> Result<T, E>
+    where
+        T: serde::Serialize + serde::de::DeserializeOwned,
+        E: From<crate::Error>,
+        Fut: core::future::Future<Output = Result<T, E>>,
+    {
+        call.run(store, body).await
+    }
+
+    /// [`Call::run_storing_errors`] for `#[idempotent(store = .., errors = store)]`.
+    pub async fn run_storing_errors<T, E, Fut>(
+        call: Call,
+        store: &dyn Store,
+        body: Fut,
+    ) -> Result<T, E>
+    where
+        T: serde::Serialize + serde::de::DeserializeOwned,
+        E: From<crate::Error> + serde::Serialize + serde::de::DeserializeOwned,
+        Fut: core::future::Future<Output = Result<T, E>>,
+    {
+        call.run_storing_errors(store, body).await
+    }
+
+    /// [`Call::run_on_default`] for `#[idempotent]` without `store`.
+    pub async fn run_on_default<T, E, Fut>(call: Call, body: Fut) -> Result<T, E>
+    where
+        T: serde::Serialize + serde::de::DeserializeOwned,
+        E: From<crate::Error>,
+        Fut: core::future::Future<Output = Result<T, E>>,
+    {
+        call.run_on_default(body).await
+    }
+
+    /// [`Call::run_storing_errors_on_default`] for `errors = store` without `store`.
+    pub async fn run_storing_errors_on_default<T, E, Fut>(call: Call, body: Fut) -> Result<T, E>
+    where
+        T: serde::Serialize + serde::de::DeserializeOwned,
+        E: From<crate::Error> + serde::Serialize + serde::de::DeserializeOwned,
+        Fut: core::future::Future<Output = Result<T, E>>,
+    {
+        call.run_storing_errors_on_default(body).await
+    }
 }
