@@ -20,5 +20,9 @@ pub use crate::redis::RedisStore;
 
 #[cfg(any(feature = "postgres", feature = "mysql", feature = "sqlite"))]
 pub mod sql;
+#[cfg(feature = "postgres")]
+pub use crate::sql::postgres::{PostgresStore, PostgresStoreBuilder};
+#[cfg(feature = "sqlite")]
+pub use crate::sql::sqlite::{SqliteStore, SqliteStoreBuilder};
 #[cfg(feature = "mysql")]
 pub use crate::sql::mysql::{MySqlStore, MySqlStoreBuilder};

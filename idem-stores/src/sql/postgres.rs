@@ -1,0 +1,1001 @@
+//! `PostgresStore`: records in a PostgreSQL table, through a sqlx pool.
+//!
+//! - **Schema**: one row per hashed key (see [`PostgresStore::migrate`] for the DDL). The table
+//!   name is the only text interpolated into SQL; it is validated as an identifier and quoted.
+//!   Everything else is a bound parameter.
+//! - **Claim** is one statement: an `INSERT ... ON CONFLICT (key) DO UPDATE ... WHERE <expired
+//!   or lease passed> RETURNING` in a CTE, `UNION ALL` the existing row when the upsert did not
+//!   take it. Postgres locks the conflicting row, so of any number of concurrent claims exactly
+//!   one inserts or takes over. In READ COMMITTED the `ON CONFLICT` check sees the newest
+//!   committed row while the plain read sees the statement's snapshot, so the read can miss a
+//!   row committed a moment ago, or show one that no longer holds the key: then the claim is
+//!   simply run again (never a check-then-insert).
+//! - **Fencing**: complete, release and renew are `UPDATE`/`DELETE ... WHERE key = $1 AND
+//!   token = $2 AND state = 'in_progress'`; no row means [`StoreError::Fenced`].
+//! - **Time** is the database's clock (`now()`), so processes with skewed clocks agree.
+//! - **Waiting**: complete, release and remove `pg_notify` the table's channel with the key in
+//!   the same statement. Each store keeps ONE listener connection (`LISTEN`) in a background
+//!   task that wakes the local waiters of that key. While the listener is down, waiters poll
+//!   with a bounded backoff.
+//! - **Expiry**: [`PostgresStore::purge_expired`] deletes expired rows in batches (index on
+//!   `expires_at`); [`PostgresStoreBuilder::sweep_every`] runs it in the background.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
+
+use idem_core::{
+    async_trait, Claim, ClaimRequest, CompletedRecord, FencingToken, Fingerprint, Key, RecordState,
+    Store, StoreError, DEFAULT_MAX_VALUE_SIZE,
+};
+use sqlx::postgres::{PgConnectOptions, PgListener, PgPool, PgPoolOptions, PgRow};
+use sqlx::{AssertSqlSafe, Row};
+use tokio::sync::Notify;
+use tokio::task::AbortHandle;
+
+/// The default table name.
+pub const DEFAULT_TABLE: &str = "idem_records";
+
+/// The longest accepted table name (without schema), so that derived index names stay under
+/// PostgreSQL's 63-byte identifier limit.
+const MAX_TABLE_LEN: usize = 48;
+/// Durations are clamped to this many milliseconds (about 100 years) before reaching SQL.
+const MAX_MILLIS: i64 = 100 * 365 * 86_400 * 1000;
+/// How many times a claim is re-run when its read raced with another writer.
+const CLAIM_ATTEMPTS: usize = 32;
+
+/// A PostgreSQL store. Cheap to clone (clones share the pool and the listener).
+///
+/// ```no_run
+/// use std::time::Duration;
+/// use idem_stores::PostgresStore;
+///
+/// # async fn demo() -> Result<(), idem_core::StoreError> {
+/// let store = PostgresStore::builder()
+///     .url("postgres://postgres@127.0.0.1:5432/app")
+///     .table("idem_records")
+///     .sweep_every(Duration::from_secs(60), 1000)
+///     .connect()
+///     .await?;
+/// store.migrate().await?;
+/// let shared: std::sync::Arc<dyn idem_core::Store> = std::sync::Arc::new(store);
+/// # let _ = shared;
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct PostgresStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    pool: PgPool,
+    table: String,
+    channel: String,
+    sql: Statements,
+    waiters: Arc<Waiters>,
+    listener: Option<AbortHandle>,
+    max_value_size: usize,
+    lease_grace_ms: i64,
+    op_timeout: Duration,
+    poll_max: Duration,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        if let Some(listener) = &self.listener {
+            listener.abort();
+        }
+    }
+}
+
+impl fmt::Debug for PostgresStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PostgresStore")
+            .field("table", &self.inner.table)
+            .field("pool_size", &self.inner.pool.size())
+            .field(
+                "listening",
+                &self.inner.waiters.listening.load(Ordering::Acquire),
+            )
+            .finish()
+    }
+}
+
+/// Configures a [`PostgresStore`]: where to connect, the table, limits and the sweeper.
+#[derive(Debug, Clone)]
+pub struct PostgresStoreBuilder {
+    source: Source,
+    table: String,
+    max_connections: u32,
+    acquire_timeout: Duration,
+    op_timeout: Duration,
+    max_value_size: usize,
+    lease_grace: Duration,
+    poll_max: Duration,
+    listen: bool,
+    sweep: Option<(Duration, u32)>,
+}
+
+#[derive(Debug, Clone)]
+enum Source {
+    None,
+    Url(String),
+    Pool(PgPool),
+}
+
+impl PostgresStoreBuilder {
+    /// Connect to this URL (`postgres://user:password@host:port/db`). The store opens its own
+    /// pool of [`max_connections`](Self::max_connections).
+    pub fn url(mut self, url: impl Into<String>) -> Self {
+        self.source = Source::Url(url.into());
+        self
+    }
+
+    /// Use an existing pool (shared with the rest of the application). The listener opens one
+    /// more connection with the pool's connect options.
+    pub fn pool(mut self, pool: PgPool) -> Self {
+        self.source = Source::Pool(pool);
+        self
+    }
+
+    /// The table, `name` or `schema.name`: ASCII letters, digits and `_`, not starting with a
+    /// digit, at most 48 bytes each. Default [`DEFAULT_TABLE`].
+    pub fn table(mut self, table: impl Into<String>) -> Self {
+        self.table = table.into();
+        self
+    }
+
+    /// The pool's size when the store opens its own pool. Default 10.
+    pub fn max_connections(mut self, n: u32) -> Self {
+        self.max_connections = n.max(1);
+        self
+    }
+
+    /// How long an operation waits for a pooled connection before it fails. Default 5 s.
+    pub fn acquire_timeout(mut self, d: Duration) -> Self {
+        self.acquire_timeout = d;
+        self
+    }
+
+    /// The bound on one store operation (acquire plus statement); past it the operation fails
+    /// with [`StoreError::Timeout`]. Default 10 s.
+    pub fn operation_timeout(mut self, d: Duration) -> Self {
+        self.op_timeout = d;
+        self
+    }
+
+    /// The largest encoded value accepted. Default 1 MiB.
+    pub fn max_value_size(mut self, bytes: usize) -> Self {
+        self.max_value_size = bytes;
+        self
+    }
+
+    /// How long an in-progress row outlives its lease before the sweep may delete it (so that
+    /// a takeover is still reported as one). Default 60 s.
+    pub fn lease_grace(mut self, d: Duration) -> Self {
+        self.lease_grace = d;
+        self
+    }
+
+    /// The longest pause between two looks of a waiter while the listener is down. Default
+    /// 500 ms (the first looks come after 10 ms, doubling).
+    pub fn poll_max(mut self, d: Duration) -> Self {
+        self.poll_max = d.max(Duration::from_millis(1));
+        self
+    }
+
+    /// Whether to keep a `LISTEN` connection (default true). Without it waiters poll.
+    pub fn listen(mut self, on: bool) -> Self {
+        self.listen = on;
+        self
+    }
+
+    /// Deletes expired rows every `interval`, `batch` rows per statement, in a background task
+    /// that stops when the last clone of the store is dropped. Default: no sweeper (call
+    /// [`PostgresStore::purge_expired`] yourself, or run one sweeper per deployment).
+    pub fn sweep_every(mut self, interval: Duration, batch: u32) -> Self {
+        self.sweep = Some((interval.max(Duration::from_millis(10)), batch.max(1)));
+        self
+    }
+
+    /// Builds the store without touching the network: the pool connects on first use and the
+    /// listener connects in the background. Needs a tokio runtime.
+    ///
+    /// Fails only on a malformed URL or table name.
+    pub fn build(self) -> Result<PostgresStore, StoreError> {
+        let table = Table::parse(&self.table)?;
+        let pool = match self.source {
+            Source::Pool(pool) => pool,
+            Source::Url(url) => {
+                let options: PgConnectOptions = url
+                    .parse()
+                    .map_err(|e| StoreError::backend("postgres: invalid connection URL", e))?;
+                PgPoolOptions::new()
+                    .max_connections(self.max_connections)
+                    .acquire_timeout(self.acquire_timeout)
+                    .connect_lazy_with(options)
+            }
+            Source::None => {
+                return Err(config_error(
+                    "postgres: the builder needs .url(..) or .pool(..)",
+                ))
+            }
+        };
+        let waiters = Arc::new(Waiters::default());
+        let channel = table.display.clone();
+        let listener = if self.listen {
+            let listener_pool = PgPoolOptions::new()
+                .max_connections(1)
+                .acquire_timeout(self.acquire_timeout)
+                .max_lifetime(None)
+                .idle_timeout(None)
+                .connect_lazy_with((*pool.connect_options()).clone());
+            let task = tokio::spawn(run_listener(
+                listener_pool,
+                channel.clone(),
+                Arc::clone(&waiters),
+            ));
+            Some(task.abort_handle())
+        } else {
+            None
+        };
+        let store = PostgresStore {
+            inner: Arc::new(Inner {
+                sql: Statements::new(&table),
+                pool,
+                table: table.display,
+                channel,
+                waiters,
+                listener,
+                max_value_size: self.max_value_size,
+                lease_grace_ms: millis(self.lease_grace),
+                op_timeout: self.op_timeout,
+                poll_max: self.poll_max,
+            }),
+        };
+        if let Some((interval, batch)) = self.sweep {
+            tokio::spawn(run_sweeper(Arc::downgrade(&store.inner), interval, batch));
+        }
+        Ok(store)
+    }
+
+    /// Builds the store and checks that the database answers (`SELECT 1`).
+    pub async fn connect(self) -> Result<PostgresStore, StoreError> {
+        let store = self.build()?;
+        let pool = store.inner.pool.clone();
+        store
+            .timed("postgres: connect", async move {
+                sqlx::query("SELECT 1").execute(&pool).await
+            })
+            .await?;
+        Ok(store)
+    }
+}
+
+impl PostgresStore {
+    /// A builder with the defaults: table [`DEFAULT_TABLE`], 10 connections, 5 s acquire
+    /// timeout, 10 s operation timeout, 1 MiB values, `LISTEN` on, no sweeper.
+    pub fn builder() -> PostgresStoreBuilder {
+        PostgresStoreBuilder {
+            source: Source::None,
+            table: DEFAULT_TABLE.to_owned(),
+            max_connections: 10,
+            acquire_timeout: Duration::from_secs(5),
+            op_timeout: Duration::from_secs(10),
+            max_value_size: DEFAULT_MAX_VALUE_SIZE,
+            lease_grace: Duration::from_secs(60),
+            poll_max: Duration::from_millis(500),
+            listen: true,
+            sweep: None,
+        }
+    }
+
+    /// Connects to `url` with the defaults (table [`DEFAULT_TABLE`]).
+    pub async fn connect(url: &str) -> Result<Self, StoreError> {
+        Self::builder().url(url).connect().await
+    }
+
+    /// The pool (shared with clones of this store).
+    pub fn pool(&self) -> &PgPool {
+        &self.inner.pool
+    }
+
+    /// The table name as configured.
+    pub fn table(&self) -> &str {
+        &self.inner.table
+    }
+
+    /// Whether the `LISTEN` connection is up (waiters are woken by notifications rather than
+    /// polling).
+    pub fn is_listening(&self) -> bool {
+        self.inner.waiters.listening.load(Ordering::Acquire)
+    }
+
+    /// Creates the table and its expiry index if they do not exist. Safe to run concurrently
+    /// from many processes (serialized by an advisory lock). The DDL:
+    ///
+    /// ```sql
+    /// CREATE TABLE IF NOT EXISTS idem_records (
+    ///     key         BYTEA       PRIMARY KEY CHECK (octet_length(key) = 32), -- hashed key
+    ///     state       TEXT        NOT NULL CHECK (state IN ('in_progress', 'completed')),
+    ///     token       BIGINT      NOT NULL,   -- fencing token of the current claim
+    ///     attempt     INTEGER     NOT NULL DEFAULT 1, -- claims in a row; > 1 after a takeover
+    ///     fingerprint BYTEA,                  -- 32-byte argument fingerprint, or NULL
+    ///     value       BYTEA,                  -- the encoded record (type tag inside); NULL while in progress
+    ///     lease_until TIMESTAMPTZ,            -- in progress: the lease's end
+    ///     expires_at  TIMESTAMPTZ NOT NULL    -- when the sweep may delete the row
+    /// );
+    /// CREATE INDEX IF NOT EXISTS idem_records_expires_at ON idem_records (expires_at);
+    /// ```
+    pub async fn migrate(&self) -> Result<(), StoreError> {
+        let pool = self.inner.pool.clone();
+        let sql = self.inner.sql.clone();
+        let lock_name = self.inner.table.clone();
+        self.timed("postgres: migrate", async move {
+            let mut tx = pool.begin().await?;
+            sqlx::query("SELECT pg_advisory_xact_lock(hashtext($1))")
+                .bind(format!("idem migrate {lock_name}"))
+                .execute(&mut *tx)
+                .await?;
+            sqlx::query(AssertSqlSafe(sql.create_table.clone()))
+                .execute(&mut *tx)
+                .await?;
+            sqlx::query(AssertSqlSafe(sql.create_index.clone()))
+                .execute(&mut *tx)
+                .await?;
+            tx.commit().await
+        })
+        .await
+    }
+
+    /// Deletes up to `batch` expired rows (completed past their TTL, in progress past their
+    /// lease plus the grace period) and returns how many it deleted. Rows locked by a
+    /// concurrent claim are skipped. Call it until it returns less than `batch` to empty the
+    /// backlog.
+    pub async fn purge_expired(&self, batch: u32) -> Result<u64, StoreError> {
+        let pool = self.inner.pool.clone();
+        let sql = Arc::clone(&self.inner.sql.purge);
+        let done = self
+            .timed("postgres: purge expired", async move {
+                sqlx::query(AssertSqlSafe(sql))
+                    .bind(i64::from(batch))
+                    .execute(&pool)
+                    .await
+            })
+            .await?;
+        Ok(done.rows_affected())
+    }
+
+    /// Runs `fut` under the operation timeout, mapping its error.
+    async fn timed<T>(
+        &self,
+        what: &'static str,
+        fut: impl std::future::Future<Output = Result<T, sqlx::Error>>,
+    ) -> Result<T, StoreError> {
+        match tokio::time::timeout(self.inner.op_timeout, fut).await {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(sqlx::Error::PoolTimedOut)) => {
+                Err(StoreError::backend(what, sqlx::Error::PoolTimedOut))
+            }
+            Ok(Err(e)) => Err(StoreError::backend(what, e)),
+            Err(_) => Err(StoreError::Timeout(self.inner.op_timeout)),
+        }
+    }
+
+    /// Runs a fenced statement that returns one row when it applied.
+    async fn fenced(
+        &self,
+        what: &'static str,
+        sql: &Arc<str>,
+        key: &Key,
+        token: FencingToken,
+        extra: Extra<'_>,
+    ) -> Result<(), StoreError> {
+        let pool = &self.inner.pool;
+        let mut q = sqlx::query(AssertSqlSafe(Arc::clone(sql)))
+            .bind(&key.0[..])
+            .bind(token.as_i64());
+        q = match extra {
+            Extra::Complete { value, ttl_ms } => q
+                .bind(value)
+                .bind(ttl_ms)
+                .bind(self.inner.channel.as_str())
+                .bind(key.to_hex()),
+            Extra::Release => q.bind(self.inner.channel.as_str()).bind(key.to_hex()),
+            Extra::Renew { lease_ms } => q.bind(lease_ms).bind(self.inner.lease_grace_ms),
+        };
+        let row = self.timed(what, q.fetch_optional(pool)).await?;
+        match row {
+            Some(_) => Ok(()),
+            None => Err(StoreError::Fenced),
+        }
+    }
+
+    async fn lease_remaining(&self, key: &Key) -> Result<Option<Duration>, StoreError> {
+        let pool = &self.inner.pool;
+        let q = sqlx::query(AssertSqlSafe(Arc::clone(&self.inner.sql.lease))).bind(&key.0[..]);
+        let row = self.timed("postgres: wait", q.fetch_optional(pool)).await?;
+        match row {
+            None => Ok(None),
+            Some(row) => {
+                let ms: i64 = row
+                    .try_get(0)
+                    .map_err(|e| StoreError::backend("postgres: wait", e))?;
+                Ok(Some(Duration::from_millis(u64::try_from(ms).unwrap_or(0))))
+            }
+        }
+    }
+}
+
+enum Extra<'a> {
+    Complete { value: &'a [u8], ttl_ms: i64 },
+    Release,
+    Renew { lease_ms: i64 },
+}
+
+#[async_trait]
+impl Store for PostgresStore {
+    async fn claim(&self, req: &ClaimRequest) -> Result<Claim, StoreError> {
+        let fingerprint = req.fingerprint.map(|f| f.0.to_vec());
+        for _ in 0..CLAIM_ATTEMPTS {
+            let q = sqlx::query(AssertSqlSafe(Arc::clone(&self.inner.sql.claim)))
+                .bind(&req.key.0[..])
+                .bind(req.token.as_i64())
+                .bind(fingerprint.as_deref())
+                .bind(millis(req.lease))
+                .bind(self.inner.lease_grace_ms);
+            let row = self
+                .timed("postgres: claim", q.fetch_optional(&self.inner.pool))
+                .await?;
+            if let Some(claim) = row.map(|r| decode_claim(&r)).transpose()?.flatten() {
+                return Ok(claim);
+            }
+            // The upsert saw a newer row than the read's snapshot (or the row vanished in
+            // between): nothing was written, so run the claim again.
+            tokio::task::yield_now().await;
+        }
+        Err(StoreError::backend(
+            "postgres: claim",
+            std::io::Error::other(format!(
+                "the record kept changing under {CLAIM_ATTEMPTS} claims in a row"
+            )),
+        ))
+    }
+
+    async fn complete(
+        &self,
+        key: &Key,
+        token: FencingToken,
+        value: &[u8],
+        ttl: Duration,
+    ) -> Result<(), StoreError> {
+        if value.len() > self.inner.max_value_size {
+            return Err(StoreError::TooLarge {
+                size: value.len(),
+                limit: self.inner.max_value_size,
+            });
+        }
+        let sql = Arc::clone(&self.inner.sql.complete);
+        let extra = Extra::Complete {
+            value,
+            ttl_ms: millis(ttl),
+        };
+        let r = self
+            .fenced("postgres: complete", &sql, key, token, extra)
+            .await;
+        self.inner.waiters.wake(key);
+        r
+    }
+
+    async fn release(&self, key: &Key, token: FencingToken) -> Result<(), StoreError> {
+        let sql = Arc::clone(&self.inner.sql.release);
+        let r = self
+            .fenced("postgres: release", &sql, key, token, Extra::Release)
+            .await;
+        self.inner.waiters.wake(key);
+        r
+    }
+
+    async fn renew(
+        &self,
+        key: &Key,
+        token: FencingToken,
+        lease: Duration,
+    ) -> Result<(), StoreError> {
+        let sql = Arc::clone(&self.inner.sql.renew);
+        let extra = Extra::Renew {
+            lease_ms: millis(lease),
+        };
+        self.fenced("postgres: renew", &sql, key, token, extra)
+            .await
+    }
+
+    async fn get(&self, key: &Key) -> Result<Option<RecordState>, StoreError> {
+        let q = sqlx::query(AssertSqlSafe(Arc::clone(&self.inner.sql.get))).bind(&key.0[..]);
+        let row = self
+            .timed("postgres: get", q.fetch_optional(&self.inner.pool))
+            .await?;
+        let Some(row) = row else { return Ok(None) };
+        let state: String = col(&row, "state")?;
+        let fingerprint = fingerprint(col(&row, "fingerprint")?)?;
+        match state.as_str() {
+            "in_progress" => Ok(Some(RecordState::InProgress {
+                token: FencingToken::from_i64(col(&row, "token")?),
+                fingerprint,
+            })),
+            "completed" => Ok(Some(RecordState::Completed(CompletedRecord {
+                fingerprint,
+                value: col::<Option<Vec<u8>>>(&row, "value")?.unwrap_or_default(),
+            }))),
+            other => Err(StoreError::Corrupt(format!(
+                "postgres: unknown state {other:?}"
+            ))),
+        }
+    }
+
+    async fn wait(&self, key: &Key, timeout: Duration) -> Result<(), StoreError> {
+        let start = Instant::now();
+        let deadline = start.checked_add(timeout);
+        let sub = self.inner.waiters.subscribe(*key);
+        let mut poll = Duration::from_millis(10);
+        loop {
+            // Subscribe first, then look: a notification after the look still wakes us.
+            let notified = sub.notify.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let listening = self.inner.waiters.listening.load(Ordering::Acquire);
+            let Some(lease) = self.lease_remaining(key).await? else {
+                return Ok(());
+            };
+            let left = match deadline {
+                Some(d) => d.saturating_duration_since(Instant::now()),
+                None => timeout,
+            };
+            if left.is_zero() {
+                return Ok(());
+            }
+            // Look again when the lease passes (the holder may have died without a word).
+            let mut nap = left.min(lease + Duration::from_millis(1));
+            if !listening {
+                nap = nap.min(poll);
+                poll = (poll * 2).min(self.inner.poll_max);
+            }
+            if tokio::time::timeout(nap, notified).await.is_ok() {
+                return Ok(());
+            }
+        }
+    }
+
+    async fn remove(&self, key: &Key) -> Result<(), StoreError> {
+        let q = sqlx::query(AssertSqlSafe(Arc::clone(&self.inner.sql.remove)))
+            .bind(&key.0[..])
+            .bind(self.inner.channel.as_str())
+            .bind(key.to_hex());
+        self.timed("postgres: remove", q.fetch_all(&self.inner.pool))
+            .await?;
+        self.inner.waiters.wake(key);
+        Ok(())
+    }
+
+    fn release_detached(&self, key: Key, token: FencingToken) {
+        if let Ok(handle) = tokio::runtime::Handle::try_current() {
+            let store = self.clone();
+            handle.spawn(async move {
+                if let Err(e) = store.release(&key, token).await {
+                    tracing::debug!(target: "idem", %key, error = %e, "detached release failed");
+                }
+            });
+        }
+    }
+
+    fn max_value_size(&self) -> usize {
+        self.inner.max_value_size
+    }
+}
+
+/// Reads one row of the claim statement; `None`: the read raced, claim again.
+fn decode_claim(row: &PgRow) -> Result<Option<Claim>, StoreError> {
+    if col::<bool>(row, "acquired")? {
+        return Ok(Some(Claim::Acquired {
+            taken_over: col::<bool>(row, "taken_over")?,
+        }));
+    }
+    if !col::<bool>(row, "live")? {
+        return Ok(None);
+    }
+    let state: String = col(row, "state")?;
+    let fingerprint = fingerprint(col(row, "fingerprint")?)?;
+    match state.as_str() {
+        "in_progress" => {
+            let ms: i64 = col(row, "lease_ms")?;
+            Ok(Some(Claim::InProgress {
+                fingerprint,
+                lease_remaining: Some(Duration::from_millis(u64::try_from(ms).unwrap_or(0))),
+            }))
+        }
+        "completed" => Ok(Some(Claim::Completed(CompletedRecord {
+            fingerprint,
+            value: col::<Option<Vec<u8>>>(row, "value")?.unwrap_or_default(),
+        }))),
+        other => Err(StoreError::Corrupt(format!(
+            "postgres: unknown state {other:?}"
+        ))),
+    }
+}
+
+fn col<'r, T>(row: &'r PgRow, name: &str) -> Result<T, StoreError>
+where
+    T: sqlx::Decode<'r, sqlx::Postgres> + sqlx::Type<sqlx::Postgres>,
+{
+    row.try_get(name)
+        .map_err(|e| StoreError::Corrupt(format!("postgres: column {name}: {e}")))
+}
+
+fn fingerprint(bytes: Option<Vec<u8>>) -> Result<Option<Fingerprint>, StoreError> {
+    match bytes {
+        None => Ok(None),
+        Some(b) => Fingerprint::from_slice(&b).map(Some).ok_or_else(|| {
+            StoreError::Corrupt(format!("postgres: fingerprint of {} bytes", b.len()))
+        }),
+    }
+}
+
+fn millis(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).map_or(MAX_MILLIS, |ms| ms.min(MAX_MILLIS))
+}
+
+fn config_error(msg: &'static str) -> StoreError {
+    StoreError::backend(
+        msg,
+        std::io::Error::new(std::io::ErrorKind::InvalidInput, msg),
+    )
+}
+
+/// A validated table name and its quoted SQL form.
+struct Table {
+    /// As configured (`name` or `schema.name`); also the notification channel.
+    display: String,
+    /// Quoted for SQL: `"name"` or `"schema"."name"`.
+    quoted: String,
+    /// The bare table name, for the index name.
+    name: String,
+}
+
+impl Table {
+    fn parse(s: &str) -> Result<Table, StoreError> {
+        let parts: Vec<&str> = s.split('.').collect();
+        let valid = |p: &str| {
+            !p.is_empty()
+                && p.len() <= MAX_TABLE_LEN
+                && p.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+                && !p.as_bytes()[0].is_ascii_digit()
+        };
+        if parts.len() > 2 || !parts.iter().all(|p| valid(p)) {
+            return Err(config_error(
+                "postgres: the table name must be `name` or `schema.name` of ASCII letters, digits \
+                 and `_`, not starting with a digit, at most 48 bytes each",
+            ));
+        }
+        Ok(Table {
+            display: s.to_owned(),
+            quoted: parts
+                .iter()
+                .map(|p| format!("\"{p}\""))
+                .collect::<Vec<_>>()
+                .join("."),
+            name: parts.last().map_or_else(String::new, |p| (*p).to_owned()),
+        })
+    }
+}
+
+/// Every statement, rendered once with the quoted table name. Parameters are bound.
+#[derive(Clone)]
+struct Statements {
+    create_table: String,
+    create_index: String,
+    claim: Arc<str>,
+    complete: Arc<str>,
+    release: Arc<str>,
+    renew: Arc<str>,
+    get: Arc<str>,
+    lease: Arc<str>,
+    remove: Arc<str>,
+    purge: Arc<str>,
+}
+
+impl Statements {
+    fn new(table: &Table) -> Statements {
+        let t = &table.quoted;
+        let ms = "* interval '1 millisecond'";
+        Statements {
+            create_table: format!(
+                "CREATE TABLE IF NOT EXISTS {t} (
+                    key BYTEA PRIMARY KEY CHECK (octet_length(key) = 32),
+                    state TEXT NOT NULL CHECK (state IN ('in_progress', 'completed')),
+                    token BIGINT NOT NULL,
+                    attempt INTEGER NOT NULL DEFAULT 1,
+                    fingerprint BYTEA,
+                    value BYTEA,
+                    lease_until TIMESTAMPTZ,
+                    expires_at TIMESTAMPTZ NOT NULL
+                )"
+            ),
+            create_index: format!(
+                "CREATE INDEX IF NOT EXISTS \"{}_expires_at\" ON {t} (expires_at)",
+                table.name
+            ),
+            // $1 key, $2 token, $3 fingerprint, $4 lease ms, $5 grace ms.
+            // Either the upsert inserted / took over (one row from `claimed`), or it left the
+            // row alone and the second branch reads it. `live` is false when that read shows a
+            // row the upsert would have taken (a newer version exists): claim again.
+            claim: format!(
+                "WITH claimed AS (
+                    INSERT INTO {t} AS r
+                        (key, state, token, attempt, fingerprint, value, lease_until, expires_at)
+                    VALUES ($1, 'in_progress', $2, 1, $3, NULL,
+                            now() + $4::float8 {ms}, now() + ($4 + $5)::float8 {ms})
+                    ON CONFLICT (key) DO UPDATE SET
+                        state = 'in_progress',
+                        token = EXCLUDED.token,
+                        attempt = CASE WHEN r.state = 'in_progress' THEN r.attempt + 1 ELSE 1 END,
+                        fingerprint = EXCLUDED.fingerprint,
+                        value = NULL,
+                        lease_until = EXCLUDED.lease_until,
+                        expires_at = EXCLUDED.expires_at
+                    WHERE (r.state = 'in_progress' AND r.lease_until <= now())
+                       OR (r.state = 'completed' AND r.expires_at <= now())
+                    RETURNING r.attempt
+                )
+                SELECT true AS acquired, attempt > 1 AS taken_over, true AS live,
+                       NULL::text AS state, NULL::bytea AS fingerprint, NULL::bytea AS value,
+                       NULL::bigint AS lease_ms
+                  FROM claimed
+                UNION ALL
+                SELECT false, false,
+                       CASE WHEN s.state = 'in_progress' THEN s.lease_until > now()
+                            ELSE s.expires_at > now() END,
+                       s.state, s.fingerprint, s.value,
+                       GREATEST(0, CEIL(EXTRACT(EPOCH FROM (s.lease_until - now())) * 1000))::bigint
+                  FROM {t} s
+                 WHERE s.key = $1 AND NOT EXISTS (SELECT 1 FROM claimed)"
+            )
+            .into(),
+            // $1 key, $2 token, $3 value, $4 ttl ms, $5 channel, $6 key hex.
+            complete: format!(
+                "WITH done AS (
+                    UPDATE {t} SET state = 'completed', value = $3, lease_until = NULL,
+                                   expires_at = now() + $4::float8 {ms}
+                     WHERE key = $1 AND token = $2 AND state = 'in_progress'
+                    RETURNING key
+                )
+                SELECT pg_notify($5, $6) FROM done"
+            )
+            .into(),
+            // $1 key, $2 token, $3 channel, $4 key hex.
+            release: format!(
+                "WITH gone AS (
+                    DELETE FROM {t} WHERE key = $1 AND token = $2 AND state = 'in_progress'
+                    RETURNING key
+                )
+                SELECT pg_notify($3, $4) FROM gone"
+            )
+            .into(),
+            // $1 key, $2 token, $3 lease ms, $4 grace ms.
+            renew: format!(
+                "UPDATE {t} SET lease_until = now() + $3::float8 {ms},
+                                expires_at = now() + ($3 + $4)::float8 {ms}
+                  WHERE key = $1 AND token = $2 AND state = 'in_progress'
+                RETURNING 1"
+            )
+            .into(),
+            get: format!(
+                "SELECT state, token, fingerprint, value FROM {t}
+                  WHERE key = $1
+                    AND CASE WHEN state = 'in_progress' THEN lease_until > now()
+                             ELSE expires_at > now() END"
+            )
+            .into(),
+            lease: format!(
+                "SELECT GREATEST(0, CEIL(EXTRACT(EPOCH FROM (lease_until - now())) * 1000))::bigint
+                   FROM {t}
+                  WHERE key = $1 AND state = 'in_progress' AND lease_until > now()"
+            )
+            .into(),
+            // $1 key, $2 channel, $3 key hex.
+            remove: format!(
+                "WITH gone AS (DELETE FROM {t} WHERE key = $1 RETURNING key)
+                SELECT pg_notify($2, $3) FROM gone"
+            )
+            .into(),
+            // $1 batch. SKIP LOCKED: a row a claim is taking over right now is not ours.
+            purge: format!(
+                "DELETE FROM {t} WHERE key IN (
+                    SELECT key FROM {t} WHERE expires_at <= now()
+                     ORDER BY expires_at LIMIT $1 FOR UPDATE SKIP LOCKED
+                ) AND expires_at <= now()"
+            )
+            .into(),
+        }
+    }
+}
+
+/// Local waiters, one `Notify` per key that someone waits on.
+#[derive(Default)]
+struct Waiters {
+    slots: Mutex<HashMap<Key, (Arc<Notify>, usize)>>,
+    listening: AtomicBool,
+}
+
+impl Waiters {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Key, (Arc<Notify>, usize)>> {
+        self.slots.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn subscribe(self: &Arc<Self>, key: Key) -> Subscription {
+        let mut slots = self.lock();
+        let slot = slots
+            .entry(key)
+            .or_insert_with(|| (Arc::new(Notify::new()), 0));
+        slot.1 += 1;
+        Subscription {
+            waiters: Arc::clone(self),
+            key,
+            notify: Arc::clone(&slot.0),
+        }
+    }
+
+    fn wake(&self, key: &Key) {
+        if let Some((notify, _)) = self.lock().get(key) {
+            notify.notify_waiters();
+        }
+    }
+
+    fn wake_all(&self) {
+        for (notify, _) in self.lock().values() {
+            notify.notify_waiters();
+        }
+    }
+
+    fn set_listening(&self, on: bool) {
+        self.listening.store(on, Ordering::Release);
+        // Notifications may have been missed while the state changed: everyone looks again.
+        self.wake_all();
+    }
+}
+
+struct Subscription {
+    waiters: Arc<Waiters>,
+    key: Key,
+    notify: Arc<Notify>,
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        let mut slots = self.waiters.lock();
+        if let Some(slot) = slots.get_mut(&self.key) {
+            slot.1 -= 1;
+            if slot.1 == 0 {
+                slots.remove(&self.key);
+            }
+        }
+    }
+}
+
+/// The store's one `LISTEN` connection: dispatches notifications to local waiters, and
+/// reconnects with backoff when the connection is lost.
+async fn run_listener(pool: PgPool, channel: String, waiters: Arc<Waiters>) {
+    let mut backoff = Duration::from_millis(50);
+    loop {
+        let listener = async {
+            let mut l = PgListener::connect_with(&pool).await?;
+            l.listen(&channel).await?;
+            Ok::<_, sqlx::Error>(l)
+        }
+        .await;
+        match listener {
+            Ok(mut listener) => {
+                backoff = Duration::from_millis(50);
+                waiters.set_listening(true);
+                tracing::debug!(target: "idem", channel, "postgres store: listening");
+                let error = loop {
+                    match listener.try_recv().await {
+                        Ok(Some(n)) => {
+                            if let Some(key) = parse_key(n.payload()) {
+                                waiters.wake(&key);
+                            }
+                        }
+                        // The connection was lost and re-established: notifications sent in
+                        // between are gone, so every waiter looks again.
+                        Ok(None) => waiters.wake_all(),
+                        Err(e) => break e,
+                    }
+                };
+                waiters.set_listening(false);
+                tracing::warn!(target: "idem", channel, error = %error, "postgres store: listener lost; waiters poll until it is back");
+            }
+            Err(e) => {
+                tracing::debug!(target: "idem", channel, error = %e, "postgres store: listener cannot connect");
+            }
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(2));
+    }
+}
+
+/// Deletes expired rows every `interval` until the store is dropped.
+async fn run_sweeper(store: Weak<Inner>, interval: Duration, batch: u32) {
+    loop {
+        tokio::time::sleep(interval).await;
+        let Some(inner) = store.upgrade() else { return };
+        let store = PostgresStore { inner };
+        loop {
+            match store.purge_expired(batch).await {
+                Ok(n) if n >= u64::from(batch) => continue,
+                Ok(_) => break,
+                Err(e) => {
+                    tracing::warn!(target: "idem", error = %e, "postgres store: sweep failed");
+                    break;
+                }
+            }
+        }
+    }
+}
+
+fn parse_key(hex: &str) -> Option<Key> {
+    let bytes = hex.as_bytes();
+    if bytes.len() != 64 {
+        return None;
+    }
+    let mut key = [0u8; 32];
+    for (i, pair) in bytes.chunks_exact(2).enumerate() {
+        let hi = (pair[0] as char).to_digit(16)?;
+        let lo = (pair[1] as char).to_digit(16)?;
+        key[i] = u8::try_from(hi * 16 + lo).ok()?;
+    }
+    Some(Key(key))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn table_names_are_identifiers() {
+        for ok in ["idem_records", "app.idem", "_x1", "T"] {
+            assert!(Table::parse(ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "",
+            "1abc",
+            "a-b",
+            "a\"b",
+            "a;drop table x",
+            "a.b.c",
+            ".a",
+            "a.",
+            "x y",
+            "é",
+            &"a".repeat(49),
+        ] {
+            assert!(Table::parse(bad).is_err(), "{bad:?}");
+        }
+        let t = Table::parse("app.idem").map_err(|e| e.to_string());
+        assert_eq!(t.map(|t| t.quoted), Ok("\"app\".\"idem\"".to_owned()));
+    }
+
+    #[test]
+    fn notification_payloads_parse_back_to_keys() {
+        let key = Key([0xa5; 32]);
+        assert_eq!(parse_key(&key.to_hex()), Some(key));
+        assert_eq!(parse_key("zz"), None);
+        assert_eq!(parse_key(&"g".repeat(64)), None);
+    }
+
+    #[test]
+    fn durations_are_clamped() {
+        assert_eq!(millis(Duration::from_millis(1500)), 1500);
+        assert_eq!(millis(Duration::MAX), MAX_MILLIS);
+    }
+}

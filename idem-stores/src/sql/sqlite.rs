@@ -1,0 +1,718 @@
+//! `SqliteStore`: records in a SQLite table (a file, or in memory), through a sqlx pool.
+//!
+//! - **Schema**: one row per hashed key (see [`SqliteStore::migrate`] for the DDL). The table
+//!   name is the only text interpolated into SQL; it is validated as an identifier and quoted.
+//! - **Claim** is one statement: `INSERT ... ON CONFLICT (key) DO UPDATE SET <each column =
+//!   CASE WHEN expired-or-lease-passed THEN new ELSE old END> RETURNING ...`. The update always
+//!   happens (a no-op when the record holds), so the statement always returns the row as it
+//!   stands after the claim: ours (our token) means acquired, anyone else's is reported as in
+//!   progress or completed. SQLite runs one writer at a time, so the statement is atomic.
+//! - **Fencing**: `UPDATE`/`DELETE ... WHERE key = ?1 AND token = ?2 AND state =
+//!   'in_progress'`; no row changed means [`StoreError::Fenced`].
+//! - **Time** is this process's clock, in Unix milliseconds, bound as a parameter (SQLite is
+//!   local: every process sharing the file shares the machine's clock).
+//! - **Waiting** is bounded polling with backoff (10 ms doubling to 250 ms by default); waiters
+//!   in the same process are also woken at once by completions through this store.
+//! - **Expiry**: [`SqliteStore::purge_expired`] deletes expired rows in batches (index on
+//!   `expires_at`); [`SqliteStoreBuilder::sweep_every`] runs it in the background.
+//!
+//! A file database is opened in WAL mode with a busy timeout, so several processes can share
+//! it. An in-memory database (`sqlite::memory:`) lives in ONE connection (every connection to
+//! `:memory:` would otherwise be a separate database) that the pool never closes.
+
+use std::fmt;
+use std::str::FromStr;
+use std::sync::{Arc, Weak};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use idem_core::{
+    async_trait, Claim, ClaimRequest, CompletedRecord, FencingToken, Fingerprint, Key, RecordState,
+    Store, StoreError, DEFAULT_MAX_VALUE_SIZE,
+};
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
+    SqliteSynchronous,
+};
+use sqlx::{AssertSqlSafe, Row};
+use tokio::sync::Notify;
+
+/// The default table name.
+pub const DEFAULT_TABLE: &str = "idem_records";
+
+const MAX_TABLE_LEN: usize = 48;
+/// Durations are clamped to this many milliseconds (about 100 years) before reaching SQL.
+const MAX_MILLIS: i64 = 100 * 365 * 86_400 * 1000;
+const SHARDS: usize = 64;
+
+/// A SQLite store. Cheap to clone (clones share the pool).
+///
+/// ```
+/// use idem_stores::SqliteStore;
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), idem_core::StoreError> {
+/// let store = SqliteStore::builder().url("sqlite::memory:").connect().await?;
+/// store.migrate().await?;
+/// let shared: std::sync::Arc<dyn idem_core::Store> = std::sync::Arc::new(store);
+/// # let _ = shared;
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct SqliteStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    pool: SqlitePool,
+    table: String,
+    sql: Statements,
+    shards: Box<[Notify]>,
+    max_value_size: usize,
+    lease_grace_ms: i64,
+    op_timeout: Duration,
+    poll_max: Duration,
+}
+
+impl fmt::Debug for SqliteStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SqliteStore")
+            .field("table", &self.inner.table)
+            .field("pool_size", &self.inner.pool.size())
+            .finish()
+    }
+}
+
+/// Configures a [`SqliteStore`].
+#[derive(Debug, Clone)]
+pub struct SqliteStoreBuilder {
+    source: Source,
+    table: String,
+    max_connections: u32,
+    busy_timeout: Duration,
+    op_timeout: Duration,
+    max_value_size: usize,
+    lease_grace: Duration,
+    poll_max: Duration,
+    sweep: Option<(Duration, u32)>,
+}
+
+#[derive(Debug, Clone)]
+enum Source {
+    None,
+    Url(String),
+    Pool(SqlitePool),
+}
+
+impl SqliteStoreBuilder {
+    /// The database: `sqlite://path/to/file.db` (created if missing), `sqlite::memory:`.
+    pub fn url(mut self, url: impl Into<String>) -> Self {
+        self.source = Source::Url(url.into());
+        self
+    }
+
+    /// Use an existing pool. (For `:memory:`, give it one connection that never closes.)
+    pub fn pool(mut self, pool: SqlitePool) -> Self {
+        self.source = Source::Pool(pool);
+        self
+    }
+
+    /// The table: ASCII letters, digits and `_`, not starting with a digit, at most 48 bytes.
+    /// Default [`DEFAULT_TABLE`].
+    pub fn table(mut self, table: impl Into<String>) -> Self {
+        self.table = table.into();
+        self
+    }
+
+    /// The pool's size for a file database. Default 4 (SQLite has one writer at a time;
+    /// more connections only help readers). An in-memory database always uses one.
+    pub fn max_connections(mut self, n: u32) -> Self {
+        self.max_connections = n.max(1);
+        self
+    }
+
+    /// How long a statement waits for another connection's write lock. Default 5 s.
+    pub fn busy_timeout(mut self, d: Duration) -> Self {
+        self.busy_timeout = d;
+        self
+    }
+
+    /// The bound on one store operation; past it the operation fails with
+    /// [`StoreError::Timeout`]. Default 10 s.
+    pub fn operation_timeout(mut self, d: Duration) -> Self {
+        self.op_timeout = d;
+        self
+    }
+
+    /// The largest encoded value accepted. Default 1 MiB.
+    pub fn max_value_size(mut self, bytes: usize) -> Self {
+        self.max_value_size = bytes;
+        self
+    }
+
+    /// How long an in-progress row outlives its lease before the sweep may delete it (so that
+    /// a takeover is still reported as one). Default 60 s.
+    pub fn lease_grace(mut self, d: Duration) -> Self {
+        self.lease_grace = d;
+        self
+    }
+
+    /// The longest pause between two looks of a waiter. Default 250 ms (the first looks come
+    /// after 10 ms, doubling).
+    pub fn poll_max(mut self, d: Duration) -> Self {
+        self.poll_max = d.max(Duration::from_millis(1));
+        self
+    }
+
+    /// Deletes expired rows every `interval`, `batch` rows per statement, in a background task
+    /// that stops when the last clone of the store is dropped. Default: no sweeper.
+    pub fn sweep_every(mut self, interval: Duration, batch: u32) -> Self {
+        self.sweep = Some((interval.max(Duration::from_millis(10)), batch.max(1)));
+        self
+    }
+
+    /// Builds the store without opening a connection (the pool connects on first use).
+    /// Needs a tokio runtime. Fails only on a malformed URL or table name.
+    pub fn build(self) -> Result<SqliteStore, StoreError> {
+        let table = parse_table(&self.table)?;
+        let pool = match self.source {
+            Source::Pool(pool) => pool,
+            Source::Url(url) => {
+                let options = SqliteConnectOptions::from_str(&url)
+                    .map_err(|e| StoreError::backend("sqlite: invalid database URL", e))?
+                    .busy_timeout(self.busy_timeout);
+                if is_in_memory(&url) {
+                    // One connection that lives as long as the pool: the database is in it.
+                    SqlitePoolOptions::new()
+                        .max_connections(1)
+                        .min_connections(1)
+                        .idle_timeout(None)
+                        .max_lifetime(None)
+                        .acquire_timeout(self.op_timeout)
+                        .connect_lazy_with(options)
+                } else {
+                    SqlitePoolOptions::new()
+                        .max_connections(self.max_connections)
+                        .acquire_timeout(self.op_timeout)
+                        .connect_lazy_with(
+                            options
+                                .create_if_missing(true)
+                                .journal_mode(SqliteJournalMode::Wal)
+                                .synchronous(SqliteSynchronous::Normal),
+                        )
+                }
+            }
+            Source::None => {
+                return Err(config_error(
+                    "sqlite: the builder needs .url(..) or .pool(..)",
+                ))
+            }
+        };
+        let store = SqliteStore {
+            inner: Arc::new(Inner {
+                sql: Statements::new(&table),
+                pool,
+                table,
+                shards: (0..SHARDS).map(|_| Notify::new()).collect(),
+                max_value_size: self.max_value_size,
+                lease_grace_ms: millis(self.lease_grace),
+                op_timeout: self.op_timeout,
+                poll_max: self.poll_max,
+            }),
+        };
+        if let Some((interval, batch)) = self.sweep {
+            tokio::spawn(run_sweeper(Arc::downgrade(&store.inner), interval, batch));
+        }
+        Ok(store)
+    }
+
+    /// Builds the store and opens a connection (creating a file database if missing).
+    pub async fn connect(self) -> Result<SqliteStore, StoreError> {
+        let store = self.build()?;
+        let pool = store.inner.pool.clone();
+        store
+            .timed("sqlite: connect", async move {
+                sqlx::query("SELECT 1").execute(&pool).await
+            })
+            .await?;
+        Ok(store)
+    }
+}
+
+impl SqliteStore {
+    /// A builder with the defaults: table [`DEFAULT_TABLE`], 4 connections (1 in memory), 5 s
+    /// busy timeout, 10 s operation timeout, 1 MiB values, no sweeper.
+    pub fn builder() -> SqliteStoreBuilder {
+        SqliteStoreBuilder {
+            source: Source::None,
+            table: DEFAULT_TABLE.to_owned(),
+            max_connections: 4,
+            busy_timeout: Duration::from_secs(5),
+            op_timeout: Duration::from_secs(10),
+            max_value_size: DEFAULT_MAX_VALUE_SIZE,
+            lease_grace: Duration::from_secs(60),
+            poll_max: Duration::from_millis(250),
+            sweep: None,
+        }
+    }
+
+    /// Connects to `url` with the defaults.
+    pub async fn connect(url: &str) -> Result<Self, StoreError> {
+        Self::builder().url(url).connect().await
+    }
+
+    /// The pool (shared with clones of this store).
+    pub fn pool(&self) -> &SqlitePool {
+        &self.inner.pool
+    }
+
+    /// The table name.
+    pub fn table(&self) -> &str {
+        &self.inner.table
+    }
+
+    /// Creates the table and its expiry index if they do not exist. The DDL (times are Unix
+    /// milliseconds):
+    ///
+    /// ```sql
+    /// CREATE TABLE IF NOT EXISTS idem_records (
+    ///     key         BLOB    PRIMARY KEY NOT NULL CHECK (length(key) = 32), -- hashed key
+    ///     state       TEXT    NOT NULL CHECK (state IN ('in_progress', 'completed')),
+    ///     token       INTEGER NOT NULL,   -- fencing token of the current claim
+    ///     attempt     INTEGER NOT NULL DEFAULT 1, -- claims in a row; > 1 after a takeover
+    ///     fingerprint BLOB,               -- 32-byte argument fingerprint, or NULL
+    ///     value       BLOB,               -- the encoded record (type tag inside); NULL while in progress
+    ///     lease_until INTEGER,            -- in progress: the lease's end
+    ///     expires_at  INTEGER NOT NULL    -- when the sweep may delete the row
+    /// );
+    /// CREATE INDEX IF NOT EXISTS idem_records_expires_at ON idem_records (expires_at);
+    /// ```
+    pub async fn migrate(&self) -> Result<(), StoreError> {
+        let pool = self.inner.pool.clone();
+        let sql = self.inner.sql.clone();
+        self.timed("sqlite: migrate", async move {
+            sqlx::query(AssertSqlSafe(sql.create_table.clone()))
+                .execute(&pool)
+                .await?;
+            sqlx::query(AssertSqlSafe(sql.create_index.clone()))
+                .execute(&pool)
+                .await
+        })
+        .await
+        .map(drop)
+    }
+
+    /// Deletes up to `batch` expired rows (completed past their TTL, in progress past their
+    /// lease plus the grace period) and returns how many it deleted.
+    pub async fn purge_expired(&self, batch: u32) -> Result<u64, StoreError> {
+        let q = sqlx::query(AssertSqlSafe(Arc::clone(&self.inner.sql.purge)))
+            .bind(now_ms())
+            .bind(i64::from(batch));
+        let done = self
+            .timed("sqlite: purge expired", q.execute(&self.inner.pool))
+            .await?;
+        Ok(done.rows_affected())
+    }
+
+    async fn timed<T>(
+        &self,
+        what: &'static str,
+        fut: impl std::future::Future<Output = Result<T, sqlx::Error>>,
+    ) -> Result<T, StoreError> {
+        match tokio::time::timeout(self.inner.op_timeout, fut).await {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => Err(StoreError::backend(what, e)),
+            Err(_) => Err(StoreError::Timeout(self.inner.op_timeout)),
+        }
+    }
+
+    fn shard(&self, key: &Key) -> &Notify {
+        &self.inner.shards[key.0[0] as usize % SHARDS]
+    }
+
+    async fn lease_remaining(&self, key: &Key) -> Result<Option<Duration>, StoreError> {
+        let q = sqlx::query(AssertSqlSafe(Arc::clone(&self.inner.sql.lease)))
+            .bind(&key.0[..])
+            .bind(now_ms());
+        let row = self
+            .timed("sqlite: wait", q.fetch_optional(&self.inner.pool))
+            .await?;
+        match row {
+            None => Ok(None),
+            Some(row) => {
+                let until: i64 = col(&row, "lease_until")?;
+                let ms = until.saturating_sub(now_ms());
+                Ok(Some(Duration::from_millis(u64::try_from(ms).unwrap_or(0))))
+            }
+        }
+    }
+
+    async fn fenced(
+        &self,
+        what: &'static str,
+        q: sqlx::query::Query<'_, sqlx::Sqlite, sqlx::sqlite::SqliteArguments>,
+    ) -> Result<(), StoreError> {
+        let done = self.timed(what, q.execute(&self.inner.pool)).await?;
+        if done.rows_affected() == 0 {
+            Err(StoreError::Fenced)
+        } else {
+            Ok(())
+        }
+    }
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    async fn claim(&self, req: &ClaimRequest) -> Result<Claim, StoreError> {
+        let now = now_ms();
+        let lease_until = now.saturating_add(millis(req.lease));
+        let q = sqlx::query(AssertSqlSafe(Arc::clone(&self.inner.sql.claim)))
+            .bind(&req.key.0[..])
+            .bind(req.token.as_i64())
+            .bind(req.fingerprint.as_ref().map(|f| &f.0[..]))
+            .bind(now)
+            .bind(lease_until)
+            .bind(lease_until.saturating_add(self.inner.lease_grace_ms));
+        let row = self
+            .timed("sqlite: claim", q.fetch_one(&self.inner.pool))
+            .await?;
+        let state: String = col(&row, "state")?;
+        let token: i64 = col(&row, "token")?;
+        let fingerprint = fingerprint(col(&row, "fingerprint")?)?;
+        match state.as_str() {
+            "in_progress" if token == req.token.as_i64() => Ok(Claim::Acquired {
+                taken_over: col::<i64>(&row, "attempt")? > 1,
+            }),
+            "in_progress" => {
+                let until: i64 = col(&row, "lease_until")?;
+                let ms = until.saturating_sub(now);
+                Ok(Claim::InProgress {
+                    fingerprint,
+                    lease_remaining: Some(Duration::from_millis(u64::try_from(ms).unwrap_or(0))),
+                })
+            }
+            "completed" => Ok(Claim::Completed(CompletedRecord {
+                fingerprint,
+                value: col::<Option<Vec<u8>>>(&row, "value")?.unwrap_or_default(),
+            })),
+            other => Err(StoreError::Corrupt(format!(
+                "sqlite: unknown state {other:?}"
+            ))),
+        }
+    }
+
+    async fn complete(
+        &self,
+        key: &Key,
+        token: FencingToken,
+        value: &[u8],
+        ttl: Duration,
+    ) -> Result<(), StoreError> {
+        if value.len() > self.inner.max_value_size {
+            return Err(StoreError::TooLarge {
+                size: value.len(),
+                limit: self.inner.max_value_size,
+            });
+        }
+        let q = sqlx::query(AssertSqlSafe(Arc::clone(&self.inner.sql.complete)))
+            .bind(&key.0[..])
+            .bind(token.as_i64())
+            .bind(value)
+            .bind(now_ms().saturating_add(millis(ttl)));
+        let r = self.fenced("sqlite: complete", q).await;
+        self.shard(key).notify_waiters();
+        r
+    }
+
+    async fn release(&self, key: &Key, token: FencingToken) -> Result<(), StoreError> {
+        let q = sqlx::query(AssertSqlSafe(Arc::clone(&self.inner.sql.release)))
+            .bind(&key.0[..])
+            .bind(token.as_i64());
+        let r = self.fenced("sqlite: release", q).await;
+        self.shard(key).notify_waiters();
+        r
+    }
+
+    async fn renew(
+        &self,
+        key: &Key,
+        token: FencingToken,
+        lease: Duration,
+    ) -> Result<(), StoreError> {
+        let lease_until = now_ms().saturating_add(millis(lease));
+        let q = sqlx::query(AssertSqlSafe(Arc::clone(&self.inner.sql.renew)))
+            .bind(&key.0[..])
+            .bind(token.as_i64())
+            .bind(lease_until)
+            .bind(lease_until.saturating_add(self.inner.lease_grace_ms));
+        self.fenced("sqlite: renew", q).await
+    }
+
+    async fn get(&self, key: &Key) -> Result<Option<RecordState>, StoreError> {
+        let q = sqlx::query(AssertSqlSafe(Arc::clone(&self.inner.sql.get)))
+            .bind(&key.0[..])
+            .bind(now_ms());
+        let row = self
+            .timed("sqlite: get", q.fetch_optional(&self.inner.pool))
+            .await?;
+        let Some(row) = row else { return Ok(None) };
+        let state: String = col(&row, "state")?;
+        let fingerprint = fingerprint(col(&row, "fingerprint")?)?;
+        match state.as_str() {
+            "in_progress" => Ok(Some(RecordState::InProgress {
+                token: FencingToken::from_i64(col(&row, "token")?),
+                fingerprint,
+            })),
+            "completed" => Ok(Some(RecordState::Completed(CompletedRecord {
+                fingerprint,
+                value: col::<Option<Vec<u8>>>(&row, "value")?.unwrap_or_default(),
+            }))),
+            other => Err(StoreError::Corrupt(format!(
+                "sqlite: unknown state {other:?}"
+            ))),
+        }
+    }
+
+    async fn wait(&self, key: &Key, timeout: Duration) -> Result<(), StoreError> {
+        let deadline = Instant::now().checked_add(timeout);
+        let mut poll = Duration::from_millis(10);
+        loop {
+            // Subscribe first, then look: a completion through this store after the look
+            // still wakes us; other processes' completions are seen by the next look.
+            let notified = self.shard(key).notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let Some(lease) = self.lease_remaining(key).await? else {
+                return Ok(());
+            };
+            let left = match deadline {
+                Some(d) => d.saturating_duration_since(Instant::now()),
+                None => timeout,
+            };
+            if left.is_zero() {
+                return Ok(());
+            }
+            let nap = left.min(lease + Duration::from_millis(1)).min(poll);
+            poll = (poll * 2).min(self.inner.poll_max);
+            if tokio::time::timeout(nap, notified).await.is_ok() {
+                return Ok(());
+            }
+        }
+    }
+
+    async fn remove(&self, key: &Key) -> Result<(), StoreError> {
+        let q = sqlx::query(AssertSqlSafe(Arc::clone(&self.inner.sql.remove))).bind(&key.0[..]);
+        self.timed("sqlite: remove", q.execute(&self.inner.pool))
+            .await?;
+        self.shard(key).notify_waiters();
+        Ok(())
+    }
+
+    fn release_detached(&self, key: Key, token: FencingToken) {
+        if let Ok(handle) = tokio::runtime::Handle::try_current() {
+            let store = self.clone();
+            handle.spawn(async move {
+                if let Err(e) = store.release(&key, token).await {
+                    tracing::debug!(target: "idem", %key, error = %e, "detached release failed");
+                }
+            });
+        }
+    }
+
+    fn max_value_size(&self) -> usize {
+        self.inner.max_value_size
+    }
+}
+
+fn col<'r, T>(row: &'r SqliteRow, name: &str) -> Result<T, StoreError>
+where
+    T: sqlx::Decode<'r, sqlx::Sqlite> + sqlx::Type<sqlx::Sqlite>,
+{
+    row.try_get(name)
+        .map_err(|e| StoreError::Corrupt(format!("sqlite: column {name}: {e}")))
+}
+
+fn fingerprint(bytes: Option<Vec<u8>>) -> Result<Option<Fingerprint>, StoreError> {
+    match bytes {
+        None => Ok(None),
+        Some(b) => Fingerprint::from_slice(&b).map(Some).ok_or_else(|| {
+            StoreError::Corrupt(format!("sqlite: fingerprint of {} bytes", b.len()))
+        }),
+    }
+}
+
+fn millis(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).map_or(MAX_MILLIS, |ms| ms.min(MAX_MILLIS))
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, millis)
+}
+
+fn is_in_memory(url: &str) -> bool {
+    url.contains(":memory:") || url.contains("mode=memory")
+}
+
+fn config_error(msg: &'static str) -> StoreError {
+    StoreError::backend(
+        msg,
+        std::io::Error::new(std::io::ErrorKind::InvalidInput, msg),
+    )
+}
+
+fn parse_table(s: &str) -> Result<String, StoreError> {
+    let valid = !s.is_empty()
+        && s.len() <= MAX_TABLE_LEN
+        && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+        && !s.as_bytes()[0].is_ascii_digit();
+    if valid {
+        Ok(s.to_owned())
+    } else {
+        Err(config_error(
+            "sqlite: the table name must be ASCII letters, digits and `_`, not starting with a \
+             digit, at most 48 bytes",
+        ))
+    }
+}
+
+/// Every statement, rendered once with the quoted table name. Parameters are bound.
+#[derive(Clone)]
+struct Statements {
+    create_table: String,
+    create_index: String,
+    claim: Arc<str>,
+    complete: Arc<str>,
+    release: Arc<str>,
+    renew: Arc<str>,
+    get: Arc<str>,
+    lease: Arc<str>,
+    remove: Arc<str>,
+    purge: Arc<str>,
+}
+
+impl Statements {
+    fn new(name: &str) -> Statements {
+        let t = format!("\"{name}\"");
+        // In DO UPDATE, bare column names are the existing row's (all read before any is
+        // written), `excluded.*` the proposed one. ?4 is now.
+        let takeable = "((state = 'in_progress' AND lease_until <= ?4) \
+                        OR (state = 'completed' AND expires_at <= ?4))";
+        let pick =
+            |col: &str| format!("{col} = CASE WHEN {takeable} THEN excluded.{col} ELSE {col} END");
+        Statements {
+            create_table: format!(
+                "CREATE TABLE IF NOT EXISTS {t} (
+                    key BLOB PRIMARY KEY NOT NULL CHECK (length(key) = 32),
+                    state TEXT NOT NULL CHECK (state IN ('in_progress', 'completed')),
+                    token INTEGER NOT NULL,
+                    attempt INTEGER NOT NULL DEFAULT 1,
+                    fingerprint BLOB,
+                    value BLOB,
+                    lease_until INTEGER,
+                    expires_at INTEGER NOT NULL
+                )"
+            ),
+            create_index: format!(
+                "CREATE INDEX IF NOT EXISTS \"{name}_expires_at\" ON {t} (expires_at)"
+            ),
+            // ?1 key, ?2 token, ?3 fingerprint, ?4 now, ?5 lease until, ?6 expires at.
+            claim: format!(
+                "INSERT INTO {t}
+                    (key, state, token, attempt, fingerprint, value, lease_until, expires_at)
+                 VALUES (?1, 'in_progress', ?2, 1, ?3, NULL, ?5, ?6)
+                 ON CONFLICT (key) DO UPDATE SET
+                    attempt = CASE WHEN {takeable}
+                                   THEN CASE WHEN state = 'in_progress' THEN attempt + 1 ELSE 1 END
+                                   ELSE attempt END,
+                    {}, {}, {}, {}, {}, {}, {}
+                 RETURNING state, token, attempt, fingerprint, value, lease_until",
+                pick("state"),
+                pick("token"),
+                pick("fingerprint"),
+                pick("value"),
+                pick("lease_until"),
+                pick("expires_at"),
+                // A no-op assignment keeps the list uniform; SQLite allows it.
+                "key = key",
+            )
+            .into(),
+            // ?1 key, ?2 token, ?3 value, ?4 expires at.
+            complete: format!(
+                "UPDATE {t} SET state = 'completed', value = ?3, lease_until = NULL, expires_at = ?4
+                  WHERE key = ?1 AND token = ?2 AND state = 'in_progress'"
+            )
+            .into(),
+            release: format!(
+                "DELETE FROM {t} WHERE key = ?1 AND token = ?2 AND state = 'in_progress'"
+            )
+            .into(),
+            // ?1 key, ?2 token, ?3 lease until, ?4 expires at.
+            renew: format!(
+                "UPDATE {t} SET lease_until = ?3, expires_at = ?4
+                  WHERE key = ?1 AND token = ?2 AND state = 'in_progress'"
+            )
+            .into(),
+            // ?1 key, ?2 now.
+            get: format!(
+                "SELECT state, token, fingerprint, value FROM {t}
+                  WHERE key = ?1
+                    AND CASE WHEN state = 'in_progress' THEN lease_until > ?2
+                             ELSE expires_at > ?2 END"
+            )
+            .into(),
+            lease: format!(
+                "SELECT lease_until FROM {t}
+                  WHERE key = ?1 AND state = 'in_progress' AND lease_until > ?2"
+            )
+            .into(),
+            remove: format!("DELETE FROM {t} WHERE key = ?1").into(),
+            // ?1 now, ?2 batch.
+            purge: format!(
+                "DELETE FROM {t} WHERE key IN (
+                    SELECT key FROM {t} WHERE expires_at <= ?1 ORDER BY expires_at LIMIT ?2
+                 )"
+            )
+            .into(),
+        }
+    }
+}
+
+/// Deletes expired rows every `interval` until the store is dropped.
+async fn run_sweeper(store: Weak<Inner>, interval: Duration, batch: u32) {
+    loop {
+        tokio::time::sleep(interval).await;
+        let Some(inner) = store.upgrade() else { return };
+        let store = SqliteStore { inner };
+        loop {
+            match store.purge_expired(batch).await {
+                Ok(n) if n >= u64::from(batch) => continue,
+                Ok(_) => break,
+                Err(e) => {
+                    tracing::warn!(target: "idem", error = %e, "sqlite store: sweep failed");
+                    break;
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn table_names_are_identifiers() {
+        assert!(parse_table("idem_records").is_ok());
+        for bad in ["", "1a", "a.b", "a\"b", "a;b", "x y", &"a".repeat(49)] {
+            assert!(parse_table(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn memory_urls_are_recognised() {
+        assert!(is_in_memory("sqlite::memory:"));
+        assert!(is_in_memory("sqlite://x?mode=memory&cache=shared"));
+        assert!(!is_in_memory("sqlite:///tmp/x.db"));
+    }
+}
