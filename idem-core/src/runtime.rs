@@ -389,8 +389,13 @@ impl<C: Codec> Call<C> {
                         None => left,
                     };
                     tracing::debug!(target: "idem", %key, ?wait_for, "waiting for the call in progress");
+                    let wait_started = Instant::now();
                     if let Err(e) = store.wait(&key, wait_for).await {
                         return Err(fail(e.into(), ns, Some(&key)));
+                    }
+                    // A store may wake spuriously; never spin on claim while the holder runs.
+                    if waited && wait_started.elapsed() < Duration::from_millis(1) {
+                        tokio::time::sleep(Duration::from_millis(2)).await;
                     }
                     waited = true;
                 }
