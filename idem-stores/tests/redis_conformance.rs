@@ -1,0 +1,53 @@
+//! The store conformance suite on `RedisStore`: against the server named by
+//! `IDEM_TEST_REDIS_URL`, and against a three-master Redis Cluster started for this test.
+#![cfg(feature = "redis")]
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+#[path = "support/redis_server.rs"]
+mod redis_server;
+
+/// The suite against one server (`IDEM_TEST_REDIS_URL`, e.g. `redis://127.0.0.1:6379/`).
+mod single {
+    use std::sync::Arc;
+
+    use idem_core::Store;
+    use idem_stores::RedisStore;
+
+    idem_core::conformance_tests!(async {
+        let url = idem_core::testkit::env_url("IDEM_TEST_REDIS_URL")?;
+        let store = RedisStore::builder(url)
+            .prefix("idem-test:")
+            .build()
+            .await
+            .expect("connect to IDEM_TEST_REDIS_URL");
+        Some(Arc::new(store) as Arc<dyn Store>)
+    });
+}
+
+/// The suite against a real three-master Redis Cluster, started once for this test binary
+/// and killed when it exits.
+mod cluster {
+    use std::sync::{Arc, OnceLock};
+
+    use idem_core::Store;
+    use idem_stores::RedisStore;
+
+    use crate::redis_server::{available, RedisCluster};
+
+    static CLUSTER: OnceLock<Option<RedisCluster>> = OnceLock::new();
+
+    idem_core::conformance_tests!(async {
+        let cluster = CLUSTER
+            .get_or_init(|| available().then(RedisCluster::start))
+            .as_ref()?;
+        let store = RedisStore::cluster_builder(cluster.urls())
+            .build()
+            .await
+            .expect("connect to the test cluster");
+        assert!(
+            store.notifications_live(),
+            "the subscriber connects to the cluster"
+        );
+        Some(Arc::new(store) as Arc<dyn Store>)
+    });
+}

@@ -1,0 +1,335 @@
+//! Exactly-once across real OS processes sharing one Redis (`IDEM_TEST_REDIS_URL`).
+//!
+//! The parent tests re-execute this test binary (`current_exe() --exact child_entry`) with
+//! `IDEM_REDIS_CHILD` naming the child's role; without it `child_entry` does nothing.
+//!
+//! - `cross_process_exactly_once`: 4 processes × 50 concurrent tasks × the same 200 keys; the
+//!   body increments a Redis counter per key. Every counter ends at exactly 1 and every one of
+//!   the 40 000 callers got the first (and only) execution's result.
+//! - `crash_takeover`: a child claims a key and is SIGKILLed mid-body; a second caller gets
+//!   `InProgress` while the lease is live, then runs the body exactly once after it passes.
+#![cfg(feature = "redis")]
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::HashMap;
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use idem_core::{Call, Error, OnConflict};
+use idem_stores::RedisStore;
+use redis::AsyncCommands;
+
+const PROCESSES: usize = 4;
+const TASKS: usize = 50;
+const KEYS: usize = 200;
+const PREFIX: &str = "idem-test:";
+
+/// The body's error type: the runtime's errors, or the counter's.
+#[derive(Debug)]
+#[allow(dead_code)] // read through Debug
+enum TestError {
+    Idem(Error),
+    Redis(String),
+}
+
+impl From<Error> for TestError {
+    fn from(e: Error) -> Self {
+        TestError::Idem(e)
+    }
+}
+
+fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+}
+
+fn leak(s: String) -> &'static str {
+    Box::leak(s.into_boxed_str())
+}
+
+async fn counters(url: &str) -> redis::aio::ConnectionManager {
+    redis::Client::open(url)
+        .unwrap()
+        .get_connection_manager()
+        .await
+        .unwrap()
+}
+
+/// The annotated-function stand-in: one idempotent "charge" per key, whose side effect is an
+/// `INCR` of that key's counter.
+async fn charge(
+    store: &RedisStore,
+    counters: &redis::aio::ConnectionManager,
+    run: &'static str,
+    key: usize,
+    who: String,
+) -> Result<String, TestError> {
+    let counter = format!("{PREFIX}xproc:{run}:count:{key}");
+    let mut conn = counters.clone();
+    Call::new(leak(format!("xproc::{run}")))
+        .key(key)
+        .lease(Duration::from_secs(2))
+        .wait_timeout(Duration::from_secs(30))
+        .run(store, async move {
+            let n: i64 = conn
+                .incr(&counter, 1)
+                .await
+                .map_err(|e| TestError::Redis(e.to_string()))?;
+            tokio::time::sleep(Duration::from_millis(2)).await;
+            Ok(format!("{who} saw count {n}"))
+        })
+        .await
+}
+
+/// The child side: does nothing unless `IDEM_REDIS_CHILD` is set by a parent test.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn child_entry() {
+    let Ok(role) = std::env::var("IDEM_REDIS_CHILD") else {
+        return;
+    };
+    let url = std::env::var("IDEM_TEST_REDIS_URL").unwrap();
+    let run = leak(std::env::var("IDEM_XPROC_RUN").unwrap());
+    let store = RedisStore::builder(url.as_str())
+        .prefix(PREFIX)
+        .build()
+        .await
+        .unwrap();
+    let counters = counters(&url).await;
+    match role.as_str() {
+        "exactly_once" => {
+            let start_at: u64 = std::env::var("IDEM_XPROC_START").unwrap().parse().unwrap();
+            tokio::time::sleep(Duration::from_millis(start_at.saturating_sub(unix_ms()))).await;
+            let pid = std::process::id();
+            let tasks: Vec<_> = (0..TASKS)
+                .map(|t| {
+                    let store = store.clone();
+                    let counters = counters.clone();
+                    tokio::spawn(async move {
+                        let mut out = Vec::with_capacity(KEYS);
+                        for j in 0..KEYS {
+                            // Tasks start at different keys and walk them all, so every key
+                            // sees concurrent duplicates from every process.
+                            let key = (j + t * 7) % KEYS;
+                            let r = charge(&store, &counters, run, key, format!("{pid}/{t}")).await;
+                            out.push((key, r));
+                        }
+                        out
+                    })
+                })
+                .collect();
+            for t in tasks {
+                for (key, r) in t.await.unwrap() {
+                    match r {
+                        Ok(v) => println!("RESULT {key} {v}"),
+                        Err(e) => println!("ERROR {key} {e:?}"),
+                    }
+                }
+            }
+        }
+        "crash" => {
+            let marker = format!("{PREFIX}xproc:{run}:started");
+            let runs = format!("{PREFIX}xproc:{run}:runs");
+            let mut conn = counters.clone();
+            let r: Result<String, TestError> = Call::new(leak(format!("xproc::{run}")))
+                .key("victim")
+                .lease(Duration::from_millis(500))
+                .run(&store, async move {
+                    let _: i64 = conn.incr(&runs, 1).await.unwrap();
+                    let _: () = conn.set(&marker, 1).await.unwrap();
+                    // Killed here by the parent.
+                    tokio::time::sleep(Duration::from_secs(60)).await;
+                    Ok("child".to_string())
+                })
+                .await;
+            println!("UNEXPECTED {r:?}");
+        }
+        other => panic!("unknown child role {other}"),
+    }
+}
+
+fn child(role: &str, url: &str, run: &str, extra: &[(&str, String)]) -> Command {
+    let mut cmd = Command::new(std::env::current_exe().unwrap());
+    cmd.args([
+        "--exact",
+        "child_entry",
+        "--nocapture",
+        "--test-threads",
+        "1",
+    ])
+    .env("IDEM_REDIS_CHILD", role)
+    .env("IDEM_TEST_REDIS_URL", url)
+    .env("IDEM_XPROC_RUN", run)
+    .stdin(Stdio::null())
+    .stdout(Stdio::piped())
+    .stderr(Stdio::inherit());
+    for (k, v) in extra {
+        cmd.env(k, v);
+    }
+    cmd
+}
+
+fn run_id() -> String {
+    format!("{}-{}", std::process::id(), unix_ms())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cross_process_exactly_once() {
+    let Some(url) = idem_core::testkit::env_url("IDEM_TEST_REDIS_URL") else {
+        return;
+    };
+    let run = run_id();
+    let start_at = unix_ms() + 1500;
+    let children: Vec<_> = (0..PROCESSES)
+        .map(|_| {
+            child(
+                "exactly_once",
+                &url,
+                &run,
+                &[("IDEM_XPROC_START", start_at.to_string())],
+            )
+            .spawn()
+            .unwrap()
+        })
+        .collect();
+    let outputs: Vec<_> = tokio::task::spawn_blocking(move || {
+        children
+            .into_iter()
+            .map(|c| c.wait_with_output().unwrap())
+            .collect::<Vec<_>>()
+    })
+    .await
+    .unwrap();
+
+    let mut results: HashMap<usize, Vec<String>> = HashMap::new();
+    for out in &outputs {
+        assert!(out.status.success(), "a child failed: {:?}", out.status);
+        for line in String::from_utf8_lossy(&out.stdout).lines() {
+            // The harness prints "test child_entry ... " without a newline before the body.
+            assert!(!line.contains("ERROR "), "a call failed: {line}");
+            if let Some(rest) = line.split_once("RESULT ").map(|(_, r)| r) {
+                let (key, value) = rest.split_once(' ').unwrap();
+                results
+                    .entry(key.parse().unwrap())
+                    .or_default()
+                    .push(value.to_string());
+            }
+        }
+    }
+    assert_eq!(results.len(), KEYS, "every key was called");
+    let mut counters = counters(&url).await;
+    for key in 0..KEYS {
+        let values = &results[&key];
+        assert_eq!(
+            values.len(),
+            PROCESSES * TASKS,
+            "every caller answered for key {key}"
+        );
+        assert!(
+            values.iter().all(|v| v == &values[0]),
+            "key {key}: callers got different results: {:?}",
+            values.iter().collect::<std::collections::HashSet<_>>()
+        );
+        assert!(
+            values[0].ends_with("saw count 1"),
+            "key {key}: {}",
+            values[0]
+        );
+        let n: i64 = counters
+            .get(format!("{PREFIX}xproc:{run}:count:{key}"))
+            .await
+            .unwrap();
+        assert_eq!(n, 1, "key {key}: the body ran {n} times");
+    }
+    println!(
+        "{} processes x {} tasks x {} keys: every counter is 1, {} callers agree",
+        PROCESSES,
+        TASKS,
+        KEYS,
+        PROCESSES * TASKS * KEYS
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crash_takeover() {
+    let Some(url) = idem_core::testkit::env_url("IDEM_TEST_REDIS_URL") else {
+        return;
+    };
+    let run = leak(run_id());
+    let mut counters = counters(&url).await;
+    let marker = format!("{PREFIX}xproc:{run}:started");
+    let runs = format!("{PREFIX}xproc:{run}:runs");
+    let mut victim = child("crash", &url, run, &[]).spawn().unwrap();
+
+    // Wait until the child is inside the body, then kill it without a chance to clean up.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let started: Option<i64> = counters.get(&marker).await.unwrap();
+        if started.is_some() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the child never entered the body"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    victim.kill().unwrap(); // SIGKILL
+    victim.wait().unwrap();
+    let killed_at = Instant::now();
+
+    let store = Arc::new(
+        RedisStore::builder(url.as_str())
+            .prefix(PREFIX)
+            .build()
+            .await
+            .unwrap(),
+    );
+    let call = || {
+        Call::new(leak(format!("xproc::{run}")))
+            .key("victim")
+            .lease(Duration::from_millis(500))
+    };
+
+    // The dead child's lease is still live: a rejecting caller gets InProgress.
+    let r: Result<String, Error> = call()
+        .on_conflict(OnConflict::Reject)
+        .run(&*store, async { Ok("must not run".to_string()) })
+        .await;
+    assert!(
+        matches!(r, Err(Error::InProgress { .. })),
+        "expected InProgress while the lease is live, got {r:?}"
+    );
+
+    // A waiting caller waits for the lease to pass, takes over and runs the body once.
+    let mut conn = counters.clone();
+    let runs2 = runs.clone();
+    let r: Result<String, Error> = call()
+        .wait_timeout(Duration::from_secs(10))
+        .run(&*store, async move {
+            let _: i64 = conn.incr(&runs2, 1).await.unwrap();
+            Ok("survivor".to_string())
+        })
+        .await;
+    let waited = killed_at.elapsed();
+    assert_eq!(r.unwrap(), "survivor");
+    assert!(
+        waited < Duration::from_secs(5),
+        "took over {waited:?} after the kill"
+    );
+    let n: i64 = counters.get(&runs).await.unwrap();
+    assert_eq!(n, 2, "the child's run and exactly one takeover run");
+
+    // Everyone after that gets the survivor's result; the body does not run again.
+    for _ in 0..3 {
+        let r: Result<String, Error> = call()
+            .run(&*store, async { Ok("ran again".to_string()) })
+            .await;
+        assert_eq!(r.unwrap(), "survivor");
+    }
+    let n: i64 = counters.get(&runs).await.unwrap();
+    assert_eq!(n, 2);
+    println!("took over {waited:?} after SIGKILL (lease 500 ms)");
+}
