@@ -12,6 +12,10 @@
 mod memory;
 #[cfg(feature = "memory")]
 pub use memory::{MemoryStore, MemoryStoreBuilder};
+#[cfg(feature = "memory")]
+mod tiered;
+#[cfg(feature = "memory")]
+pub use tiered::TieredStore;
 
 #[cfg(feature = "redis")]
 pub mod redis;
