@@ -1,0 +1,311 @@
+//! A `RedisStore` against a private `redis-server` that the tests kill, pause and flush:
+//! outages fail closed and heal without rebuilding the store, commands time out, and scripts
+//! reload after the server forgets them.
+#![cfg(feature = "redis")]
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+#[path = "support/redis_server.rs"]
+mod redis_server;
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use idem_core::testkit::fresh_key;
+use idem_core::{Call, Claim, ClaimRequest, Error, FencingToken, Store, StoreError};
+use idem_stores::RedisStore;
+use redis_server::{available, RedisServer};
+
+async fn store_for(server: &RedisServer) -> RedisStore {
+    RedisStore::builder(server.url())
+        .connect_timeout(Duration::from_millis(500))
+        .command_timeout(Duration::from_millis(500))
+        .build()
+        .await
+        .unwrap()
+}
+
+fn claim_req(lease: Duration) -> ClaimRequest {
+    ClaimRequest {
+        key: fresh_key(),
+        fingerprint: None,
+        token: FencingToken::random(),
+        lease,
+    }
+}
+
+/// Calls fail with `Error::Store` and do not run the body while the server is down; once it
+/// is back on the same port the same store object works again, notifications included.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outage_fails_closed_and_heals() {
+    if !available() {
+        return;
+    }
+    let mut server = RedisServer::start();
+    let store = store_for(&server).await;
+    assert!(store.notifications_live());
+    let ran = Arc::new(AtomicUsize::new(0));
+    let call = |key: &'static str| {
+        let ran = ran.clone();
+        Call::new("outage").key(key).run(&store, async move {
+            ran.fetch_add(1, Ordering::SeqCst);
+            Ok::<_, Error>(key.to_string())
+        })
+    };
+    assert_eq!(call("before").await.unwrap(), "before");
+    assert_eq!(ran.load(Ordering::SeqCst), 1);
+
+    server.kill();
+    for key in ["during-1", "during-2", "before"] {
+        let t = Instant::now();
+        let r = call(key).await;
+        assert!(
+            matches!(r, Err(Error::Store(_))),
+            "expected Error::Store, got {r:?}"
+        );
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "a failing call took {:?}",
+            t.elapsed()
+        );
+    }
+    assert_eq!(
+        ran.load(Ordering::SeqCst),
+        1,
+        "no body runs while the store is down"
+    );
+    // Direct trait calls fail the same way.
+    assert!(store
+        .claim(&claim_req(Duration::from_secs(1)))
+        .await
+        .is_err());
+
+    server.restart();
+    // The same store object reconnects on its own (the restarted server is empty and has no
+    // scripts cached: NOSCRIPT is answered by loading them again).
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let value = loop {
+        match call("after").await {
+            Ok(v) => break v,
+            Err(Error::Store(e)) => {
+                assert!(
+                    Instant::now() < deadline,
+                    "the store did not recover: {e:?}"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => panic!("unexpected error after the restart: {e:?}"),
+        }
+    };
+    assert_eq!(value, "after");
+    assert_eq!(ran.load(Ordering::SeqCst), 2);
+    assert_eq!(call("after").await.unwrap(), "after", "replayed");
+    assert_eq!(ran.load(Ordering::SeqCst), 2);
+
+    // The subscriber reconnects too, and waiters are woken by notifications again.
+    while !store.notifications_live() {
+        assert!(
+            Instant::now() < deadline,
+            "the subscriber did not reconnect"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let req = claim_req(Duration::from_secs(30));
+    assert_eq!(
+        store.claim(&req).await.unwrap(),
+        Claim::Acquired { taken_over: false }
+    );
+    let waiter = {
+        let store = store.clone();
+        let key = req.key;
+        tokio::spawn(async move {
+            store.wait(&key, Duration::from_secs(20)).await.unwrap();
+            Instant::now()
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let completed_at = Instant::now();
+    store
+        .complete(&req.key, req.token, b"v", Duration::from_secs(60))
+        .await
+        .unwrap();
+    let woke = waiter.await.unwrap();
+    assert!(
+        woke.duration_since(completed_at) < Duration::from_secs(1),
+        "the waiter was not woken promptly after the restart"
+    );
+}
+
+/// Without notifications (here: a server on which SUBSCRIBE is disabled) waiters fall back to
+/// bounded polling: they still see a completion promptly, and still respect their timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiting_falls_back_to_polling_without_notifications() {
+    if !available() {
+        return;
+    }
+    let server = RedisServer::start_with(
+        redis_server::spare_port(false),
+        &["--rename-command", "SUBSCRIBE", ""],
+    );
+    let store = store_for(&server).await;
+    assert!(
+        !store.notifications_live(),
+        "SUBSCRIBE is disabled on this server"
+    );
+    let req = claim_req(Duration::from_secs(30));
+    store.claim(&req).await.unwrap();
+    let waiter = {
+        let store = store.clone();
+        let key = req.key;
+        tokio::spawn(async move {
+            store.wait(&key, Duration::from_secs(10)).await.unwrap();
+            Instant::now()
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let completed_at = Instant::now();
+    store
+        .complete(&req.key, req.token, b"v", Duration::from_secs(60))
+        .await
+        .unwrap();
+    let woke = waiter.await.unwrap();
+    let latency = woke.duration_since(completed_at);
+    assert!(
+        latency < Duration::from_millis(400),
+        "polling saw the completion after {latency:?}"
+    );
+    // Bounded: a wait on a claim nobody completes ends at its timeout.
+    let other = claim_req(Duration::from_secs(30));
+    store.claim(&other).await.unwrap();
+    let t = Instant::now();
+    store
+        .wait(&other.key, Duration::from_millis(300))
+        .await
+        .unwrap();
+    assert!(t.elapsed() >= Duration::from_millis(300) && t.elapsed() < Duration::from_secs(2));
+}
+
+/// A command that does not finish within the command timeout is `StoreError::Timeout`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_commands_time_out() {
+    if !available() {
+        return;
+    }
+    let server = RedisServer::start();
+    let store = RedisStore::builder(server.url())
+        .command_timeout(Duration::from_millis(200))
+        .build()
+        .await
+        .unwrap();
+    let req = claim_req(Duration::from_secs(5));
+    store.claim(&req).await.unwrap();
+    // Pause every client's commands for 1.5 s.
+    assert!(server
+        .command("CLIENT PAUSE 1500 ALL")
+        .unwrap()
+        .starts_with("+OK"));
+    let t = Instant::now();
+    let r = store.claim(&claim_req(Duration::from_secs(5))).await;
+    assert!(
+        matches!(r, Err(StoreError::Timeout(d)) if d == Duration::from_millis(200)),
+        "{r:?}"
+    );
+    assert!(t.elapsed() < Duration::from_secs(1));
+    let r: Result<(), Error> = Call::new("timeout")
+        .key("k")
+        .run(&store, async { Ok(()) })
+        .await;
+    assert!(
+        matches!(r, Err(Error::Store(StoreError::Timeout(_)))),
+        "{r:?}"
+    );
+    // After the pause the store works again.
+    tokio::time::sleep(Duration::from_millis(1600)).await;
+    store
+        .complete(&req.key, req.token, b"v", Duration::from_secs(60))
+        .await
+        .unwrap();
+}
+
+/// After `SCRIPT FLUSH` the scripts are loaded again transparently (EVALSHA → NOSCRIPT →
+/// SCRIPT LOAD → EVALSHA).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scripts_reload_after_flush() {
+    if !available() {
+        return;
+    }
+    let server = RedisServer::start();
+    let store = store_for(&server).await;
+    let req = claim_req(Duration::from_secs(5));
+    store.claim(&req).await.unwrap();
+    assert!(server.command("SCRIPT FLUSH").unwrap().starts_with("+OK"));
+    store
+        .renew(&req.key, req.token, Duration::from_secs(5))
+        .await
+        .unwrap();
+    store
+        .complete(&req.key, req.token, b"v", Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert!(matches!(
+        store.claim(&req).await.unwrap(),
+        Claim::Completed(_)
+    ));
+}
+
+/// Stores with different prefixes on one server never see each other's records, and records
+/// expire through Redis's own PEXPIRE (nothing is left behind).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prefixes_isolate_and_keys_expire() {
+    if !available() {
+        return;
+    }
+    let server = RedisServer::start();
+    let a = RedisStore::builder(server.url())
+        .prefix("a:")
+        .build()
+        .await
+        .unwrap();
+    let b = RedisStore::builder(server.url())
+        .prefix("b:")
+        .build()
+        .await
+        .unwrap();
+    let req = claim_req(Duration::from_millis(200));
+    assert_eq!(
+        a.claim(&req).await.unwrap(),
+        Claim::Acquired { taken_over: false }
+    );
+    assert_eq!(
+        b.claim(&req).await.unwrap(),
+        Claim::Acquired { taken_over: false }
+    );
+    let ttl: i64 = server
+        .command(&format!("PTTL {}", a.redis_key(&req.key)))
+        .unwrap()
+        .trim()
+        .trim_start_matches(':')
+        .parse()
+        .unwrap();
+    assert!(
+        ttl > 0,
+        "an in-progress record carries a PX expiry (lease + grace)"
+    );
+    a.complete(&req.key, req.token, b"v", Duration::from_millis(300))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let exists = server
+        .command(&format!("EXISTS {}", a.redis_key(&req.key)))
+        .unwrap();
+    assert_eq!(
+        exists.trim(),
+        ":0",
+        "Redis expired the completed record itself"
+    );
+    assert!(RedisStore::builder(server.url())
+        .prefix("bad{")
+        .build()
+        .await
+        .is_err());
+}
