@@ -228,12 +228,17 @@ fn run(p: &TokenStream, call: TokenStream, args: &Args, model: &Func, body: &Blo
         _ => quote!(::<#ok, _, _>),
     };
     let store = args.store.as_ref().map(|s| quote_spanned!(at(s)=> &(#s),));
+    // Mixed-site: a user variable of the same name neither shadows nor is shadowed by it.
+    // The call and its `.await` are located at the return type: rustc repeats an unmet
+    // bound there (the future's well-formedness), so that copy lands at the return type too.
+    let ret = Span::mixed_site().located_at(model.ret_span);
+    let call_var = syn::Ident::new("__idem_call", Span::mixed_site());
+    let run_var = syn::Ident::new("__idem_run", ret);
+    let call_var_at_ret = syn::Ident::new("__idem_call", ret);
+    let run_call = quote_spanned!(ret=> #run_var(#call_var_at_ret, #store async #body).await);
     quote! {
-        #p::#method #types (
-            #call,
-            #store
-            async #body,
-        )
-        .await
+        let #call_var = #call;
+        let #run_var = #p::#method #types;
+        #run_call
     }
 }

@@ -18,3 +18,6 @@ use proc_macro::TokenStream;
 pub fn idempotent(attr: TokenStream, item: TokenStream) -> TokenStream {
     expand::idempotent(attr.into(), item.into()).into()
 }
+
+#[cfg(test)]
+mod snapshots;

@@ -157,6 +157,7 @@ pub(crate) fn check(item: &ItemFn, args: &Args) -> (Option<Func>, Vec<syn::Error
 
     let func = match (shape, result) {
         (Some(shape), Some((ok, err))) => Some(Func {
+            ret_span: ret_span(&sig.output),
             inputs,
             ok,
             err,
@@ -165,6 +166,13 @@ pub(crate) fn check(item: &ItemFn, args: &Args) -> (Option<Func>, Vec<syn::Error
         _ => None,
     };
     (func, errors)
+}
+
+fn ret_span(output: &ReturnType) -> proc_macro2::Span {
+    match output {
+        ReturnType::Type(_, ty) => syn::spanned::Spanned::span(ty),
+        ReturnType::Default => proc_macro2::Span::call_site(),
+    }
 }
 
 fn list(names: &[&Ident]) -> String {

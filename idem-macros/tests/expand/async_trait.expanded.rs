@@ -1,0 +1,40 @@
+impl Billing for Biller {
+    fn charge<'life0, 'async_trait>(
+        &'life0 self,
+        order: String,
+    ) -> ::core::pin::Pin<
+        Box<
+            dyn ::core::future::Future<
+                Output = Result<Receipt, Error>,
+            > + ::core::marker::Send + 'async_trait,
+        >,
+    >
+    where
+        'life0: 'async_trait,
+        Self: 'async_trait,
+    {
+        Box::pin(async move {
+            let __idem_call = ::idem_core::__private::Call::new(
+                    ::idem_core::__private::concat!(
+                        ::idem_core::__private::module_path!(), "::charge"
+                    ),
+                )
+                .key(&(order.clone()))
+                .fingerprint((&order,));
+            let __idem_run = ::idem_core::__private::run::<Receipt, Error, _>;
+            __idem_run(
+                    __idem_call,
+                    &(self.store),
+                    async {
+                        let __self = self;
+                        let order = order;
+                        let __ret: Result<Receipt, Error> = {
+                            Ok(__self.receipt(order))
+                        };
+                        #[allow(unreachable_code)] __ret
+                    },
+                )
+                .await
+        })
+    }
+}

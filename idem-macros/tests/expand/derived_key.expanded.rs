@@ -1,0 +1,23 @@
+async fn send_email(
+    store: &MemoryStore,
+    db: &Pool,
+    to: String,
+    template: u32,
+) -> Result<(), Error> {
+    let __idem_call = ::idem_core::__private::Call::new(
+            ::idem_core::__private::concat!(
+                ::idem_core::__private::module_path!(), "::send_email"
+            ),
+        )
+        .key((&to, &template));
+    let __idem_run = ::idem_core::__private::run::<(), Error, _>;
+    __idem_run(
+            __idem_call,
+            &(store),
+            async {
+                db.log(&to, template).await?;
+                Ok(())
+            },
+        )
+        .await
+}

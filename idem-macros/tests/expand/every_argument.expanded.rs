@@ -1,0 +1,20 @@
+pub(crate) async fn charge(
+    client: &Client,
+    tenant: &str,
+    order: Order,
+) -> Result<Receipt, Declined> {
+    let __idem_call = my_app::idem::__private::Call::new("billing::charge")
+        .key(&(order.id))
+        .fingerprint((&tenant, &order))
+        .scope(&(tenant))
+        .ttl(my_app::idem::__private::Duration::from_secs(604800))
+        .lease(my_app::idem::__private::Duration::from_millis(500))
+        .wait_timeout(Duration::from_secs(3))
+        .on_conflict(my_app::idem::__private::OnConflict::Wait)
+        .version(2)
+        .missing_key(my_app::idem::__private::MissingKey::Run)
+        .fail_open(true);
+    let __idem_run = my_app::idem::__private::run_storing_errors::<Receipt, Declined, _>;
+    __idem_run(__idem_call, &(STORE.clone()), async { client.charge(&order).await })
+        .await
+}
