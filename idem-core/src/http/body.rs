@@ -110,25 +110,54 @@ impl<B: Body<Data = Bytes> + Unpin> Body for Prefixed<B> {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::VecDeque;
+    use std::convert::Infallible;
+
     use super::*;
+
+    /// A body of chunks with no size hint, like a streamed response.
+    struct Chunks(VecDeque<&'static [u8]>);
+
+    impl Body for Chunks {
+        type Data = Bytes;
+        type Error = Infallible;
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            _cx: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+            Poll::Ready(
+                self.0
+                    .pop_front()
+                    .map(|c| Ok(Frame::data(Bytes::from_static(c)))),
+            )
+        }
+    }
+
+    async fn all<B: Body<Data = Bytes>>(body: B) -> Vec<u8> {
+        match body.collect().await {
+            Ok(c) => c.to_bytes().to_vec(),
+            Err(_) => panic!("body failed"),
+        }
+    }
 
     #[tokio::test]
     async fn reads_within_and_over_the_limit() {
-        let body = Full::new(Bytes::from_static(b"hello"));
-        match read_limited(body, 5).await {
-            Ok(Buffered::Complete(b)) => assert_eq!(&b[..], b"hello"),
-            _ => panic!("expected a complete body"),
-        }
-        let body = Full::new(Bytes::from_static(b"hello!"));
-        match read_limited(body, 5).await {
-            Ok(Buffered::Over { prefix, rest }) => {
-                let all = Prefixed::new(prefix, rest).collect().await;
-                assert_eq!(
-                    &all.map(|c| c.to_bytes()).ok().unwrap_or_default()[..],
-                    b"hello!"
-                );
-            }
-            _ => panic!("expected an oversized body"),
-        }
+        let within = read_limited(Chunks(VecDeque::from([&b"hel"[..], b"lo"])), 5).await;
+        assert!(matches!(within, Ok(Buffered::Complete(b)) if &b[..] == b"hello"));
+
+        let over = read_limited(Chunks(VecDeque::from([&b"hel"[..], b"lo", b"!!", b"?"])), 4).await;
+        let Ok(Buffered::Over { prefix, rest }) = over else {
+            panic!("expected an oversized body");
+        };
+        assert_eq!(&prefix[..], b"hello");
+        assert_eq!(all(Prefixed::new(prefix, rest)).await, b"hello!!?");
+
+        // An exact size hint over the limit is refused before anything is read.
+        let sized = read_limited(Full::new(Bytes::from_static(b"hello!")), 5).await;
+        let Ok(Buffered::Over { prefix, rest }) = sized else {
+            panic!("expected an oversized body");
+        };
+        assert!(prefix.is_empty());
+        assert_eq!(all(Prefixed::new(prefix, rest)).await, b"hello!");
     }
 }

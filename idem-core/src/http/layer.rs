@@ -408,7 +408,8 @@ where
     ResB::Error: Into<BoxError>,
 {
     let store: &dyn Store = &*config.store;
-    let limit = config.max_response_body.min(store.max_value_size());
+    let store_limit = store.max_value_size();
+    let limit = config.max_response_body.min(store_limit);
     // The response as the handler sent it, when the handler ran in this call.
     let mut live: Option<Response<ResponseBody>> = None;
     let live_slot = &mut live;
@@ -425,8 +426,8 @@ where
                     tracing::debug!(target: "idem", %status, "response not stored (policy): key released");
                     return Err(Flow::Release);
                 }
-                if stored.approximate_size() > limit {
-                    tracing::warn!(target: "idem", %status, limit, "response too large to store: sent, not stored; key released");
+                if stored.approximate_size() > store_limit {
+                    tracing::warn!(target: "idem", %status, store_limit, "response too large for the store: sent, not stored; key released");
                     return Err(Flow::Release);
                 }
                 Ok(stored)
