@@ -81,12 +81,18 @@ fn wrap(mut func: ItemFn, args: &Args, model: &Func) -> TokenStream {
     match model.shape {
         Shape::Async => {
             let run = run(&p, call, args, model, &func.block);
+            let braces = func.block.brace_token;
             *func.block = syn::parse_quote!({ #run });
+            // The user's braces keep the item's span theirs: `dead_code` and other lints
+            // still see the function as user code.
+            func.block.brace_token = braces;
         }
         Shape::AsyncTrait => {
             if let Some(body) = async_trait_body_mut(&mut func.block) {
                 let run = run(&p, call, args, model, &body.block);
+                let braces = body.block.brace_token;
                 body.block = syn::parse_quote!({ #run });
+                body.block.brace_token = braces;
             }
         }
     }

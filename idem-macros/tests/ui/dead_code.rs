@@ -11,4 +11,6 @@ async fn never_called(id: u64) -> Result<Receipt, Error> {
     Ok(Receipt)
 }
 
-fn main() {}
+fn main() {
+    let _ = Receipt;
+}
