@@ -173,6 +173,7 @@ async fn impl_trait_arguments_skipped_or_covered_by_the_key() {
 }
 
 #[idempotent(key = (a, b), store = store, skip(store, runs))]
+#[allow(clippy::needless_lifetimes)] // explicit on purpose: named lifetimes are a shape
 async fn borrowed<'a, 'b>(
     store: &MemoryStore,
     runs: &AtomicU32,
