@@ -62,6 +62,7 @@ pub use store::{
 };
 
 #[cfg(feature = "macros")]
+#[doc = include_str!("idempotent.md")]
 pub use idem_macros::idempotent;
 
 /// What `#[idempotent]` expands to reaches the runtime only through here.

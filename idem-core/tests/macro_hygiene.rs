@@ -27,7 +27,7 @@ fn module_path() -> &'static str {
 
 /// A crate that re-exports idem under its own path.
 mod my_framework {
-    pub use ::idem_core as idem;
+    pub(crate) use ::idem_core as idem;
 }
 
 #[idempotent(key = (__idem_call, __idem_run), store = store, skip(store, runs))]
