@@ -28,7 +28,7 @@
 //!
 //! # Claim: one `INSERT ... ON DUPLICATE KEY UPDATE`
 //!
-//! See [`claim_sql`] for the statement. It is atomic under concurrent inserts because InnoDB
+//! The statement is in `claim_sql` below. It is atomic under concurrent inserts because InnoDB
 //! runs it as one step on the primary-key index: the insert either creates the row (holding
 //! an exclusive lock on the new index record until the statement commits) or meets the
 //! duplicate, takes an exclusive lock on the existing row — waiting for any other writer of
@@ -169,7 +169,8 @@ impl Statements {
                 "SELECT 1 FROM {table} WHERE k = ? AND token = ? AND state = 'in_progress'"
             ),
             get: format!(
-                "SELECT CAST(state = 'completed' AS SIGNED) AS completed, token, fingerprint, value \
+                "SELECT CAST(state = 'completed' AS SIGNED) AS completed, token, fingerprint, \
+                        value \
                  FROM {table} WHERE k = ? AND live_until > {NOW_MS}"
             ),
             probe: format!(
@@ -673,8 +674,9 @@ impl Store for MySqlStore {
             .bind(&key.0[..])
             .bind(token.as_i64());
         self.timed(async {
-            // MySQL counts rows *changed*: a renew that writes the deadline the row already
-            // has (twice in one millisecond) reports 0. Tell that from a lost claim.
+            // sqlx asks the server for rows *matched* (CLIENT_FOUND_ROWS); on a connection
+            // that counts rows *changed*, a renew writing the deadline the row already has
+            // (twice in one millisecond) reports 0. Tell that from a lost claim.
             if self.fenced("mysql: renew", q).await? || self.holds(key, token).await? {
                 Ok(())
             } else {

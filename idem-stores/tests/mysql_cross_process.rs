@@ -1,0 +1,228 @@
+//! Exactly-once across OS processes on MySQL / MariaDB: 4 processes × 50 concurrent tasks
+//! call the same 200 keys; each body inserts one row into a side-effect table (no unique
+//! constraint, so a second execution would show). Afterwards there are exactly 200 rows,
+//! and every one of the 40 000 callers got the result of the one execution of its key.
+//!
+//! The parent re-executes this test binary (`std::env::current_exe()`) with a role variable;
+//! the children print one `XP` line per key they saw. Runs when `IDEM_TEST_MYSQL_URL` is set.
+#![cfg(feature = "mysql")]
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use idem_core::{Call, Error, FencingToken};
+use idem_stores::MySqlStore;
+use sqlx::mysql::{MySqlPool, MySqlPoolOptions};
+use sqlx::AssertSqlSafe;
+
+const PROCESSES: usize = 4;
+const TASKS: usize = 50;
+const KEYS: u32 = 200;
+const TEST_NAME: &str = "cross_process_exactly_once";
+const ROLE: &str = "IDEM_MYSQL_XP_ROLE";
+
+async fn pool(url: &str, max: u32) -> MySqlPool {
+    MySqlPoolOptions::new()
+        .max_connections(max)
+        .acquire_timeout(Duration::from_secs(20))
+        .connect(url)
+        .await
+        .expect("connect to IDEM_TEST_MYSQL_URL")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cross_process_exactly_once() {
+    if std::env::var_os(ROLE).is_some() {
+        return child().await;
+    }
+    let Some(url) = idem_core::testkit::env_url("IDEM_TEST_MYSQL_URL") else {
+        return;
+    };
+    let run = FencingToken::random().0 % 1_000_000_000_000;
+    let table = format!("idem_xp_{run}");
+    let effects = format!("idem_xp_fx_{run}");
+    let admin = pool(&url, 2).await;
+    let store = MySqlStore::builder(admin.clone())
+        .table(&table)
+        .build()
+        .unwrap();
+    store.migrate().await.unwrap();
+    sqlx::query(AssertSqlSafe(format!(
+        "CREATE TABLE `{effects}` (id BIGINT AUTO_INCREMENT PRIMARY KEY, k INT NOT NULL, \
+         result VARCHAR(100) NOT NULL) ENGINE=InnoDB"
+    )))
+    .execute(&admin)
+    .await
+    .unwrap();
+
+    // All children start their calls at the same instant (wall clock), after connecting.
+    let start_at = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis()
+        + 2500;
+    let t0 = Instant::now();
+    let exe = std::env::current_exe().unwrap();
+    let children: Vec<_> = (0..PROCESSES)
+        .map(|i| {
+            std::process::Command::new(&exe)
+                .args(["--exact", TEST_NAME, "--nocapture", "--test-threads", "1"])
+                .env(ROLE, i.to_string())
+                .env("IDEM_MYSQL_XP_TABLE", &table)
+                .env("IDEM_MYSQL_XP_EFFECTS", &effects)
+                .env("IDEM_MYSQL_XP_START", start_at.to_string())
+                .env("IDEM_TEST_MYSQL_URL", &url)
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::inherit())
+                .spawn()
+                .expect("spawn child")
+        })
+        .collect();
+    let outputs: Vec<_> = children
+        .into_iter()
+        .map(|c| c.wait_with_output().expect("child"))
+        .collect();
+    let elapsed = t0.elapsed();
+
+    // key -> result -> how many callers got it
+    let mut seen: BTreeMap<u32, BTreeMap<String, usize>> = BTreeMap::new();
+    let mut errors = Vec::new();
+    for (i, out) in outputs.iter().enumerate() {
+        let text = String::from_utf8_lossy(&out.stdout);
+        if !out.status.success() {
+            errors.push(format!("child {i} failed: {}\n{text}", out.status));
+        }
+        for line in text.lines() {
+            let mut parts = line.splitn(4, ' ');
+            match (parts.next(), parts.next(), parts.next(), parts.next()) {
+                (Some("XP"), Some(k), Some(n), Some(result)) => {
+                    *seen
+                        .entry(k.parse().unwrap())
+                        .or_default()
+                        .entry(result.to_owned())
+                        .or_default() += n.parse::<usize>().unwrap();
+                }
+                (Some("XPERR"), ..) => errors.push(line.to_owned()),
+                _ => {}
+            }
+        }
+    }
+    let rows: Vec<(i32, String)> = sqlx::query_as(AssertSqlSafe(format!(
+        "SELECT k, result FROM `{effects}` ORDER BY k"
+    )))
+    .fetch_all(&admin)
+    .await
+    .unwrap();
+    // Drop the tables before any assertion can fail.
+    for t in [&table, &effects] {
+        sqlx::query(AssertSqlSafe(format!("DROP TABLE IF EXISTS `{t}`")))
+            .execute(&admin)
+            .await
+            .unwrap();
+    }
+    assert!(
+        errors.is_empty(),
+        "{} calls failed: {:?}",
+        errors.len(),
+        &errors[..errors.len().min(10)]
+    );
+    assert_eq!(rows.len(), KEYS as usize, "side effects: one row per key");
+    let keys: BTreeSet<i32> = rows.iter().map(|(k, _)| *k).collect();
+    assert_eq!(keys.len(), KEYS as usize, "every key ran exactly once");
+    for (k, result) in &rows {
+        let got = seen.get(&(*k as u32)).expect("a key no caller reported");
+        assert_eq!(
+            got.len(),
+            1,
+            "key {k}: callers got different results {got:?}"
+        );
+        assert_eq!(
+            got.get(result),
+            Some(&(PROCESSES * TASKS)),
+            "key {k}: {got:?}"
+        );
+    }
+    println!(
+        "cross-process: {PROCESSES} processes x {TASKS} tasks x {KEYS} keys = {} calls in {:?}; \
+         {} side effects",
+        PROCESSES * TASKS * KEYS as usize,
+        elapsed,
+        rows.len()
+    );
+}
+
+/// One child process: 50 tasks, each calling all 200 keys, starting at a different key so
+/// that every key is contended from the first moment.
+async fn child() {
+    let var = |name: &str| std::env::var(name).unwrap();
+    let me: usize = var(ROLE).parse().unwrap();
+    let (table, effects) = (var("IDEM_MYSQL_XP_TABLE"), var("IDEM_MYSQL_XP_EFFECTS"));
+    let pool = pool(&var("IDEM_TEST_MYSQL_URL"), 24).await;
+    let store = Arc::new(
+        MySqlStore::builder(pool.clone())
+            .table(&table)
+            .build()
+            .unwrap(),
+    );
+    let insert = Arc::new(format!("INSERT INTO `{effects}` (k, result) VALUES (?, ?)"));
+    let start_at: u128 = var("IDEM_MYSQL_XP_START").parse().unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis();
+    tokio::time::sleep(Duration::from_millis(start_at.saturating_sub(now) as u64)).await;
+
+    let tasks: Vec<_> = (0..TASKS)
+        .map(|t| {
+            let store = store.clone();
+            let pool = pool.clone();
+            let insert = insert.clone();
+            tokio::spawn(async move {
+                let mut got = Vec::with_capacity(KEYS as usize);
+                for i in 0..KEYS {
+                    let k = (i + (t as u32) * 4 + (me as u32) * 2) % KEYS;
+                    let pool = pool.clone();
+                    let insert = insert.clone();
+                    let r: Result<String, Error> = Call::new("mysql::cross_process")
+                        .key(k)
+                        .lease(Duration::from_secs(3))
+                        .wait_timeout(Duration::from_secs(60))
+                        .run(&*store, async move {
+                            let result = format!("p{me}-t{t}-{}", FencingToken::random().0);
+                            sqlx::query(AssertSqlSafe((*insert).clone()))
+                                .bind(k)
+                                .bind(&result)
+                                .execute(&pool)
+                                .await
+                                .map_err(|e| {
+                                    Error::Store(idem_core::StoreError::backend("side effect", e))
+                                })?;
+                            Ok(result)
+                        })
+                        .await;
+                    got.push((
+                        k,
+                        r.map_err(|e| format!("{e}: {:?}", std::error::Error::source(&e))),
+                    ));
+                }
+                got
+            })
+        })
+        .collect();
+    // libtest prints "test <name> ... " without a newline before the test's own output.
+    println!();
+    let mut counts: BTreeMap<(u32, String), usize> = BTreeMap::new();
+    for t in tasks {
+        for (k, r) in t.await.unwrap() {
+            match r {
+                Ok(v) => *counts.entry((k, v)).or_default() += 1,
+                Err(e) => println!("XPERR {k} {e}"),
+            }
+        }
+    }
+    for ((k, v), n) in counts {
+        println!("XP {k} {n} {v}");
+    }
+}

@@ -1,0 +1,547 @@
+//! MySqlStore beyond the conformance suite: the claim's outcome codes on a reused connection,
+//! the sweep, outages (wrong port, killed connections), hostile keys and scopes seen from the
+//! table, the value limit against `max_allowed_packet`, concurrent migrations.
+//!
+//! Runs when `IDEM_TEST_MYSQL_URL` is set (e.g. `mysql://root@127.0.0.1:3306/test`); prints
+//! `skipped: ...` and passes otherwise (fails under `CI`). Each test makes its own tables and
+//! drops them.
+#![cfg(feature = "mysql")]
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use idem_core::testkit::{env_url, fresh_key};
+use idem_core::{Call, Claim, ClaimRequest, Error, FencingToken, Key, RecordState, Store};
+use idem_stores::MySqlStore;
+use sqlx::mysql::{MySqlPool, MySqlPoolOptions};
+use sqlx::{AssertSqlSafe, Connection};
+
+const LONG: Duration = Duration::from_secs(30);
+
+/// A table name unique to this test and run.
+fn unique(prefix: &str) -> String {
+    format!("{prefix}_{}", FencingToken::random().0 % 1_000_000_000_000)
+}
+
+async fn pool(url: &str, max: u32) -> MySqlPool {
+    MySqlPoolOptions::new()
+        .max_connections(max)
+        .acquire_timeout(Duration::from_secs(10))
+        .connect(url)
+        .await
+        .expect("connect to IDEM_TEST_MYSQL_URL")
+}
+
+/// A migrated store on a fresh table, and the table's bare name (for `drop_table`).
+async fn store_on(
+    pool: MySqlPool,
+    f: impl FnOnce(idem_stores::MySqlStoreBuilder) -> idem_stores::MySqlStoreBuilder,
+) -> (MySqlStore, String) {
+    let table = unique("idem_t");
+    let store = f(MySqlStore::builder(pool).table(&table))
+        .build()
+        .expect("build");
+    store.migrate().await.expect("migrate");
+    (store, table)
+}
+
+async fn drop_table(pool: &MySqlPool, table: &str) {
+    sqlx::query(AssertSqlSafe(format!("DROP TABLE IF EXISTS `{table}`")))
+        .execute(pool)
+        .await
+        .expect("drop table");
+}
+
+async fn count(pool: &MySqlPool, table: &str) -> i64 {
+    sqlx::query_scalar(AssertSqlSafe(format!("SELECT COUNT(*) FROM `{table}`")))
+        .fetch_one(pool)
+        .await
+        .expect("count")
+}
+
+fn req(key: Key, lease: Duration) -> ClaimRequest {
+    ClaimRequest {
+        key,
+        fingerprint: None,
+        token: FencingToken::random(),
+        lease,
+    }
+}
+
+/// The claim learns what it found from `LAST_INSERT_ID(...)` in the OK packet. On one pooled
+/// connection, a conflict (which sets it) followed by a plain insert (which does not) must
+/// still read as an insert: the value is the statement's, not the connection's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outcome_codes_do_not_leak_between_statements_on_one_connection() {
+    let Some(url) = env_url("IDEM_TEST_MYSQL_URL") else {
+        return;
+    };
+    let pool = pool(&url, 1).await;
+    let (store, table) = store_on(pool.clone(), |b| b).await;
+    for _ in 0..5 {
+        let a = fresh_key();
+        let ra = req(a, LONG);
+        assert_eq!(
+            store.claim(&ra).await.unwrap(),
+            Claim::Acquired { taken_over: false }
+        );
+        assert!(matches!(
+            store.claim(&req(a, LONG)).await.unwrap(),
+            Claim::InProgress { .. }
+        ));
+        let b = fresh_key();
+        assert_eq!(
+            store.claim(&req(b, LONG)).await.unwrap(),
+            Claim::Acquired { taken_over: false },
+            "a fresh insert after a conflict on the same connection"
+        );
+        store.complete(&a, ra.token, b"done", LONG).await.unwrap();
+        assert!(matches!(
+            store.claim(&req(a, LONG)).await.unwrap(),
+            Claim::Completed(_)
+        ));
+        assert_eq!(
+            store.claim(&req(fresh_key(), LONG)).await.unwrap(),
+            Claim::Acquired { taken_over: false },
+            "a fresh insert after a replay on the same connection"
+        );
+    }
+    drop_table(&pool, &table).await;
+}
+
+/// A completed record past its ttl is claimed afresh (not a takeover); a lapsed claim is a
+/// takeover with a lease remaining reported while it was live.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expired_record_is_reclaimed_and_lapsed_claim_taken_over() {
+    let Some(url) = env_url("IDEM_TEST_MYSQL_URL") else {
+        return;
+    };
+    let pool = pool(&url, 4).await;
+    let (store, table) = store_on(pool.clone(), |b| b).await;
+
+    let key = fresh_key();
+    let first = req(key, LONG);
+    store.claim(&first).await.unwrap();
+    store
+        .complete(&key, first.token, b"v1", Duration::from_millis(200))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(350)).await;
+    assert_eq!(
+        store.get(&key).await.unwrap(),
+        None,
+        "expired record reads as absent"
+    );
+    let second = req(key, Duration::from_millis(200));
+    assert_eq!(
+        store.claim(&second).await.unwrap(),
+        Claim::Acquired { taken_over: false }
+    );
+    match store.claim(&req(key, LONG)).await.unwrap() {
+        Claim::InProgress {
+            lease_remaining: Some(r),
+            ..
+        } => assert!(r <= Duration::from_millis(200), "{r:?}"),
+        other => panic!("{other:?}"),
+    }
+    tokio::time::sleep(Duration::from_millis(350)).await;
+    let third = req(key, LONG);
+    assert_eq!(
+        store.claim(&third).await.unwrap(),
+        Claim::Acquired { taken_over: true }
+    );
+    assert!(matches!(
+        store.complete(&key, second.token, b"late", LONG).await,
+        Err(idem_core::StoreError::Fenced)
+    ));
+    store
+        .complete(&key, third.token, b"v3", LONG)
+        .await
+        .unwrap();
+    match store.get(&key).await.unwrap() {
+        Some(RecordState::Completed(rec)) => assert_eq!(rec.value, b"v3"),
+        other => panic!("{other:?}"),
+    }
+    drop_table(&pool, &table).await;
+}
+
+/// MySQL reports rows *changed*: renewing twice within one millisecond writes the same
+/// deadline. That must not read as a lost claim.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn back_to_back_renewals_are_not_fenced() {
+    let Some(url) = env_url("IDEM_TEST_MYSQL_URL") else {
+        return;
+    };
+    let pool = pool(&url, 4).await;
+    let (store, table) = store_on(pool.clone(), |b| b).await;
+    let key = fresh_key();
+    let r = req(key, LONG);
+    store.claim(&r).await.unwrap();
+    let renewals: Vec<_> = (0..40)
+        .map(|_| {
+            let store = store.clone();
+            tokio::spawn(async move { store.renew(&key, r.token, LONG).await })
+        })
+        .collect();
+    for t in renewals {
+        t.await.unwrap().expect("renew under the current token");
+    }
+    assert!(matches!(
+        store.renew(&key, FencingToken::random(), LONG).await,
+        Err(idem_core::StoreError::Fenced)
+    ));
+    drop_table(&pool, &table).await;
+}
+
+/// `purge_expired` deletes expired completed records and lapsed claims (past the grace),
+/// `batch` at a time, and leaves every live record alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sweep_removes_expired_rows_only_in_batches() {
+    let Some(url) = env_url("IDEM_TEST_MYSQL_URL") else {
+        return;
+    };
+    let pool = pool(&url, 8).await;
+    let (store, table) =
+        store_on(pool.clone(), |b| b.lease_grace(Duration::from_millis(100))).await;
+    let short = Duration::from_millis(150);
+    let mut live = Vec::new();
+    // 25 completed records that expire, 5 claims that lapse, 10 live records, 5 live claims.
+    for i in 0..45 {
+        let key = fresh_key();
+        let lease = if (25..30).contains(&i) { short } else { LONG };
+        let r = req(key, lease);
+        assert_eq!(
+            store.claim(&r).await.unwrap(),
+            Claim::Acquired { taken_over: false }
+        );
+        match i {
+            0..=24 => store.complete(&key, r.token, b"old", short).await.unwrap(),
+            25..=29 => {}
+            30..=39 => {
+                store.complete(&key, r.token, b"live", LONG).await.unwrap();
+                live.push(key);
+            }
+            _ => live.push(key),
+        }
+    }
+    // Expired long enough ago: the completed ones at 150 ms, the claims at 150 + 100 ms.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(count(&pool, &table).await, 45);
+    let mut batches = Vec::new();
+    loop {
+        let n = store.purge_expired(12).await.unwrap();
+        batches.push(n);
+        if n < 12 {
+            break;
+        }
+    }
+    assert_eq!(batches, vec![12, 12, 6], "30 expired rows in batches of 12");
+    assert_eq!(count(&pool, &table).await, 15);
+    for key in &live {
+        assert!(
+            store.get(key).await.unwrap().is_some(),
+            "a live record was swept"
+        );
+    }
+    assert_eq!(store.purge_expired(100).await.unwrap(), 0);
+
+    // The background sweeper does the same on its own.
+    let key = fresh_key();
+    let r = req(key, LONG);
+    store.claim(&r).await.unwrap();
+    store
+        .complete(&key, r.token, b"x", Duration::from_millis(50))
+        .await
+        .unwrap();
+    let sweeper = store.spawn_sweeper(Duration::from_millis(50), 5);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while count(&pool, &table).await != 15 {
+        assert!(
+            Instant::now() < deadline,
+            "the sweeper did not remove the expired row"
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    drop(sweeper);
+    drop_table(&pool, &table).await;
+}
+
+/// Keys and scopes full of quotes, semicolons, backslashes and NUL bytes are hashed and bound:
+/// each call makes exactly its own row, a sentinel record is untouched, the table survives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_keys_and_scopes_touch_only_their_own_record() {
+    let Some(url) = env_url("IDEM_TEST_MYSQL_URL") else {
+        return;
+    };
+    let pool = pool(&url, 8).await;
+    let (store, table) = store_on(pool.clone(), |b| b).await;
+    let sentinel = fresh_key();
+    let s = req(sentinel, LONG);
+    store.claim(&s).await.unwrap();
+    store
+        .complete(&sentinel, s.token, b"sentinel", LONG)
+        .await
+        .unwrap();
+
+    let drop_it = format!("x'); DROP TABLE `{table}`; --");
+    let keys: Vec<String> = vec![
+        drop_it.clone(),
+        "'".into(),
+        "\"".into(),
+        "`".into(),
+        ";".into(),
+        "\\".into(),
+        "\0".into(),
+        "a\0b'c;d".into(),
+        "' OR '1'='1".into(),
+        format!("{drop_it}\0{drop_it}"),
+    ];
+    let scopes = [None, Some("tenant'; DELETE FROM x; --"), Some("\0\0")];
+    let runs = AtomicUsize::new(0);
+    for round in 0..2 {
+        for (i, key) in keys.iter().enumerate() {
+            for (j, scope) in scopes.iter().enumerate() {
+                let mut call = Call::new("mysql::hostile").key(key);
+                if let Some(scope) = scope {
+                    call = call.scope(scope);
+                }
+                let got: Result<String, Error> = call
+                    .run(&store, async {
+                        runs.fetch_add(1, Ordering::SeqCst);
+                        Ok(format!("{i}/{j}"))
+                    })
+                    .await;
+                assert_eq!(got.unwrap(), format!("{i}/{j}"), "round {round}");
+            }
+        }
+    }
+    let distinct = keys.len() * scopes.len();
+    assert_eq!(
+        runs.load(Ordering::SeqCst),
+        distinct,
+        "each record ran once, then replayed"
+    );
+    assert_eq!(count(&pool, &table).await, distinct as i64 + 1);
+    match store.get(&sentinel).await.unwrap() {
+        Some(RecordState::Completed(rec)) => assert_eq!(rec.value, b"sentinel"),
+        other => panic!("sentinel changed: {other:?}"),
+    }
+    drop_table(&pool, &table).await;
+}
+
+/// Table names are validated; nothing but a plain identifier reaches SQL.
+#[tokio::test]
+async fn hostile_table_names_are_refused() {
+    let pool = MySqlPoolOptions::new()
+        .connect_lazy("mysql://root@127.0.0.1:1/none")
+        .unwrap();
+    for bad in ["t; DROP TABLE x", "t`", "", "a.b.c", "1t", "t--", "t'"] {
+        assert!(
+            MySqlStore::builder(pool.clone())
+                .table(bad)
+                .build()
+                .is_err(),
+            "{bad:?} accepted"
+        );
+    }
+    assert!(MySqlStore::builder(pool.clone())
+        .table("db.t_1")
+        .build()
+        .is_ok());
+    assert!(MySqlStore::builder(pool)
+        .max_value_size(64 << 20)
+        .build()
+        .is_err());
+}
+
+/// With the server unreachable (nothing listens on the port), a call fails with
+/// `Error::Store` promptly and its body never runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unreachable_server_fails_closed() {
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let pool = MySqlPoolOptions::new()
+        .acquire_timeout(Duration::from_millis(1500))
+        .connect_lazy(&format!("mysql://root@127.0.0.1:{port}/test"))
+        .unwrap();
+    let store = MySqlStore::builder(pool).build().unwrap();
+    let ran = AtomicUsize::new(0);
+    let t = Instant::now();
+    let got: Result<u32, Error> = Call::new("mysql::outage")
+        .key("k")
+        .run(&store, async {
+            ran.fetch_add(1, Ordering::SeqCst);
+            Ok(1)
+        })
+        .await;
+    assert!(matches!(got, Err(Error::Store(_))), "{got:?}");
+    assert_eq!(
+        ran.load(Ordering::SeqCst),
+        0,
+        "the body ran without the store"
+    );
+    assert!(
+        t.elapsed() < Duration::from_secs(10),
+        "took {:?}",
+        t.elapsed()
+    );
+    assert!(store.migrate().await.is_err());
+}
+
+/// KILL every connection of the store's pool from another session: the same store (no
+/// rebuild) serves the next calls, and no call runs its body twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_connections_are_replaced() {
+    let Some(url) = env_url("IDEM_TEST_MYSQL_URL") else {
+        return;
+    };
+    let pool = pool(&url, 4).await;
+    let (store, table) = store_on(pool.clone(), |b| b).await;
+    let runs = AtomicUsize::new(0);
+    let call = |k: u32| {
+        let runs = &runs;
+        let store = &store;
+        async move {
+            Call::new("mysql::kill")
+                .key(k)
+                .run(store, async move {
+                    runs.fetch_add(1, Ordering::SeqCst);
+                    Ok::<u32, Error>(k)
+                })
+                .await
+        }
+    };
+    assert_eq!(call(0).await.unwrap(), 0);
+
+    // Open all four pooled connections at once and learn their ids.
+    let mut held = Vec::new();
+    for _ in 0..4 {
+        held.push(pool.acquire().await.unwrap());
+    }
+    let mut ids = Vec::new();
+    for c in held.iter_mut() {
+        let id: u64 = sqlx::query_scalar("SELECT CAST(CONNECTION_ID() AS UNSIGNED)")
+            .fetch_one(&mut **c)
+            .await
+            .unwrap();
+        ids.push(id);
+    }
+    drop(held);
+    let mut admin = sqlx::MySqlConnection::connect(&url).await.unwrap();
+    for id in &ids {
+        sqlx::query("KILL CONNECTION ?")
+            .bind(id)
+            .execute(&mut admin)
+            .await
+            .expect("kill");
+    }
+    // Wait until the server has dropped them all.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let alive: i64 = sqlx::query_scalar(AssertSqlSafe(format!(
+            "SELECT COUNT(*) FROM information_schema.processlist WHERE id IN ({})",
+            ids.iter().map(u64::to_string).collect::<Vec<_>>().join(",")
+        )))
+        .fetch_one(&mut admin)
+        .await
+        .unwrap();
+        if alive == 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "killed connections linger");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // The same store recovers: every following call succeeds (the pool tests a connection
+    // before handing it out and replaces the dead ones). A failure, if a dead connection
+    // slipped through, must be Error::Store without running the body.
+    let mut failures = 0;
+    for k in 1..=20u32 {
+        match call(k).await {
+            Ok(v) => assert_eq!(v, k),
+            Err(Error::Store(_)) => failures += 1,
+            Err(e) => panic!("{e:?}"),
+        }
+    }
+    assert!(failures <= 4, "{failures} calls failed after the kill");
+    for k in 1..=20u32 {
+        assert_eq!(call(k).await.unwrap(), k, "recovered");
+    }
+    assert_eq!(
+        runs.load(Ordering::SeqCst),
+        21,
+        "each key ran exactly once ({failures} failures before recovery)"
+    );
+    println!(
+        "killed {} connections; {failures} calls failed afterwards",
+        ids.len()
+    );
+    drop_table(&pool, &table).await;
+}
+
+/// The value limit is lowered to fit `max_allowed_packet`, and a value at the lowered limit
+/// still round-trips.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn value_limit_fits_max_allowed_packet() {
+    let Some(url) = env_url("IDEM_TEST_MYSQL_URL") else {
+        return;
+    };
+    let pool = pool(&url, 2).await;
+    let packet: u64 = sqlx::query_scalar("SELECT CAST(@@max_allowed_packet AS UNSIGNED)")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    let (store, table) = store_on(pool.clone(), |b| b.max_value_size((1 << 24) - 1)).await;
+    let limit = store.max_value_size();
+    assert!(
+        limit as u64 <= packet && limit < (1 << 24),
+        "limit {limit}, packet {packet}"
+    );
+    let key = fresh_key();
+    let r = req(key, LONG);
+    store.claim(&r).await.unwrap();
+    let value = vec![0xa5u8; limit];
+    store
+        .complete(&key, r.token, &value, LONG)
+        .await
+        .expect("a value at the limit");
+    match store.claim(&req(key, LONG)).await.unwrap() {
+        Claim::Completed(rec) => assert!(rec.value == value),
+        other => panic!("{other:?}"),
+    }
+    drop_table(&pool, &table).await;
+}
+
+/// Several processes start at once: `migrate` is safe to run concurrently and repeatedly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_migrations_are_idempotent() {
+    let Some(url) = env_url("IDEM_TEST_MYSQL_URL") else {
+        return;
+    };
+    let pool = pool(&url, 8).await;
+    let table = unique("idem_t");
+    let store = MySqlStore::builder(pool.clone())
+        .table(&table)
+        .build()
+        .unwrap();
+    let tasks: Vec<_> = (0..8)
+        .map(|_| {
+            let store = store.clone();
+            tokio::spawn(async move { store.migrate().await })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap().expect("migrate");
+    }
+    store.migrate().await.expect("again");
+    let store: Arc<dyn Store> = Arc::new(store);
+    assert_eq!(
+        store.claim(&req(fresh_key(), LONG)).await.unwrap(),
+        Claim::Acquired { taken_over: false }
+    );
+    drop_table(&pool, &table).await;
+}
