@@ -33,3 +33,26 @@ async fn store() -> Option<Arc<dyn idem_core::Store>> {
 }
 
 idem_core::conformance_tests!(store());
+
+/// The same cases with no `LISTEN` connection: waiters fall back to bounded polling, as they
+/// do while the listener is reconnecting.
+mod polling {
+    use super::*;
+
+    async fn store() -> Option<Arc<dyn idem_core::Store>> {
+        let url = idem_core::testkit::env_url("IDEM_TEST_POSTGRES_URL")?;
+        let store = PostgresStore::builder()
+            .url(url)
+            .table(table())
+            .max_connections(4)
+            .listen(false)
+            .max_value_size(256 << 10)
+            .connect()
+            .await
+            .expect("connect to IDEM_TEST_POSTGRES_URL");
+        store.migrate().await.expect("migrate");
+        Some(Arc::new(store))
+    }
+
+    idem_core::conformance_tests!(store());
+}

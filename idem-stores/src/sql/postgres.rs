@@ -45,6 +45,8 @@ const MAX_TABLE_LEN: usize = 48;
 const MAX_MILLIS: i64 = 100 * 365 * 86_400 * 1000;
 /// How many times a claim is re-run when its read raced with another writer.
 const CLAIM_ATTEMPTS: usize = 32;
+/// How many times a claim is re-run after its connection died under it.
+const CONNECTION_RETRIES: usize = 2;
 
 /// A PostgreSQL store. Cheap to clone (clones share the pool and the listener).
 ///
@@ -439,6 +441,7 @@ enum Extra<'a> {
 impl Store for PostgresStore {
     async fn claim(&self, req: &ClaimRequest) -> Result<Claim, StoreError> {
         let fingerprint = req.fingerprint.map(|f| f.0.to_vec());
+        let mut retries = 0;
         for _ in 0..CLAIM_ATTEMPTS {
             let q = sqlx::query(AssertSqlSafe(Arc::clone(&self.inner.sql.claim)))
                 .bind(&req.key.0[..])
@@ -446,9 +449,25 @@ impl Store for PostgresStore {
                 .bind(fingerprint.as_deref())
                 .bind(millis(req.lease))
                 .bind(self.inner.lease_grace_ms);
-            let row = self
-                .timed("postgres: claim", q.fetch_optional(&self.inner.pool))
-                .await?;
+            let row = match tokio::time::timeout(
+                self.inner.op_timeout,
+                q.fetch_optional(&self.inner.pool),
+            )
+            .await
+            {
+                Ok(Ok(row)) => row,
+                // A connection that died under the statement (server restart, killed backend):
+                // run the claim again on a fresh one. Safe: a claim that went through is
+                // recognised by its token.
+                Ok(Err(e)) if is_connection_loss(&e) && retries < CONNECTION_RETRIES => {
+                    retries += 1;
+                    tracing::debug!(target: "idem", error = %e, "postgres: connection lost under a claim; retrying");
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    continue;
+                }
+                Ok(Err(e)) => return Err(StoreError::backend("postgres: claim", e)),
+                Err(_) => return Err(StoreError::Timeout(self.inner.op_timeout)),
+            };
             if let Some(claim) = row.map(|r| decode_claim(&r)).transpose()?.flatten() {
                 return Ok(claim);
             }
@@ -642,6 +661,19 @@ fn fingerprint(bytes: Option<Vec<u8>>) -> Result<Option<Fingerprint>, StoreError
     }
 }
 
+/// Whether an error means the connection died (the statement may or may not have run).
+fn is_connection_loss(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Io(_) | sqlx::Error::Protocol(_) => true,
+        // Class 08: connection exception; 57P01-57P03: admin shutdown, crash shutdown,
+        // cannot connect now.
+        sqlx::Error::Database(db) => db
+            .code()
+            .is_some_and(|c| c.starts_with("08") || c.starts_with("57P")),
+        _ => false,
+    }
+}
+
 fn millis(d: Duration) -> i64 {
     i64::try_from(d.as_millis()).map_or(MAX_MILLIS, |ms| ms.min(MAX_MILLIS))
 }
@@ -729,7 +761,8 @@ impl Statements {
             // $1 key, $2 token, $3 fingerprint, $4 lease ms, $5 grace ms.
             // Either the upsert inserted / took over (one row from `claimed`), or it left the
             // row alone and the second branch reads it. `live` is false when that read shows a
-            // row the upsert would have taken (a newer version exists): claim again.
+            // row the upsert would have taken (a newer version exists): claim again. A row under
+            // our own token is ours: a retried claim whose first try went through.
             claim: format!(
                 "WITH claimed AS (
                     INSERT INTO {t} AS r
@@ -753,7 +786,7 @@ impl Statements {
                        NULL::bigint AS lease_ms
                   FROM claimed
                 UNION ALL
-                SELECT false, false,
+                SELECT s.token = $2 AND s.state = 'in_progress', s.attempt > 1,
                        CASE WHEN s.state = 'in_progress' THEN s.lease_until > now()
                             ELSE s.expires_at > now() END,
                        s.state, s.fingerprint, s.value,
