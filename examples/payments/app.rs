@@ -15,7 +15,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
 use idem_core::http::{IdempotencyLayer, Problem};
-use idem_core::{Call, OnConflict, Store};
+use idem_core::{idempotent, OnConflict, Store};
 use serde::{Deserialize, Serialize};
 
 /// How the idempotency layer treats a duplicate that arrives while the first request runs,
@@ -218,7 +218,7 @@ async fn create_payment(
     let reference = idem_core::current_key()
         .map(|k| k.to_hex())
         .unwrap_or_else(|| format!("unkeyed-{execution}"));
-    let capture = match capture(&state, &reference, new.amount, &new.currency).await {
+    let capture = match state.capture(&reference, new.amount, &new.currency).await {
         Ok(capture) => capture,
         Err(e) => {
             return Problem::from_error(&e).into_response().into_response();
@@ -253,23 +253,19 @@ async fn create_payment(
     resp
 }
 
-/// The payment provider's capture, idempotent by `reference` on the same store as the HTTP
-/// layer (a remote provider would take `reference` as its own idempotency key).
-async fn capture(
-    state: &AppState,
-    reference: &str,
-    amount: u64,
-    currency: &str,
-) -> Result<String, idem_core::Error> {
-    Call::new("payments::capture")
-        .key(reference)
-        .fingerprint((amount, currency))
-        .ttl(Duration::from_secs(24 * 3600))
-        .run(&*state.store, async {
-            let n = state.captures.fetch_add(1, Ordering::SeqCst) + 1;
-            Ok(format!("cap_{n}"))
-        })
-        .await
+impl AppState {
+    /// The payment provider's capture, idempotent by `reference` on the same store as the
+    /// HTTP layer (a remote provider would take `reference` as its own idempotency key).
+    #[idempotent(key = reference.to_owned(), store = self.store, namespace = "payments::capture", ttl = "24h")]
+    async fn capture(
+        &self,
+        reference: &str,
+        amount: u64,
+        currency: &str,
+    ) -> Result<String, idem_core::Error> {
+        let n = self.captures.fetch_add(1, Ordering::SeqCst) + 1;
+        Ok(format!("cap_{n}"))
+    }
 }
 
 /// `GET /payments/{id}`: the caller's own payment, 404 for anyone else's.

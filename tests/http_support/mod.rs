@@ -160,7 +160,6 @@ pub async fn postgres_store() -> Option<Arc<dyn Store>> {
 
 /// One `#[tokio::test]` per case and store: `mod memory`, `mod redis`, `mod postgres`. A
 /// case is `async fn case(store: Arc<dyn Store>)` in the calling module.
-
 macro_rules! per_store {
     ($($case:ident),* $(,)?) => {
         mod memory {
