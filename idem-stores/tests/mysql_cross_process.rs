@@ -4,7 +4,7 @@
 //! and every one of the 40 000 callers got the result of the one execution of its key.
 //!
 //! The parent re-executes this test binary (`std::env::current_exe()`) with a role variable;
-//! the children print one `XP` line per key they saw. Runs when `IDEM_TEST_MYSQL_URL` is set.
+//! the children call an `#[idempotent]` method and print one `XP` line per key and result. Runs when `IDEM_TEST_MYSQL_URL` is set.
 #![cfg(feature = "mysql")]
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -12,7 +12,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use idem_core::{Call, Error, FencingToken};
+use idem_core::{idempotent, Error, FencingToken};
 use idem_stores::MySqlStore;
 use sqlx::mysql::{MySqlPool, MySqlPoolOptions};
 use sqlx::AssertSqlSafe;
@@ -153,6 +153,43 @@ async fn cross_process_exactly_once() {
     );
 }
 
+/// Printed through `Debug` in the `XPERR` lines.
+#[derive(Debug)]
+#[allow(dead_code)]
+enum WorkError {
+    Idem(Error),
+    Db(String),
+}
+
+impl From<Error> for WorkError {
+    fn from(e: Error) -> Self {
+        WorkError::Idem(e)
+    }
+}
+
+struct Worker {
+    store: MySqlStore,
+    side: MySqlPool,
+    insert: String,
+    process: usize,
+}
+
+impl Worker {
+    /// The side effect: one row per execution, in a table with no unique constraint on `k`,
+    /// so that a second execution of a key would show as a second row.
+    #[idempotent(key = k, lease = "3s", wait_timeout = "60s", store = self.store, skip(task))]
+    async fn charge(&self, k: u32, task: usize) -> Result<String, WorkError> {
+        let result = format!("p{}-t{task}-{}", self.process, FencingToken::random().0);
+        sqlx::query(AssertSqlSafe(self.insert.clone()))
+            .bind(k)
+            .bind(&result)
+            .execute(&self.side)
+            .await
+            .map_err(|e| WorkError::Db(e.to_string()))?;
+        Ok(result)
+    }
+}
+
 /// One child process: 50 tasks, each calling all 200 keys, starting at a different key so
 /// that every key is contended from the first moment.
 async fn child() {
@@ -160,13 +197,16 @@ async fn child() {
     let me: usize = var(ROLE).parse().unwrap();
     let (table, effects) = (var("IDEM_MYSQL_XP_TABLE"), var("IDEM_MYSQL_XP_EFFECTS"));
     let pool = pool(&var("IDEM_TEST_MYSQL_URL"), 24).await;
-    let store = Arc::new(
-        MySqlStore::builder(pool.clone())
-            .table(&table)
-            .build()
-            .unwrap(),
-    );
-    let insert = Arc::new(format!("INSERT INTO `{effects}` (k, result) VALUES (?, ?)"));
+    let store = MySqlStore::builder(pool.clone())
+        .table(&table)
+        .build()
+        .unwrap();
+    let worker = Arc::new(Worker {
+        store,
+        side: pool,
+        insert: format!("INSERT INTO `{effects}` (k, result) VALUES (?, ?)"),
+        process: me,
+    });
     let start_at: u128 = var("IDEM_MYSQL_XP_START").parse().unwrap();
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -176,36 +216,13 @@ async fn child() {
 
     let tasks: Vec<_> = (0..TASKS)
         .map(|t| {
-            let store = store.clone();
-            let pool = pool.clone();
-            let insert = insert.clone();
+            let worker = worker.clone();
             tokio::spawn(async move {
                 let mut got = Vec::with_capacity(KEYS as usize);
                 for i in 0..KEYS {
                     let k = (i + (t as u32) * 4 + (me as u32) * 2) % KEYS;
-                    let pool = pool.clone();
-                    let insert = insert.clone();
-                    let r: Result<String, Error> = Call::new("mysql::cross_process")
-                        .key(k)
-                        .lease(Duration::from_secs(3))
-                        .wait_timeout(Duration::from_secs(60))
-                        .run(&*store, async move {
-                            let result = format!("p{me}-t{t}-{}", FencingToken::random().0);
-                            sqlx::query(AssertSqlSafe((*insert).clone()))
-                                .bind(k)
-                                .bind(&result)
-                                .execute(&pool)
-                                .await
-                                .map_err(|e| {
-                                    Error::Store(idem_core::StoreError::backend("side effect", e))
-                                })?;
-                            Ok(result)
-                        })
-                        .await;
-                    got.push((
-                        k,
-                        r.map_err(|e| format!("{e}: {:?}", std::error::Error::source(&e))),
-                    ));
+                    let r = worker.charge(k, t).await;
+                    got.push((k, r.map_err(|e| format!("{e:?}"))));
                 }
                 got
             })

@@ -389,6 +389,7 @@ async fn unreachable_server_fails_closed() {
         "took {:?}",
         t.elapsed()
     );
+    println!("unreachable: Error::Store after {:?}: {got:?}", t.elapsed());
     assert!(store.migrate().await.is_err());
 }
 
