@@ -132,6 +132,13 @@ pub(crate) fn check(item: &ItemFn, args: &Args) -> (Option<Func>, Vec<syn::Error
         }
     }
 
+    if let (Some(mk), None) = (&args.missing_key, &args.key) {
+        errors.push(syn::Error::new(
+            mk.span(),
+            "`missing_key` needs an explicit `key = ...` (e.g. an `Option`): a key derived \
+             from the arguments is never missing",
+        ));
+    }
     if let (Some(reject), Some((wt, _))) = (&args.on_conflict, &args.wait_timeout) {
         if reject == "reject" {
             errors.push(syn::Error::new(

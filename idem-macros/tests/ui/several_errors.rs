@@ -10,4 +10,7 @@ async fn charge(id: u64) -> Result<Receipt, Error> {
     Ok(Receipt)
 }
 
-fn main() {}
+fn main() {
+    // The function is still emitted after the errors: no "cannot find function" here.
+    let _ = charge(1);
+}
