@@ -144,7 +144,11 @@ pub async fn redis_store() -> Option<Arc<dyn Store>> {
 #[cfg(feature = "postgres")]
 pub async fn postgres_store() -> Option<Arc<dyn Store>> {
     let url = url_from_env("IDEM_TEST_POSTGRES_URL", true, "postgres")?;
-    let store = idem_stores::sql::postgres::PostgresStore::connect(&url)
+    // A small pool: every test has a store of its own, and they run side by side.
+    let store = idem_stores::sql::postgres::PostgresStore::builder()
+        .url(url.as_str())
+        .max_connections(4)
+        .connect()
         .await
         .unwrap_or_else(|e| {
             panic!("IDEM_TEST_POSTGRES_URL={url} is set but PostgreSQL fails: {e}")

@@ -9,13 +9,43 @@
 //! function (the authenticated principal), and whose fingerprint is the request.
 //!
 //! ```
-//! # use std::sync::Arc;
-//! use idem_core::http::IdempotencyLayer;
-//! use idem_core::Store;
+//! use std::convert::Infallible;
+//! use std::sync::atomic::{AtomicU32, Ordering};
+//! use std::sync::Arc;
 //!
-//! fn protect<S>(service: S, store: Arc<dyn Store>) -> idem_core::http::IdempotencyService<S> {
-//!     tower::Layer::layer(&IdempotencyLayer::new(store), service)
-//! }
+//! use bytes::Bytes;
+//! use http::{Request, Response};
+//! use http_body_util::{BodyExt, Full};
+//! use idem_core::http::IdempotencyLayer;
+//! use tower::{ServiceBuilder, ServiceExt};
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() {
+//! let store = Arc::new(idem_stores::MemoryStore::new());
+//! let runs = Arc::new(AtomicU32::new(0));
+//! let payments = ServiceBuilder::new()
+//!     .layer(IdempotencyLayer::new(store))
+//!     .service_fn(move |_req: Request<Full<Bytes>>| {
+//!         let n = runs.fetch_add(1, Ordering::SeqCst) + 1;
+//!         async move { Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(format!("payment {n}"))))) }
+//!     });
+//! let pay = |key: &'static str, body: &'static str| {
+//!     Request::post("/payments")
+//!         .header("idempotency-key", key)
+//!         .body(Full::new(Bytes::from(body)))
+//!         .unwrap()
+//! };
+//!
+//! let first = payments.clone().oneshot(pay("\"order-42\"", "{\"amount\":1}")).await.unwrap();
+//! assert_eq!(first.into_body().collect().await.unwrap().to_bytes(), "payment 1");
+//!
+//! let retry = payments.clone().oneshot(pay("\"order-42\"", "{\"amount\":1}")).await.unwrap();
+//! assert_eq!(retry.headers()["idempotent-replayed"], "true");
+//! assert_eq!(retry.into_body().collect().await.unwrap().to_bytes(), "payment 1");
+//!
+//! let reused = payments.clone().oneshot(pay("\"order-42\"", "{\"amount\":2}")).await.unwrap();
+//! assert_eq!(reused.status(), 422);
+//! # }
 //! ```
 //!
 //! With axum 0.8: `Router::new().route("/payments", post(create)).route_layer(layer)`.
