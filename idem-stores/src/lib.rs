@@ -5,6 +5,8 @@
 //! | feature | store | claim | waiting | expiry |
 //! |---|---|---|---|---|
 //! | `memory` (default) | [`MemoryStore`] on moka | one atomic entry operation | in-process notification | per-entry |
+//! | `postgres` | `PostgresStore` on sqlx | one `INSERT ... ON CONFLICT DO UPDATE ... RETURNING` (CTE) | `LISTEN/NOTIFY`, polling while the listener is down | `purge_expired` / background sweep |
+//! | `sqlite` | `SqliteStore` on sqlx (file or memory) | one `INSERT ... ON CONFLICT DO UPDATE ... RETURNING` | bounded polling with backoff | `purge_expired` / background sweep |
 //!
 //! Every store implements [`idem_core::Store`] and passes `idem_core::testkit`.
 

@@ -847,3 +847,57 @@ async fn claims_report_takeovers_and_migrate_is_concurrent_safe() {
     }
     exec(&admin, format!("DROP TABLE \"{table}\"")).await;
 }
+
+/// Many concurrent claims of a record that has just lapsed (an in-progress lease passed, or a
+/// completed record expired): exactly one takes it, the others see the winner's claim. In READ
+/// COMMITTED the losers' reads may show the old row; the claim must re-run, never misreport.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn racing_takeovers_have_one_winner() {
+    if std::env::var_os(ROLE).is_some() {
+        return;
+    }
+    let Some(url) = url() else { return };
+    let admin = admin(&url).await;
+    let table = sql_common::unique_table("race");
+    let store = Arc::new(store(&url, &table).await);
+    for round in 0..10 {
+        let key = idem_core::testkit::fresh_key();
+        let (req, token) = claim_req(key, Duration::from_millis(40));
+        store.claim(&req).await.expect("claim");
+        let lapsed_claim = round % 2 == 0;
+        if !lapsed_claim {
+            store
+                .complete(&key, token, b"old", Duration::from_millis(40))
+                .await
+                .expect("complete");
+        }
+        tokio::time::sleep(Duration::from_millis(60)).await;
+        let claims = futures_join(
+            (0..32)
+                .map(|_| {
+                    let store = store.clone();
+                    async move {
+                        let (req, _) = claim_req(key, Duration::from_secs(30));
+                        store.claim(&req).await
+                    }
+                })
+                .collect(),
+        )
+        .await;
+        let mut acquired = 0;
+        for c in claims {
+            match c.expect("claim must not fail") {
+                Claim::Acquired { taken_over } => {
+                    assert_eq!(taken_over, lapsed_claim);
+                    acquired += 1;
+                }
+                Claim::InProgress {
+                    lease_remaining, ..
+                } => assert!(lease_remaining.expect("lease") > Duration::from_secs(20)),
+                Claim::Completed(r) => panic!("an expired record was replayed: {r:?}"),
+            }
+        }
+        assert_eq!(acquired, 1, "round {round}");
+    }
+    exec(&admin, format!("DROP TABLE \"{table}\"")).await;
+}

@@ -491,3 +491,47 @@ async fn takeovers_are_reported_and_table_names_validated() {
             .is_err());
     }
 }
+
+/// Many concurrent claims of a record that has just lapsed: exactly one takes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn racing_takeovers_have_one_winner() {
+    let path = sql_common::sqlite_file("race");
+    let _ = std::fs::remove_file(&path);
+    let store = open(&file_url(&path), "idem_records").await;
+    for round in 0..10 {
+        let key = idem_core::testkit::fresh_key();
+        let (req, token) = claim_req(key, Duration::from_millis(40));
+        store.claim(&req).await.expect("claim");
+        let lapsed_claim = round % 2 == 0;
+        if !lapsed_claim {
+            store
+                .complete(&key, token, b"old", Duration::from_millis(40))
+                .await
+                .expect("complete");
+        }
+        tokio::time::sleep(Duration::from_millis(60)).await;
+        let tasks: Vec<_> = (0..32)
+            .map(|_| {
+                let store = store.clone();
+                tokio::spawn(async move {
+                    let (req, _) = claim_req(key, Duration::from_secs(30));
+                    store.claim(&req).await
+                })
+            })
+            .collect();
+        let mut acquired = 0;
+        for t in tasks {
+            match t.await.expect("task").expect("claim must not fail") {
+                Claim::Acquired { taken_over } => {
+                    assert_eq!(taken_over, lapsed_claim);
+                    acquired += 1;
+                }
+                Claim::InProgress { .. } => {}
+                Claim::Completed(r) => panic!("an expired record was replayed: {r:?}"),
+            }
+        }
+        assert_eq!(acquired, 1, "round {round}");
+    }
+    store.pool().close().await;
+    let _ = std::fs::remove_file(&path);
+}
