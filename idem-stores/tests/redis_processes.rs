@@ -13,10 +13,9 @@
 
 use std::collections::HashMap;
 use std::process::{Command, Stdio};
-use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use idem_core::{Call, Error, OnConflict};
+use idem_core::{idempotent, Error};
 use idem_stores::RedisStore;
 use redis::AsyncCommands;
 
@@ -58,30 +57,99 @@ async fn counters(url: &str) -> redis::aio::ConnectionManager {
         .unwrap()
 }
 
-/// The annotated-function stand-in: one idempotent "charge" per key, whose side effect is an
-/// `INCR` of that key's counter.
+/// One idempotent "charge" per key; its side effect is an `INCR` of that key's counter. The
+/// run id scopes the records, so every test run starts from fresh keys; `who` (which caller
+/// this is) is skipped, so duplicates share one fingerprint.
+#[idempotent(
+    key = key,
+    scope = run,
+    namespace = "redis_processes::charge",
+    lease = "2s",
+    wait_timeout = "30s",
+    store = store,
+    skip(store, counters, who)
+)]
 async fn charge(
     store: &RedisStore,
     counters: &redis::aio::ConnectionManager,
-    run: &'static str,
+    run: &str,
     key: usize,
     who: String,
 ) -> Result<String, TestError> {
-    let counter = format!("{PREFIX}xproc:{run}:count:{key}");
-    let mut conn = counters.clone();
-    Call::new(leak(format!("xproc::{run}")))
-        .key(key)
-        .lease(Duration::from_secs(2))
-        .wait_timeout(Duration::from_secs(30))
-        .run(store, async move {
-            let n: i64 = conn
-                .incr(&counter, 1)
-                .await
-                .map_err(|e| TestError::Redis(e.to_string()))?;
-            tokio::time::sleep(Duration::from_millis(2)).await;
-            Ok(format!("{who} saw count {n}"))
-        })
+    let n: i64 = counters
+        .clone()
+        .incr(format!("{PREFIX}xproc:{run}:count:{key}"), 1)
         .await
+        .map_err(|e| TestError::Redis(e.to_string()))?;
+    tokio::time::sleep(Duration::from_millis(2)).await;
+    Ok(format!("{who} saw count {n}"))
+}
+
+/// The crash victim, run by a child that is killed inside the body.
+#[idempotent(
+    key = run,
+    namespace = "redis_processes::victim",
+    lease = "500ms",
+    store = store,
+    skip(store, counters)
+)]
+async fn victim(
+    store: &RedisStore,
+    counters: &redis::aio::ConnectionManager,
+    run: &str,
+) -> Result<String, TestError> {
+    let mut conn = counters.clone();
+    let _: i64 = conn
+        .incr(format!("{PREFIX}xproc:{run}:runs"), 1)
+        .await
+        .unwrap();
+    let _: () = conn
+        .set(format!("{PREFIX}xproc:{run}:started"), 1)
+        .await
+        .unwrap();
+    // The parent kills this process here.
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    Ok("child".to_string())
+}
+
+/// The same record as [`victim`], for a caller that does not wait.
+#[idempotent(
+    key = run,
+    namespace = "redis_processes::victim",
+    lease = "500ms",
+    on_conflict = reject,
+    store = store,
+    skip(store, counters)
+)]
+async fn victim_rejecting(
+    store: &RedisStore,
+    counters: &redis::aio::ConnectionManager,
+    run: &str,
+) -> Result<String, TestError> {
+    let _ = counters;
+    Ok(format!("must not run in {run}"))
+}
+
+/// The same record as [`victim`], for the survivor that waits and takes over.
+#[idempotent(
+    key = run,
+    namespace = "redis_processes::victim",
+    lease = "500ms",
+    wait_timeout = "10s",
+    store = store,
+    skip(store, counters)
+)]
+async fn victim_survivor(
+    store: &RedisStore,
+    counters: &redis::aio::ConnectionManager,
+    run: &str,
+) -> Result<String, TestError> {
+    let _: i64 = counters
+        .clone()
+        .incr(format!("{PREFIX}xproc:{run}:runs"), 1)
+        .await
+        .unwrap();
+    Ok("survivor".to_string())
 }
 
 /// The child side: does nothing unless `IDEM_REDIS_CHILD` is set by a parent test.
@@ -130,20 +198,7 @@ async fn child_entry() {
             }
         }
         "crash" => {
-            let marker = format!("{PREFIX}xproc:{run}:started");
-            let runs = format!("{PREFIX}xproc:{run}:runs");
-            let mut conn = counters.clone();
-            let r: Result<String, TestError> = Call::new(leak(format!("xproc::{run}")))
-                .key("victim")
-                .lease(Duration::from_millis(500))
-                .run(&store, async move {
-                    let _: i64 = conn.incr(&runs, 1).await.unwrap();
-                    let _: () = conn.set(&marker, 1).await.unwrap();
-                    // Killed here by the parent.
-                    tokio::time::sleep(Duration::from_secs(60)).await;
-                    Ok("child".to_string())
-                })
-                .await;
+            let r = victim(&store, &counters, run).await;
             println!("UNEXPECTED {r:?}");
         }
         other => panic!("unknown child role {other}"),
@@ -280,39 +335,21 @@ async fn crash_takeover() {
     victim.wait().unwrap();
     let killed_at = Instant::now();
 
-    let store = Arc::new(
-        RedisStore::builder(url.as_str())
-            .prefix(PREFIX)
-            .build()
-            .await
-            .unwrap(),
-    );
-    let call = || {
-        Call::new(leak(format!("xproc::{run}")))
-            .key("victim")
-            .lease(Duration::from_millis(500))
-    };
+    let store = RedisStore::builder(url.as_str())
+        .prefix(PREFIX)
+        .build()
+        .await
+        .unwrap();
 
     // The dead child's lease is still live: a rejecting caller gets InProgress.
-    let r: Result<String, Error> = call()
-        .on_conflict(OnConflict::Reject)
-        .run(&*store, async { Ok("must not run".to_string()) })
-        .await;
+    let r = victim_rejecting(&store, &counters, run).await;
     assert!(
-        matches!(r, Err(Error::InProgress { .. })),
+        matches!(r, Err(TestError::Idem(Error::InProgress { .. }))),
         "expected InProgress while the lease is live, got {r:?}"
     );
 
     // A waiting caller waits for the lease to pass, takes over and runs the body once.
-    let mut conn = counters.clone();
-    let runs2 = runs.clone();
-    let r: Result<String, Error> = call()
-        .wait_timeout(Duration::from_secs(10))
-        .run(&*store, async move {
-            let _: i64 = conn.incr(&runs2, 1).await.unwrap();
-            Ok("survivor".to_string())
-        })
-        .await;
+    let r = victim_survivor(&store, &counters, run).await;
     let waited = killed_at.elapsed();
     assert_eq!(r.unwrap(), "survivor");
     assert!(
@@ -322,12 +359,16 @@ async fn crash_takeover() {
     let n: i64 = counters.get(&runs).await.unwrap();
     assert_eq!(n, 2, "the child's run and exactly one takeover run");
 
-    // Everyone after that gets the survivor's result; the body does not run again.
+    // Everyone after that gets the survivor's result; no body runs again.
     for _ in 0..3 {
-        let r: Result<String, Error> = call()
-            .run(&*store, async { Ok("ran again".to_string()) })
-            .await;
-        assert_eq!(r.unwrap(), "survivor");
+        assert_eq!(
+            victim_survivor(&store, &counters, run).await.unwrap(),
+            "survivor"
+        );
+        assert_eq!(
+            victim_rejecting(&store, &counters, run).await.unwrap(),
+            "survivor"
+        );
     }
     let n: i64 = counters.get(&runs).await.unwrap();
     assert_eq!(n, 2);
