@@ -316,3 +316,73 @@ async fn the_future_is_send_and_spawnable() {
     // What axum asks of a handler: the future can move to another worker thread.
     assert_eq!(tokio::spawn(fut).await.unwrap().unwrap(), 1);
 }
+
+// ---- `?` with conversions, early `return` --------------------------------------------
+
+#[derive(Debug)]
+#[allow(dead_code)] // the payloads are for Debug
+enum AppError {
+    Parse(std::num::ParseIntError),
+    Idem(Error),
+}
+
+impl From<std::num::ParseIntError> for AppError {
+    fn from(e: std::num::ParseIntError) -> Self {
+        AppError::Parse(e)
+    }
+}
+
+impl From<Error> for AppError {
+    fn from(e: Error) -> Self {
+        AppError::Idem(e)
+    }
+}
+
+#[idempotent(key = input.clone(), store = store, skip(store))]
+async fn parse(store: &MemoryStore, input: String) -> Result<u64, AppError> {
+    if input.is_empty() {
+        return Ok(0);
+    }
+    let n: u64 = input.parse()?; // ParseIntError -> AppError inside the body
+    Ok(n)
+}
+
+#[tokio::test]
+async fn question_mark_and_return_behave_as_in_the_original_function() {
+    let store = MemoryStore::new();
+    assert_eq!(parse(&store, String::new()).await.unwrap(), 0);
+    assert_eq!(parse(&store, "42".into()).await.unwrap(), 42);
+    assert!(matches!(
+        parse(&store, "x".into()).await,
+        Err(AppError::Parse(_))
+    ));
+    // The Err was released, not stored: a second try runs again and fails the same way.
+    assert!(matches!(
+        parse(&store, "x".into()).await,
+        Err(AppError::Parse(_))
+    ));
+    let _ = AppError::Idem(Error::MissingKey);
+}
+
+// ---- native `async fn` in traits -------------------------------------------------------
+
+trait Ledger {
+    async fn post(&self, entry: u64) -> Result<u64, Error>;
+}
+
+struct Books(MemoryStore, AtomicU32);
+
+impl Ledger for Books {
+    #[idempotent(store = self.0)]
+    async fn post(&self, entry: u64) -> Result<u64, Error> {
+        Ok(entry + u64::from(self.1.fetch_add(1, SeqCst)))
+    }
+}
+
+#[tokio::test]
+async fn native_async_fn_in_trait_impls() {
+    let books = Books(MemoryStore::new(), AtomicU32::new(0));
+    assert_eq!(books.post(10).await.unwrap(), 10);
+    assert_eq!(books.post(10).await.unwrap(), 10);
+    assert_eq!(books.post(20).await.unwrap(), 21);
+}
