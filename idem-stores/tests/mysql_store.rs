@@ -546,3 +546,96 @@ async fn concurrent_migrations_are_idempotent() {
     );
     drop_table(&pool, &table).await;
 }
+
+/// A claim under a token that already holds the key is that holder's own claim (a run of the
+/// statement whose answer was lost with its connection): it is acquired, not a conflict.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_under_its_own_token_is_acquired() {
+    let Some(url) = env_url("IDEM_TEST_MYSQL_URL") else {
+        return;
+    };
+    let pool = pool(&url, 2).await;
+    let (store, table) = store_on(pool.clone(), |b| b).await;
+    let key = fresh_key();
+    let r = req(key, LONG);
+    assert_eq!(
+        store.claim(&r).await.unwrap(),
+        Claim::Acquired { taken_over: false }
+    );
+    assert_eq!(
+        store.claim(&r).await.unwrap(),
+        Claim::Acquired { taken_over: false }
+    );
+    assert!(matches!(
+        store.claim(&req(key, LONG)).await.unwrap(),
+        Claim::InProgress { .. }
+    ));
+    store.complete(&key, r.token, b"v", LONG).await.unwrap();
+    drop_table(&pool, &table).await;
+}
+
+/// The connection running a claim is killed while the claim waits for a row lock: the store
+/// runs the statement again on a fresh connection and the caller gets its answer, not an
+/// error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_whose_connection_is_killed_mid_statement_is_retried() {
+    let Some(url) = env_url("IDEM_TEST_MYSQL_URL") else {
+        return;
+    };
+    let pool = pool(&url, 4).await;
+    let (store, table) = store_on(pool.clone(), |b| b).await;
+    let key = fresh_key();
+    let first = req(key, LONG);
+    store.claim(&first).await.unwrap();
+    store
+        .complete(&key, first.token, b"old", Duration::from_millis(50))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+
+    // Lock the (expired) row from another session, so that the claim blocks on it.
+    let mut admin = sqlx::MySqlConnection::connect(&url).await.unwrap();
+    sqlx::query("BEGIN").execute(&mut admin).await.unwrap();
+    sqlx::query(AssertSqlSafe(format!(
+        "SELECT k FROM `{table}` WHERE k = ? FOR UPDATE"
+    )))
+    .bind(&key.0[..])
+    .fetch_all(&mut admin)
+    .await
+    .unwrap();
+    let claim = {
+        let store = store.clone();
+        tokio::spawn(async move { store.claim(&req(key, LONG)).await })
+    };
+    // Find the claim's connection, blocked in the INSERT, and kill it.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let victim: u64 = loop {
+        let id: Option<u64> = sqlx::query_scalar(AssertSqlSafe(format!(
+            "SELECT CAST(id AS UNSIGNED) FROM information_schema.processlist \
+             WHERE info LIKE 'INSERT INTO `{table}`%' LIMIT 1"
+        )))
+        .fetch_optional(&mut admin)
+        .await
+        .unwrap();
+        if let Some(id) = id {
+            break id;
+        }
+        assert!(Instant::now() < deadline, "the claim never blocked");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    let mut killer = sqlx::MySqlConnection::connect(&url).await.unwrap();
+    sqlx::query("KILL CONNECTION ?")
+        .bind(victim)
+        .execute(&mut killer)
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    sqlx::query("COMMIT").execute(&mut admin).await.unwrap();
+    let got = tokio::time::timeout(Duration::from_secs(10), claim)
+        .await
+        .expect("claim hangs")
+        .unwrap();
+    println!("claim after its connection was killed: {got:?}");
+    assert_eq!(got.unwrap(), Claim::Acquired { taken_over: false });
+    drop_table(&pool, &table).await;
+}

@@ -124,7 +124,7 @@ struct Statements {
     complete: String,
     release: String,
     renew: String,
-    holds: String,
+    held: String,
     get: String,
     probe: String,
     remove: String,
@@ -149,7 +149,7 @@ impl Statements {
             ),
             claim: claim_sql(table),
             read: format!(
-                "SELECT CAST(state = 'completed' AS SIGNED) AS completed, fingerprint, value, \
+                "SELECT CAST(state = 'completed' AS SIGNED) AS completed, token, fingerprint, value, \
                         CAST(live_until - {NOW_MS} AS SIGNED) AS remaining \
                  FROM {table} WHERE k = ?"
             ),
@@ -165,8 +165,8 @@ impl Statements {
                 "UPDATE {table} SET live_until = {NOW_MS} + ?, expires_at = {NOW_MS} + ? \
                  WHERE k = ? AND token = ? AND state = 'in_progress'"
             ),
-            holds: format!(
-                "SELECT 1 FROM {table} WHERE k = ? AND token = ? AND state = 'in_progress'"
+            held: format!(
+                "SELECT CAST(state = 'completed' AS SIGNED) FROM {table} WHERE k = ? AND token = ?"
             ),
             get: format!(
                 "SELECT CAST(state = 'completed' AS SIGNED) AS completed, token, fingerprint, \
@@ -349,7 +349,7 @@ fn fingerprint(bytes: Option<Vec<u8>>) -> Result<Option<Fingerprint>, StoreError
 }
 
 /// InnoDB rolled the statement back to break a deadlock or a lock wait: safe to run again.
-fn retryable(e: &sqlx::Error) -> bool {
+fn rolled_back(e: &sqlx::Error) -> bool {
     match e {
         sqlx::Error::Database(db) => {
             matches!(db.code().as_deref(), Some("40001"))
@@ -358,6 +358,42 @@ fn retryable(e: &sqlx::Error) -> bool {
                     .is_some_and(|m| matches!(m.number(), 1213 | 1205))
         }
         _ => false,
+    }
+}
+
+/// The connection broke under the statement (reset, closed, killed, server shut down).
+fn connection_lost(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Io(_) => true,
+        sqlx::Error::Database(db) => db
+            .try_downcast_ref::<sqlx::mysql::MySqlDatabaseError>()
+            // ER_SERVER_SHUTDOWN, MariaDB's ER_CONNECTION_KILLED
+            .is_some_and(|m| matches!(m.number(), 1053 | 1927)),
+        _ => false,
+    }
+}
+
+/// Runs one statement, again if InnoDB rolled it back (deadlock victim, lock wait timeout;
+/// up to `CLAIM_ATTEMPTS` runs) or if the connection broke under it (once, on a fresh
+/// connection). Also says whether a broken connection was retried: the first run may then
+/// have been applied, and the caller must allow for it.
+async fn run_retrying<T, F, Fut>(mut op: F) -> Result<(T, bool), sqlx::Error>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, sqlx::Error>>,
+{
+    let mut lost = false;
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        match op().await {
+            Ok(v) => return Ok((v, lost)),
+            Err(e) if rolled_back(&e) && attempt < CLAIM_ATTEMPTS => {
+                tokio::time::sleep(Duration::from_millis(attempt as u64)).await;
+            }
+            Err(e) if !lost && connection_lost(&e) => lost = true,
+            Err(e) => return Err(e),
+        }
     }
 }
 
@@ -435,20 +471,14 @@ impl MySqlStore {
     pub async fn purge_expired(&self, batch: u32) -> Result<u64, StoreError> {
         let inner = &*self.inner;
         self.timed(async {
-            for attempt in 1.. {
-                match sqlx::query(AssertSqlSafe(inner.sql.purge.clone()))
+            let (r, _) = run_retrying(|| {
+                sqlx::query(AssertSqlSafe(inner.sql.purge.clone()))
                     .bind(batch)
                     .execute(&inner.pool)
-                    .await
-                {
-                    Ok(r) => return Ok(r.rows_affected()),
-                    Err(e) if retryable(&e) && attempt < CLAIM_ATTEMPTS => {
-                        tokio::time::sleep(Duration::from_millis(attempt as u64)).await;
-                    }
-                    Err(e) => return Err(StoreError::backend("mysql: purge expired rows", e)),
-                }
-            }
-            Ok(0)
+            })
+            .await
+            .map_err(|e| StoreError::backend("mysql: purge expired rows", e))?;
+            Ok(r.rows_affected())
         })
         .await
     }
@@ -495,39 +525,38 @@ impl MySqlStore {
         }
     }
 
-    /// One run of the claim statement: what it found (`FOUND_*`).
-    async fn claim_once(&self, req: &ClaimRequest) -> Result<u64, sqlx::Error> {
+    /// One run of the claim statement: what it found (`FOUND_*`), and whether a broken
+    /// connection was retried.
+    async fn claim_once(&self, req: &ClaimRequest) -> Result<(u64, bool), sqlx::Error> {
         let inner = &*self.inner;
         let lease = ms(req.lease);
         let until = lease.saturating_add(ms(inner.lease_grace));
         let fp = req.fingerprint.map(|f| f.0.to_vec());
         let token = req.token.as_i64();
-        let r = sqlx::query(AssertSqlSafe(inner.sql.claim.clone()))
-            .bind(&req.key.0[..])
-            .bind(token)
-            .bind(lease)
-            .bind(until)
-            .bind(fp.clone())
-            .bind(token)
-            .bind(fp)
-            .bind(until)
-            .bind(lease)
-            .execute(&inner.pool)
-            .await?;
-        Ok(r.last_insert_id())
+        let (r, lost) = run_retrying(|| {
+            sqlx::query(AssertSqlSafe(inner.sql.claim.clone()))
+                .bind(&req.key.0[..])
+                .bind(token)
+                .bind(lease)
+                .bind(until)
+                .bind(fp.clone())
+                .bind(token)
+                .bind(fp.clone())
+                .bind(until)
+                .bind(lease)
+                .execute(&inner.pool)
+        })
+        .await?;
+        Ok((r.last_insert_id(), lost))
     }
 
     async fn claim_inner(&self, req: &ClaimRequest) -> Result<Claim, StoreError> {
         let inner = &*self.inner;
-        for attempt in 1..=CLAIM_ATTEMPTS {
-            let found = match self.claim_once(req).await {
-                Ok(found) => found,
-                Err(e) if retryable(&e) && attempt < CLAIM_ATTEMPTS => {
-                    tokio::time::sleep(Duration::from_millis(attempt as u64)).await;
-                    continue;
-                }
-                Err(e) => return Err(StoreError::backend("mysql: claim", e)),
-            };
+        for _ in 0..CLAIM_ATTEMPTS {
+            let (found, _) = self
+                .claim_once(req)
+                .await
+                .map_err(|e| StoreError::backend("mysql: claim", e))?;
             match found {
                 FOUND_NOTHING | FOUND_EXPIRED_RECORD => {
                     return Ok(Claim::Acquired { taken_over: false })
@@ -543,17 +572,20 @@ impl MySqlStore {
             // A conflict: read what holds the key. If it changed since (completed, released,
             // lapsed), the read still gives a state the record really had; if it is gone or
             // dead now, claim again.
-            let row = sqlx::query(AssertSqlSafe(inner.sql.read.clone()))
-                .bind(&req.key.0[..])
-                .fetch_optional(&inner.pool)
-                .await
-                .map_err(|e| StoreError::backend("mysql: read conflicting record", e))?;
+            let (row, _) = run_retrying(|| {
+                sqlx::query(AssertSqlSafe(inner.sql.read.clone()))
+                    .bind(&req.key.0[..])
+                    .fetch_optional(&inner.pool)
+            })
+            .await
+            .map_err(|e| StoreError::backend("mysql: read conflicting record", e))?;
             let Some(row) = row else { continue };
             let remaining: i64 = row.try_get("remaining").map_err(corrupt)?;
             if remaining <= 0 {
                 continue;
             }
             let completed: i64 = row.try_get("completed").map_err(corrupt)?;
+            let token: i64 = row.try_get("token").map_err(corrupt)?;
             let fingerprint = fingerprint(row.try_get("fingerprint").map_err(corrupt)?)?;
             return Ok(if completed != 0 {
                 let value: Option<Vec<u8>> = row.try_get("value").map_err(corrupt)?;
@@ -563,6 +595,10 @@ impl MySqlStore {
                         StoreError::Corrupt("completed mysql record without a value".into())
                     })?,
                 })
+            } else if token == req.token.as_i64() {
+                // Our own claim: an earlier run of the statement was applied but its answer
+                // was lost with the connection. Tokens are fresh per claim, so the holder is us.
+                Claim::Acquired { taken_over: false }
             } else {
                 Claim::InProgress {
                     fingerprint,
@@ -576,28 +612,22 @@ impl MySqlStore {
         ))
     }
 
-    /// Runs a fenced `UPDATE`/`DELETE`; zero rows changed means the token is not current.
-    async fn fenced(
+    /// The state of the row on `key` if `token` is its token: `Some(true)` completed,
+    /// `Some(false)` in progress, `None` when it is absent or someone else's.
+    async fn state_under(
         &self,
-        what: &'static str,
-        query: sqlx::query::Query<'_, sqlx::MySql, sqlx::mysql::MySqlArguments>,
-    ) -> Result<bool, StoreError> {
-        let r = query
-            .execute(&self.inner.pool)
-            .await
-            .map_err(|e| StoreError::backend(what, e))?;
-        Ok(r.rows_affected() > 0)
-    }
-
-    /// Whether `token` holds the claim on `key` now.
-    async fn holds(&self, key: &Key, token: FencingToken) -> Result<bool, StoreError> {
-        let row = sqlx::query(AssertSqlSafe(self.inner.sql.holds.clone()))
-            .bind(&key.0[..])
-            .bind(token.as_i64())
-            .fetch_optional(&self.inner.pool)
-            .await
-            .map_err(|e| StoreError::backend("mysql: renew", e))?;
-        Ok(row.is_some())
+        key: &Key,
+        token: FencingToken,
+    ) -> Result<Option<bool>, StoreError> {
+        let (completed, _) = run_retrying(|| {
+            sqlx::query_scalar::<_, i64>(AssertSqlSafe(self.inner.sql.held.clone()))
+                .bind(&key.0[..])
+                .bind(token.as_i64())
+                .fetch_optional(&self.inner.pool)
+        })
+        .await
+        .map_err(|e| StoreError::backend("mysql: read claim", e))?;
+        Ok(completed.map(|c| c != 0))
     }
 }
 
@@ -639,26 +669,52 @@ impl Store for MySqlStore {
             });
         }
         let ttl = ms(ttl);
-        let q = sqlx::query(AssertSqlSafe(self.inner.sql.complete.clone()))
-            .bind(value)
-            .bind(ttl)
-            .bind(ttl)
-            .bind(&key.0[..])
-            .bind(token.as_i64());
-        match self.timed(self.fenced("mysql: complete", q)).await? {
-            true => Ok(()),
-            false => Err(StoreError::Fenced),
-        }
+        let inner = &*self.inner;
+        self.timed(async {
+            let (r, lost) = run_retrying(|| {
+                sqlx::query(AssertSqlSafe(inner.sql.complete.clone()))
+                    .bind(value)
+                    .bind(ttl)
+                    .bind(ttl)
+                    .bind(&key.0[..])
+                    .bind(token.as_i64())
+                    .execute(&inner.pool)
+            })
+            .await
+            .map_err(|e| StoreError::backend("mysql: complete", e))?;
+            if r.rows_affected() > 0 {
+                return Ok(());
+            }
+            // After a broken connection the first run may have completed the record already:
+            // only this token's holder completes under it.
+            if lost && self.state_under(key, token).await? == Some(true) {
+                return Ok(());
+            }
+            Err(StoreError::Fenced)
+        })
+        .await
     }
 
     async fn release(&self, key: &Key, token: FencingToken) -> Result<(), StoreError> {
-        let q = sqlx::query(AssertSqlSafe(self.inner.sql.release.clone()))
-            .bind(&key.0[..])
-            .bind(token.as_i64());
-        match self.timed(self.fenced("mysql: release", q)).await? {
-            true => Ok(()),
-            false => Err(StoreError::Fenced),
-        }
+        let inner = &*self.inner;
+        self.timed(async {
+            let (r, lost) = run_retrying(|| {
+                sqlx::query(AssertSqlSafe(inner.sql.release.clone()))
+                    .bind(&key.0[..])
+                    .bind(token.as_i64())
+                    .execute(&inner.pool)
+            })
+            .await
+            .map_err(|e| StoreError::backend("mysql: release", e))?;
+            // After a broken connection the first run may have deleted the row: the claim is
+            // gone either way, and no one else's record was touched.
+            if r.rows_affected() > 0 || lost {
+                Ok(())
+            } else {
+                Err(StoreError::Fenced)
+            }
+        })
+        .await
     }
 
     async fn renew(
@@ -668,16 +724,23 @@ impl Store for MySqlStore {
         lease: Duration,
     ) -> Result<(), StoreError> {
         let lease = ms(lease);
-        let q = sqlx::query(AssertSqlSafe(self.inner.sql.renew.clone()))
-            .bind(lease)
-            .bind(lease.saturating_add(ms(self.inner.lease_grace)))
-            .bind(&key.0[..])
-            .bind(token.as_i64());
+        let until = lease.saturating_add(ms(self.inner.lease_grace));
+        let inner = &*self.inner;
         self.timed(async {
+            let (r, _) = run_retrying(|| {
+                sqlx::query(AssertSqlSafe(inner.sql.renew.clone()))
+                    .bind(lease)
+                    .bind(until)
+                    .bind(&key.0[..])
+                    .bind(token.as_i64())
+                    .execute(&inner.pool)
+            })
+            .await
+            .map_err(|e| StoreError::backend("mysql: renew", e))?;
             // sqlx asks the server for rows *matched* (CLIENT_FOUND_ROWS); on a connection
             // that counts rows *changed*, a renew writing the deadline the row already has
             // (twice in one millisecond) reports 0. Tell that from a lost claim.
-            if self.fenced("mysql: renew", q).await? || self.holds(key, token).await? {
+            if r.rows_affected() > 0 || self.state_under(key, token).await? == Some(false) {
                 Ok(())
             } else {
                 Err(StoreError::Fenced)
@@ -690,11 +753,14 @@ impl Store for MySqlStore {
         let inner = &*self.inner;
         let row = self
             .timed(async {
-                sqlx::query(AssertSqlSafe(inner.sql.get.clone()))
-                    .bind(&key.0[..])
-                    .fetch_optional(&inner.pool)
-                    .await
-                    .map_err(|e| StoreError::backend("mysql: get", e))
+                run_retrying(|| {
+                    sqlx::query(AssertSqlSafe(inner.sql.get.clone()))
+                        .bind(&key.0[..])
+                        .fetch_optional(&inner.pool)
+                })
+                .await
+                .map(|(row, _)| row)
+                .map_err(|e| StoreError::backend("mysql: get", e))
             })
             .await?;
         let Some(row) = row else { return Ok(None) };
@@ -725,11 +791,14 @@ impl Store for MySqlStore {
             // Polling cannot miss a completion: each look reads the row as it is now.
             let remaining: Option<i64> = self
                 .timed(async {
-                    sqlx::query_scalar(AssertSqlSafe(inner.sql.probe.clone()))
-                        .bind(&key.0[..])
-                        .fetch_optional(&inner.pool)
-                        .await
-                        .map_err(|e| StoreError::backend("mysql: wait", e))
+                    run_retrying(|| {
+                        sqlx::query_scalar(AssertSqlSafe(inner.sql.probe.clone()))
+                            .bind(&key.0[..])
+                            .fetch_optional(&inner.pool)
+                    })
+                    .await
+                    .map(|(remaining, _)| remaining)
+                    .map_err(|e| StoreError::backend("mysql: wait", e))
                 })
                 .await?;
             let Some(lease_left) = remaining.filter(|r| *r > 0) else {
@@ -750,11 +819,13 @@ impl Store for MySqlStore {
     async fn remove(&self, key: &Key) -> Result<(), StoreError> {
         let inner = &*self.inner;
         self.timed(async {
-            sqlx::query(AssertSqlSafe(inner.sql.remove.clone()))
-                .bind(&key.0[..])
-                .execute(&inner.pool)
-                .await
-                .map_err(|e| StoreError::backend("mysql: remove", e))?;
+            run_retrying(|| {
+                sqlx::query(AssertSqlSafe(inner.sql.remove.clone()))
+                    .bind(&key.0[..])
+                    .execute(&inner.pool)
+            })
+            .await
+            .map_err(|e| StoreError::backend("mysql: remove", e))?;
             Ok(())
         })
         .await
