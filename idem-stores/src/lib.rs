@@ -7,6 +7,7 @@
 //! | `memory` (default) | [`MemoryStore`] on moka | one atomic entry operation | in-process notification | per-entry |
 //! | `redis` | `RedisStore` on the `redis` crate (server or Cluster) | one Lua script (`EVALSHA`) on the server's clock | one shared pub/sub subscriber per store, polling while it is down | native `PEXPIRE` |
 //! | `postgres` | `PostgresStore` on sqlx | one `INSERT ... ON CONFLICT DO UPDATE ... RETURNING` (CTE) | `LISTEN/NOTIFY`, polling while the listener is down | `purge_expired` / background sweep |
+//! | `mysql` | `MySqlStore` on sqlx (MySQL, MariaDB) | one `INSERT ... ON DUPLICATE KEY UPDATE`, outcome in `LAST_INSERT_ID(expr)` | bounded polling with backoff | `purge_expired` / background sweep |
 //! | `sqlite` | `SqliteStore` on sqlx (file or memory) | one `INSERT ... ON CONFLICT DO UPDATE ... RETURNING` | bounded polling with backoff | `purge_expired` / background sweep |
 //!
 //! Every store implements [`idem_core::Store`] and passes `idem_core::testkit`.
@@ -27,9 +28,9 @@ pub use crate::redis::RedisStore;
 
 #[cfg(any(feature = "postgres", feature = "mysql", feature = "sqlite"))]
 pub mod sql;
+#[cfg(feature = "mysql")]
+pub use crate::sql::mysql::{MySqlStore, MySqlStoreBuilder};
 #[cfg(feature = "postgres")]
 pub use crate::sql::postgres::{PostgresStore, PostgresStoreBuilder};
 #[cfg(feature = "sqlite")]
 pub use crate::sql::sqlite::{SqliteStore, SqliteStoreBuilder};
-#[cfg(feature = "mysql")]
-pub use crate::sql::mysql::{MySqlStore, MySqlStoreBuilder};
