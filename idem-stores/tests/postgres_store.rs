@@ -482,16 +482,29 @@ async fn terminated_connections_recover() {
         tokio::time::sleep(Duration::from_millis(20)).await;
         kill_all().await
     };
+    let runs_before = runs.load(Ordering::SeqCst);
     let (_, results) = tokio::join!(mid, futures_join((100..120).map(call).collect()));
+    // A body runs only for a call that claimed: Ok (executed) or LeaseLost (ran, then fenced).
+    // Error::Store comes from the claim, before any body.
+    let mut ran_bodies = 0;
     for (i, r) in (100..120).zip(results) {
-        match r {
-            Ok(v) => assert_eq!(v, i),
-            Err(Error::Store(_)) | Err(Error::LeaseLost) => {}
+        let outcome = match r {
+            Ok(v) => {
+                assert_eq!(v, i);
+                ran_bodies += 1;
+                "ok"
+            }
+            Err(Error::LeaseLost) => {
+                ran_bodies += 1;
+                "lease_lost"
+            }
+            Err(Error::Store(_)) => "store_error",
             Err(e) => panic!("unexpected error {e:?}"),
-        }
-        *outcomes.entry(r.is_ok()).or_insert(0) += 1;
+        };
+        *outcomes.entry(outcome).or_insert(0) += 1;
     }
-    println!("after pg_terminate_backend: {outcomes:?} (true = ok)");
+    assert_eq!(runs.load(Ordering::SeqCst) - runs_before, ran_bodies);
+    println!("after pg_terminate_backend: {outcomes:?}");
 
     // The same store works afterwards, with no rebuilding: every key answers, each body ran
     // at most once for a completed key, and the listener is back.
@@ -898,6 +911,159 @@ async fn racing_takeovers_have_one_winner() {
             }
         }
         assert_eq!(acquired, 1, "round {round}");
+    }
+    exec(&admin, format!("DROP TABLE \"{table}\"")).await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// A real outage: the store reaches the server through a TCP proxy that the test stops (every
+// connection cut, the port closed) and starts again on the same port.
+
+struct Proxy {
+    port: u16,
+    upstream: std::net::SocketAddr,
+    tasks: Arc<std::sync::Mutex<Vec<tokio::task::AbortHandle>>>,
+}
+
+impl Proxy {
+    async fn start(upstream: std::net::SocketAddr, port: u16) -> Proxy {
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+            .await
+            .expect("bind proxy");
+        let port = listener.local_addr().expect("addr").port();
+        let tasks: Arc<std::sync::Mutex<Vec<tokio::task::AbortHandle>>> = Arc::default();
+        let accept = tokio::spawn({
+            let tasks = tasks.clone();
+            async move {
+                while let Ok((mut client, _)) = listener.accept().await {
+                    let pipe = tokio::spawn(async move {
+                        if let Ok(mut server) = tokio::net::TcpStream::connect(upstream).await {
+                            let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                        }
+                    });
+                    tasks.lock().unwrap().push(pipe.abort_handle());
+                }
+            }
+        });
+        tasks.lock().unwrap().push(accept.abort_handle());
+        Proxy {
+            port,
+            upstream,
+            tasks,
+        }
+    }
+
+    /// Closes the port and cuts every connection.
+    async fn stop(&self) {
+        for t in self.tasks.lock().unwrap().drain(..) {
+            t.abort();
+        }
+        // Let the aborted tasks drop their sockets.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    async fn restart(self) -> Proxy {
+        Proxy::start(self.upstream, self.port).await
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn database_outage_and_recovery_through_a_proxy() {
+    if std::env::var_os(ROLE).is_some() {
+        return;
+    }
+    let Some(url) = url() else { return };
+    let admin = admin(&url).await;
+    let table = sql_common::unique_table("proxy");
+    let options: sqlx::postgres::PgConnectOptions = url.parse().expect("url");
+    let upstream = tokio::net::lookup_host((options.get_host(), options.get_port()))
+        .await
+        .expect("resolve")
+        .next()
+        .expect("an address");
+    let proxy = Proxy::start(upstream, 0).await;
+    // The application's own pool, handed to the store.
+    let pool = PgPoolOptions::new()
+        .max_connections(4)
+        .acquire_timeout(Duration::from_millis(500))
+        .connect_lazy_with(options.clone().host("127.0.0.1").port(proxy.port));
+    let store = PostgresStore::builder()
+        .pool(pool)
+        .table(&table)
+        .acquire_timeout(Duration::from_millis(500))
+        .operation_timeout(Duration::from_secs(2))
+        .build()
+        .expect("build");
+    store.migrate().await.expect("migrate");
+    let runs = Arc::new(AtomicUsize::new(0));
+    let call = |i: u32| {
+        let runs = runs.clone();
+        Call::new("proxy").key(i).run(&store, async move {
+            runs.fetch_add(1, Ordering::SeqCst);
+            Ok::<_, Error>(i)
+        })
+    };
+    for i in 0..3 {
+        assert_eq!(call(i).await.expect("before the outage"), i);
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !store.is_listening() {
+        assert!(Instant::now() < deadline, "listener never came up");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // Outage: every call fails with Error::Store, and no body runs.
+    proxy.stop().await;
+    let before = runs.load(Ordering::SeqCst);
+    let started = Instant::now();
+    for i in 10..15 {
+        let r = call(i).await;
+        assert!(matches!(r, Err(Error::Store(_))), "{r:?}");
+    }
+    for i in 0..3 {
+        // Even keys that were completed: the store cannot be read, so nothing is replayed
+        // or run.
+        let r = call(i).await;
+        assert!(matches!(r, Err(Error::Store(_))), "{r:?}");
+    }
+    assert_eq!(runs.load(Ordering::SeqCst), before, "no body may run");
+    println!("8 calls failed closed in {:?}", started.elapsed());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while store.is_listening() {
+        assert!(
+            Instant::now() < deadline,
+            "the listener did not notice the outage"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // Recovery on the same port: the same store (no rebuild) works again, listener included.
+    let _proxy = proxy.restart().await;
+    let back = Instant::now();
+    let deadline = back + Duration::from_secs(10);
+    loop {
+        match call(10).await {
+            Ok(v) => {
+                assert_eq!(v, 10);
+                break;
+            }
+            Err(Error::Store(_)) if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => panic!("the store did not recover: {e:?}"),
+        }
+    }
+    println!(
+        "first call succeeded {:?} after the server came back",
+        back.elapsed()
+    );
+    for i in 0..3 {
+        assert_eq!(call(i).await.expect("replay after the outage"), i);
+    }
+    assert_eq!(runs.load(Ordering::SeqCst), before + 1);
+    while !store.is_listening() {
+        assert!(Instant::now() < deadline, "the listener did not come back");
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
     exec(&admin, format!("DROP TABLE \"{table}\"")).await;
 }
