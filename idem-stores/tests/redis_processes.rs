@@ -11,6 +11,9 @@
 #![cfg(feature = "redis")]
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+#[path = "support/redis_server.rs"]
+mod redis_server;
+
 use std::collections::HashMap;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -57,6 +60,14 @@ async fn counters(url: &str) -> redis::aio::ConnectionManager {
         .unwrap()
 }
 
+async fn cluster_counters(nodes: &[String]) -> redis::cluster_async::ClusterConnection {
+    redis::cluster::ClusterClient::new(nodes.to_vec())
+        .unwrap()
+        .get_async_connection()
+        .await
+        .unwrap()
+}
+
 /// One idempotent "charge" per key; its side effect is an `INCR` of that key's counter. The
 /// run id scopes the records, so every test run starts from fresh keys; `who` (which caller
 /// this is) is skipped, so duplicates share one fingerprint.
@@ -69,13 +80,16 @@ async fn counters(url: &str) -> redis::aio::ConnectionManager {
     store = store,
     skip(store, counters, who)
 )]
-async fn charge(
+async fn charge<C>(
     store: &RedisStore,
-    counters: &redis::aio::ConnectionManager,
+    counters: &C,
     run: &str,
     key: usize,
     who: String,
-) -> Result<String, TestError> {
+) -> Result<String, TestError>
+where
+    C: redis::aio::ConnectionLike + Clone + Send + Sync,
+{
     let n: i64 = counters
         .clone()
         .incr(format!("{PREFIX}xproc:{run}:count:{key}"), 1)
@@ -152,6 +166,41 @@ async fn victim_survivor(
     Ok("survivor".to_string())
 }
 
+/// A child's share of the exactly-once run: 50 tasks, each calling `charge` on all 200 keys.
+async fn exactly_once_child<C>(store: RedisStore, counters: C, run: &'static str)
+where
+    C: redis::aio::ConnectionLike + Clone + Send + Sync + 'static,
+{
+    let start_at: u64 = std::env::var("IDEM_XPROC_START").unwrap().parse().unwrap();
+    tokio::time::sleep(Duration::from_millis(start_at.saturating_sub(unix_ms()))).await;
+    let pid = std::process::id();
+    let tasks: Vec<_> = (0..TASKS)
+        .map(|t| {
+            let store = store.clone();
+            let counters = counters.clone();
+            tokio::spawn(async move {
+                let mut out = Vec::with_capacity(KEYS);
+                for j in 0..KEYS {
+                    // Tasks start at different keys and walk them all, so every key sees
+                    // concurrent duplicates from every process.
+                    let key = (j + t * 7) % KEYS;
+                    let r = charge(&store, &counters, run, key, format!("{pid}/{t}")).await;
+                    out.push((key, r));
+                }
+                out
+            })
+        })
+        .collect();
+    for t in tasks {
+        for (key, r) in t.await.unwrap() {
+            match r {
+                Ok(v) => println!("RESULT {key} {v}"),
+                Err(e) => println!("ERROR {key} {e:?}"),
+            }
+        }
+    }
+}
+
 /// The child side: does nothing unless `IDEM_REDIS_CHILD` is set by a parent test.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn child_entry() {
@@ -160,6 +209,17 @@ async fn child_entry() {
     };
     let url = std::env::var("IDEM_TEST_REDIS_URL").unwrap();
     let run = leak(std::env::var("IDEM_XPROC_RUN").unwrap());
+    if let Ok(nodes) = std::env::var("IDEM_XPROC_CLUSTER") {
+        let nodes: Vec<String> = nodes.split(',').map(String::from).collect();
+        let store = RedisStore::cluster_builder(nodes.clone())
+            .prefix(PREFIX)
+            .build()
+            .await
+            .unwrap();
+        let counters = cluster_counters(&nodes).await;
+        assert_eq!(role, "exactly_once");
+        return exactly_once_child(store, counters, run).await;
+    }
     let store = RedisStore::builder(url.as_str())
         .prefix(PREFIX)
         .build()
@@ -167,36 +227,7 @@ async fn child_entry() {
         .unwrap();
     let counters = counters(&url).await;
     match role.as_str() {
-        "exactly_once" => {
-            let start_at: u64 = std::env::var("IDEM_XPROC_START").unwrap().parse().unwrap();
-            tokio::time::sleep(Duration::from_millis(start_at.saturating_sub(unix_ms()))).await;
-            let pid = std::process::id();
-            let tasks: Vec<_> = (0..TASKS)
-                .map(|t| {
-                    let store = store.clone();
-                    let counters = counters.clone();
-                    tokio::spawn(async move {
-                        let mut out = Vec::with_capacity(KEYS);
-                        for j in 0..KEYS {
-                            // Tasks start at different keys and walk them all, so every key
-                            // sees concurrent duplicates from every process.
-                            let key = (j + t * 7) % KEYS;
-                            let r = charge(&store, &counters, run, key, format!("{pid}/{t}")).await;
-                            out.push((key, r));
-                        }
-                        out
-                    })
-                })
-                .collect();
-            for t in tasks {
-                for (key, r) in t.await.unwrap() {
-                    match r {
-                        Ok(v) => println!("RESULT {key} {v}"),
-                        Err(e) => println!("ERROR {key} {e:?}"),
-                    }
-                }
-            }
-        }
+        "exactly_once" => exactly_once_child(store, counters, run).await,
         "crash" => {
             let r = victim(&store, &counters, run).await;
             println!("UNEXPECTED {r:?}");
@@ -230,23 +261,21 @@ fn run_id() -> String {
     format!("{}-{}", std::process::id(), unix_ms())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn cross_process_exactly_once() {
-    let Some(url) = idem_core::testkit::env_url("IDEM_TEST_REDIS_URL") else {
-        return;
-    };
+/// Runs 4 children against one server (`cluster` None) or a cluster, and checks that every
+/// counter is 1 and every caller got the same, first result.
+async fn exactly_once_across_processes<C>(url: &str, cluster: Option<String>, mut counters: C)
+where
+    C: redis::aio::ConnectionLike + Clone + Send + Sync,
+{
     let run = run_id();
     let start_at = unix_ms() + 1500;
     let children: Vec<_> = (0..PROCESSES)
         .map(|_| {
-            child(
-                "exactly_once",
-                &url,
-                &run,
-                &[("IDEM_XPROC_START", start_at.to_string())],
-            )
-            .spawn()
-            .unwrap()
+            let mut extra = vec![("IDEM_XPROC_START", start_at.to_string())];
+            if let Some(nodes) = &cluster {
+                extra.push(("IDEM_XPROC_CLUSTER", nodes.clone()));
+            }
+            child("exactly_once", url, &run, &extra).spawn().unwrap()
         })
         .collect();
     let outputs: Vec<_> = tokio::task::spawn_blocking(move || {
@@ -274,7 +303,6 @@ async fn cross_process_exactly_once() {
         }
     }
     assert_eq!(results.len(), KEYS, "every key was called");
-    let mut counters = counters(&url).await;
     for key in 0..KEYS {
         let values = &results[&key];
         assert_eq!(
@@ -299,12 +327,37 @@ async fn cross_process_exactly_once() {
         assert_eq!(n, 1, "key {key}: the body ran {n} times");
     }
     println!(
-        "{} processes x {} tasks x {} keys: every counter is 1, {} callers agree",
+        "{} processes x {} tasks x {} keys{}: every counter is 1, {} callers agree",
         PROCESSES,
         TASKS,
         KEYS,
+        if cluster.is_some() {
+            " on a 3-master cluster"
+        } else {
+            ""
+        },
         PROCESSES * TASKS * KEYS
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cross_process_exactly_once() {
+    let Some(url) = idem_core::testkit::env_url("IDEM_TEST_REDIS_URL") else {
+        return;
+    };
+    exactly_once_across_processes(&url, None, counters(&url).await).await;
+}
+
+/// The same against a three-master Redis Cluster started for this test.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cross_process_exactly_once_on_a_cluster() {
+    if !redis_server::available() {
+        return;
+    }
+    let cluster = redis_server::RedisCluster::start();
+    let urls = cluster.urls();
+    let counters = cluster_counters(&urls).await;
+    exactly_once_across_processes(&urls[0], Some(urls.join(",")), counters).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
