@@ -535,3 +535,119 @@ async fn racing_takeovers_have_one_winner() {
     store.pool().close().await;
     let _ = std::fs::remove_file(&path);
 }
+
+// ---------------------------------------------------------------------------------------------
+// Crash takeover: a child process claims on the shared file and is SIGKILLed mid-body.
+
+const CRASH_LEASE: Duration = Duration::from_millis(600);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crash_takeover_after_sigkill() {
+    if std::env::var_os(ROLE).is_some() {
+        return;
+    }
+    let path = sql_common::sqlite_file("crash");
+    let _ = std::fs::remove_file(&path);
+    let table = sql_common::unique_table("crash");
+    let store = open(&file_url(&path), &table).await;
+    exec(
+        store.pool(),
+        format!("CREATE TABLE \"{table}_side\" (who TEXT NOT NULL)"),
+    )
+    .await;
+    let mut child = Command::new(std::env::current_exe().expect("exe"))
+        .args(["--exact", "child_crash", "--nocapture"])
+        .env(ROLE, "crash")
+        .env(FILE_VAR, &path)
+        .env(TABLE_VAR, &table)
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("spawn child");
+    let side_count = |who: &'static str| {
+        let pool = store.pool().clone();
+        let table = table.clone();
+        async move {
+            sqlx::query(AssertSqlSafe(format!(
+                "SELECT count(*) FROM \"{table}_side\" WHERE who = ?1"
+            )))
+            .bind(who)
+            .fetch_one(&pool)
+            .await
+            .expect("count")
+            .get::<i64, _>(0)
+        }
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while side_count("child").await == 0 {
+        assert!(Instant::now() < deadline, "child never started its body");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(CRASH_LEASE).await;
+    child.kill().expect("SIGKILL");
+    assert!(!child.wait().expect("reap").success());
+    let killed_at = Instant::now();
+
+    let r = Call::new("crash")
+        .key("order")
+        .lease(CRASH_LEASE)
+        .on_conflict(idem_core::OnConflict::Reject)
+        .run(&store, async { Ok::<_, Error>("parent".to_string()) })
+        .await;
+    assert!(matches!(r, Err(Error::InProgress { .. })), "{r:?}");
+    let got = Call::new("crash")
+        .key("order")
+        .lease(CRASH_LEASE)
+        .wait_timeout(Duration::from_secs(10))
+        .run(&store, {
+            let pool = store.pool().clone();
+            let table = table.clone();
+            async move {
+                exec(
+                    &pool,
+                    format!("INSERT INTO \"{table}_side\" (who) VALUES ('parent')"),
+                )
+                .await;
+                Ok::<_, Error>("parent".to_string())
+            }
+        })
+        .await
+        .expect("takeover");
+    assert_eq!(got, "parent");
+    let took = killed_at.elapsed();
+    assert!(took < CRASH_LEASE + Duration::from_secs(2), "{took:?}");
+    println!("sqlite takeover {took:?} after SIGKILL (lease {CRASH_LEASE:?})");
+    let again = Call::new("crash")
+        .key("order")
+        .run(&store, async { Ok::<_, Error>("ran again".to_string()) })
+        .await
+        .expect("replay");
+    assert_eq!(again, "parent");
+    assert_eq!(side_count("parent").await, 1);
+    store.pool().close().await;
+    let _ = std::fs::remove_file(&path);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn child_crash() {
+    if std::env::var(ROLE).map_or(true, |r| r != "crash") {
+        return;
+    }
+    let path = std::env::var(FILE_VAR).expect("file");
+    let table = std::env::var(TABLE_VAR).expect("table");
+    let store = open(&file_url(std::path::Path::new(&path)), &table).await;
+    let pool = store.pool().clone();
+    let _ = Call::new("crash")
+        .key("order")
+        .lease(CRASH_LEASE)
+        .run(&store, async move {
+            exec(
+                &pool,
+                format!("INSERT INTO \"{table}_side\" (who) VALUES ('child')"),
+            )
+            .await;
+            tokio::time::sleep(Duration::from_secs(120)).await;
+            Ok::<_, Error>("child".to_string())
+        })
+        .await;
+    panic!("the child should have been killed mid-body");
+}
