@@ -92,14 +92,47 @@ pub mod __private {
     // reports a missing `Serialize` or `From<idem_core::Error>` under that type argument
     // (for a method call it would point at the attribute).
 
-    /// [`Call::run`] for `#[idempotent(store = ..)]`.
-    pub async fn run<T, E, Fut>(call: Call, store: &dyn Store, body: Fut) -> Result<T, E>
+    /// [`Call::run`] for `#[idempotent(store = ..)]`. `E: From<Error>` is asked of the
+    /// `from_error` argument (see [`from_error`]) rather than here, so that a missing impl
+    /// is reported once, under `E`.
+    pub async fn run<T, E, Fut>(
+        call: Call,
+        store: &dyn Store,
+        from_error: fn(crate::Error) -> E,
+        body: Fut,
+    ) -> Result<T, E>
     where
         T: serde::Serialize + serde::de::DeserializeOwned,
-        E: From<crate::Error>,
         Fut: core::future::Future<Output = Result<T, E>>,
     {
-        call.run(store, body).await
+        let body = async { body.await.map_err(Either::Body) };
+        call.run(store, body).await.map_err(|e| e.into(from_error))
+    }
+
+    /// `E::from`, as a function pointer.
+    pub fn from_error<E: From<crate::Error>>(e: crate::Error) -> E {
+        E::from(e)
+    }
+
+    /// An error of the runtime or of the body: `From<Error>` for any `E`.
+    enum Either<E> {
+        Idem(crate::Error),
+        Body(E),
+    }
+
+    impl<E> From<crate::Error> for Either<E> {
+        fn from(e: crate::Error) -> Self {
+            Either::Idem(e)
+        }
+    }
+
+    impl<E> Either<E> {
+        fn into(self, from_error: fn(crate::Error) -> E) -> E {
+            match self {
+                Either::Idem(e) => from_error(e),
+                Either::Body(e) => e,
+            }
+        }
     }
 
     /// [`Call::run_storing_errors`] for `#[idempotent(store = .., errors = store)]`.
@@ -117,13 +150,19 @@ pub mod __private {
     }
 
     /// [`Call::run_on_default`] for `#[idempotent]` without `store`.
-    pub async fn run_on_default<T, E, Fut>(call: Call, body: Fut) -> Result<T, E>
+    pub async fn run_on_default<T, E, Fut>(
+        call: Call,
+        from_error: fn(crate::Error) -> E,
+        body: Fut,
+    ) -> Result<T, E>
     where
         T: serde::Serialize + serde::de::DeserializeOwned,
-        E: From<crate::Error>,
         Fut: core::future::Future<Output = Result<T, E>>,
     {
-        call.run_on_default(body).await
+        let body = async { body.await.map_err(Either::Body) };
+        call.run_on_default(body)
+            .await
+            .map_err(|e| e.into(from_error))
     }
 
     /// [`Call::run_storing_errors_on_default`] for `errors = store` without `store`.

@@ -6,12 +6,15 @@
 //!     async fn charge(&self, req: Req) -> Result<Receipt, PayError> { BODY }
 //! Output:
 //!     async fn charge(&self, req: Req) -> Result<Receipt, PayError> {
-//!         ::idem_core::__private::run::<Receipt, PayError, _>(
-//!             ::idem_core::__private::Call::new(concat!(module_path!(), "::charge"))
-//!                 .key(&(req.id.clone()))
-//!                 .fingerprint((&req,))
-//!                 .ttl(::idem_core::__private::Duration::from_secs(86400)),
+//!         let __idem_call = ::idem_core::__private::Call::new(concat!(module_path!(), "::charge"))
+//!             .key(&(req.id.clone()))
+//!             .fingerprint((&req,))
+//!             .ttl(::idem_core::__private::Duration::from_secs(86400));
+//!         let __idem_run = ::idem_core::__private::run::<Receipt, PayError, _>;
+//!         __idem_run(
+//!             __idem_call,
 //!             &(self.store),
+//!             ::idem_core::__private::from_error::<PayError>,
 //!             async { BODY },
 //!         )
 //!         .await
@@ -221,30 +224,76 @@ fn duration(p: &TokenStream, dur: &Dur) -> TokenStream {
 /// The turbofish repeats the user's `T` and `E` tokens: a missing `Serialize` or
 /// `From<idem_core::Error>` is reported under the return type's `T` or `E`, not the attribute.
 fn run(p: &TokenStream, call: TokenStream, args: &Args, model: &Func, body: &Block) -> TokenStream {
-    let method = match (args.store.is_some(), args.stores_errors()) {
-        (true, false) => quote!(run),
-        (true, true) => quote!(run_storing_errors),
-        (false, false) => quote!(run_on_default),
-        (false, true) => quote!(run_storing_errors_on_default),
+    let (method, storing) = match (args.store.is_some(), args.stores_errors()) {
+        (true, false) => (quote!(run), false),
+        (true, true) => (quote!(run_storing_errors), true),
+        (false, false) => (quote!(run_on_default), false),
+        (false, true) => (quote!(run_storing_errors_on_default), true),
     };
-    let ok = &model.ok;
-    let types = match &model.err {
-        _ if contains_impl(ok) => TokenStream::new(),
-        Some(err) if !contains_impl(err) => quote!(::<#ok, #err, _>),
-        _ => quote!(::<#ok, _, _>),
+    // `T` and `E` are re-spanned to one mixed-site span at their first token, and so is the
+    // call below: rustc repeats the run function's bounds at the awaited call (the future's
+    // well-formedness), and a repeat at the very same span as the first report is dropped.
+    let ok_at = Span::mixed_site().located_at(first_span(&model.ok));
+    let ok = respan(model.ok.to_token_stream(), ok_at);
+    let err = model.err.as_ref().filter(|e| !contains_impl(e));
+    let err_tokens = err.map(|e| {
+        respan(
+            e.to_token_stream(),
+            Span::mixed_site().located_at(first_span(e)),
+        )
+    });
+    let types = match &err_tokens {
+        _ if contains_impl(&model.ok) => TokenStream::new(),
+        Some(err) => quote!(::<#ok, #err, _>),
+        None => quote!(::<#ok, _, _>),
+    };
+    // Without `errors = store`, `E: From<idem_core::Error>` is asked of this argument alone.
+    let from_error = if storing {
+        None
+    } else {
+        let e = err_tokens.clone().unwrap_or_else(|| quote!(_));
+        Some(quote!(#p::from_error::<#e>,))
     };
     let store = args.store.as_ref().map(|s| quote_spanned!(at(s)=> &(#s),));
-    // Mixed-site: a user variable of the same name neither shadows nor is shadowed by it.
-    // The call and its `.await` are located at the return type: rustc repeats an unmet
-    // bound there (the future's well-formedness), so that copy lands at the return type too.
-    let ret = Span::mixed_site().located_at(model.ret_span);
+    // With `errors = store` the likelier mistake is an `E` without serde: repeats go there.
+    let repeat_at = match (storing, err) {
+        (true, Some(e)) => Span::mixed_site().located_at(first_span(e)),
+        _ => ok_at,
+    };
+    // Mixed-site: a user variable of the same name neither shadows nor is shadowed by these.
     let call_var = syn::Ident::new("__idem_call", Span::mixed_site());
-    let run_var = syn::Ident::new("__idem_run", ret);
-    let call_var_at_ret = syn::Ident::new("__idem_call", ret);
-    let run_call = quote_spanned!(ret=> #run_var(#call_var_at_ret, #store async #body).await);
+    let run_var = syn::Ident::new("__idem_run", repeat_at);
+    let call_var_at = syn::Ident::new("__idem_call", repeat_at);
+    let run_call =
+        quote_spanned!(repeat_at=> #run_var(#call_var_at, #store #from_error async #body).await);
     quote! {
         let #call_var = #call;
         let #run_var = #p::#method #types;
         #run_call
     }
+}
+
+fn first_span(ty: &syn::Type) -> Span {
+    ty.to_token_stream()
+        .into_iter()
+        .next()
+        .map_or_else(Span::call_site, |t| t.span())
+}
+
+/// The tokens with every span replaced (names keep resolving: mixed-site spans resolve
+/// types and paths at the call site).
+fn respan(tokens: TokenStream, span: Span) -> TokenStream {
+    tokens
+        .into_iter()
+        .map(|mut t| {
+            if let proc_macro2::TokenTree::Group(g) = &t {
+                let mut ng = proc_macro2::Group::new(g.delimiter(), respan(g.stream(), span));
+                ng.set_span(span);
+                t = proc_macro2::TokenTree::Group(ng);
+            } else {
+                t.set_span(span);
+            }
+            t
+        })
+        .collect()
 }

@@ -44,8 +44,6 @@ pub(crate) struct Func {
     /// `Result<T, E>`: `T` and, when written out, `E`.
     pub ok: Type,
     pub err: Option<Type>,
-    /// Where the return type is written.
-    pub ret_span: proc_macro2::Span,
     pub shape: Shape,
 }
 

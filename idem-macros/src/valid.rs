@@ -164,7 +164,6 @@ pub(crate) fn check(item: &ItemFn, args: &Args) -> (Option<Func>, Vec<syn::Error
 
     let func = match (shape, result) {
         (Some(shape), Some((ok, err))) => Some(Func {
-            ret_span: ret_span(&sig.output),
             inputs,
             ok,
             err,
@@ -173,13 +172,6 @@ pub(crate) fn check(item: &ItemFn, args: &Args) -> (Option<Func>, Vec<syn::Error
         _ => None,
     };
     (func, errors)
-}
-
-fn ret_span(output: &ReturnType) -> proc_macro2::Span {
-    match output {
-        ReturnType::Type(_, ty) => syn::spanned::Spanned::span(ty),
-        ReturnType::Default => proc_macro2::Span::call_site(),
-    }
 }
 
 fn list(names: &[&Ident]) -> String {

@@ -25,6 +25,7 @@ impl Billing for Biller {
             __idem_run(
                     __idem_call,
                     &(self.store),
+                    ::idem_core::__private::from_error::<Error>,
                     async {
                         let __self = self;
                         let order = order;

@@ -8,5 +8,10 @@ async fn run_job<'a>(job_id: &'a str, payload: &'a [u8]) -> std::io::Result<usiz
         .fingerprint((&job_id, &payload))
         .on_conflict(::idem_core::__private::OnConflict::Reject);
     let __idem_run = ::idem_core::__private::run_on_default::<usize, _, _>;
-    __idem_run(__idem_call, async { Ok(payload.len()) }).await
+    __idem_run(
+            __idem_call,
+            ::idem_core::__private::from_error::<_>,
+            async { Ok(payload.len()) },
+        )
+        .await
 }

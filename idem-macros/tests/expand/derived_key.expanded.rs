@@ -14,6 +14,7 @@ async fn send_email(
     __idem_run(
             __idem_call,
             &(store),
+            ::idem_core::__private::from_error::<Error>,
             async {
                 db.log(&to, template).await?;
                 Ok(())

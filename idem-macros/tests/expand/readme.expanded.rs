@@ -13,6 +13,7 @@ impl Payments {
         __idem_run(
                 __idem_call,
                 &(self.store),
+                ::idem_core::__private::from_error::<PaymentError>,
                 async {
                     let receipt = self.gateway.charge(req.card, req.amount).await?;
                     Ok(receipt)
