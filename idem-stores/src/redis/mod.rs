@@ -20,23 +20,25 @@
 //! What Redis must promise for the guarantees to hold (persistence, `noeviction`, failover)
 //! is in `docs/stores/redis.md`.
 
+mod builder;
 mod notify;
 mod reply;
 mod scripts;
+
+pub use self::builder::RedisStoreBuilder;
 
 use std::fmt;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ::redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use ::redis::cluster::ClusterClient;
+use ::redis::aio::ConnectionManager;
 use ::redis::cluster_async::ClusterConnection;
-use ::redis::{Client, ConnectionInfo, IntoConnectionInfo, RedisError, ScriptInvocation, Value};
+use ::redis::{Client, RedisError, ScriptInvocation, Value};
 use idem_core::{
     async_trait, Claim, ClaimRequest, FencingToken, Key, RecordState, Store, StoreError,
-    DEFAULT_MAX_VALUE_SIZE,
 };
 
+use self::builder::Target;
 use self::notify::Waiters;
 use self::reply::Looked;
 use self::scripts::Scripts;
@@ -105,184 +107,6 @@ impl fmt::Debug for RedisStore {
             .field("max_value_size", &i.max_value_size)
             .field("notifications_live", &i.waiters.live())
             .finish()
-    }
-}
-
-/// Where a [`RedisStoreBuilder`] connects.
-enum Target {
-    Url(String),
-    Client(Client),
-    Cluster(Vec<String>),
-}
-
-/// Configures a [`RedisStore`].
-///
-/// ```no_run
-/// use std::time::Duration;
-/// use idem_stores::RedisStore;
-///
-/// # async fn demo() -> Result<(), idem_core::StoreError> {
-/// let store = RedisStore::builder("redis://127.0.0.1:6379/")
-///     .prefix("billing:idem:")
-///     .connect_timeout(Duration::from_secs(2))
-///     .command_timeout(Duration::from_millis(500))
-///     .max_value_size(256 << 10)
-///     .build()
-///     .await?;
-/// # let _ = store;
-/// # Ok(()) }
-/// ```
-pub struct RedisStoreBuilder {
-    target: Target,
-    prefix: String,
-    connect_timeout: Duration,
-    command_timeout: Duration,
-    max_value_size: usize,
-    lease_grace: Duration,
-}
-
-impl fmt::Debug for RedisStoreBuilder {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("RedisStoreBuilder")
-            .field("prefix", &self.prefix)
-            .field("connect_timeout", &self.connect_timeout)
-            .field("command_timeout", &self.command_timeout)
-            .field("max_value_size", &self.max_value_size)
-            .field("lease_grace", &self.lease_grace)
-            .finish_non_exhaustive()
-    }
-}
-
-impl RedisStoreBuilder {
-    fn new(target: Target) -> Self {
-        RedisStoreBuilder {
-            target,
-            prefix: "idem:".into(),
-            connect_timeout: Duration::from_secs(5),
-            command_timeout: Duration::from_secs(3),
-            max_value_size: DEFAULT_MAX_VALUE_SIZE,
-            lease_grace: Duration::from_secs(60),
-        }
-    }
-
-    /// The prefix of every key and of the notification channel (`{prefix}notify`). Stores
-    /// with different prefixes on one server never see each other's records. It must not
-    /// contain `{` or `}` (the key hex is the hash tag). Default `idem:`.
-    pub fn prefix(mut self, prefix: impl Into<String>) -> Self {
-        self.prefix = prefix.into();
-        self
-    }
-
-    /// How long connecting may take (initially and on each reconnect). Default 5 s.
-    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
-        self.connect_timeout = timeout;
-        self
-    }
-
-    /// How long one command may take before it fails with [`StoreError::Timeout`].
-    /// Default 3 s.
-    pub fn command_timeout(mut self, timeout: Duration) -> Self {
-        self.command_timeout = timeout;
-        self
-    }
-
-    /// The largest encoded value accepted. Default 1 MiB.
-    pub fn max_value_size(mut self, bytes: usize) -> Self {
-        self.max_value_size = bytes;
-        self
-    }
-
-    /// How long an in-progress record outlives its lease in Redis, so that a later claim can
-    /// report a takeover (`taken_over: true`) rather than a fresh claim. Default 60 s.
-    pub fn lease_grace(mut self, grace: Duration) -> Self {
-        self.lease_grace = grace.max(Duration::from_millis(1));
-        self
-    }
-
-    /// Connects, starts the subscriber, and waits (up to the connect timeout) for it to be
-    /// subscribed. A subscriber that cannot connect is not an error: waiters poll until it
-    /// can.
-    pub async fn build(mut self) -> Result<RedisStore, StoreError> {
-        if self.prefix.contains(['{', '}']) {
-            return Err(StoreError::backend(
-                "redis store configuration",
-                format!("the key prefix {:?} must not contain braces", self.prefix),
-            ));
-        }
-        let connect_timeout = self.connect_timeout;
-        let bounded = |what: &'static str, e: Result<Result<_, RedisError>, _>| match e {
-            Ok(Ok(v)) => Ok(v),
-            Ok(Err(e)) => Err(backend(what, e, connect_timeout)),
-            Err(_) => Err(StoreError::Timeout(connect_timeout)),
-        };
-        let target = std::mem::replace(&mut self.target, Target::Cluster(Vec::new()));
-        let (conn, nodes) = match target {
-            Target::Url(url) => {
-                let client = Client::open(url.as_str())
-                    .map_err(|e| backend("redis: invalid url", e, connect_timeout))?;
-                self.single(client).await?
-            }
-            Target::Client(client) => self.single(client).await?,
-            Target::Cluster(urls) => {
-                let nodes = urls
-                    .iter()
-                    .map(|u| u.as_str().into_connection_info())
-                    .collect::<Result<Vec<ConnectionInfo>, _>>()
-                    .map_err(|e| backend("redis: invalid cluster node url", e, connect_timeout))?;
-                let client = ClusterClient::builder(nodes.clone())
-                    .connection_timeout(self.connect_timeout)
-                    .response_timeout(self.command_timeout)
-                    .build()
-                    .map_err(|e| backend("redis: cluster client", e, connect_timeout))?;
-                let conn = bounded(
-                    "redis: connect to cluster",
-                    tokio::time::timeout(connect_timeout, client.get_async_connection()).await,
-                )?;
-                (Conn::Cluster(conn), nodes)
-            }
-        };
-        let waiters = Arc::new(Waiters::default());
-        let channel = format!("{}notify", self.prefix);
-        let subscriber = tokio::spawn(notify::subscriber(
-            waiters.clone(),
-            nodes,
-            channel.clone(),
-            connect_timeout,
-        ));
-        let deadline = Instant::now() + connect_timeout;
-        while !waiters.live() && Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(2)).await;
-        }
-        Ok(RedisStore {
-            inner: Arc::new(Inner {
-                conn,
-                scripts: Scripts::new(),
-                prefix: self.prefix,
-                channel,
-                command_timeout: self.command_timeout,
-                max_value_size: self.max_value_size,
-                lease_grace: self.lease_grace,
-                waiters,
-                subscriber,
-            }),
-        })
-    }
-
-    async fn single(&self, client: Client) -> Result<(Conn, Vec<ConnectionInfo>), StoreError> {
-        let info = client.get_connection_info().clone();
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(self.connect_timeout))
-            .set_response_timeout(Some(self.command_timeout))
-            .set_number_of_retries(2)
-            .set_max_delay(Duration::from_secs(1));
-        let manager = tokio::time::timeout(
-            self.connect_timeout,
-            ConnectionManager::new_with_config(client, config),
-        )
-        .await
-        .map_err(|_| StoreError::Timeout(self.connect_timeout))?
-        .map_err(|e| backend("redis: connect", e, self.connect_timeout))?;
-        Ok((Conn::Single(manager), vec![info]))
     }
 }
 
