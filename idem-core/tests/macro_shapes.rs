@@ -386,3 +386,38 @@ async fn native_async_fn_in_trait_impls() {
     assert_eq!(books.post(10).await.unwrap(), 10);
     assert_eq!(books.post(20).await.unwrap(), 21);
 }
+
+// ---- a lifetime of the signature in the return type -------------------------------------
+
+#[idempotent(key = name, store = store, skip(store))]
+async fn greet<'a>(store: &MemoryStore, name: &'a str) -> Result<Cow<'a, str>, Error> {
+    Ok(Cow::Owned(format!("hi {name}")))
+}
+
+#[tokio::test]
+async fn return_types_may_name_the_signature_lifetimes() {
+    let store = MemoryStore::new();
+    let name = String::from("ann");
+    assert_eq!(greet(&store, &name).await.unwrap(), "hi ann");
+    assert_eq!(greet(&store, &name).await.unwrap(), "hi ann");
+}
+
+// ---- `Self` in the return type -----------------------------------------------------------
+
+#[derive(Debug, PartialEq, Serialize, Deserialize)]
+struct Account {
+    id: u64,
+}
+
+impl Account {
+    #[idempotent(key = id, store = store, skip(store))]
+    async fn open(store: &MemoryStore, id: u64) -> Result<Self, Error> {
+        Ok(Self { id })
+    }
+}
+
+#[tokio::test]
+async fn self_in_the_return_type() {
+    let store = MemoryStore::new();
+    assert_eq!(Account::open(&store, 3).await.unwrap(), Account { id: 3 });
+}
