@@ -2,7 +2,7 @@
 //!
 //! Runs when `IDEM_TEST_MYSQL_URL` is set (e.g. `mysql://root@127.0.0.1:3306/test`); prints
 //! `skipped: ...` and passes otherwise (fails under `CI`). Every case of one run shares one
-//! table, named after the process; tables of runs older than an hour are dropped on the way.
+//! table, named after the process; tables of runs older than ten minutes are dropped on the way.
 #![cfg(feature = "mysql")]
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -45,7 +45,7 @@ async fn drop_stale_tables(pool: &sqlx::MySqlPool) {
     let stale: Vec<String> = sqlx::query_scalar(
         "SELECT CAST(table_name AS CHAR) FROM information_schema.tables \
          WHERE table_schema = DATABASE() AND table_name LIKE 'idem\\_conf\\_%' \
-         AND create_time < NOW() - INTERVAL 1 HOUR",
+         AND create_time < NOW() - INTERVAL 10 MINUTE",
     )
     .fetch_all(pool)
     .await

@@ -20,9 +20,51 @@ use sqlx::{AssertSqlSafe, Connection};
 
 const LONG: Duration = Duration::from_secs(30);
 
-/// A table name unique to this test and run.
-fn unique(prefix: &str) -> String {
-    format!("{prefix}_{}", FencingToken::random().0 % 1_000_000_000_000)
+/// A table name unique to this test and run, dropped when the guard goes out of scope — also
+/// when the test fails — from a connection of its own.
+struct Table(String);
+
+impl Table {
+    fn unique() -> Self {
+        Table(format!(
+            "idem_t_{}",
+            FencingToken::random().0 % 1_000_000_000_000
+        ))
+    }
+}
+
+impl std::ops::Deref for Table {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Display for Table {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl Drop for Table {
+    fn drop(&mut self) {
+        let Ok(url) = std::env::var("IDEM_TEST_MYSQL_URL") else {
+            return;
+        };
+        let sql = format!("DROP TABLE IF EXISTS `{}`", self.0);
+        // A thread with its own runtime: this may run while a test runtime unwinds.
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            rt.block_on(async {
+                let mut c = sqlx::MySqlConnection::connect(&url).await?;
+                sqlx::query(AssertSqlSafe(sql)).execute(&mut c).await?;
+                Ok::<_, Box<dyn std::error::Error + Send + Sync>>(())
+            })
+        })
+        .join();
+    }
 }
 
 async fn pool(url: &str, max: u32) -> MySqlPool {
@@ -34,24 +76,17 @@ async fn pool(url: &str, max: u32) -> MySqlPool {
         .expect("connect to IDEM_TEST_MYSQL_URL")
 }
 
-/// A migrated store on a fresh table, and the table's bare name (for `drop_table`).
+/// A migrated store on a fresh table, and the table's guard.
 async fn store_on(
     pool: MySqlPool,
     f: impl FnOnce(idem_stores::MySqlStoreBuilder) -> idem_stores::MySqlStoreBuilder,
-) -> (MySqlStore, String) {
-    let table = unique("idem_t");
-    let store = f(MySqlStore::builder(pool).table(&table))
+) -> (MySqlStore, Table) {
+    let table = Table::unique();
+    let store = f(MySqlStore::builder(pool).table(&*table))
         .build()
         .expect("build");
     store.migrate().await.expect("migrate");
     (store, table)
-}
-
-async fn drop_table(pool: &MySqlPool, table: &str) {
-    sqlx::query(AssertSqlSafe(format!("DROP TABLE IF EXISTS `{table}`")))
-        .execute(pool)
-        .await
-        .expect("drop table");
 }
 
 async fn count(pool: &MySqlPool, table: &str) -> i64 {
@@ -79,7 +114,7 @@ async fn outcome_codes_do_not_leak_between_statements_on_one_connection() {
         return;
     };
     let pool = pool(&url, 1).await;
-    let (store, table) = store_on(pool.clone(), |b| b).await;
+    let (store, _table) = store_on(pool.clone(), |b| b).await;
     for _ in 0..5 {
         let a = fresh_key();
         let ra = req(a, LONG);
@@ -108,7 +143,6 @@ async fn outcome_codes_do_not_leak_between_statements_on_one_connection() {
             "a fresh insert after a replay on the same connection"
         );
     }
-    drop_table(&pool, &table).await;
 }
 
 /// A completed record past its ttl is claimed afresh (not a takeover); a lapsed claim is a
@@ -119,7 +153,7 @@ async fn expired_record_is_reclaimed_and_lapsed_claim_taken_over() {
         return;
     };
     let pool = pool(&url, 4).await;
-    let (store, table) = store_on(pool.clone(), |b| b).await;
+    let (store, _table) = store_on(pool.clone(), |b| b).await;
 
     let key = fresh_key();
     let first = req(key, LONG);
@@ -164,7 +198,6 @@ async fn expired_record_is_reclaimed_and_lapsed_claim_taken_over() {
         Some(RecordState::Completed(rec)) => assert_eq!(rec.value, b"v3"),
         other => panic!("{other:?}"),
     }
-    drop_table(&pool, &table).await;
 }
 
 /// MySQL reports rows *changed*: renewing twice within one millisecond writes the same
@@ -175,7 +208,7 @@ async fn back_to_back_renewals_are_not_fenced() {
         return;
     };
     let pool = pool(&url, 4).await;
-    let (store, table) = store_on(pool.clone(), |b| b).await;
+    let (store, _table) = store_on(pool.clone(), |b| b).await;
     let key = fresh_key();
     let r = req(key, LONG);
     store.claim(&r).await.unwrap();
@@ -192,7 +225,6 @@ async fn back_to_back_renewals_are_not_fenced() {
         store.renew(&key, FencingToken::random(), LONG).await,
         Err(idem_core::StoreError::Fenced)
     ));
-    drop_table(&pool, &table).await;
 }
 
 /// `purge_expired` deletes expired completed records and lapsed claims (past the grace),
@@ -265,7 +297,6 @@ async fn sweep_removes_expired_rows_only_in_batches() {
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
     drop(sweeper);
-    drop_table(&pool, &table).await;
 }
 
 /// Keys and scopes full of quotes, semicolons, backslashes and NUL bytes are hashed and bound:
@@ -328,7 +359,6 @@ async fn hostile_keys_and_scopes_touch_only_their_own_record() {
         Some(RecordState::Completed(rec)) => assert_eq!(rec.value, b"sentinel"),
         other => panic!("sentinel changed: {other:?}"),
     }
-    drop_table(&pool, &table).await;
 }
 
 /// Table names are validated; nothing but a plain identifier reaches SQL.
@@ -401,7 +431,7 @@ async fn killed_connections_are_replaced() {
         return;
     };
     let pool = pool(&url, 4).await;
-    let (store, table) = store_on(pool.clone(), |b| b).await;
+    let (store, _table) = store_on(pool.clone(), |b| b).await;
     let runs = AtomicUsize::new(0);
     let call = |k: u32| {
         let runs = &runs;
@@ -481,7 +511,6 @@ async fn killed_connections_are_replaced() {
         "killed {} connections; {failures} calls failed afterwards",
         ids.len()
     );
-    drop_table(&pool, &table).await;
 }
 
 /// The value limit is lowered to fit `max_allowed_packet`, and a value at the lowered limit
@@ -496,7 +525,7 @@ async fn value_limit_fits_max_allowed_packet() {
         .fetch_one(&pool)
         .await
         .unwrap();
-    let (store, table) = store_on(pool.clone(), |b| b.max_value_size((1 << 24) - 1)).await;
+    let (store, _table) = store_on(pool.clone(), |b| b.max_value_size((1 << 24) - 1)).await;
     let limit = store.max_value_size();
     assert!(
         limit as u64 <= packet && limit < (1 << 24),
@@ -514,7 +543,6 @@ async fn value_limit_fits_max_allowed_packet() {
         Claim::Completed(rec) => assert!(rec.value == value),
         other => panic!("{other:?}"),
     }
-    drop_table(&pool, &table).await;
 }
 
 /// Several processes start at once: `migrate` is safe to run concurrently and repeatedly.
@@ -524,9 +552,9 @@ async fn concurrent_migrations_are_idempotent() {
         return;
     };
     let pool = pool(&url, 8).await;
-    let table = unique("idem_t");
+    let table = Table::unique();
     let store = MySqlStore::builder(pool.clone())
-        .table(&table)
+        .table(&*table)
         .build()
         .unwrap();
     let tasks: Vec<_> = (0..8)
@@ -544,7 +572,6 @@ async fn concurrent_migrations_are_idempotent() {
         store.claim(&req(fresh_key(), LONG)).await.unwrap(),
         Claim::Acquired { taken_over: false }
     );
-    drop_table(&pool, &table).await;
 }
 
 /// A claim under a token that already holds the key is that holder's own claim (a run of the
@@ -555,7 +582,7 @@ async fn a_claim_under_its_own_token_is_acquired() {
         return;
     };
     let pool = pool(&url, 2).await;
-    let (store, table) = store_on(pool.clone(), |b| b).await;
+    let (store, _table) = store_on(pool.clone(), |b| b).await;
     let key = fresh_key();
     let r = req(key, LONG);
     assert_eq!(
@@ -571,7 +598,6 @@ async fn a_claim_under_its_own_token_is_acquired() {
         Claim::InProgress { .. }
     ));
     store.complete(&key, r.token, b"v", LONG).await.unwrap();
-    drop_table(&pool, &table).await;
 }
 
 /// The connection running a claim is killed while the claim waits for a row lock: the store
@@ -637,5 +663,4 @@ async fn a_claim_whose_connection_is_killed_mid_statement_is_retried() {
         .unwrap();
     println!("claim after its connection was killed: {got:?}");
     assert_eq!(got.unwrap(), Claim::Acquired { taken_over: false });
-    drop_table(&pool, &table).await;
 }
