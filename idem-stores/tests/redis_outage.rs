@@ -309,3 +309,73 @@ async fn prefixes_isolate_and_keys_expire() {
         .await
         .is_err());
 }
+
+/// However many callers wait, a store holds one subscriber connection (plus its command
+/// connection), and each waiter is woken by its own key's completion.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_subscriber_connection_per_store() {
+    if !available() {
+        return;
+    }
+    let server = RedisServer::start();
+    let store = store_for(&server).await;
+    let reqs: Vec<ClaimRequest> = (0..200)
+        .map(|_| claim_req(Duration::from_secs(30)))
+        .collect();
+    for r in &reqs {
+        store.claim(r).await.unwrap();
+    }
+    let waiters: Vec<_> = reqs
+        .iter()
+        .map(|r| {
+            let store = store.clone();
+            let key = r.key;
+            tokio::spawn(async move {
+                store.wait(&key, Duration::from_secs(20)).await.unwrap();
+                Instant::now()
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let count = |kind: &str| {
+        server
+            .command(&format!("CLIENT LIST TYPE {kind}"))
+            .unwrap()
+            .lines()
+            .filter(|l| l.contains("addr="))
+            .count()
+    };
+    assert_eq!(count("pubsub"), 1, "one subscriber for 200 waiters");
+    assert!(
+        count("normal") <= 2,
+        "the command connection (+ this probe)"
+    );
+    // Complete every other key: exactly those waiters wake now.
+    for r in reqs.iter().step_by(2) {
+        store
+            .complete(&r.key, r.token, b"v", Duration::from_secs(60))
+            .await
+            .unwrap();
+    }
+    let done_at = Instant::now();
+    let mut still = Vec::new();
+    for (i, w) in waiters.into_iter().enumerate() {
+        if i % 2 == 0 {
+            let woke = w.await.unwrap();
+            assert!(woke.duration_since(done_at) < Duration::from_secs(2));
+        } else {
+            still.push(w);
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(
+        still.iter().all(|w| !w.is_finished()),
+        "waiters of other keys sleep on"
+    );
+    for r in reqs.iter().skip(1).step_by(2) {
+        store.release(&r.key, r.token).await.unwrap();
+    }
+    for w in still {
+        w.await.unwrap();
+    }
+}
