@@ -36,10 +36,17 @@ pub(crate) fn idempotent(attr: TokenStream, item: TokenStream) -> TokenStream {
     let func: ItemFn = match syn::parse2(item.clone()) {
         Ok(f) => f,
         Err(e) => {
-            let e = syn::Error::new(
-                e.span(),
-                format!("#[idempotent] goes on an `async fn` with a body: {e}"),
-            );
+            let e = match syn::parse2::<syn::TraitItemFn>(item.clone()) {
+                Ok(f) if f.default.is_none() => syn::Error::new_spanned(
+                    f.semi_token,
+                    "a trait method without a body cannot be idempotent: put \
+                     #[idempotent] on the method in each impl, or give it a default body",
+                ),
+                _ => syn::Error::new(
+                    e.span(),
+                    format!("#[idempotent] goes on an `async fn` with a body: {e}"),
+                ),
+            };
             return with_errors(vec![e], item);
         }
     };
