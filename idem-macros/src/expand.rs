@@ -119,10 +119,16 @@ fn async_trait_body_mut(block: &mut Block) -> Option<&mut syn::ExprAsync> {
     }
 }
 
+/// `impl Trait` anywhere in the type: it cannot be named in a turbofish.
 fn contains_impl(ty: &syn::Type) -> bool {
-    ty.to_token_stream()
-        .into_iter()
-        .any(|t| matches!(&t, proc_macro2::TokenTree::Ident(i) if i == "impl"))
+    fn walk(tokens: TokenStream) -> bool {
+        tokens.into_iter().any(|t| match t {
+            proc_macro2::TokenTree::Ident(i) => i == "impl",
+            proc_macro2::TokenTree::Group(g) => walk(g.stream()),
+            _ => false,
+        })
+    }
+    walk(ty.to_token_stream())
 }
 
 /// `Call::new(..)` and its builder calls, up to (not including) the `run`.
