@@ -143,7 +143,8 @@ impl PostgresStoreBuilder {
     }
 
     /// The table, `name` or `schema.name`: ASCII letters, digits and `_`, not starting with a
-    /// digit, at most 48 bytes each. Default [`DEFAULT_TABLE`].
+    /// digit, at most 48 bytes each and 63 in all (the name is also the `LISTEN` channel).
+    /// Default [`DEFAULT_TABLE`].
     pub fn table(mut self, table: impl Into<String>) -> Self {
         self.table = table.into();
         self
@@ -208,6 +209,12 @@ impl PostgresStoreBuilder {
     /// Fails only on a malformed URL or table name.
     pub fn build(self) -> Result<PostgresStore, StoreError> {
         let table = Table::parse(&self.table)?;
+        let runtime = tokio::runtime::Handle::try_current().map_err(|e| {
+            StoreError::backend(
+                "postgres: the store needs a tokio runtime (build it inside one)",
+                e,
+            )
+        })?;
         let pool = match self.source {
             Source::Pool(pool) => pool,
             Source::Url(url) => {
@@ -234,7 +241,7 @@ impl PostgresStoreBuilder {
                 .max_lifetime(None)
                 .idle_timeout(None)
                 .connect_lazy_with((*pool.connect_options()).clone());
-            let task = tokio::spawn(run_listener(
+            let task = runtime.spawn(run_listener(
                 listener_pool,
                 channel.clone(),
                 Arc::clone(&waiters),
@@ -258,7 +265,7 @@ impl PostgresStoreBuilder {
             }),
         };
         if let Some((interval, batch)) = self.sweep {
-            tokio::spawn(run_sweeper(Arc::downgrade(&store.inner), interval, batch));
+            runtime.spawn(run_sweeper(Arc::downgrade(&store.inner), interval, batch));
         }
         Ok(store)
     }
@@ -704,10 +711,11 @@ impl Table {
                 && p.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
                 && !p.as_bytes()[0].is_ascii_digit()
         };
-        if parts.len() > 2 || !parts.iter().all(|p| valid(p)) {
+        // The whole name is also the notification channel: at most 63 bytes.
+        if parts.len() > 2 || !parts.iter().all(|p| valid(p)) || s.len() > 63 {
             return Err(config_error(
                 "postgres: the table name must be `name` or `schema.name` of ASCII letters, digits \
-                 and `_`, not starting with a digit, at most 48 bytes each",
+                 and `_`, not starting with a digit, at most 48 bytes each and 63 in all",
             ));
         }
         Ok(Table {
@@ -1011,6 +1019,7 @@ mod tests {
             "x y",
             "é",
             &"a".repeat(49),
+            &format!("{}.{}", "a".repeat(40), "b".repeat(40)),
         ] {
             assert!(Table::parse(bad).is_err(), "{bad:?}");
         }
@@ -1024,6 +1033,14 @@ mod tests {
         assert_eq!(parse_key(&key.to_hex()), Some(key));
         assert_eq!(parse_key("zz"), None);
         assert_eq!(parse_key(&"g".repeat(64)), None);
+    }
+
+    #[test]
+    fn building_outside_a_runtime_is_an_error() {
+        let r = PostgresStore::builder()
+            .url("postgres://u@127.0.0.1:1/db")
+            .build();
+        assert!(matches!(r, Err(StoreError::Backend { .. })));
     }
 
     #[test]
