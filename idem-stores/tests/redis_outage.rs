@@ -171,7 +171,7 @@ async fn waiting_falls_back_to_polling_without_notifications() {
     let woke = waiter.await.unwrap();
     let latency = woke.duration_since(completed_at);
     assert!(
-        latency < Duration::from_millis(400),
+        latency < Duration::from_secs(2),
         "polling saw the completion after {latency:?}"
     );
     // Bounded: a wait on a claim nobody completes ends at its timeout.

@@ -369,6 +369,12 @@ async fn crash_takeover() {
     let mut counters = counters(&url).await;
     let marker = format!("{PREFIX}xproc:{run}:started");
     let runs = format!("{PREFIX}xproc:{run}:runs");
+    // Connected before the kill, so that the first call below comes well within the lease.
+    let store = RedisStore::builder(url.as_str())
+        .prefix(PREFIX)
+        .build()
+        .await
+        .unwrap();
     let mut victim = child("crash", &url, run, &[]).spawn().unwrap();
 
     // Wait until the child is inside the body, then kill it without a chance to clean up.
@@ -388,12 +394,6 @@ async fn crash_takeover() {
     victim.wait().unwrap();
     let killed_at = Instant::now();
 
-    let store = RedisStore::builder(url.as_str())
-        .prefix(PREFIX)
-        .build()
-        .await
-        .unwrap();
-
     // The dead child's lease is still live: a rejecting caller gets InProgress.
     let r = victim_rejecting(&store, &counters, run).await;
     assert!(
@@ -405,6 +405,11 @@ async fn crash_takeover() {
     let r = victim_survivor(&store, &counters, run).await;
     let waited = killed_at.elapsed();
     assert_eq!(r.unwrap(), "survivor");
+    // Renewed every third of its 500 ms lease, the dead claim had at least ~330 ms to run.
+    assert!(
+        waited >= Duration::from_millis(200),
+        "took over after {waited:?}, while the dead holder's lease was live"
+    );
     assert!(
         waited < Duration::from_secs(5),
         "took over {waited:?} after the kill"
