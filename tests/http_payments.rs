@@ -426,3 +426,75 @@ async fn oversized_request_is_413(store: Arc<dyn Store>) {
     assert!(!is_replayed(&ok));
     assert_eq!(server.stats().await.executions, 1);
 }
+
+/// Two instances of the service (two "pods") on one store: 20 duplicates spread over both
+/// run the handler once; the waiters on the other instance are woken through the store.
+async fn duplicates_across_two_instances_run_once(a: Arc<dyn Store>, b: Arc<dyn Store>) {
+    let one = Server::start(a, options(OnConflict::Wait)).await;
+    let two = Server::start(b, options(OnConflict::Wait)).await;
+    let key = fresh_key("pods");
+    let body = json!({"amount": 900, "currency": "EUR", "delay_ms": 300});
+    let mut tasks = Vec::new();
+    for i in 0..20 {
+        let req = if i % 2 == 0 { &one } else { &two }.pay("acme", Some(&key), body.clone());
+        tasks.push(tokio::spawn(async move {
+            let resp = req.send().await.unwrap();
+            let replayed = is_replayed(&resp);
+            (
+                resp.status().as_u16(),
+                replayed,
+                resp.bytes().await.unwrap(),
+            )
+        }));
+    }
+    let mut results = Vec::new();
+    for t in tasks {
+        results.push(t.await.unwrap());
+    }
+    assert!(
+        results.iter().all(|r| r.0 == 201),
+        "{:?}",
+        results.iter().map(|r| r.0).collect::<Vec<_>>()
+    );
+    assert_eq!(results.iter().filter(|r| !r.1).count(), 1, "one execution");
+    assert!(
+        results.iter().all(|r| r.2 == results[0].2),
+        "one body for all"
+    );
+    let (s1, s2) = (one.stats().await, two.stats().await);
+    assert_eq!(s1.executions + s2.executions, 1);
+    assert_eq!(s1.captures + s2.captures, 1);
+}
+
+mod two_instances {
+    use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn memory() {
+        let store = http_support::memory_store().unwrap();
+        duplicates_across_two_instances_run_once(store.clone(), store).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn redis() {
+        // Two connections, as two processes would have.
+        let Some(a) = http_support::redis_store().await else {
+            return;
+        };
+        let Some(b) = http_support::redis_store().await else {
+            return;
+        };
+        duplicates_across_two_instances_run_once(a, b).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn postgres() {
+        let Some(a) = http_support::postgres_store().await else {
+            return;
+        };
+        let Some(b) = http_support::postgres_store().await else {
+            return;
+        };
+        duplicates_across_two_instances_run_once(a, b).await;
+    }
+}
