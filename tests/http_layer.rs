@@ -44,6 +44,7 @@ impl Harness {
         let runs: Runs = Arc::default();
         let router = Router::new()
             .route("/big", post(big))
+            .route("/sized/{n}", post(sized))
             .route("/status/{code}", post(status).get(status))
             .route("/panic", post(panics))
             .route("/slow", post(slow))
@@ -82,6 +83,11 @@ impl Harness {
 async fn big(State(runs): State<Runs>) -> String {
     runs.fetch_add(1, Ordering::SeqCst);
     "x".repeat(5000)
+}
+
+async fn sized(State(runs): State<Runs>, Path(n): Path<usize>) -> String {
+    runs.fetch_add(1, Ordering::SeqCst);
+    "y".repeat(n)
 }
 
 async fn status(State(runs): State<Runs>, Path(code): Path<u16>) -> impl IntoResponse {
@@ -147,6 +153,26 @@ async fn response_within_the_limit_is_stored() {
     assert!(replayed(&resp));
     assert_eq!(resp.bytes().await.unwrap().len(), 5000);
     assert_eq!(h.runs(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_response_over_the_stores_limit_is_sent_but_not_stored() {
+    // The store takes values up to 3000 bytes; the layer's own limit is 1 MiB. Around the
+    // edge the layer's estimate or the runtime's exact check refuses the record; either way
+    // the client gets the whole response and the key is released.
+    let store: Arc<dyn Store> = Arc::new(MemoryStore::builder().max_value_size(3000).build());
+    let h = Harness::start(IdempotencyLayer::new(store)).await;
+    for (n, stored) in [(2000, true), (2895, false), (2990, false), (3500, false)] {
+        let k = key();
+        let before = h.runs();
+        for _ in 0..2 {
+            let resp = h.post(&format!("/sized/{n}"), Some(&k), "").await;
+            assert_eq!(resp.status(), 200);
+            assert_eq!(resp.bytes().await.unwrap().len(), n, "{n} bytes sent whole");
+        }
+        let runs = h.runs() - before;
+        assert_eq!(runs, if stored { 1 } else { 2 }, "{n} bytes");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
