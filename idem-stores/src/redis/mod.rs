@@ -305,7 +305,9 @@ impl Store for RedisStore {
                 s
             };
             tokio::select! {
-                _ = notified => {}
+                // The record changed (completed, released, removed), or the subscription
+                // did: either way the caller claims again, which is the next look.
+                _ = notified => return Ok(()),
                 _ = tokio::time::sleep(sleep) => {
                     if Instant::now() >= deadline {
                         return Ok(());
