@@ -327,6 +327,29 @@ async fn a_handler_longer_than_its_lease_keeps_the_key() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retry_after_is_a_short_configurable_hint_not_the_lease() {
+    for (layer, expected) in [
+        (IdempotencyLayer::new(memory()), "1"),
+        (
+            IdempotencyLayer::new(memory()).retry_after(Duration::from_millis(2500)),
+            "3",
+        ),
+    ] {
+        let h = Arc::new(Harness::start(layer).await);
+        let k = key();
+        let first = {
+            let (h, k) = (h.clone(), k.clone());
+            tokio::spawn(async move { h.post("/slow", Some(&k), "").await.status() })
+        };
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let dup = h.post("/slow", Some(&k), "").await;
+        assert_eq!(dup.status(), 409);
+        assert_eq!(dup.headers()["retry-after"], expected);
+        assert_eq!(first.await.unwrap(), 200);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn path_query_and_body_are_fingerprinted() {
     let h = Harness::start(IdempotencyLayer::new(memory())).await;
     let k = key();

@@ -28,6 +28,9 @@ pub const IDEMPOTENCY_KEY: &str = "idempotency-key";
 /// The default namespace of the layer's records.
 pub const DEFAULT_NAMESPACE: &str = "idem::http";
 
+/// The default `Retry-After` of a 409: 1 s.
+pub const DEFAULT_RETRY_AFTER: Duration = Duration::from_secs(1);
+
 /// The default limit on a request body, and on a stored response body: 1 MiB.
 pub const DEFAULT_BODY_LIMIT: usize = 1 << 20;
 
@@ -40,7 +43,7 @@ type ScopeFn = dyn Fn(&Parts) -> Option<String> + Send + Sync;
 /// through; key required (400 without one); no scope; a concurrent duplicate gets 409
 /// ([`OnConflict::Reject`]); records kept 24 h; a 30 s lease renewed while the handler runs;
 /// [`StorePolicy::default`]; 1 MiB request and stored-response bodies; keys up to 255
-/// characters.
+/// characters; `Retry-After: 1` on a 409.
 ///
 /// ```
 /// use std::sync::Arc;
@@ -80,6 +83,7 @@ struct Config {
     max_request_body: usize,
     max_response_body: usize,
     max_key_len: usize,
+    retry_after: Duration,
 }
 
 impl IdempotencyLayer {
@@ -102,6 +106,7 @@ impl IdempotencyLayer {
                 max_request_body: DEFAULT_BODY_LIMIT,
                 max_response_body: DEFAULT_BODY_LIMIT,
                 max_key_len: DEFAULT_MAX_KEY_LEN,
+                retry_after: DEFAULT_RETRY_AFTER,
             },
         }
     }
@@ -150,6 +155,14 @@ impl IdempotencyLayer {
     /// then 409).
     pub fn on_conflict(mut self, on_conflict: OnConflict) -> Self {
         self.config.on_conflict = on_conflict;
+        self
+    }
+
+    /// The `Retry-After` of a 409: how soon a client should try again while the first request
+    /// runs. Default 1 s (never more than the first request's remaining lease; sent in whole
+    /// seconds, at least 1). A handler that usually takes longer may say so here.
+    pub fn retry_after(mut self, retry_after: Duration) -> Self {
+        self.config.retry_after = retry_after;
         self
     }
 
@@ -470,6 +483,14 @@ where
             // could not be written (too large for the store, or the lease was lost).
             tracing::error!(target: "idem", error = %e, "response sent but not recorded");
             Ok(resp)
+        }
+        (Err(Flow::Idem(Error::InProgress { retry_after })), None) => {
+            // The remaining lease (30 s by default) is an upper bound, not a good hint.
+            let hint = retry_after.map_or(config.retry_after, |l| l.min(config.retry_after));
+            Ok(Problem::from_error(&Error::InProgress {
+                retry_after: Some(hint),
+            })
+            .into_response())
         }
         (Err(Flow::Idem(e)), None) => Ok(Problem::from_error(&e).into_response()),
         (Err(Flow::Release), None) => Ok(Problem::internal(
