@@ -102,13 +102,14 @@ mod layer;
 mod policy;
 mod problem;
 mod replay;
+mod service;
 
 pub use body::ResponseBody;
 pub use key_header::{parse_key, parse_key_value, KeyError, DEFAULT_MAX_KEY_LEN};
 pub use layer::{
-    IdempotencyLayer, IdempotencyService, DEFAULT_BODY_LIMIT, DEFAULT_NAMESPACE,
-    DEFAULT_RETRY_AFTER, IDEMPOTENCY_KEY,
+    IdempotencyLayer, DEFAULT_BODY_LIMIT, DEFAULT_NAMESPACE, DEFAULT_RETRY_AFTER, IDEMPOTENCY_KEY,
 };
 pub use policy::StorePolicy;
 pub use problem::{Problem, PROBLEM_JSON};
 pub use replay::IDEMPOTENT_REPLAYED;
+pub use service::IdempotencyService;
