@@ -5,7 +5,7 @@
 //! to the child, gives the child 5 ms to be inside `wait`, then takes a wall-clock timestamp
 //! and completes the key; the child stamps the moment its `wait` returns. Both stamps come
 //! from the same host clock. The latency covers the complete script, the PUBLISH, delivery to
-//! the child's subscriber connection, the local wake-up, and the child's read of the record.
+//! the child's subscriber connection and the local wake-up of its `wait`.
 //!
 //! ```text
 //! IDEM_TEST_REDIS_URL=redis://127.0.0.1:6379/ cargo bench -p idem-stores --features redis --bench redis_wake
