@@ -220,7 +220,8 @@ where
     let mut live: Option<Response<ResponseBody>> = None;
     let live_slot = &mut live;
     let policy = &config.policy;
-    let body = async move {
+    // The body of the call: run the handler, read its response, decide whether to store it.
+    let handler = async move {
         let resp = call_inner(inner, req).await.map_err(Flow::Inner)?;
         let (parts, body) = resp.into_parts();
         match read_limited(Box::pin(body), limit).await {
@@ -261,7 +262,7 @@ where
         .lease(config.lease)
         .on_conflict(config.on_conflict)
         .wait_timeout(config.wait_timeout)
-        .run(store, body)
+        .run(store, handler)
         .await;
     match (result, live) {
         // The handler ran here: its own response, headers untouched.
