@@ -379,3 +379,41 @@ async fn one_subscriber_connection_per_store() {
         w.await.unwrap();
     }
 }
+
+/// Every way of connecting works, and a bad URL or an unreachable server is an error, not a
+/// panic or a hang.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn constructors_and_connect_errors() {
+    if !available() {
+        return;
+    }
+    let server = RedisServer::start();
+    let from_client = RedisStore::from_client(redis::Client::open(server.url()).unwrap())
+        .await
+        .unwrap();
+    let by_url = RedisStore::connect(&server.url()).await.unwrap();
+    let req = claim_req(Duration::from_secs(5));
+    assert_eq!(
+        from_client.claim(&req).await.unwrap(),
+        Claim::Acquired { taken_over: false }
+    );
+    assert!(matches!(
+        by_url.claim(&req).await.unwrap(),
+        Claim::InProgress { .. }
+    ));
+    assert!(from_client.notifications_live() && by_url.notifications_live());
+
+    assert!(RedisStore::connect("not a url").await.is_err());
+    let nobody = redis_server::spare_port(false);
+    let t = Instant::now();
+    let r = RedisStore::builder(format!("redis://127.0.0.1:{nobody}/"))
+        .connect_timeout(Duration::from_millis(300))
+        .build()
+        .await;
+    assert!(r.is_err(), "connecting to a closed port must fail");
+    assert!(
+        t.elapsed() < Duration::from_secs(3),
+        "took {:?}",
+        t.elapsed()
+    );
+}
