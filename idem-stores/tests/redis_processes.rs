@@ -75,6 +75,7 @@ async fn cluster_counters(nodes: &[String]) -> redis::cluster_async::ClusterConn
     key = key,
     scope = run,
     namespace = "redis_processes::charge",
+    ttl = "10m",
     lease = "2s",
     wait_timeout = "30s",
     store = store,
@@ -104,6 +105,7 @@ where
     key = run,
     namespace = "redis_processes::victim",
     lease = "500ms",
+    ttl = "10m",
     store = store,
     skip(store, counters)
 )]
@@ -131,6 +133,7 @@ async fn victim(
     key = run,
     namespace = "redis_processes::victim",
     lease = "500ms",
+    ttl = "10m",
     on_conflict = reject,
     store = store,
     skip(store, counters)
@@ -149,6 +152,7 @@ async fn victim_rejecting(
     key = run,
     namespace = "redis_processes::victim",
     lease = "500ms",
+    ttl = "10m",
     wait_timeout = "10s",
     store = store,
     skip(store, counters)
@@ -326,6 +330,15 @@ where
             .unwrap();
         assert_eq!(n, 1, "key {key}: the body ran {n} times");
     }
+    // Leave nothing behind on a shared server (the records expire with their ttl).
+    let _: () = counters
+        .del(
+            (0..KEYS)
+                .map(|key| format!("{PREFIX}xproc:{run}:count:{key}"))
+                .collect::<Vec<_>>(),
+        )
+        .await
+        .unwrap_or(());
     println!(
         "{} processes x {} tasks x {} keys{}: every counter is 1, {} callers agree",
         PROCESSES,
@@ -430,5 +443,6 @@ async fn crash_takeover() {
     }
     let n: i64 = counters.get(&runs).await.unwrap();
     assert_eq!(n, 2);
+    let _: () = counters.del(&[&runs, &marker]).await.unwrap();
     println!("took over {waited:?} after SIGKILL (lease 500 ms)");
 }
