@@ -3,6 +3,7 @@
 //! them are reported at once, each under its own token.
 
 use proc_macro2::TokenStream;
+use quote::ToTokens;
 use syn::ext::IdentExt;
 use syn::parse::{ParseStream, Parser};
 use syn::{Expr, ExprLit, Ident, Lit, LitBool, LitInt, Path, Token};
@@ -175,6 +176,20 @@ fn duration(
                 Dur::Millis(1)
             }
         },
+        Expr::Lit(ExprLit {
+            lit: lit @ (Lit::Int(_) | Lit::Float(_)),
+            ..
+        }) => {
+            errors.push(syn::Error::new_spanned(
+                &lit,
+                format!(
+                    "a bare number has no unit: write `{name} = \"{}s\"` (or \"ms\", \"m\", \"h\", \"d\"), \
+                     or a `Duration` expression",
+                    lit.to_token_stream()
+                ),
+            ));
+            Dur::Millis(1)
+        }
         other => Dur::Expr(other),
     })
 }
