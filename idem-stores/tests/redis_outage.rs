@@ -417,3 +417,51 @@ async fn constructors_and_connect_errors() {
         t.elapsed()
     );
 }
+
+/// A claim whose lease passed reads as absent and does not hold waiters; until someone takes
+/// it over, its holder may still complete it; a later claim reports the takeover.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lapsed_claims() {
+    if !available() {
+        return;
+    }
+    let server = RedisServer::start();
+    let store = store_for(&server).await;
+
+    let late = claim_req(Duration::from_millis(150));
+    store.claim(&late).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    assert_eq!(store.get(&late.key).await.unwrap(), None);
+    let t = Instant::now();
+    store.wait(&late.key, Duration::from_secs(5)).await.unwrap();
+    assert!(
+        t.elapsed() < Duration::from_secs(1),
+        "a lapsed claim holds no waiter"
+    );
+    store
+        .complete(&late.key, late.token, b"late", Duration::from_secs(60))
+        .await
+        .expect("nobody took over: the holder's completion stands");
+    assert!(matches!(
+        store.claim(&late).await.unwrap(),
+        Claim::Completed(_)
+    ));
+
+    let dead = claim_req(Duration::from_millis(150));
+    store.claim(&dead).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    let next = ClaimRequest {
+        token: FencingToken::random(),
+        ..dead.clone()
+    };
+    assert_eq!(
+        store.claim(&next).await.unwrap(),
+        Claim::Acquired { taken_over: true }
+    );
+    assert!(matches!(
+        store
+            .complete(&dead.key, dead.token, b"stale", Duration::from_secs(60))
+            .await,
+        Err(StoreError::Fenced)
+    ));
+}
