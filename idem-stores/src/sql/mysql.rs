@@ -115,20 +115,23 @@ fn claim_sql(table: &str) -> String {
     )
 }
 
+/// A statement's text, shared by every run (cloning it for a query is a reference count).
+type Sql = Arc<str>;
+
 /// Every statement of the store, built once for its table.
 #[derive(Debug)]
 struct Statements {
-    create: String,
-    claim: String,
-    read: String,
-    complete: String,
-    release: String,
-    renew: String,
-    held: String,
-    get: String,
-    probe: String,
-    remove: String,
-    purge: String,
+    create: Sql,
+    claim: Sql,
+    read: Sql,
+    complete: Sql,
+    release: Sql,
+    renew: Sql,
+    held: Sql,
+    get: Sql,
+    probe: Sql,
+    remove: Sql,
+    purge: Sql,
 }
 
 impl Statements {
@@ -146,41 +149,50 @@ impl Statements {
                    PRIMARY KEY (k), \
                    KEY idem_expires_at (expires_at) \
                  ) ENGINE=InnoDB"
-            ),
-            claim: claim_sql(table),
+            )
+            .into(),
+            claim: claim_sql(table).into(),
             read: format!(
-                "SELECT CAST(state = 'completed' AS SIGNED) AS completed, token, fingerprint, value, \
-                        CAST(live_until - {NOW_MS} AS SIGNED) AS remaining \
+                "SELECT CAST(state = 'completed' AS SIGNED) AS completed, token, fingerprint, \
+                        value, CAST(live_until - {NOW_MS} AS SIGNED) AS remaining \
                  FROM {table} WHERE k = ?"
-            ),
+            )
+            .into(),
             complete: format!(
                 "UPDATE {table} SET state = 'completed', value = ?, \
                    live_until = {NOW_MS} + ?, expires_at = {NOW_MS} + ? \
                  WHERE k = ? AND token = ? AND state = 'in_progress'"
-            ),
+            )
+            .into(),
             release: format!(
                 "DELETE FROM {table} WHERE k = ? AND token = ? AND state = 'in_progress'"
-            ),
+            )
+            .into(),
             renew: format!(
                 "UPDATE {table} SET live_until = {NOW_MS} + ?, expires_at = {NOW_MS} + ? \
                  WHERE k = ? AND token = ? AND state = 'in_progress'"
-            ),
+            )
+            .into(),
             held: format!(
                 "SELECT CAST(state = 'completed' AS SIGNED) FROM {table} WHERE k = ? AND token = ?"
-            ),
+            )
+            .into(),
             get: format!(
                 "SELECT CAST(state = 'completed' AS SIGNED) AS completed, token, fingerprint, \
                         value \
                  FROM {table} WHERE k = ? AND live_until > {NOW_MS}"
-            ),
+            )
+            .into(),
             probe: format!(
                 "SELECT CAST(live_until - {NOW_MS} AS SIGNED) AS remaining FROM {table} \
                  WHERE k = ? AND state = 'in_progress' AND live_until > {NOW_MS}"
-            ),
-            remove: format!("DELETE FROM {table} WHERE k = ?"),
+            )
+            .into(),
+            remove: format!("DELETE FROM {table} WHERE k = ?").into(),
             purge: format!(
                 "DELETE FROM {table} WHERE expires_at < {NOW_MS} ORDER BY expires_at LIMIT ?"
-            ),
+            )
+            .into(),
         }
     }
 }
