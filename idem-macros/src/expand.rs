@@ -1,6 +1,7 @@
 //! Writes the wrapper: the body becomes the future that one runtime call (`Call::run`)
 //! drives. No algorithm is generated here; it all lives in `idem_core`.
 //!
+//! ```text
 //! Input:
 //!     #[idempotent(key = req.id.clone(), ttl = "24h", store = self.store)]
 //!     async fn charge(&self, req: Req) -> Result<Receipt, PayError> { BODY }
@@ -19,6 +20,7 @@
 //!         )
 //!         .await
 //!     }
+//! ```
 
 use proc_macro2::{Literal, Span, TokenStream};
 use quote::{quote, quote_spanned, ToTokens};
