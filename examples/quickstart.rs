@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use idem_core::Call;
+use idem_core::idempotent;
 use idem_stores::MemoryStore;
 use serde::{Deserialize, Serialize};
 
@@ -46,26 +46,21 @@ struct Payments {
 }
 
 impl Payments {
-    /// Charges a card once per idempotency key, whatever the client retries.
+    /// Charges a card once per idempotency key, whatever the client retries. The key is the
+    /// client's; the amount is fingerprinted, so the same key with another amount is refused.
+    #[idempotent(key = idempotency_key, ttl = "24h", store = self.store)]
     async fn charge(
         &self,
         idempotency_key: &str,
         amount_cents: u64,
     ) -> Result<Receipt, PaymentError> {
-        Call::new("quickstart::charge")
-            .key(idempotency_key)
-            .fingerprint((amount_cents,))
-            .ttl(Duration::from_secs(24 * 3600))
-            .run(&*self.store, async {
-                // The side effect: slow, and it must happen once.
-                tokio::time::sleep(Duration::from_millis(200)).await;
-                let charge_id = self.charges_made.fetch_add(1, Ordering::SeqCst) + 1;
-                Ok(Receipt {
-                    charge_id,
-                    amount_cents,
-                })
-            })
-            .await
+        // The side effect: slow, and it must happen once.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let charge_id = self.charges_made.fetch_add(1, Ordering::SeqCst) + 1;
+        Ok(Receipt {
+            charge_id,
+            amount_cents,
+        })
     }
 }
 
