@@ -3,8 +3,8 @@
 //! A stored value is an *envelope*: `b"idem"`, a format byte, the type tag (codec, `version`
 //! and the Rust type name, length-prefixed) and the codec's payload. Replay checks the tag
 //! before decoding, so a record written for another return type, codec or version is
-//! [`Error::IncompatibleRecord`](crate::Error::IncompatibleRecord), and bytes that are not an
-//! envelope at all are [`Error::Codec`](crate::Error::Codec) — never a garbled value.
+//! [`crate::Error::IncompatibleRecord`], and bytes that are not an
+//! envelope at all are [`crate::Error::Codec`] — never a garbled value.
 //!
 //! The default codec is MessagePack ([`MsgPack`], `rmp-serde`): maintained, compact, and
 //! self-describing enough for every serde feature (`untagged`, `flatten`,

@@ -178,7 +178,7 @@ pub enum RecordState {
 /// steps that another caller can interleave. Times are the store's own clock (a remote store
 /// uses the server's clock, so that processes with skewed clocks agree).
 ///
-/// [`crate::testkit`] (feature `testkit`) is the conformance suite: a backend is correct when
+/// `idem_core::testkit` (feature `testkit`) is the conformance suite: a backend is correct when
 /// it passes it.
 ///
 /// # Implementing
