@@ -664,3 +664,157 @@ async fn a_claim_whose_connection_is_killed_mid_statement_is_retried() {
     println!("claim after its connection was killed: {got:?}");
     assert_eq!(got.unwrap(), Claim::Acquired { taken_over: false });
 }
+
+/// A TCP proxy in front of the server that can be stopped (every connection cut, the port
+/// closed) and started again on the same port: a server outage as clients see it, without
+/// stopping the shared server. Plain threads, so that it shares nothing with the test's
+/// runtime.
+struct Proxy {
+    port: u16,
+    upstream: String,
+    running: Option<ProxyRun>,
+}
+
+struct ProxyRun {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    conns: Arc<std::sync::Mutex<Vec<std::net::TcpStream>>>,
+    acceptor: std::thread::JoinHandle<()>,
+}
+
+impl Proxy {
+    fn start(upstream: &str) -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut p = Proxy {
+            port,
+            upstream: upstream.to_owned(),
+            running: None,
+        };
+        p.resume();
+        p
+    }
+
+    fn resume(&mut self) {
+        let listener = std::net::TcpListener::bind(("127.0.0.1", self.port)).unwrap();
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let conns = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (stop2, conns2, upstream) = (stop.clone(), conns.clone(), self.upstream.clone());
+        let acceptor = std::thread::spawn(move || {
+            for client in listener.incoming() {
+                if stop2.load(Ordering::SeqCst) {
+                    break;
+                }
+                let Ok(client) = client else { continue };
+                let Ok(server) = std::net::TcpStream::connect(&upstream) else {
+                    continue;
+                };
+                let mut guard = conns2.lock().unwrap();
+                guard.push(client.try_clone().unwrap());
+                guard.push(server.try_clone().unwrap());
+                drop(guard);
+                for (mut from, mut to) in [
+                    (client.try_clone().unwrap(), server.try_clone().unwrap()),
+                    (server, client),
+                ] {
+                    std::thread::spawn(move || {
+                        let _ = std::io::copy(&mut from, &mut to);
+                        let _ = to.shutdown(std::net::Shutdown::Both);
+                    });
+                }
+            }
+        });
+        self.running = Some(ProxyRun {
+            stop,
+            conns,
+            acceptor,
+        });
+    }
+
+    /// Cuts every connection and closes the port.
+    fn stop(&mut self) {
+        if let Some(run) = self.running.take() {
+            run.stop.store(true, Ordering::SeqCst);
+            // Wake the acceptor so that it sees the flag and drops the listener.
+            let _ = std::net::TcpStream::connect(("127.0.0.1", self.port));
+            let _ = run.acceptor.join();
+            for c in run.conns.lock().unwrap().drain(..) {
+                let _ = c.shutdown(std::net::Shutdown::Both);
+            }
+        }
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// The server goes away (every pooled connection cut, the port closed): calls fail with
+/// `Error::Store` within the store's bounds and never run their body. When it is back on the
+/// same address the same store serves again, and each key runs exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outage_and_recovery_through_a_stopped_proxy() {
+    let Some(url) = env_url("IDEM_TEST_MYSQL_URL") else {
+        return;
+    };
+    let opts: sqlx::mysql::MySqlConnectOptions = url.parse().unwrap();
+    let upstream = format!("{}:{}", opts.get_host(), opts.get_port());
+    let mut proxy = Proxy::start(&upstream);
+    let pool = MySqlPoolOptions::new()
+        .max_connections(4)
+        .acquire_timeout(Duration::from_millis(1500))
+        .connect_with(opts.clone().port(proxy.port))
+        .await
+        .unwrap();
+    let (store, _table) = store_on(pool, |b| b.op_timeout(Duration::from_secs(3))).await;
+    let runs = AtomicUsize::new(0);
+    let call = |k: u32| {
+        let (runs, store) = (&runs, &store);
+        async move {
+            Call::new("mysql::proxy_outage")
+                .key(k)
+                .run(store, async move {
+                    runs.fetch_add(1, Ordering::SeqCst);
+                    Ok::<u32, Error>(k)
+                })
+                .await
+        }
+    };
+    assert_eq!(call(0).await.unwrap(), 0);
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
+
+    proxy.stop();
+    for k in 1..=3 {
+        let t = Instant::now();
+        let got = call(k).await;
+        assert!(matches!(got, Err(Error::Store(_))), "{got:?}");
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "took {:?}",
+            t.elapsed()
+        );
+        println!(
+            "server away: call {k} -> Error::Store after {:?}",
+            t.elapsed()
+        );
+    }
+    assert_eq!(
+        runs.load(Ordering::SeqCst),
+        1,
+        "a body ran while the store was away"
+    );
+
+    proxy.resume();
+    for k in 0..=3 {
+        assert_eq!(call(k).await.unwrap(), k);
+    }
+    assert_eq!(
+        runs.load(Ordering::SeqCst),
+        4,
+        "keys 1..=3 ran once each, key 0 replayed"
+    );
+}
