@@ -164,6 +164,7 @@ pub async fn postgres_store() -> Option<Arc<dyn Store>> {
 
 /// One `#[tokio::test]` per case and store: `mod memory`, `mod redis`, `mod postgres`. A
 /// case is `async fn case(store: Arc<dyn Store>)` in the calling module.
+#[allow(unused_macros)]
 macro_rules! per_store {
     ($($case:ident),* $(,)?) => {
         mod memory {
