@@ -52,8 +52,18 @@ async fn child_process_entry_point() {
     tokio::time::sleep(Duration::from_secs(60)).await;
 }
 
+/// The child process, killed if the test fails before it does.
+struct Child(std::process::Child);
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// Starts the child on `kind` and returns it with its base URL.
-fn spawn_child(kind: &str) -> (std::process::Child, String) {
+fn spawn_child(kind: &str) -> (Child, String) {
     let mut child = Command::new(std::env::current_exe().unwrap())
         .args([
             "--exact",
@@ -78,7 +88,7 @@ fn spawn_child(kind: &str) -> (std::process::Child, String) {
             break base.trim().to_owned();
         }
     };
-    (child, base)
+    (Child(child), base)
 }
 
 async fn killed_mid_handler_then_taken_over(kind: &str) {
@@ -110,8 +120,8 @@ async fn killed_mid_handler_then_taken_over(kind: &str) {
     );
 
     // SIGKILL: no release, no completion; the claim stays until its 500 ms lease passes.
-    child.kill().unwrap();
-    child.wait().unwrap();
+    child.0.kill().unwrap();
+    child.0.wait().unwrap();
     let killed_at = Instant::now();
 
     let survivor = Server::start(store, options(OnConflict::Reject)).await;
