@@ -1,10 +1,14 @@
-//! Exactly-once across OS processes on MySQL / MariaDB: 4 processes × 50 concurrent tasks
-//! call the same 200 keys; each body inserts one row into a side-effect table (no unique
-//! constraint, so a second execution would show). Afterwards there are exactly 200 rows,
-//! and every one of the 40 000 callers got the result of the one execution of its key.
+//! Across OS processes on MySQL / MariaDB.
 //!
-//! The parent re-executes this test binary (`std::env::current_exe()`) with a role variable;
-//! the children call an `#[idempotent]` method and print one `XP` line per key and result. Runs when `IDEM_TEST_MYSQL_URL` is set.
+//! - Exactly-once: 4 processes × 50 concurrent tasks call the same 200 keys through an
+//!   `#[idempotent]` method; each body inserts one row into a side-effect table (no unique
+//!   constraint, so a second execution would show). Afterwards there are exactly 200 rows,
+//!   and every one of the 40 000 callers got the result of the one execution of its key.
+//! - Crash takeover: a process killed with SIGKILL in the middle of a body loses its claim
+//!   when its lease passes; a caller in another process takes over and runs the body.
+//!
+//! The parent re-executes this test binary (`std::env::current_exe()`) with a role variable
+//! and `--exact <test>`. Runs when `IDEM_TEST_MYSQL_URL` is set.
 #![cfg(feature = "mysql")]
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -242,4 +246,138 @@ async fn child() {
     for ((k, v), n) in counts {
         println!("XP {k} {n} {v}");
     }
+}
+
+const CRASH_ROLE: &str = "IDEM_MYSQL_CRASH_ROLE";
+const CRASH_TEST: &str = "crash_takeover_after_sigkill";
+
+struct Stepper {
+    store: MySqlStore,
+    side: MySqlPool,
+    insert: String,
+}
+
+impl Stepper {
+    /// Records that it started, then (in the child) hangs until it is killed.
+    #[idempotent(key = k, lease = "500ms", wait_timeout = "20s", store = self.store, skip(hang))]
+    async fn step(&self, k: u32, hang: bool) -> Result<String, WorkError> {
+        let result = format!("pid{}", std::process::id());
+        sqlx::query(AssertSqlSafe(self.insert.clone()))
+            .bind(k)
+            .bind(&result)
+            .execute(&self.side)
+            .await
+            .map_err(|e| WorkError::Db(e.to_string()))?;
+        if hang {
+            tokio::time::sleep(Duration::from_secs(120)).await;
+        }
+        Ok(result)
+    }
+}
+
+async fn stepper(url: &str, table: &str, effects: &str) -> Stepper {
+    let side = pool(url, 4).await;
+    Stepper {
+        store: MySqlStore::builder(side.clone())
+            .table(table)
+            .build()
+            .unwrap(),
+        side,
+        insert: format!("INSERT INTO `{effects}` (k, result) VALUES (?, ?)"),
+    }
+}
+
+/// A process holding a claim (lease 500 ms, renewed while its body runs) is killed with
+/// SIGKILL mid-body. Another process calling the same key waits, takes the claim over once
+/// the lease has passed, runs the body and records its result; the dead process's token can
+/// no longer complete anything.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crash_takeover_after_sigkill() {
+    if std::env::var_os(CRASH_ROLE).is_some() {
+        let var = |name: &str| std::env::var(name).unwrap();
+        let s = stepper(
+            &var("IDEM_TEST_MYSQL_URL"),
+            &var("IDEM_MYSQL_XP_TABLE"),
+            &var("IDEM_MYSQL_XP_EFFECTS"),
+        )
+        .await;
+        let _ = s.step(7, true).await;
+        return;
+    }
+    let Some(url) = idem_core::testkit::env_url("IDEM_TEST_MYSQL_URL") else {
+        return;
+    };
+    let run = FencingToken::random().0 % 1_000_000_000_000;
+    let (table, effects) = (format!("idem_ck_{run}"), format!("idem_ck_fx_{run}"));
+    let s = stepper(&url, &table, &effects).await;
+    s.store.migrate().await.unwrap();
+    sqlx::query(AssertSqlSafe(format!(
+        "CREATE TABLE `{effects}` (id BIGINT AUTO_INCREMENT PRIMARY KEY, k INT NOT NULL, \
+         result VARCHAR(100) NOT NULL) ENGINE=InnoDB"
+    )))
+    .execute(&s.side)
+    .await
+    .unwrap();
+    let effect_rows = || async {
+        sqlx::query_as::<_, (String,)>(AssertSqlSafe(format!(
+            "SELECT result FROM `{effects}` ORDER BY id"
+        )))
+        .fetch_all(&s.side)
+        .await
+        .unwrap()
+    };
+
+    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", CRASH_TEST, "--nocapture", "--test-threads", "1"])
+        .env(CRASH_ROLE, "child")
+        .env("IDEM_MYSQL_XP_TABLE", &table)
+        .env("IDEM_MYSQL_XP_EFFECTS", &effects)
+        .env("IDEM_TEST_MYSQL_URL", &url)
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // Wait until the child is inside its body, then let it renew its lease a few times.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while effect_rows().await.is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "the child never started its body"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    // Past its 500 ms lease, the child's claim is still live: it renews while its body runs.
+    let live: i64 = sqlx::query_scalar(AssertSqlSafe(format!(
+        "SELECT COUNT(*) FROM `{table}` WHERE state = 'in_progress' AND live_until > \
+         TIMESTAMPDIFF(MICROSECOND, '1970-01-01 00:00:00', UTC_TIMESTAMP(6)) DIV 1000"
+    )))
+    .fetch_one(&s.side)
+    .await
+    .unwrap();
+    assert_eq!(live, 1, "the running child's claim lapsed: renewal failed");
+    child.kill().unwrap(); // SIGKILL: no release, no cleanup
+    child.wait().unwrap();
+    let killed_at = Instant::now();
+
+    let taken_over_before = idem_core::count(idem_core::Outcome::TakenOver);
+    let got = s.step(7, false).await.map_err(|e| format!("{e:?}"));
+    let took = killed_at.elapsed();
+    let rows = effect_rows().await;
+    for t in [&table, &effects] {
+        sqlx::query(AssertSqlSafe(format!("DROP TABLE IF EXISTS `{t}`")))
+            .execute(&s.side)
+            .await
+            .unwrap();
+    }
+    let mine = format!("pid{}", std::process::id());
+    assert_eq!(got.unwrap(), mine);
+    assert_eq!(rows.len(), 2, "the killed body and the takeover: {rows:?}");
+    assert_eq!(rows[1].0, mine);
+    assert_eq!(
+        idem_core::count(idem_core::Outcome::TakenOver),
+        taken_over_before + 1,
+        "the call was counted as a takeover"
+    );
+    assert!(took < Duration::from_secs(5), "takeover took {took:?}");
+    println!("SIGKILLed holder taken over after {took:?}");
 }
