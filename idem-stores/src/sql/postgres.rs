@@ -3,13 +3,15 @@
 //! - **Schema**: one row per hashed key (see [`PostgresStore::migrate`] for the DDL). The table
 //!   name is the only text interpolated into SQL; it is validated as an identifier and quoted.
 //!   Everything else is a bound parameter.
-//! - **Claim** is one statement: an `INSERT ... ON CONFLICT (key) DO UPDATE ... WHERE <expired
-//!   or lease passed> RETURNING` in a CTE, `UNION ALL` the existing row when the upsert did not
-//!   take it. Postgres locks the conflicting row, so of any number of concurrent claims exactly
-//!   one inserts or takes over. In READ COMMITTED the `ON CONFLICT` check sees the newest
-//!   committed row while the plain read sees the statement's snapshot, so the read can miss a
-//!   row committed a moment ago, or show one that no longer holds the key: then the claim is
-//!   simply run again (never a check-then-insert).
+//! - **Claim** is one statement: a CTE reads the live record in the statement's snapshot; if
+//!   there is none, `INSERT ... ON CONFLICT (key) DO UPDATE ... WHERE <expired or lease passed>
+//!   RETURNING` inserts or takes over; the statement returns the claimed row `UNION ALL` the
+//!   live record. Postgres locks the conflicting row, so of any number of concurrent claims
+//!   exactly one inserts or takes over. A replay or a conflict writes nothing (no lock, no WAL
+//!   flush). In READ COMMITTED the `ON CONFLICT` check sees the newest committed row while the
+//!   read sees the statement's snapshot: when the upsert meets a live row committed after the
+//!   snapshot, the statement returns nothing, wrote nothing, and the claim simply runs again
+//!   (never a check-then-insert).
 //! - **Fencing**: complete, release and renew are `UPDATE`/`DELETE ... WHERE key = $1 AND
 //!   token = $2 AND state = 'in_progress'`; no row means [`StoreError::Fenced`].
 //! - **Time** is the database's clock (`now()`), so processes with skewed clocks agree.
@@ -475,11 +477,11 @@ impl Store for PostgresStore {
                 Ok(Err(e)) => return Err(StoreError::backend("postgres: claim", e)),
                 Err(_) => return Err(StoreError::Timeout(self.inner.op_timeout)),
             };
-            if let Some(claim) = row.map(|r| decode_claim(&r)).transpose()?.flatten() {
-                return Ok(claim);
+            if let Some(row) = row {
+                return decode_claim(&row);
             }
-            // The upsert saw a newer row than the read's snapshot (or the row vanished in
-            // between): nothing was written, so run the claim again.
+            // The upsert met a live row committed after the statement's snapshot, which the
+            // read could not see: nothing was written, so run the claim again.
             tokio::task::yield_now().await;
         }
         Err(StoreError::backend(
@@ -621,30 +623,27 @@ impl Store for PostgresStore {
     }
 }
 
-/// Reads one row of the claim statement; `None`: the read raced, claim again.
-fn decode_claim(row: &PgRow) -> Result<Option<Claim>, StoreError> {
+/// Reads the row of the claim statement.
+fn decode_claim(row: &PgRow) -> Result<Claim, StoreError> {
     if col::<bool>(row, "acquired")? {
-        return Ok(Some(Claim::Acquired {
+        return Ok(Claim::Acquired {
             taken_over: col::<bool>(row, "taken_over")?,
-        }));
-    }
-    if !col::<bool>(row, "live")? {
-        return Ok(None);
+        });
     }
     let state: String = col(row, "state")?;
     let fingerprint = fingerprint(col(row, "fingerprint")?)?;
     match state.as_str() {
         "in_progress" => {
             let ms: i64 = col(row, "lease_ms")?;
-            Ok(Some(Claim::InProgress {
+            Ok(Claim::InProgress {
                 fingerprint,
                 lease_remaining: Some(Duration::from_millis(u64::try_from(ms).unwrap_or(0))),
-            }))
+            })
         }
-        "completed" => Ok(Some(Claim::Completed(CompletedRecord {
+        "completed" => Ok(Claim::Completed(CompletedRecord {
             fingerprint,
             value: col::<Option<Vec<u8>>>(row, "value")?.unwrap_or_default(),
-        }))),
+        })),
         other => Err(StoreError::Corrupt(format!(
             "postgres: unknown state {other:?}"
         ))),
@@ -767,16 +766,28 @@ impl Statements {
                 table.name
             ),
             // $1 key, $2 token, $3 fingerprint, $4 lease ms, $5 grace ms.
-            // Either the upsert inserted / took over (one row from `claimed`), or it left the
-            // row alone and the second branch reads it. `live` is false when that read shows a
-            // row the upsert would have taken (a newer version exists): claim again. A row under
-            // our own token is ours: a retried claim whose first try went through.
+            // `existing` reads the live row in the statement's snapshot: if there is one, it is
+            // the answer and nothing is written (a replay takes no lock and no WAL flush).
+            // Otherwise the upsert inserts, or takes over the expired row, atomically under the
+            // row lock. It may also find a row committed after our snapshot that is live: then
+            // no branch returns a row, nothing was written, and the claim runs again. A live
+            // row under our own token is ours: a retried claim whose first try went through.
             claim: format!(
-                "WITH claimed AS (
+                "WITH existing AS (
+                    SELECT token, attempt, state, fingerprint, value,
+                           GREATEST(0, CEIL(EXTRACT(EPOCH FROM (lease_until - now())) * 1000))::bigint
+                               AS lease_ms
+                      FROM {t}
+                     WHERE key = $1
+                       AND CASE WHEN state = 'in_progress' THEN lease_until > now()
+                                ELSE expires_at > now() END
+                ),
+                claimed AS (
                     INSERT INTO {t} AS r
                         (key, state, token, attempt, fingerprint, value, lease_until, expires_at)
-                    VALUES ($1, 'in_progress', $2, 1, $3, NULL,
-                            now() + $4::float8 {ms}, now() + ($4 + $5)::float8 {ms})
+                    SELECT $1, 'in_progress', $2, 1, $3, NULL,
+                           now() + $4::float8 {ms}, now() + ($4 + $5)::float8 {ms}
+                     WHERE NOT EXISTS (SELECT 1 FROM existing)
                     ON CONFLICT (key) DO UPDATE SET
                         state = 'in_progress',
                         token = EXCLUDED.token,
@@ -789,18 +800,14 @@ impl Statements {
                        OR (r.state = 'completed' AND r.expires_at <= now())
                     RETURNING r.attempt
                 )
-                SELECT true AS acquired, attempt > 1 AS taken_over, true AS live,
+                SELECT true AS acquired, attempt > 1 AS taken_over,
                        NULL::text AS state, NULL::bytea AS fingerprint, NULL::bytea AS value,
                        NULL::bigint AS lease_ms
                   FROM claimed
                 UNION ALL
-                SELECT s.token = $2 AND s.state = 'in_progress', s.attempt > 1,
-                       CASE WHEN s.state = 'in_progress' THEN s.lease_until > now()
-                            ELSE s.expires_at > now() END,
-                       s.state, s.fingerprint, s.value,
-                       GREATEST(0, CEIL(EXTRACT(EPOCH FROM (s.lease_until - now())) * 1000))::bigint
-                  FROM {t} s
-                 WHERE s.key = $1 AND NOT EXISTS (SELECT 1 FROM claimed)"
+                SELECT e.token = $2 AND e.state = 'in_progress', e.attempt > 1,
+                       e.state, e.fingerprint, e.value, e.lease_ms
+                  FROM existing e"
             )
             .into(),
             // $1 key, $2 token, $3 value, $4 ttl ms, $5 channel, $6 key hex.

@@ -2,11 +2,13 @@
 //!
 //! - **Schema**: one row per hashed key (see [`SqliteStore::migrate`] for the DDL). The table
 //!   name is the only text interpolated into SQL; it is validated as an identifier and quoted.
-//! - **Claim** is one statement: `INSERT ... ON CONFLICT (key) DO UPDATE SET <each column =
-//!   CASE WHEN expired-or-lease-passed THEN new ELSE old END> RETURNING ...`. The update always
-//!   happens (a no-op when the record holds), so the statement always returns the row as it
-//!   stands after the claim: ours (our token) means acquired, anyone else's is reported as in
-//!   progress or completed. SQLite runs one writer at a time, so the statement is atomic.
+//! - **Claim** is one statement under SQLite's single write lock: `INSERT ... SELECT ... WHERE
+//!   NOT EXISTS (<live record>) ON CONFLICT (key) DO UPDATE ... RETURNING attempt`. It inserts,
+//!   or replaces an expired record (completed past its TTL, or a claim whose lease passed), and
+//!   returns a row exactly when this claim took the key. When a live record holds the key it
+//!   writes nothing (no page dirtied, no sync), and the record is then read and reported (in
+//!   progress or completed); if it is gone by then, the claim runs again. Never a
+//!   check-then-insert: the decision to insert is the statement's own.
 //! - **Fencing**: `UPDATE`/`DELETE ... WHERE key = ?1 AND token = ?2 AND state =
 //!   'in_progress'`; no row changed means [`StoreError::Fenced`].
 //! - **Time** is this process's clock, in Unix milliseconds, bound as a parameter (SQLite is
@@ -44,6 +46,8 @@ const MAX_TABLE_LEN: usize = 48;
 /// Durations are clamped to this many milliseconds (about 100 years) before reaching SQL.
 const MAX_MILLIS: i64 = 100 * 365 * 86_400 * 1000;
 const SHARDS: usize = 64;
+/// How many times a claim is re-run when the live record it met was gone before it was read.
+const CLAIM_ATTEMPTS: usize = 32;
 
 /// A SQLite store. Cheap to clone (clones share the pool).
 ///
@@ -385,41 +389,66 @@ impl SqliteStore {
 #[async_trait]
 impl Store for SqliteStore {
     async fn claim(&self, req: &ClaimRequest) -> Result<Claim, StoreError> {
-        let now = now_ms();
-        let lease_until = now.saturating_add(millis(req.lease));
-        let q = sqlx::query(AssertSqlSafe(Arc::clone(&self.inner.sql.claim)))
-            .bind(&req.key.0[..])
-            .bind(req.token.as_i64())
-            .bind(req.fingerprint.as_ref().map(|f| &f.0[..]))
-            .bind(now)
-            .bind(lease_until)
-            .bind(lease_until.saturating_add(self.inner.lease_grace_ms));
-        let row = self
-            .timed("sqlite: claim", q.fetch_one(&self.inner.pool))
-            .await?;
-        let state: String = col(&row, "state")?;
-        let token: i64 = col(&row, "token")?;
-        let fingerprint = fingerprint(col(&row, "fingerprint")?)?;
-        match state.as_str() {
-            "in_progress" if token == req.token.as_i64() => Ok(Claim::Acquired {
-                taken_over: col::<i64>(&row, "attempt")? > 1,
-            }),
-            "in_progress" => {
-                let until: i64 = col(&row, "lease_until")?;
-                let ms = until.saturating_sub(now);
-                Ok(Claim::InProgress {
-                    fingerprint,
-                    lease_remaining: Some(Duration::from_millis(u64::try_from(ms).unwrap_or(0))),
-                })
+        for _ in 0..CLAIM_ATTEMPTS {
+            let now = now_ms();
+            let lease_until = now.saturating_add(millis(req.lease));
+            let q = sqlx::query(AssertSqlSafe(Arc::clone(&self.inner.sql.claim)))
+                .bind(&req.key.0[..])
+                .bind(req.token.as_i64())
+                .bind(req.fingerprint.as_ref().map(|f| &f.0[..]))
+                .bind(now)
+                .bind(lease_until)
+                .bind(lease_until.saturating_add(self.inner.lease_grace_ms));
+            let row = self
+                .timed("sqlite: claim", q.fetch_optional(&self.inner.pool))
+                .await?;
+            if let Some(row) = row {
+                return Ok(Claim::Acquired {
+                    taken_over: col::<i64>(&row, "attempt")? > 1,
+                });
             }
-            "completed" => Ok(Claim::Completed(CompletedRecord {
-                fingerprint,
-                value: col::<Option<Vec<u8>>>(&row, "value")?.unwrap_or_default(),
-            })),
-            other => Err(StoreError::Corrupt(format!(
-                "sqlite: unknown state {other:?}"
-            ))),
+            // A live record holds the key (nothing was written): report it. If it is gone or
+            // lapsed by the time we read it, claim again.
+            let q = sqlx::query(AssertSqlSafe(Arc::clone(&self.inner.sql.live)))
+                .bind(&req.key.0[..])
+                .bind(now_ms());
+            let row = self
+                .timed("sqlite: claim", q.fetch_optional(&self.inner.pool))
+                .await?;
+            let Some(row) = row else { continue };
+            let state: String = col(&row, "state")?;
+            let fingerprint = fingerprint(col(&row, "fingerprint")?)?;
+            return match state.as_str() {
+                "in_progress" if col::<i64>(&row, "token")? == req.token.as_i64() => {
+                    Ok(Claim::Acquired {
+                        taken_over: col::<i64>(&row, "attempt")? > 1,
+                    })
+                }
+                "in_progress" => {
+                    let until: i64 = col(&row, "lease_until")?;
+                    let ms = until.saturating_sub(now_ms());
+                    Ok(Claim::InProgress {
+                        fingerprint,
+                        lease_remaining: Some(Duration::from_millis(
+                            u64::try_from(ms).unwrap_or(0),
+                        )),
+                    })
+                }
+                "completed" => Ok(Claim::Completed(CompletedRecord {
+                    fingerprint,
+                    value: col::<Option<Vec<u8>>>(&row, "value")?.unwrap_or_default(),
+                })),
+                other => Err(StoreError::Corrupt(format!(
+                    "sqlite: unknown state {other:?}"
+                ))),
+            };
         }
+        Err(StoreError::backend(
+            "sqlite: claim",
+            std::io::Error::other(format!(
+                "the record kept changing under {CLAIM_ATTEMPTS} claims in a row"
+            )),
+        ))
     }
 
     async fn complete(
@@ -604,6 +633,7 @@ struct Statements {
     create_table: String,
     create_index: String,
     claim: Arc<str>,
+    live: Arc<str>,
     complete: Arc<str>,
     release: Arc<str>,
     renew: Arc<str>,
@@ -616,12 +646,10 @@ struct Statements {
 impl Statements {
     fn new(name: &str) -> Statements {
         let t = format!("\"{name}\"");
-        // In DO UPDATE, bare column names are the existing row's (all read before any is
-        // written), `excluded.*` the proposed one. ?4 is now.
-        let takeable = "((state = 'in_progress' AND lease_until <= ?4) \
-                        OR (state = 'completed' AND expires_at <= ?4))";
-        let pick =
-            |col: &str| format!("{col} = CASE WHEN {takeable} THEN excluded.{col} ELSE {col} END");
+        let live = live_at("?4");
+        // The same, over the conflicting row in DO UPDATE.
+        let live_r = "CASE WHEN r.state = 'in_progress' THEN r.lease_until > ?4 \
+                      ELSE r.expires_at > ?4 END";
         Statements {
             create_table: format!(
                 "CREATE TABLE IF NOT EXISTS {t} (
@@ -639,24 +667,34 @@ impl Statements {
                 "CREATE INDEX IF NOT EXISTS \"{name}_expires_at\" ON {t} (expires_at)"
             ),
             // ?1 key, ?2 token, ?3 fingerprint, ?4 now, ?5 lease until, ?6 expires at.
+            // One statement under SQLite's write lock: insert unless a live record holds the
+            // key; an expired record (completed past its TTL, or a claim whose lease passed)
+            // conflicts and is replaced. A row comes back only when this claim took the key;
+            // with a live record nothing is written (no page is dirtied, no sync).
             claim: format!(
-                "INSERT INTO {t}
+                "INSERT INTO {t} AS r
                     (key, state, token, attempt, fingerprint, value, lease_until, expires_at)
-                 VALUES (?1, 'in_progress', ?2, 1, ?3, NULL, ?5, ?6)
+                 SELECT ?1, 'in_progress', ?2, 1, ?3, NULL, ?5, ?6
+                  WHERE NOT EXISTS (
+                      SELECT 1 FROM {t} WHERE key = ?1 AND {live}
+                  )
                  ON CONFLICT (key) DO UPDATE SET
-                    attempt = CASE WHEN {takeable}
-                                   THEN CASE WHEN state = 'in_progress' THEN attempt + 1 ELSE 1 END
-                                   ELSE attempt END,
-                    {}, {}, {}, {}, {}, {}, {}
-                 RETURNING state, token, attempt, fingerprint, value, lease_until",
-                pick("state"),
-                pick("token"),
-                pick("fingerprint"),
-                pick("value"),
-                pick("lease_until"),
-                pick("expires_at"),
-                // A no-op assignment keeps the list uniform; SQLite allows it.
-                "key = key",
+                    state = 'in_progress',
+                    token = excluded.token,
+                    attempt = CASE WHEN r.state = 'in_progress' THEN r.attempt + 1 ELSE 1 END,
+                    fingerprint = excluded.fingerprint,
+                    value = NULL,
+                    lease_until = excluded.lease_until,
+                    expires_at = excluded.expires_at
+                  WHERE NOT ({live_r})
+                 RETURNING attempt"
+            )
+            .into(),
+            // ?1 key, ?2 now.
+            live: format!(
+                "SELECT state, token, attempt, fingerprint, value, lease_until FROM {t}
+                  WHERE key = ?1 AND {}",
+                live_at("?2")
             )
             .into(),
             // ?1 key, ?2 token, ?3 value, ?4 expires at.
@@ -698,6 +736,12 @@ impl Statements {
             .into(),
         }
     }
+}
+
+/// The condition "the record is live at `now`" (in progress under its lease, or completed and
+/// unexpired), over the bare column names.
+fn live_at(now: &str) -> String {
+    format!("CASE WHEN state = 'in_progress' THEN lease_until > {now} ELSE expires_at > {now} END")
 }
 
 /// Deletes expired rows every `interval` until the store is dropped.
