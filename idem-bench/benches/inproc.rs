@@ -1,0 +1,205 @@
+//! In-process group: a bare async call, raw moka `get`/`insert`, idem on `MemoryStore`
+//! (through `Call` and through `#[idempotent]`), and the `cached` crate's `#[cached]`.
+//!
+//! All on one current-thread tokio runtime. "Fresh" benches use a key never seen before on
+//! every iteration and a new store (or cache) per criterion sample, built and dropped outside
+//! the timed region, so that memory stays bounded.
+#![allow(missing_docs, clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::hint::black_box;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use cached::Cached;
+use criterion::{criterion_group, criterion_main, Criterion};
+use idem_core::{Call, ClaimRequest, Error, FencingToken, Key, Store};
+use idem_stores::MemoryStore;
+use moka::future::Cache;
+
+const TTL: Duration = Duration::from_secs(3600);
+const LEASE: Duration = Duration::from_secs(30);
+const REPLAY_N: u64 = 42;
+
+/// A fresh key for every iteration of every bench in this process.
+static NEXT: AtomicU64 = AtomicU64::new(1_000_000);
+
+fn next() -> u64 {
+    NEXT.fetch_add(1, Ordering::Relaxed)
+}
+
+/// The function under test: no work of its own, so that only the wrapper is measured.
+async fn work(n: u64) -> Result<u64, Error> {
+    Ok(n.wrapping_mul(2))
+}
+
+/// `work` through the runtime's entry point by hand.
+async fn work_call(store: &MemoryStore, n: u64) -> Result<u64, Error> {
+    Call::new("idem_bench::work_call")
+        .key(n)
+        .fingerprint((&n,))
+        .ttl(TTL)
+        .run(store, work(n))
+        .await
+}
+
+/// `work` through the attribute: what a user writes.
+#[idem_core::idempotent(key = n, store = store, skip(store), ttl = "1h")]
+async fn work_idem(store: &MemoryStore, n: u64) -> Result<u64, Error> {
+    Ok(n.wrapping_mul(2))
+}
+
+/// The peer: `cached`'s memoisation of the same function (caches `Ok` values only).
+#[cached::macros::cached]
+async fn work_cached(n: u64) -> Result<u64, Error> {
+    Ok(n.wrapping_mul(2))
+}
+
+fn raw_key(n: u64) -> Key {
+    let mut k = [0u8; 32];
+    k[..8].copy_from_slice(&n.to_le_bytes());
+    Key(k)
+}
+
+/// A store big enough that no sample evicts.
+fn big_store() -> MemoryStore {
+    MemoryStore::builder().max_bytes(8 << 30).build()
+}
+
+fn inproc(c: &mut Criterion) {
+    let rt = idem_bench::current_thread();
+    let mut g = c.benchmark_group("inproc");
+
+    g.bench_function("bare_call", |b| {
+        b.to_async(&rt).iter(|| work(black_box(REPLAY_N)))
+    });
+
+    // Raw moka: the physical limit of an in-process store.
+    let value: Arc<[u8]> = Arc::from(&[0xa5u8; 32][..]);
+    let cache: Cache<Key, Arc<[u8]>> = Cache::new(1 << 20);
+    rt.block_on(cache.insert(raw_key(REPLAY_N), value.clone()));
+    let hit = raw_key(REPLAY_N);
+    g.bench_function("moka_get", |b| {
+        b.to_async(&rt).iter(|| cache.get(black_box(&hit)))
+    });
+    g.bench_function("moka_insert", |b| {
+        b.to_async(&rt).iter_custom(|iters| {
+            let value = value.clone();
+            async move {
+                let cache: Cache<Key, Arc<[u8]>> = Cache::new(u64::MAX);
+                let start = Instant::now();
+                for _ in 0..iters {
+                    cache
+                        .insert(black_box(raw_key(next())), value.clone())
+                        .await;
+                }
+                let elapsed = start.elapsed();
+                drop(cache);
+                elapsed
+            }
+        })
+    });
+
+    // idem through `Call`.
+    let store = big_store();
+    rt.block_on(work_call(&store, REPLAY_N)).unwrap();
+    g.bench_function("idem_call_fresh", |b| {
+        b.to_async(&rt).iter_custom(|iters| async move {
+            let store = big_store();
+            let start = Instant::now();
+            for _ in 0..iters {
+                black_box(work_call(&store, next()).await.unwrap());
+            }
+            let elapsed = start.elapsed();
+            drop(store);
+            elapsed
+        })
+    });
+    g.bench_function("idem_call_replay", |b| {
+        b.to_async(&rt)
+            .iter(|| async { work_call(&store, black_box(REPLAY_N)).await.unwrap() })
+    });
+
+    // idem through `#[idempotent]`.
+    rt.block_on(work_idem(&store, REPLAY_N)).unwrap();
+    g.bench_function("idem_macro_fresh", |b| {
+        b.to_async(&rt).iter_custom(|iters| async move {
+            let store = big_store();
+            let start = Instant::now();
+            for _ in 0..iters {
+                black_box(work_idem(&store, next()).await.unwrap());
+            }
+            let elapsed = start.elapsed();
+            drop(store);
+            elapsed
+        })
+    });
+    g.bench_function("idem_macro_replay", |b| {
+        b.to_async(&rt)
+            .iter(|| async { work_idem(&store, black_box(REPLAY_N)).await.unwrap() })
+    });
+
+    // Where a replay's time goes: identity derivation (hashing) and the store's claim.
+    g.bench_function("part_identity", |b| {
+        b.iter(|| {
+            let n = black_box(REPLAY_N);
+            Call::new("idem_bench::work_call")
+                .key(n)
+                .fingerprint((&n,))
+                .identity()
+                .unwrap()
+        })
+    });
+    let ident = Call::new("idem_bench::work_call")
+        .key(REPLAY_N)
+        .fingerprint((&REPLAY_N,))
+        .identity()
+        .unwrap()
+        .unwrap();
+    g.bench_function("part_store_claim_completed", |b| {
+        b.to_async(&rt).iter(|| async {
+            let req = ClaimRequest {
+                key: ident.key,
+                fingerprint: ident.fingerprint,
+                token: FencingToken::random(),
+                lease: LEASE,
+            };
+            store.claim(black_box(&req)).await.unwrap()
+        })
+    });
+    g.bench_function("part_store_get_completed", |b| {
+        b.to_async(&rt)
+            .iter(|| async { store.get(black_box(&ident.key)).await.unwrap() })
+    });
+
+    // The peer.
+    rt.block_on(work_cached(REPLAY_N)).unwrap();
+    g.bench_function("cached_hit", |b| {
+        b.to_async(&rt)
+            .iter(|| async { work_cached(black_box(REPLAY_N)).await.unwrap() })
+    });
+    g.bench_function("cached_miss", |b| {
+        b.to_async(&rt).iter_custom(|iters| async move {
+            let start = Instant::now();
+            for _ in 0..iters {
+                black_box(work_cached(next()).await.unwrap());
+            }
+            let elapsed = start.elapsed();
+            let mut cache = WORK_CACHED.write().await;
+            cache.cache_clear();
+            cache.cache_set(REPLAY_N, REPLAY_N * 2);
+            elapsed
+        })
+    });
+
+    g.finish();
+}
+
+criterion_group! {
+    name = benches;
+    config = common::config();
+    targets = inproc
+}
+criterion_main!(benches);

@@ -1,0 +1,231 @@
+//! Memory: heap bytes per stored record at 1,000,000 records, counted by a global allocator.
+//!
+//! Three stores of the same 1,000,000 results of `work(n)` (a `u64`):
+//!
+//! - `MemoryStore`, filled through `Call` (what a user's calls leave behind);
+//! - raw moka (`moka::future::Cache<Key, Arc<[u8]>>`) holding the same record bytes: the
+//!   physical limit of a moka-based store;
+//! - `cached`'s `#[cached]` (its unbounded `HashMap` of `u64 → u64`): the peer.
+//!
+//! Each figure is (live heap bytes after filling − before) / records, measured after moka's
+//! pending maintenance has run. It is requested bytes (what the program asked the allocator
+//! for), not the allocator's own overhead; the process's resident-set growth is reported too.
+//! Each store is filled in a child process of its own (so that the RSS figure starts from a
+//! clean heap). Results go to `$CARGO_TARGET_DIR/idem-bench/memory.json`.
+#![allow(missing_docs, clippy::unwrap_used, clippy::expect_used)]
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::sync::atomic::{AtomicIsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use idem_core::codec::Codec;
+use idem_core::{Call, Error, Key};
+use idem_stores::MemoryStore;
+use serde::Serialize;
+
+/// Counts live heap bytes.
+struct Counting;
+
+static LIVE: AtomicIsize = AtomicIsize::new(0);
+
+// The one unsafe block of the workspace: a global allocator that forwards to `System` and
+// counts. It adds nothing to the contracts of `GlobalAlloc` beyond those of `System`.
+#[allow(unsafe_code)]
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        // SAFETY: forwarded unchanged; the caller upholds `alloc`'s contract.
+        let p = unsafe { System.alloc(layout) };
+        if !p.is_null() {
+            LIVE.fetch_add(layout.size() as isize, Ordering::Relaxed);
+        }
+        p
+    }
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        // SAFETY: as for `alloc`.
+        let p = unsafe { System.alloc_zeroed(layout) };
+        if !p.is_null() {
+            LIVE.fetch_add(layout.size() as isize, Ordering::Relaxed);
+        }
+        p
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        // SAFETY: `ptr` came from this allocator (hence from `System`) with `layout`.
+        unsafe { System.dealloc(ptr, layout) };
+        LIVE.fetch_sub(layout.size() as isize, Ordering::Relaxed);
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        // SAFETY: as for `dealloc`; the caller upholds `realloc`'s contract.
+        let p = unsafe { System.realloc(ptr, layout, new_size) };
+        if !p.is_null() {
+            LIVE.fetch_add(
+                new_size as isize - layout.size() as isize,
+                Ordering::Relaxed,
+            );
+        }
+        p
+    }
+}
+
+#[global_allocator]
+static ALLOCATOR: Counting = Counting;
+
+const RECORDS: u64 = 1_000_000;
+
+fn live() -> isize {
+    LIVE.load(Ordering::Relaxed)
+}
+
+/// Resident set size in bytes, from /proc (0 where there is none).
+fn rss() -> i64 {
+    std::fs::read_to_string("/proc/self/statm")
+        .ok()
+        .and_then(|s| s.split_whitespace().nth(1)?.parse::<i64>().ok())
+        .map_or(0, |pages| pages * 4096)
+}
+
+#[derive(Serialize)]
+struct Figure {
+    records: u64,
+    bytes_per_record: f64,
+    rss_bytes_per_record: f64,
+    /// The stored value's size (the encoded record, or the `u64` for the peer).
+    value_bytes: usize,
+    fill_seconds: f64,
+}
+
+async fn work(n: u64) -> Result<u64, Error> {
+    Ok(n.wrapping_mul(2))
+}
+
+#[cached::macros::cached]
+async fn work_cached(n: u64) -> Result<u64, Error> {
+    Ok(n.wrapping_mul(2))
+}
+
+fn raw_key(n: u64) -> Key {
+    let mut k = [0u8; 32];
+    k[..8].copy_from_slice(&n.to_le_bytes());
+    Key(k)
+}
+
+/// Measures the heap growth of `fill`, which returns what it built (kept alive until measured)
+/// and the size of one value.
+async fn measure<T, F, Fut>(name: &str, fill: F) -> (Figure, T)
+where
+    F: FnOnce() -> Fut,
+    Fut: std::future::Future<Output = (T, usize)>,
+{
+    let (heap0, rss0) = (live(), rss());
+    let start = Instant::now();
+    let (kept, value_bytes) = fill().await;
+    let fill_seconds = start.elapsed().as_secs_f64();
+    let (heap1, rss1) = (live(), rss());
+    let f = Figure {
+        records: RECORDS,
+        bytes_per_record: (heap1 - heap0) as f64 / RECORDS as f64,
+        rss_bytes_per_record: (rss1 - rss0) as f64 / RECORDS as f64,
+        value_bytes,
+        fill_seconds,
+    };
+    println!(
+        "{name}: {:.1} B/record heap, {:.1} B/record RSS ({} records, values of {} B, {:.1} s)",
+        f.bytes_per_record, f.rss_bytes_per_record, f.records, f.value_bytes, f.fill_seconds
+    );
+    (f, kept)
+}
+
+/// Fills one store and measures it (in a process of its own, so that RSS starts clean).
+async fn one(name: &str) -> Figure {
+    match name {
+        "memory_store" => {
+            // Through the runtime. The bound is far above 1M records: nothing is evicted.
+            let (f, store) = measure(name, || async {
+                let store = MemoryStore::builder().max_bytes(16 << 30).build();
+                for n in 0..RECORDS {
+                    Call::new("idem_bench::memory")
+                        .key(n)
+                        .fingerprint((&n,))
+                        .ttl(Duration::from_secs(3600))
+                        .run(&store, work(n))
+                        .await
+                        .unwrap();
+                }
+                store.run_pending_tasks().await;
+                assert_eq!(store.entry_count(), RECORDS, "records were evicted");
+                (store, record().len())
+            })
+            .await;
+            drop(store);
+            f
+        }
+        "moka_raw" => {
+            // Same keys and record bytes, moka's default configuration.
+            let (f, cache) = measure(name, || async {
+                let value = record();
+                let cache: moka::future::Cache<Key, Arc<[u8]>> = moka::future::Cache::new(u64::MAX);
+                for n in 0..RECORDS {
+                    cache.insert(raw_key(n), Arc::from(value.as_slice())).await;
+                }
+                cache.run_pending_tasks().await;
+                assert_eq!(cache.entry_count(), RECORDS);
+                (cache, value.len())
+            })
+            .await;
+            drop(cache);
+            f
+        }
+        _ => {
+            let (f, ()) = measure(name, || async {
+                for n in 0..RECORDS {
+                    work_cached(n).await.unwrap();
+                }
+                ((), std::mem::size_of::<u64>())
+            })
+            .await;
+            f
+        }
+    }
+}
+
+/// The record `Call` stores for one `u64` result: envelope, type tag, MessagePack payload.
+fn record() -> Vec<u8> {
+    let tag = idem_core::codec::type_tag::<u64>("msgpack", 0);
+    let payload = idem_core::codec::MsgPack.encode(&(RECORDS * 2)).unwrap();
+    idem_core::codec::seal(&tag, &payload)
+}
+
+const STORES: [&str; 3] = ["memory_store", "moka_raw", "cached"];
+const CHILD_ENV: &str = "IDEM_BENCH_MEMORY_ONE";
+
+fn main() {
+    if let Ok(name) = std::env::var(CHILD_ENV) {
+        let figure = idem_bench::current_thread().block_on(one(&name));
+        println!("json {}", serde_json::to_string(&figure).unwrap());
+        return;
+    }
+    let exe = std::env::current_exe().unwrap();
+    let mut figures = serde_json::Map::new();
+    for name in STORES {
+        let out = std::process::Command::new(&exe)
+            .env(CHILD_ENV, name)
+            .stderr(std::process::Stdio::inherit())
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        for line in text.lines() {
+            match line.strip_prefix("json ") {
+                Some(json) => {
+                    figures.insert(name.into(), serde_json::from_str(json).unwrap());
+                }
+                None => println!("{line}"),
+            }
+        }
+        assert!(out.status.success(), "{name}: {}", out.status);
+    }
+    let dir = idem_bench::out_dir();
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("memory.json");
+    std::fs::write(&path, serde_json::to_string_pretty(&figures).unwrap()).unwrap();
+    println!("wrote {}", path.display());
+}

@@ -1,0 +1,123 @@
+//! Shared pieces of the idem benchmarks: runtimes, server addresses, unique key prefixes,
+//! percentiles and the JSON files the report script reads.
+//!
+//! The suite itself is in `benches/` (criterion: in-process, Redis, SQL) and `src/bin/`
+//! (`idem-bench-wait`: waiter wake-up delay; `idem-bench-memory`: bytes per record). Run it
+//! all through `bench/report`, which writes `BENCHMARKS.md`.
+
+use std::path::PathBuf;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+
+/// The Redis server the benches use: `IDEM_TEST_REDIS_URL`, else the local default.
+pub fn redis_url() -> String {
+    std::env::var("IDEM_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
+}
+
+/// The PostgreSQL server: `IDEM_TEST_POSTGRES_URL`, else the local default.
+pub fn postgres_url() -> String {
+    std::env::var("IDEM_TEST_POSTGRES_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
+}
+
+/// The MySQL/MariaDB server: `IDEM_TEST_MYSQL_URL`, else the local default.
+pub fn mysql_url() -> String {
+    std::env::var("IDEM_TEST_MYSQL_URL")
+        .unwrap_or_else(|_| "mysql://root@127.0.0.1:3306/test".into())
+}
+
+/// A prefix unique to this process, so that keys of two runs (or of the tests running on the
+/// same server) never meet.
+pub fn run_prefix() -> String {
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    format!("idem-bench:{}:{:x}", std::process::id(), nanos)
+}
+
+/// A current-thread runtime with all drivers: the least noisy place for latency benches of
+/// in-process work.
+pub fn current_thread() -> tokio::runtime::Runtime {
+    match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => panic!("cannot build a tokio runtime: {e}"),
+    }
+}
+
+/// A multi-thread runtime (one worker per core), as a server would run.
+pub fn multi_thread() -> tokio::runtime::Runtime {
+    match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => panic!("cannot build a tokio runtime: {e}"),
+    }
+}
+
+/// Where the non-criterion results go: `$IDEM_BENCH_OUT`, else
+/// `$CARGO_TARGET_DIR/idem-bench`, else `target/idem-bench`.
+pub fn out_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("IDEM_BENCH_OUT") {
+        return PathBuf::from(dir);
+    }
+    let target =
+        std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| "target".into(), PathBuf::from);
+    target.join("idem-bench")
+}
+
+/// Latency percentiles of a set of samples.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Percentiles {
+    /// How many samples.
+    pub samples: usize,
+    /// Median, in microseconds.
+    pub p50_us: f64,
+    /// 90th percentile, in microseconds.
+    pub p90_us: f64,
+    /// 99th percentile, in microseconds.
+    pub p99_us: f64,
+    /// Largest sample, in microseconds.
+    pub max_us: f64,
+}
+
+impl Percentiles {
+    /// Nearest-rank percentiles of `samples` (unsorted).
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// let p = idem_bench::Percentiles::of((1..=100).map(Duration::from_micros).collect());
+    /// assert_eq!((p.p50_us, p.p99_us, p.max_us), (50.0, 99.0, 100.0));
+    /// ```
+    pub fn of(mut samples: Vec<Duration>) -> Self {
+        samples.sort_unstable();
+        let rank = |q: f64| -> f64 {
+            if samples.is_empty() {
+                return f64::NAN;
+            }
+            // Nearest rank: the smallest sample with at least q of all samples at or below it.
+            let n = samples.len() as f64;
+            let i = ((q * n).ceil() as usize).clamp(1, samples.len()) - 1;
+            samples[i].as_secs_f64() * 1e6
+        };
+        Percentiles {
+            samples: samples.len(),
+            p50_us: rank(0.50),
+            p90_us: rank(0.90),
+            p99_us: rank(0.99),
+            max_us: rank(1.0),
+        }
+    }
+}
+
+/// Microseconds since the Unix epoch on the system clock: comparable between two processes on
+/// one machine (the waiting bench's cross-process timestamps).
+pub fn wall_us() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64() * 1e6)
+}
