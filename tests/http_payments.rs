@@ -227,6 +227,7 @@ async fn reused_key_with_another_body_is_422(store: Arc<dyn Store>) {
 async fn missing_or_malformed_key_is_400(store: Arc<dyn Store>) {
     let server = Server::start(store, options(OnConflict::Reject)).await;
     let body = json!({"amount": 100, "currency": "EUR"});
+    let counted = idem_core::count(idem_core::Outcome::MissingKey);
 
     let missing = server.pay("acme", None, body.clone()).send().await.unwrap();
     assert_eq!(missing.status(), 400);
@@ -251,6 +252,10 @@ async fn missing_or_malformed_key_is_400(store: Arc<dyn Store>) {
         let doc = problem(resp).await;
         assert_eq!(doc["type"], "urn:idem:problem:malformed-key", "key {bad:?}");
     }
+    assert!(
+        idem_core::count(idem_core::Outcome::MissingKey) >= counted + 6,
+        "each refusal is counted as missing_key"
+    );
     let max = format!(
         "\"{}-{}\"",
         "k".repeat(200),

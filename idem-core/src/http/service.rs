@@ -19,7 +19,8 @@ use super::key_header::{parse_key, KeyError};
 use super::layer::{Config, IDEMPOTENCY_KEY};
 use super::problem::Problem;
 use super::replay::{Blob, StoredResponse};
-use crate::{BoxError, Call, Error, Store};
+use crate::observe::emit;
+use crate::{BoxError, Call, Error, Outcome, Store};
 
 /// The service [`IdempotencyLayer`](super::IdempotencyLayer) wraps around a handler.
 ///
@@ -116,11 +117,23 @@ where
     if !config.methods.contains(req.method()) {
         return passthrough(inner, req).await;
     }
+    // Counted like the runtime's own outcomes: `missing_key` for an absent or unusable key,
+    // `unprotected` for one let through without a key.
+    let ns = config.namespace;
     let key = match parse_key(req.headers().get_all(IDEMPOTENCY_KEY), config.max_key_len) {
         Ok(key) => key,
-        Err(KeyError::Missing) if !config.required => return passthrough(inner, req).await,
-        Err(KeyError::Missing) => return Ok(Problem::missing_key().into_response()),
-        Err(e) => return Ok(Problem::malformed_key(&e).into_response()),
+        Err(KeyError::Missing) if !config.required => {
+            emit(Outcome::Unprotected, ns, None);
+            return passthrough(inner, req).await;
+        }
+        Err(KeyError::Missing) => {
+            emit(Outcome::MissingKey, ns, None);
+            return Ok(Problem::missing_key().into_response());
+        }
+        Err(e) => {
+            emit(Outcome::MissingKey, ns, None);
+            return Ok(Problem::malformed_key(&e).into_response());
+        }
     };
     let (parts, body) = req.into_parts();
     let bytes = match read_limited(Box::pin(body), config.max_request_body).await {
