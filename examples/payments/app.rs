@@ -110,7 +110,7 @@ pub fn router(store: Arc<dyn Store>, options: AppOptions) -> Router {
     let idempotency = IdempotencyLayer::new(store)
         .namespace("payments::http")
         .scope(|req| req.extensions.get::<Principal>().map(|p| p.0.clone()))
-        .fingerprint_header("content-type")
+        .fingerprint_header(header::CONTENT_TYPE)
         .on_conflict(options.on_conflict)
         .wait_timeout(options.wait_timeout)
         .lease(options.lease)

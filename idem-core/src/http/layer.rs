@@ -48,7 +48,7 @@ type ScopeFn = dyn Fn(&Parts) -> Option<String> + Send + Sync;
 ///         .namespace("payments-api")
 ///         // The authenticated principal, put there by an auth middleware.
 ///         .scope(|req| req.headers.get("x-tenant")?.to_str().ok().map(str::to_owned))
-///         .fingerprint_header("content-type")
+///         .fingerprint_header(http::header::CONTENT_TYPE)
 ///         .on_conflict(OnConflict::Wait)
 ///         .wait_timeout(Duration::from_secs(5))
 ///         .ttl(Duration::from_secs(24 * 3600))
@@ -134,11 +134,10 @@ impl IdempotencyLayer {
     }
 
     /// Adds a request header to the fingerprint (method, path, query and body always are):
-    /// a repeat whose value of this header differs is a 422.
-    pub fn fingerprint_header(mut self, name: &'static str) -> Self {
-        self.config
-            .fingerprint_headers
-            .push(HeaderName::from_static(name));
+    /// a repeat whose value of this header differs is a 422. Name a custom header with
+    /// `HeaderName::from_static("x-region")` (lowercase).
+    pub fn fingerprint_header(mut self, name: HeaderName) -> Self {
+        self.config.fingerprint_headers.push(name);
         self
     }
 
