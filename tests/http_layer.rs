@@ -395,3 +395,22 @@ async fn optional_keys_and_unprotected_methods_pass_through() {
     assert_eq!(h.post("/status/201", Some("\"bad"), "").await.status(), 400);
     assert_eq!(h.runs(), 4);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_foreign_record_under_the_key_is_500_never_a_garbled_replay() {
+    // Another program wrote a `u32` (without a fingerprint) under the record this request maps
+    // to: same namespace, same key, no scope.
+    let store = memory();
+    let raw_key = format!("foreign-{:x}", FencingToken::random().0);
+    let written: Result<u32, idem_core::Error> = idem_core::Call::new("idem::http")
+        .key(&raw_key)
+        .run(&*store, async { Ok(42) })
+        .await;
+    assert_eq!(written.unwrap(), 42);
+
+    let h = Harness::start(IdempotencyLayer::new(store)).await;
+    let resp = h.post("/status/201", Some(&raw_key), "").await;
+    assert_eq!(resp.status(), 500);
+    assert_eq!(problem_type(resp).await, "urn:idem:problem:internal");
+    assert_eq!(h.runs(), 0, "not run again, not replayed as something else");
+}
