@@ -424,10 +424,18 @@ impl PostgresStore {
         }
     }
 
+    /// The holder's remaining lease, or `None` when the key is not in progress. A connection
+    /// that dies under the read counts as `None`: the waiter returns early (allowed) and its
+    /// caller claims again, which retries on a fresh connection.
     async fn lease_remaining(&self, key: &Key) -> Result<Option<Duration>, StoreError> {
         let pool = &self.inner.pool;
         let q = sqlx::query(AssertSqlSafe(Arc::clone(&self.inner.sql.lease))).bind(&key.0[..]);
-        let row = self.timed("postgres: wait", q.fetch_optional(pool)).await?;
+        let row = match tokio::time::timeout(self.inner.op_timeout, q.fetch_optional(pool)).await {
+            Ok(Ok(row)) => row,
+            Ok(Err(e)) if is_connection_loss(&e) => return Ok(None),
+            Ok(Err(e)) => return Err(StoreError::backend("postgres: wait", e)),
+            Err(_) => return Err(StoreError::Timeout(self.inner.op_timeout)),
+        };
         match row {
             None => Ok(None),
             Some(row) => {
