@@ -22,27 +22,28 @@
 //! - **Expiry**: [`PostgresStore::purge_expired`] deletes expired rows in batches (index on
 //!   `expires_at`); [`PostgresStoreBuilder::sweep_every`] runs it in the background.
 
-use std::collections::HashMap;
 use std::fmt;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
 use idem_core::{
     async_trait, Claim, ClaimRequest, CompletedRecord, FencingToken, Fingerprint, Key, RecordState,
     Store, StoreError, DEFAULT_MAX_VALUE_SIZE,
 };
-use sqlx::postgres::{PgConnectOptions, PgListener, PgPool, PgPoolOptions, PgRow};
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
 use sqlx::{AssertSqlSafe, Row};
-use tokio::sync::Notify;
 use tokio::task::AbortHandle;
+
+mod listener;
+mod schema;
+
+use listener::{run_listener, Waiters};
+use schema::{config_error, Statements, Table};
 
 /// The default table name.
 pub const DEFAULT_TABLE: &str = "idem_records";
 
-/// The longest accepted table name (without schema), so that derived index names stay under
-/// PostgreSQL's 63-byte identifier limit.
-const MAX_TABLE_LEN: usize = 48;
 /// Durations are clamped to this many milliseconds (about 100 years) before reaching SQL.
 const MAX_MILLIS: i64 = 100 * 365 * 86_400 * 1000;
 /// How many times a claim is re-run when its read raced with another writer.
@@ -692,294 +693,6 @@ fn millis(d: Duration) -> i64 {
     i64::try_from(d.as_millis()).map_or(MAX_MILLIS, |ms| ms.min(MAX_MILLIS))
 }
 
-fn config_error(msg: &'static str) -> StoreError {
-    StoreError::backend(
-        msg,
-        std::io::Error::new(std::io::ErrorKind::InvalidInput, msg),
-    )
-}
-
-/// A validated table name and its quoted SQL form.
-struct Table {
-    /// As configured (`name` or `schema.name`); also the notification channel.
-    display: String,
-    /// Quoted for SQL: `"name"` or `"schema"."name"`.
-    quoted: String,
-    /// The bare table name, for the index name.
-    name: String,
-}
-
-impl Table {
-    fn parse(s: &str) -> Result<Table, StoreError> {
-        let parts: Vec<&str> = s.split('.').collect();
-        let valid = |p: &str| {
-            !p.is_empty()
-                && p.len() <= MAX_TABLE_LEN
-                && p.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
-                && !p.as_bytes()[0].is_ascii_digit()
-        };
-        // The whole name is also the notification channel: at most 63 bytes.
-        if parts.len() > 2 || !parts.iter().all(|p| valid(p)) || s.len() > 63 {
-            return Err(config_error(
-                "postgres: the table name must be `name` or `schema.name` of ASCII letters, digits \
-                 and `_`, not starting with a digit, at most 48 bytes each and 63 in all",
-            ));
-        }
-        Ok(Table {
-            display: s.to_owned(),
-            quoted: parts
-                .iter()
-                .map(|p| format!("\"{p}\""))
-                .collect::<Vec<_>>()
-                .join("."),
-            name: parts.last().map_or_else(String::new, |p| (*p).to_owned()),
-        })
-    }
-}
-
-/// Every statement, rendered once with the quoted table name. Parameters are bound.
-#[derive(Clone)]
-struct Statements {
-    create_table: String,
-    create_index: String,
-    claim: Arc<str>,
-    complete: Arc<str>,
-    release: Arc<str>,
-    renew: Arc<str>,
-    get: Arc<str>,
-    lease: Arc<str>,
-    remove: Arc<str>,
-    purge: Arc<str>,
-}
-
-impl Statements {
-    fn new(table: &Table) -> Statements {
-        let t = &table.quoted;
-        let ms = "* interval '1 millisecond'";
-        Statements {
-            create_table: format!(
-                "CREATE TABLE IF NOT EXISTS {t} (
-                    key BYTEA PRIMARY KEY CHECK (octet_length(key) = 32),
-                    state TEXT NOT NULL CHECK (state IN ('in_progress', 'completed')),
-                    token BIGINT NOT NULL,
-                    attempt INTEGER NOT NULL DEFAULT 1,
-                    fingerprint BYTEA,
-                    value BYTEA,
-                    lease_until TIMESTAMPTZ,
-                    expires_at TIMESTAMPTZ NOT NULL
-                )"
-            ),
-            create_index: format!(
-                "CREATE INDEX IF NOT EXISTS \"{}_expires_at\" ON {t} (expires_at)",
-                table.name
-            ),
-            // $1 key, $2 token, $3 fingerprint, $4 lease ms, $5 grace ms.
-            // `existing` reads the live row in the statement's snapshot: if there is one, it is
-            // the answer and nothing is written (a replay takes no lock and no WAL flush).
-            // Otherwise the upsert inserts, or takes over the expired row, atomically under the
-            // row lock. It may also find a row committed after our snapshot that is live: then
-            // no branch returns a row, nothing was written, and the claim runs again. A live
-            // row under our own token is ours: a retried claim whose first try went through.
-            claim: format!(
-                "WITH existing AS (
-                    SELECT token, attempt, state, fingerprint, value,
-                           GREATEST(0, CEIL(EXTRACT(EPOCH FROM (lease_until - now())) * 1000))::bigint
-                               AS lease_ms
-                      FROM {t}
-                     WHERE key = $1
-                       AND CASE WHEN state = 'in_progress' THEN lease_until > now()
-                                ELSE expires_at > now() END
-                ),
-                claimed AS (
-                    INSERT INTO {t} AS r
-                        (key, state, token, attempt, fingerprint, value, lease_until, expires_at)
-                    SELECT $1, 'in_progress', $2, 1, $3, NULL,
-                           now() + $4::float8 {ms}, now() + ($4 + $5)::float8 {ms}
-                     WHERE NOT EXISTS (SELECT 1 FROM existing)
-                    ON CONFLICT (key) DO UPDATE SET
-                        state = 'in_progress',
-                        token = EXCLUDED.token,
-                        attempt = CASE WHEN r.state = 'in_progress' THEN r.attempt + 1 ELSE 1 END,
-                        fingerprint = EXCLUDED.fingerprint,
-                        value = NULL,
-                        lease_until = EXCLUDED.lease_until,
-                        expires_at = EXCLUDED.expires_at
-                    WHERE (r.state = 'in_progress' AND r.lease_until <= now())
-                       OR (r.state = 'completed' AND r.expires_at <= now())
-                    RETURNING r.attempt
-                )
-                SELECT true AS acquired, attempt > 1 AS taken_over,
-                       NULL::text AS state, NULL::bytea AS fingerprint, NULL::bytea AS value,
-                       NULL::bigint AS lease_ms
-                  FROM claimed
-                UNION ALL
-                SELECT e.token = $2 AND e.state = 'in_progress', e.attempt > 1,
-                       e.state, e.fingerprint, e.value, e.lease_ms
-                  FROM existing e"
-            )
-            .into(),
-            // $1 key, $2 token, $3 value, $4 ttl ms, $5 channel, $6 key hex.
-            complete: format!(
-                "WITH done AS (
-                    UPDATE {t} SET state = 'completed', value = $3, lease_until = NULL,
-                                   expires_at = now() + $4::float8 {ms}
-                     WHERE key = $1 AND token = $2 AND state = 'in_progress'
-                    RETURNING key
-                )
-                SELECT pg_notify($5, $6) FROM done"
-            )
-            .into(),
-            // $1 key, $2 token, $3 channel, $4 key hex.
-            release: format!(
-                "WITH gone AS (
-                    DELETE FROM {t} WHERE key = $1 AND token = $2 AND state = 'in_progress'
-                    RETURNING key
-                )
-                SELECT pg_notify($3, $4) FROM gone"
-            )
-            .into(),
-            // $1 key, $2 token, $3 lease ms, $4 grace ms.
-            renew: format!(
-                "UPDATE {t} SET lease_until = now() + $3::float8 {ms},
-                                expires_at = now() + ($3 + $4)::float8 {ms}
-                  WHERE key = $1 AND token = $2 AND state = 'in_progress'
-                RETURNING 1"
-            )
-            .into(),
-            get: format!(
-                "SELECT state, token, fingerprint, value FROM {t}
-                  WHERE key = $1
-                    AND CASE WHEN state = 'in_progress' THEN lease_until > now()
-                             ELSE expires_at > now() END"
-            )
-            .into(),
-            lease: format!(
-                "SELECT GREATEST(0, CEIL(EXTRACT(EPOCH FROM (lease_until - now())) * 1000))::bigint
-                   FROM {t}
-                  WHERE key = $1 AND state = 'in_progress' AND lease_until > now()"
-            )
-            .into(),
-            // $1 key, $2 channel, $3 key hex.
-            remove: format!(
-                "WITH gone AS (DELETE FROM {t} WHERE key = $1 RETURNING key)
-                SELECT pg_notify($2, $3) FROM gone"
-            )
-            .into(),
-            // $1 batch. SKIP LOCKED: a row a claim is taking over right now is not ours.
-            purge: format!(
-                "DELETE FROM {t} WHERE key IN (
-                    SELECT key FROM {t} WHERE expires_at <= now()
-                     ORDER BY expires_at LIMIT $1 FOR UPDATE SKIP LOCKED
-                ) AND expires_at <= now()"
-            )
-            .into(),
-        }
-    }
-}
-
-/// Local waiters, one `Notify` per key that someone waits on.
-#[derive(Default)]
-struct Waiters {
-    slots: Mutex<HashMap<Key, (Arc<Notify>, usize)>>,
-    listening: AtomicBool,
-}
-
-impl Waiters {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Key, (Arc<Notify>, usize)>> {
-        self.slots.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    fn subscribe(self: &Arc<Self>, key: Key) -> Subscription {
-        let mut slots = self.lock();
-        let slot = slots
-            .entry(key)
-            .or_insert_with(|| (Arc::new(Notify::new()), 0));
-        slot.1 += 1;
-        Subscription {
-            waiters: Arc::clone(self),
-            key,
-            notify: Arc::clone(&slot.0),
-        }
-    }
-
-    fn wake(&self, key: &Key) {
-        if let Some((notify, _)) = self.lock().get(key) {
-            notify.notify_waiters();
-        }
-    }
-
-    fn wake_all(&self) {
-        for (notify, _) in self.lock().values() {
-            notify.notify_waiters();
-        }
-    }
-
-    fn set_listening(&self, on: bool) {
-        self.listening.store(on, Ordering::Release);
-        // Notifications may have been missed while the state changed: everyone looks again.
-        self.wake_all();
-    }
-}
-
-struct Subscription {
-    waiters: Arc<Waiters>,
-    key: Key,
-    notify: Arc<Notify>,
-}
-
-impl Drop for Subscription {
-    fn drop(&mut self) {
-        let mut slots = self.waiters.lock();
-        if let Some(slot) = slots.get_mut(&self.key) {
-            slot.1 -= 1;
-            if slot.1 == 0 {
-                slots.remove(&self.key);
-            }
-        }
-    }
-}
-
-/// The store's one `LISTEN` connection: dispatches notifications to local waiters, and
-/// reconnects with backoff when the connection is lost.
-async fn run_listener(pool: PgPool, channel: String, waiters: Arc<Waiters>) {
-    let mut backoff = Duration::from_millis(50);
-    loop {
-        let listener = async {
-            let mut l = PgListener::connect_with(&pool).await?;
-            l.listen(&channel).await?;
-            Ok::<_, sqlx::Error>(l)
-        }
-        .await;
-        match listener {
-            Ok(mut listener) => {
-                backoff = Duration::from_millis(50);
-                waiters.set_listening(true);
-                tracing::debug!(target: "idem", channel, "postgres store: listening");
-                let error = loop {
-                    match listener.try_recv().await {
-                        Ok(Some(n)) => {
-                            if let Some(key) = parse_key(n.payload()) {
-                                waiters.wake(&key);
-                            }
-                        }
-                        // The connection was lost and re-established: notifications sent in
-                        // between are gone, so every waiter looks again.
-                        Ok(None) => waiters.wake_all(),
-                        Err(e) => break e,
-                    }
-                };
-                waiters.set_listening(false);
-                tracing::warn!(target: "idem", channel, error = %error, "postgres store: listener lost; waiters poll until it is back");
-            }
-            Err(e) => {
-                tracing::debug!(target: "idem", channel, error = %e, "postgres store: listener cannot connect");
-            }
-        }
-        tokio::time::sleep(backoff).await;
-        backoff = (backoff * 2).min(Duration::from_secs(2));
-    }
-}
-
 /// Deletes expired rows every `interval` until the store is dropped.
 async fn run_sweeper(store: Weak<Inner>, interval: Duration, batch: u32) {
     loop {
@@ -999,56 +712,9 @@ async fn run_sweeper(store: Weak<Inner>, interval: Duration, batch: u32) {
     }
 }
 
-fn parse_key(hex: &str) -> Option<Key> {
-    let bytes = hex.as_bytes();
-    if bytes.len() != 64 {
-        return None;
-    }
-    let mut key = [0u8; 32];
-    for (i, pair) in bytes.chunks_exact(2).enumerate() {
-        let hi = (pair[0] as char).to_digit(16)?;
-        let lo = (pair[1] as char).to_digit(16)?;
-        key[i] = u8::try_from(hi * 16 + lo).ok()?;
-    }
-    Some(Key(key))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn table_names_are_identifiers() {
-        for ok in ["idem_records", "app.idem", "_x1", "T"] {
-            assert!(Table::parse(ok).is_ok(), "{ok}");
-        }
-        for bad in [
-            "",
-            "1abc",
-            "a-b",
-            "a\"b",
-            "a;drop table x",
-            "a.b.c",
-            ".a",
-            "a.",
-            "x y",
-            "é",
-            &"a".repeat(49),
-            &format!("{}.{}", "a".repeat(40), "b".repeat(40)),
-        ] {
-            assert!(Table::parse(bad).is_err(), "{bad:?}");
-        }
-        let t = Table::parse("app.idem").map_err(|e| e.to_string());
-        assert_eq!(t.map(|t| t.quoted), Ok("\"app\".\"idem\"".to_owned()));
-    }
-
-    #[test]
-    fn notification_payloads_parse_back_to_keys() {
-        let key = Key([0xa5; 32]);
-        assert_eq!(parse_key(&key.to_hex()), Some(key));
-        assert_eq!(parse_key("zz"), None);
-        assert_eq!(parse_key(&"g".repeat(64)), None);
-    }
 
     #[test]
     fn building_outside_a_runtime_is_an_error() {

@@ -1,0 +1,225 @@
+//! The table: its validated name and every statement, rendered once. The table name is the
+//! only text interpolated into SQL; everything else is a bound parameter.
+
+use std::sync::Arc;
+
+use idem_core::StoreError;
+
+/// The longest accepted table name (without schema), so that derived index names stay under
+/// PostgreSQL's 63-byte identifier limit.
+const MAX_TABLE_LEN: usize = 48;
+
+pub(super) fn config_error(msg: &'static str) -> StoreError {
+    StoreError::backend(
+        msg,
+        std::io::Error::new(std::io::ErrorKind::InvalidInput, msg),
+    )
+}
+
+/// A validated table name and its quoted SQL form.
+pub(super) struct Table {
+    /// As configured (`name` or `schema.name`); also the notification channel.
+    pub(super) display: String,
+    /// Quoted for SQL: `"name"` or `"schema"."name"`.
+    pub(super) quoted: String,
+    /// The bare table name, for the index name.
+    pub(super) name: String,
+}
+
+impl Table {
+    pub(super) fn parse(s: &str) -> Result<Table, StoreError> {
+        let parts: Vec<&str> = s.split('.').collect();
+        let valid = |p: &str| {
+            !p.is_empty()
+                && p.len() <= MAX_TABLE_LEN
+                && p.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+                && !p.as_bytes()[0].is_ascii_digit()
+        };
+        // The whole name is also the notification channel: at most 63 bytes.
+        if parts.len() > 2 || !parts.iter().all(|p| valid(p)) || s.len() > 63 {
+            return Err(config_error(
+                "postgres: the table name must be `name` or `schema.name` of ASCII letters, digits \
+                 and `_`, not starting with a digit, at most 48 bytes each and 63 in all",
+            ));
+        }
+        Ok(Table {
+            display: s.to_owned(),
+            quoted: parts
+                .iter()
+                .map(|p| format!("\"{p}\""))
+                .collect::<Vec<_>>()
+                .join("."),
+            name: parts.last().map_or_else(String::new, |p| (*p).to_owned()),
+        })
+    }
+}
+
+/// Every statement, rendered once with the quoted table name. Parameters are bound.
+#[derive(Clone)]
+pub(super) struct Statements {
+    pub(super) create_table: String,
+    pub(super) create_index: String,
+    pub(super) claim: Arc<str>,
+    pub(super) complete: Arc<str>,
+    pub(super) release: Arc<str>,
+    pub(super) renew: Arc<str>,
+    pub(super) get: Arc<str>,
+    pub(super) lease: Arc<str>,
+    pub(super) remove: Arc<str>,
+    pub(super) purge: Arc<str>,
+}
+
+impl Statements {
+    pub(super) fn new(table: &Table) -> Statements {
+        let t = &table.quoted;
+        let ms = "* interval '1 millisecond'";
+        Statements {
+            create_table: format!(
+                "CREATE TABLE IF NOT EXISTS {t} (
+                    key BYTEA PRIMARY KEY CHECK (octet_length(key) = 32),
+                    state TEXT NOT NULL CHECK (state IN ('in_progress', 'completed')),
+                    token BIGINT NOT NULL,
+                    attempt INTEGER NOT NULL DEFAULT 1,
+                    fingerprint BYTEA,
+                    value BYTEA,
+                    lease_until TIMESTAMPTZ,
+                    expires_at TIMESTAMPTZ NOT NULL
+                )"
+            ),
+            create_index: format!(
+                "CREATE INDEX IF NOT EXISTS \"{}_expires_at\" ON {t} (expires_at)",
+                table.name
+            ),
+            // $1 key, $2 token, $3 fingerprint, $4 lease ms, $5 grace ms.
+            // `existing` reads the live row in the statement's snapshot: if there is one, it is
+            // the answer and nothing is written (a replay takes no lock and no WAL flush).
+            // Otherwise the upsert inserts, or takes over the expired row, atomically under the
+            // row lock. It may also find a row committed after our snapshot that is live: then
+            // no branch returns a row, nothing was written, and the claim runs again. A live
+            // row under our own token is ours: a retried claim whose first try went through.
+            claim: format!(
+                "WITH existing AS (
+                    SELECT token, attempt, state, fingerprint, value,
+                           GREATEST(0, CEIL(EXTRACT(EPOCH FROM (lease_until - now())) * 1000))::bigint
+                               AS lease_ms
+                      FROM {t}
+                     WHERE key = $1
+                       AND CASE WHEN state = 'in_progress' THEN lease_until > now()
+                                ELSE expires_at > now() END
+                ),
+                claimed AS (
+                    INSERT INTO {t} AS r
+                        (key, state, token, attempt, fingerprint, value, lease_until, expires_at)
+                    SELECT $1, 'in_progress', $2, 1, $3, NULL,
+                           now() + $4::float8 {ms}, now() + ($4 + $5)::float8 {ms}
+                     WHERE NOT EXISTS (SELECT 1 FROM existing)
+                    ON CONFLICT (key) DO UPDATE SET
+                        state = 'in_progress',
+                        token = EXCLUDED.token,
+                        attempt = CASE WHEN r.state = 'in_progress' THEN r.attempt + 1 ELSE 1 END,
+                        fingerprint = EXCLUDED.fingerprint,
+                        value = NULL,
+                        lease_until = EXCLUDED.lease_until,
+                        expires_at = EXCLUDED.expires_at
+                    WHERE (r.state = 'in_progress' AND r.lease_until <= now())
+                       OR (r.state = 'completed' AND r.expires_at <= now())
+                    RETURNING r.attempt
+                )
+                SELECT true AS acquired, attempt > 1 AS taken_over,
+                       NULL::text AS state, NULL::bytea AS fingerprint, NULL::bytea AS value,
+                       NULL::bigint AS lease_ms
+                  FROM claimed
+                UNION ALL
+                SELECT e.token = $2 AND e.state = 'in_progress', e.attempt > 1,
+                       e.state, e.fingerprint, e.value, e.lease_ms
+                  FROM existing e"
+            )
+            .into(),
+            // $1 key, $2 token, $3 value, $4 ttl ms, $5 channel, $6 key hex.
+            complete: format!(
+                "WITH done AS (
+                    UPDATE {t} SET state = 'completed', value = $3, lease_until = NULL,
+                                   expires_at = now() + $4::float8 {ms}
+                     WHERE key = $1 AND token = $2 AND state = 'in_progress'
+                    RETURNING key
+                )
+                SELECT pg_notify($5, $6) FROM done"
+            )
+            .into(),
+            // $1 key, $2 token, $3 channel, $4 key hex.
+            release: format!(
+                "WITH gone AS (
+                    DELETE FROM {t} WHERE key = $1 AND token = $2 AND state = 'in_progress'
+                    RETURNING key
+                )
+                SELECT pg_notify($3, $4) FROM gone"
+            )
+            .into(),
+            // $1 key, $2 token, $3 lease ms, $4 grace ms.
+            renew: format!(
+                "UPDATE {t} SET lease_until = now() + $3::float8 {ms},
+                                expires_at = now() + ($3 + $4)::float8 {ms}
+                  WHERE key = $1 AND token = $2 AND state = 'in_progress'
+                RETURNING 1"
+            )
+            .into(),
+            get: format!(
+                "SELECT state, token, fingerprint, value FROM {t}
+                  WHERE key = $1
+                    AND CASE WHEN state = 'in_progress' THEN lease_until > now()
+                             ELSE expires_at > now() END"
+            )
+            .into(),
+            lease: format!(
+                "SELECT GREATEST(0, CEIL(EXTRACT(EPOCH FROM (lease_until - now())) * 1000))::bigint
+                   FROM {t}
+                  WHERE key = $1 AND state = 'in_progress' AND lease_until > now()"
+            )
+            .into(),
+            // $1 key, $2 channel, $3 key hex.
+            remove: format!(
+                "WITH gone AS (DELETE FROM {t} WHERE key = $1 RETURNING key)
+                SELECT pg_notify($2, $3) FROM gone"
+            )
+            .into(),
+            // $1 batch. SKIP LOCKED: a row a claim is taking over right now is not ours.
+            purge: format!(
+                "DELETE FROM {t} WHERE key IN (
+                    SELECT key FROM {t} WHERE expires_at <= now()
+                     ORDER BY expires_at LIMIT $1 FOR UPDATE SKIP LOCKED
+                ) AND expires_at <= now()"
+            )
+            .into(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn table_names_are_identifiers() {
+        for ok in ["idem_records", "app.idem", "_x1", "T"] {
+            assert!(Table::parse(ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "",
+            "1abc",
+            "a-b",
+            "a\"b",
+            "a;drop table x",
+            "a.b.c",
+            ".a",
+            "a.",
+            "x y",
+            "é",
+            &"a".repeat(49),
+            &format!("{}.{}", "a".repeat(40), "b".repeat(40)),
+        ] {
+            assert!(Table::parse(bad).is_err(), "{bad:?}");
+        }
+        let t = Table::parse("app.idem").map_err(|e| e.to_string());
+        assert_eq!(t.map(|t| t.quoted), Ok("\"app\".\"idem\"".to_owned()));
+    }
+}
