@@ -39,10 +39,13 @@ use sqlx::sqlite::{
 use sqlx::{AssertSqlSafe, Row};
 use tokio::sync::Notify;
 
+mod schema;
+
+use schema::{config_error, parse_table, Statements};
+
 /// The default table name.
 pub const DEFAULT_TABLE: &str = "idem_records";
 
-const MAX_TABLE_LEN: usize = 48;
 /// Durations are clamped to this many milliseconds (about 100 years) before reaching SQL.
 const MAX_MILLIS: i64 = 100 * 365 * 86_400 * 1000;
 const SHARDS: usize = 64;
@@ -605,145 +608,6 @@ fn is_in_memory(url: &str) -> bool {
     url.contains(":memory:") || url.contains("mode=memory")
 }
 
-fn config_error(msg: &'static str) -> StoreError {
-    StoreError::backend(
-        msg,
-        std::io::Error::new(std::io::ErrorKind::InvalidInput, msg),
-    )
-}
-
-fn parse_table(s: &str) -> Result<String, StoreError> {
-    let valid = !s.is_empty()
-        && s.len() <= MAX_TABLE_LEN
-        && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
-        && !s.as_bytes()[0].is_ascii_digit();
-    if valid {
-        Ok(s.to_owned())
-    } else {
-        Err(config_error(
-            "sqlite: the table name must be ASCII letters, digits and `_`, not starting with a \
-             digit, at most 48 bytes",
-        ))
-    }
-}
-
-/// Every statement, rendered once with the quoted table name. Parameters are bound.
-#[derive(Clone)]
-struct Statements {
-    create_table: String,
-    create_index: String,
-    claim: Arc<str>,
-    live: Arc<str>,
-    complete: Arc<str>,
-    release: Arc<str>,
-    renew: Arc<str>,
-    get: Arc<str>,
-    lease: Arc<str>,
-    remove: Arc<str>,
-    purge: Arc<str>,
-}
-
-impl Statements {
-    fn new(name: &str) -> Statements {
-        let t = format!("\"{name}\"");
-        let live = live_at("?4");
-        // The same, over the conflicting row in DO UPDATE.
-        let live_r = "CASE WHEN r.state = 'in_progress' THEN r.lease_until > ?4 \
-                      ELSE r.expires_at > ?4 END";
-        Statements {
-            create_table: format!(
-                "CREATE TABLE IF NOT EXISTS {t} (
-                    key BLOB PRIMARY KEY NOT NULL CHECK (length(key) = 32),
-                    state TEXT NOT NULL CHECK (state IN ('in_progress', 'completed')),
-                    token INTEGER NOT NULL,
-                    attempt INTEGER NOT NULL DEFAULT 1,
-                    fingerprint BLOB,
-                    value BLOB,
-                    lease_until INTEGER,
-                    expires_at INTEGER NOT NULL
-                )"
-            ),
-            create_index: format!(
-                "CREATE INDEX IF NOT EXISTS \"{name}_expires_at\" ON {t} (expires_at)"
-            ),
-            // ?1 key, ?2 token, ?3 fingerprint, ?4 now, ?5 lease until, ?6 expires at.
-            // One statement under SQLite's write lock: insert unless a live record holds the
-            // key; an expired record (completed past its TTL, or a claim whose lease passed)
-            // conflicts and is replaced. A row comes back only when this claim took the key;
-            // with a live record nothing is written (no page is dirtied, no sync).
-            claim: format!(
-                "INSERT INTO {t} AS r
-                    (key, state, token, attempt, fingerprint, value, lease_until, expires_at)
-                 SELECT ?1, 'in_progress', ?2, 1, ?3, NULL, ?5, ?6
-                  WHERE NOT EXISTS (
-                      SELECT 1 FROM {t} WHERE key = ?1 AND {live}
-                  )
-                 ON CONFLICT (key) DO UPDATE SET
-                    state = 'in_progress',
-                    token = excluded.token,
-                    attempt = CASE WHEN r.state = 'in_progress' THEN r.attempt + 1 ELSE 1 END,
-                    fingerprint = excluded.fingerprint,
-                    value = NULL,
-                    lease_until = excluded.lease_until,
-                    expires_at = excluded.expires_at
-                  WHERE NOT ({live_r})
-                 RETURNING attempt"
-            )
-            .into(),
-            // ?1 key, ?2 now.
-            live: format!(
-                "SELECT state, token, attempt, fingerprint, value, lease_until FROM {t}
-                  WHERE key = ?1 AND {}",
-                live_at("?2")
-            )
-            .into(),
-            // ?1 key, ?2 token, ?3 value, ?4 expires at.
-            complete: format!(
-                "UPDATE {t} SET state = 'completed', value = ?3, lease_until = NULL, expires_at = ?4
-                  WHERE key = ?1 AND token = ?2 AND state = 'in_progress'"
-            )
-            .into(),
-            release: format!(
-                "DELETE FROM {t} WHERE key = ?1 AND token = ?2 AND state = 'in_progress'"
-            )
-            .into(),
-            // ?1 key, ?2 token, ?3 lease until, ?4 expires at.
-            renew: format!(
-                "UPDATE {t} SET lease_until = ?3, expires_at = ?4
-                  WHERE key = ?1 AND token = ?2 AND state = 'in_progress'"
-            )
-            .into(),
-            // ?1 key, ?2 now.
-            get: format!(
-                "SELECT state, token, fingerprint, value FROM {t}
-                  WHERE key = ?1
-                    AND CASE WHEN state = 'in_progress' THEN lease_until > ?2
-                             ELSE expires_at > ?2 END"
-            )
-            .into(),
-            lease: format!(
-                "SELECT lease_until FROM {t}
-                  WHERE key = ?1 AND state = 'in_progress' AND lease_until > ?2"
-            )
-            .into(),
-            remove: format!("DELETE FROM {t} WHERE key = ?1").into(),
-            // ?1 now, ?2 batch.
-            purge: format!(
-                "DELETE FROM {t} WHERE key IN (
-                    SELECT key FROM {t} WHERE expires_at <= ?1 ORDER BY expires_at LIMIT ?2
-                 )"
-            )
-            .into(),
-        }
-    }
-}
-
-/// The condition "the record is live at `now`" (in progress under its lease, or completed and
-/// unexpired), over the bare column names.
-fn live_at(now: &str) -> String {
-    format!("CASE WHEN state = 'in_progress' THEN lease_until > {now} ELSE expires_at > {now} END")
-}
-
 /// Deletes expired rows every `interval` until the store is dropped.
 async fn run_sweeper(store: Weak<Inner>, interval: Duration, batch: u32) {
     loop {
@@ -766,14 +630,6 @@ async fn run_sweeper(store: Weak<Inner>, interval: Duration, batch: u32) {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn table_names_are_identifiers() {
-        assert!(parse_table("idem_records").is_ok());
-        for bad in ["", "1a", "a.b", "a\"b", "a;b", "x y", &"a".repeat(49)] {
-            assert!(parse_table(bad).is_err(), "{bad:?}");
-        }
-    }
 
     #[test]
     fn building_outside_a_runtime_is_an_error() {
