@@ -11,10 +11,13 @@ use tracing::field::{Field, Visit};
 use tracing::span::{Attributes, Id, Record};
 use tracing::{Event, Metadata, Subscriber};
 
-/// Records every event's fields as text.
+/// One event's (or span's) fields, as text.
+type Recorded = Vec<(String, String)>;
+
+/// Records every event's fields.
 #[derive(Clone, Default)]
 struct Capture {
-    events: Arc<Mutex<Vec<Vec<(String, String)>>>>,
+    events: Arc<Mutex<Vec<Recorded>>>,
 }
 
 struct Fields(Vec<(String, String)>);

@@ -5,8 +5,6 @@
 //! | feature | store | claim | waiting | expiry |
 //! |---|---|---|---|---|
 //! | `memory` (default) | [`MemoryStore`] on moka | one atomic entry operation | in-process notification | per-entry |
-//! | `postgres` | `PostgresStore` on sqlx | one `INSERT ... ON CONFLICT DO UPDATE ... RETURNING` (CTE) | `LISTEN/NOTIFY`, polling while the listener is down | `purge_expired` / background sweep |
-//! | `sqlite` | `SqliteStore` on sqlx (file or memory) | one `INSERT ... ON CONFLICT DO UPDATE ... RETURNING` | bounded polling with backoff | `purge_expired` / background sweep |
 //! | `redis` | `RedisStore` on the `redis` crate (server or Cluster) | one Lua script (`EVALSHA`) on the server's clock | one shared pub/sub subscriber per store, polling while it is down | native `PEXPIRE` |
 //! | `postgres` | `PostgresStore` on sqlx | one `INSERT ... ON CONFLICT DO UPDATE ... RETURNING` (CTE) | `LISTEN/NOTIFY`, polling while the listener is down | `purge_expired` / background sweep |
 //! | `mysql` | `MySqlStore` on sqlx (MySQL, MariaDB) | one `INSERT ... ON DUPLICATE KEY UPDATE`, outcome in `LAST_INSERT_ID(expr)` | bounded polling with backoff | `purge_expired` / background sweep |
