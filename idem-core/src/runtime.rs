@@ -328,7 +328,7 @@ impl<C: Codec> Call<C> {
 
         // 1. Claim (and wait, and claim again) until this call owns the key or has an answer.
         let (token, taken_over) = loop {
-            let token = FencingToken::random();
+            let token = next_token();
             let req = ClaimRequest {
                 key,
                 fingerprint: ident.fingerprint,
@@ -497,6 +497,24 @@ impl<C: Codec> Call<C> {
 }
 
 const COMPLETE_ATTEMPTS: u32 = 3;
+
+/// A fresh fencing token for one claim attempt, without a BLAKE3 hasher per call (that was
+/// ~15% of a replay on `MemoryStore`; see docs/benchmarks.md): one
+/// [`FencingToken::random`] per process seeds a counter whose values go through splitmix64's
+/// finaliser, a bijection of `u64`. Tokens of one process are distinct (up to the dropped low
+/// bit, as likely to collide as random ones); the seeds keep processes apart.
+fn next_token() -> FencingToken {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static SEED: OnceLock<u64> = OnceLock::new();
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let seed = *SEED.get_or_init(|| FencingToken::random().0);
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    let mut z = seed.wrapping_add(n.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^= z >> 31;
+    FencingToken((z >> 1).max(1))
+}
 
 fn mismatch(ours: Option<crate::Fingerprint>, stored: Option<crate::Fingerprint>) -> bool {
     matches!((ours, stored), (Some(a), Some(b)) if a != b)
