@@ -324,13 +324,7 @@ impl MySqlStoreBuilder {
 /// Quotes a validated `name` or `database.name` with backticks.
 fn quote_table(table: &str) -> Result<String, StoreError> {
     let parts: Vec<&str> = table.split('.').collect();
-    let valid = |p: &&str| {
-        !p.is_empty()
-            && p.len() <= 64
-            && p.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
-            && !p.as_bytes()[0].is_ascii_digit()
-    };
-    if parts.len() > 2 || !parts.iter().all(valid) {
+    if parts.len() > 2 || !parts.iter().all(|p| super::is_identifier(p, 64)) {
         return Err(config_error(format!(
             "table name {table:?} is not a plain identifier (letters, digits, `_`; optionally \
              `database.table`)"
@@ -343,9 +337,7 @@ fn quote_table(table: &str) -> Result<String, StoreError> {
         .join("."))
 }
 
-fn config_error(message: String) -> StoreError {
-    StoreError::backend("mysql store configuration", message)
-}
+use super::config_error;
 
 fn ms(d: Duration) -> i64 {
     i64::try_from(d.as_millis()).unwrap_or(MAX_MS).min(MAX_MS)

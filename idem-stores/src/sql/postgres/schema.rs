@@ -9,12 +9,7 @@ use idem_core::StoreError;
 /// PostgreSQL's 63-byte identifier limit.
 const MAX_TABLE_LEN: usize = 48;
 
-pub(super) fn config_error(msg: &'static str) -> StoreError {
-    StoreError::backend(
-        msg,
-        std::io::Error::new(std::io::ErrorKind::InvalidInput, msg),
-    )
-}
+pub(super) use super::super::config_error;
 
 /// A validated table name and its quoted SQL form.
 pub(super) struct Table {
@@ -29,14 +24,13 @@ pub(super) struct Table {
 impl Table {
     pub(super) fn parse(s: &str) -> Result<Table, StoreError> {
         let parts: Vec<&str> = s.split('.').collect();
-        let valid = |p: &str| {
-            !p.is_empty()
-                && p.len() <= MAX_TABLE_LEN
-                && p.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
-                && !p.as_bytes()[0].is_ascii_digit()
-        };
         // The whole name is also the notification channel: at most 63 bytes.
-        if parts.len() > 2 || !parts.iter().all(|p| valid(p)) || s.len() > 63 {
+        if parts.len() > 2
+            || !parts
+                .iter()
+                .all(|p| super::super::is_identifier(p, MAX_TABLE_LEN))
+            || s.len() > 63
+        {
             return Err(config_error(
                 "postgres: the table name must be `name` or `schema.name` of ASCII letters, digits \
                  and `_`, not starting with a digit, at most 48 bytes each and 63 in all",

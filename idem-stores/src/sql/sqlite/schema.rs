@@ -8,19 +8,10 @@ use idem_core::StoreError;
 /// The longest accepted table name.
 const MAX_TABLE_LEN: usize = 48;
 
-pub(super) fn config_error(msg: &'static str) -> StoreError {
-    StoreError::backend(
-        msg,
-        std::io::Error::new(std::io::ErrorKind::InvalidInput, msg),
-    )
-}
+pub(super) use super::super::config_error;
 
 pub(super) fn parse_table(s: &str) -> Result<String, StoreError> {
-    let valid = !s.is_empty()
-        && s.len() <= MAX_TABLE_LEN
-        && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
-        && !s.as_bytes()[0].is_ascii_digit();
-    if valid {
+    if super::super::is_identifier(s, MAX_TABLE_LEN) {
         Ok(s.to_owned())
     } else {
         Err(config_error(
