@@ -1,6 +1,7 @@
 //! Redis group: raw `SET NX PX` and `GET` round trips on the same `redis::Client` as the store,
 //! idem fresh call and replay through `RedisStore`, and throughput with 64 concurrent tasks on
-//! distinct keys (idem fresh calls against raw `SET NX PX`).
+//! distinct keys (idem fresh calls against raw `SET NX PX`); and a replay through
+//! `TieredStore<RedisStore>`, which answers from a local tier without a round trip.
 //!
 //! Server: `IDEM_TEST_REDIS_URL`, else `redis://127.0.0.1:6379`. Unreachable: one "skipped"
 //! line, no results. Every key lives under a prefix unique to the run and expires within a
@@ -16,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use idem_core::{Call, Error};
-use idem_stores::RedisStore;
+use idem_stores::{RedisStore, TieredStore};
 use redis::aio::ConnectionManager;
 
 const TTL: Duration = Duration::from_secs(60);
@@ -34,6 +35,10 @@ async fn work(n: u64) -> Result<u64, Error> {
 }
 
 async fn idem_call(store: &RedisStore, n: u64) -> Result<u64, Error> {
+    idem_call_on(store, n).await
+}
+
+async fn idem_call_on(store: &dyn idem_core::Store, n: u64) -> Result<u64, Error> {
     Call::new("idem_bench::redis")
         .key(n)
         .fingerprint((&n,))
@@ -135,6 +140,14 @@ fn redis_group(c: &mut Criterion) {
     g.bench_function("idem_replay", |b| {
         b.to_async(&rt)
             .iter(|| async { idem_call(&store, black_box(REPLAY_N)).await.unwrap() })
+    });
+
+    // The same replay through a local tier of completed records (`TieredStore`).
+    let tiered = TieredStore::new(store.clone());
+    rt.block_on(idem_call_on(&tiered, REPLAY_N)).unwrap();
+    g.bench_function("idem_replay_tiered", |b| {
+        b.to_async(&rt)
+            .iter(|| async { idem_call_on(&tiered, black_box(REPLAY_N)).await.unwrap() })
     });
 
     // Throughput: one iteration is CONCURRENCY operations in flight at once.

@@ -14,6 +14,9 @@
 //! return with the replayed value. It includes the completion write, the store's
 //! notification (or poll), the duplicate's second claim and the decode.
 //!
+//! Beside each store: the raw notification it waits on (`Notify`, `PUBLISH`, `pg_notify`),
+//! from the notify call to its receipt, as the baseline.
+//!
 //! Results go to `FILE` (default `$CARGO_TARGET_DIR/idem-bench/wait.json`) as JSON.
 
 use std::collections::BTreeMap;
@@ -39,7 +42,7 @@ const TABLE: &str = "idem_bench_wait";
 #[derive(Serialize)]
 struct Row {
     store: String,
-    /// "same" or "cross" process.
+    /// "same" or "cross" process, or "raw": the bare notification (no idem).
     waiter: &'static str,
     #[serde(flatten)]
     latency: Percentiles,
@@ -106,6 +109,79 @@ async fn open(kind: &str, tag: &str) -> Result<Arc<dyn Store>, BoxError> {
         }
         other => Err(format!("store {other:?} is unknown or its feature is off").into()),
     }
+}
+
+/// The raw notification under each store's waiting: the delay from a `notify` (memory:
+/// `tokio::sync::Notify`; Redis: `PUBLISH`; PostgreSQL: `pg_notify`) to its receipt by a
+/// listener, on the same client libraries. `None`: the store has no notification (it polls).
+async fn raw_notify(kind: &str, samples: usize) -> Result<Option<Vec<Duration>>, BoxError> {
+    let mut out = Vec::with_capacity(samples);
+    match kind {
+        "memory" => {
+            let notify = Arc::new(tokio::sync::Notify::new());
+            for i in 0..samples + 10 {
+                let waiter = {
+                    let notify = notify.clone();
+                    tokio::spawn(async move {
+                        notify.notified().await;
+                        wall_us()
+                    })
+                };
+                tokio::time::sleep(Duration::from_millis(2)).await;
+                let t0 = wall_us();
+                notify.notify_one();
+                let t1 = waiter.await?;
+                if i >= 10 {
+                    out.push(Duration::from_secs_f64((t1 - t0).max(0.0) / 1e6));
+                }
+            }
+        }
+        #[cfg(feature = "redis")]
+        "redis" => {
+            use futures_util::StreamExt;
+            let client = redis::Client::open(idem_bench::redis_url())?;
+            let mut conn = client.get_multiplexed_async_connection().await?;
+            let channel = format!("{}:raw-notify", idem_bench::run_prefix());
+            let mut pubsub = client.get_async_pubsub().await?;
+            pubsub.subscribe(&channel).await?;
+            let mut messages = pubsub.into_on_message();
+            for i in 0..samples + 10 {
+                let t0 = wall_us();
+                let _: i64 = redis::cmd("PUBLISH")
+                    .arg(&channel)
+                    .arg("x")
+                    .query_async(&mut conn)
+                    .await?;
+                messages.next().await.ok_or("the subscription ended")?;
+                let t1 = wall_us();
+                if i >= 10 {
+                    out.push(Duration::from_secs_f64((t1 - t0).max(0.0) / 1e6));
+                }
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        }
+        #[cfg(feature = "postgres")]
+        "postgres" => {
+            let url = idem_bench::postgres_url();
+            let pool = sqlx::PgPool::connect(&url).await?;
+            let mut listener = sqlx::postgres::PgListener::connect(&url).await?;
+            listener.listen("idem_bench_raw_notify").await?;
+            for i in 0..samples + 10 {
+                let t0 = wall_us();
+                sqlx::query("SELECT pg_notify('idem_bench_raw_notify', 'x')")
+                    .execute(&pool)
+                    .await?;
+                listener.recv().await?;
+                let t1 = wall_us();
+                if i >= 10 {
+                    out.push(Duration::from_secs_f64((t1 - t0).max(0.0) / 1e6));
+                }
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        }
+        _ => return Ok(None),
+    }
+    Ok(Some(out))
 }
 
 /// Removes what `open` created on the server.
@@ -389,6 +465,26 @@ async fn run(args: Vec<String>) -> Result<(), BoxError> {
         }
         drop(store);
         clean_up(kind, &tag).await;
+        match raw_notify(kind, samples).await {
+            Ok(Some(durations)) => {
+                let p = Percentiles::of(durations);
+                println!(
+                    "{kind}/raw: p50 {:.0} µs, p99 {:.0} µs ({} samples)",
+                    p.p50_us, p.p99_us, p.samples
+                );
+                rows.insert(
+                    format!("{kind}/raw"),
+                    Row {
+                        store: kind.clone(),
+                        waiter: "raw",
+                        latency: p,
+                        errors: 0,
+                    },
+                );
+            }
+            Ok(None) => {}
+            Err(e) => println!("failed: {kind}/raw: {e}"),
+        }
     }
     if let Some(dir) = out.parent() {
         std::fs::create_dir_all(dir)?;
