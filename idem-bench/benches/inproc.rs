@@ -163,7 +163,7 @@ fn inproc(c: &mut Criterion) {
             let req = ClaimRequest {
                 key: ident.key,
                 fingerprint: ident.fingerprint,
-                token: FencingToken::random(),
+                token: FencingToken(7),
                 lease: LEASE,
             };
             store.claim(black_box(&req)).await.unwrap()

@@ -10,6 +10,7 @@
 
 mod common;
 
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::hint::black_box;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -19,12 +20,16 @@ use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use idem_core::{Call, Error};
 use idem_stores::{RedisStore, TieredStore};
 use redis::aio::ConnectionManager;
+use serde::Serialize;
+use tokio::runtime::Runtime;
 
 const TTL: Duration = Duration::from_secs(60);
 const REPLAY_N: u64 = 42;
 const CONCURRENCY: u64 = 64;
 
 static NEXT: AtomicU64 = AtomicU64::new(1_000_000);
+/// Operations issued (raw commands or idem calls), for the server cost per operation.
+static OPS: AtomicU64 = AtomicU64::new(0);
 
 fn next() -> u64 {
     NEXT.fetch_add(1, Ordering::Relaxed)
@@ -39,6 +44,7 @@ async fn idem_call(store: &RedisStore, n: u64) -> Result<u64, Error> {
 }
 
 async fn idem_call_on(store: &dyn idem_core::Store, n: u64) -> Result<u64, Error> {
+    OPS.fetch_add(1, Ordering::Relaxed);
     Call::new("idem_bench::redis")
         .key(n)
         .fingerprint((&n,))
@@ -51,6 +57,7 @@ async fn idem_call_on(store: &dyn idem_core::Store, n: u64) -> Result<u64, Error
 const VALUE: &[u8] = b"idem\x01\x0e\x00msgpack;v0;u64\xcf\x00\x00\x00\x00\x00\x00\x00\x54";
 
 async fn set_nx_px(mut conn: ConnectionManager, key: String) -> Option<String> {
+    OPS.fetch_add(1, Ordering::Relaxed);
     redis::cmd("SET")
         .arg(key)
         .arg(VALUE)
@@ -63,6 +70,7 @@ async fn set_nx_px(mut conn: ConnectionManager, key: String) -> Option<String> {
 }
 
 async fn get(mut conn: ConnectionManager, key: &str) -> Option<Vec<u8>> {
+    OPS.fetch_add(1, Ordering::Relaxed);
     redis::cmd("GET")
         .arg(key)
         .query_async(&mut conn)
@@ -92,6 +100,104 @@ where
     start.elapsed()
 }
 
+/// The commands the benches send; all others run inside scripts.
+const TOP_LEVEL: [&str; 6] = ["set", "get", "evalsha", "eval", "script|load", "ping"];
+
+/// `INFO commandstats`: command → (calls, µs of server CPU).
+async fn commandstats(mut conn: ConnectionManager) -> BTreeMap<String, (u64, u64)> {
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let mut out = BTreeMap::new();
+    for line in info.lines() {
+        let Some((name, fields)) = line
+            .strip_prefix("cmdstat_")
+            .and_then(|l| l.split_once(':'))
+        else {
+            continue;
+        };
+        let field = |f: &str| -> u64 {
+            fields
+                .split(',')
+                .find_map(|kv| kv.strip_prefix(f)?.strip_prefix('='))
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0)
+        };
+        out.insert(name.to_owned(), (field("calls"), field("usec")));
+    }
+    out
+}
+
+/// The server's CPU time and commands per operation of one bench, from `INFO commandstats`
+/// before and after it (other clients of the server during the bench would count too).
+#[derive(Serialize)]
+struct ServerCost {
+    ops: u64,
+    /// Server CPU per operation: the commands clients send (scripts with what they run).
+    server_us_per_op: f64,
+    /// Commands sent per operation (round trips, unpipelined).
+    commands_per_op: f64,
+    /// Commands run inside scripts per operation.
+    script_commands_per_op: f64,
+    /// Command → (calls per op, µs per op).
+    by_command: BTreeMap<String, (f64, f64)>,
+}
+
+struct CostMeter {
+    conn: ConnectionManager,
+    costs: BTreeMap<&'static str, ServerCost>,
+}
+
+impl CostMeter {
+    fn measure(&mut self, rt: &Runtime, name: &'static str, bench: impl FnOnce()) {
+        let before = rt.block_on(commandstats(self.conn.clone()));
+        let ops0 = OPS.load(Ordering::Relaxed);
+        bench();
+        let ops = OPS.load(Ordering::Relaxed) - ops0;
+        let after = rt.block_on(commandstats(self.conn.clone()));
+        if ops == 0 {
+            return;
+        }
+        let mut cost = ServerCost {
+            ops,
+            server_us_per_op: 0.0,
+            commands_per_op: 0.0,
+            script_commands_per_op: 0.0,
+            by_command: BTreeMap::new(),
+        };
+        for (cmd, (calls, usec)) in after {
+            if cmd == "info" {
+                continue;
+            }
+            let (calls0, usec0) = before.get(&cmd).copied().unwrap_or((0, 0));
+            let (dc, du) = (calls.saturating_sub(calls0), usec.saturating_sub(usec0));
+            if dc == 0 {
+                continue;
+            }
+            let (c, u) = (dc as f64 / ops as f64, du as f64 / ops as f64);
+            // A script's time includes the commands it runs, which are also counted on
+            // their own: only the commands a client sends add up.
+            if TOP_LEVEL.contains(&cmd.as_str()) {
+                cost.commands_per_op += c;
+                cost.server_us_per_op += u;
+            } else {
+                cost.script_commands_per_op += c;
+            }
+            cost.by_command.insert(cmd, (c, u));
+        }
+        self.costs.insert(name, cost);
+    }
+
+    fn write(&self) {
+        let dir = idem_bench::out_dir();
+        let _ = std::fs::create_dir_all(&dir);
+        let path = dir.join("redis-server.json");
+        std::fs::write(&path, serde_json::to_string_pretty(&self.costs).unwrap()).unwrap();
+    }
+}
+
 async fn connect(
     url: &str,
     prefix: &str,
@@ -118,64 +224,83 @@ fn redis_group(c: &mut Criterion) {
         }
     };
     let mut g = c.benchmark_group("redis");
+    let mut meter = CostMeter {
+        conn: conn.clone(),
+        costs: BTreeMap::new(),
+    };
 
     // Raw round trips on the store's client.
     let raw_prefix = format!("{prefix}:raw:");
-    g.bench_function("raw_set_nx_px", |b| {
-        b.to_async(&rt)
-            .iter(|| set_nx_px(conn.clone(), format!("{raw_prefix}{}", next())))
+    meter.measure(&rt, "raw_set_nx_px", || {
+        g.bench_function("raw_set_nx_px", |b| {
+            b.to_async(&rt)
+                .iter(|| set_nx_px(conn.clone(), format!("{raw_prefix}{}", next())))
+        });
     });
     let hit = format!("{raw_prefix}hit");
     rt.block_on(set_nx_px(conn.clone(), hit.clone()));
-    g.bench_function("raw_get", |b| {
-        b.to_async(&rt).iter(|| get(conn.clone(), &hit))
+    meter.measure(&rt, "raw_get", || {
+        g.bench_function("raw_get", |b| {
+            b.to_async(&rt).iter(|| get(conn.clone(), &hit))
+        });
     });
 
     // idem.
-    g.bench_function("idem_fresh", |b| {
-        b.to_async(&rt)
-            .iter(|| async { idem_call(&store, next()).await.unwrap() })
+    meter.measure(&rt, "idem_fresh", || {
+        g.bench_function("idem_fresh", |b| {
+            b.to_async(&rt)
+                .iter(|| async { idem_call(&store, next()).await.unwrap() })
+        });
     });
     rt.block_on(idem_call(&store, REPLAY_N)).unwrap();
-    g.bench_function("idem_replay", |b| {
-        b.to_async(&rt)
-            .iter(|| async { idem_call(&store, black_box(REPLAY_N)).await.unwrap() })
+    meter.measure(&rt, "idem_replay", || {
+        g.bench_function("idem_replay", |b| {
+            b.to_async(&rt)
+                .iter(|| async { idem_call(&store, black_box(REPLAY_N)).await.unwrap() })
+        });
     });
 
     // The same replay through a local tier of completed records (`TieredStore`).
     let tiered = TieredStore::new(store.clone());
     rt.block_on(idem_call_on(&tiered, REPLAY_N)).unwrap();
-    g.bench_function("idem_replay_tiered", |b| {
-        b.to_async(&rt)
-            .iter(|| async { idem_call_on(&tiered, black_box(REPLAY_N)).await.unwrap() })
+    meter.measure(&rt, "idem_replay_tiered", || {
+        g.bench_function("idem_replay_tiered", |b| {
+            b.to_async(&rt)
+                .iter(|| async { idem_call_on(&tiered, black_box(REPLAY_N)).await.unwrap() })
+        });
     });
 
     // Throughput: one iteration is CONCURRENCY operations in flight at once.
     g.throughput(Throughput::Elements(CONCURRENCY));
-    g.bench_function("concurrent64_raw_set_nx_px", |b| {
-        b.to_async(&rt).iter_custom(|iters| {
-            let conn = conn.clone();
-            let raw_prefix = raw_prefix.clone();
-            concurrently(iters, move |n| {
-                let fut = set_nx_px(conn.clone(), format!("{raw_prefix}{n}"));
-                async move {
-                    black_box(fut.await);
-                }
+    meter.measure(&rt, "concurrent64_raw_set_nx_px", || {
+        g.bench_function("concurrent64_raw_set_nx_px", |b| {
+            b.to_async(&rt).iter_custom(|iters| {
+                let conn = conn.clone();
+                let raw_prefix = raw_prefix.clone();
+                concurrently(iters, move |n| {
+                    let fut = set_nx_px(conn.clone(), format!("{raw_prefix}{n}"));
+                    async move {
+                        black_box(fut.await);
+                    }
+                })
             })
-        })
+        });
     });
-    g.bench_function("concurrent64_idem_fresh", |b| {
-        b.to_async(&rt).iter_custom(|iters| {
-            let store = store.clone();
-            concurrently(iters, move |n| {
+    meter.measure(&rt, "concurrent64_idem_fresh", || {
+        g.bench_function("concurrent64_idem_fresh", |b| {
+            b.to_async(&rt).iter_custom(|iters| {
                 let store = store.clone();
-                async move {
-                    black_box(idem_call(&store, n).await.unwrap());
-                }
+                concurrently(iters, move |n| {
+                    let store = store.clone();
+                    async move {
+                        black_box(idem_call(&store, n).await.unwrap());
+                    }
+                })
             })
-        })
+        });
     });
     g.finish();
+    meter.write();
 }
 
 criterion_group! {
