@@ -4,12 +4,16 @@
 //! a `pub async fn case(store: Arc<dyn Store>)` that panics on a violation; the
 //! [`conformance_tests!`](crate::conformance_tests) macro stamps one `#[tokio::test]` per case:
 //!
-//! ```ignore
+//! ```
 //! // tests/conformance.rs of a backend crate (needs tokio with rt-multi-thread + macros)
+//! use std::sync::Arc;
+//!
 //! idem_core::conformance_tests!(async {
-//!     let url = idem_core::testkit::env_url("IDEM_TEST_REDIS_URL")?; // None: skipped
-//!     Some(std::sync::Arc::new(MyStore::connect(&url).await.expect("connect")) as _)
+//!     // For a remote store: `let url = idem_core::testkit::env_url("MY_STORE_URL")?;`
+//!     // (None, with one "skipped:" line, when the variable is unset outside CI).
+//!     Some(Arc::new(idem_stores::MemoryStore::new()) as Arc<dyn idem_core::Store>)
 //! });
+//! # fn main() {}
 //! ```
 //!
 //! Cases use fresh random keys, so they can run in parallel against a shared server, and short
