@@ -41,7 +41,7 @@ pub fn digest<T: Serialize + ?Sized>(
     context: &str,
     value: &T,
 ) -> Result<Option<[u8; 32]>, CodecError> {
-    let mut h = blake3::Hasher::new_derive_key(context);
+    let mut h = base_hasher(context);
     match value.serialize(Hashing {
         h: &mut h,
         top: true,
@@ -50,6 +50,24 @@ pub fn digest<T: Serialize + ?Sized>(
         Err(HashError::TopLevelNone) => Ok(None),
         Err(HashError::Custom(msg)) => Err(CodecError::Fingerprint(msg)),
     }
+}
+
+/// A fresh hasher for `context`. Deriving the context key hashes the context string; for the
+/// contexts idem uses on every call that is done once, and the prepared hasher cloned (same
+/// output, about an eighth less work per replay).
+fn base_hasher(context: &str) -> blake3::Hasher {
+    use crate::key::{FINGERPRINT_CONTEXT, MATERIAL_CONTEXT, SCOPE_CONTEXT};
+    static KNOWN: std::sync::LazyLock<[(&str, blake3::Hasher); 3]> =
+        std::sync::LazyLock::new(|| {
+            [MATERIAL_CONTEXT, SCOPE_CONTEXT, FINGERPRINT_CONTEXT]
+                .map(|c| (c, blake3::Hasher::new_derive_key(c)))
+        });
+    for (known, hasher) in KNOWN.iter() {
+        if *known == context {
+            return hasher.clone();
+        }
+    }
+    blake3::Hasher::new_derive_key(context)
 }
 
 #[derive(Debug)]
