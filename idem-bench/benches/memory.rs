@@ -190,7 +190,7 @@ async fn one(name: &str) -> Figure {
 
 /// The record `Call` stores for one `u64` result: envelope, type tag, MessagePack payload.
 fn record() -> Vec<u8> {
-    let tag = idem_core::codec::type_tag::<u64>("msgpack", 0);
+    let tag = idem_core::codec::TypeTag::of::<u64>("msgpack", 0);
     let payload = idem_core::codec::MsgPack.encode(&(RECORDS * 2)).unwrap();
     idem_core::codec::seal(&tag, &payload)
 }

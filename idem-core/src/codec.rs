@@ -88,32 +88,111 @@ impl Codec for Json {
 const MAGIC: &[u8; 4] = b"idem";
 const FORMAT: u8 = 1;
 
-/// The type tag of a record: codec, version and type name.
+/// The type tag of a record: codec, version and type name, as `"{codec};v{version};{type}"`.
+///
+/// Built and compared piece by piece, without allocating, since every call builds one.
+///
+/// ```
+/// use idem_core::codec::TypeTag;
+/// let tag = TypeTag::of::<Vec<u8>>("msgpack", 2);
+/// assert_eq!(tag.to_string(), "msgpack;v2;alloc::vec::Vec<u8>");
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TypeTag {
+    codec: &'static str,
+    version: u32,
+    type_name: &'static str,
+}
+
+impl TypeTag {
+    /// The tag of records of type `T`.
+    pub fn of<T: ?Sized>(codec: &'static str, version: u32) -> Self {
+        TypeTag {
+            codec,
+            version,
+            type_name: std::any::type_name::<T>(),
+        }
+    }
+
+    fn version_digits(&self, buf: &mut [u8; 10]) -> usize {
+        let mut v = self.version;
+        let mut n = 0;
+        loop {
+            buf[9 - n] = b'0' + (v % 10) as u8;
+            n += 1;
+            v /= 10;
+            if v == 0 {
+                return n;
+            }
+        }
+    }
+
+    /// The tag's bytes, as sealed: cut at 64 KiB (type names are far shorter; the cut is
+    /// deterministic, so equal types still compare equal).
+    fn for_each_piece(&self, mut f: impl FnMut(&[u8])) {
+        let mut buf = [0u8; 10];
+        let n = self.version_digits(&mut buf);
+        let pieces: [&[u8]; 5] = [
+            self.codec.as_bytes(),
+            b";v",
+            &buf[10 - n..],
+            b";",
+            self.type_name.as_bytes(),
+        ];
+        let mut room = u16::MAX as usize;
+        for p in pieces {
+            let p = &p[..p.len().min(room)];
+            room -= p.len();
+            f(p);
+        }
+    }
+
+    fn sealed_len(&self) -> usize {
+        let mut len = 0;
+        self.for_each_piece(|p| len += p.len());
+        len
+    }
+
+    fn matches(&self, mut stored: &[u8]) -> bool {
+        let mut equal = true;
+        self.for_each_piece(|p| match stored.strip_prefix(p) {
+            Some(rest) if equal => stored = rest,
+            _ => equal = false,
+        });
+        equal && stored.is_empty()
+    }
+}
+
+impl std::fmt::Display for TypeTag {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{};v{};{}", self.codec, self.version, self.type_name)
+    }
+}
+
+/// The type tag of records of type `T`, as a string.
 ///
 /// ```
 /// let tag = idem_core::codec::type_tag::<Vec<u8>>("msgpack", 2);
 /// assert!(tag.starts_with("msgpack;v2;"));
 /// ```
-pub fn type_tag<T: ?Sized>(codec: &str, version: u32) -> String {
-    format!("{codec};v{version};{}", std::any::type_name::<T>())
+pub fn type_tag<T: ?Sized>(codec: &'static str, version: u32) -> String {
+    TypeTag::of::<T>(codec, version).to_string()
 }
 
 /// Wraps an encoded payload in an envelope with its tag.
-pub fn seal(tag: &str, payload: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(MAGIC.len() + 3 + tag.len() + payload.len());
+pub fn seal(tag: &TypeTag, payload: &[u8]) -> Vec<u8> {
+    let len = tag.sealed_len();
+    let mut out = Vec::with_capacity(MAGIC.len() + 3 + len + payload.len());
     out.extend_from_slice(MAGIC);
     out.push(FORMAT);
-    // Tags are type names: far below 64 KiB. Longer ones are cut (they still compare equal
-    // for equal types, since the cut is deterministic).
-    let tag = &tag.as_bytes()[..tag.len().min(u16::MAX as usize)];
-    out.extend_from_slice(&(tag.len() as u16).to_le_bytes());
-    out.extend_from_slice(tag);
+    out.extend_from_slice(&(len as u16).to_le_bytes());
+    tag.for_each_piece(|p| out.extend_from_slice(p));
     out.extend_from_slice(payload);
     out
 }
 
 /// Opens an envelope: checks the magic and the tag, returns the payload.
-pub fn open<'a>(expected_tag: &str, envelope: &'a [u8]) -> Result<&'a [u8], Error> {
+pub fn open<'a>(expected: &TypeTag, envelope: &'a [u8]) -> Result<&'a [u8], Error> {
     let corrupt = |why: &str| Error::Codec(CodecError::Corrupt(why.to_string()));
     let rest = envelope
         .strip_prefix(MAGIC.as_slice())
@@ -133,10 +212,9 @@ pub fn open<'a>(expected_tag: &str, envelope: &'a [u8]) -> Result<&'a [u8], Erro
         return Err(corrupt("truncated record"));
     }
     let (tag, payload) = rest.split_at(len);
-    let expected = &expected_tag.as_bytes()[..expected_tag.len().min(u16::MAX as usize)];
-    if tag != expected {
+    if !expected.matches(tag) {
         return Err(Error::IncompatibleRecord {
-            expected: expected_tag.to_string(),
+            expected: expected.to_string(),
             found: String::from_utf8_lossy(tag).into_owned(),
         });
     }
@@ -149,16 +227,31 @@ mod tests {
 
     #[test]
     fn envelope_round_trip_and_mismatch() {
-        let tag = type_tag::<u32>(MsgPack::NAME, 0);
+        let tag = TypeTag::of::<u32>(MsgPack::NAME, 0);
         let env = seal(&tag, &MsgPack.encode(&7u32).unwrap());
         let payload = open(&tag, &env).unwrap();
         assert_eq!(MsgPack.decode::<u32>(payload).unwrap(), 7);
-        let other = type_tag::<String>(MsgPack::NAME, 0);
+        let other = TypeTag::of::<String>(MsgPack::NAME, 0);
         assert!(matches!(
             open(&other, &env),
             Err(Error::IncompatibleRecord { .. })
         ));
-        let v1 = type_tag::<u32>(MsgPack::NAME, 1);
+        let v1 = TypeTag::of::<u32>(MsgPack::NAME, 1);
+        let v10 = TypeTag::of::<u32>(MsgPack::NAME, 10);
+        assert!(matches!(
+            open(&v10, &env),
+            Err(Error::IncompatibleRecord { .. })
+        ));
+        let env10 = seal(&v10, b"");
+        assert!(open(&v10, &env10).is_ok());
+        assert!(matches!(
+            open(&v1, &env10),
+            Err(Error::IncompatibleRecord { .. })
+        ));
+        assert_eq!(
+            &env10[7..7 + v10.to_string().len()],
+            v10.to_string().as_bytes()
+        );
         assert!(matches!(
             open(&v1, &env),
             Err(Error::IncompatibleRecord { .. })
@@ -167,7 +260,7 @@ mod tests {
 
     #[test]
     fn garbage_is_a_codec_error() {
-        let tag = type_tag::<u32>(MsgPack::NAME, 0);
+        let tag = TypeTag::of::<u32>(MsgPack::NAME, 0);
         for bad in [
             &b""[..],
             b"idem",

@@ -593,7 +593,7 @@ impl<F: Future> Future for CatchUnwind<'_, F> {
 
 /// What is stored, and how a record is read back.
 trait Policy<T, E> {
-    fn tag(codec: &str, version: u32) -> String;
+    fn tag(codec: &'static str, version: u32) -> codec::TypeTag;
     /// `None`: do not store, release.
     fn encode<C: Codec>(codec: &C, result: &Result<T, E>) -> Option<Result<Vec<u8>, CodecError>>;
     fn decode<C: Codec>(codec: &C, payload: &[u8]) -> Result<Result<T, E>, CodecError>;
@@ -602,8 +602,8 @@ trait Policy<T, E> {
 struct ReleaseErrors;
 
 impl<T: Serialize + DeserializeOwned, E> Policy<T, E> for ReleaseErrors {
-    fn tag(codec: &str, version: u32) -> String {
-        codec::type_tag::<T>(codec, version)
+    fn tag(codec: &'static str, version: u32) -> codec::TypeTag {
+        codec::TypeTag::of::<T>(codec, version)
     }
     fn encode<C: Codec>(codec: &C, result: &Result<T, E>) -> Option<Result<Vec<u8>, CodecError>> {
         result.as_ref().ok().map(|v| codec.encode(v))
@@ -620,8 +620,8 @@ where
     T: Serialize + DeserializeOwned,
     E: Serialize + DeserializeOwned,
 {
-    fn tag(codec: &str, version: u32) -> String {
-        codec::type_tag::<Result<T, E>>(codec, version)
+    fn tag(codec: &'static str, version: u32) -> codec::TypeTag {
+        codec::TypeTag::of::<Result<T, E>>(codec, version)
     }
     fn encode<C: Codec>(codec: &C, result: &Result<T, E>) -> Option<Result<Vec<u8>, CodecError>> {
         Some(codec.encode(result))
