@@ -283,41 +283,82 @@ pub trait Store: Send + Sync + fmt::Debug {
 /// The default limit on an encoded value: 1 MiB.
 pub const DEFAULT_MAX_VALUE_SIZE: usize = 1 << 20;
 
+/// The future a store method returns once `async_trait` has desugared it.
+type StoreFuture<'a, T> =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<T, StoreError>> + Send + 'a>>;
+
+// Forwarding impls hand back the inner store's future as it is, instead of boxing a second
+// future around it: `store = self.store` with an `Arc<S>` field costs no extra allocation.
 macro_rules! forward_store {
     ($($ty:ty),*) => {$(
-        #[async_trait]
         impl<S: Store + ?Sized> Store for $ty {
-            async fn claim(&self, req: &ClaimRequest) -> Result<Claim, StoreError> {
-                (**self).claim(req).await
+            fn claim<'a, 'b, 'f>(&'a self, req: &'b ClaimRequest) -> StoreFuture<'f, Claim>
+            where
+                'a: 'f,
+                'b: 'f,
+                Self: 'f,
+            {
+                (**self).claim(req)
             }
-            async fn complete(
-                &self,
-                key: &Key,
+            fn complete<'a, 'b, 'c, 'f>(
+                &'a self,
+                key: &'b Key,
                 token: FencingToken,
-                value: &[u8],
+                value: &'c [u8],
                 ttl: Duration,
-            ) -> Result<(), StoreError> {
-                (**self).complete(key, token, value, ttl).await
+            ) -> StoreFuture<'f, ()>
+            where
+                'a: 'f,
+                'b: 'f,
+                'c: 'f,
+                Self: 'f,
+            {
+                (**self).complete(key, token, value, ttl)
             }
-            async fn release(&self, key: &Key, token: FencingToken) -> Result<(), StoreError> {
-                (**self).release(key, token).await
+            fn release<'a, 'b, 'f>(&'a self, key: &'b Key, token: FencingToken) -> StoreFuture<'f, ()>
+            where
+                'a: 'f,
+                'b: 'f,
+                Self: 'f,
+            {
+                (**self).release(key, token)
             }
-            async fn renew(
-                &self,
-                key: &Key,
+            fn renew<'a, 'b, 'f>(
+                &'a self,
+                key: &'b Key,
                 token: FencingToken,
                 lease: Duration,
-            ) -> Result<(), StoreError> {
-                (**self).renew(key, token, lease).await
+            ) -> StoreFuture<'f, ()>
+            where
+                'a: 'f,
+                'b: 'f,
+                Self: 'f,
+            {
+                (**self).renew(key, token, lease)
             }
-            async fn get(&self, key: &Key) -> Result<Option<RecordState>, StoreError> {
-                (**self).get(key).await
+            fn get<'a, 'b, 'f>(&'a self, key: &'b Key) -> StoreFuture<'f, Option<RecordState>>
+            where
+                'a: 'f,
+                'b: 'f,
+                Self: 'f,
+            {
+                (**self).get(key)
             }
-            async fn wait(&self, key: &Key, timeout: Duration) -> Result<(), StoreError> {
-                (**self).wait(key, timeout).await
+            fn wait<'a, 'b, 'f>(&'a self, key: &'b Key, timeout: Duration) -> StoreFuture<'f, ()>
+            where
+                'a: 'f,
+                'b: 'f,
+                Self: 'f,
+            {
+                (**self).wait(key, timeout)
             }
-            async fn remove(&self, key: &Key) -> Result<(), StoreError> {
-                (**self).remove(key).await
+            fn remove<'a, 'b, 'f>(&'a self, key: &'b Key) -> StoreFuture<'f, ()>
+            where
+                'a: 'f,
+                'b: 'f,
+                Self: 'f,
+            {
+                (**self).remove(key)
             }
             fn release_detached(&self, key: Key, token: FencingToken) {
                 (**self).release_detached(key, token)
