@@ -554,9 +554,52 @@ impl MySqlStore {
         Ok((r.last_insert_id(), lost))
     }
 
-    async fn claim_inner(&self, req: &ClaimRequest) -> Result<Claim, StoreError> {
+    /// The claim's answer if a live record holds the key, `None` if it is absent or dead.
+    async fn read_live(&self, req: &ClaimRequest) -> Result<Option<Claim>, StoreError> {
         let inner = &*self.inner;
+        let (row, _) = run_retrying(|| {
+            sqlx::query(AssertSqlSafe(inner.sql.read.clone()))
+                .bind(&req.key.0[..])
+                .fetch_optional(&inner.pool)
+        })
+        .await
+        .map_err(|e| StoreError::backend("mysql: read record", e))?;
+        let Some(row) = row else { return Ok(None) };
+        let remaining: i64 = row.try_get("remaining").map_err(corrupt)?;
+        if remaining <= 0 {
+            return Ok(None);
+        }
+        let completed: i64 = row.try_get("completed").map_err(corrupt)?;
+        let token: i64 = row.try_get("token").map_err(corrupt)?;
+        let fingerprint = fingerprint(row.try_get("fingerprint").map_err(corrupt)?)?;
+        Ok(Some(if completed != 0 {
+            let value: Option<Vec<u8>> = row.try_get("value").map_err(corrupt)?;
+            Claim::Completed(CompletedRecord {
+                fingerprint,
+                value: value.ok_or_else(|| {
+                    StoreError::Corrupt("completed mysql record without a value".into())
+                })?,
+            })
+        } else if token == req.token.as_i64() {
+            // Our own claim: an earlier run of the upsert was applied but its answer was lost
+            // with the connection. Tokens are fresh per claim, so the holder is us.
+            Claim::Acquired { taken_over: false }
+        } else {
+            Claim::InProgress {
+                fingerprint,
+                lease_remaining: Some(Duration::from_millis(remaining.unsigned_abs())),
+            }
+        }))
+    }
+
+    async fn claim_inner(&self, req: &ClaimRequest) -> Result<Claim, StoreError> {
         for _ in 0..CLAIM_ATTEMPTS {
+            // Read first: a live record is the answer as it stands (a completed record only
+            // expires or is deleted, a live claim is a true conflict at the time of the read),
+            // so replays and conflicts cost one SELECT and take no lock.
+            if let Some(answer) = self.read_live(req).await? {
+                return Ok(answer);
+            }
             let (found, _) = self
                 .claim_once(req)
                 .await
@@ -566,6 +609,8 @@ impl MySqlStore {
                     return Ok(Claim::Acquired { taken_over: false })
                 }
                 FOUND_LAPSED_CLAIM => return Ok(Claim::Acquired { taken_over: true }),
+                // Someone else's record became live between the read and the upsert: read
+                // it on the next turn.
                 FOUND_LIVE_CLAIM | FOUND_LIVE_RECORD => {}
                 other => {
                     return Err(StoreError::Corrupt(format!(
@@ -573,42 +618,6 @@ impl MySqlStore {
                     )))
                 }
             }
-            // A conflict: read what holds the key. If it changed since (completed, released,
-            // lapsed), the read still gives a state the record really had; if it is gone or
-            // dead now, claim again.
-            let (row, _) = run_retrying(|| {
-                sqlx::query(AssertSqlSafe(inner.sql.read.clone()))
-                    .bind(&req.key.0[..])
-                    .fetch_optional(&inner.pool)
-            })
-            .await
-            .map_err(|e| StoreError::backend("mysql: read conflicting record", e))?;
-            let Some(row) = row else { continue };
-            let remaining: i64 = row.try_get("remaining").map_err(corrupt)?;
-            if remaining <= 0 {
-                continue;
-            }
-            let completed: i64 = row.try_get("completed").map_err(corrupt)?;
-            let token: i64 = row.try_get("token").map_err(corrupt)?;
-            let fingerprint = fingerprint(row.try_get("fingerprint").map_err(corrupt)?)?;
-            return Ok(if completed != 0 {
-                let value: Option<Vec<u8>> = row.try_get("value").map_err(corrupt)?;
-                Claim::Completed(CompletedRecord {
-                    fingerprint,
-                    value: value.ok_or_else(|| {
-                        StoreError::Corrupt("completed mysql record without a value".into())
-                    })?,
-                })
-            } else if token == req.token.as_i64() {
-                // Our own claim: an earlier run of the statement was applied but its answer
-                // was lost with the connection. Tokens are fresh per claim, so the holder is us.
-                Claim::Acquired { taken_over: false }
-            } else {
-                Claim::InProgress {
-                    fingerprint,
-                    lease_remaining: Some(Duration::from_millis(remaining.unsigned_abs())),
-                }
-            });
         }
         Err(StoreError::backend(
             "mysql: claim",
