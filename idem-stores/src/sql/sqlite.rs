@@ -267,6 +267,42 @@ impl SqliteStoreBuilder {
 }
 
 impl SqliteStore {
+    /// The claim's answer if a live record holds the key, `None` if it is absent or dead.
+    async fn read_live(&self, req: &ClaimRequest) -> Result<Option<Claim>, StoreError> {
+        let q = sqlx::query(AssertSqlSafe(Arc::clone(&self.inner.sql.live)))
+            .bind(&req.key.0[..])
+            .bind(now_ms());
+        let row = self
+            .timed("sqlite: claim", q.fetch_optional(&self.inner.pool))
+            .await?;
+        let Some(row) = row else { return Ok(None) };
+        let state: String = col(&row, "state")?;
+        let fingerprint = fingerprint(col(&row, "fingerprint")?)?;
+        match state.as_str() {
+            // Our own claim, applied by an earlier attempt whose answer was lost.
+            "in_progress" if col::<i64>(&row, "token")? == req.token.as_i64() => {
+                Ok(Some(Claim::Acquired {
+                    taken_over: col::<i64>(&row, "attempt")? > 1,
+                }))
+            }
+            "in_progress" => {
+                let until: i64 = col(&row, "lease_until")?;
+                let ms = until.saturating_sub(now_ms());
+                Ok(Some(Claim::InProgress {
+                    fingerprint,
+                    lease_remaining: Some(Duration::from_millis(u64::try_from(ms).unwrap_or(0))),
+                }))
+            }
+            "completed" => Ok(Some(Claim::Completed(CompletedRecord {
+                fingerprint,
+                value: col::<Option<Vec<u8>>>(&row, "value")?.unwrap_or_default(),
+            }))),
+            other => Err(StoreError::Corrupt(format!(
+                "sqlite: unknown state {other:?}"
+            ))),
+        }
+    }
+
     /// A builder with the defaults: table [`DEFAULT_TABLE`], 4 connections (1 in memory), 5 s
     /// busy timeout, 10 s operation timeout, 1 MiB values, no sweeper.
     pub fn builder() -> SqliteStoreBuilder {
@@ -393,6 +429,11 @@ impl SqliteStore {
 impl Store for SqliteStore {
     async fn claim(&self, req: &ClaimRequest) -> Result<Claim, StoreError> {
         for _ in 0..CLAIM_ATTEMPTS {
+            // Read first: a live record is the answer as it stands, and a read takes no write
+            // lock, so replays and conflicts do not queue behind writers.
+            if let Some(answer) = self.read_live(req).await? {
+                return Ok(answer);
+            }
             let now = now_ms();
             let lease_until = now.saturating_add(millis(req.lease));
             let q = sqlx::query(AssertSqlSafe(Arc::clone(&self.inner.sql.claim)))
@@ -410,41 +451,7 @@ impl Store for SqliteStore {
                     taken_over: col::<i64>(&row, "attempt")? > 1,
                 });
             }
-            // A live record holds the key (nothing was written): report it. If it is gone or
-            // lapsed by the time we read it, claim again.
-            let q = sqlx::query(AssertSqlSafe(Arc::clone(&self.inner.sql.live)))
-                .bind(&req.key.0[..])
-                .bind(now_ms());
-            let row = self
-                .timed("sqlite: claim", q.fetch_optional(&self.inner.pool))
-                .await?;
-            let Some(row) = row else { continue };
-            let state: String = col(&row, "state")?;
-            let fingerprint = fingerprint(col(&row, "fingerprint")?)?;
-            return match state.as_str() {
-                "in_progress" if col::<i64>(&row, "token")? == req.token.as_i64() => {
-                    Ok(Claim::Acquired {
-                        taken_over: col::<i64>(&row, "attempt")? > 1,
-                    })
-                }
-                "in_progress" => {
-                    let until: i64 = col(&row, "lease_until")?;
-                    let ms = until.saturating_sub(now_ms());
-                    Ok(Claim::InProgress {
-                        fingerprint,
-                        lease_remaining: Some(Duration::from_millis(
-                            u64::try_from(ms).unwrap_or(0),
-                        )),
-                    })
-                }
-                "completed" => Ok(Claim::Completed(CompletedRecord {
-                    fingerprint,
-                    value: col::<Option<Vec<u8>>>(&row, "value")?.unwrap_or_default(),
-                })),
-                other => Err(StoreError::Corrupt(format!(
-                    "sqlite: unknown state {other:?}"
-                ))),
-            };
+            // A live record took the key between the read and the claim: read it next turn.
         }
         Err(StoreError::backend(
             "sqlite: claim",
