@@ -84,9 +84,9 @@ fn role_is(role: &str) -> bool {
 const PROCESSES: usize = 4;
 const TASKS: usize = 50;
 const KEYS: usize = 200;
-/// Each task visits 40 consecutive keys from its own offset: every key is called by 10 tasks
-/// of each process, 40 callers in all, at overlapping moments.
-const KEYS_PER_TASK: usize = 40;
+/// Each task visits all 200 keys, from its own offset: every key is called by all 200 tasks
+/// (40,000 calls in all), at overlapping moments.
+const KEYS_PER_TASK: usize = KEYS;
 
 #[derive(Debug)]
 #[allow(dead_code)] // read through Debug when a call fails
