@@ -415,11 +415,18 @@ impl<C: Codec> Call<C> {
         };
         let outcome = {
             let body = pin!(CURRENT_KEY.scope(key, body));
-            let renew = pin!(renew_lease(store, key, token, opts.lease));
-            tokio::select! {
-                biased;
-                r = CatchUnwind(body) => r,
-                never = renew => match never {},
+            let mut body = CatchUnwind(body);
+            // A body that finishes in its first poll needs no renewal timer.
+            match std::future::poll_fn(|cx| Poll::Ready(Pin::new(&mut body).poll(cx))).await {
+                Poll::Ready(r) => r,
+                Poll::Pending => {
+                    let renew = pin!(renew_lease(store, key, token, opts.lease));
+                    tokio::select! {
+                        biased;
+                        r = body => r,
+                        never = renew => match never {},
+                    }
+                }
             }
         };
         let result = match outcome {
