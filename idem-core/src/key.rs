@@ -154,7 +154,11 @@ mod pinned {
             .fingerprint((1999u64,))
             .identity()
             .unwrap();
-        assert_eq!(via_call, Some(id), "the runtime and Identity::derive must agree");
+        assert_eq!(
+            via_call,
+            Some(id),
+            "the runtime and Identity::derive must agree"
+        );
         assert_eq!(id.key.to_hex(), PINNED_KEY);
         assert_eq!(fp.to_hex(), PINNED_FINGERPRINT);
     }
