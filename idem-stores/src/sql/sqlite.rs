@@ -256,13 +256,40 @@ impl SqliteStoreBuilder {
     /// Builds the store and opens a connection (creating a file database if missing).
     pub async fn connect(self) -> Result<SqliteStore, StoreError> {
         let store = self.build()?;
-        let pool = store.inner.pool.clone();
-        store
-            .timed("sqlite: connect", async move {
-                sqlx::query("SELECT 1").execute(&pool).await
-            })
-            .await?;
-        Ok(store)
+        // Connections that open a new file at the same moment race to switch it to WAL, and
+        // that switch answers SQLITE_BUSY at once (the busy timeout does not cover it): the
+        // loser tries again shortly. Once the file is in WAL mode no connection needs to.
+        let mut attempt = 0u64;
+        loop {
+            let pool = store.inner.pool.clone();
+            let opened = store
+                .timed("sqlite: connect", async move {
+                    sqlx::query("SELECT 1").execute(&pool).await
+                })
+                .await;
+            match opened {
+                Ok(_) => return Ok(store),
+                Err(e) if attempt < 20 && is_busy(&e) => {
+                    attempt += 1;
+                    tokio::time::sleep(Duration::from_millis(5 * attempt)).await;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}
+
+/// SQLITE_BUSY (5) or SQLITE_LOCKED (6), primary codes, from a connect.
+fn is_busy(e: &StoreError) -> bool {
+    let StoreError::Backend { source, .. } = e else {
+        return false;
+    };
+    match source.downcast_ref::<sqlx::Error>() {
+        Some(sqlx::Error::Database(db)) => db
+            .code()
+            .and_then(|c| c.parse::<i32>().ok())
+            .is_some_and(|c| c & 0xff == 5 || c & 0xff == 6),
+        _ => false,
     }
 }
 
