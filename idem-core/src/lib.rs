@@ -79,14 +79,6 @@ pub mod __private {
     pub use core::result::Result;
     pub use core::time::Duration;
 
-    /// Asserts at the return type's span that `T` can be stored (one precise error).
-    pub fn assert_storable<T: serde::Serialize + serde::de::DeserializeOwned>() {}
-
-    /// Asserts that an argument can be fingerprinted.
-    pub fn fingerprintable<T: serde::Serialize + ?Sized>(value: &T) -> &T {
-        value
-    }
-
     // The four ways the expansion runs a body. Free functions rather than `Call` methods:
     // the macro passes `T` and `E` in the turbofish as the user's own tokens, and rustc
     // reports a missing `Serialize` or `From<idem_core::Error>` under that type argument

@@ -76,7 +76,8 @@ pub fn fresh_key() -> Key {
     Key(*blake3::hash(&t.0.to_le_bytes()).as_bytes())
 }
 
-fn req(key: Key, lease: Duration) -> (ClaimRequest, FencingToken) {
+/// A claim request for `key` under a fresh token (no fingerprint), and that token.
+pub fn claim_request(key: Key, lease: Duration) -> (ClaimRequest, FencingToken) {
     let token = FencingToken::random();
     (
         ClaimRequest {
@@ -90,7 +91,7 @@ fn req(key: Key, lease: Duration) -> (ClaimRequest, FencingToken) {
 }
 
 async fn acquire(store: &dyn Store, key: Key, lease: Duration) -> FencingToken {
-    let (r, token) = req(key, lease);
+    let (r, token) = claim_request(key, lease);
     let claim = store.claim(&r).await.expect("claim");
     assert_eq!(
         claim,
@@ -98,6 +99,15 @@ async fn acquire(store: &dyn Store, key: Key, lease: Duration) -> FencingToken {
         "a fresh key must be acquired"
     );
     token
+}
+
+/// Claims the fresh `key` and completes it with the value `b"v"` and `ttl`.
+pub async fn completed(store: &dyn Store, key: Key, ttl: Duration) {
+    let token = acquire(store, key, Duration::from_secs(30)).await;
+    store
+        .complete(&key, token, b"v", ttl)
+        .await
+        .expect("complete");
 }
 
 const LONG: Duration = Duration::from_secs(30);
@@ -114,7 +124,7 @@ pub async fn claim_race(store: Arc<dyn Store>) {
                 let store = store.clone();
                 let barrier = barrier.clone();
                 tokio::spawn(async move {
-                    let (r, _) = req(key, LONG);
+                    let (r, _) = claim_request(key, LONG);
                     barrier.wait().await;
                     store.claim(&r).await.expect("claim")
                 })
@@ -143,7 +153,9 @@ pub async fn distinct_keys(store: Arc<dyn Store>) {
         .map(|k| {
             let store = store.clone();
             let k = *k;
-            tokio::spawn(async move { store.claim(&req(k, LONG).0).await.expect("claim") })
+            tokio::spawn(
+                async move { store.claim(&claim_request(k, LONG).0).await.expect("claim") },
+            )
         })
         .collect();
     for t in tasks {
@@ -202,7 +214,11 @@ pub async fn fencing(store: Arc<dyn Store>) {
 pub async fn lease_takeover(store: Arc<dyn Store>) {
     let key = fresh_key();
     let old = acquire(&*store, key, SHORT).await;
-    match store.claim(&req(key, LONG).0).await.expect("claim") {
+    match store
+        .claim(&claim_request(key, LONG).0)
+        .await
+        .expect("claim")
+    {
         Claim::InProgress {
             lease_remaining, ..
         } => {
@@ -213,7 +229,7 @@ pub async fn lease_takeover(store: Arc<dyn Store>) {
         other => panic!("live lease must conflict, got {other:?}"),
     }
     tokio::time::sleep(PAST_SHORT).await;
-    let (r, new) = req(key, LONG);
+    let (r, new) = claim_request(key, LONG);
     assert_eq!(
         store.claim(&r).await.expect("claim"),
         Claim::Acquired { taken_over: true },
@@ -231,7 +247,11 @@ pub async fn lease_takeover(store: Arc<dyn Store>) {
         .complete(&key, new, b"new", LONG)
         .await
         .expect("complete");
-    match store.claim(&req(key, LONG).0).await.expect("claim") {
+    match store
+        .claim(&claim_request(key, LONG).0)
+        .await
+        .expect("claim")
+    {
         Claim::Completed(rec) => assert_eq!(rec.value, b"new"),
         other => panic!("expected the new holder's record, got {other:?}"),
     }
@@ -247,7 +267,10 @@ pub async fn renew_extends_lease(store: Arc<dyn Store>) {
         store.renew(&key, token, SHORT).await.expect("renew");
     }
     assert!(matches!(
-        store.claim(&req(key, LONG).0).await.expect("claim"),
+        store
+            .claim(&claim_request(key, LONG).0)
+            .await
+            .expect("claim"),
         Claim::InProgress { .. }
     ));
     store
@@ -265,7 +288,10 @@ pub async fn ttl_expiry(store: Arc<dyn Store>) {
         .await
         .expect("complete");
     assert!(matches!(
-        store.claim(&req(key, LONG).0).await.expect("claim"),
+        store
+            .claim(&claim_request(key, LONG).0)
+            .await
+            .expect("claim"),
         Claim::Completed(_)
     ));
     tokio::time::sleep(PAST_SHORT).await;
@@ -275,7 +301,10 @@ pub async fn ttl_expiry(store: Arc<dyn Store>) {
         "expired record reads as absent"
     );
     assert_eq!(
-        store.claim(&req(key, LONG).0).await.expect("claim"),
+        store
+            .claim(&claim_request(key, LONG).0)
+            .await
+            .expect("claim"),
         Claim::Acquired { taken_over: false },
         "an expired completed record is not a takeover"
     );
@@ -287,7 +316,7 @@ pub async fn release_frees_at_once(store: Arc<dyn Store>) {
     let token = acquire(&*store, key, LONG).await;
     store.release(&key, token).await.expect("release");
     assert_eq!(store.get(&key).await.expect("get"), None);
-    let (r, _) = req(key, LONG);
+    let (r, _) = claim_request(key, LONG);
     assert_eq!(
         store.claim(&r).await.expect("claim"),
         Claim::Acquired { taken_over: false }
@@ -409,7 +438,11 @@ pub async fn values_up_to_the_limit(store: Arc<dyn Store>) {
             .complete(&key, token, &value, LONG)
             .await
             .expect("complete");
-        match store.claim(&req(key, LONG).0).await.expect("claim") {
+        match store
+            .claim(&claim_request(key, LONG).0)
+            .await
+            .expect("claim")
+        {
             Claim::Completed(rec) => assert!(rec.value == value, "value of {size} bytes changed"),
             other => panic!("expected completed, got {other:?}"),
         }
@@ -427,13 +460,17 @@ pub async fn values_up_to_the_limit(store: Arc<dyn Store>) {
 pub async fn fingerprints_round_trip(store: Arc<dyn Store>) {
     let key = fresh_key();
     let fp = Fingerprint([0x5a; 32]);
-    let (mut r, token) = req(key, LONG);
+    let (mut r, token) = claim_request(key, LONG);
     r.fingerprint = Some(fp);
     assert_eq!(
         store.claim(&r).await.expect("claim"),
         Claim::Acquired { taken_over: false }
     );
-    match store.claim(&req(key, LONG).0).await.expect("claim") {
+    match store
+        .claim(&claim_request(key, LONG).0)
+        .await
+        .expect("claim")
+    {
         Claim::InProgress { fingerprint, .. } => assert_eq!(fingerprint, Some(fp)),
         other => panic!("{other:?}"),
     }
@@ -441,7 +478,11 @@ pub async fn fingerprints_round_trip(store: Arc<dyn Store>) {
         .complete(&key, token, b"v", LONG)
         .await
         .expect("complete");
-    match store.claim(&req(key, LONG).0).await.expect("claim") {
+    match store
+        .claim(&claim_request(key, LONG).0)
+        .await
+        .expect("claim")
+    {
         Claim::Completed(rec) => assert_eq!(rec.fingerprint, Some(fp)),
         other => panic!("{other:?}"),
     }
@@ -452,7 +493,11 @@ pub async fn fingerprints_round_trip(store: Arc<dyn Store>) {
         .complete(&key, token, b"v", LONG)
         .await
         .expect("complete");
-    match store.claim(&req(key, LONG).0).await.expect("claim") {
+    match store
+        .claim(&claim_request(key, LONG).0)
+        .await
+        .expect("claim")
+    {
         Claim::Completed(rec) => assert_eq!(rec.fingerprint, None),
         other => panic!("{other:?}"),
     }

@@ -13,9 +13,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use idem_core::{
-    idempotent, Call, Claim, ClaimRequest, Error, FencingToken, Key, OnConflict, Store, StoreError,
-};
+use idem_core::{idempotent, Call, Claim, Error, Key, OnConflict, Store, StoreError};
 use idem_stores::PostgresStore;
 use sqlx::postgres::{PgPool, PgPoolOptions};
 use sqlx::{AssertSqlSafe, Row};
@@ -638,30 +636,7 @@ async fn hostile_keys_touch_only_their_own_record() {
     exec(&admin, format!("DROP TABLE \"{table}\"")).await;
 }
 
-fn claim_req(key: Key, lease: Duration) -> (ClaimRequest, FencingToken) {
-    let token = FencingToken::random();
-    (
-        ClaimRequest {
-            key,
-            fingerprint: None,
-            token,
-            lease,
-        },
-        token,
-    )
-}
-
-async fn completed(store: &dyn Store, key: Key, ttl: Duration) {
-    let (req, token) = claim_req(key, Duration::from_secs(30));
-    assert_eq!(
-        store.claim(&req).await.expect("claim"),
-        Claim::Acquired { taken_over: false }
-    );
-    store
-        .complete(&key, token, b"v", ttl)
-        .await
-        .expect("complete");
-}
+use idem_core::testkit::{claim_request as claim_req, completed};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sweep_removes_expired_rows_only_in_batches() {

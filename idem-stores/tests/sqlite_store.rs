@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use idem_core::{idempotent, Call, Claim, ClaimRequest, Error, FencingToken, Key, Store};
+use idem_core::{idempotent, Call, Claim, Error, Key, Store};
 use idem_stores::SqliteStore;
 use sqlx::sqlite::SqlitePool;
 use sqlx::{AssertSqlSafe, Row};
@@ -56,30 +56,7 @@ async fn snapshot(pool: &SqlitePool, table: &str) -> HashMap<Vec<u8>, (String, O
     .collect()
 }
 
-fn claim_req(key: Key, lease: Duration) -> (ClaimRequest, FencingToken) {
-    let token = FencingToken::random();
-    (
-        ClaimRequest {
-            key,
-            fingerprint: None,
-            token,
-            lease,
-        },
-        token,
-    )
-}
-
-async fn completed(store: &dyn Store, key: Key, ttl: Duration) {
-    let (req, token) = claim_req(key, Duration::from_secs(30));
-    assert_eq!(
-        store.claim(&req).await.expect("claim"),
-        Claim::Acquired { taken_over: false }
-    );
-    store
-        .complete(&key, token, b"v", ttl)
-        .await
-        .expect("complete");
-}
+use idem_core::testkit::{claim_request as claim_req, completed};
 
 // ---------------------------------------------------------------------------------------------
 // Several OS processes on one database file.
