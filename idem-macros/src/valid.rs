@@ -4,8 +4,8 @@
 use proc_macro2::{TokenStream, TokenTree};
 use quote::ToTokens;
 use syn::{
-    Block, Expr, FnArg, GenericArgument, Ident, ItemFn, Pat, PathArguments, ReturnType, Stmt, Type,
-    TypeParamBound,
+    Block, Expr, FnArg, GenericArgument, Ident, ItemFn, Pat, PathArguments, ReceiverKind, ReturnType,
+    Stmt, Type, TypeParamBound,
 };
 
 use crate::model::{Args, Func, Input, Receiver, Shape};
@@ -55,9 +55,9 @@ pub(crate) fn check(item: &ItemFn, args: &Args) -> (Option<Func>, Vec<syn::Error
     for arg in &sig.inputs {
         match arg {
             FnArg::Receiver(r) => {
-                receiver = match (&r.reference, r.mutability, r.colon_token) {
-                    (Some(_), Some(_), None) => Receiver::RefMut,
-                    (Some(_), None, None) => Receiver::Ref,
+                receiver = match &r.kind {
+                    ReceiverKind::Reference(_, _, Some(_)) => Receiver::RefMut,
+                    ReceiverKind::Reference(_, _, None) => Receiver::Ref,
                     _ => Receiver::Value,
                 };
             }
