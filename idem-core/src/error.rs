@@ -59,6 +59,15 @@ pub enum Error {
         /// The limit in bytes.
         limit: usize,
     },
+    /// An option is out of range: a zero or overflowing `ttl`, `lease` or `wait_timeout`
+    /// (HTTP 500). Nothing was claimed and the body was not run: fix the call site.
+    #[error("invalid idempotency option `{option}`: {reason}")]
+    InvalidOption {
+        /// The option's name (`ttl`, `lease`, `wait_timeout`).
+        option: &'static str,
+        /// What is wrong with it.
+        reason: String,
+    },
     /// The call names no store and no process default store was set (HTTP 500).
     #[error(
         "no idempotency store: pass `store = ...` to #[idempotent] or call \
@@ -92,6 +101,7 @@ impl Error {
             | Error::Codec(_)
             | Error::LeaseLost
             | Error::TooLarge { .. }
+            | Error::InvalidOption { .. }
             | Error::NoStore => 500,
         }
     }
@@ -105,6 +115,7 @@ impl Error {
             Error::MissingKey => Outcome::MissingKey,
             Error::IncompatibleRecord { .. } => Outcome::IncompatibleRecord,
             Error::Store(_) | Error::NoStore => Outcome::StoreError,
+            Error::InvalidOption { .. } => Outcome::InvalidOption,
             Error::Codec(_) => Outcome::CodecError,
             Error::LeaseLost => Outcome::LeaseLost,
             Error::TooLarge { .. } => Outcome::TooLarge,

@@ -52,6 +52,7 @@ pub mod testkit;
 pub mod http;
 
 pub use async_trait::async_trait;
+pub use bytes::Bytes;
 pub use error::{BoxError, CodecError, Error, StoreError};
 pub use observe::{count, counters, Outcome};
 pub use options::{MissingKey, OnConflict, Options};

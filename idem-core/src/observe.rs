@@ -37,11 +37,16 @@ pub enum Outcome {
     TooLarge,
     /// The lease was lost while the body ran; the result was not recorded.
     LeaseLost,
+    /// An option was out of range (`Error::InvalidOption`); nothing ran.
+    InvalidOption,
+    /// The caller's future was dropped before the body started (during the claim or the
+    /// wait); a claim that may have applied was released.
+    Cancelled,
 }
 
 impl Outcome {
     /// All outcomes, in counter order.
-    pub const ALL: [Outcome; 15] = [
+    pub const ALL: [Outcome; 17] = [
         Outcome::Executed,
         Outcome::Replayed,
         Outcome::ReplayedAfterWait,
@@ -57,6 +62,8 @@ impl Outcome {
         Outcome::CodecError,
         Outcome::TooLarge,
         Outcome::LeaseLost,
+        Outcome::InvalidOption,
+        Outcome::Cancelled,
     ];
 
     /// The `outcome` field value, e.g. `"replayed_after_wait"`.
@@ -77,6 +84,8 @@ impl Outcome {
             Outcome::CodecError => "codec_error",
             Outcome::TooLarge => "too_large",
             Outcome::LeaseLost => "lease_lost",
+            Outcome::InvalidOption => "invalid_option",
+            Outcome::Cancelled => "cancelled",
         }
     }
 
@@ -85,7 +94,8 @@ impl Outcome {
     }
 }
 
-static COUNTERS: [AtomicU64; 15] = [const { AtomicU64::new(0) }; 15];
+static COUNTERS: [AtomicU64; Outcome::ALL.len()] =
+    [const { AtomicU64::new(0) }; Outcome::ALL.len()];
 
 /// A snapshot of the process-wide outcome counters, for export to a metrics system.
 ///

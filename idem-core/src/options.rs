@@ -66,6 +66,44 @@ impl Default for Options {
     }
 }
 
+/// The longest `ttl`, `lease` or `wait_timeout` a call accepts: 100 years. Longer values
+/// overflow some stores' clocks (an `Instant`, a millisecond `PX`), so they are refused with
+/// [`Error::InvalidOption`](crate::Error::InvalidOption) instead.
+pub const MAX_DURATION: Duration = Duration::from_secs(100 * 365 * 86_400);
+
+impl Options {
+    /// Checks the durations: `ttl`, `lease` and `wait_timeout` must be more than zero and at
+    /// most [`MAX_DURATION`]. `Call::run` checks this before it touches the store, so a bad
+    /// value is a clear error, never a panic and never an unprotected run.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// let mut o = idem_core::Options::default();
+    /// assert!(o.validate().is_ok());
+    /// o.lease = Duration::ZERO;
+    /// assert!(matches!(o.validate(), Err(idem_core::Error::InvalidOption { option: "lease", .. })));
+    /// o.lease = Duration::MAX;
+    /// assert!(o.validate().is_err());
+    /// ```
+    pub fn validate(&self) -> Result<(), crate::Error> {
+        for (option, d) in [
+            ("ttl", self.ttl),
+            ("lease", self.lease),
+            ("wait_timeout", self.wait_timeout),
+        ] {
+            let reason = if d.is_zero() {
+                "must be more than zero".to_string()
+            } else if d > MAX_DURATION {
+                format!("{d:?} is over the limit of 100 years")
+            } else {
+                continue;
+            };
+            return Err(crate::Error::InvalidOption { option, reason });
+        }
+        Ok(())
+    }
+}
+
 /// Why a duration string was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum DurationError {

@@ -9,7 +9,10 @@ use std::panic::AssertUnwindSafe;
 use std::pin::{pin, Pin};
 use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+// tokio's clock, so that a test under `tokio::time::pause()` moves leases and deadlines too.
+use tokio::time::Instant;
 
 use serde::{de::DeserializeOwned, Serialize};
 use tracing::Instrument;
@@ -287,6 +290,9 @@ impl<C: Codec> Call<C> {
         Fut: Future<Output = Result<T, E>>,
     {
         let ns = self.namespace;
+        if let Err(e) = self.options.validate() {
+            return Err(fail(e, ns, None));
+        }
         let ident = match self.identity() {
             Ok(Some(ident)) => ident,
             Ok(None) if self.options.missing_key == MissingKey::Run => {
@@ -304,6 +310,8 @@ impl<C: Codec> Call<C> {
             .await
     }
 
+    /// SPEC §3's steps, one function each: claim (and wait), execute (with the lease keeper),
+    /// settle (complete or release).
     async fn drive_claimed<P, T, E, Fut>(
         self,
         store: &dyn Store,
@@ -323,132 +331,45 @@ impl<C: Codec> Call<C> {
         } = self;
         let key = ident.key;
         let tag = P::tag(C::NAME, opts.version);
-        let deadline = Instant::now().checked_add(opts.wait_timeout);
-        let mut waited = false;
 
-        // 1. Claim (and wait, and claim again) until this call owns the key or has an answer.
-        let (token, taken_over) = loop {
-            let token = next_token();
-            let req = ClaimRequest {
-                key,
-                fingerprint: ident.fingerprint,
-                token,
-                lease: opts.lease,
-            };
-            let claim = match store.claim(&req).await {
-                Ok(claim) => claim,
-                Err(e) if opts.fail_open && !matches!(e, StoreError::Corrupt(_)) => {
-                    tracing::warn!(target: "idem", namespace = ns, %key, error = %e, "store unreachable: running unprotected (fail_open)");
-                    emit(Outcome::Unprotected, ns, Some(&key));
-                    return body.await;
-                }
-                Err(e) => return Err(fail(e.into(), ns, Some(&key))),
-            };
-            match claim {
-                Claim::Acquired { taken_over } => break (token, taken_over),
-                Claim::Completed(record) => {
-                    if mismatch(ident.fingerprint, record.fingerprint) {
-                        return Err(fail(Error::KeyReused, ns, Some(&key)));
+        let held = match claim(store, &ident, &opts, ns).await {
+            Claimed::Held(held) => held,
+            Claimed::Completed { record, waited } => {
+                let replay = codec::open(&tag, &record.value)
+                    .and_then(|payload| P::decode(&codec, payload).map_err(Error::Codec));
+                return match replay {
+                    Ok(result) => {
+                        let outcome = if waited {
+                            Outcome::ReplayedAfterWait
+                        } else {
+                            Outcome::Replayed
+                        };
+                        emit(outcome, ns, Some(&key));
+                        result
                     }
-                    let replay = codec::open(&tag, &record.value)
-                        .and_then(|payload| P::decode(&codec, payload).map_err(Error::Codec));
-                    return match replay {
-                        Ok(result) => {
-                            let outcome = if waited {
-                                Outcome::ReplayedAfterWait
-                            } else {
-                                Outcome::Replayed
-                            };
-                            emit(outcome, ns, Some(&key));
-                            result
-                        }
-                        Err(e) => Err(fail(e, ns, Some(&key))),
-                    };
-                }
-                Claim::InProgress {
-                    fingerprint,
-                    lease_remaining,
-                } => {
-                    if mismatch(ident.fingerprint, fingerprint) {
-                        return Err(fail(Error::KeyReused, ns, Some(&key)));
-                    }
-                    let retry_after = lease_remaining;
-                    if opts.on_conflict == OnConflict::Reject {
-                        return Err(fail(Error::InProgress { retry_after }, ns, Some(&key)));
-                    }
-                    let now = Instant::now();
-                    let left =
-                        deadline.map_or(opts.wait_timeout, |d| d.saturating_duration_since(now));
-                    if left.is_zero() {
-                        emit(Outcome::WaitTimeout, ns, Some(&key));
-                        return Err(Error::InProgress { retry_after }.into());
-                    }
-                    // Wake up at the latest when the holder's lease passes, to take it over.
-                    let wait_for = match lease_remaining {
-                        Some(l) => left.min(l + Duration::from_millis(1)),
-                        None => left,
-                    };
-                    tracing::debug!(target: "idem", %key, ?wait_for, "waiting for the call in progress");
-                    let wait_started = Instant::now();
-                    if let Err(e) = store.wait(&key, wait_for).await {
-                        return Err(fail(e.into(), ns, Some(&key)));
-                    }
-                    // A store may wake spuriously; never spin on claim while the holder runs.
-                    if waited && wait_started.elapsed() < Duration::from_millis(1) {
-                        tokio::time::sleep(Duration::from_millis(2)).await;
-                    }
-                    waited = true;
-                }
+                    Err(e) => Err(fail(e, ns, Some(&key))),
+                };
+            }
+            Claimed::Unprotected => return body.await,
+            Claimed::Failed(e, outcome) => {
+                emit(outcome, ns, Some(&key));
+                return Err(E::from(e));
             }
         };
-        if taken_over {
+        if held.taken_over {
             tracing::info!(target: "idem", %key, "took over a claim whose lease had passed");
         }
 
-        // 2. Execute, renewing the lease; release if the caller's future is dropped.
-        let mut guard = ReleaseOnDrop {
-            store,
-            key,
-            token,
-            namespace: ns,
-            armed: true,
-        };
-        let outcome = {
-            let body = pin!(CURRENT_KEY.scope(key, body));
-            let mut body = CatchUnwind(body);
-            // A body that finishes in its first poll needs no renewal timer.
-            match std::future::poll_fn(|cx| Poll::Ready(Pin::new(&mut body).poll(cx))).await {
-                Poll::Ready(r) => r,
-                Poll::Pending => {
-                    let renew = pin!(renew_lease(store, key, token, opts.lease));
-                    tokio::select! {
-                        biased;
-                        r = body => r,
-                        never = renew => match never {},
-                    }
-                }
-            }
-        };
-        let result = match outcome {
-            Ok(result) => result,
-            Err(panic) => {
-                guard.armed = false;
-                release(store, &key, token).await;
-                emit(Outcome::Released, ns, Some(&key));
-                std::panic::resume_unwind(panic);
-            }
-        };
+        let result = execute(store, &held, &opts, ns, body).await;
 
-        // 3. Complete, or release.
-        guard.armed = false;
+        // Settle: encode, then complete or release, to the end even if the caller goes away.
         let payload = match P::encode(&codec, &result) {
             None => {
-                release(store, &key, token).await;
-                emit(Outcome::Released, ns, Some(&key));
+                settle(store, &held, &opts, ns, Settle::Release).await;
                 return result;
             }
             Some(Err(e)) => {
-                release(store, &key, token).await;
+                settle(store, &held, &opts, ns, Settle::Release).await;
                 return Err(fail(Error::Codec(e), ns, Some(&key)));
             }
             Some(Ok(payload)) => payload,
@@ -458,7 +379,7 @@ impl<C: Codec> Call<C> {
             .max_value_size
             .map_or(store.max_value_size(), |l| l.min(store.max_value_size()));
         if envelope.len() > limit {
-            release(store, &key, token).await;
+            settle(store, &held, &opts, ns, Settle::Release).await;
             return Err(fail(
                 Error::TooLarge {
                     size: envelope.len(),
@@ -468,42 +389,392 @@ impl<C: Codec> Call<C> {
                 Some(&key),
             ));
         }
-        let mut backoff = Duration::from_millis(20);
-        for attempt in 1..=COMPLETE_ATTEMPTS {
-            match store.complete(&key, token, &envelope, opts.ttl).await {
-                Ok(()) => {
-                    let outcome = if taken_over {
-                        Outcome::TakenOver
-                    } else {
-                        Outcome::Executed
-                    };
-                    emit(outcome, ns, Some(&key));
-                    return result;
-                }
-                Err(StoreError::Fenced) => return Err(fail(Error::LeaseLost, ns, Some(&key))),
-                Err(StoreError::TooLarge { size, limit }) => {
-                    release(store, &key, token).await;
-                    return Err(fail(Error::TooLarge { size, limit }, ns, Some(&key)));
-                }
-                Err(e) if attempt < COMPLETE_ATTEMPTS => {
-                    tracing::warn!(target: "idem", %key, attempt, error = %e, "completion write failed; retrying");
-                    tokio::time::sleep(backoff).await;
-                    backoff *= 4;
-                }
-                Err(e) => {
-                    // The side effect happened: the caller gets its value. The record stays in
-                    // progress until its lease passes; a retry after that runs again.
-                    tracing::error!(target: "idem", %key, error = %e, "completion write failed {COMPLETE_ATTEMPTS} times: result not recorded");
-                    emit(Outcome::Executed, ns, Some(&key));
-                    return result;
-                }
-            }
+        match settle(store, &held, &opts, ns, Settle::Complete(envelope.into())).await {
+            Settled::Done => result,
+            Settled::Failed(e) => Err(fail(e, ns, Some(&key))),
         }
-        result
     }
 }
 
-const COMPLETE_ATTEMPTS: u32 = 3;
+/// A claim this call holds.
+struct Held {
+    key: Key,
+    token: FencingToken,
+    taken_over: bool,
+    /// When the claim that acquired was sent: the store's lease started no earlier.
+    since: Instant,
+}
+
+enum Claimed {
+    Held(Held),
+    Completed {
+        record: crate::CompletedRecord,
+        waited: bool,
+    },
+    /// `fail_open`: the store could not be reached; run without protection.
+    Unprotected,
+    /// The call ends here with this error, counted under this outcome.
+    Failed(Error, Outcome),
+}
+
+/// How many times a claim is sent when the store fails (same token each time, so a claim that
+/// applied but lost its reply is recognised as ours).
+const CLAIM_ATTEMPTS: u32 = 3;
+/// How many times a completion is sent (same token; a completion that applied but lost its
+/// reply answers `Ok` the second time).
+const COMPLETE_ATTEMPTS: u32 = 5;
+
+/// The time one store operation may take: half the lease for a claim or a completion (the
+/// lease keeper covers the rest), a quarter for a renewal, so that a failed renewal leaves
+/// room for more attempts inside the lease (see `keep_lease`). Never below 5 ms.
+fn budget(lease: Duration, share: u32) -> Duration {
+    (lease / share).max(Duration::from_millis(5))
+}
+
+/// Runs one store operation under a time budget. The first poll is free of timers, so an
+/// in-process store that answers at once costs no timer registration.
+async fn bounded<T>(
+    budget: Duration,
+    op: impl Future<Output = Result<T, StoreError>>,
+) -> Result<T, StoreError> {
+    let mut op = pin!(op);
+    if let Poll::Ready(r) = std::future::poll_fn(|cx| Poll::Ready(op.as_mut().poll(cx))).await {
+        return r;
+    }
+    match tokio::time::timeout(budget, op).await {
+        Ok(r) => r,
+        Err(_) => Err(StoreError::Timeout(budget)),
+    }
+}
+
+fn transient(e: &StoreError) -> bool {
+    matches!(e, StoreError::Timeout(_) | StoreError::Backend { .. })
+}
+
+/// Step 1: claim, and on conflict wait and claim again, until this call holds the key or has
+/// its answer.
+async fn claim(store: &dyn Store, ident: &Identity, opts: &Options, ns: &'static str) -> Claimed {
+    let key = ident.key;
+    let deadline = Instant::now().checked_add(opts.wait_timeout);
+    let mut waited = false;
+    loop {
+        let token = next_token();
+        let req = ClaimRequest {
+            key,
+            fingerprint: ident.fingerprint,
+            token,
+            lease: opts.lease,
+        };
+        // If the caller goes away while the claim is in flight, a claim that applied is
+        // released instead of blocking the key for a lease.
+        let mut guard = ReleaseOnDrop {
+            store,
+            key,
+            token,
+            namespace: ns,
+            outcome: Outcome::Cancelled,
+            armed: true,
+        };
+        let since = Instant::now();
+        let mut attempt = 1;
+        let answer = loop {
+            match bounded(budget(opts.lease, 2), store.claim(&req)).await {
+                Err(e) if transient(&e) && attempt < CLAIM_ATTEMPTS => {
+                    tracing::debug!(target: "idem", %key, attempt, error = %e, "claim failed; retrying with the same token");
+                    tokio::time::sleep(Duration::from_millis(10 << (2 * attempt))).await;
+                    attempt += 1;
+                }
+                other => break other,
+            }
+        };
+        let claim = match answer {
+            Ok(claim) => claim,
+            Err(e) => {
+                // The claim may have applied with its reply lost: free it (a release of a
+                // record that is not ours changes nothing).
+                guard.outcome = Outcome::StoreError;
+                guard.fire();
+                if opts.fail_open && !matches!(e, StoreError::Corrupt(_)) {
+                    tracing::warn!(target: "idem", namespace = ns, %key, error = %e, "store unreachable: running unprotected (fail_open)");
+                    emit(Outcome::Unprotected, ns, Some(&key));
+                    return Claimed::Unprotected;
+                }
+                let e = Error::from(e);
+                let outcome = e.outcome();
+                return Claimed::Failed(e, outcome);
+            }
+        };
+        guard.armed = false;
+        match claim {
+            Claim::Acquired { taken_over } => {
+                return Claimed::Held(Held {
+                    key,
+                    token,
+                    taken_over,
+                    since,
+                })
+            }
+            Claim::Completed(record) => {
+                if mismatch(ident.fingerprint, record.fingerprint) {
+                    return Claimed::Failed(Error::KeyReused, Outcome::KeyReused);
+                }
+                return Claimed::Completed { record, waited };
+            }
+            Claim::InProgress {
+                fingerprint,
+                lease_remaining,
+            } => {
+                if mismatch(ident.fingerprint, fingerprint) {
+                    return Claimed::Failed(Error::KeyReused, Outcome::KeyReused);
+                }
+                let retry_after = lease_remaining;
+                if opts.on_conflict == OnConflict::Reject {
+                    return Claimed::Failed(Error::InProgress { retry_after }, Outcome::InProgress);
+                }
+                let now = Instant::now();
+                let left = deadline.map_or(opts.wait_timeout, |d| d.saturating_duration_since(now));
+                if left.is_zero() {
+                    return Claimed::Failed(
+                        Error::InProgress { retry_after },
+                        Outcome::WaitTimeout,
+                    );
+                }
+                // Wake up at the latest when the holder's lease passes, to take it over.
+                let wait_for = match lease_remaining {
+                    Some(l) => left.min(l + Duration::from_millis(1)),
+                    None => left,
+                };
+                tracing::debug!(target: "idem", %key, ?wait_for, "waiting for the call in progress");
+                let wait_started = Instant::now();
+                if let Err(e) = store.wait(&key, wait_for).await {
+                    let e = Error::from(e);
+                    let outcome = e.outcome();
+                    return Claimed::Failed(e, outcome);
+                }
+                // A store may wake spuriously; never spin on claim while the holder runs.
+                if waited && wait_started.elapsed() < Duration::from_millis(1) {
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                }
+                waited = true;
+            }
+        }
+    }
+}
+
+/// Step 2: run the body once, keeping the lease; a panic releases the claim and continues,
+/// a dropped caller releases it from a detached task.
+async fn execute<T, E, Fut>(
+    store: &dyn Store,
+    held: &Held,
+    opts: &Options,
+    ns: &'static str,
+    body: Fut,
+) -> Result<T, E>
+where
+    Fut: Future<Output = Result<T, E>>,
+{
+    let guard = ReleaseOnDrop {
+        store,
+        key: held.key,
+        token: held.token,
+        namespace: ns,
+        outcome: Outcome::Released,
+        armed: true,
+    };
+    let outcome = {
+        let body = pin!(CURRENT_KEY.scope(held.key, body));
+        let mut body = CatchUnwind(body);
+        // A body that finishes in its first poll needs no renewal timer.
+        match std::future::poll_fn(|cx| Poll::Ready(Pin::new(&mut body).poll(cx))).await {
+            Poll::Ready(r) => r,
+            Poll::Pending => {
+                let keeper = pin!(keep_lease(
+                    store, held.key, held.token, opts.lease, held.since
+                ));
+                tokio::select! {
+                    biased;
+                    r = body => r,
+                    never = keeper => match never {},
+                }
+            }
+        }
+    };
+    guard.disarm();
+    match outcome {
+        Ok(result) => result,
+        Err(panic) => {
+            settle(store, held, opts, ns, Settle::Release).await;
+            std::panic::resume_unwind(panic);
+        }
+    }
+}
+
+/// What step 3 does with the claim.
+#[derive(Clone)]
+enum Settle {
+    /// Store this envelope as the result.
+    Complete(crate::Bytes),
+    /// Free the key so that a retry runs again.
+    Release,
+}
+
+enum Settled {
+    Done,
+    Failed(Error),
+}
+
+/// Step 3: complete or release, with retries, keeping the lease until the store acknowledges.
+/// If the caller's future is dropped meanwhile, the same work finishes in a detached task.
+async fn settle(
+    store: &dyn Store,
+    held: &Held,
+    opts: &Options,
+    ns: &'static str,
+    action: Settle,
+) -> Settled {
+    let mut guard = SettleOnDrop {
+        store,
+        key: held.key,
+        token: held.token,
+        taken_over: held.taken_over,
+        opts: Some(opts.clone()),
+        namespace: ns,
+        action: Some(action.clone()),
+    };
+    let keeper = pin!(keep_lease(
+        store, held.key, held.token, opts.lease, held.since
+    ));
+    let work = pin!(settle_once(
+        store,
+        held.key,
+        held.token,
+        held.taken_over,
+        opts,
+        ns,
+        action
+    ));
+    let settled = tokio::select! {
+        biased;
+        r = work => r,
+        never = keeper => match never {},
+    };
+    guard.action = None;
+    settled
+}
+
+async fn settle_once(
+    store: &dyn Store,
+    key: Key,
+    token: FencingToken,
+    taken_over: bool,
+    opts: &Options,
+    ns: &'static str,
+    action: Settle,
+) -> Settled {
+    let envelope = match action {
+        Settle::Release => {
+            release(store, &key, token, opts.lease).await;
+            emit(Outcome::Released, ns, Some(&key));
+            return Settled::Done;
+        }
+        Settle::Complete(envelope) => envelope,
+    };
+    let mut backoff = Duration::from_millis(20);
+    for attempt in 1..=COMPLETE_ATTEMPTS {
+        match bounded(
+            budget(opts.lease, 2),
+            store.complete(&key, token, &envelope, opts.ttl),
+        )
+        .await
+        {
+            Ok(()) => {
+                let outcome = if taken_over {
+                    Outcome::TakenOver
+                } else {
+                    Outcome::Executed
+                };
+                emit(outcome, ns, Some(&key));
+                return Settled::Done;
+            }
+            Err(StoreError::Fenced) => return Settled::Failed(Error::LeaseLost),
+            Err(StoreError::TooLarge { size, limit }) => {
+                release(store, &key, token, opts.lease).await;
+                return Settled::Failed(Error::TooLarge { size, limit });
+            }
+            Err(e) if attempt < COMPLETE_ATTEMPTS => {
+                tracing::warn!(target: "idem", %key, attempt, error = %e, "completion write failed; retrying with the same token");
+                tokio::time::sleep(backoff).await;
+                backoff *= 3;
+            }
+            Err(e) => {
+                // The side effect happened: the caller gets its value. The record stays in
+                // progress until its lease passes; a retry after that runs again.
+                tracing::error!(target: "idem", %key, error = %e, "completion write failed {COMPLETE_ATTEMPTS} times: result not recorded");
+                emit(Outcome::Executed, ns, Some(&key));
+                return Settled::Done;
+            }
+        }
+    }
+    Settled::Done
+}
+
+/// Finishes a settle whose caller went away, on an owned handle of the store.
+struct SettleOnDrop<'a> {
+    store: &'a dyn Store,
+    key: Key,
+    token: FencingToken,
+    taken_over: bool,
+    opts: Option<Options>,
+    namespace: &'static str,
+    /// `Some` until the settle finished.
+    action: Option<Settle>,
+}
+
+impl Drop for SettleOnDrop<'_> {
+    fn drop(&mut self) {
+        let (Some(action), Some(opts)) = (self.action.take(), self.opts.take()) else {
+            return;
+        };
+        let (key, token, taken_over, ns) = (self.key, self.token, self.taken_over, self.namespace);
+        let detached = self
+            .store
+            .detached()
+            .zip(tokio::runtime::Handle::try_current().ok());
+        let Some((store, rt)) = detached else {
+            match action {
+                Settle::Release => {
+                    self.store.release_detached(key, token);
+                    emit(Outcome::Released, ns, Some(&key));
+                }
+                Settle::Complete(_) => {
+                    tracing::error!(target: "idem", %key, "caller dropped during the completion and the store cannot be detached: the result may be lost, the claim lapses with its lease");
+                    emit(Outcome::Executed, ns, Some(&key));
+                }
+            }
+            return;
+        };
+        rt.spawn(async move {
+            let store = &*store;
+            // Renew at once: how much of the lease is left is not known here.
+            let since = Instant::now()
+                .checked_sub(opts.lease)
+                .unwrap_or_else(Instant::now);
+            let keeper = pin!(keep_lease(store, key, token, opts.lease, since));
+            let work = pin!(settle_once(
+                store, key, token, taken_over, &opts, ns, action
+            ));
+            let settled = tokio::select! {
+                biased;
+                r = work => r,
+                never = keeper => match never {},
+            };
+            if let Settled::Failed(e) = settled {
+                tracing::error!(target: "idem", %key, error = %e, "detached completion failed");
+                emit(e.outcome(), ns, Some(&key));
+            }
+        });
+    }
+}
 
 /// A fresh fencing token for one claim attempt, without a BLAKE3 hasher per call (that was
 /// ~15% of a replay on `MemoryStore`; see docs/benchmarks.md): one
@@ -533,50 +804,93 @@ fn fail<E: From<Error>>(e: Error, namespace: &str, key: Option<&Key>) -> E {
     E::from(e)
 }
 
-async fn release(store: &dyn Store, key: &Key, token: FencingToken) {
-    match store.release(key, token).await {
-        Ok(()) | Err(StoreError::Fenced) => {}
-        Err(e) => {
-            tracing::warn!(target: "idem", %key, error = %e, "release failed; the claim lapses with its lease");
+/// Releases with a few retries (a release is safe to repeat); on failure the claim lapses
+/// with its lease.
+async fn release(store: &dyn Store, key: &Key, token: FencingToken, lease: Duration) {
+    let mut attempt = 1;
+    loop {
+        match bounded(budget(lease, 2), store.release(key, token)).await {
+            Ok(()) | Err(StoreError::Fenced) => return,
+            Err(e) if transient(&e) && attempt < CLAIM_ATTEMPTS => {
+                tokio::time::sleep(Duration::from_millis(10 << (2 * attempt))).await;
+                attempt += 1;
+            }
+            Err(e) => {
+                tracing::warn!(target: "idem", %key, error = %e, "release failed; the claim lapses with its lease");
+                return;
+            }
         }
     }
 }
 
-async fn renew_lease(
+/// Keeps the claim's lease alive while the body runs and until the settle is acknowledged.
+///
+/// The lease is taken to run from when the last successful claim or renewal was *sent*
+/// (`covered_from`), the earliest the store can have started it. A renewal is sent every
+/// third of the lease; each attempt is bounded by a quarter of the lease (and by what is left
+/// of it), and a failed one is retried after a short pause — so a holder that reaches its
+/// store at least once per `lease/3` never loses its claim.
+async fn keep_lease(
     store: &dyn Store,
     key: Key,
     token: FencingToken,
     lease: Duration,
+    covered_from: Instant,
 ) -> std::convert::Infallible {
     let period = (lease / 3).max(Duration::from_millis(1));
+    let pause = (lease / 30).clamp(Duration::from_millis(1), Duration::from_millis(250));
+    let mut covered_until = covered_from + lease;
+    let mut next = covered_from + period;
     loop {
-        tokio::time::sleep(period).await;
-        match store.renew(&key, token, lease).await {
-            Ok(()) => {}
+        tokio::time::sleep_until(next).await;
+        let sent = Instant::now();
+        let left = covered_until.saturating_duration_since(sent);
+        let attempt = budget(lease, 4).min(left.max(Duration::from_millis(5)));
+        match bounded(attempt, store.renew(&key, token, lease)).await {
+            Ok(()) => {
+                covered_until = sent + lease;
+                next = sent + period;
+            }
             Err(StoreError::Fenced) => {
                 tracing::error!(target: "idem", %key, "lease lost while the body runs");
                 std::future::pending::<()>().await;
             }
             Err(e) => {
                 tracing::warn!(target: "idem", %key, error = %e, "lease renewal failed; retrying");
+                next = Instant::now() + pause;
             }
         }
     }
 }
 
+/// Releases the claim from a detached task if the caller's future is dropped while it is
+/// armed, and counts the call under `outcome`.
 struct ReleaseOnDrop<'a> {
     store: &'a dyn Store,
     key: Key,
     token: FencingToken,
     namespace: &'static str,
+    outcome: Outcome,
     armed: bool,
+}
+
+impl ReleaseOnDrop<'_> {
+    fn disarm(mut self) {
+        self.armed = false;
+    }
+
+    /// Releases now, without counting: the caller counts the call itself.
+    fn fire(&mut self) {
+        self.armed = false;
+        self.store.release_detached(self.key, self.token);
+    }
 }
 
 impl Drop for ReleaseOnDrop<'_> {
     fn drop(&mut self) {
         if self.armed {
             self.store.release_detached(self.key, self.token);
-            emit(Outcome::Released, self.namespace, Some(&self.key));
+            emit(self.outcome, self.namespace, Some(&self.key));
         }
     }
 }

@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use bytes::Bytes;
 
 use crate::error::StoreError;
 
@@ -129,12 +130,39 @@ pub struct ClaimRequest {
 }
 
 /// A completed record as the store returns it.
+///
+/// ```
+/// use std::time::Duration;
+/// use idem_core::CompletedRecord;
+/// let r = CompletedRecord::new(None, b"idem...".to_vec(), Some(Duration::from_secs(60)));
+/// assert_eq!(&r.value[..], b"idem...");
+/// ```
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CompletedRecord {
     /// The fingerprint stored at claim time.
     pub fingerprint: Option<Fingerprint>,
-    /// The encoded value (an idem envelope; opaque to the store).
-    pub value: Vec<u8>,
+    /// The encoded value (an idem envelope; opaque to the store). Shared, not copied, by
+    /// stores that keep it in memory.
+    pub value: Bytes,
+    /// How long the record still lives (its remaining TTL), as the store knows it when it
+    /// answers. `None` only from a store that cannot tell; a cache in front of the store
+    /// (`TieredStore`) keeps a record no longer than this.
+    pub expires_in: Option<Duration>,
+}
+
+impl CompletedRecord {
+    /// A completed record from its parts.
+    pub fn new(
+        fingerprint: Option<Fingerprint>,
+        value: impl Into<Bytes>,
+        expires_in: Option<Duration>,
+    ) -> Self {
+        CompletedRecord {
+            fingerprint,
+            value: value.into(),
+            expires_in,
+        }
+    }
 }
 
 /// The answer of [`Store::claim`].
@@ -181,6 +209,20 @@ pub enum RecordState {
 /// `idem_core::testkit` (feature `testkit`) is the conformance suite: a backend is correct when
 /// it passes it.
 ///
+/// # Unknown outcomes
+///
+/// Any operation may time out or lose its reply after the store applied it, and the runtime
+/// then sends it again, with the same token. Every method is therefore safe to repeat:
+///
+/// - a [`claim`](Self::claim) that finds the key in progress under the request's own token
+///   answers `Acquired` (the first attempt applied) and restarts the lease;
+/// - a [`complete`](Self::complete) that finds the key completed under the caller's token
+///   answers `Ok` (the first attempt applied), so a completed record remembers the token it
+///   was completed under;
+/// - a [`release`](Self::release) of a record that is gone, completed, or held under another
+///   token answers `Ok` and changes nothing;
+/// - a [`renew`](Self::renew) is naturally repeatable.
+///
 /// # Implementing
 ///
 /// ```
@@ -205,7 +247,6 @@ pub enum RecordState {
 ///     async fn get(&self, _: &Key) -> Result<Option<RecordState>, StoreError> { Ok(None) }
 ///     async fn wait(&self, _: &Key, _: Duration) -> Result<(), StoreError> { Ok(()) }
 ///     async fn remove(&self, _: &Key) -> Result<(), StoreError> { Ok(()) }
-///     fn release_detached(&self, _: Key, _: FencingToken) {}
 /// }
 /// let store: std::sync::Arc<dyn Store> = std::sync::Arc::new(Unreachable);
 /// # let _ = store;
@@ -217,18 +258,23 @@ pub trait Store: Send + Sync + fmt::Debug {
     /// - absent, or completed but past its expiry → store an in-progress record with
     ///   `req.token`, `req.fingerprint` and a lease ending `req.lease` from now; return
     ///   `Acquired { taken_over: false }`;
+    /// - in progress under `req.token` itself (a retried claim whose first reply was lost) →
+    ///   restart the lease; return `Acquired { taken_over: false }`;
     /// - in progress with a lease that has passed → replace it the same way; return
     ///   `Acquired { taken_over: true }`;
     /// - in progress under a live lease → `InProgress` with the holder's fingerprint;
-    /// - completed and unexpired → `Completed` with the stored fingerprint and value.
+    /// - completed and unexpired → `Completed` with the stored fingerprint, value and
+    ///   remaining TTL.
     ///
     /// Of any number of concurrent claims of an absent key, exactly one is `Acquired`.
     async fn claim(&self, req: &ClaimRequest) -> Result<Claim, StoreError>;
 
     /// Completes the claim held under `token`: the record becomes completed with `value`,
-    /// keeps its fingerprint, and expires `ttl` from now. Refused with
-    /// [`StoreError::Fenced`] unless the record is in progress under `token` (a store may
-    /// treat a claim whose lease has passed as gone). A value over
+    /// keeps its fingerprint, remembers `token`, and expires `ttl` from now. Answers `Ok` at
+    /// once, changing nothing, if the record is already completed under `token` (a retry whose
+    /// first attempt applied). Otherwise refused with [`StoreError::Fenced`] unless the record
+    /// is in progress under `token` (a store may treat a claim whose lease has passed as gone,
+    /// but must refuse once another token holds it). A value over
     /// [`max_value_size`](Self::max_value_size) is refused with [`StoreError::TooLarge`].
     /// Wakes the key's waiters.
     async fn complete(
@@ -240,8 +286,10 @@ pub trait Store: Send + Sync + fmt::Debug {
     ) -> Result<(), StoreError>;
 
     /// Removes the in-progress record held under `token`, so that the next claim acquires at
-    /// once. Refused with [`StoreError::Fenced`] if the record is not in progress under `token`
-    /// (it never removes someone else's claim or a completed record). Wakes the key's waiters.
+    /// once, and wakes the key's waiters. A record that is absent, completed, or held under
+    /// another token is left as it is and the answer is still `Ok` (a repeated release, or one
+    /// that comes after the lease was taken over): release never removes someone else's claim
+    /// or a completed record, and never fails for that.
     async fn release(&self, key: &Key, token: FencingToken) -> Result<(), StoreError>;
 
     /// Extends the lease of the claim held under `token` to `lease` from now. Refused with
@@ -269,10 +317,29 @@ pub trait Store: Send + Sync + fmt::Debug {
     async fn remove(&self, key: &Key) -> Result<(), StoreError>;
 
     /// Releases the claim held under `token` from a synchronous context — the runtime calls it
-    /// when the caller's future is dropped mid-body. It must not block: spawn the release on
-    /// the current tokio runtime if there is one (`tokio::runtime::Handle::try_current`). If it
-    /// does nothing, the claim is freed when its lease passes.
-    fn release_detached(&self, key: Key, token: FencingToken);
+    /// when the caller's future is dropped mid-body. It must not block. The default spawns
+    /// [`release`](Self::release) on the current tokio runtime through
+    /// [`detached`](Self::detached); if neither works, the claim is freed when its lease
+    /// passes.
+    fn release_detached(&self, key: Key, token: FencingToken) {
+        let (Some(store), Ok(rt)) = (self.detached(), tokio::runtime::Handle::try_current()) else {
+            return;
+        };
+        rt.spawn(async move {
+            if let Err(e) = store.release(&key, token).await {
+                tracing::warn!(target: "idem", %key, error = %e, "detached release failed; the claim lapses with its lease");
+            }
+        });
+    }
+
+    /// An owned handle to this store (a cheap clone sharing its connections), that the
+    /// runtime moves into a spawned task to finish a completion or a release after the
+    /// caller's future was dropped (SPEC §3.9: once the body has returned, its completion
+    /// runs to its end). `None` (the default) means the store cannot be detached: a
+    /// completion cut short by a dropped caller is then left to the lease.
+    fn detached(&self) -> Option<Arc<dyn Store>> {
+        None
+    }
 
     /// The largest encoded value this store accepts, in bytes. Default: 1 MiB.
     fn max_value_size(&self) -> usize {
@@ -362,6 +429,9 @@ macro_rules! forward_store {
             }
             fn release_detached(&self, key: Key, token: FencingToken) {
                 (**self).release_detached(key, token)
+            }
+            fn detached(&self) -> Option<Arc<dyn Store>> {
+                (**self).detached()
             }
             fn max_value_size(&self) -> usize {
                 (**self).max_value_size()

@@ -31,6 +31,9 @@ use crate::{
     StoreError,
 };
 
+mod faulty;
+pub use faulty::{Fault, FaultyStore, Op};
+
 /// Stamps one `#[tokio::test]` per conformance case. The argument is an expression (usually
 /// an `async` block) evaluating to a future of `Option<Arc<dyn Store>>`; `None` skips (the
 /// block should print why, as [`testkit::env_url`](crate::testkit::env_url) does).
@@ -42,7 +45,10 @@ macro_rules! conformance_tests {
             release_frees_at_once, release_never_frees_completed, wait_wakes_on_complete,
             wait_wakes_on_release, wait_returns_when_not_in_progress, wait_is_bounded,
             values_up_to_the_limit, fingerprints_round_trip, get_and_remove, release_detached,
-            hostile_keys, runtime_exactly_once);
+            hostile_keys, runtime_exactly_once, claim_retry_is_ours, complete_retry_is_ours,
+            release_is_idempotent, completed_reports_expiry, claim_reply_lost,
+            complete_reply_lost, release_reply_lost, renewal_failures_keep_the_lease,
+            cancelled_during_completion, cancelled_during_claim, invalid_durations);
     };
     (@cases $make:expr; $($case:ident),* $(,)?) => {$(
         #[::tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -175,9 +181,11 @@ pub async fn fencing(store: Arc<dyn Store>) {
         store.complete(&key, stale, b"x", LONG).await,
         Err(StoreError::Fenced)
     ));
+    // A foreign release answers Ok (a release is safe to repeat) and changes nothing.
+    store.release(&key, stale).await.expect("foreign release");
     assert!(matches!(
-        store.release(&key, stale).await,
-        Err(StoreError::Fenced)
+        store.get(&key).await.expect("get"),
+        Some(RecordState::InProgress { token: t, .. }) if t == token
     ));
     assert!(matches!(
         store.renew(&key, stale, LONG).await,
@@ -189,17 +197,27 @@ pub async fn fencing(store: Arc<dyn Store>) {
         .complete(&key, token, b"done", LONG)
         .await
         .expect("complete");
-    // Once completed, even the holder's token no longer renews, releases or completes.
+    // Once completed, the holder's token no longer renews; a repeated completion answers Ok
+    // (its first attempt applied) without changing the value; a release changes nothing.
     assert!(matches!(
         store.renew(&key, token, LONG).await,
         Err(StoreError::Fenced)
     ));
+    store
+        .complete(&key, token, b"again", LONG)
+        .await
+        .expect("a repeated completion under the same token is Ok");
+    store
+        .release(&key, token)
+        .await
+        .expect("release of a completed record");
+    match store.get(&key).await.expect("get") {
+        Some(RecordState::Completed(rec)) => assert_eq!(&rec.value[..], b"done"),
+        other => panic!("the completed value must stay, got {other:?}"),
+    }
+    // Another token cannot complete a completed record.
     assert!(matches!(
-        store.complete(&key, token, b"again", LONG).await,
-        Err(StoreError::Fenced)
-    ));
-    assert!(matches!(
-        store.release(&key, token).await,
+        store.complete(&key, stale, b"x", LONG).await,
         Err(StoreError::Fenced)
     ));
     // Fenced ops on an absent key are refused too.
@@ -239,10 +257,17 @@ pub async fn lease_takeover(store: Arc<dyn Store>) {
         store.complete(&key, old, b"old", LONG).await,
         Err(StoreError::Fenced)
     ));
-    assert!(matches!(
-        store.release(&key, old).await,
-        Err(StoreError::Fenced)
-    ));
+    store
+        .release(&key, old)
+        .await
+        .expect("a stale release is Ok");
+    assert!(
+        matches!(
+            store.get(&key).await.expect("get"),
+            Some(RecordState::InProgress { token: t, .. }) if t == new
+        ),
+        "a stale release must not free the new holder's claim"
+    );
     store
         .complete(&key, new, b"new", LONG)
         .await
@@ -252,7 +277,7 @@ pub async fn lease_takeover(store: Arc<dyn Store>) {
         .await
         .expect("claim")
     {
-        Claim::Completed(rec) => assert_eq!(rec.value, b"new"),
+        Claim::Completed(rec) => assert_eq!(&rec.value[..], b"new"),
         other => panic!("expected the new holder's record, got {other:?}"),
     }
 }
@@ -443,7 +468,9 @@ pub async fn values_up_to_the_limit(store: Arc<dyn Store>) {
             .await
             .expect("claim")
         {
-            Claim::Completed(rec) => assert!(rec.value == value, "value of {size} bytes changed"),
+            Claim::Completed(rec) => {
+                assert!(rec.value[..] == value[..], "value of {size} bytes changed")
+            }
             other => panic!("expected completed, got {other:?}"),
         }
     }
@@ -520,7 +547,7 @@ pub async fn get_and_remove(store: Arc<dyn Store>) {
         .await
         .expect("complete");
     match store.get(&key).await.expect("get") {
-        Some(RecordState::Completed(rec)) => assert_eq!(rec.value, b"v"),
+        Some(RecordState::Completed(rec)) => assert_eq!(&rec.value[..], b"v"),
         other => panic!("{other:?}"),
     }
     store.remove(&key).await.expect("remove");
@@ -638,4 +665,280 @@ pub async fn runtime_exactly_once(store: Arc<dyn Store>) {
         results.iter().all(|r| r == &results[0]),
         "callers got different results"
     );
+}
+
+/// A claim sent again with the same token (its first reply was lost) is `Acquired`; another
+/// token still conflicts.
+pub async fn claim_retry_is_ours(store: Arc<dyn Store>) {
+    let key = fresh_key();
+    let (r, token) = claim_request(key, LONG);
+    assert_eq!(
+        store.claim(&r).await.expect("claim"),
+        Claim::Acquired { taken_over: false }
+    );
+    assert_eq!(
+        store.claim(&r).await.expect("claim again"),
+        Claim::Acquired { taken_over: false },
+        "a claim found in progress under its own token is acquired"
+    );
+    assert!(matches!(
+        store
+            .claim(&claim_request(key, LONG).0)
+            .await
+            .expect("claim"),
+        Claim::InProgress { .. }
+    ));
+    store
+        .complete(&key, token, b"v", LONG)
+        .await
+        .expect("the retried claim's token completes");
+}
+
+/// A completion sent again under the same token (its first reply was lost) is `Ok`.
+pub async fn complete_retry_is_ours(store: Arc<dyn Store>) {
+    let key = fresh_key();
+    let token = acquire(&*store, key, LONG).await;
+    store
+        .complete(&key, token, b"v", LONG)
+        .await
+        .expect("complete");
+    store
+        .complete(&key, token, b"v", LONG)
+        .await
+        .expect("a completion found completed under its own token succeeded");
+    match store.get(&key).await.expect("get") {
+        Some(RecordState::Completed(rec)) => assert_eq!(&rec.value[..], b"v"),
+        other => panic!("{other:?}"),
+    }
+}
+
+/// Releasing twice, or releasing an absent key, is `Ok`.
+pub async fn release_is_idempotent(store: Arc<dyn Store>) {
+    let key = fresh_key();
+    let token = acquire(&*store, key, LONG).await;
+    store.release(&key, token).await.expect("release");
+    store.release(&key, token).await.expect("release again");
+    store
+        .release(&fresh_key(), token)
+        .await
+        .expect("release of an absent key");
+    assert_eq!(store.get(&key).await.expect("get"), None);
+}
+
+/// A completed record reports its remaining TTL, on `claim` and on `get`.
+pub async fn completed_reports_expiry(store: Arc<dyn Store>) {
+    let key = fresh_key();
+    let token = acquire(&*store, key, LONG).await;
+    let ttl = Duration::from_secs(20);
+    store
+        .complete(&key, token, b"v", ttl)
+        .await
+        .expect("complete");
+    let check = |e: Option<Duration>| {
+        let e = e.expect("a completed record reports its remaining TTL");
+        assert!(
+            e <= ttl && e > Duration::from_secs(10),
+            "remaining TTL {e:?} out of range for a {ttl:?} ttl"
+        );
+    };
+    match store
+        .claim(&claim_request(key, LONG).0)
+        .await
+        .expect("claim")
+    {
+        Claim::Completed(rec) => check(rec.expires_in),
+        other => panic!("{other:?}"),
+    }
+    match store.get(&key).await.expect("get") {
+        Some(RecordState::Completed(rec)) => check(rec.expires_in),
+        other => panic!("{other:?}"),
+    }
+}
+
+fn namespace(what: &str) -> &'static str {
+    Box::leak(format!("testkit::{what}::{}", fresh_key()).into_boxed_str())
+}
+
+/// Runs `Call::new(ns).key("k")` with a body counting its runs and answering `value`.
+async fn counted_call(
+    store: &dyn Store,
+    ns: &'static str,
+    lease: Duration,
+    runs: &Arc<AtomicUsize>,
+    value: u32,
+    body_time: Duration,
+) -> Result<u32, Error> {
+    let runs = runs.clone();
+    Call::new(ns)
+        .key("k")
+        .lease(lease)
+        .run(store, async move {
+            runs.fetch_add(1, Ordering::SeqCst);
+            tokio::time::sleep(body_time).await;
+            Ok::<_, Error>(value)
+        })
+        .await
+}
+
+/// The claim applies and its reply is lost: the runtime's retry recognises its own token, the
+/// body runs once, and the key is not blocked.
+pub async fn claim_reply_lost(store: Arc<dyn Store>) {
+    let faulty = FaultyStore::new(store);
+    let ns = namespace("claim_reply_lost");
+    let runs = Arc::new(AtomicUsize::new(0));
+    faulty.plan(Fault::LoseReply(Op::Claim));
+    let v = counted_call(&faulty, ns, LONG, &runs, 1, Duration::ZERO).await;
+    assert_eq!(v.expect("a lost claim reply is retried"), 1);
+    assert_eq!(faulty.pending(), 0);
+    let v = counted_call(&faulty, ns, LONG, &runs, 2, Duration::ZERO).await;
+    assert_eq!(v.expect("replay"), 1);
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
+}
+
+/// The completion applies and its reply is lost: the caller still gets its value (not
+/// `LeaseLost`), and a repeat replays it.
+pub async fn complete_reply_lost(store: Arc<dyn Store>) {
+    let faulty = FaultyStore::new(store);
+    let ns = namespace("complete_reply_lost");
+    let runs = Arc::new(AtomicUsize::new(0));
+    faulty.plan(Fault::LoseReply(Op::Complete));
+    let v = counted_call(&faulty, ns, LONG, &runs, 1, Duration::ZERO).await;
+    assert_eq!(v.expect("the stored completion is recognised"), 1);
+    let v = counted_call(&faulty, ns, LONG, &runs, 2, Duration::ZERO).await;
+    assert_eq!(v.expect("replay"), 1);
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
+}
+
+/// The release after an `Err` applies and its reply is lost: the next call runs at once.
+pub async fn release_reply_lost(store: Arc<dyn Store>) {
+    let faulty = FaultyStore::new(store);
+    let ns = namespace("release_reply_lost");
+    faulty.plan(Fault::LoseReply(Op::Release));
+    let r: Result<u32, Error> = Call::new(ns)
+        .key("k")
+        .lease(LONG)
+        .run(&faulty, async { Err(Error::MissingKey) })
+        .await;
+    assert!(r.is_err());
+    let t = Instant::now();
+    let v: Result<u32, Error> = Call::new(ns)
+        .key("k")
+        .lease(LONG)
+        .on_conflict(crate::OnConflict::Reject)
+        .run(&faulty, async { Ok(5) })
+        .await;
+    assert_eq!(v.expect("the key was released"), 5);
+    assert!(t.elapsed() < Duration::from_secs(5));
+}
+
+/// Renewals that fail are retried at once: a body that runs for three leases, through two
+/// failed renewals, is never taken over, and its result is stored.
+pub async fn renewal_failures_keep_the_lease(store: Arc<dyn Store>) {
+    let faulty = FaultyStore::new(store.clone());
+    let ns = namespace("renewal_failures");
+    let lease = Duration::from_millis(600);
+    let runs = Arc::new(AtomicUsize::new(0));
+    faulty.plan(Fault::FailBefore(Op::Renew));
+    faulty.plan(Fault::FailBefore(Op::Renew));
+    let holder = {
+        let faulty = faulty.clone();
+        let runs = runs.clone();
+        tokio::spawn(async move { counted_call(&faulty, ns, lease, &runs, 1, lease * 3).await })
+    };
+    // Duplicates that reject keep probing: none may get in while the holder lives.
+    let until = Instant::now() + lease * 3;
+    while Instant::now() < until {
+        let r: Result<u32, Error> = Call::new(ns)
+            .key("k")
+            .lease(lease)
+            .on_conflict(crate::OnConflict::Reject)
+            .run(&*store, async { Ok(2) })
+            .await;
+        match r {
+            Err(Error::InProgress { .. }) => {}
+            Ok(1) => break, // the holder finished early
+            other => panic!("a duplicate got in while the holder lived: {other:?}"),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(holder.await.expect("task").expect("holder"), 1);
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
+    assert_eq!(faulty.pending(), 0, "the planned renewal failures happened");
+}
+
+/// The caller's future is dropped while the completion write is in flight: the completion
+/// finishes in a detached task, and a repeat replays the value instead of running again.
+pub async fn cancelled_during_completion(store: Arc<dyn Store>) {
+    let faulty = FaultyStore::new(store);
+    let ns = namespace("cancelled_during_completion");
+    let runs = Arc::new(AtomicUsize::new(0));
+    faulty.plan(Fault::Delay(Op::Complete, Duration::from_millis(300)));
+    let call = counted_call(&faulty, ns, LONG, &runs, 1, Duration::from_millis(50));
+    assert!(
+        tokio::time::timeout(Duration::from_millis(150), call)
+            .await
+            .is_err(),
+        "the caller is dropped during the completion"
+    );
+    let v = counted_call(&faulty, ns, LONG, &runs, 2, Duration::ZERO).await;
+    assert_eq!(v.expect("waits for and replays the detached completion"), 1);
+    assert_eq!(runs.load(Ordering::SeqCst), 1, "the body ran twice");
+}
+
+/// The caller's future is dropped while its claim is in flight: the claim that applied is
+/// released, so the key is not blocked for the lease.
+pub async fn cancelled_during_claim(store: Arc<dyn Store>) {
+    let faulty = FaultyStore::new(store);
+    let ns = namespace("cancelled_during_claim");
+    let runs = Arc::new(AtomicUsize::new(0));
+    faulty.plan(Fault::Delay(Op::Claim, Duration::from_millis(10)));
+    // Dropped after the delay, while the claim itself runs or right after it applied.
+    let call = counted_call(&faulty, ns, LONG, &runs, 1, Duration::from_secs(60));
+    let _ = tokio::time::timeout(Duration::from_millis(12), call).await;
+    let t = Instant::now();
+    loop {
+        let r = Call::new(ns)
+            .key("k")
+            .lease(LONG)
+            .on_conflict(crate::OnConflict::Reject)
+            .run(&faulty, async { Ok::<_, Error>(2u32) })
+            .await;
+        match r {
+            Ok(v) => {
+                assert_eq!(v, 2);
+                break;
+            }
+            Err(Error::InProgress { .. }) if t.elapsed() < Duration::from_secs(5) => {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            other => panic!("key blocked after a cancelled claim: {other:?}"),
+        }
+    }
+}
+
+/// Zero and overflowing durations are `Error::InvalidOption`, and nothing runs.
+pub async fn invalid_durations(store: Arc<dyn Store>) {
+    let ns = namespace("invalid_durations");
+    for (lease, ttl, wait) in [
+        (Duration::ZERO, LONG, LONG),
+        (Duration::MAX, LONG, LONG),
+        (LONG, Duration::ZERO, LONG),
+        (LONG, Duration::MAX, LONG),
+        (LONG, LONG, Duration::ZERO),
+    ] {
+        let ran = Arc::new(AtomicUsize::new(0));
+        let r2 = ran.clone();
+        let r: Result<u32, Error> = Call::new(ns)
+            .key("k")
+            .lease(lease)
+            .ttl(ttl)
+            .wait_timeout(wait)
+            .run(&*store, async move {
+                r2.fetch_add(1, Ordering::SeqCst);
+                Ok(1)
+            })
+            .await;
+        assert!(matches!(r, Err(Error::InvalidOption { .. })), "{r:?}");
+        assert_eq!(ran.load(Ordering::SeqCst), 0);
+    }
 }

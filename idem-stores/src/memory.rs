@@ -247,7 +247,8 @@ impl Store for MemoryStore {
             if Instant::now() < expires_at {
                 return Ok(Claim::Completed(CompletedRecord {
                     fingerprint,
-                    value: value.to_vec(),
+                    value: idem_core::Bytes::copy_from_slice(&value),
+                    expires_in: None,
                 }));
             }
         }
@@ -287,7 +288,8 @@ impl Store for MemoryStore {
                     }) => {
                         answer = Some(Claim::Completed(CompletedRecord {
                             fingerprint,
-                            value: value.to_vec(),
+                            value: idem_core::Bytes::copy_from_slice(&value),
+                            expires_in: None,
                         }));
                         Op::Nop
                     }
@@ -370,7 +372,8 @@ impl Store for MemoryStore {
                     fingerprint, value, ..
                 } => RecordState::Completed(CompletedRecord {
                     fingerprint,
-                    value: value.to_vec(),
+                    value: idem_core::Bytes::copy_from_slice(&value),
+                    expires_in: None,
                 }),
             }),
             _ => None,

@@ -93,7 +93,7 @@ impl<S: Store> TieredStore<S> {
                 key,
                 Local {
                     fingerprint: record.fingerprint,
-                    value: Arc::from(record.value.as_slice()),
+                    value: Arc::from(&record.value[..]),
                     expires_at,
                 },
             )
@@ -104,7 +104,8 @@ impl<S: Store> TieredStore<S> {
         match self.local.get(key).await {
             Some(l) if Instant::now() < l.expires_at => Some(CompletedRecord {
                 fingerprint: l.fingerprint,
-                value: l.value.to_vec(),
+                value: idem_core::Bytes::copy_from_slice(&l.value),
+                expires_in: None,
             }),
             _ => None,
         }
@@ -164,7 +165,8 @@ impl<S: Store> Store for TieredStore<S> {
             if held == token {
                 let record = CompletedRecord {
                     fingerprint,
-                    value: value.to_vec(),
+                    value: idem_core::Bytes::copy_from_slice(&value),
+                    expires_in: None,
                 };
                 self.remember(*key, &record, ttl).await;
             }
