@@ -303,6 +303,20 @@ impl<C: Codec> Call<C> {
             Ok(None) => return Err(fail(Error::MissingKey, ns, None)),
             Err(e) => return Err(fail(e, ns, None)),
         };
+        // A replay held in this process: no span, no future, no claim.
+        if let Some(record) = store.completed_now(&ident.key) {
+            if !mismatch(ident.fingerprint, record.fingerprint) {
+                let tag = P::tag(C::NAME, self.options.version);
+                return replay::<P, T, E, C>(
+                    &self.codec,
+                    &tag,
+                    &record,
+                    Outcome::Replayed,
+                    ns,
+                    &ident.key,
+                );
+            }
+        }
         let span =
             tracing::debug_span!(target: "idem", "idem.call", namespace = ns, key = %ident.key);
         self.drive_claimed::<P, T, E, Fut>(store, ident, body)
@@ -335,20 +349,12 @@ impl<C: Codec> Call<C> {
         let held = match claim(store, &ident, &opts, ns).await {
             Claimed::Held(held) => held,
             Claimed::Completed { record, waited } => {
-                let replay = codec::open(&tag, &record.value)
-                    .and_then(|payload| P::decode(&codec, payload).map_err(Error::Codec));
-                return match replay {
-                    Ok(result) => {
-                        let outcome = if waited {
-                            Outcome::ReplayedAfterWait
-                        } else {
-                            Outcome::Replayed
-                        };
-                        emit(outcome, ns, Some(&key));
-                        result
-                    }
-                    Err(e) => Err(fail(e, ns, Some(&key))),
+                let outcome = if waited {
+                    Outcome::ReplayedAfterWait
+                } else {
+                    Outcome::Replayed
                 };
+                return replay::<P, T, E, C>(&codec, &tag, &record, outcome, ns, &key);
             }
             Claimed::Unprotected => return body.await,
             Claimed::Failed(e, outcome) => {
@@ -393,6 +399,31 @@ impl<C: Codec> Call<C> {
             Settled::Done => result,
             Settled::Failed(e) => Err(fail(e, ns, Some(&key))),
         }
+    }
+}
+
+/// Step 5: decode a stored record as this call's result.
+fn replay<P, T, E, C>(
+    codec: &C,
+    tag: &codec::TypeTag,
+    record: &crate::CompletedRecord,
+    outcome: Outcome,
+    ns: &'static str,
+    key: &Key,
+) -> Result<T, E>
+where
+    P: Policy<T, E>,
+    E: From<Error>,
+    C: Codec,
+{
+    match codec::open(tag, &record.value)
+        .and_then(|payload| P::decode(codec, payload).map_err(Error::Codec))
+    {
+        Ok(result) => {
+            emit(outcome, ns, Some(key));
+            result
+        }
+        Err(e) => Err(fail(e, ns, Some(key))),
     }
 }
 

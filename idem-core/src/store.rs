@@ -345,6 +345,16 @@ pub trait Store: Send + Sync + fmt::Debug {
     fn max_value_size(&self) -> usize {
         DEFAULT_MAX_VALUE_SIZE
     }
+
+    /// A synchronous look for a live completed record that this process already holds (the
+    /// memory store, or `TieredStore`'s local tier), tried by the runtime before anything
+    /// else so that a replay costs no future, no span and no claim. It must never return a
+    /// record past its expiry, nor block or do I/O. Default: `None` (always ask
+    /// [`claim`](Self::claim)).
+    fn completed_now(&self, key: &Key) -> Option<CompletedRecord> {
+        let _ = key;
+        None
+    }
 }
 
 /// The default limit on an encoded value: 1 MiB.
@@ -435,6 +445,9 @@ macro_rules! forward_store {
             }
             fn max_value_size(&self) -> usize {
                 (**self).max_value_size()
+            }
+            fn completed_now(&self, key: &Key) -> Option<CompletedRecord> {
+                (**self).completed_now(key)
             }
         }
     )*};
