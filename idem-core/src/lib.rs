@@ -37,6 +37,7 @@
 
 mod error;
 mod observe;
+mod private;
 mod runtime;
 mod store;
 
@@ -72,6 +73,11 @@ pub use idem_macros::idempotent;
 #[doc(hidden)]
 pub mod __private {
     pub use crate::options::{MissingKey, OnConflict};
+    pub use crate::private::{
+        arg, err_type, ok_type, Arg, ErrType, Fingerprinted, FromIdemError, IdemErrType,
+        IdemErrorNotStored, IsIdemError, OkType, Storable, StorableError, Unchecked,
+        UncheckedErr, UncheckedOk, Unserializable,
+    };
     pub use crate::runtime::Call;
     pub use crate::store::Store;
     pub use crate::Error;
@@ -103,7 +109,7 @@ pub mod __private {
     }
 
     /// `E::from`, as a function pointer.
-    pub fn from_error<E: From<crate::Error>>(e: crate::Error) -> E {
+    pub fn from_error<E: FromIdemError>(e: crate::Error) -> E {
         E::from(e)
     }
 

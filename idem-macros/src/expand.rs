@@ -159,7 +159,7 @@ fn call(p: &TokenStream, func: &ItemFn, args: &Args, model: &Func) -> TokenStrea
                 .filter(|i| !i.opaque)
                 .flat_map(|i| &i.bindings)
                 .filter(|b| !skipped(b))
-                .map(|b| quote_spanned!(b.span()=> &#b))
+                .map(|b| checked_arg(p, b))
                 .collect();
             if !fp.is_empty() {
                 let fp = quote_spanned!(params=> (#(#fp,)*));
@@ -172,7 +172,7 @@ fn call(p: &TokenStream, func: &ItemFn, args: &Args, model: &Func) -> TokenStrea
                 .iter()
                 .flat_map(|i| &i.bindings)
                 .filter(|b| !skipped(b))
-                .map(|b| quote_spanned!(b.span()=> &#b))
+                .map(|b| checked_arg(p, b))
                 .collect();
             let parts = quote_spanned!(params=> (#(#parts,)*));
             out.extend(quote!(.key(#parts)));
@@ -217,6 +217,13 @@ fn call(p: &TokenStream, func: &ItemFn, args: &Args, model: &Func) -> TokenStrea
         out.extend(quote!(.fail_open(#f)));
     }
     out
+}
+
+/// `arg(&x).checked()`: `&x` when `x` is `Serialize`, else one error under `x` that says to
+/// skip it (see `idem_core::__private::arg`).
+fn checked_arg(p: &TokenStream, b: &syn::Ident) -> TokenStream {
+    let checked = syn::Ident::new("checked", at(b));
+    quote_spanned!(at(b)=> #p::arg(&#b).#checked())
 }
 
 fn duration(p: &TokenStream, dur: &Dur) -> TokenStream {
@@ -269,6 +276,20 @@ fn run(p: &TokenStream, call: TokenStream, args: &Args, model: &Func, body: &Blo
         let e = err_tokens.clone().unwrap_or_else(|| quote!(_));
         Some(quote!(#p::from_error::<#e>,))
     };
+    // One error, naming the derives, for a `T` (or with `errors = store`, an `E`) that
+    // cannot be stored; the run function's own bounds, at the same span, are then dropped
+    // as implied.
+    let mut checks = TokenStream::new();
+    if !contains_impl(&model.ok) {
+        checks.extend(respan(quote!(#p::ok_type::<#ok>().storable();), ok_at));
+    }
+    if let (true, Some(err), Some(err_tokens)) = (storing, err, &err_tokens) {
+        let err_at = Span::mixed_site().located_at(first_span(err));
+        checks.extend(respan(
+            quote!(#p::err_type::<#err_tokens>().storable();),
+            err_at,
+        ));
+    }
     let store = args.store.as_ref().map(|s| quote_spanned!(at(s)=> &(#s),));
     // With `errors = store` the likelier mistake is an `E` without serde: repeats go there.
     let repeat_at = match (storing, err) {
@@ -282,6 +303,7 @@ fn run(p: &TokenStream, call: TokenStream, args: &Args, model: &Func, body: &Blo
     let run_call =
         quote_spanned!(repeat_at=> #run_var(#call_var_at, #store #from_error async #body).await);
     quote! {
+        #checks
         let #call_var = #call;
         let #run_var = #p::#method #types;
         #run_call

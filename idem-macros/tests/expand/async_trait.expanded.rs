@@ -14,13 +14,14 @@ impl Billing for Biller {
         Self: 'async_trait,
     {
         Box::pin(async move {
+            ::idem_core::__private::ok_type::<Receipt>().storable();
             let __idem_call = ::idem_core::__private::Call::new(
                     ::idem_core::__private::concat!(
                         ::idem_core::__private::module_path!(), "::charge"
                     ),
                 )
                 .key(&(order.clone()))
-                .fingerprint((&order,));
+                .fingerprint((::idem_core::__private::arg(&order).checked(),));
             let __idem_run = ::idem_core::__private::run::<Receipt, Error, _>;
             __idem_run(
                     __idem_call,

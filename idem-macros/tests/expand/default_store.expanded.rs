@@ -1,11 +1,15 @@
 async fn run_job<'a>(job_id: &'a str, payload: &'a [u8]) -> std::io::Result<usize> {
+    ::idem_core::__private::ok_type::<usize>().storable();
     let __idem_call = ::idem_core::__private::Call::new(
             ::idem_core::__private::concat!(
                 ::idem_core::__private::module_path!(), "::run_job"
             ),
         )
         .key(&(job_id))
-        .fingerprint((&job_id, &payload))
+        .fingerprint((
+            ::idem_core::__private::arg(&job_id).checked(),
+            ::idem_core::__private::arg(&payload).checked(),
+        ))
         .on_conflict(::idem_core::__private::OnConflict::Reject);
     let __idem_run = ::idem_core::__private::run_on_default::<usize, _, _>;
     __idem_run(

@@ -4,12 +4,16 @@ async fn send_email(
     to: String,
     template: u32,
 ) -> Result<(), Error> {
+    ::idem_core::__private::ok_type::<()>().storable();
     let __idem_call = ::idem_core::__private::Call::new(
             ::idem_core::__private::concat!(
                 ::idem_core::__private::module_path!(), "::send_email"
             ),
         )
-        .key((&to, &template));
+        .key((
+            ::idem_core::__private::arg(&to).checked(),
+            ::idem_core::__private::arg(&template).checked(),
+        ));
     let __idem_run = ::idem_core::__private::run::<(), Error, _>;
     __idem_run(
             __idem_call,

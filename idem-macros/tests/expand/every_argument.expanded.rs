@@ -3,9 +3,14 @@ pub(crate) async fn charge(
     tenant: &str,
     order: Order,
 ) -> Result<Receipt, Declined> {
+    my_app::idem::__private::ok_type::<Receipt>().storable();
+    my_app::idem::__private::err_type::<Declined>().storable();
     let __idem_call = my_app::idem::__private::Call::new("billing::charge")
         .key(&(order.id))
-        .fingerprint((&tenant, &order))
+        .fingerprint((
+            my_app::idem::__private::arg(&tenant).checked(),
+            my_app::idem::__private::arg(&order).checked(),
+        ))
         .scope(&(tenant))
         .ttl(my_app::idem::__private::Duration::from_secs(604800))
         .lease(my_app::idem::__private::Duration::from_millis(500))

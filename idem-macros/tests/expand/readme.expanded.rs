@@ -1,13 +1,14 @@
 impl Payments {
     /// Charges a card once per idempotency key.
     pub async fn charge(&self, req: ChargeRequest) -> Result<Receipt, PaymentError> {
+        ::idem_core::__private::ok_type::<Receipt>().storable();
         let __idem_call = ::idem_core::__private::Call::new(
                 ::idem_core::__private::concat!(
                     ::idem_core::__private::module_path!(), "::charge"
                 ),
             )
             .key(&(req.idempotency_key.clone()))
-            .fingerprint((&req,))
+            .fingerprint((::idem_core::__private::arg(&req).checked(),))
             .ttl(::idem_core::__private::Duration::from_secs(86400));
         let __idem_run = ::idem_core::__private::run::<Receipt, PaymentError, _>;
         __idem_run(

@@ -1,0 +1,196 @@
+//! The checks that `#[idempotent]` writes into each expansion, so that a type that cannot be
+//! fingerprinted, stored or converted gets ONE error that names the fix, under the user's
+//! token (`#[diagnostic::on_unimplemented]` on idem-owned traits).
+//!
+//! Two patterns:
+//!
+//! - A bound on an idem trait with a blanket impl ([`FromIdemError`]): rustc reports the
+//!   failing leaf bound with the idem trait's message.
+//! - Inherent-method dispatch through `Deref` ([`arg`], [`ok_type`], [`err_type`]): the
+//!   method of the first type applies when the bounds hold; otherwise method lookup derefs
+//!   to a fallback type whose method asks for a trait that nothing implements, which is the
+//!   one error. Its supertraits are the bounds that the runtime asks for under the same
+//!   span, so rustc drops those repeats as implied by the first report.
+
+use core::marker::PhantomData;
+use core::ops::Deref;
+
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+/// An argument on its way into the derived key or the fingerprint: `arg(&x).checked()` is
+/// `&x` when `x` is `Serialize`, and an error that says to skip it otherwise.
+pub fn arg<T: ?Sized>(value: &T) -> Arg<'_, T> {
+    Arg(Unchecked(value))
+}
+
+/// See [`arg`].
+pub struct Arg<'a, T: ?Sized>(Unchecked<'a, T>);
+
+/// See [`arg`]: reached only when the argument is not `Serialize`.
+pub struct Unchecked<'a, T: ?Sized>(&'a T);
+
+impl<'a, T: Serialize + ?Sized> Arg<'a, T> {
+    /// The argument, by reference (serde hashes `&x` as `x`).
+    pub fn checked(&self) -> &'a T {
+        self.0 .0
+    }
+}
+
+impl<'a, T: ?Sized> Deref for Arg<'a, T> {
+    type Target = Unchecked<'a, T>;
+    fn deref(&self) -> &Unchecked<'a, T> {
+        &self.0
+    }
+}
+
+impl<T: ?Sized> Unchecked<'_, T> {
+    /// Never compiles: `T` is not `Serialize`.
+    pub fn checked(&self) -> Unserializable
+    where
+        (): Fingerprinted<T>,
+    {
+        Unserializable
+    }
+}
+
+/// What a non-`Serialize` argument turns into (after its compile error), so that the tuple
+/// around it raises no second error.
+#[derive(Serialize)]
+pub struct Unserializable;
+
+/// Asked of `()` for an argument that is not `Serialize`; implemented by no type that the
+/// expansion uses (the parameter, rather than `Self`, keeps rustc from suggesting this trait
+/// as a bound on a type parameter).
+#[diagnostic::on_unimplemented(
+    message = "this argument is part of the idempotency key or fingerprint, but `{T}` does not implement `serde::Serialize`",
+    label = "not `Serialize`",
+    note = "add this argument to `skip(..)` in the attribute (a handle, a client, a connection), or derive `serde::Serialize` for its type"
+)]
+pub trait Fingerprinted<T: ?Sized> {}
+
+impl<T: ?Sized> Fingerprinted<T> for Unserializable {}
+
+/// The `Ok` type, checked: `ok_type::<T>().storable()`.
+pub fn ok_type<T>() -> OkType<T> {
+    OkType(UncheckedOk(PhantomData))
+}
+
+/// See [`ok_type`].
+pub struct OkType<T>(UncheckedOk<T>);
+
+/// See [`ok_type`]: reached only when `T` cannot be stored.
+pub struct UncheckedOk<T>(PhantomData<T>);
+
+impl<T: Serialize + DeserializeOwned> OkType<T> {
+    /// `T` can be stored and replayed.
+    pub fn storable(&self) {}
+}
+
+impl<T> Deref for OkType<T> {
+    type Target = UncheckedOk<T>;
+    fn deref(&self) -> &UncheckedOk<T> {
+        &self.0
+    }
+}
+
+impl<T> UncheckedOk<T> {
+    /// Never compiles: `T` is not `Serialize + DeserializeOwned`.
+    pub fn storable(&self)
+    where
+        T: Storable,
+    {
+    }
+}
+
+/// Asked of an `Ok` type that is not `Serialize + DeserializeOwned`; implemented by none.
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` is stored and replayed, so it must implement `serde::Serialize` and `serde::Deserialize`",
+    label = "the `Ok` type of an idempotent function",
+    note = "add `#[derive(serde::Serialize, serde::Deserialize)]` to `{Self}` (for a `Vec`, `Option` or other container, to the type inside it)"
+)]
+pub trait Storable: Serialize + DeserializeOwned {}
+
+/// The `Err` type under `errors = store`, checked: `err_type::<E>().storable()`.
+pub fn err_type<E>() -> ErrType<E> {
+    ErrType(IdemErrType(UncheckedErr(PhantomData)))
+}
+
+/// See [`err_type`].
+pub struct ErrType<E>(IdemErrType<E>);
+
+/// See [`err_type`]: reached when `E` cannot be stored; `idem_core::Error` gets its own
+/// message.
+pub struct IdemErrType<E>(UncheckedErr<E>);
+
+/// See [`err_type`]: reached when `E` cannot be stored.
+pub struct UncheckedErr<E>(PhantomData<E>);
+
+impl<E: Serialize + DeserializeOwned + From<crate::Error>> ErrType<E> {
+    /// `E` can be stored and replayed.
+    pub fn storable(&self) {}
+}
+
+impl<E> Deref for ErrType<E> {
+    type Target = IdemErrType<E>;
+    fn deref(&self) -> &IdemErrType<E> {
+        &self.0
+    }
+}
+
+impl<E: IsIdemError> IdemErrType<E> {
+    /// Never compiles: `idem_core::Error` is not stored.
+    pub fn storable(&self)
+    where
+        E: IdemErrorNotStored,
+    {
+    }
+}
+
+impl<E> Deref for IdemErrType<E> {
+    type Target = UncheckedErr<E>;
+    fn deref(&self) -> &UncheckedErr<E> {
+        &self.0
+    }
+}
+
+impl<E> UncheckedErr<E> {
+    /// Never compiles: `E` is not `Serialize + DeserializeOwned + From<idem_core::Error>`.
+    pub fn storable(&self)
+    where
+        E: StorableError,
+    {
+    }
+}
+
+/// `idem_core::Error` alone.
+pub trait IsIdemError {}
+
+impl IsIdemError for crate::Error {}
+
+/// Asked of `idem_core::Error` under `errors = store`; implemented by none.
+#[diagnostic::on_unimplemented(
+    message = "`errors = store` stores the `Err` value, and `idem_core::Error` cannot be stored",
+    label = "`idem_core::Error` reports idem's own failures, which are never replayed",
+    note = "use an error type of your own that derives `serde::Serialize` and `serde::Deserialize` and implements `From<idem_core::Error>`, or remove `errors = store` (the default `errors = release` lets a retry run again)"
+)]
+pub trait IdemErrorNotStored: Serialize + DeserializeOwned {}
+
+/// Asked of an `Err` type under `errors = store` that cannot be stored; implemented by none.
+#[diagnostic::on_unimplemented(
+    message = "with `errors = store`, `{Self}` is stored and replayed, so it must implement `serde::Serialize`, `serde::Deserialize` and `From<idem_core::Error>`",
+    label = "the `Err` type of a function with `errors = store`",
+    note = "add `#[derive(serde::Serialize, serde::Deserialize)]` to `{Self}` and an `impl From<idem_core::Error> for {Self}`, or remove `errors = store` (the default `errors = release` does not store errors)"
+)]
+pub trait StorableError: Serialize + DeserializeOwned + From<crate::Error> {}
+
+/// `E: From<idem_core::Error>`, asked of the `Err` type so that idem can report a duplicate
+/// in progress, a reused key or a store outage through it.
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` must implement `From<idem_core::Error>`, so that idem can return its own errors (a duplicate in progress, a reused key, a store outage) as `{Self}`",
+    label = "the `Err` type of an idempotent function",
+    note = "add `impl From<idem_core::Error> for {Self} {{ .. }}`, or with thiserror a variant `#[error(transparent)] Idem(#[from] idem_core::Error)`"
+)]
+pub trait FromIdemError: From<crate::Error> {}
+
+impl<E: From<crate::Error>> FromIdemError for E {}
