@@ -286,9 +286,24 @@ impl Store for RedisStore {
             tokio::pin!(notified);
             notified.as_mut().enable();
             let live = self.inner.waiters.live();
-            let remaining = match self.look(key).await? {
-                Looked::InProgress { remaining, .. } => remaining,
-                Looked::None | Looked::Completed(_) => return Ok(()),
+            let remaining = match self.look(key).await {
+                Ok(Looked::InProgress { remaining, .. }) => remaining,
+                Ok(Looked::None | Looked::Completed(_)) => return Ok(()),
+                // Foreign data is not a blip: say so at once.
+                Err(e @ StoreError::Corrupt(_)) => return Err(e),
+                // A connection blip or a slow server: look again until the wait is over, and
+                // then let the caller claim again (which reports the error if it persists).
+                Err(e) => {
+                    let now = Instant::now();
+                    if now >= deadline {
+                        return Ok(());
+                    }
+                    tracing::debug!(error = %e, %key, "idem redis: waiter's look failed; retrying");
+                    let nap = backoff.min(deadline - now);
+                    backoff = (backoff * 2).min(POLL_MAX);
+                    tokio::time::sleep(nap).await;
+                    continue;
+                }
             };
             let now = Instant::now();
             // The holder's lease ends (by the server's clock) `remaining` from now: a crashed
@@ -325,15 +340,8 @@ impl Store for RedisStore {
         self.eval("redis remove", &inv).await.map(drop)
     }
 
-    fn release_detached(&self, key: Key, token: FencingToken) {
-        if let Ok(handle) = tokio::runtime::Handle::try_current() {
-            let store = self.clone();
-            handle.spawn(async move {
-                if let Err(e) = store.release(&key, token).await {
-                    tracing::debug!(error = %e, key = ?key, "idem redis: detached release failed");
-                }
-            });
-        }
+    fn detached(&self) -> Option<Arc<dyn Store>> {
+        Some(Arc::new(self.clone()))
     }
 
     fn max_value_size(&self) -> usize {

@@ -99,10 +99,11 @@ fn corrupt_reply(items: &[Value]) -> StoreError {
 }
 
 fn completed(items: &[Value]) -> Result<CompletedRecord, StoreError> {
-    Ok(CompletedRecord {
-        fingerprint: fingerprint(items.get(1))?,
-        value: bytes(items.get(2))?.to_vec(),
-    })
+    Ok(CompletedRecord::new(
+        fingerprint(items.get(1))?,
+        bytes(items.get(2))?.to_vec(),
+        Some(remaining(items.get(3))?),
+    ))
 }
 
 /// Decodes the claim script's reply.
@@ -168,13 +169,14 @@ mod tests {
             claim(&acquired).ok(),
             Some(Claim::Acquired { taken_over: true })
         );
-        let done = Value::Array(vec![s(b"completed"), s(&[7; 32]), s(b"v")]);
+        let done = Value::Array(vec![s(b"completed"), s(&[7; 32]), s(b"v"), Value::Int(9)]);
         assert_eq!(
             claim(&done).ok(),
-            Some(Claim::Completed(CompletedRecord {
-                fingerprint: Some(Fingerprint([7; 32])),
-                value: b"v".to_vec()
-            }))
+            Some(Claim::Completed(CompletedRecord::new(
+                Some(Fingerprint([7; 32])),
+                b"v".to_vec(),
+                Some(Duration::from_millis(9))
+            )))
         );
         let busy = Value::Array(vec![s(b"in_progress"), s(b""), Value::Int(250)]);
         assert_eq!(

@@ -38,6 +38,7 @@ local function look()
     if not r[2] then return nil, 'an in-progress record has no token' end
   elseif r[1] == 'c' then
     if not r[5] then return nil, 'a completed record has no value' end
+    if not r[2] then return nil, 'a completed record has no token' end
   else
     return nil, 'the record has no valid state field'
   end
@@ -54,10 +55,12 @@ if s == nil then return {'corrupt', r} end
 local taken = 0
 if s ~= 'none' then
   if now < d then
-    if s == 'c' then return {'completed', r[3] or '', r[5]} end
-    return {'in_progress', r[3] or '', d - now}
+    if s == 'c' then return {'completed', r[3] or '', r[5], d - now} end
+    if r[2] ~= ARGV[1] then return {'in_progress', r[3] or '', d - now} end
+  elseif s == 'p' then
+    taken = 1
   end
-  if s == 'p' then taken = 1 end
+  if s == 'p' and r[2] == ARGV[1] then taken = 0 end
   redis.call('DEL', k)
 end
 local lease = tonumber(ARGV[3])
@@ -69,10 +72,10 @@ return {'acquired', taken}
 /// `complete(KEYS[1]; token, value, ttl_ms, channel, key_hex)` → 1, or 0 when fenced.
 const COMPLETE: &str = r#"
 local s, r = look()
+if s == 'c' and r[2] == ARGV[1] then return 1 end
 if s ~= 'p' or r[2] ~= ARGV[1] then return 0 end
 local ttl = tonumber(ARGV[3])
 redis.call('HSET', k, 's', 'c', 'v', ARGV[2], 'd', string.format('%d', now + ttl))
-redis.call('HDEL', k, 't')
 if ttl > 0 then
   redis.call('PEXPIRE', k, string.format('%d', ttl))
 else
@@ -82,10 +85,10 @@ redis.call('PUBLISH', ARGV[4], ARGV[5])
 return 1
 "#;
 
-/// `release(KEYS[1]; token, channel, key_hex)` → 1, or 0 when fenced.
+/// `release(KEYS[1]; token, channel, key_hex)` → 1 (also when the record is not ours).
 const RELEASE: &str = r#"
 local s, r = look()
-if s ~= 'p' or r[2] ~= ARGV[1] then return 0 end
+if s ~= 'p' or r[2] ~= ARGV[1] then return 1 end
 redis.call('DEL', k)
 redis.call('PUBLISH', ARGV[2], ARGV[3])
 return 1
@@ -107,7 +110,7 @@ const GET: &str = r#"
 local s, r, d = look()
 if s == nil then return {'corrupt', r} end
 if s == 'none' or now >= d then return {'none'} end
-if s == 'c' then return {'completed', r[3] or '', r[5]} end
+if s == 'c' then return {'completed', r[3] or '', r[5], d - now} end
 return {'in_progress', r[3] or '', d - now, r[2]}
 "#;
 
