@@ -40,6 +40,7 @@ mod observe;
 mod private;
 mod runtime;
 mod store;
+mod transaction;
 
 pub mod codec;
 pub mod fingerprint;
@@ -60,7 +61,7 @@ pub use options::{MissingKey, OnConflict, Options};
 pub use runtime::{current_key, default_store, set_default_store, Call};
 pub use store::{
     Claim, ClaimRequest, CompletedRecord, FencingToken, Fingerprint, Key, RecordState, Store,
-    DEFAULT_MAX_VALUE_SIZE,
+    TransactionalStore, DEFAULT_MAX_VALUE_SIZE,
 };
 
 #[cfg(feature = "macros")]

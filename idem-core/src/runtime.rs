@@ -90,15 +90,15 @@ pub fn default_store() -> Option<&'static dyn Store> {
 /// ```
 #[must_use = "a Call does nothing until `run`"]
 pub struct Call<C: Codec = MsgPack> {
-    namespace: &'static str,
+    pub(crate) namespace: &'static str,
     /// The key material's digest; `None` for a missing key.
     key: Option<[u8; 32]>,
     scope: Option<[u8; 32]>,
     fingerprint: Option<[u8; 32]>,
     /// The first argument that could not be hashed.
     error: Option<String>,
-    options: Options,
-    codec: C,
+    pub(crate) options: Options,
+    pub(crate) codec: C,
 }
 
 impl Call<MsgPack> {
@@ -283,6 +283,44 @@ impl<C: Codec> Call<C> {
         }
     }
 
+    /// What every run does before it claims: check the options, derive the identity, and try
+    /// the store's in-process replay.
+    pub(crate) fn prepare<P, T, E>(&self, store: &dyn Store) -> Prepared<Result<T, E>>
+    where
+        P: Policy<T, E>,
+        E: From<Error>,
+    {
+        let ns = self.namespace;
+        if let Err(e) = self.options.validate() {
+            return Prepared::Done(Err(fail(e, ns, None)));
+        }
+        let ident = match self.identity() {
+            Ok(Some(ident)) => ident,
+            Ok(None) if self.options.missing_key == MissingKey::Run => {
+                tracing::warn!(target: "idem", namespace = ns, "idempotency key is None: running unprotected (missing_key = run)");
+                emit(Outcome::Unprotected, ns, None);
+                return Prepared::Unprotected;
+            }
+            Ok(None) => return Prepared::Done(Err(fail(Error::MissingKey, ns, None))),
+            Err(e) => return Prepared::Done(Err(fail(e, ns, None))),
+        };
+        // A replay held in this process: no span, no future, no claim.
+        if let Some(record) = store.completed_now(&ident.key) {
+            if !mismatch(ident.fingerprint, record.fingerprint) {
+                let tag = P::tag(C::NAME, self.options.version);
+                return Prepared::Done(replay::<P, T, E, C>(
+                    &self.codec,
+                    &tag,
+                    &record,
+                    Outcome::Replayed,
+                    ns,
+                    &ident.key,
+                ));
+            }
+        }
+        Prepared::Claim(ident)
+    }
+
     async fn drive<P, T, E, Fut>(self, store: &dyn Store, body: Fut) -> Result<T, E>
     where
         P: Policy<T, E>,
@@ -290,33 +328,11 @@ impl<C: Codec> Call<C> {
         Fut: Future<Output = Result<T, E>>,
     {
         let ns = self.namespace;
-        if let Err(e) = self.options.validate() {
-            return Err(fail(e, ns, None));
-        }
-        let ident = match self.identity() {
-            Ok(Some(ident)) => ident,
-            Ok(None) if self.options.missing_key == MissingKey::Run => {
-                tracing::warn!(target: "idem", namespace = ns, "idempotency key is None: running unprotected (missing_key = run)");
-                emit(Outcome::Unprotected, ns, None);
-                return body.await;
-            }
-            Ok(None) => return Err(fail(Error::MissingKey, ns, None)),
-            Err(e) => return Err(fail(e, ns, None)),
+        let ident = match self.prepare::<P, T, E>(store) {
+            Prepared::Claim(ident) => ident,
+            Prepared::Done(result) => return result,
+            Prepared::Unprotected => return body.await,
         };
-        // A replay held in this process: no span, no future, no claim.
-        if let Some(record) = store.completed_now(&ident.key) {
-            if !mismatch(ident.fingerprint, record.fingerprint) {
-                let tag = P::tag(C::NAME, self.options.version);
-                return replay::<P, T, E, C>(
-                    &self.codec,
-                    &tag,
-                    &record,
-                    Outcome::Replayed,
-                    ns,
-                    &ident.key,
-                );
-            }
-        }
         let span =
             tracing::debug_span!(target: "idem", "idem.call", namespace = ns, key = %ident.key);
         self.drive_claimed::<P, T, E, Fut>(store, ident, body)
@@ -403,7 +419,7 @@ impl<C: Codec> Call<C> {
 }
 
 /// Step 5: decode a stored record as this call's result.
-fn replay<P, T, E, C>(
+pub(crate) fn replay<P, T, E, C>(
     codec: &C,
     tag: &codec::TypeTag,
     record: &crate::CompletedRecord,
@@ -427,16 +443,26 @@ where
     }
 }
 
-/// A claim this call holds.
-struct Held {
-    key: Key,
-    token: FencingToken,
-    taken_over: bool,
-    /// When the claim that acquired was sent: the store's lease started no earlier.
-    since: Instant,
+/// Where [`Call::prepare`] leaves a call.
+pub(crate) enum Prepared<R> {
+    /// Go on and claim under this identity.
+    Claim(Identity),
+    /// The call is answered (a replay in this process, or an error).
+    Done(R),
+    /// `missing_key = run`: run the body without protection.
+    Unprotected,
 }
 
-enum Claimed {
+/// A claim this call holds.
+pub(crate) struct Held {
+    pub(crate) key: Key,
+    pub(crate) token: FencingToken,
+    pub(crate) taken_over: bool,
+    /// When the claim that acquired was sent: the store's lease started no earlier.
+    pub(crate) since: Instant,
+}
+
+pub(crate) enum Claimed {
     Held(Held),
     Completed {
         record: crate::CompletedRecord,
@@ -458,13 +484,13 @@ const COMPLETE_ATTEMPTS: u32 = 5;
 /// The time one store operation may take: half the lease for a claim or a completion (the
 /// lease keeper covers the rest), a quarter for a renewal, so that a failed renewal leaves
 /// room for more attempts inside the lease (see `keep_lease`). Never below 5 ms.
-fn budget(lease: Duration, share: u32) -> Duration {
+pub(crate) fn budget(lease: Duration, share: u32) -> Duration {
     (lease / share).max(Duration::from_millis(5))
 }
 
 /// Runs one store operation under a time budget. The first poll is free of timers, so an
 /// in-process store that answers at once costs no timer registration.
-async fn bounded<T>(
+pub(crate) async fn bounded<T>(
     budget: Duration,
     op: impl Future<Output = Result<T, StoreError>>,
 ) -> Result<T, StoreError> {
@@ -484,7 +510,12 @@ fn transient(e: &StoreError) -> bool {
 
 /// Step 1: claim, and on conflict wait and claim again, until this call holds the key or has
 /// its answer.
-async fn claim(store: &dyn Store, ident: &Identity, opts: &Options, ns: &'static str) -> Claimed {
+pub(crate) async fn claim(
+    store: &dyn Store,
+    ident: &Identity,
+    opts: &Options,
+    ns: &'static str,
+) -> Claimed {
     let key = ident.key;
     let deadline = Instant::now().checked_add(opts.wait_timeout);
     let mut waited = false;
@@ -594,7 +625,7 @@ async fn claim(store: &dyn Store, ident: &Identity, opts: &Options, ns: &'static
 
 /// Step 2: run the body once, keeping the lease; a panic releases the claim and continues,
 /// a dropped caller releases it from a detached task.
-async fn execute<T, E, Fut>(
+pub(crate) async fn execute<T, E, Fut>(
     store: &dyn Store,
     held: &Held,
     opts: &Options,
@@ -642,21 +673,21 @@ where
 
 /// What step 3 does with the claim.
 #[derive(Clone)]
-enum Settle {
+pub(crate) enum Settle {
     /// Store this envelope as the result.
     Complete(crate::Bytes),
     /// Free the key so that a retry runs again.
     Release,
 }
 
-enum Settled {
+pub(crate) enum Settled {
     Done,
     Failed(Error),
 }
 
 /// Step 3: complete or release, with retries, keeping the lease until the store acknowledges.
 /// If the caller's future is dropped meanwhile, the same work finishes in a detached task.
-async fn settle(
+pub(crate) async fn settle(
     store: &dyn Store,
     held: &Held,
     opts: &Options,
@@ -830,14 +861,14 @@ fn mismatch(ours: Option<crate::Fingerprint>, stored: Option<crate::Fingerprint>
 }
 
 /// Counts and logs a call that ends in `e`, and converts it to the function's error type.
-fn fail<E: From<Error>>(e: Error, namespace: &str, key: Option<&Key>) -> E {
+pub(crate) fn fail<E: From<Error>>(e: Error, namespace: &str, key: Option<&Key>) -> E {
     emit(e.outcome(), namespace, key);
     E::from(e)
 }
 
 /// Releases with a few retries (a release is safe to repeat); on failure the claim lapses
 /// with its lease.
-async fn release(store: &dyn Store, key: &Key, token: FencingToken, lease: Duration) {
+pub(crate) async fn release(store: &dyn Store, key: &Key, token: FencingToken, lease: Duration) {
     let mut attempt = 1;
     loop {
         match bounded(budget(lease, 2), store.release(key, token)).await {
@@ -861,7 +892,7 @@ async fn release(store: &dyn Store, key: &Key, token: FencingToken, lease: Durat
 /// third of the lease; each attempt is bounded by a quarter of the lease (and by what is left
 /// of it), and a failed one is retried after a short pause — so a holder that reaches its
 /// store at least once per `lease/3` never loses its claim.
-async fn keep_lease(
+pub(crate) async fn keep_lease(
     store: &dyn Store,
     key: Key,
     token: FencingToken,
@@ -944,14 +975,14 @@ impl<F: Future> Future for CatchUnwind<'_, F> {
 }
 
 /// What is stored, and how a record is read back.
-trait Policy<T, E> {
+pub(crate) trait Policy<T, E> {
     fn tag(codec: &'static str, version: u32) -> codec::TypeTag;
     /// `None`: do not store, release.
     fn encode<C: Codec>(codec: &C, result: &Result<T, E>) -> Option<Result<Vec<u8>, CodecError>>;
     fn decode<C: Codec>(codec: &C, payload: &[u8]) -> Result<Result<T, E>, CodecError>;
 }
 
-struct ReleaseErrors;
+pub(crate) struct ReleaseErrors;
 
 impl<T: Serialize + DeserializeOwned, E> Policy<T, E> for ReleaseErrors {
     fn tag(codec: &'static str, version: u32) -> codec::TypeTag {
@@ -965,7 +996,7 @@ impl<T: Serialize + DeserializeOwned, E> Policy<T, E> for ReleaseErrors {
     }
 }
 
-struct StoreErrors;
+pub(crate) struct StoreErrors;
 
 impl<T, E> Policy<T, E> for StoreErrors
 where

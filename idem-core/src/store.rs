@@ -357,6 +357,44 @@ pub trait Store: Send + Sync + fmt::Debug {
     }
 }
 
+/// A store whose records live in a database that can also hold the body's own writes, so that
+/// the body's statements and the completion record commit in one transaction (SPEC §4,
+/// transactional mode; used by [`Call::run_in_transaction`](crate::Call::run_in_transaction)
+/// and [`Call::run_within`](crate::Call::run_within)).
+///
+/// The claim stays a short statement of its own ([`Store::claim`]), so that duplicates see it
+/// at once and wait. The completion is written inside the transaction and becomes visible, and
+/// wakes waiters, only when the transaction commits; a rolled-back transaction leaves the
+/// claim in progress under its token and no value anywhere.
+#[async_trait]
+pub trait TransactionalStore: Store {
+    /// The open transaction the body runs its statements in (for the sqlx stores, a
+    /// `sqlx::Transaction<'static, DB>`). Dropping it without [`commit`](Self::commit) must
+    /// roll it back, as sqlx's does.
+    type Tx: Send;
+
+    /// Opens a transaction on the store's database.
+    async fn begin(&self) -> Result<Self::Tx, StoreError>;
+
+    /// Writes the completion inside `tx`, fenced by the token: the record becomes completed
+    /// with `value` (expiring `ttl` after the commit's clock, or near it) only if it is in
+    /// progress under `token` — otherwise [`StoreError::Fenced`], and the caller rolls back.
+    /// A store with notifications queues the wake-up inside the transaction, so that waiters
+    /// are woken at commit and never by a value that is rolled back.
+    async fn complete_in(
+        &self,
+        tx: &mut Self::Tx,
+        key: &Key,
+        token: FencingToken,
+        value: &[u8],
+        ttl: Duration,
+    ) -> Result<(), StoreError>;
+
+    /// Commits `tx`. If the reply is lost, the runtime finds out what happened by claiming
+    /// again with its own token (in progress under it: rolled back; completed: committed).
+    async fn commit(&self, tx: Self::Tx) -> Result<(), StoreError>;
+}
+
 /// The default limit on an encoded value: 1 MiB.
 pub const DEFAULT_MAX_VALUE_SIZE: usize = 1 << 20;
 
