@@ -6,10 +6,11 @@ use proc_macro2::TokenStream;
 use quote::ToTokens;
 use syn::ext::IdentExt;
 use syn::parse::{ParseStream, Parser};
-use syn::{Expr, ExprLit, Ident, Lit, LitBool, LitInt, Path, Token};
+use syn::{Expr, ExprLit, Ident, Lit, LitBool, LitInt, LitStr, Path, Token};
 
 use crate::duration::parse_millis;
 use crate::model::{Args, Dur};
+use crate::suggest::closest;
 
 /// Every argument, in the order of SPEC §2 (listed by the "unknown argument" error).
 const ARGUMENTS: &[&str] = &[
@@ -90,6 +91,18 @@ fn argument(
         "missing_key" => args.missing_key = choice(input, name, &["error", "run"], errors)?,
         "version" => {
             eq(input, name, "a whole number, e.g. `version = 2`")?;
+            if input.peek(LitStr) {
+                let s: LitStr = input.parse()?;
+                errors.push(syn::Error::new(
+                    s.span(),
+                    match s.value().trim().parse::<u32>() {
+                        Ok(n) => format!("write `version = {n}` (a number, without quotes)"),
+                        Err(_) => "`version` takes a whole number without quotes, e.g. `version = 2`"
+                            .to_owned(),
+                    },
+                ));
+                return Ok(());
+            }
             let lit: LitInt = input.parse()?;
             match lit.base10_parse::<u32>() {
                 Ok(_) if lit.suffix().is_empty() || lit.suffix() == "u32" => args.version = Some(lit),
@@ -125,10 +138,13 @@ fn argument(
             args.krate = Some(input.call(Path::parse_mod_style)?);
         }
         other => {
+            let hint = closest(other, ARGUMENTS.iter().copied())
+                .map(|c| format!("; did you mean `{c}`?"))
+                .unwrap_or_default();
             errors.push(syn::Error::new(
                 name.span(),
                 format!(
-                    "unknown argument `{other}`; the arguments are: {}",
+                    "unknown argument `{other}`{hint} (the arguments are: {})",
                     ARGUMENTS.join(", ")
                 ),
             ));
@@ -203,13 +219,27 @@ fn choice(
 ) -> syn::Result<Option<Ident>> {
     let expected = format!("`{name} = {}`", words.join("` or `"));
     eq(input, name, &expected)?;
+    if input.peek(LitStr) {
+        let s: LitStr = input.parse()?;
+        let value = s.value();
+        let msg = if words.contains(&value.as_str()) {
+            format!("write `{name} = {value}` (without quotes)")
+        } else {
+            format!("unknown value {value:?}: write {expected} (without quotes)")
+        };
+        errors.push(syn::Error::new(s.span(), msg));
+        return Ok(None);
+    }
     let word = input.call(Ident::parse_any)?;
     if words.iter().any(|w| word == w) {
         Ok(Some(word))
     } else {
+        let hint = closest(&word.to_string(), words.iter().copied())
+            .map(|c| format!("did you mean `{c}`? "))
+            .unwrap_or_default();
         errors.push(syn::Error::new(
             word.span(),
-            format!("unknown value `{word}`: write {expected}"),
+            format!("unknown value `{word}`: {hint}write {expected}"),
         ));
         Ok(None)
     }

@@ -52,10 +52,21 @@ pub(crate) fn idempotent(attr: TokenStream, item: TokenStream) -> TokenStream {
             return with_errors(vec![e], item);
         }
     };
-    let (args, mut errors) = match attr::parse(attr) {
+    let (mut args, mut errors) = match attr::parse(attr) {
         Ok(parsed) => parsed,
         Err(e) => return with_errors(vec![e], item),
     };
+    // `store = store`: the store argument is skipped without `skip(store)`.
+    let names = valid::argument_names(&func);
+    let store_arg = args
+        .store
+        .as_ref()
+        .and_then(|s| valid::store_argument(s, &names.iter().collect::<Vec<_>>()).cloned());
+    if let Some(name) = store_arg {
+        if !args.skip.contains(&name) {
+            args.skip.push(name);
+        }
+    }
     let (model, more) = valid::check(&func, &args);
     errors.extend(more);
     match model {
@@ -101,6 +112,7 @@ fn wrap(mut func: ItemFn, args: &Args, model: &Func) -> TokenStream {
         }
         Shape::AsyncTrait => {
             if let Some(body) = async_trait_body_mut(&mut func.block) {
+                allow_unused_moves(&mut body.block, args, model);
                 let run = run(&p, call, args, model, &body.block);
                 let braces = body.block.brace_token;
                 body.block = syn::parse_quote!({ #run });
@@ -109,6 +121,40 @@ fn wrap(mut func: ItemFn, args: &Args, model: &Func) -> TokenStream {
         }
     }
     func.into_token_stream()
+}
+
+/// `#[async_trait]` moves each argument into its body (`let order = order;`). An argument
+/// that only the key or fingerprint uses would make that move an unused variable, where the
+/// plain `async fn` has no warning: allow it on those moves alone.
+fn allow_unused_moves(block: &mut Block, args: &Args, model: &Func) {
+    let argument = |n: &syn::Ident| model.inputs.iter().any(|i| i.bindings.contains(n));
+    let used = |n: &syn::Ident| {
+        argument(n)
+            && (!args.skip.contains(n)
+                || [&args.key, &args.scope, &args.store]
+                    .into_iter()
+                    .flatten()
+                    .any(|e| valid::mentions(e, n)))
+    };
+    for stmt in &mut block.stmts {
+        let syn::Stmt::Local(local) = stmt else {
+            break;
+        };
+        let moves_argument = local
+            .init
+            .as_ref()
+            .is_some_and(|init| matches!(&*init.expr, Expr::Path(_)));
+        if !moves_argument {
+            break;
+        }
+        let mut bound = Vec::new();
+        valid::pattern_bindings(&local.pat, &mut bound);
+        if bound.iter().any(used) {
+            local
+                .attrs
+                .push(syn::parse_quote!(#[allow(unused_variables)]));
+        }
+    }
 }
 
 fn async_trait_body_mut(block: &mut Block) -> Option<&mut syn::ExprAsync> {

@@ -9,6 +9,7 @@ mod attr;
 mod duration;
 mod expand;
 mod model;
+mod suggest;
 mod valid;
 
 use proc_macro::TokenStream;

@@ -4,11 +4,12 @@
 use proc_macro2::{TokenStream, TokenTree};
 use quote::ToTokens;
 use syn::{
-    Block, Expr, FnArg, GenericArgument, Ident, ItemFn, Pat, PathArguments, ReceiverKind, ReturnType,
-    Stmt, Type, TypeParamBound,
+    Block, Expr, FnArg, GenericArgument, Ident, ItemFn, Pat, PathArguments, ReceiverKind,
+    ReturnType, Stmt, Type, TypeParamBound,
 };
 
 use crate::model::{Args, Func, Input, Receiver, Shape};
+use crate::suggest::closest;
 
 /// The function's model, or `None` when it cannot be wrapped at all; and the errors found.
 pub(crate) fn check(item: &ItemFn, args: &Args) -> (Option<Func>, Vec<syn::Error>) {
@@ -81,10 +82,21 @@ pub(crate) fn check(item: &ItemFn, args: &Args) -> (Option<Func>, Vec<syn::Error
                 "`self` is never part of the key or fingerprint: remove it from `skip`",
             ));
         } else if !names.contains(&s) {
+            let hint = closest(
+                &s.to_string(),
+                names
+                    .iter()
+                    .map(|n| n.to_string())
+                    .collect::<Vec<_>>()
+                    .iter()
+                    .map(String::as_str),
+            )
+            .map(|c| format!("; did you mean `{c}`?"))
+            .unwrap_or_default();
             errors.push(syn::Error::new(
                 s.span(),
                 format!(
-                    "`skip({s})` names no argument; the arguments are: {}",
+                    "`skip({s})` names no argument{hint} (the arguments are: {})",
                     list(&names)
                 ),
             ));
@@ -93,10 +105,16 @@ pub(crate) fn check(item: &ItemFn, args: &Args) -> (Option<Func>, Vec<syn::Error
     let skipped = |n: &Ident| args.skip.iter().any(|s| s == n);
     let key_mentions = |n: &Ident| args.key.as_ref().is_some_and(|k| mentions(k, n));
 
+    let typos = args
+        .key
+        .as_ref()
+        .map_or_else(Vec::new, |k| key_typos(k, &names));
+    let key_has_typo = !typos.is_empty();
+    errors.extend(typos);
     match &args.key {
         Some(key) => {
             let any = names.iter().any(|n| mentions(key, n)) || mentions_self(key);
-            if !any {
+            if !any && !key_has_typo {
                 errors.push(syn::Error::new_spanned(
                     key,
                     format!(
@@ -128,6 +146,39 @@ pub(crate) fn check(item: &ItemFn, args: &Args) -> (Option<Func>, Vec<syn::Error
                         ),
                     ));
                 }
+            }
+        }
+    }
+
+    for input in &inputs {
+        let Some(name) = input.bindings.iter().find(|b| !skipped(b)) else {
+            continue;
+        };
+        if let Type::Reference(r) = &input.ty {
+            if let Some(m) = &r.mutability {
+                let and = r.and_token;
+                errors.push(syn::Error::new_spanned(
+                    quote::quote!(#and #m),
+                    format!(
+                        "a replay skips the body, so the `&mut` argument `{name}` is not \
+                         updated on a replay: return the value instead, or add `skip({name})` \
+                         to accept that"
+                    ),
+                ));
+                continue;
+            }
+        }
+        if !input.opaque {
+            if let Some(set) = hash_set(&input.ty) {
+                errors.push(syn::Error::new(
+                    set.span(),
+                    format!(
+                        "a `HashSet` is serialized in iteration order, which differs between \
+                         equal sets, so a retry would not match the first call (`KeyReused`, \
+                         or a new key): use a `BTreeSet`, or `skip({name})` with an explicit \
+                         `key = ...`"
+                    ),
+                ));
             }
         }
     }
@@ -259,7 +310,7 @@ fn result_args(ty: &Type) -> Option<(Type, Option<Type>)> {
     Some((ok, types.next()))
 }
 
-fn pattern_bindings(pat: &Pat, out: &mut Vec<Ident>) {
+pub(crate) fn pattern_bindings(pat: &Pat, out: &mut Vec<Ident>) {
     match pat {
         Pat::Ident(p) => {
             if let Some((_, sub)) = &p.subpat {
@@ -335,4 +386,115 @@ fn borrows_self(expr: &Expr) -> bool {
         Expr::Unary(u) => borrows_self(&u.expr),
         _ => false,
     }
+}
+
+/// The `HashSet` in an argument's type (`HashSet<T>`, `&HashSet<T>`, `Option<HashSet<T>>`..):
+/// serde writes a set in iteration order, which is not the same for two equal sets.
+fn hash_set(ty: &Type) -> Option<&Ident> {
+    match ty {
+        Type::Reference(r) => hash_set(&r.elem),
+        Type::Paren(p) => hash_set(&p.elem),
+        Type::Group(g) => hash_set(&g.elem),
+        Type::Slice(s) => hash_set(&s.elem),
+        Type::Array(a) => hash_set(&a.elem),
+        Type::Tuple(t) => t.elems.iter().find_map(hash_set),
+        Type::Path(p) if p.qself.is_none() => p.path.segments.iter().find_map(|s| {
+            if s.ident == "HashSet" {
+                return Some(&s.ident);
+            }
+            match &s.arguments {
+                PathArguments::AngleBracketed(a) => a.args.iter().find_map(|g| match g {
+                    GenericArgument::Type(t) => hash_set(t),
+                    _ => None,
+                }),
+                _ => None,
+            }
+        }),
+        _ => None,
+    }
+}
+
+/// A variable in `key` that is no argument but two edits from one (`order_idd` for
+/// `order_id`): conservative, so only lowercase one-word paths outside call position that
+/// no closure or `let` in the key binds.
+fn key_typos(key: &Expr, names: &[&Ident]) -> Vec<syn::Error> {
+    use syn::visit::Visit;
+
+    #[derive(Default)]
+    struct Walk<'a> {
+        used: Vec<&'a Ident>,
+        bound: Vec<String>,
+    }
+    impl<'a> Visit<'a> for Walk<'a> {
+        fn visit_expr_call(&mut self, call: &'a syn::ExprCall) {
+            if !matches!(&*call.func, Expr::Path(_)) {
+                self.visit_expr(&call.func);
+            }
+            for a in &call.args {
+                self.visit_expr(a);
+            }
+        }
+        fn visit_expr_path(&mut self, p: &'a syn::ExprPath) {
+            if p.qself.is_none() && p.path.segments.len() == 1 && p.path.leading_colon.is_none() {
+                let seg = &p.path.segments[0];
+                if seg.arguments.is_none() {
+                    self.used.push(&seg.ident);
+                }
+            }
+        }
+        fn visit_pat_ident(&mut self, p: &'a syn::PatIdent) {
+            self.bound.push(p.ident.to_string());
+            syn::visit::visit_pat_ident(self, p);
+        }
+    }
+
+    let mut walk = Walk::default();
+    walk.visit_expr(key);
+    let args: Vec<String> = names.iter().map(ToString::to_string).collect();
+    walk.used
+        .into_iter()
+        .filter_map(|ident| {
+            let word = ident.to_string();
+            let lowercase = word.starts_with(|c: char| c.is_ascii_lowercase() || c == '_');
+            if !lowercase || word == "self" || args.contains(&word) || walk.bound.contains(&word) {
+                return None;
+            }
+            let close = closest(&word, args.iter().map(String::as_str))?;
+            Some(syn::Error::new(
+                ident.span(),
+                format!("`{word}` is not an argument of the function; did you mean `{close}`?"),
+            ))
+        })
+        .collect()
+}
+
+/// The argument that `store = ..` names (`store`, `&store`, `store.clone()`): a store is
+/// never part of the key or fingerprint, so it is skipped without `skip(store)`.
+pub(crate) fn store_argument<'a>(store: &Expr, names: &[&'a Ident]) -> Option<&'a Ident> {
+    match store {
+        Expr::Path(p) if p.qself.is_none() => {
+            let ident = p.path.get_ident()?;
+            names.iter().copied().find(|n| *n == ident)
+        }
+        Expr::Reference(r) => store_argument(&r.expr, names),
+        Expr::Paren(p) => store_argument(&p.expr, names),
+        Expr::Unary(u) if matches!(u.op, syn::UnOp::Deref(_)) => store_argument(&u.expr, names),
+        Expr::MethodCall(m)
+            if m.args.is_empty() && (m.method == "clone" || m.method == "as_ref") =>
+        {
+            store_argument(&m.receiver, names)
+        }
+        _ => None,
+    }
+}
+
+/// The variables the function's typed arguments bind.
+pub(crate) fn argument_names(item: &ItemFn) -> Vec<Ident> {
+    let mut out = Vec::new();
+    for arg in &item.sig.inputs {
+        if let FnArg::Typed(t) = arg {
+            pattern_bindings(&t.pat, &mut out);
+        }
+    }
+    out
 }

@@ -29,6 +29,7 @@ impl Billing for Biller {
                     ::idem_core::__private::from_error::<Error>,
                     async {
                         let __self = self;
+                        #[allow(unused_variables)]
                         let order = order;
                         let __ret: Result<Receipt, Error> = {
                             Ok(__self.receipt(order))
