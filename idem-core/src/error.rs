@@ -23,7 +23,10 @@ pub enum Error {
     /// (`wait_timeout`) ran out. Retry later (HTTP 409).
     #[error("a call with this idempotency key is in progress{}", retry_hint(*.retry_after))]
     InProgress {
-        /// How long the current holder's lease still runs, when the store knows it.
+        /// When to retry: [`Error::retry_hint`] of the holder's remaining lease — the smaller
+        /// of that lease and one second, since most bodies end long before their lease does
+        /// (a client told to wait out a 30 s lease for a 300 ms body would wait 100× too
+        /// long). The HTTP layer sends the same value as `Retry-After`.
         retry_after: Option<Duration>,
     },
     /// The key was used before with different arguments (HTTP 422). The stored answer belongs
@@ -83,7 +86,26 @@ fn retry_hint(d: Option<Duration>) -> String {
     }
 }
 
+/// The most an `InProgress` retry hint ever says: one second.
+pub const MAX_RETRY_HINT: Duration = Duration::from_secs(1);
+
 impl Error {
+    /// The retry hint of an `InProgress` answer, from the holder's remaining lease (if the
+    /// store knows it): the smaller of that and [`MAX_RETRY_HINT`], and at least 10 ms.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use idem_core::Error;
+    /// assert_eq!(Error::retry_hint(Some(Duration::from_secs(29))), Duration::from_secs(1));
+    /// assert_eq!(Error::retry_hint(Some(Duration::from_millis(200))), Duration::from_millis(200));
+    /// assert_eq!(Error::retry_hint(None), Duration::from_secs(1));
+    /// ```
+    pub fn retry_hint(lease_remaining: Option<Duration>) -> Duration {
+        lease_remaining
+            .unwrap_or(MAX_RETRY_HINT)
+            .clamp(Duration::from_millis(10), MAX_RETRY_HINT)
+    }
+
     /// The HTTP status this error maps to: 409 `InProgress`, 422 `KeyReused`, 400 `MissingKey`,
     /// 503 `Store`, 500 for the rest.
     ///

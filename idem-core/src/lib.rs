@@ -42,6 +42,10 @@ mod runtime;
 mod store;
 mod transaction;
 
+#[cfg(feature = "metrics")]
+#[cfg_attr(docsrs, doc(cfg(feature = "metrics")))]
+pub mod telemetry;
+
 pub mod codec;
 pub mod fingerprint;
 pub mod key;
@@ -56,9 +60,9 @@ pub mod http;
 pub use async_trait::async_trait;
 pub use bytes::Bytes;
 pub use error::{BoxError, CodecError, Error, StoreError};
-pub use observe::{count, counters, Outcome};
+pub use observe::{count, counters, observe, CallOutcome, Observed, Outcome};
 pub use options::{MissingKey, OnConflict, Options};
-pub use runtime::{current_key, default_store, set_default_store, Call};
+pub use runtime::{current_key, default_store, set_default_store, with_default_store, Call};
 pub use store::{
     Claim, ClaimRequest, CompletedRecord, FencingToken, Fingerprint, Key, RecordState, Store,
     TransactionalStore, DEFAULT_MAX_VALUE_SIZE,
@@ -76,8 +80,8 @@ pub mod __private {
     pub use crate::options::{MissingKey, OnConflict};
     pub use crate::private::{
         arg, err_type, ok_type, Arg, ErrType, Fingerprinted, FromIdemError, IdemErrType,
-        IdemErrorNotStored, IsIdemError, OkType, Storable, StorableError, Unchecked,
-        UncheckedErr, UncheckedOk, Unserializable,
+        IdemErrorNotStored, IsIdemError, OkType, Storable, StorableError, Unchecked, UncheckedErr,
+        UncheckedOk, Unserializable,
     };
     pub use crate::runtime::Call;
     pub use crate::store::Store;

@@ -1,6 +1,7 @@
 //! Outcomes: one per call, emitted as a `tracing` event and counted.
 
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 /// How a call ended. Every call ends in exactly one.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -116,9 +117,76 @@ pub fn count(outcome: Outcome) -> u64 {
     COUNTERS[outcome.index()].load(Ordering::Relaxed)
 }
 
+/// One finished call, as an [`Observed`] scope sees it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CallOutcome {
+    /// The call's namespace (the function unless pinned).
+    pub namespace: &'static str,
+    /// How it ended.
+    pub outcome: Outcome,
+}
+
+/// The outcomes of the idempotent calls made inside one [`observe`] scope, in order.
+#[derive(Clone, Debug, Default)]
+pub struct Observed {
+    calls: Arc<Mutex<Vec<CallOutcome>>>,
+}
+
+impl Observed {
+    /// Every call's outcome so far, in the order they ended.
+    pub fn calls(&self) -> Vec<CallOutcome> {
+        self.lock().clone()
+    }
+
+    /// The outcome of the last call that ended, if any.
+    pub fn last(&self) -> Option<Outcome> {
+        self.lock().last().map(|c| c.outcome)
+    }
+
+    /// How many calls ended with `outcome`.
+    pub fn count(&self, outcome: Outcome) -> usize {
+        self.lock().iter().filter(|c| c.outcome == outcome).count()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<CallOutcome>> {
+        self.calls.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+tokio::task_local! {
+    static OBSERVER: Observed;
+}
+
+/// Runs `fut` and reports the outcome of every idempotent call that ends inside it, in this
+/// task — how a caller tells a replay from a run without changing a function's signature,
+/// and how a test asserts outcomes without the process-wide [`counters`]. Scopes nest: the
+/// innermost one sees the calls. (A completion that a dropped caller left to a detached task
+/// is counted in [`counters`] only.)
+///
+/// ```
+/// use idem_core::{observe, Call, Error, Outcome};
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() {
+/// let store = idem_stores::MemoryStore::new();
+/// let charge = || Call::new("docs::observe").key("k").run(&store, async { Ok::<_, Error>(5) });
+/// let (first, seen) = observe(charge()).await;
+/// assert_eq!((first.unwrap(), seen.last()), (5, Some(Outcome::Executed)));
+/// let (again, seen) = observe(charge()).await;
+/// assert_eq!((again.unwrap(), seen.last()), (5, Some(Outcome::Replayed)));
+/// # }
+/// ```
+pub async fn observe<F: std::future::Future>(fut: F) -> (F::Output, Observed) {
+    let observed = Observed::default();
+    let out = OBSERVER.scope(observed.clone(), fut).await;
+    (out, observed)
+}
+
 /// Counts and logs the end of one call.
-pub(crate) fn emit(outcome: Outcome, namespace: &str, key: Option<&crate::Key>) {
+pub(crate) fn emit(outcome: Outcome, namespace: &'static str, key: Option<&crate::Key>) {
     COUNTERS[outcome.index()].fetch_add(1, Ordering::Relaxed);
+    let _ = OBSERVER.try_with(|o| o.lock().push(CallOutcome { namespace, outcome }));
+    #[cfg(feature = "metrics")]
+    crate::telemetry::call(namespace, outcome);
     // Formatted only if a subscriber takes the event: no allocation on the hot path.
     let key = KeyField(key);
     let outcome = outcome.as_str();

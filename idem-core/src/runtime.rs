@@ -67,9 +67,58 @@ pub fn set_default_store(store: Arc<dyn Store>) -> Result<(), Arc<dyn Store>> {
     DEFAULT_STORE.set(store)
 }
 
-/// The process default store, if one was set.
+/// The process default store, if one was set (a [`with_default_store`] scope is not seen
+/// here; calls see it).
 pub fn default_store() -> Option<&'static dyn Store> {
     DEFAULT_STORE.get().map(|s| &**s)
+}
+
+tokio::task_local! {
+    static SCOPED_STORE: Arc<dyn Store>;
+}
+
+/// Runs `fut` with `store` as the default store of every call inside it that names no store
+/// (in this task), in place of the process default — so that each test gets a fresh store of
+/// its own while [`set_default_store`] stays once per process.
+///
+/// ```
+/// use std::sync::Arc;
+/// use idem_core::{with_default_store, Call, Error};
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() {
+/// let call = || Call::new("docs::scoped").key("k").run_on_default(async { Ok::<_, Error>(1) });
+/// let store = Arc::new(idem_stores::MemoryStore::new());
+/// assert_eq!(with_default_store(store.clone(), call()).await.unwrap(), 1);
+/// // Another test's fresh store knows nothing of the first one's records.
+/// let other = Arc::new(idem_stores::MemoryStore::new());
+/// assert_eq!(with_default_store(other, call()).await.unwrap(), 1);
+/// # }
+/// ```
+pub async fn with_default_store<F: Future>(store: Arc<dyn Store>, fut: F) -> F::Output {
+    SCOPED_STORE.scope(store, fut).await
+}
+
+/// The store a call without `store =` uses: the innermost [`with_default_store`] scope, or
+/// the process default.
+fn call_default_store() -> Option<DefaultStore> {
+    SCOPED_STORE
+        .try_with(|s| DefaultStore::Scoped(s.clone()))
+        .ok()
+        .or_else(|| default_store().map(DefaultStore::Process))
+}
+
+enum DefaultStore {
+    Scoped(Arc<dyn Store>),
+    Process(&'static dyn Store),
+}
+
+impl DefaultStore {
+    fn get(&self) -> &dyn Store {
+        match self {
+            DefaultStore::Scoped(s) => &**s,
+            DefaultStore::Process(s) => *s,
+        }
+    }
 }
 
 /// One idempotent call: its identity (pinned when the builder methods run, before the body
@@ -258,8 +307,8 @@ impl<C: Codec> Call<C> {
         E: From<Error>,
         Fut: Future<Output = Result<T, E>>,
     {
-        match default_store() {
-            Some(store) => self.run(store, body).await,
+        match call_default_store() {
+            Some(store) => self.run(store.get(), body).await,
             None => {
                 emit(Outcome::StoreError, self.namespace, None);
                 Err(Error::NoStore.into())
@@ -274,8 +323,8 @@ impl<C: Codec> Call<C> {
         E: From<Error> + Serialize + DeserializeOwned,
         Fut: Future<Output = Result<T, E>>,
     {
-        match default_store() {
-            Some(store) => self.run_storing_errors(store, body).await,
+        match call_default_store() {
+            Some(store) => self.run_storing_errors(store.get(), body).await,
             None => {
                 emit(Outcome::StoreError, self.namespace, None);
                 Err(Error::NoStore.into())
@@ -491,18 +540,40 @@ pub(crate) fn budget(lease: Duration, share: u32) -> Duration {
 /// Runs one store operation under a time budget. The first poll is free of timers, so an
 /// in-process store that answers at once costs no timer registration.
 pub(crate) async fn bounded<T>(
+    op: Op<'_>,
     budget: Duration,
-    op: impl Future<Output = Result<T, StoreError>>,
+    fut: impl Future<Output = Result<T, StoreError>>,
 ) -> Result<T, StoreError> {
-    let mut op = pin!(op);
-    if let Poll::Ready(r) = std::future::poll_fn(|cx| Poll::Ready(op.as_mut().poll(cx))).await {
-        return r;
-    }
-    match tokio::time::timeout(budget, op).await {
-        Ok(r) => r,
-        Err(_) => Err(StoreError::Timeout(budget)),
+    #[cfg(feature = "metrics")]
+    let started = Instant::now();
+    let mut fut = pin!(fut);
+    let r = match std::future::poll_fn(|cx| Poll::Ready(fut.as_mut().poll(cx))).await {
+        Poll::Ready(r) => r,
+        Poll::Pending => match tokio::time::timeout(budget, fut).await {
+            Ok(r) => r,
+            Err(_) => Err(StoreError::Timeout(budget)),
+        },
+    };
+    #[cfg(feature = "metrics")]
+    crate::telemetry::store_op(op.0, op.1.name(), started.elapsed());
+    #[cfg(not(feature = "metrics"))]
+    let _ = op;
+    r
+}
+
+/// Reports the time since its start when dropped (metrics).
+#[cfg(feature = "metrics")]
+struct Timer<F: FnMut(Duration)>(Instant, F);
+
+#[cfg(feature = "metrics")]
+impl<F: FnMut(Duration)> Drop for Timer<F> {
+    fn drop(&mut self) {
+        (self.1)(self.0.elapsed());
     }
 }
+
+/// A store operation's name and store, for metrics.
+pub(crate) struct Op<'a>(pub(crate) &'static str, pub(crate) &'a dyn Store);
 
 fn transient(e: &StoreError) -> bool {
     matches!(e, StoreError::Timeout(_) | StoreError::Backend { .. })
@@ -539,8 +610,10 @@ pub(crate) async fn claim(
         };
         let since = Instant::now();
         let mut attempt = 1;
+        #[cfg(feature = "metrics")]
+        let claim_timer = Timer(since, |took| crate::telemetry::claim(ns, took));
         let answer = loop {
-            match bounded(budget(opts.lease, 2), store.claim(&req)).await {
+            match bounded(Op("claim", store), budget(opts.lease, 2), store.claim(&req)).await {
                 Err(e) if transient(&e) && attempt < CLAIM_ATTEMPTS => {
                     tracing::debug!(target: "idem", %key, attempt, error = %e, "claim failed; retrying with the same token");
                     tokio::time::sleep(Duration::from_millis(10 << (2 * attempt))).await;
@@ -549,6 +622,8 @@ pub(crate) async fn claim(
                 other => break other,
             }
         };
+        #[cfg(feature = "metrics")]
+        drop(claim_timer);
         let claim = match answer {
             Ok(claim) => claim,
             Err(e) => {
@@ -589,7 +664,7 @@ pub(crate) async fn claim(
                 if mismatch(ident.fingerprint, fingerprint) {
                     return Claimed::Failed(Error::KeyReused, Outcome::KeyReused);
                 }
-                let retry_after = lease_remaining;
+                let retry_after = Some(Error::retry_hint(lease_remaining));
                 if opts.on_conflict == OnConflict::Reject {
                     return Claimed::Failed(Error::InProgress { retry_after }, Outcome::InProgress);
                 }
@@ -608,6 +683,8 @@ pub(crate) async fn claim(
                 };
                 tracing::debug!(target: "idem", %key, ?wait_for, "waiting for the call in progress");
                 let wait_started = Instant::now();
+                #[cfg(feature = "metrics")]
+                let _timer = Timer(wait_started, |took| crate::telemetry::wait(ns, took));
                 if let Err(e) = store.wait(&key, wait_for).await {
                     let e = Error::from(e);
                     let outcome = e.outcome();
@@ -643,6 +720,8 @@ where
         outcome: Outcome::Released,
         armed: true,
     };
+    #[cfg(feature = "metrics")]
+    let _timer = Timer(Instant::now(), |took| crate::telemetry::body(ns, took));
     let outcome = {
         let body = pin!(CURRENT_KEY.scope(held.key, body));
         let mut body = CatchUnwind(body);
@@ -741,9 +820,12 @@ async fn settle_once(
         }
         Settle::Complete(envelope) => envelope,
     };
+    #[cfg(feature = "metrics")]
+    crate::telemetry::record_size(ns, envelope.len());
     let mut backoff = Duration::from_millis(20);
     for attempt in 1..=COMPLETE_ATTEMPTS {
         match bounded(
+            Op("complete", store),
             budget(opts.lease, 2),
             store.complete(&key, token, &envelope, opts.ttl),
         )
@@ -861,7 +943,7 @@ fn mismatch(ours: Option<crate::Fingerprint>, stored: Option<crate::Fingerprint>
 }
 
 /// Counts and logs a call that ends in `e`, and converts it to the function's error type.
-pub(crate) fn fail<E: From<Error>>(e: Error, namespace: &str, key: Option<&Key>) -> E {
+pub(crate) fn fail<E: From<Error>>(e: Error, namespace: &'static str, key: Option<&Key>) -> E {
     emit(e.outcome(), namespace, key);
     E::from(e)
 }
@@ -871,7 +953,13 @@ pub(crate) fn fail<E: From<Error>>(e: Error, namespace: &str, key: Option<&Key>)
 pub(crate) async fn release(store: &dyn Store, key: &Key, token: FencingToken, lease: Duration) {
     let mut attempt = 1;
     loop {
-        match bounded(budget(lease, 2), store.release(key, token)).await {
+        match bounded(
+            Op("release", store),
+            budget(lease, 2),
+            store.release(key, token),
+        )
+        .await
+        {
             Ok(()) | Err(StoreError::Fenced) => return,
             Err(e) if transient(&e) && attempt < CLAIM_ATTEMPTS => {
                 tokio::time::sleep(Duration::from_millis(10 << (2 * attempt))).await;
@@ -908,7 +996,7 @@ pub(crate) async fn keep_lease(
         let sent = Instant::now();
         let left = covered_until.saturating_duration_since(sent);
         let attempt = budget(lease, 4).min(left.max(Duration::from_millis(5)));
-        match bounded(attempt, store.renew(&key, token, lease)).await {
+        match bounded(Op("renew", store), attempt, store.renew(&key, token, lease)).await {
             Ok(()) => {
                 covered_until = sent + lease;
                 next = sent + period;

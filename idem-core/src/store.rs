@@ -355,6 +355,12 @@ pub trait Store: Send + Sync + fmt::Debug {
         let _ = key;
         None
     }
+
+    /// A short name of the backend (`"memory"`, `"redis"`, `"postgres"`, ...), the `store`
+    /// label of idem's metrics. Default: `"custom"`.
+    fn name(&self) -> &'static str {
+        "custom"
+    }
 }
 
 /// A store whose records live in a database that can also hold the body's own writes, so that
@@ -486,6 +492,9 @@ macro_rules! forward_store {
             }
             fn completed_now(&self, key: &Key) -> Option<CompletedRecord> {
                 (**self).completed_now(key)
+            }
+            fn name(&self) -> &'static str {
+                (**self).name()
             }
         }
     )*};

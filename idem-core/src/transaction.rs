@@ -16,7 +16,7 @@ use crate::error::{Error, StoreError};
 use crate::key::Identity;
 use crate::observe::{emit, Outcome};
 use crate::runtime::{
-    bounded, budget, claim, execute, fail, keep_lease, release, replay, settle, Claimed, Held,
+    bounded, budget, claim, execute, fail, keep_lease, release, replay, settle, Claimed, Held, Op,
     Policy, Prepared, ReleaseErrors, Settle,
 };
 use crate::store::{Claim, ClaimRequest, TransactionalStore};
@@ -169,7 +169,7 @@ impl<C: Codec> Call<C> {
         // Our own transaction, or the caller's.
         let mut slot = match outer {
             Some(tx) => Slot::Outer(tx),
-            None => match bounded(budget(opts.lease, 2), store.begin()).await {
+            None => match bounded(Op("begin", store), budget(opts.lease, 2), store.begin()).await {
                 Ok(tx) => Slot::Own(Some(tx)),
                 Err(e) => {
                     settle(store, &held, &opts, ns, Settle::Release).await;
@@ -213,6 +213,7 @@ impl<C: Codec> Call<C> {
         let keeper = pin!(keep_lease(store, key, held.token, opts.lease, held.since));
         let work = pin!(async {
             let written = bounded(
+                Op("complete", store),
                 budget(opts.lease, 2),
                 store.complete_in(slot.tx(), &key, held.token, &envelope, opts.ttl),
             )
@@ -315,7 +316,7 @@ where
         token: held.token,
         lease: opts.lease,
     };
-    match bounded(budget(opts.lease, 2), store.claim(&req)).await {
+    match bounded(Op("claim", store), budget(opts.lease, 2), store.claim(&req)).await {
         Ok(Claim::Completed(record)) => {
             replay::<ReleaseErrors, T, E, C>(codec, tag, &record, Outcome::Executed, ns, &key)
         }
