@@ -91,6 +91,8 @@ async fn sized(State(runs): State<Runs>, Path(n): Path<usize>) -> String {
 }
 
 async fn status(State(runs): State<Runs>, Path(code): Path<u16>) -> impl IntoResponse {
+    // Executed, whatever the status: a plain-text 400 or 422 here is not an extractor's.
+    idem_core::http::mark_started();
     let n = runs.fetch_add(1, Ordering::SeqCst) + 1;
     (StatusCode::from_u16(code).unwrap(), format!("run {n}"))
 }
@@ -133,7 +135,12 @@ async fn problem_type(resp: reqwest::Response) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn oversized_response_is_sent_whole_but_not_stored() {
-    let h = Harness::start(IdempotencyLayer::new(memory()).max_response_body(1000)).await;
+    let h = Harness::start(
+        IdempotencyLayer::new(memory())
+            .unscoped()
+            .max_response_body(1000),
+    )
+    .await;
     let k = key();
     for run in 1..=2 {
         let resp = h.post("/big", Some(&k), "").await;
@@ -146,7 +153,12 @@ async fn oversized_response_is_sent_whole_but_not_stored() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn response_within_the_limit_is_stored() {
-    let h = Harness::start(IdempotencyLayer::new(memory()).max_response_body(5000)).await;
+    let h = Harness::start(
+        IdempotencyLayer::new(memory())
+            .unscoped()
+            .max_response_body(5000),
+    )
+    .await;
     let k = key();
     h.post("/big", Some(&k), "").await;
     let resp = h.post("/big", Some(&k), "").await;
@@ -161,8 +173,8 @@ async fn a_response_over_the_stores_limit_is_sent_but_not_stored() {
     // edge the layer's estimate or the runtime's exact check refuses the record; either way
     // the client gets the whole response and the key is released.
     let store: Arc<dyn Store> = Arc::new(MemoryStore::builder().max_value_size(3000).build());
-    let h = Harness::start(IdempotencyLayer::new(store)).await;
-    for (n, stored) in [(2000, true), (2895, false), (2990, false), (3500, false)] {
+    let h = Harness::start(IdempotencyLayer::new(store).unscoped()).await;
+    for (n, stored) in [(2000, true), (2960, false), (2990, false), (3500, false)] {
         let k = key();
         let before = h.runs();
         for _ in 0..2 {
@@ -177,7 +189,7 @@ async fn a_response_over_the_stores_limit_is_sent_but_not_stored() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn default_policy_stores_2xx_to_4xx_and_releases_the_retryable_ones() {
-    let h = Harness::start(IdempotencyLayer::new(memory())).await;
+    let h = Harness::start(IdempotencyLayer::new(memory()).unscoped()).await;
     for (code, stored) in [
         (200, true),
         (201, true),
@@ -214,7 +226,9 @@ async fn default_policy_stores_2xx_to_4xx_and_releases_the_retryable_ones() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_custom_policy_decides_what_is_stored() {
-    let layer = IdempotencyLayer::new(memory()).policy(StorePolicy::from_fn(|s| s.is_success()));
+    let layer = IdempotencyLayer::new(memory())
+        .unscoped()
+        .policy(StorePolicy::from_fn(|s| s.is_success()));
     let h = Harness::start(layer).await;
     let k = key();
     h.post("/status/404", Some(&k), "").await;
@@ -260,7 +274,7 @@ impl Store for Down {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unreachable_store_is_503_and_the_handler_does_not_run() {
-    let h = Harness::start(IdempotencyLayer::new(Arc::new(Down))).await;
+    let h = Harness::start(IdempotencyLayer::new(Arc::new(Down)).unscoped()).await;
     let resp = h.post("/status/201", Some(&key()), "").await;
     assert_eq!(resp.status(), 503);
     assert!(resp.headers().contains_key("retry-after"));
@@ -273,7 +287,7 @@ async fn an_unreachable_store_is_503_and_the_handler_does_not_run() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_panicking_handler_is_500_and_releases_the_key() {
-    let h = Harness::start(IdempotencyLayer::new(memory())).await;
+    let h = Harness::start(IdempotencyLayer::new(memory()).unscoped()).await;
     let k = key();
     for run in 1..=2 {
         let resp = h.post("/panic", Some(&k), "").await;
@@ -286,6 +300,7 @@ async fn a_panicking_handler_is_500_and_releases_the_key() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_waiting_duplicate_gets_409_when_its_wait_runs_out() {
     let layer = IdempotencyLayer::new(memory())
+        .unscoped()
         .on_conflict(OnConflict::Wait)
         .wait_timeout(Duration::from_millis(200));
     let h = Arc::new(Harness::start(layer).await);
@@ -312,7 +327,9 @@ async fn a_waiting_duplicate_gets_409_when_its_wait_runs_out() {
 async fn a_handler_longer_than_its_lease_keeps_the_key() {
     // Lease 300 ms, handler 1 s: the lease is renewed, so a duplicate at 600 ms (two leases
     // later) is a 409 and not a takeover that would run the handler twice.
-    let layer = IdempotencyLayer::new(memory()).lease(Duration::from_millis(300));
+    let layer = IdempotencyLayer::new(memory())
+        .unscoped()
+        .lease(Duration::from_millis(300));
     let h = Arc::new(Harness::start(layer).await);
     let k = key();
     let first = {
@@ -329,9 +346,11 @@ async fn a_handler_longer_than_its_lease_keeps_the_key() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retry_after_is_a_short_configurable_hint_not_the_lease() {
     for (layer, expected) in [
-        (IdempotencyLayer::new(memory()), "1"),
+        (IdempotencyLayer::new(memory()).unscoped(), "1"),
         (
-            IdempotencyLayer::new(memory()).retry_after(Duration::from_millis(2500)),
+            IdempotencyLayer::new(memory())
+                .unscoped()
+                .retry_after(Duration::from_millis(2500)),
             "3",
         ),
     ] {
@@ -351,7 +370,7 @@ async fn retry_after_is_a_short_configurable_hint_not_the_lease() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn path_query_and_body_are_fingerprinted() {
-    let h = Harness::start(IdempotencyLayer::new(memory())).await;
+    let h = Harness::start(IdempotencyLayer::new(memory()).unscoped()).await;
     let k = key();
     assert_eq!(h.post("/echo?a=1", Some(&k), "body").await.status(), 200);
     for (path, body) in [
@@ -372,7 +391,7 @@ async fn path_query_and_body_are_fingerprinted() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn optional_keys_and_unprotected_methods_pass_through() {
-    let h = Harness::start(IdempotencyLayer::new(memory()).required(false)).await;
+    let h = Harness::start(IdempotencyLayer::new(memory()).unscoped().required(false)).await;
     assert_eq!(h.post("/status/201", None, "").await.status(), 201);
     assert_eq!(h.post("/status/201", None, "").await.status(), 201);
     assert_eq!(h.runs(), 2, "no key, no protection");
@@ -408,7 +427,7 @@ async fn a_foreign_record_under_the_key_is_500_never_a_garbled_replay() {
         .await;
     assert_eq!(written.unwrap(), 42);
 
-    let h = Harness::start(IdempotencyLayer::new(store)).await;
+    let h = Harness::start(IdempotencyLayer::new(store).unscoped()).await;
     let resp = h.post("/status/201", Some(&raw_key), "").await;
     assert_eq!(resp.status(), 500);
     assert_eq!(problem_type(resp).await, "urn:idem:problem:internal");

@@ -14,7 +14,7 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
-use idem_core::http::{IdempotencyLayer, Problem};
+use idem_core::http::{mark_started, IdempotencyLayer, Problem};
 use idem_core::{idempotent, OnConflict, Store};
 use serde::{Deserialize, Serialize};
 
@@ -107,6 +107,8 @@ pub fn router(store: Arc<dyn Store>, options: AppOptions) -> Router {
         next_id: AtomicU64::new(1),
         payments: Mutex::new(HashMap::new()),
     });
+    // Keys are kept per tenant: the principal that `authenticate` (outside) put in the
+    // extensions. A request without one would get 401 `missing-scope`.
     let idempotency = IdempotencyLayer::new(store)
         .namespace("payments::http")
         .scope(|req| req.extensions.get::<Principal>().map(|p| p.0.clone()))
@@ -115,8 +117,10 @@ pub fn router(store: Arc<dyn Store>, options: AppOptions) -> Router {
         .wait_timeout(options.wait_timeout)
         .lease(options.lease)
         .ttl(Duration::from_secs(24 * 3600));
+    // `route_layer`: the layer wraps the POST handler only, so that a PATCH gets axum's 405
+    // and an unknown path its 404, untouched (never a 400 for a missing key).
     Router::new()
-        .route("/payments", post(create_payment).layer(idempotency))
+        .route("/payments", post(create_payment).route_layer(idempotency))
         .route("/payments/{id}", get(get_payment))
         .route("/stats", get(stats))
         .layer(middleware::from_fn(authenticate))
@@ -200,11 +204,17 @@ async fn authenticate(mut req: Request, next: Next) -> Response {
 
 /// `POST /payments`: counts the execution, optionally sleeps or fails, captures the money
 /// through the provider, and answers 201 with the payment, a `Location` and two cookies.
+///
+/// A body the `Json` extractor refuses (400/415/422) never gets here: its key is released,
+/// and the client may fix the body and retry with the same key.
 async fn create_payment(
     State(state): State<Shared>,
     Extension(Principal(tenant)): Extension<Principal>,
     Json(new): Json<NewPayment>,
 ) -> Response {
+    // From here on the request is executed: every response is stored by the policy's status
+    // rule, even a plain-text 400 that looks like an extractor's rejection.
+    mark_started();
     let execution = state.executions.fetch_add(1, Ordering::SeqCst) + 1;
     if new.delay_ms > 0 {
         tokio::time::sleep(Duration::from_millis(new.delay_ms)).await;

@@ -24,7 +24,7 @@
 //! let store = Arc::new(idem_stores::MemoryStore::new());
 //! let runs = Arc::new(AtomicU32::new(0));
 //! let payments = ServiceBuilder::new()
-//!     .layer(IdempotencyLayer::new(store))
+//!     .layer(IdempotencyLayer::new(store).unscoped())
 //!     .service_fn(move |_req: Request<Full<Bytes>>| {
 //!         let n = runs.fetch_add(1, Ordering::SeqCst) + 1;
 //!         async move { Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(format!("payment {n}"))))) }
@@ -97,6 +97,7 @@
 //! ([`Problem`]).
 
 mod body;
+mod fingerprint;
 mod key_header;
 mod layer;
 mod policy;
@@ -105,11 +106,16 @@ mod replay;
 mod service;
 
 pub use body::ResponseBody;
-pub use key_header::{parse_key, parse_key_value, KeyError, DEFAULT_MAX_KEY_LEN};
-pub use layer::{
-    IdempotencyLayer, DEFAULT_BODY_LIMIT, DEFAULT_NAMESPACE, DEFAULT_RETRY_AFTER, IDEMPOTENCY_KEY,
+pub use fingerprint::{normalize_media_type, BodyFingerprint};
+pub use key_header::{
+    parse_key, parse_key_value, parse_key_value_with, parse_key_with, uuid_key, KeyError,
+    KeyFormat, DEFAULT_MAX_KEY_LEN,
 };
-pub use policy::StorePolicy;
-pub use problem::{Problem, PROBLEM_JSON};
+pub use layer::{
+    IdempotencyLayer, ScopeChosen, ScopeSet, ScopeUnset, DEFAULT_BODY_LIMIT, DEFAULT_NAMESPACE,
+    DEFAULT_RETRY_AFTER, IDEMPOTENCY_KEY,
+};
+pub use policy::{mark_started, Execution, StorePolicy};
+pub use problem::{Problem, DEFAULT_PROBLEM_BASE, PROBLEM_JSON};
 pub use replay::IDEMPOTENT_REPLAYED;
 pub use service::IdempotencyService;

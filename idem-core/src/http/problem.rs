@@ -2,23 +2,30 @@
 //!
 //! Every response the layer makes by itself (rather than the handler) is a problem document
 //! with `type`, `title`, `status` and `detail`. The `type` URIs are stable identifiers, one per
-//! kind of refusal:
+//! kind of refusal: `urn:idem:problem:<slug>` by default, or `<base><slug>` with
+//! [`problem_type_base`](super::IdempotencyLayer::problem_type_base) (a documentation site
+//! of your own, say `https://api.example.com/problems/`). With
+//! [`problem_docs`](super::IdempotencyLayer::problem_docs) every 400 also carries
+//! `Link: <url>; rel="describedby"`, as the IETF draft recommends.
 //!
-//! | status | `type` | when |
+//! | status | slug | when |
 //! |---|---|---|
-//! | 400 | `urn:idem:problem:missing-key` | the route requires an `Idempotency-Key` and there is none |
-//! | 400 | `urn:idem:problem:malformed-key` | the key is empty, too long, repeated or not an sf-string/token |
-//! | 400 | `urn:idem:problem:unreadable-body` | the request body could not be read |
-//! | 409 | `urn:idem:problem:in-progress` | a request with this key is still being processed (with `Retry-After`) |
-//! | 413 | `urn:idem:problem:request-too-large` | the request body is over the layer's limit |
-//! | 422 | `urn:idem:problem:key-reused` | the key was used before with another request |
-//! | 500 | `urn:idem:problem:internal` | the stored record cannot be read, or the handler panicked |
-//! | 503 | `urn:idem:problem:store-unavailable` | the idempotency store failed; the handler did not run |
+//! | 400 | `missing-key` | the route requires an `Idempotency-Key` and there is none |
+//! | 400 | `malformed-key` | the key is empty, too long, repeated, a list, has parameters, is not an sf-string/token, or the key validator refused it |
+//! | 401 | `missing-scope` | the scope function found no identity (tenant) for the request and unscoped requests are not allowed |
+//! | 400 | `unreadable-body` | the request body could not be read |
+//! | 409 | `in-progress` | a request with this key is still being processed (with `Retry-After`) |
+//! | 413 | `request-too-large` | the request body is over the layer's limit |
+//! | 422 | `key-reused` | the key was used before with another request — never a handler's own 422, which is the handler's response, untouched |
+//! | 500 | `internal` | the stored record cannot be read, or the handler panicked |
+//! | 503 | `store-unavailable` | the idempotency store failed (after one immediate retry); the handler did not run |
 
-use ::http::header::{HeaderValue, CONTENT_TYPE, RETRY_AFTER};
+use std::borrow::Cow;
+use std::time::Duration;
+
+use ::http::header::{HeaderValue, CONTENT_TYPE, LINK, RETRY_AFTER};
 use ::http::{Response, StatusCode};
 use bytes::Bytes;
-use std::time::Duration;
 
 use super::body::{full, ResponseBody};
 use crate::Error;
@@ -26,12 +33,41 @@ use crate::Error;
 /// The media type of problem documents.
 pub const PROBLEM_JSON: &str = "application/problem+json";
 
+/// The default prefix of the layer's problem types.
+pub const DEFAULT_PROBLEM_BASE: &str = "urn:idem:problem:";
+
+/// How the layer writes its problem documents: the `type` prefix and the docs link.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct ProblemConfig {
+    pub(crate) base: Option<Cow<'static, str>>,
+    pub(crate) docs: Option<HeaderValue>,
+}
+
+impl ProblemConfig {
+    /// The layer's response for `problem`: its `type` moved under the configured base, and
+    /// `Link: <docs>; rel="describedby"` on a 400 when a docs URL is configured.
+    pub(crate) fn respond(&self, mut problem: Problem) -> Response<ResponseBody> {
+        if let Some(base) = &self.base {
+            if let Some(slug) = problem.kind.strip_prefix(DEFAULT_PROBLEM_BASE) {
+                problem.kind = Cow::Owned(format!("{base}{slug}"));
+            }
+        }
+        let status = problem.status;
+        let mut resp = problem.into_response();
+        if let (400, Some(docs)) = (status, &self.docs) {
+            resp.headers_mut().insert(LINK, docs.clone());
+        }
+        resp
+    }
+}
+
 /// One problem document.
 ///
 /// ```
 /// use idem_core::http::Problem;
 /// let p = Problem::from_error(&idem_core::Error::KeyReused);
 /// assert_eq!(p.status, 422);
+/// assert_eq!(p.slug(), Some("key-reused"));
 /// assert_eq!(p.kind, "urn:idem:problem:key-reused");
 /// let resp = p.into_response();
 /// assert_eq!(resp.headers()["content-type"], "application/problem+json");
@@ -41,7 +77,7 @@ pub struct Problem {
     /// The HTTP status.
     pub status: u16,
     /// The `type` member: a URI naming the kind of problem.
-    pub kind: &'static str,
+    pub kind: Cow<'static, str>,
     /// The `title` member: a short summary, the same for every occurrence of the kind.
     pub title: &'static str,
     /// The `detail` member: what happened this time.
@@ -52,10 +88,15 @@ pub struct Problem {
 
 impl Problem {
     /// A problem of the given kind.
-    pub fn new(status: u16, kind: &'static str, title: &'static str, detail: String) -> Self {
+    pub fn new(
+        status: u16,
+        kind: impl Into<Cow<'static, str>>,
+        title: &'static str,
+        detail: String,
+    ) -> Self {
         Problem {
             status,
-            kind,
+            kind: kind.into(),
             title,
             detail,
             retry_after: None,
@@ -70,6 +111,24 @@ impl Problem {
             "Idempotency-Key is missing",
             "This operation is idempotent and requires an Idempotency-Key header, \
              e.g. Idempotency-Key: \"8e03978e-40d5-43e8-bc93-6894a57f9324\"."
+                .to_string(),
+        )
+    }
+
+    /// The slug of one of the layer's own problem types (`key-reused`, ...), `None` for
+    /// another type.
+    pub fn slug(&self) -> Option<&str> {
+        self.kind.strip_prefix(DEFAULT_PROBLEM_BASE)
+    }
+
+    /// 401: the scope function found no identity for the request.
+    pub fn missing_scope() -> Self {
+        Problem::new(
+            401,
+            "urn:idem:problem:missing-scope",
+            "No identity to scope the Idempotency-Key by",
+            "Idempotency keys are kept per client, and this request carries no client identity \
+             the server can scope the key by. Authenticate the request."
                 .to_string(),
         )
     }

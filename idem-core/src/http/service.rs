@@ -6,19 +6,19 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use ::http::header::HeaderName;
 use ::http::request::Parts;
 use ::http::{Request, Response};
 use bytes::Bytes;
 use http_body::Body;
-use serde::Serialize;
 use tower::Service;
 
 use super::body::{boxed, full, read_limited, Buffered, Prefixed, ResponseBody};
-use super::key_header::{parse_key, KeyError};
-use super::layer::{Config, IDEMPOTENCY_KEY};
+use super::fingerprint::RequestFingerprint;
+use super::key_header::{parse_key_with, KeyError};
+use super::layer::{Config, KeySource, ScopeRule};
+use super::policy::{handler_started, tracking_start, Execution};
 use super::problem::Problem;
-use super::replay::{Blob, StoredResponse};
+use super::replay::StoredResponse;
 use crate::observe::emit;
 use crate::{BoxError, Call, Error, Outcome, Store};
 
@@ -106,7 +106,7 @@ async fn handle<S, B, ResB>(
     req: Request<B>,
 ) -> Result<Response<ResponseBody>, S::Error>
 where
-    S: Service<Request<B>, Response = Response<ResB>> + Send + 'static,
+    S: Service<Request<B>, Response = Response<ResB>> + Clone + Send + 'static,
     S::Future: Send + 'static,
     S::Error: Send + 'static,
     B: Body<Data = Bytes> + From<Bytes> + Send + 'static,
@@ -120,81 +120,102 @@ where
     // Counted like the runtime's own outcomes: `missing_key` for an absent or unusable key,
     // `unprotected` for one let through without a key.
     let ns = config.namespace;
-    let key = match parse_key(req.headers().get_all(IDEMPOTENCY_KEY), config.max_key_len) {
-        Ok(key) => key,
-        Err(KeyError::Missing) if !config.required => {
+    let problems = &config.problems;
+    // A header key is checked before the body is read; a custom key needs the body.
+    let header_key = match &config.key_source {
+        KeySource::Header(name) => Some(parse_key_with(
+            req.headers().get_all(name),
+            config.key_format,
+            config.max_key_len,
+        )),
+        KeySource::Custom(_) => None,
+    };
+    match &header_key {
+        Some(Err(KeyError::Missing)) if !config.required => {
             emit(Outcome::Unprotected, ns, None);
             return passthrough(inner, req).await;
         }
-        Err(KeyError::Missing) => {
-            emit(Outcome::MissingKey, ns, None);
-            return Ok(Problem::missing_key().into_response());
-        }
-        Err(e) => {
-            emit(Outcome::MissingKey, ns, None);
-            return Ok(Problem::malformed_key(&e).into_response());
-        }
-    };
+        Some(Err(e)) => return Ok(refuse_key(&config, e)),
+        _ => {}
+    }
     let (parts, body) = req.into_parts();
+    let scope = match &config.scope {
+        ScopeRule::Unscoped => None,
+        ScopeRule::By { f, allow_none } => match f(&parts) {
+            Some(scope) => Some(scope),
+            None if *allow_none => None,
+            None => {
+                tracing::debug!(target: "idem", namespace = ns, "no scope for the request: 401");
+                return Ok(problems.respond(Problem::missing_scope()));
+            }
+        },
+    };
     let bytes = match read_limited(Box::pin(body), config.max_request_body).await {
         Ok(Buffered::Complete(bytes)) => bytes,
         Ok(Buffered::Over { .. }) => {
-            return Ok(Problem::request_too_large(config.max_request_body).into_response())
+            return Ok(problems.respond(Problem::request_too_large(config.max_request_body)))
         }
         Err(e) => {
             let e: BoxError = e.into();
             tracing::debug!(target: "idem", error = %e, "request body could not be read");
-            return Ok(Problem::unreadable_body().into_response());
+            return Ok(problems.respond(Problem::unreadable_body()));
         }
     };
-    let scope = config.scope.as_ref().and_then(|f| f(&parts));
-    let fingerprint = RequestFingerprint::of(&parts, &bytes, &config.fingerprint_headers);
-    let req = Request::from_parts(parts, B::from(bytes));
+    let key = match header_key {
+        Some(Ok(key)) => key,
+        _ => match custom_key(&config, &parts, &bytes) {
+            Ok(key) => key,
+            Err(KeyError::Missing) if !config.required => {
+                emit(Outcome::Unprotected, ns, None);
+                let req = Request::from_parts(parts, B::from(bytes));
+                return passthrough(inner, req).await;
+            }
+            Err(e) => return Ok(refuse_key(&config, &e)),
+        },
+    };
+    if let Some(validate) = &config.validate_key {
+        if let Err(why) = validate(&key) {
+            return Ok(refuse_key(&config, &KeyError::Invalid(why)));
+        }
+    }
     // The claimed work runs in its own task: dropping this future (the client went away)
     // detaches it instead of cancelling the handler halfway and releasing the key.
-    match tokio::spawn(execute(config, inner, req, key, scope, fingerprint)).await {
+    match tokio::spawn(execute(config.clone(), inner, parts, bytes, key, scope)).await {
         Ok(result) => result,
         Err(e) => {
             tracing::error!(target: "idem", error = %e, "idempotent request task failed");
-            Ok(
-                Problem::internal("The request handler failed (it panicked or was cancelled).")
-                    .into_response(),
-            )
+            Ok(config.problems.respond(Problem::internal(
+                "The request handler failed (it panicked or was cancelled).",
+            )))
         }
     }
 }
 
-/// What the request is compared by: a repeat with the same key and another fingerprint is 422.
-#[derive(Serialize)]
-struct RequestFingerprint {
-    method: String,
-    path: String,
-    query: Option<String>,
-    headers: Vec<(String, Vec<Blob>)>,
-    body: [u8; 32],
+/// The key of a custom key source.
+fn custom_key(config: &Config, parts: &Parts, body: &Bytes) -> Result<String, KeyError> {
+    let KeySource::Custom(f) = &config.key_source else {
+        return Err(KeyError::Missing);
+    };
+    match f(parts, body) {
+        Ok(Some(key)) if key.is_empty() => Err(KeyError::Empty),
+        Ok(Some(key)) if key.chars().count() > config.max_key_len => Err(KeyError::TooLong {
+            len: key.chars().count(),
+            limit: config.max_key_len,
+        }),
+        Ok(Some(key)) => Ok(key),
+        Ok(None) => Err(KeyError::Missing),
+        Err(why) => Err(KeyError::Invalid(why)),
+    }
 }
 
-impl RequestFingerprint {
-    fn of(parts: &Parts, body: &Bytes, names: &[HeaderName]) -> Self {
-        RequestFingerprint {
-            method: parts.method.as_str().to_owned(),
-            path: parts.uri.path().to_owned(),
-            query: parts.uri.query().map(str::to_owned),
-            headers: names
-                .iter()
-                .map(|name| {
-                    let values = parts
-                        .headers
-                        .get_all(name)
-                        .iter()
-                        .map(|v| Blob(v.as_bytes().to_vec()))
-                        .collect();
-                    (name.as_str().to_owned(), values)
-                })
-                .collect(),
-            body: *blake3::hash(body).as_bytes(),
-        }
-    }
+/// 400 for a missing or unusable key.
+fn refuse_key(config: &Config, e: &KeyError) -> Response<ResponseBody> {
+    emit(Outcome::MissingKey, config.namespace, None);
+    let problem = match e {
+        KeyError::Missing => Problem::missing_key(),
+        e => Problem::malformed_key(e),
+    };
+    config.problems.respond(problem)
 }
 
 /// How the handler's part of the call ended, when it is not a response to store.
@@ -216,73 +237,49 @@ impl<E> From<Error> for Flow<E> {
 async fn execute<S, B, ResB>(
     config: Arc<Config>,
     inner: S,
-    req: Request<B>,
+    parts: Parts,
+    bytes: Bytes,
     key: String,
     scope: Option<String>,
-    fingerprint: RequestFingerprint,
 ) -> Result<Response<ResponseBody>, S::Error>
 where
     S: Service<Request<B>, Response = Response<ResB>>,
+    B: From<Bytes>,
     ResB: Body<Data = Bytes> + Send + 'static,
     ResB::Error: Into<BoxError>,
 {
     let store: &dyn Store = &*config.store;
-    let store_limit = store.max_value_size();
-    let limit = config.max_response_body.min(store_limit);
-    // The response as the handler sent it, when the handler ran in this call.
-    let mut live: Option<Response<ResponseBody>> = None;
-    let live_slot = &mut live;
-    let policy = &config.policy;
-    // The body of the call: run the handler, read its response, decide whether to store it.
-    let handler = async move {
-        let resp = call_inner(inner, req).await.map_err(Flow::Inner)?;
-        let (parts, body) = resp.into_parts();
-        match read_limited(Box::pin(body), limit).await {
-            Ok(Buffered::Complete(bytes)) => {
-                let stored = StoredResponse::capture(parts.status, &parts.headers, &bytes);
-                let status = parts.status;
-                *live_slot = Some(Response::from_parts(parts, full(bytes)));
-                if !policy.stores(status) {
-                    tracing::debug!(target: "idem", %status, "response not stored (policy): key released");
-                    return Err(Flow::Release);
-                }
-                if stored.approximate_size() > store_limit {
-                    tracing::warn!(target: "idem", %status, store_limit, "response too large for the store: sent, not stored; key released");
-                    return Err(Flow::Release);
-                }
-                Ok(stored)
-            }
-            Ok(Buffered::Over { prefix, rest }) => {
-                tracing::warn!(target: "idem", status = %parts.status, limit, "response body over the limit: sent, not stored; key released");
-                *live_slot = Some(Response::from_parts(
-                    parts,
-                    boxed(Prefixed::new(prefix, rest)),
-                ));
-                Err(Flow::Release)
-            }
-            Err(e) => {
-                let e: BoxError = e.into();
-                tracing::warn!(target: "idem", error = %e, "response body failed: key released");
-                Err(Flow::Release)
-            }
-        }
-    };
-    let result = Call::new(config.namespace)
+    let mut call = Call::new(config.namespace)
         .key(&key)
         .scope(&scope)
-        .fingerprint(&fingerprint)
         .ttl(config.ttl)
         .lease(config.lease)
         .on_conflict(config.on_conflict)
-        .wait_timeout(config.wait_timeout)
-        .run(store, handler)
-        .await;
+        .wait_timeout(config.wait_timeout);
+    let fingerprint = RequestFingerprint::of(
+        &config.fingerprint,
+        &config.fingerprint_body,
+        &config.fingerprint_headers,
+        &parts,
+        &bytes,
+    );
+    if let Some(fingerprint) = &fingerprint {
+        call = call.fingerprint(fingerprint);
+    }
+    drop(fingerprint);
+    // The response as the handler sent it, when the handler ran in this call.
+    let mut live: Option<Response<ResponseBody>> = None;
+    // A claim that fails on a broken connection is retried by the runtime (on a fresh
+    // connection, after 40 ms, then 160 ms) before the store error becomes a 503.
+    let handler = run_handler(&config, inner, parts, bytes, &mut live);
+    let result = call.run(store, handler).await;
+    let problems = &config.problems;
     match (result, live) {
         // The handler ran here: its own response, headers untouched.
         (Ok(_), Some(resp)) | (Err(Flow::Release), Some(resp)) => Ok(resp),
         (Ok(stored), None) => Ok(stored.replay().unwrap_or_else(|why| {
             tracing::error!(target: "idem", %why, "stored response cannot be replayed");
-            Problem::internal("The stored response cannot be replayed.").into_response()
+            problems.respond(Problem::internal("The stored response cannot be replayed."))
         })),
         (Err(Flow::Inner(e)), _) => Err(e),
         (Err(Flow::Idem(e)), Some(resp)) => {
@@ -292,17 +289,95 @@ where
             Ok(resp)
         }
         (Err(Flow::Idem(Error::InProgress { retry_after })), None) => {
-            // The remaining lease (30 s by default) is an upper bound, not a good hint.
-            let hint = retry_after.map_or(config.retry_after, |l| l.min(config.retry_after));
-            Ok(Problem::from_error(&Error::InProgress {
+            // The runtime's hint is the holder's remaining lease when that is short, else
+            // capped (`MAX_RETRY_HINT`): a capped one says nothing, the layer's setting rules.
+            let hint = match retry_after {
+                Some(r) if r < crate::error::MAX_RETRY_HINT => r.min(config.retry_after),
+                _ => config.retry_after,
+            };
+            Ok(problems.respond(Problem::from_error(&Error::InProgress {
                 retry_after: Some(hint),
-            })
-            .into_response())
+            })))
         }
-        (Err(Flow::Idem(e)), None) => Ok(Problem::from_error(&e).into_response()),
-        (Err(Flow::Release), None) => Ok(Problem::internal(
+        (Err(Flow::Idem(e)), None) => Ok(problems.respond(Problem::from_error(&e))),
+        (Err(Flow::Release), None) => Ok(problems.respond(Problem::internal(
             "The handler's response body failed before it was complete.",
-        )
-        .into_response()),
+        ))),
+    }
+}
+
+/// The body of the call: run the handler, then decide whether its response is stored.
+async fn run_handler<S, B, ResB>(
+    config: &Config,
+    inner: S,
+    parts: Parts,
+    bytes: Bytes,
+    live: &mut Option<Response<ResponseBody>>,
+) -> Result<StoredResponse, Flow<S::Error>>
+where
+    S: Service<Request<B>, Response = Response<ResB>>,
+    B: From<Bytes>,
+    ResB: Body<Data = Bytes> + Send + 'static,
+    ResB::Error: Into<BoxError>,
+{
+    let req = Request::from_parts(parts, B::from(bytes));
+    let policy = &config.policy;
+    let (resp, marked) = if policy.needs_start() {
+        tracking_start(call_inner(inner, req)).await
+    } else {
+        (call_inner(inner, req).await, true)
+    };
+    let resp = resp.map_err(Flow::Inner)?;
+    let (parts, body) = resp.into_parts();
+    let hint = body.size_hint();
+    let started = handler_started(
+        parts.status,
+        &parts.headers,
+        parts.extensions.get::<Execution>().copied(),
+        marked,
+        hint.exact() == Some(0),
+    );
+    if !policy.decide(parts.status, started) {
+        tracing::debug!(target: "idem", status = %parts.status, started, "response not stored (policy): key released");
+        *live = Some(Response::from_parts(parts, boxed(body)));
+        return Err(Flow::Release);
+    }
+    let store_limit = config.store.max_value_size();
+    let limit = config.max_response_body.min(store_limit);
+    let streamed = hint.exact().is_none();
+    if hint.lower() > limit as u64 || (streamed && !config.buffer_streams) {
+        // Too large to store, or a stream: passed through as it comes, never buffered.
+        if streamed {
+            tracing::debug!(target: "idem", status = %parts.status, "streamed response: passed through, not stored; key released");
+        } else {
+            tracing::warn!(target: "idem", status = %parts.status, limit, "response body over the limit: sent, not stored; key released");
+        }
+        *live = Some(Response::from_parts(parts, boxed(body)));
+        return Err(Flow::Release);
+    }
+    match read_limited(Box::pin(body), limit).await {
+        Ok(Buffered::Complete(bytes)) => {
+            let stored = StoredResponse::capture(parts.status, &parts.headers, &bytes);
+            let status = parts.status;
+            *live = Some(Response::from_parts(parts, full(bytes)));
+            if stored.approximate_size() > store_limit {
+                tracing::warn!(target: "idem", %status, store_limit, "response too large for the store: sent, not stored; key released");
+                return Err(Flow::Release);
+            }
+            Ok(stored)
+        }
+        Ok(Buffered::Over { prefix, rest }) => {
+            tracing::warn!(target: "idem", status = %parts.status, limit, "response body over the limit: sent, not stored; key released");
+            *live = Some(Response::from_parts(
+                parts,
+                boxed(Prefixed::new(prefix, rest)),
+            ));
+            Err(Flow::Release)
+        }
+        Err(e) => {
+            let e: BoxError = e.into();
+            tracing::warn!(target: "idem", error = %e, "response body failed: key released");
+            Err(Flow::Release)
+        }
     }
 }
