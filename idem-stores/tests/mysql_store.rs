@@ -8,6 +8,9 @@
 #![cfg(feature = "mysql")]
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+#[path = "support/sql_common.rs"]
+mod sql_common;
+
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -195,7 +198,7 @@ async fn expired_record_is_reclaimed_and_lapsed_claim_taken_over() {
         .await
         .unwrap();
     match store.get(&key).await.unwrap() {
-        Some(RecordState::Completed(rec)) => assert_eq!(rec.value, b"v3"),
+        Some(RecordState::Completed(rec)) => assert_eq!(&rec.value[..], b"v3"),
         other => panic!("{other:?}"),
     }
 }
@@ -356,7 +359,7 @@ async fn hostile_keys_and_scopes_touch_only_their_own_record() {
     );
     assert_eq!(count(&pool, &table).await, distinct as i64 + 1);
     match store.get(&sentinel).await.unwrap() {
-        Some(RecordState::Completed(rec)) => assert_eq!(rec.value, b"sentinel"),
+        Some(RecordState::Completed(rec)) => assert_eq!(&rec.value[..], b"sentinel"),
         other => panic!("sentinel changed: {other:?}"),
     }
 }
@@ -817,4 +820,15 @@ async fn outage_and_recovery_through_a_stopped_proxy() {
         4,
         "keys 1..=3 ran once each, key 0 replayed"
     );
+}
+
+/// Contract v2 at the row level: a retried claim restarts its lease, a retried completion
+/// keeps the first value, foreign releases change nothing, failed renewals keep the lease.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn contract_v2_retries_are_recognised() {
+    let Some(url) = env_url("IDEM_TEST_MYSQL_URL") else {
+        return;
+    };
+    let (store, _table) = store_on(pool(&url, 4).await, |b| b).await;
+    sql_common::contract::all(Arc::new(store)).await;
 }

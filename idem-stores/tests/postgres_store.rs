@@ -1055,3 +1055,14 @@ async fn database_outage_and_recovery_through_a_proxy() {
     }
     exec(&admin, format!("DROP TABLE \"{table}\"")).await;
 }
+
+/// Contract v2 at the row level: a retried claim restarts its lease, a retried completion
+/// keeps the first value, foreign releases change nothing, failed renewals keep the lease.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn contract_v2_retries_are_recognised() {
+    let Some(url) = url() else { return };
+    let table = sql_common::unique_table("v2");
+    let s = store(&url, &table).await;
+    sql_common::contract::all(Arc::new(s)).await;
+    exec(&admin(&url).await, format!("DROP TABLE \"{table}\"")).await;
+}

@@ -628,3 +628,17 @@ async fn child_crash() {
         .await;
     panic!("the child should have been killed mid-body");
 }
+
+/// Contract v2 at the row level, in memory and on a file: a retried claim restarts its lease,
+/// a retried completion keeps the first value, foreign releases change nothing, failed
+/// renewals keep the lease.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn contract_v2_retries_are_recognised() {
+    let memory = open("sqlite::memory:", "idem_records").await;
+    sql_common::contract::all(Arc::new(memory)).await;
+    let path = sql_common::sqlite_file("v2");
+    let file = open(&file_url(&path), "idem_records").await;
+    sql_common::contract::all(Arc::new(file.clone())).await;
+    file.pool().close().await;
+    let _ = std::fs::remove_file(&path);
+}

@@ -87,31 +87,38 @@ const FOUND_LAPSED_CLAIM: u64 = 1;
 const FOUND_EXPIRED_RECORD: u64 = 2;
 const FOUND_LIVE_CLAIM: u64 = 3;
 const FOUND_LIVE_RECORD: u64 = 4;
+/// Our own live claim (a retried claim whose first reply was lost): its lease restarts.
+const FOUND_OWN_CLAIM: u64 = 5;
 
 /// The claim statement. Binds: key, token, lease ms, lease + grace ms, fingerprint (insert);
-/// token, fingerprint, lease + grace ms, lease ms (update).
+/// then token ×2, token + fingerprint, token, token + lease + grace ms, token, token + lease
+/// ms (update).
 ///
 /// `ON DUPLICATE KEY UPDATE` assigns left to right and each assignment sees the columns
 /// assigned before it. Liveness is read from `live_until` alone, so `live_until` is assigned
 /// LAST: every earlier assignment still sees the old value, and they all take the same
 /// branch. The code for the client is computed in the first assignment, while `state` is
-/// still the old one.
+/// still the old one. A live record is kept as it is unless it is our own claim, whose lease
+/// restarts (the token never changes for a live record, so the test stays true throughout).
 fn claim_sql(table: &str) -> String {
     let live = format!("live_until > {NOW_MS}");
+    let keep = format!("({live} AND NOT (state = 'in_progress' AND token = ?))");
     format!(
         "INSERT INTO {table} (k, state, token, live_until, expires_at, fingerprint, value) \
          VALUES (?, 'in_progress', ?, {NOW_MS} + ?, {NOW_MS} + ?, ?, NULL) \
          ON DUPLICATE KEY UPDATE \
            token = IF(LAST_INSERT_ID(CASE \
+                        WHEN {live} AND state = 'in_progress' AND token = ? \
+                          THEN {FOUND_OWN_CLAIM} \
                         WHEN {live} AND state = 'in_progress' THEN {FOUND_LIVE_CLAIM} \
                         WHEN {live} THEN {FOUND_LIVE_RECORD} \
                         WHEN state = 'in_progress' THEN {FOUND_LAPSED_CLAIM} \
                         ELSE {FOUND_EXPIRED_RECORD} END) >= {FOUND_LIVE_CLAIM}, token, ?), \
-           fingerprint = IF({live}, fingerprint, ?), \
-           value = IF({live}, value, NULL), \
-           expires_at = IF({live}, expires_at, {NOW_MS} + ?), \
-           state = IF({live}, state, 'in_progress'), \
-           live_until = IF({live}, live_until, {NOW_MS} + ?)"
+           fingerprint = IF({keep}, fingerprint, ?), \
+           value = IF({keep}, value, NULL), \
+           expires_at = IF({keep}, expires_at, {NOW_MS} + ?), \
+           state = IF({keep}, state, 'in_progress'), \
+           live_until = IF({keep}, live_until, {NOW_MS} + ?)"
     )
 }
 
@@ -179,7 +186,7 @@ impl Statements {
             .into(),
             get: format!(
                 "SELECT CAST(state = 'completed' AS SIGNED) AS completed, token, fingerprint, \
-                        value \
+                        value, CAST(live_until - {NOW_MS} AS SIGNED) AS remaining \
                  FROM {table} WHERE k = ? AND live_until > {NOW_MS}"
             )
             .into(),
@@ -544,9 +551,15 @@ impl MySqlStore {
                 .bind(lease)
                 .bind(until)
                 .bind(fp.clone())
+                .bind(token) // own claim?
+                .bind(token) // the new token
                 .bind(token)
                 .bind(fp.clone())
+                .bind(token)
+                .bind(token)
                 .bind(until)
+                .bind(token)
+                .bind(token)
                 .bind(lease)
                 .execute(&inner.pool)
         })
@@ -554,8 +567,9 @@ impl MySqlStore {
         Ok((r.last_insert_id(), lost))
     }
 
-    /// The claim's answer if a live record holds the key, `None` if it is absent or dead.
-    async fn read_live(&self, req: &ClaimRequest) -> Result<Option<Claim>, StoreError> {
+    /// What a claim finds before it writes: a live record that answers it, our own live
+    /// claim (a retry whose first reply was lost), or nothing live.
+    async fn read_live(&self, req: &ClaimRequest) -> Result<Seen, StoreError> {
         let inner = &*self.inner;
         let (row, _) = run_retrying(|| {
             sqlx::query(AssertSqlSafe(inner.sql.read.clone()))
@@ -564,32 +578,34 @@ impl MySqlStore {
         })
         .await
         .map_err(|e| StoreError::backend("mysql: read record", e))?;
-        let Some(row) = row else { return Ok(None) };
+        let Some(row) = row else {
+            return Ok(Seen::Nothing);
+        };
         let remaining: i64 = row.try_get("remaining").map_err(corrupt)?;
         if remaining <= 0 {
-            return Ok(None);
+            return Ok(Seen::Nothing);
         }
         let completed: i64 = row.try_get("completed").map_err(corrupt)?;
         let token: i64 = row.try_get("token").map_err(corrupt)?;
         let fingerprint = fingerprint(row.try_get("fingerprint").map_err(corrupt)?)?;
-        Ok(Some(if completed != 0 {
+        let remaining = Duration::from_millis(remaining.unsigned_abs());
+        Ok(if completed != 0 {
             let value: Option<Vec<u8>> = row.try_get("value").map_err(corrupt)?;
-            Claim::Completed(CompletedRecord {
+            Seen::Other(Claim::Completed(completed_record(
                 fingerprint,
-                value: value.ok_or_else(|| {
-                    StoreError::Corrupt("completed mysql record without a value".into())
-                })?,
-            })
+                value,
+                remaining,
+            )?))
         } else if token == req.token.as_i64() {
-            // Our own claim: an earlier run of the upsert was applied but its answer was lost
-            // with the connection. Tokens are fresh per claim, so the holder is us.
-            Claim::Acquired { taken_over: false }
+            // Our own claim: an earlier run of the upsert was applied but its answer was lost.
+            // Tokens are fresh per claim, so the holder is us; the upsert restarts the lease.
+            Seen::Ours
         } else {
-            Claim::InProgress {
+            Seen::Other(Claim::InProgress {
                 fingerprint,
-                lease_remaining: Some(Duration::from_millis(remaining.unsigned_abs())),
-            }
-        }))
+                lease_remaining: Some(remaining),
+            })
+        })
     }
 
     async fn claim_inner(&self, req: &ClaimRequest) -> Result<Claim, StoreError> {
@@ -597,7 +613,7 @@ impl MySqlStore {
             // Read first: a live record is the answer as it stands (a completed record only
             // expires or is deleted, a live claim is a true conflict at the time of the read),
             // so replays and conflicts cost one SELECT and take no lock.
-            if let Some(answer) = self.read_live(req).await? {
+            if let Seen::Other(answer) = self.read_live(req).await? {
                 return Ok(answer);
             }
             let (found, _) = self
@@ -605,7 +621,7 @@ impl MySqlStore {
                 .await
                 .map_err(|e| StoreError::backend("mysql: claim", e))?;
             match found {
-                FOUND_NOTHING | FOUND_EXPIRED_RECORD => {
+                FOUND_NOTHING | FOUND_EXPIRED_RECORD | FOUND_OWN_CLAIM => {
                     return Ok(Claim::Acquired { taken_over: false })
                 }
                 FOUND_LAPSED_CLAIM => return Ok(Claim::Acquired { taken_over: true }),
@@ -642,6 +658,24 @@ impl MySqlStore {
         .map_err(|e| StoreError::backend("mysql: read claim", e))?;
         Ok(completed.map(|c| c != 0))
     }
+}
+
+/// What [`MySqlStore::read_live`] found.
+enum Seen {
+    Nothing,
+    Ours,
+    Other(Claim),
+}
+
+/// A completed record read back, with its remaining TTL (server clock).
+fn completed_record(
+    fingerprint: Option<Fingerprint>,
+    value: Option<Vec<u8>>,
+    remaining: Duration,
+) -> Result<CompletedRecord, StoreError> {
+    let value = value
+        .ok_or_else(|| StoreError::Corrupt("completed mysql record without a value".into()))?;
+    Ok(CompletedRecord::new(fingerprint, value, Some(remaining)))
 }
 
 fn corrupt(e: sqlx::Error) -> StoreError {
@@ -684,7 +718,7 @@ impl Store for MySqlStore {
         let ttl = ms(ttl);
         let inner = &*self.inner;
         self.timed(async {
-            let (r, lost) = run_retrying(|| {
+            let (r, _) = run_retrying(|| {
                 sqlx::query(AssertSqlSafe(inner.sql.complete.clone()))
                     .bind(value)
                     .bind(ttl)
@@ -698,9 +732,10 @@ impl Store for MySqlStore {
             if r.rows_affected() > 0 {
                 return Ok(());
             }
-            // After a broken connection the first run may have completed the record already:
-            // only this token's holder completes under it.
-            if lost && self.state_under(key, token).await? == Some(true) {
+            // An earlier attempt (whose reply was lost, here or in the runtime) may have
+            // completed the record already: only this token's holder completes under it, and
+            // a completed record keeps its token, so this is our value (left as it is).
+            if self.state_under(key, token).await? == Some(true) {
                 return Ok(());
             }
             Err(StoreError::Fenced)
@@ -711,7 +746,9 @@ impl Store for MySqlStore {
     async fn release(&self, key: &Key, token: FencingToken) -> Result<(), StoreError> {
         let inner = &*self.inner;
         self.timed(async {
-            let (r, lost) = run_retrying(|| {
+            // Deletes only our own claim; a record that is gone, completed or someone
+            // else's is left as it is, and the release still succeeds.
+            run_retrying(|| {
                 sqlx::query(AssertSqlSafe(inner.sql.release.clone()))
                     .bind(&key.0[..])
                     .bind(token.as_i64())
@@ -719,13 +756,7 @@ impl Store for MySqlStore {
             })
             .await
             .map_err(|e| StoreError::backend("mysql: release", e))?;
-            // After a broken connection the first run may have deleted the row: the claim is
-            // gone either way, and no one else's record was touched.
-            if r.rows_affected() > 0 || lost {
-                Ok(())
-            } else {
-                Err(StoreError::Fenced)
-            }
+            Ok(())
         })
         .await
     }
@@ -781,12 +812,12 @@ impl Store for MySqlStore {
         let fingerprint = fingerprint(row.try_get("fingerprint").map_err(corrupt)?)?;
         Ok(Some(if completed != 0 {
             let value: Option<Vec<u8>> = row.try_get("value").map_err(corrupt)?;
-            RecordState::Completed(CompletedRecord {
+            let remaining: i64 = row.try_get("remaining").map_err(corrupt)?;
+            RecordState::Completed(completed_record(
                 fingerprint,
-                value: value.ok_or_else(|| {
-                    StoreError::Corrupt("completed mysql record without a value".into())
-                })?,
-            })
+                value,
+                Duration::from_millis(remaining.max(0).unsigned_abs()),
+            )?)
         } else {
             let token: i64 = row.try_get("token").map_err(corrupt)?;
             RecordState::InProgress {
@@ -844,15 +875,8 @@ impl Store for MySqlStore {
         .await
     }
 
-    fn release_detached(&self, key: Key, token: FencingToken) {
-        if let Ok(handle) = tokio::runtime::Handle::try_current() {
-            let store = self.clone();
-            handle.spawn(async move {
-                if let Err(e) = store.release(&key, token).await {
-                    tracing::debug!(error = %e, "idem mysql: detached release failed");
-                }
-            });
-        }
+    fn detached(&self) -> Option<Arc<dyn Store>> {
+        Some(Arc::new(self.clone()))
     }
 
     fn max_value_size(&self) -> usize {

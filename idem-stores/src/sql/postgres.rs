@@ -13,7 +13,12 @@
 //!   snapshot, the statement returns nothing, wrote nothing, and the claim simply runs again
 //!   (never a check-then-insert).
 //! - **Fencing**: complete, release and renew are `UPDATE`/`DELETE ... WHERE key = $1 AND
-//!   token = $2 AND state = 'in_progress'`; no row means [`StoreError::Fenced`].
+//!   token = $2 AND state = 'in_progress'`. A completed row keeps the token it was completed
+//!   under, so a completion retried after a lost reply finds it and answers `Ok` (same
+//!   statement); otherwise no row means [`StoreError::Fenced`]. A release never fails for
+//!   that: it deletes only our own claim.
+//! - **Retries** (contract v2): a claim that finds our own live claim restarts its lease in the
+//!   same statement and answers `Acquired { taken_over: false }`.
 //! - **Time** is the database's clock (`now()`), so processes with skewed clocks agree.
 //! - **Waiting**: complete, release and remove `pg_notify` the table's channel with the key in
 //!   the same statement. Each store keeps ONE listener connection (`LISTEN`) in a background
@@ -396,7 +401,9 @@ impl PostgresStore {
         }
     }
 
-    /// Runs a fenced statement that returns one row when it applied.
+    /// Runs a fenced statement that returns one row when it applied (or, for a completion,
+    /// had already applied under this token); no row is [`StoreError::Fenced`], except for a
+    /// release, which succeeds either way.
     async fn fenced(
         &self,
         what: &'static str,
@@ -406,6 +413,8 @@ impl PostgresStore {
         extra: Extra<'_>,
     ) -> Result<(), StoreError> {
         let pool = &self.inner.pool;
+        // A release answers `Ok` whether or not it deleted anything (SPEC §3.10).
+        let extra_is_release = matches!(extra, Extra::Release);
         let mut q = sqlx::query(AssertSqlSafe(Arc::clone(sql)))
             .bind(&key.0[..])
             .bind(token.as_i64());
@@ -419,9 +428,9 @@ impl PostgresStore {
             Extra::Renew { lease_ms } => q.bind(lease_ms).bind(self.inner.lease_grace_ms),
         };
         let row = self.timed(what, q.fetch_optional(pool)).await?;
-        match row {
-            Some(_) => Ok(()),
-            None => Err(StoreError::Fenced),
+        match (row, extra_is_release) {
+            (Some(_), _) | (None, true) => Ok(()),
+            (None, false) => Err(StoreError::Fenced),
         }
     }
 
@@ -562,10 +571,7 @@ impl Store for PostgresStore {
                 token: FencingToken::from_i64(col(&row, "token")?),
                 fingerprint,
             })),
-            "completed" => Ok(Some(RecordState::Completed(CompletedRecord {
-                fingerprint,
-                value: col::<Option<Vec<u8>>>(&row, "value")?.unwrap_or_default(),
-            }))),
+            "completed" => Ok(Some(RecordState::Completed(completed(&row, fingerprint)?))),
             other => Err(StoreError::Corrupt(format!(
                 "postgres: unknown state {other:?}"
             ))),
@@ -616,15 +622,8 @@ impl Store for PostgresStore {
         Ok(())
     }
 
-    fn release_detached(&self, key: Key, token: FencingToken) {
-        if let Ok(handle) = tokio::runtime::Handle::try_current() {
-            let store = self.clone();
-            handle.spawn(async move {
-                if let Err(e) = store.release(&key, token).await {
-                    tracing::debug!(target: "idem", %key, error = %e, "detached release failed");
-                }
-            });
-        }
+    fn detached(&self) -> Option<Arc<dyn Store>> {
+        Some(Arc::new(self.clone()))
     }
 
     fn max_value_size(&self) -> usize {
@@ -649,14 +648,24 @@ fn decode_claim(row: &PgRow) -> Result<Claim, StoreError> {
                 lease_remaining: Some(Duration::from_millis(u64::try_from(ms).unwrap_or(0))),
             })
         }
-        "completed" => Ok(Claim::Completed(CompletedRecord {
-            fingerprint,
-            value: col::<Option<Vec<u8>>>(row, "value")?.unwrap_or_default(),
-        })),
+        "completed" => Ok(Claim::Completed(completed(row, fingerprint)?)),
         other => Err(StoreError::Corrupt(format!(
             "postgres: unknown state {other:?}"
         ))),
     }
+}
+
+/// A completed record from a row with `value` and `expires_ms` (remaining TTL, DB clock).
+fn completed(row: &PgRow, fingerprint: Option<Fingerprint>) -> Result<CompletedRecord, StoreError> {
+    let value: Option<Vec<u8>> = col(row, "value")?;
+    let expires_ms: i64 = col(row, "expires_ms")?;
+    Ok(CompletedRecord::new(
+        fingerprint,
+        value.unwrap_or_default(),
+        Some(Duration::from_millis(
+            u64::try_from(expires_ms).unwrap_or(0),
+        )),
+    ))
 }
 
 fn col<'r, T>(row: &'r PgRow, name: &str) -> Result<T, StoreError>

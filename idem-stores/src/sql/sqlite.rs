@@ -9,8 +9,11 @@
 //!   writes nothing (no page dirtied, no sync), and the record is then read and reported (in
 //!   progress or completed); if it is gone by then, the claim runs again. Never a
 //!   check-then-insert: the decision to insert is the statement's own.
-//! - **Fencing**: `UPDATE`/`DELETE ... WHERE key = ?1 AND token = ?2 AND state =
-//!   'in_progress'`; no row changed means [`StoreError::Fenced`].
+//! - **Fencing**: `UPDATE`/`DELETE ... WHERE key = ?1 AND token = ?2`. A completed row keeps
+//!   the token it was completed under, so a completion retried after a lost reply matches it
+//!   and leaves it as it is (`Ok`); no row means [`StoreError::Fenced`]. A release deletes
+//!   only our own claim and never fails for that. A claim that finds our own live claim
+//!   restarts its lease in the claim statement (`Acquired { taken_over: false }`).
 //! - **Time** is this process's clock, in Unix milliseconds, bound as a parameter (SQLite is
 //!   local: every process sharing the file shares the machine's clock).
 //! - **Waiting** is bounded polling with backoff (10 ms doubling to 250 ms by default); waiters
@@ -294,36 +297,35 @@ fn is_busy(e: &StoreError) -> bool {
 }
 
 impl SqliteStore {
-    /// The claim's answer if a live record holds the key, `None` if it is absent or dead.
-    async fn read_live(&self, req: &ClaimRequest) -> Result<Option<Claim>, StoreError> {
+    /// What a claim finds before it writes: a live record that answers it, our own live
+    /// claim (a retry whose first reply was lost), or nothing live.
+    async fn read_live(&self, req: &ClaimRequest) -> Result<Seen, StoreError> {
+        let now = now_ms();
         let q = sqlx::query(AssertSqlSafe(Arc::clone(&self.inner.sql.live)))
             .bind(&req.key.0[..])
-            .bind(now_ms());
+            .bind(now);
         let row = self
             .timed("sqlite: claim", q.fetch_optional(&self.inner.pool))
             .await?;
-        let Some(row) = row else { return Ok(None) };
+        let Some(row) = row else {
+            return Ok(Seen::Nothing);
+        };
         let state: String = col(&row, "state")?;
         let fingerprint = fingerprint(col(&row, "fingerprint")?)?;
         match state.as_str() {
-            // Our own claim, applied by an earlier attempt whose answer was lost.
-            "in_progress" if col::<i64>(&row, "token")? == req.token.as_i64() => {
-                Ok(Some(Claim::Acquired {
-                    taken_over: col::<i64>(&row, "attempt")? > 1,
-                }))
-            }
+            "in_progress" if col::<i64>(&row, "token")? == req.token.as_i64() => Ok(Seen::Ours),
             "in_progress" => {
                 let until: i64 = col(&row, "lease_until")?;
-                let ms = until.saturating_sub(now_ms());
-                Ok(Some(Claim::InProgress {
+                Ok(Seen::Other(Claim::InProgress {
                     fingerprint,
-                    lease_remaining: Some(Duration::from_millis(u64::try_from(ms).unwrap_or(0))),
+                    lease_remaining: Some(ms_until(until, now)),
                 }))
             }
-            "completed" => Ok(Some(Claim::Completed(CompletedRecord {
+            "completed" => Ok(Seen::Other(Claim::Completed(completed(
+                &row,
                 fingerprint,
-                value: col::<Option<Vec<u8>>>(&row, "value")?.unwrap_or_default(),
-            }))),
+                now,
+            )?))),
             other => Err(StoreError::Corrupt(format!(
                 "sqlite: unknown state {other:?}"
             ))),
@@ -458,9 +460,11 @@ impl Store for SqliteStore {
         for _ in 0..CLAIM_ATTEMPTS {
             // Read first: a live record is the answer as it stands, and a read takes no write
             // lock, so replays and conflicts do not queue behind writers.
-            if let Some(answer) = self.read_live(req).await? {
-                return Ok(answer);
-            }
+            let ours = match self.read_live(req).await? {
+                Seen::Other(answer) => return Ok(answer),
+                Seen::Ours => true,
+                Seen::Nothing => false,
+            };
             let now = now_ms();
             let lease_until = now.saturating_add(millis(req.lease));
             let q = sqlx::query(AssertSqlSafe(Arc::clone(&self.inner.sql.claim)))
@@ -474,8 +478,9 @@ impl Store for SqliteStore {
                 .timed("sqlite: claim", q.fetch_optional(&self.inner.pool))
                 .await?;
             if let Some(row) = row {
+                // Our own claim, retried, restarted its lease: it is not a takeover.
                 return Ok(Claim::Acquired {
-                    taken_over: col::<i64>(&row, "attempt")? > 1,
+                    taken_over: !ours && col::<i64>(&row, "attempt")? > 1,
                 });
             }
             // A live record took the key between the read and the claim: read it next turn.
@@ -515,9 +520,11 @@ impl Store for SqliteStore {
         let q = sqlx::query(AssertSqlSafe(Arc::clone(&self.inner.sql.release)))
             .bind(&key.0[..])
             .bind(token.as_i64());
-        let r = self.fenced("sqlite: release", q).await;
+        // Ok whether or not it deleted anything: only our own claim is ever deleted.
+        self.timed("sqlite: release", q.execute(&self.inner.pool))
+            .await?;
         self.shard(key).notify_waiters();
-        r
+        Ok(())
     }
 
     async fn renew(
@@ -536,9 +543,10 @@ impl Store for SqliteStore {
     }
 
     async fn get(&self, key: &Key) -> Result<Option<RecordState>, StoreError> {
+        let now = now_ms();
         let q = sqlx::query(AssertSqlSafe(Arc::clone(&self.inner.sql.get)))
             .bind(&key.0[..])
-            .bind(now_ms());
+            .bind(now);
         let row = self
             .timed("sqlite: get", q.fetch_optional(&self.inner.pool))
             .await?;
@@ -550,10 +558,11 @@ impl Store for SqliteStore {
                 token: FencingToken::from_i64(col(&row, "token")?),
                 fingerprint,
             })),
-            "completed" => Ok(Some(RecordState::Completed(CompletedRecord {
+            "completed" => Ok(Some(RecordState::Completed(completed(
+                &row,
                 fingerprint,
-                value: col::<Option<Vec<u8>>>(&row, "value")?.unwrap_or_default(),
-            }))),
+                now,
+            )?))),
             other => Err(StoreError::Corrupt(format!(
                 "sqlite: unknown state {other:?}"
             ))),
@@ -595,20 +604,40 @@ impl Store for SqliteStore {
         Ok(())
     }
 
-    fn release_detached(&self, key: Key, token: FencingToken) {
-        if let Ok(handle) = tokio::runtime::Handle::try_current() {
-            let store = self.clone();
-            handle.spawn(async move {
-                if let Err(e) = store.release(&key, token).await {
-                    tracing::debug!(target: "idem", %key, error = %e, "detached release failed");
-                }
-            });
-        }
+    fn detached(&self) -> Option<Arc<dyn Store>> {
+        Some(Arc::new(self.clone()))
     }
 
     fn max_value_size(&self) -> usize {
         self.inner.max_value_size
     }
+}
+
+/// What [`SqliteStore::read_live`] found.
+enum Seen {
+    Nothing,
+    Ours,
+    Other(Claim),
+}
+
+/// A completed record from a row with `value` and `expires_at` (Unix ms).
+fn completed(
+    row: &SqliteRow,
+    fingerprint: Option<Fingerprint>,
+    now: i64,
+) -> Result<CompletedRecord, StoreError> {
+    let value: Option<Vec<u8>> = col(row, "value")?;
+    let expires_at: i64 = col(row, "expires_at")?;
+    Ok(CompletedRecord::new(
+        fingerprint,
+        value.unwrap_or_default(),
+        Some(ms_until(expires_at, now)),
+    ))
+}
+
+/// The time from `now` to `until` (both Unix ms), zero when past.
+fn ms_until(until: i64, now: i64) -> Duration {
+    Duration::from_millis(u64::try_from(until.saturating_sub(now)).unwrap_or(0))
 }
 
 fn col<'r, T>(row: &'r SqliteRow, name: &str) -> Result<T, StoreError>

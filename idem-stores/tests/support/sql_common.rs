@@ -101,3 +101,180 @@ pub fn sqlite_file(tag: &str) -> std::path::PathBuf {
     });
     dir.join(format!("{}-{tag}.db", std::process::id()))
 }
+
+/// Contract v2 checks that the conformance suite does not make at the row level, shared by the
+/// three SQL stores' tests.
+pub mod contract {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+
+    use idem_core::testkit::{claim_request, fresh_key, Fault, FaultyStore, Op};
+    use idem_core::{Call, Claim, Error, OnConflict, RecordState, Store};
+
+    /// A claim retried under its own token restarts the lease: after the first lease would
+    /// have passed, another token still conflicts.
+    pub async fn own_claim_restarts_the_lease(store: &dyn Store) {
+        let key = fresh_key();
+        let (mut r, token) = claim_request(key, Duration::from_millis(600));
+        assert_eq!(
+            store.claim(&r).await.expect("claim"),
+            Claim::Acquired { taken_over: false }
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        r.lease = Duration::from_secs(30);
+        assert_eq!(
+            store.claim(&r).await.expect("claim again"),
+            Claim::Acquired { taken_over: false },
+            "a retried claim is acquired"
+        );
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        match store
+            .claim(&claim_request(key, Duration::from_secs(30)).0)
+            .await
+            .expect("claim by another token")
+        {
+            Claim::InProgress {
+                lease_remaining: Some(left),
+                ..
+            } => assert!(
+                left > Duration::from_secs(20),
+                "lease not restarted: {left:?}"
+            ),
+            other => panic!("the retried claim did not restart the lease: {other:?}"),
+        }
+        store
+            .complete(&key, token, b"v", Duration::from_secs(30))
+            .await
+            .expect("the claim's token still completes");
+    }
+
+    /// A completion retried under its own token answers Ok and leaves the stored value and
+    /// TTL as the first attempt wrote them.
+    pub async fn completion_retry_keeps_the_first_value(store: &dyn Store) {
+        let key = fresh_key();
+        let (r, token) = claim_request(key, Duration::from_secs(30));
+        store.claim(&r).await.expect("claim");
+        store
+            .complete(&key, token, b"first", Duration::from_secs(30))
+            .await
+            .expect("complete");
+        store
+            .complete(&key, token, b"second", Duration::from_secs(60))
+            .await
+            .expect("a retried completion under its own token is Ok");
+        match store.get(&key).await.expect("get") {
+            Some(RecordState::Completed(rec)) => {
+                assert_eq!(&rec.value[..], b"first", "the retry changed the value");
+                let left = rec.expires_in.expect("expires_in");
+                assert!(
+                    left <= Duration::from_secs(30),
+                    "the retry changed the TTL: {left:?}"
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        // Another token is still fenced.
+        assert!(matches!(
+            store
+                .complete(
+                    &key,
+                    idem_core::FencingToken::random(),
+                    b"x",
+                    Duration::from_secs(30)
+                )
+                .await,
+            Err(idem_core::StoreError::Fenced)
+        ));
+    }
+
+    /// A release under a foreign token, or of a completed record, answers Ok and changes
+    /// nothing.
+    pub async fn foreign_releases_change_nothing(store: &dyn Store) {
+        let key = fresh_key();
+        let (r, token) = claim_request(key, Duration::from_secs(30));
+        store.claim(&r).await.expect("claim");
+        store
+            .release(&key, idem_core::FencingToken::random())
+            .await
+            .expect("a foreign release is Ok");
+        assert!(matches!(
+            store.get(&key).await.expect("get"),
+            Some(RecordState::InProgress { token: t, .. }) if t == token
+        ));
+        store
+            .complete(&key, token, b"v", Duration::from_secs(30))
+            .await
+            .expect("complete");
+        store
+            .release(&key, token)
+            .await
+            .expect("releasing a completed record is Ok");
+        assert!(matches!(
+            store.get(&key).await.expect("get"),
+            Some(RecordState::Completed(_))
+        ));
+    }
+
+    /// `testkit::renewal_failures_keep_the_lease`, with the duplicates starting only once
+    /// the holder's body runs (the testkit case starts them at once, and on a store with a
+    /// round trip a duplicate can claim before the holder does).
+    pub async fn renewal_failures_keep_the_lease(store: Arc<dyn Store>) {
+        let faulty = FaultyStore::new(store.clone());
+        let ns: &'static str =
+            Box::leak(format!("sql_common::renewal::{}", fresh_key()).into_boxed_str());
+        let lease = Duration::from_millis(600);
+        let runs = Arc::new(AtomicUsize::new(0));
+        faulty.plan(Fault::FailBefore(Op::Renew));
+        faulty.plan(Fault::FailBefore(Op::Renew));
+        let holder = {
+            let faulty = faulty.clone();
+            let runs = runs.clone();
+            tokio::spawn(async move {
+                Call::new(ns)
+                    .key("k")
+                    .lease(lease)
+                    .run(&faulty, async move {
+                        runs.fetch_add(1, Ordering::SeqCst);
+                        tokio::time::sleep(lease * 3).await;
+                        Ok::<_, Error>(1u32)
+                    })
+                    .await
+            })
+        };
+        let t = Instant::now();
+        while runs.load(Ordering::SeqCst) == 0 {
+            assert!(
+                t.elapsed() < Duration::from_secs(10),
+                "the holder never ran"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let until = Instant::now() + lease * 3;
+        while Instant::now() < until {
+            let r: Result<u32, Error> = Call::new(ns)
+                .key("k")
+                .lease(lease)
+                .on_conflict(OnConflict::Reject)
+                .run(&*store, async { Ok(2) })
+                .await;
+            match r {
+                Err(Error::InProgress { .. }) => {}
+                Ok(1) => break,
+                other => panic!("a duplicate got in while the holder lived: {other:?}"),
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(holder.await.expect("task").expect("holder"), 1);
+        assert_eq!(runs.load(Ordering::SeqCst), 1);
+        assert_eq!(faulty.pending(), 0, "the planned renewal failures happened");
+    }
+
+    /// Runs every check above.
+    pub async fn all(store: Arc<dyn Store>) {
+        own_claim_restarts_the_lease(&*store).await;
+        completion_retry_keeps_the_first_value(&*store).await;
+        foreign_releases_change_nothing(&*store).await;
+        renewal_failures_keep_the_lease(store).await;
+    }
+}

@@ -67,6 +67,8 @@ impl Statements {
     pub(super) fn new(table: &Table) -> Statements {
         let t = &table.quoted;
         let ms = "* interval '1 millisecond'";
+        let lease_ms = remaining_ms("lease_until");
+        let expires_ms = remaining_ms("expires_at");
         Statements {
             create_table: format!(
                 "CREATE TABLE IF NOT EXISTS {t} (
@@ -85,17 +87,19 @@ impl Statements {
                 table.name
             ),
             // $1 key, $2 token, $3 fingerprint, $4 lease ms, $5 grace ms.
-            // `existing` reads the live row in the statement's snapshot: if there is one, it is
-            // the answer and nothing is written (a replay takes no lock and no WAL flush).
-            // Otherwise the upsert inserts, or takes over the expired row, atomically under the
-            // row lock. It may also find a row committed after our snapshot that is live: then
-            // no branch returns a row, nothing was written, and the claim runs again. A live
-            // row under our own token is ours: a retried claim whose first try went through.
+            // `existing` reads the live row in the statement's snapshot: if there is one that is
+            // not ours, it is the answer and nothing is written (a replay takes no lock and no
+            // WAL flush). Otherwise the upsert inserts, takes over the expired row, or restarts
+            // the lease of our own live claim (a retried claim whose first reply was lost),
+            // atomically under the row lock. It may also find a row committed after our
+            // snapshot that is live and not ours: then no branch returns a row, nothing was
+            // written, and the claim runs again.
             claim: format!(
                 "WITH existing AS (
-                    SELECT token, attempt, state, fingerprint, value,
-                           GREATEST(0, CEIL(EXTRACT(EPOCH FROM (lease_until - now())) * 1000))::bigint
-                               AS lease_ms
+                    SELECT state, fingerprint, value,
+                           state = 'in_progress' AND token = $2 AS own,
+                           {lease_ms} AS lease_ms,
+                           {expires_ms} AS expires_ms
                       FROM {t}
                      WHERE key = $1
                        AND CASE WHEN state = 'in_progress' THEN lease_until > now()
@@ -106,30 +110,39 @@ impl Statements {
                         (key, state, token, attempt, fingerprint, value, lease_until, expires_at)
                     SELECT $1, 'in_progress', $2, 1, $3, NULL,
                            now() + $4::float8 {ms}, now() + ($4 + $5)::float8 {ms}
-                     WHERE NOT EXISTS (SELECT 1 FROM existing)
+                     WHERE NOT EXISTS (SELECT 1 FROM existing WHERE NOT own)
                     ON CONFLICT (key) DO UPDATE SET
                         state = 'in_progress',
                         token = EXCLUDED.token,
-                        attempt = CASE WHEN r.state = 'in_progress' THEN r.attempt + 1 ELSE 1 END,
+                        attempt = CASE WHEN r.state = 'in_progress' AND r.token = EXCLUDED.token
+                                           THEN r.attempt
+                                       WHEN r.state = 'in_progress' THEN r.attempt + 1
+                                       ELSE 1 END,
                         fingerprint = EXCLUDED.fingerprint,
                         value = NULL,
                         lease_until = EXCLUDED.lease_until,
                         expires_at = EXCLUDED.expires_at
-                    WHERE (r.state = 'in_progress' AND r.lease_until <= now())
+                    WHERE (r.state = 'in_progress'
+                           AND (r.lease_until <= now() OR r.token = EXCLUDED.token))
                        OR (r.state = 'completed' AND r.expires_at <= now())
                     RETURNING r.attempt
                 )
-                SELECT true AS acquired, attempt > 1 AS taken_over,
+                SELECT true AS acquired,
+                       c.attempt > 1 AND NOT EXISTS (SELECT 1 FROM existing) AS taken_over,
                        NULL::text AS state, NULL::bytea AS fingerprint, NULL::bytea AS value,
-                       NULL::bigint AS lease_ms
-                  FROM claimed
+                       NULL::bigint AS lease_ms, NULL::bigint AS expires_ms
+                  FROM claimed c
                 UNION ALL
-                SELECT e.token = $2 AND e.state = 'in_progress', e.attempt > 1,
-                       e.state, e.fingerprint, e.value, e.lease_ms
-                  FROM existing e"
+                SELECT false, false, e.state, e.fingerprint, e.value, e.lease_ms, e.expires_ms
+                  FROM existing e
+                 WHERE NOT e.own"
             )
             .into(),
             // $1 key, $2 token, $3 value, $4 ttl ms, $5 channel, $6 key hex.
+            // One row when the record is now completed under $2: by this statement (which
+            // also notifies the waiters), or already, by an earlier attempt whose reply was
+            // lost (the second branch reads the snapshot from before the update, and leaves
+            // the stored value as it is). No row: fenced.
             complete: format!(
                 "WITH done AS (
                     UPDATE {t} SET state = 'completed', value = $3, lease_until = NULL,
@@ -137,10 +150,13 @@ impl Statements {
                      WHERE key = $1 AND token = $2 AND state = 'in_progress'
                     RETURNING key
                 )
-                SELECT pg_notify($5, $6) FROM done"
+                SELECT 1 AS ok FROM done WHERE pg_notify($5, $6) IS NOT NULL
+                UNION ALL
+                SELECT 1 FROM {t} WHERE key = $1 AND token = $2 AND state = 'completed'"
             )
             .into(),
-            // $1 key, $2 token, $3 channel, $4 key hex.
+            // $1 key, $2 token, $3 channel, $4 key hex. Deletes only our own claim; anything
+            // else is left as it is (and the release still succeeds).
             release: format!(
                 "WITH gone AS (
                     DELETE FROM {t} WHERE key = $1 AND token = $2 AND state = 'in_progress'
@@ -158,15 +174,14 @@ impl Statements {
             )
             .into(),
             get: format!(
-                "SELECT state, token, fingerprint, value FROM {t}
+                "SELECT state, token, fingerprint, value, {expires_ms} AS expires_ms FROM {t}
                   WHERE key = $1
                     AND CASE WHEN state = 'in_progress' THEN lease_until > now()
                              ELSE expires_at > now() END"
             )
             .into(),
             lease: format!(
-                "SELECT GREATEST(0, CEIL(EXTRACT(EPOCH FROM (lease_until - now())) * 1000))::bigint
-                   FROM {t}
+                "SELECT {lease_ms} FROM {t}
                   WHERE key = $1 AND state = 'in_progress' AND lease_until > now()"
             )
             .into(),
@@ -186,6 +201,12 @@ impl Statements {
             .into(),
         }
     }
+}
+
+/// Milliseconds from the database's `now()` to the timestamp `column`, rounded up, never
+/// negative.
+fn remaining_ms(column: &str) -> String {
+    format!("GREATEST(0, CEIL(EXTRACT(EPOCH FROM ({column} - now())) * 1000))::bigint")
 }
 
 #[cfg(test)]

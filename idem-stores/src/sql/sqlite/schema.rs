@@ -61,42 +61,57 @@ impl Statements {
                 "CREATE INDEX IF NOT EXISTS \"{name}_expires_at\" ON {t} (expires_at)"
             ),
             // ?1 key, ?2 token, ?3 fingerprint, ?4 now, ?5 lease until, ?6 expires at.
-            // One statement under SQLite's write lock: insert unless a live record holds the
-            // key; an expired record (completed past its TTL, or a claim whose lease passed)
-            // conflicts and is replaced. A row comes back only when this claim took the key;
-            // with a live record nothing is written (no page is dirtied, no sync).
+            // One statement under SQLite's write lock: insert unless a live record that is not
+            // our own claim holds the key; an expired record (completed past its TTL, or a
+            // claim whose lease passed) conflicts and is replaced, and our own live claim (a
+            // retried claim whose first reply was lost) gets its lease restarted. A row comes
+            // back only when this claim holds the key; with another live record nothing is
+            // written (no page is dirtied, no sync).
             claim: format!(
                 "INSERT INTO {t} AS r
                     (key, state, token, attempt, fingerprint, value, lease_until, expires_at)
                  SELECT ?1, 'in_progress', ?2, 1, ?3, NULL, ?5, ?6
                   WHERE NOT EXISTS (
                       SELECT 1 FROM {t} WHERE key = ?1 AND {live}
+                         AND NOT (state = 'in_progress' AND token = ?2)
                   )
                  ON CONFLICT (key) DO UPDATE SET
                     state = 'in_progress',
                     token = excluded.token,
-                    attempt = CASE WHEN r.state = 'in_progress' THEN r.attempt + 1 ELSE 1 END,
+                    attempt = CASE WHEN r.state = 'in_progress' AND r.token = excluded.token
+                                       THEN r.attempt
+                                   WHEN r.state = 'in_progress' THEN r.attempt + 1
+                                   ELSE 1 END,
                     fingerprint = excluded.fingerprint,
                     value = NULL,
                     lease_until = excluded.lease_until,
                     expires_at = excluded.expires_at
                   WHERE NOT ({live_r})
+                     OR (r.state = 'in_progress' AND r.token = excluded.token)
                  RETURNING attempt"
             )
             .into(),
             // ?1 key, ?2 now.
             live: format!(
-                "SELECT state, token, attempt, fingerprint, value, lease_until FROM {t}
+                "SELECT state, token, attempt, fingerprint, value, lease_until, expires_at FROM {t}
                   WHERE key = ?1 AND {}",
                 live_at("?2")
             )
             .into(),
-            // ?1 key, ?2 token, ?3 value, ?4 expires at.
+            // ?1 key, ?2 token, ?3 value, ?4 expires at. Matches the record in progress under
+            // ?2, which it completes, and the record already completed under ?2 (an earlier
+            // attempt whose reply was lost), which it leaves as it is: one row either way, none
+            // when fenced. (SET expressions read the row as it was.)
             complete: format!(
-                "UPDATE {t} SET state = 'completed', value = ?3, lease_until = NULL, expires_at = ?4
-                  WHERE key = ?1 AND token = ?2 AND state = 'in_progress'"
+                "UPDATE {t} SET value = CASE WHEN state = 'completed' THEN value ELSE ?3 END,
+                                expires_at = CASE WHEN state = 'completed' THEN expires_at
+                                                  ELSE ?4 END,
+                                lease_until = NULL,
+                                state = 'completed'
+                  WHERE key = ?1 AND token = ?2"
             )
             .into(),
+            // Deletes only our own claim; anything else is left as it is.
             release: format!(
                 "DELETE FROM {t} WHERE key = ?1 AND token = ?2 AND state = 'in_progress'"
             )
@@ -109,7 +124,7 @@ impl Statements {
             .into(),
             // ?1 key, ?2 now.
             get: format!(
-                "SELECT state, token, fingerprint, value FROM {t}
+                "SELECT state, token, fingerprint, value, expires_at FROM {t}
                   WHERE key = ?1
                     AND CASE WHEN state = 'in_progress' THEN lease_until > ?2
                              ELSE expires_at > ?2 END"
