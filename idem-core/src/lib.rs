@@ -42,6 +42,8 @@ mod runtime;
 mod store;
 mod transaction;
 
+pub mod inspect;
+
 #[cfg(feature = "metrics")]
 #[cfg_attr(docsrs, doc(cfg(feature = "metrics")))]
 pub mod telemetry;
@@ -60,6 +62,7 @@ pub mod http;
 pub use async_trait::async_trait;
 pub use bytes::Bytes;
 pub use error::{BoxError, CodecError, Error, StoreError};
+pub use inspect::{RecordInfo, RecordStatus, StoreAdmin, StoreStats};
 pub use observe::{count, counters, observe, CallOutcome, Observed, Outcome};
 pub use options::{MissingKey, OnConflict, Options};
 pub use runtime::{current_key, default_store, set_default_store, with_default_store, Call};

@@ -1,0 +1,160 @@
+//! Inspecting and forgetting one record, and what a store can tell about all of them — for the
+//! people who operate a service (`docs/operations.md`, and the `idem` command-line tool of
+//! `idem-stores`, feature `cli`).
+//!
+//! A record is found the way a call finds it: by the same [`Call`] builder (namespace, scope,
+//! key), so nothing about key derivation has to be repeated by hand.
+//!
+//! ```
+//! use idem_core::{Call, Error, RecordStatus};
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Error> {
+//! let store = idem_stores::MemoryStore::new();
+//! let charge = || Call::new("shop::charge").key("order-7").scope("tenant-1");
+//! charge().run(&store, async { Ok::<_, Error>(1999u32) }).await?;
+//!
+//! let info = charge().inspect(&store).await?.expect("the record exists");
+//! assert!(matches!(info.status, RecordStatus::Completed { .. }));
+//! assert_eq!(info.tag.as_deref(), Some("msgpack;v0"));
+//!
+//! charge().forget(&store).await?; // the next call runs the body again
+//! assert!(charge().inspect(&store).await?.is_none());
+//! # Ok(()) }
+//! ```
+
+use std::time::Duration;
+
+use crate::codec::Codec;
+use crate::error::{Error, StoreError};
+use crate::store::{FencingToken, Fingerprint, Key, RecordState, Store};
+use crate::Call;
+
+/// What [`Call::inspect`] reports of one record.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct RecordInfo {
+    /// The hashed key the record is stored under (what the store and the logs show).
+    pub key: Key,
+    /// In progress or completed.
+    pub status: RecordStatus,
+    /// The fingerprint of the arguments it was claimed with.
+    pub fingerprint: Option<Fingerprint>,
+    /// For a completed record: its compatibility tag (`"{codec};v{version}"`, and the pinned
+    /// schema name if any); `None` for an in-progress one, or bytes that are not an idem
+    /// envelope.
+    pub tag: Option<String>,
+    /// For a completed record: the size of the stored envelope in bytes.
+    pub size: Option<usize>,
+}
+
+/// The state part of a [`RecordInfo`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum RecordStatus {
+    /// Claimed under a live lease.
+    InProgress {
+        /// The holder's fencing token.
+        token: FencingToken,
+    },
+    /// Completed and unexpired.
+    Completed {
+        /// How long it will still be replayed (its remaining TTL), if the store tells.
+        expires_in: Option<Duration>,
+    },
+}
+
+impl<C: Codec> Call<C> {
+    /// Finds this call's record — the same (namespace, scope, key) that [`run`](Call::run)
+    /// would use — and reports its state, TTL left, fingerprint, compatibility tag and size.
+    /// `Ok(None)` when there is none (never claimed, expired, released, or forgotten).
+    pub async fn inspect(&self, store: &dyn Store) -> Result<Option<RecordInfo>, Error> {
+        let key = self.record_key()?;
+        Ok(store.get(&key).await?.map(|state| match state {
+            RecordState::InProgress { token, fingerprint } => RecordInfo {
+                key,
+                status: RecordStatus::InProgress { token },
+                fingerprint,
+                tag: None,
+                size: None,
+            },
+            RecordState::Completed(record) => RecordInfo {
+                key,
+                status: RecordStatus::Completed {
+                    expires_in: record.expires_in,
+                },
+                fingerprint: record.fingerprint,
+                tag: peek_tag(&record.value),
+                size: Some(record.value.len()),
+            },
+        }))
+    }
+
+    /// Removes this call's record, whatever its state, so that the next call runs the body
+    /// again. Removing a claim in progress does not stop its body: its completion is then
+    /// refused ([`Error::LeaseLost`]) if someone claimed meanwhile, or lands normally if not.
+    pub async fn forget(&self, store: &dyn Store) -> Result<(), Error> {
+        let key = self.record_key()?;
+        store.remove(&key).await?;
+        Ok(())
+    }
+
+    fn record_key(&self) -> Result<Key, Error> {
+        match self.identity()? {
+            Some(ident) => Ok(ident.key),
+            None => Err(Error::MissingKey),
+        }
+    }
+}
+
+/// What a store can tell about all its records, cheaply (for `idem stats`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct StoreStats {
+    /// Live in-progress claims.
+    pub in_progress: u64,
+    /// Live completed records.
+    pub completed: u64,
+    /// Records past their expiry that the store still holds (waiting for a sweep), if it
+    /// can tell.
+    pub expired: Option<u64>,
+    /// How long the oldest live claim has been held, if the store can tell.
+    pub oldest_in_progress: Option<Duration>,
+}
+
+impl StoreStats {
+    /// Stats from their parts.
+    pub fn new(
+        in_progress: u64,
+        completed: u64,
+        expired: Option<u64>,
+        oldest_in_progress: Option<Duration>,
+    ) -> Self {
+        StoreStats {
+            in_progress,
+            completed,
+            expired,
+            oldest_in_progress,
+        }
+    }
+}
+
+/// Administration a backend offers beyond the [`Store`] contract: counts by state and the
+/// removal of expired records. Implemented by the stores of `idem-stores`.
+#[async_trait::async_trait]
+pub trait StoreAdmin: Store {
+    /// Counts records by state. May scan: for operators, not for the hot path.
+    async fn stats(&self) -> Result<StoreStats, StoreError>;
+
+    /// Removes up to `batch` expired records; returns how many it removed. A store whose
+    /// records expire natively (Redis `PX`, moka) returns `Ok(0)`.
+    async fn purge_expired(&self, batch: u32) -> Result<u64, StoreError>;
+}
+
+/// The compatibility tag of an envelope (`b"idem"`, a format byte, a `u16` length and the
+/// tag; see [`crate::codec`]), without checking it against anything.
+fn peek_tag(envelope: &[u8]) -> Option<String> {
+    let rest = envelope.strip_prefix(b"idem")?.get(1..)?;
+    let len = u16::from_le_bytes([*rest.first()?, *rest.get(1)?]) as usize;
+    let tag = rest.get(2..2 + len)?;
+    Some(String::from_utf8_lossy(tag).into_owned())
+}
