@@ -1,5 +1,6 @@
-//! Annotated functions compile under `#![deny(warnings)]` and clippy's pedantic group with
-//! no lint from generated code (`cargo clippy -p idem-core --tests -- -D warnings` runs this
+//! Annotated functions of every shape (free, `&self`, `&mut self`, `self: Arc<Self>`,
+//! generic, lifetimes, `impl Trait`, patterns, `#[async_trait]`) compile under
+//! `#![deny(warnings)]` and clippy's pedantic group with no lint from generated code (`cargo clippy -p idem-core --tests -- -D warnings` runs this
 //! file under clippy); `dead_code` still fires on an unused annotated function (the
 //! `dead_code` UI case).
 
@@ -90,6 +91,82 @@ impl From<Error> for Declined {
 pub async fn free(id: u64, log: impl std::fmt::Write + Send) -> Result<u64, Error> {
     drop(log);
     Ok(id)
+}
+
+/// Every other shape: `&mut self`, a generic function, lifetimes, a destructuring pattern,
+/// `store = <argument>` (skipped by itself), and an `#[async_trait]` impl whose argument is
+/// used only by the key.
+pub struct Ledger {
+    store: Arc<MemoryStore>,
+    entries: Vec<u64>,
+}
+
+impl Ledger {
+    /// `&mut self`; the store is cloned out of `self`.
+    ///
+    /// # Errors
+    ///
+    /// Whatever idem reports.
+    #[idempotent(key = entry, store = self.store.clone())]
+    pub async fn append(&mut self, entry: u64) -> Result<usize, Error> {
+        self.entries.push(entry);
+        Ok(self.entries.len())
+    }
+}
+
+/// A generic function with a borrowed argument and a lifetime.
+///
+/// # Errors
+///
+/// Whatever idem reports.
+#[idempotent(key = (name, &id), store = store)]
+pub async fn generic<'a, T: Serialize + Send + Sync>(
+    store: &'a MemoryStore,
+    name: &'a str,
+    id: T,
+) -> Result<String, Error> {
+    Ok(name.to_owned())
+}
+
+/// A destructured argument (each binding is fingerprinted).
+///
+/// # Errors
+///
+/// Whatever idem reports.
+#[idempotent(store = store)]
+pub async fn pair(store: Arc<MemoryStore>, (a, b): (u64, u64)) -> Result<u64, Error> {
+    Ok(a + b)
+}
+
+/// A trait implemented with `#[async_trait]`.
+#[idem_core::async_trait]
+pub trait Billing {
+    /// Charges `order` once.
+    async fn bill(&self, order: String, amount: u64) -> Result<u64, Error>;
+}
+
+#[idem_core::async_trait]
+impl Billing for Payments {
+    #[idempotent(key = order, store = self.store)]
+    async fn bill(&self, order: String, amount: u64) -> Result<u64, Error> {
+        Ok(amount)
+    }
+}
+
+#[tokio::test]
+async fn every_shape_runs() {
+    let store = Arc::new(MemoryStore::new());
+    let mut ledger = Ledger {
+        store: store.clone(),
+        entries: Vec::new(),
+    };
+    assert_eq!(ledger.append(7).await.unwrap(), 1);
+    assert_eq!(ledger.append(7).await.unwrap(), 1, "replayed");
+    assert_eq!(generic(&store, "n", 1_u8).await.unwrap(), "n");
+    assert_eq!(pair(store.clone(), (1, 2)).await.unwrap(), 3);
+    let p = Payments { store };
+    assert_eq!(p.bill("o-1".into(), 5).await.unwrap(), 5);
+    assert_eq!(p.bill("o-1".into(), 5).await.unwrap(), 5);
 }
 
 #[tokio::test]

@@ -137,18 +137,17 @@ fn allow_unused_moves(block: &mut Block, args: &Args, model: &Func) {
                     .any(|e| valid::mentions(e, n)))
     };
     for stmt in &mut block.stmts {
-        let syn::Stmt::Local(local) = stmt else {
-            break;
+        let local = match stmt {
+            // `if let Some(__ret) = None::<R> { return __ret; }`, for type inference.
+            syn::Stmt::Expr(Expr::If(_), None) => continue,
+            syn::Stmt::Local(local) => local,
+            _ => break,
         };
-        let moves_argument = local
-            .init
-            .as_ref()
-            .is_some_and(|init| matches!(&*init.expr, Expr::Path(_)));
-        if !moves_argument {
-            break;
-        }
         let mut bound = Vec::new();
         valid::pattern_bindings(&local.pat, &mut bound);
+        if bound.iter().any(|b| b == "__ret") {
+            break;
+        }
         if bound.iter().any(used) {
             local
                 .attrs
