@@ -464,9 +464,9 @@ enum Extra<'a> {
     Renew { lease_ms: i64 },
 }
 
-#[async_trait]
-impl Store for PostgresStore {
-    async fn claim(&self, req: &ClaimRequest) -> Result<Claim, StoreError> {
+impl PostgresStore {
+    /// The claim: statement runs until one answers (see the module docs).
+    async fn claim_inner(&self, req: &ClaimRequest) -> Result<Claim, StoreError> {
         let fingerprint = req.fingerprint.map(|f| f.0.to_vec());
         let mut retries = 0;
         for _ in 0..CLAIM_ATTEMPTS {
@@ -508,6 +508,18 @@ impl Store for PostgresStore {
                 "the record kept changing under {CLAIM_ATTEMPTS} claims in a row"
             )),
         ))
+    }
+}
+
+#[async_trait]
+impl Store for PostgresStore {
+    async fn claim(&self, req: &ClaimRequest) -> Result<Claim, StoreError> {
+        // The whole claim, its internal re-runs included, is one operation under the
+        // operation timeout.
+        match tokio::time::timeout(self.inner.op_timeout, self.claim_inner(req)).await {
+            Ok(r) => r,
+            Err(_) => Err(StoreError::Timeout(self.inner.op_timeout)),
+        }
     }
 
     async fn complete(

@@ -454,9 +454,9 @@ impl SqliteStore {
     }
 }
 
-#[async_trait]
-impl Store for SqliteStore {
-    async fn claim(&self, req: &ClaimRequest) -> Result<Claim, StoreError> {
+impl SqliteStore {
+    /// The claim: statement runs until one answers (see the module docs).
+    async fn claim_inner(&self, req: &ClaimRequest) -> Result<Claim, StoreError> {
         for _ in 0..CLAIM_ATTEMPTS {
             // Read first: a live record is the answer as it stands, and a read takes no write
             // lock, so replays and conflicts do not queue behind writers.
@@ -491,6 +491,18 @@ impl Store for SqliteStore {
                 "the record kept changing under {CLAIM_ATTEMPTS} claims in a row"
             )),
         ))
+    }
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    async fn claim(&self, req: &ClaimRequest) -> Result<Claim, StoreError> {
+        // The whole claim, its internal re-runs included, is one operation under the
+        // operation timeout.
+        match tokio::time::timeout(self.inner.op_timeout, self.claim_inner(req)).await {
+            Ok(r) => r,
+            Err(_) => Err(StoreError::Timeout(self.inner.op_timeout)),
+        }
     }
 
     async fn complete(
