@@ -2,7 +2,36 @@
 //!
 //! A caller may retry a call as often as the network forces it to; the side effect happens
 //! once, and every repeat gets the first call's result back — including duplicates that arrive
-//! while the first call still runs, in this process or another.
+//! while the first call still runs, in this process or another. One attribute does it:
+//!
+//! ```
+//! use idem_core::{idempotent, Error};
+//! use idem_stores::MemoryStore;
+//! use serde::{Deserialize, Serialize};
+//!
+//! #[derive(Serialize, Deserialize, Debug, PartialEq)]
+//! struct Receipt { amount: u64 }
+//!
+//! // `store` names an argument, so that argument is left out of the key by itself.
+//! #[idempotent(key = order_id, ttl = "24h", store = store)]
+//! async fn charge(store: &MemoryStore, order_id: &str, amount: u64) -> Result<Receipt, Error> {
+//!     Ok(Receipt { amount }) // the side effect goes here
+//! }
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Error> {
+//! let store = MemoryStore::new();
+//! let first = charge(&store, "order-7", 100).await?;
+//! assert_eq!(charge(&store, "order-7", 100).await?, first); // replayed, not charged twice
+//! assert!(matches!(charge(&store, "order-7", 200).await, Err(Error::KeyReused)));
+//! # Ok(()) }
+//! ```
+//!
+//! [`idempotent`] documents every argument (`key`, `ttl`, `store`, `skip`, `scope`,
+//! `on_conflict`, `errors`, ...) with an example, and what each mistake gets at compile time.
+//!
+//! The attribute expands to one [`Call`], which can also be built by hand — for a closure, or
+//! a key that is not an argument:
 //!
 //! ```
 //! use idem_core::{Call, Error};
@@ -25,15 +54,19 @@
 //!
 //! The pieces, one module each:
 //!
+//! - [`idempotent`] (feature `macros`, default) — the attribute;
+//! - [`Call`] — the runtime: claim, replay, wait, execute, complete, release;
 //! - [`Store`] — the trait every backend implements (memory, Redis, SQL in `idem-stores`);
 //! - [`key`] and [`fingerprint`] — hashed identities and argument fingerprints;
 //! - [`codec`] — the `Codec` trait, the MessagePack default and the record envelope;
-//! - [`Call`] — the runtime: claim, replay, wait, execute, complete, release;
 //! - [`Error`] — one error enum with an HTTP status per variant;
 //! - [`Outcome`] and [`counters`] — one outcome per call, logged and counted;
-//! - `testkit` (feature) — the conformance suite every store passes.
+//! - `testkit` (feature) — the conformance suite every store passes;
+//! - `http` (feature) — the tower/axum `Idempotency-Key` layer.
 //!
 //! The runtime needs a tokio runtime with the time driver enabled.
+
+#![cfg_attr(docsrs, feature(doc_cfg))]
 
 mod error;
 mod observe;
@@ -54,9 +87,11 @@ pub mod key;
 pub mod options;
 
 #[cfg(feature = "testkit")]
+#[cfg_attr(docsrs, doc(cfg(feature = "testkit")))]
 pub mod testkit;
 
 #[cfg(feature = "http")]
+#[cfg_attr(docsrs, doc(cfg(feature = "http")))]
 pub mod http;
 
 pub use async_trait::async_trait;
@@ -72,6 +107,7 @@ pub use store::{
 };
 
 #[cfg(feature = "macros")]
+#[cfg_attr(docsrs, doc(cfg(feature = "macros")))]
 #[doc = include_str!("idempotent.md")]
 pub use idem_macros::idempotent;
 
@@ -181,4 +217,11 @@ pub mod __private {
     {
         call.run_storing_errors_on_default(body).await
     }
+}
+
+/// The pages of `docs/` whose examples are compiled and run as doc tests.
+#[cfg(all(doctest, feature = "macros", feature = "testkit"))]
+mod doc_pages {
+    #[doc = include_str!("../../docs/testing.md")]
+    struct Testing;
 }
