@@ -32,6 +32,7 @@ use crate::{
 };
 
 mod faulty;
+pub mod model;
 pub use faulty::{Fault, FaultyStore, Op};
 
 /// Stamps one `#[tokio::test]` per conformance case. The argument is an expression (usually
