@@ -1,0 +1,57 @@
+//! The fault scenarios of issue 10 on MySQL / MariaDB (`IDEM_TEST_MYSQL_URL`), through a
+//! loopback proxy: see `support/fault_scenarios.rs` for what each one does and asserts.
+#![cfg(feature = "mysql")]
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+#[path = "support/fault_scenarios.rs"]
+mod fault_scenarios;
+#[path = "support/proxy.rs"]
+mod proxy;
+#[path = "support/sql_common.rs"]
+mod sql_common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use fault_scenarios::Rig;
+use idem_stores::MySqlStore;
+use proxy::Proxy;
+use sqlx::mysql::MySqlPoolOptions;
+
+/// The one place that builds the store (its builder may change).
+fn store(url: &str, table: &str) -> MySqlStore {
+    let pool = MySqlPoolOptions::new()
+        .max_connections(10)
+        .acquire_timeout(Duration::from_secs(2))
+        .connect_lazy(url)
+        .expect("parse IDEM_TEST_MYSQL_URL");
+    MySqlStore::builder(pool)
+        .table(table)
+        .build()
+        .expect("build the MySQL store")
+}
+
+async fn rig() -> Option<Rig> {
+    let url = idem_core::testkit::env_url("IDEM_TEST_MYSQL_URL")?;
+    let table = sql_common::unique_table("faults");
+    let proxy = Proxy::for_url(&url).await;
+    let rival = store(&url, &table);
+    rival.migrate().await.expect("create the table");
+    let holder = store(&proxy.url(&url), &table);
+    let admin = rival.clone();
+    let teardown = async move {
+        let sql = format!("DROP TABLE IF EXISTS `{table}`");
+        let _ = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .execute(admin.pool())
+            .await;
+    };
+    Some(Rig::new(
+        "mariadb",
+        proxy,
+        Arc::new(holder),
+        Arc::new(rival),
+        teardown,
+    ))
+}
+
+fault_scenarios!(rig);
