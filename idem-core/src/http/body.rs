@@ -48,19 +48,40 @@ where
             rest: body,
         });
     }
+    // The first data frame is kept as it is: a body of one frame (the common case) is not
+    // copied.
+    let mut first: Option<Bytes> = None;
     let mut buf = BytesMut::new();
     while let Some(frame) = body.frame().await {
-        if let Ok(data) = frame?.into_data() {
-            buf.extend_from_slice(&data);
-            if buf.len() > limit {
-                return Ok(Buffered::Over {
-                    prefix: buf.freeze(),
-                    rest: body,
-                });
+        let Ok(data) = frame?.into_data() else {
+            continue;
+        };
+        let len = match first.take() {
+            None if buf.is_empty() => {
+                let len = data.len();
+                first = Some(data);
+                len
             }
+            prev => {
+                if let Some(prev) = prev {
+                    buf.extend_from_slice(&prev);
+                }
+                buf.extend_from_slice(&data);
+                buf.len()
+            }
+        };
+        if len > limit {
+            let prefix = match first.take() {
+                Some(first) => first,
+                None => buf.freeze(),
+            };
+            return Ok(Buffered::Over { prefix, rest: body });
         }
     }
-    Ok(Buffered::Complete(buf.freeze()))
+    Ok(Buffered::Complete(match first {
+        Some(first) => first,
+        None => buf.freeze(),
+    }))
 }
 
 /// A body that yields `prefix` and then the rest of a partly read body.

@@ -69,15 +69,49 @@ where
     type Error = S::Error;
     type Future = Pin<Box<dyn Future<Output = Result<Self::Response, S::Error>> + Send>>;
 
-    /// Always ready: the inner service is driven to readiness in the request's own task, on a
-    /// clone (a replayed request never reaches it).
-    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
-        Poll::Ready(Ok(()))
+    /// Ready when the inner service is.
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
     }
 
     fn call(&mut self, req: Request<B>) -> Self::Future {
-        Box::pin(handle(self.config.clone(), self.inner.clone(), req))
+        let config = &self.config;
+        // Decided here, without a clone of the inner service: an unprotected method, or no
+        // key where none is required, goes straight to the (ready) inner service.
+        let header_key = if config.methods.contains(req.method()) {
+            match &config.key_source {
+                KeySource::Header(name) => Some(parse_key_with(
+                    req.headers().get_all(name),
+                    config.key_format,
+                    config.max_key_len,
+                )),
+                KeySource::Custom(_) => None,
+            }
+        } else {
+            return passthrough(self.inner.call(req));
+        };
+        if let Some(Err(KeyError::Missing)) = &header_key {
+            if !config.required {
+                emit(Outcome::Unprotected, config.namespace, None);
+                return passthrough(self.inner.call(req));
+            }
+        }
+        // The ready instance goes with the request; this service keeps a fresh clone.
+        let clone = self.inner.clone();
+        let inner = std::mem::replace(&mut self.inner, clone);
+        Box::pin(handle(self.config.clone(), inner, req, header_key))
     }
+}
+
+fn passthrough<F, ResB, E>(
+    fut: F,
+) -> Pin<Box<dyn Future<Output = Result<Response<ResponseBody>, E>> + Send>>
+where
+    F: Future<Output = Result<Response<ResB>, E>> + Send + 'static,
+    ResB: Body<Data = Bytes> + Send + 'static,
+    ResB::Error: Into<BoxError>,
+{
+    Box::pin(async move { Ok(fut.await?.map(boxed)) })
 }
 
 async fn call_inner<S, Req, ResB>(mut inner: S, req: Req) -> Result<Response<ResB>, S::Error>
@@ -88,22 +122,11 @@ where
     inner.call(req).await
 }
 
-async fn passthrough<S, B, ResB>(
-    inner: S,
-    req: Request<B>,
-) -> Result<Response<ResponseBody>, S::Error>
-where
-    S: Service<Request<B>, Response = Response<ResB>>,
-    ResB: Body<Data = Bytes> + Send + 'static,
-    ResB::Error: Into<BoxError>,
-{
-    Ok(call_inner(inner, req).await?.map(boxed))
-}
-
 async fn handle<S, B, ResB>(
     config: Arc<Config>,
     inner: S,
     req: Request<B>,
+    header_key: Option<Result<String, KeyError>>,
 ) -> Result<Response<ResponseBody>, S::Error>
 where
     S: Service<Request<B>, Response = Response<ResB>> + Clone + Send + 'static,
@@ -114,29 +137,13 @@ where
     ResB: Body<Data = Bytes> + Send + 'static,
     ResB::Error: Into<BoxError>,
 {
-    if !config.methods.contains(req.method()) {
-        return passthrough(inner, req).await;
-    }
     // Counted like the runtime's own outcomes: `missing_key` for an absent or unusable key,
     // `unprotected` for one let through without a key.
     let ns = config.namespace;
     let problems = &config.problems;
-    // A header key is checked before the body is read; a custom key needs the body.
-    let header_key = match &config.key_source {
-        KeySource::Header(name) => Some(parse_key_with(
-            req.headers().get_all(name),
-            config.key_format,
-            config.max_key_len,
-        )),
-        KeySource::Custom(_) => None,
-    };
-    match &header_key {
-        Some(Err(KeyError::Missing)) if !config.required => {
-            emit(Outcome::Unprotected, ns, None);
-            return passthrough(inner, req).await;
-        }
-        Some(Err(e)) => return Ok(refuse_key(&config, e)),
-        _ => {}
+    // A header key was parsed before the body is read; a custom key needs the body.
+    if let Some(Err(e)) = &header_key {
+        return Ok(refuse_key(&config, e));
     }
     let (parts, body) = req.into_parts();
     let scope = match &config.scope {
@@ -168,7 +175,7 @@ where
             Err(KeyError::Missing) if !config.required => {
                 emit(Outcome::Unprotected, ns, None);
                 let req = Request::from_parts(parts, B::from(bytes));
-                return passthrough(inner, req).await;
+                return Ok(call_inner(inner, req).await?.map(boxed));
             }
             Err(e) => return Ok(refuse_key(&config, &e)),
         },
@@ -176,6 +183,21 @@ where
     if let Some(validate) = &config.validate_key {
         if let Err(why) = validate(&key) {
             return Ok(refuse_key(&config, &KeyError::Invalid(why)));
+        }
+    }
+    // A response this process holds already is replayed here, without a task: the handler
+    // will not run. (If the record went away meanwhile, the call claims the key and releases
+    // it at once, and the request goes the usual way.)
+    let call = new_call(&config, &key, &scope, &parts, &bytes);
+    if let Ok(Some(ident)) = call.identity() {
+        if config.store.completed_now(&ident.key).is_some() {
+            let not_here = async { Err::<StoredResponse, Flow<S::Error>>(Flow::Release) };
+            match call.run(&*config.store, not_here).await {
+                Ok(stored) => return Ok(replay(&config, stored)),
+                Err(Flow::Idem(e)) => return Ok(refuse(&config, e)),
+                Err(Flow::Inner(e)) => return Err(e),
+                Err(Flow::Release) => {}
+            }
         }
     }
     // The claimed work runs in its own task: dropping this future (the client went away)
@@ -249,24 +271,7 @@ where
     ResB::Error: Into<BoxError>,
 {
     let store: &dyn Store = &*config.store;
-    let mut call = Call::new(config.namespace)
-        .key(&key)
-        .scope(&scope)
-        .ttl(config.ttl)
-        .lease(config.lease)
-        .on_conflict(config.on_conflict)
-        .wait_timeout(config.wait_timeout);
-    let fingerprint = RequestFingerprint::of(
-        &config.fingerprint,
-        &config.fingerprint_body,
-        &config.fingerprint_headers,
-        &parts,
-        &bytes,
-    );
-    if let Some(fingerprint) = &fingerprint {
-        call = call.fingerprint(fingerprint);
-    }
-    drop(fingerprint);
+    let call = new_call(&config, &key, &scope, &parts, &bytes);
     // The response as the handler sent it, when the handler ran in this call.
     let mut live: Option<Response<ResponseBody>> = None;
     // A claim that fails on a broken connection is retried by the runtime (on a fresh
@@ -277,10 +282,7 @@ where
     match (result, live) {
         // The handler ran here: its own response, headers untouched.
         (Ok(_), Some(resp)) | (Err(Flow::Release), Some(resp)) => Ok(resp),
-        (Ok(stored), None) => Ok(stored.replay().unwrap_or_else(|why| {
-            tracing::error!(target: "idem", %why, "stored response cannot be replayed");
-            problems.respond(Problem::internal("The stored response cannot be replayed."))
-        })),
+        (Ok(stored), None) => Ok(replay(&config, stored)),
         (Err(Flow::Inner(e)), _) => Err(e),
         (Err(Flow::Idem(e)), Some(resp)) => {
             // The side effect happened: the client gets its response even though the record
@@ -288,21 +290,67 @@ where
             tracing::error!(target: "idem", error = %e, "response sent but not recorded");
             Ok(resp)
         }
-        (Err(Flow::Idem(Error::InProgress { retry_after })), None) => {
+        (Err(Flow::Idem(e)), None) => Ok(refuse(&config, e)),
+        (Err(Flow::Release), None) => Ok(problems.respond(Problem::internal(
+            "The handler's response body failed before it was complete.",
+        ))),
+    }
+}
+
+/// The call of one protected request: its key, scope and fingerprint, and the layer's options.
+fn new_call(
+    config: &Config,
+    key: &str,
+    scope: &Option<String>,
+    parts: &Parts,
+    bytes: &Bytes,
+) -> Call {
+    let call = Call::new(config.namespace)
+        .key(key)
+        .scope(scope)
+        .ttl(config.ttl)
+        .lease(config.lease)
+        .on_conflict(config.on_conflict)
+        .wait_timeout(config.wait_timeout);
+    match RequestFingerprint::of(
+        &config.fingerprint,
+        &config.fingerprint_body,
+        &config.fingerprint_headers,
+        parts,
+        bytes,
+    ) {
+        Some(fingerprint) => call.fingerprint(&fingerprint),
+        None => call,
+    }
+}
+
+/// A stored response, replayed.
+fn replay(config: &Config, stored: StoredResponse) -> Response<ResponseBody> {
+    stored.replay().unwrap_or_else(|why| {
+        tracing::error!(target: "idem", %why, "stored response cannot be replayed");
+        config
+            .problems
+            .respond(Problem::internal("The stored response cannot be replayed."))
+    })
+}
+
+/// The problem for a refusal of the runtime (409, 422, 503, 500).
+fn refuse(config: &Config, e: Error) -> Response<ResponseBody> {
+    match e {
+        Error::InProgress { retry_after } => {
             // The runtime's hint is the holder's remaining lease when that is short, else
             // capped (`MAX_RETRY_HINT`): a capped one says nothing, the layer's setting rules.
             let hint = match retry_after {
                 Some(r) if r < crate::error::MAX_RETRY_HINT => r.min(config.retry_after),
                 _ => config.retry_after,
             };
-            Ok(problems.respond(Problem::from_error(&Error::InProgress {
-                retry_after: Some(hint),
-            })))
+            config
+                .problems
+                .respond(Problem::from_error(&Error::InProgress {
+                    retry_after: Some(hint),
+                }))
         }
-        (Err(Flow::Idem(e)), None) => Ok(problems.respond(Problem::from_error(&e))),
-        (Err(Flow::Release), None) => Ok(problems.respond(Problem::internal(
-            "The handler's response body failed before it was complete.",
-        ))),
+        e => config.problems.respond(Problem::from_error(&e)),
     }
 }
 
