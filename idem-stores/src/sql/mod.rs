@@ -6,6 +6,8 @@ pub mod mysql;
 pub mod postgres;
 #[cfg(feature = "sqlite")]
 pub mod sqlite;
+/// Transactional mode (issue 13): `TransactionalStore` for the three stores.
+pub mod transactional;
 
 /// A table-name part every backend accepts: ASCII letters, digits and `_`, not starting with a
 /// digit, 1 to `max_len` bytes. Table names are the only text interpolated into SQL.

@@ -1,0 +1,395 @@
+//! Transactional mode for the SQL stores: [`TransactionalStore`] for [`PostgresStore`],
+//! [`MySqlStore`] and [`SqliteStore`] (SPEC §4, issue 13).
+//!
+//! The body runs its statements in a transaction on the store's database (`Tx` is a plain
+//! `sqlx::Transaction<'static, DB>`: [`PgTx`], [`MySqlTx`], [`SqliteTx`]); on `Ok`, the
+//! completion is written in the same transaction by [`complete_in`](TransactionalStore::complete_in):
+//!
+//! ```sql
+//! UPDATE <table> SET state = 'completed', value = <value>, <expiry from the DB clock>
+//!  WHERE key = <key> AND token = <the claim's token> AND state = 'in_progress'
+//! ```
+//!
+//! Zero rows (and the record not already completed under that token) is
+//! [`StoreError::Fenced`]: the lease was lost, the runtime rolls the transaction back, and the
+//! stale executor's writes go with it. The statement has the same columns and meaning as the
+//! store's own [`Store::complete`] (the completed row keeps the token, the expiry is counted on
+//! the database's clock — the process's clock on SQLite, as the SQLite store does everywhere —
+//! and values over [`Store::max_value_size`] are refused with [`StoreError::TooLarge`]).
+//!
+//! The statements are written against the table each store documents in its `migrate`; they
+//! reach the store only through its public API (`pool()`, `table()`).
+//!
+//! | store | begin | completion in the transaction | waiters |
+//! |---|---|---|---|
+//! | PostgreSQL | `BEGIN` (the pool's default isolation, READ COMMITTED unless changed) | fenced `UPDATE` + `pg_notify` in the same statement | woken at commit: PostgreSQL delivers `NOTIFY` only when the transaction commits, never for a rollback |
+//! | MySQL / MariaDB | `BEGIN` (InnoDB, the server's isolation) | fenced `UPDATE`, server clock | poll; they read committed rows only |
+//! | SQLite | `BEGIN IMMEDIATE` (the write lock is taken up front, see below) | fenced `UPDATE` | poll; they read committed rows only |
+//!
+//! On SQLite a transaction that reads first and writes later fails with `SQLITE_BUSY` if
+//! another connection (the lease keeper's renewal, for one) wrote in between, so the
+//! transactions idem opens begin `IMMEDIATE`: the body then owns SQLite's single write lock
+//! until the commit, other writers (claims and renewals included) wait for it up to their busy
+//! timeout, and no takeover can happen while the transaction is open.
+//!
+//! The pool must have room for the transaction's connection and one more (claims and lease
+//! renewals run on their own connections, never inside the body's transaction). An in-memory
+//! SQLite database has one connection: transactional calls on it run one at a time, and
+//! [`Call::run_within`](idem_core::Call::run_within) cannot work there (the claim would wait
+//! for the caller's connection).
+
+use std::time::Duration;
+
+use idem_core::{async_trait, FencingToken, Key, Store, StoreError, TransactionalStore};
+use sqlx::AssertSqlSafe;
+
+#[cfg(feature = "mysql")]
+use crate::MySqlStore;
+#[cfg(feature = "postgres")]
+use crate::PostgresStore;
+#[cfg(feature = "sqlite")]
+use crate::SqliteStore;
+
+/// The transaction a body runs in on a [`PostgresStore`]: run statements on it with
+/// `.execute(&mut **tx)`.
+///
+/// ```no_run
+/// use idem_core::Call;
+/// use idem_stores::{PgTx, PostgresStore};
+///
+/// # async fn demo(store: &PostgresStore) -> Result<i64, idem_core::Error> {
+/// let order_id: i64 = Call::new("orders::place")
+///     .key("order-42")
+///     .run_in_transaction(store, async |tx: &mut PgTx| {
+///         let id: i64 = sqlx::query_scalar("INSERT INTO orders (sku) VALUES ($1) RETURNING id")
+///             .bind("sku-1")
+///             .fetch_one(&mut **tx)
+///             .await
+///             .map_err(|e| idem_core::StoreError::backend("insert order", e))?;
+///         Ok::<_, idem_core::Error>(id)
+///     })
+///     .await?;
+/// # Ok(order_id) }
+/// ```
+#[cfg(feature = "postgres")]
+pub type PgTx = sqlx::Transaction<'static, sqlx::Postgres>;
+
+/// The transaction a body runs in on a [`MySqlStore`] (MySQL, MariaDB).
+///
+/// ```no_run
+/// use idem_core::Call;
+/// use idem_stores::{MySqlStore, MySqlTx};
+///
+/// # async fn demo(store: &MySqlStore) -> Result<u64, idem_core::Error> {
+/// Call::new("orders::place")
+///     .key("order-42")
+///     .run_in_transaction(store, async |tx: &mut MySqlTx| {
+///         let done = sqlx::query("INSERT INTO orders (sku) VALUES (?)")
+///             .bind("sku-1")
+///             .execute(&mut **tx)
+///             .await
+///             .map_err(|e| idem_core::StoreError::backend("insert order", e))?;
+///         Ok::<_, idem_core::Error>(done.last_insert_id())
+///     })
+///     .await
+/// # }
+/// ```
+#[cfg(feature = "mysql")]
+pub type MySqlTx = sqlx::Transaction<'static, sqlx::MySql>;
+
+/// The transaction a body runs in on a [`SqliteStore`] (opened `BEGIN IMMEDIATE` by
+/// [`Call::run_in_transaction`](idem_core::Call::run_in_transaction)).
+///
+/// ```
+/// use idem_core::Call;
+/// use idem_stores::{SqliteStore, SqliteTx};
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), idem_core::Error> {
+/// let store = SqliteStore::connect("sqlite::memory:").await?;
+/// store.migrate().await?;
+/// sqlx::query("CREATE TABLE orders (id INTEGER PRIMARY KEY, sku TEXT)")
+///     .execute(store.pool())
+///     .await
+///     .map_err(|e| idem_core::StoreError::backend("create", e))?;
+/// for _ in 0..2 {
+///     let id: i64 = Call::new("orders::place")
+///         .key("order-42")
+///         .run_in_transaction(&store, async |tx: &mut SqliteTx| {
+///             let done = sqlx::query("INSERT INTO orders (sku) VALUES (?)")
+///                 .bind("sku-1")
+///                 .execute(&mut **tx)
+///                 .await
+///                 .map_err(|e| idem_core::StoreError::backend("insert order", e))?;
+///             Ok::<_, idem_core::Error>(done.last_insert_rowid())
+///         })
+///         .await?;
+///     assert_eq!(id, 1); // the second call replays the first one's id
+/// }
+/// # Ok(()) }
+/// ```
+#[cfg(feature = "sqlite")]
+pub type SqliteTx = sqlx::Transaction<'static, sqlx::Sqlite>;
+
+/// Durations are clamped to this many milliseconds (about 100 years) before reaching SQL, as
+/// the stores do.
+const MAX_MILLIS: i64 = 100 * 365 * 86_400 * 1000;
+
+fn millis(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).map_or(MAX_MILLIS, |ms| ms.min(MAX_MILLIS))
+}
+
+/// `table` (as a store's `table()` shows it, quoted or not) with each part quoted by `q`.
+/// Store table names are validated identifiers (no quote characters inside), so stripping and
+/// re-quoting is exact.
+fn quoted(table: &str, q: char) -> String {
+    table
+        .split('.')
+        .map(|part| {
+            let bare = part.trim_matches(|c| c == '"' || c == '`');
+            format!("{q}{bare}{q}")
+        })
+        .collect::<Vec<_>>()
+        .join(".")
+}
+
+/// The table name without quotes (PostgreSQL's notification channel).
+#[cfg(feature = "postgres")]
+fn bare(table: &str) -> String {
+    table.replace(['"', '`'], "")
+}
+
+fn check_size(store: &dyn Store, value: &[u8]) -> Result<(), StoreError> {
+    let limit = store.max_value_size();
+    if value.len() > limit {
+        return Err(StoreError::TooLarge {
+            size: value.len(),
+            limit,
+        });
+    }
+    Ok(())
+}
+
+#[cfg(feature = "postgres")]
+#[async_trait]
+impl TransactionalStore for PostgresStore {
+    type Tx = PgTx;
+
+    /// `BEGIN` on a connection of the store's pool.
+    async fn begin(&self) -> Result<PgTx, StoreError> {
+        self.pool()
+            .begin()
+            .await
+            .map_err(|e| StoreError::backend("postgres: begin", e))
+    }
+
+    /// The fenced completion, and `pg_notify(<table>, <key hex>)` in the same statement: the
+    /// notification is queued in the transaction and delivered when it commits (never if it
+    /// rolls back), so waiters wake at the commit. The expiry counts from
+    /// `statement_timestamp()` (in a transaction, `now()` is the transaction's start).
+    async fn complete_in(
+        &self,
+        tx: &mut PgTx,
+        key: &Key,
+        token: FencingToken,
+        value: &[u8],
+        ttl: Duration,
+    ) -> Result<(), StoreError> {
+        check_size(self, value)?;
+        let t = quoted(self.table(), '"');
+        // $1 key, $2 token, $3 value, $4 ttl ms, $5 channel, $6 key hex. One row when the
+        // record is now completed under $2 (by this statement, or by an earlier one of this
+        // transaction); none when fenced.
+        let sql = format!(
+            "WITH done AS (
+                UPDATE {t} SET state = 'completed', value = $3, lease_until = NULL,
+                               expires_at = statement_timestamp()
+                                            + $4::float8 * interval '1 millisecond'
+                 WHERE key = $1 AND token = $2 AND state = 'in_progress'
+                RETURNING key
+            )
+            SELECT 1 AS ok FROM done WHERE pg_notify($5, $6) IS NOT NULL
+            UNION ALL
+            SELECT 1 FROM {t} WHERE key = $1 AND token = $2 AND state = 'completed'"
+        );
+        let row = sqlx::query(AssertSqlSafe(sql))
+            .bind(&key.0[..])
+            .bind(token.as_i64())
+            .bind(value)
+            .bind(millis(ttl))
+            .bind(bare(self.table()))
+            .bind(key.to_hex())
+            .fetch_optional(&mut **tx)
+            .await
+            .map_err(|e| StoreError::backend("postgres: complete in transaction", e))?;
+        match row {
+            Some(_) => Ok(()),
+            None => Err(StoreError::Fenced),
+        }
+    }
+
+    async fn commit(&self, tx: PgTx) -> Result<(), StoreError> {
+        tx.commit()
+            .await
+            .map_err(|e| StoreError::backend("postgres: commit", e))
+    }
+}
+
+/// The server's clock in milliseconds since the epoch, as `MySqlStore` counts it
+/// (`UTC_TIMESTAMP` is the statement's time, also inside a transaction).
+#[cfg(feature = "mysql")]
+const MYSQL_NOW_MS: &str =
+    "(TIMESTAMPDIFF(MICROSECOND, '1970-01-01 00:00:00', UTC_TIMESTAMP(6)) DIV 1000)";
+
+#[cfg(feature = "mysql")]
+#[async_trait]
+impl TransactionalStore for MySqlStore {
+    type Tx = MySqlTx;
+
+    /// `BEGIN` on a connection of the store's pool (the server's isolation level).
+    async fn begin(&self) -> Result<MySqlTx, StoreError> {
+        self.pool()
+            .begin()
+            .await
+            .map_err(|e| StoreError::backend("mysql: begin", e))
+    }
+
+    /// The fenced completion. The `UPDATE` reads the newest committed row under its lock
+    /// (InnoDB's locking read, whatever the isolation level), so a takeover committed after
+    /// the transaction began is seen and refused.
+    async fn complete_in(
+        &self,
+        tx: &mut MySqlTx,
+        key: &Key,
+        token: FencingToken,
+        value: &[u8],
+        ttl: Duration,
+    ) -> Result<(), StoreError> {
+        check_size(self, value)?;
+        let t = quoted(self.table(), '`');
+        let ttl = millis(ttl);
+        let update = format!(
+            "UPDATE {t} SET state = 'completed', value = ?, \
+               live_until = {MYSQL_NOW_MS} + ?, expires_at = {MYSQL_NOW_MS} + ? \
+             WHERE k = ? AND token = ? AND state = 'in_progress'"
+        );
+        let done = sqlx::query(AssertSqlSafe(update))
+            .bind(value)
+            .bind(ttl)
+            .bind(ttl)
+            .bind(&key.0[..])
+            .bind(token.as_i64())
+            .execute(&mut **tx)
+            .await
+            .map_err(|e| StoreError::backend("mysql: complete in transaction", e))?;
+        // sqlx counts rows matched (CLIENT_FOUND_ROWS).
+        if done.rows_affected() > 0 {
+            return Ok(());
+        }
+        // Already completed under this token (by an earlier statement of this transaction)?
+        let held = format!(
+            "SELECT CAST(state = 'completed' AS SIGNED) FROM {t} WHERE k = ? AND token = ?"
+        );
+        let completed: Option<i64> = sqlx::query_scalar(AssertSqlSafe(held))
+            .bind(&key.0[..])
+            .bind(token.as_i64())
+            .fetch_optional(&mut **tx)
+            .await
+            .map_err(|e| StoreError::backend("mysql: complete in transaction", e))?;
+        if completed == Some(1) {
+            Ok(())
+        } else {
+            Err(StoreError::Fenced)
+        }
+    }
+
+    async fn commit(&self, tx: MySqlTx) -> Result<(), StoreError> {
+        tx.commit()
+            .await
+            .map_err(|e| StoreError::backend("mysql: commit", e))
+    }
+}
+
+#[cfg(feature = "sqlite")]
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+#[cfg(feature = "sqlite")]
+#[async_trait]
+impl TransactionalStore for SqliteStore {
+    type Tx = SqliteTx;
+
+    /// `BEGIN IMMEDIATE`: the transaction holds SQLite's write lock from its start (waiting
+    /// for it up to the busy timeout), so that its first write can never fail because another
+    /// connection wrote after its first read.
+    async fn begin(&self) -> Result<SqliteTx, StoreError> {
+        self.pool()
+            .begin_with("BEGIN IMMEDIATE")
+            .await
+            .map_err(|e| StoreError::backend("sqlite: begin", e))
+    }
+
+    /// The fenced completion (expiry on this process's clock, as `SqliteStore` counts it).
+    async fn complete_in(
+        &self,
+        tx: &mut SqliteTx,
+        key: &Key,
+        token: FencingToken,
+        value: &[u8],
+        ttl: Duration,
+    ) -> Result<(), StoreError> {
+        check_size(self, value)?;
+        let t = quoted(self.table(), '"');
+        // Matches the record in progress under ?2, which it completes, and the record already
+        // completed under ?2, which it leaves as it is: one row either way, none when fenced.
+        let sql = format!(
+            "UPDATE {t} SET value = CASE WHEN state = 'completed' THEN value ELSE ?3 END,
+                            expires_at = CASE WHEN state = 'completed' THEN expires_at
+                                              ELSE ?4 END,
+                            lease_until = NULL,
+                            state = 'completed'
+              WHERE key = ?1 AND token = ?2"
+        );
+        let done = sqlx::query(AssertSqlSafe(sql))
+            .bind(&key.0[..])
+            .bind(token.as_i64())
+            .bind(value)
+            .bind(now_ms().saturating_add(millis(ttl)))
+            .execute(&mut **tx)
+            .await
+            .map_err(|e| StoreError::backend("sqlite: complete in transaction", e))?;
+        if done.rows_affected() == 0 {
+            Err(StoreError::Fenced)
+        } else {
+            Ok(())
+        }
+    }
+
+    async fn commit(&self, tx: SqliteTx) -> Result<(), StoreError> {
+        tx.commit()
+            .await
+            .map_err(|e| StoreError::backend("sqlite: commit", e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn table_names_are_requoted() {
+        assert_eq!(quoted("idem_records", '"'), "\"idem_records\"");
+        assert_eq!(quoted("app.idem", '"'), "\"app\".\"idem\"");
+        assert_eq!(quoted("`app`.`idem`", '`'), "`app`.`idem`");
+        assert_eq!(quoted("\"x\"", '`'), "`x`");
+    }
+
+    #[test]
+    fn durations_are_clamped() {
+        assert_eq!(millis(Duration::from_millis(1500)), 1500);
+        assert_eq!(millis(Duration::MAX), MAX_MILLIS);
+    }
+}
