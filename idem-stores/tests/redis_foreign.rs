@@ -28,20 +28,46 @@ async fn setup() -> Option<(RedisStore, redis::aio::ConnectionManager)> {
     Some((store, raw))
 }
 
-/// What another client writes over a record.
+/// What another client writes over a record (a completed v2 record, one string: `i2c`,
+/// token, expiry, fingerprint length, fingerprint, value), or over a v1 hash record.
 #[derive(Debug, Clone, Copy)]
 enum Vandalism {
     StringValue,
     ListValue,
     GarbageValueField,
     UnknownState,
-    NoDeadline,
+    TruncatedHeader,
     ShortFingerprint,
-    TokenlessClaim,
+    NanExpiry,
+    V1UnknownState,
+    V1NoDeadline,
+    V1ShortFingerprint,
+    V1TokenlessClaim,
 }
 
 async fn vandalize(raw: &mut redis::aio::ConnectionManager, key: &str, how: Vandalism) {
     let far = "99999999999999";
+    let rec: Vec<u8> = raw.get(key).await.unwrap();
+    assert_eq!(&rec[..3], b"i2c", "a completed v2 record");
+    let set = |bytes: Vec<u8>| {
+        let mut raw = raw.clone();
+        async move {
+            let _: () = redis::cmd("SET")
+                .arg(key)
+                .arg(bytes)
+                .arg("KEEPTTL")
+                .query_async(&mut raw)
+                .await
+                .unwrap();
+        }
+    };
+    let v1 = |fields: Vec<(&'static str, &'static str)>| {
+        let mut raw = raw.clone();
+        async move {
+            let _: () = raw.del(key).await.unwrap();
+            let _: () = raw.hset_multiple(key, &fields).await.unwrap();
+        }
+    };
     match how {
         Vandalism::StringValue => {
             let _: () = raw.set(key, "garbage \u{0} \u{ff}").await.unwrap();
@@ -51,30 +77,33 @@ async fn vandalize(raw: &mut redis::aio::ConnectionManager, key: &str, how: Vand
             let _: () = raw.rpush(key, "x").await.unwrap();
         }
         Vandalism::GarbageValueField => {
-            let _: () = raw
-                .hset(key, "v", b"\xde\xad\xbe\xef not an envelope".as_slice())
-                .await
-                .unwrap();
+            let fp = usize::from(rec[19]);
+            let mut bad = rec[..20 + fp].to_vec();
+            bad.extend_from_slice(b"\xde\xad\xbe\xef not an envelope");
+            set(bad).await;
         }
         Vandalism::UnknownState => {
-            let _: () = raw.hset(key, "s", "zz").await.unwrap();
+            let mut bad = rec.clone();
+            bad[2] = b'z';
+            set(bad).await;
         }
-        Vandalism::NoDeadline => {
-            let _: () = raw.hdel(key, "d").await.unwrap();
-        }
+        Vandalism::TruncatedHeader => set(rec[..12].to_vec()).await,
         Vandalism::ShortFingerprint => {
-            let _: () = raw
-                .hset_multiple(key, &[("s", "c"), ("f", "abc"), ("d", far), ("v", "x")])
-                .await
-                .unwrap();
+            let mut bad = rec.clone();
+            bad[19] = 3;
+            set(bad).await;
         }
-        Vandalism::TokenlessClaim => {
-            let _: () = raw.del(key).await.unwrap();
-            let _: () = raw
-                .hset_multiple(key, &[("s", "p"), ("d", far)])
-                .await
-                .unwrap();
+        Vandalism::NanExpiry => {
+            let mut bad = rec.clone();
+            bad[11..19].copy_from_slice(&f64::NAN.to_be_bytes());
+            set(bad).await;
         }
+        Vandalism::V1UnknownState => v1(vec![("s", "zz"), ("d", far), ("v", "x")]).await,
+        Vandalism::V1NoDeadline => v1(vec![("s", "c"), ("v", "x")]).await,
+        Vandalism::V1ShortFingerprint => {
+            v1(vec![("s", "c"), ("f", "abc"), ("d", far), ("v", "x")]).await
+        }
+        Vandalism::V1TokenlessClaim => v1(vec![("s", "p"), ("d", far)]).await,
     }
 }
 
@@ -91,9 +120,13 @@ async fn garbage_records_are_codec_errors() {
         Vandalism::ListValue,
         Vandalism::GarbageValueField,
         Vandalism::UnknownState,
-        Vandalism::NoDeadline,
+        Vandalism::TruncatedHeader,
         Vandalism::ShortFingerprint,
-        Vandalism::TokenlessClaim,
+        Vandalism::NanExpiry,
+        Vandalism::V1UnknownState,
+        Vandalism::V1NoDeadline,
+        Vandalism::V1ShortFingerprint,
+        Vandalism::V1TokenlessClaim,
     ] {
         let name = format!("{how:?}");
         let call = || Call::new(ns).key(&name);
@@ -130,7 +163,8 @@ async fn garbage_records_are_codec_errors() {
         assert_eq!(before, after, "{how:?}: the foreign data was changed");
 
         // The trait methods: reads are Corrupt (or, for a well-formed record with a garbage
-        // value, the bytes as stored); fenced writes are refused.
+        // value, the bytes as stored); completion and renewal are refused, and a release
+        // (of a claim that is not ours) is Ok and changes nothing.
         let got = store.get(&key).await;
         match how {
             Vandalism::GarbageValueField => assert!(got.is_ok(), "{how:?}: {got:?}"),
@@ -146,10 +180,13 @@ async fn garbage_records_are_codec_errors() {
                 .await,
             Err(StoreError::Fenced)
         ));
-        assert!(matches!(
-            store.release(&key, token).await,
-            Err(StoreError::Fenced)
-        ));
+        store.release(&key, token).await.unwrap();
+        let after: Vec<u8> = redis::cmd("DUMP")
+            .arg(&redis_key)
+            .query_async(&mut raw)
+            .await
+            .unwrap();
+        assert_eq!(before, after, "{how:?}: a foreign release changed the data");
         assert!(matches!(
             store.renew(&key, token, Duration::from_secs(1)).await,
             Err(StoreError::Fenced)

@@ -397,8 +397,12 @@ async fn constructors_and_connect_errors() {
         from_client.claim(&req).await.unwrap(),
         Claim::Acquired { taken_over: false }
     );
+    let other = ClaimRequest {
+        token: FencingToken::random(),
+        ..req.clone()
+    };
     assert!(matches!(
-        by_url.claim(&req).await.unwrap(),
+        by_url.claim(&other).await.unwrap(),
         Claim::InProgress { .. }
     ));
     assert!(from_client.notifications_live() && by_url.notifications_live());

@@ -11,7 +11,7 @@ use idem_core::{StoreError, DEFAULT_MAX_VALUE_SIZE};
 
 use super::notify::{self, Waiters};
 use super::scripts::Scripts;
-use super::{backend, Conn, Inner, RedisStore};
+use super::{backend, Conn, Inner, RedisStore, ServerClock};
 
 /// Where a [`RedisStoreBuilder`] connects.
 pub(super) enum Target {
@@ -158,7 +158,7 @@ impl RedisStoreBuilder {
         while !waiters.live() && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(2)).await;
         }
-        Ok(RedisStore {
+        let store = RedisStore {
             inner: Arc::new(Inner {
                 conn,
                 scripts: Scripts::new(),
@@ -167,10 +167,18 @@ impl RedisStoreBuilder {
                 command_timeout: self.command_timeout,
                 max_value_size: self.max_value_size,
                 lease_grace: self.lease_grace,
+                clock: ServerClock::new(),
                 waiters,
                 subscriber,
             }),
-        })
+        };
+        // Replays report their remaining ttl against this reading (refreshed by every
+        // completion); without it they report none left, which only keeps a cache in front
+        // of the store from keeping them.
+        if let Err(e) = store.read_clock().await {
+            tracing::debug!(error = %e, "idem redis: could not read the server's clock");
+        }
+        Ok(store)
     }
 
     async fn single(&self, client: Client) -> Result<(Conn, Vec<ConnectionInfo>), StoreError> {

@@ -1,24 +1,25 @@
 //! `RedisStore`: records in Redis (or Valkey), a single server or a Redis Cluster.
 //!
-//! - **One key per record**, `{prefix}{<key hex>}`: a hash whose fields are described in
-//!   `scripts.rs`. The hex sits in a hash tag, so everything about one record lives in one
-//!   Cluster slot.
-//! - **Every operation is one Lua script** on that key, loaded once and invoked by hash
-//!   (`EVALSHA`, reloaded on `NOSCRIPT`). The claim script decides absent / expired /
-//!   completed / in progress / lease passed in one atomic step, on the server's clock.
-//!   Complete, release and renew compare the fencing token inside their script.
-//! - **Expiry is Redis's own** (`PEXPIRE`): a completed record lives for its ttl, an
-//!   in-progress one for its lease plus a grace period (to report takeovers). The scripts also
-//!   check the stored deadline, so a record Redis has not dropped yet is never replayed late.
+//! - **One string per record** (format v2, see `scripts.rs`), at `{prefix}{<key hex>}`. The
+//!   hex sits in a hash tag, so a record and its v1 predecessor share one Cluster slot.
+//! - **The claim is a native command**, `SET k <record> NX PX <lease + grace> GET`: nil means
+//!   acquired, a completed record is the replay (one round trip). Only an in-progress or
+//!   foreign record goes on to a short Lua script (conflict, own-token retry, takeover).
+//!   Complete, release and renew are one short script each, comparing the fencing token.
+//! - **Expiry is Redis's own** (`PX`): a completed record lives for its ttl; an in-progress one
+//!   for its lease plus a grace period, so the holder's lease has `PTTL - grace` left, on the
+//!   server's clock.
 //! - **Waiting**: completing, releasing or removing a record publishes its key hex on one
 //!   store-wide channel; one subscriber connection per store wakes the local waiters
-//!   (`notify.rs`). While that connection is down, waiters poll with a bounded backoff.
+//!   (`notify.rs`). While that connection is down, waiters poll with a bounded backoff, and a
+//!   waiter whose look fails on a connection error looks again until its wait is over.
 //! - **Connections**: a `ConnectionManager` (single server) or an async cluster connection,
 //!   both reconnecting on their own: the store survives a server restart without being
 //!   rebuilt. Every command is bounded by the command timeout ([`StoreError::Timeout`]).
 //!
-//! What Redis must promise for the guarantees to hold (persistence, `noeviction`, failover)
-//! is in `docs/stores/redis.md`.
+//! What Redis must promise for the guarantees to hold (version ≥ 7.0 for `SET NX GET`,
+//! persistence, `noeviction`, failover) and how v1 and v2 instances share a server during an
+//! upgrade is in `docs/stores/redis.md`.
 
 mod builder;
 mod notify;
@@ -28,20 +29,22 @@ mod scripts;
 pub use self::builder::RedisStoreBuilder;
 
 use std::fmt;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ::redis::aio::ConnectionManager;
+use ::redis::aio::{ConnectionLike, ConnectionManager};
 use ::redis::cluster_async::ClusterConnection;
-use ::redis::{Client, RedisError, ScriptInvocation, Value};
+use ::redis::{Client, Cmd, RedisError, ServerError, Value};
 use idem_core::{
-    async_trait, Claim, ClaimRequest, FencingToken, Key, RecordState, Store, StoreError,
+    async_trait, Claim, ClaimRequest, CompletedRecord, FencingToken, Key, RecordState, Store,
+    StoreError,
 };
 
 use self::builder::Target;
 use self::notify::Waiters;
-use self::reply::Looked;
-use self::scripts::Scripts;
+use self::reply::{Looked, Record};
+use self::scripts::{Lua, Scripts};
 
 /// The longest ttl or lease honoured (100 years); longer ones are clamped.
 const MAX_DURATION_MS: u64 = 100 * 365 * 86_400 * 1000;
@@ -75,6 +78,7 @@ struct Inner {
     command_timeout: Duration,
     max_value_size: usize,
     lease_grace: Duration,
+    clock: ServerClock,
     waiters: Arc<Waiters>,
     subscriber: tokio::task::JoinHandle<()>,
 }
@@ -89,6 +93,47 @@ impl Drop for Inner {
 enum Conn {
     Single(ConnectionManager),
     Cluster(ClusterConnection),
+}
+
+/// An estimate of the server's clock (ms since the epoch), never behind it: a reading of
+/// `TIME` is paired with the moment its command was *sent*, so the estimate runs ahead of the
+/// server by at most a round trip. Used only to turn a completed record's stored expiry into
+/// the `expires_in` of a replay (a little short, never long).
+struct ServerClock {
+    base: Instant,
+    /// Server ms minus ms since `base`, at the latest reading.
+    offset: AtomicI64,
+}
+
+impl ServerClock {
+    fn new() -> Self {
+        ServerClock {
+            base: Instant::now(),
+            offset: AtomicI64::new(i64::MIN),
+        }
+    }
+
+    fn since_base(&self, t: Instant) -> i64 {
+        i64::try_from(t.saturating_duration_since(self.base).as_millis()).unwrap_or(i64::MAX)
+    }
+
+    /// Records that the server's clock read `server_ms` after a command sent at `sent`.
+    fn observe(&self, sent: Instant, server_ms: i64) {
+        self.offset
+            .store(server_ms - self.since_base(sent), Ordering::Relaxed);
+    }
+
+    /// How long a record expiring at `expiry_ms` (server clock) still lives, or `None` when
+    /// the server's clock has not been read yet.
+    fn left(&self, expiry_ms: f64) -> Option<Duration> {
+        let offset = self.offset.load(Ordering::Relaxed);
+        if offset == i64::MIN {
+            return None;
+        }
+        // One ms of margin for the server's own truncation of TIME to ms.
+        let now = offset.saturating_add(self.since_base(Instant::now())) as f64 + 1.0;
+        Some(Duration::from_millis((expiry_ms - now).max(0.0) as u64))
+    }
 }
 
 impl fmt::Debug for RedisStore {
@@ -118,10 +163,28 @@ fn backend(what: &str, e: RedisError, timeout: Duration) -> StoreError {
     }
 }
 
+fn server_error(what: &str, e: ServerError) -> StoreError {
+    StoreError::backend(what.to_string(), RedisError::from(e))
+}
+
 fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis())
         .unwrap_or(u64::MAX)
         .min(MAX_DURATION_MS)
+}
+
+/// A key's name, `{prefix}{<key hex>}`, built without a `String` per hex digit.
+fn key_name(prefix: &str, key: &Key) -> Vec<u8> {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut name = Vec::with_capacity(prefix.len() + 66);
+    name.extend_from_slice(prefix.as_bytes());
+    name.push(b'{');
+    for b in key.0 {
+        name.push(DIGITS[usize::from(b >> 4)]);
+        name.push(DIGITS[usize::from(b & 15)]);
+    }
+    name.push(b'}');
+    name
 }
 
 impl RedisStore {
@@ -164,7 +227,8 @@ impl RedisStore {
         RedisStoreBuilder::new(Target::Cluster(nodes.into_iter().map(Into::into).collect()))
     }
 
-    /// The Redis key of a record: `{prefix}{<key hex>}`.
+    /// The Redis key of a record: `{prefix}{<key hex>}` (the same name in record formats v1
+    /// and v2).
     ///
     /// ```no_run
     /// # async fn demo(store: idem_stores::RedisStore) {
@@ -173,7 +237,7 @@ impl RedisStore {
     /// # }
     /// ```
     pub fn redis_key(&self, key: &Key) -> String {
-        format!("{}{{{}}}", self.inner.prefix, key.to_hex())
+        String::from_utf8_lossy(&key_name(&self.inner.prefix, key)).into_owned()
     }
 
     /// The channel on which completions and releases are published.
@@ -187,17 +251,18 @@ impl RedisStore {
         self.inner.waiters.live()
     }
 
-    /// Runs one script invocation, bounded by the command timeout.
-    async fn eval(
-        &self,
-        what: &'static str,
-        inv: &ScriptInvocation<'_>,
-    ) -> Result<Value, StoreError> {
+    fn name(&self, key: &Key) -> Vec<u8> {
+        key_name(&self.inner.prefix, key)
+    }
+
+    /// Sends one command, bounded by the command timeout. A server's error reply comes back
+    /// as `Value::ServerError`, for the caller to read.
+    async fn send(&self, what: &'static str, cmd: &Cmd) -> Result<Value, StoreError> {
         let timeout = self.inner.command_timeout;
         let run = async {
             match &self.inner.conn {
-                Conn::Single(c) => inv.invoke_async::<Value>(&mut c.clone()).await,
-                Conn::Cluster(c) => inv.invoke_async::<Value>(&mut c.clone()).await,
+                Conn::Single(c) => c.clone().req_packed_command(cmd).await,
+                Conn::Cluster(c) => c.clone().req_packed_command(cmd).await,
             }
         };
         match tokio::time::timeout(timeout, run).await {
@@ -207,23 +272,134 @@ impl RedisStore {
         }
     }
 
+    /// Runs a script on one key by its hash (`EVALSHA`), or by its source (`EVAL`) when the
+    /// server does not know it yet, which also loads it there.
+    async fn eval(
+        &self,
+        what: &'static str,
+        lua: &Lua,
+        name: &[u8],
+        args: &[&[u8]],
+    ) -> Result<Value, StoreError> {
+        let build = |by_source: bool| {
+            let mut cmd = if by_source {
+                let mut c = ::redis::cmd("EVAL");
+                c.arg(lua.source.as_str());
+                c
+            } else {
+                let mut c = ::redis::cmd("EVALSHA");
+                c.arg(lua.sha.as_str());
+                c
+            };
+            cmd.arg(1).arg(name);
+            for a in args {
+                cmd.arg(*a);
+            }
+            cmd
+        };
+        match self.send(what, &build(false)).await? {
+            Value::ServerError(e) if e.code() == "NOSCRIPT" => {
+                match self.send(what, &build(true)).await? {
+                    Value::ServerError(e) => Err(server_error(what, e)),
+                    v => Ok(v),
+                }
+            }
+            Value::ServerError(e) => Err(server_error(what, e)),
+            v => Ok(v),
+        }
+    }
+
     async fn look(&self, key: &Key) -> Result<Looked, StoreError> {
-        let mut inv = self.inner.scripts.get.prepare_invoke();
-        inv.key(self.redis_key(key));
-        reply::look(&self.eval("redis get", &inv).await?)
+        let name = self.name(key);
+        let v = self
+            .eval("redis get", &self.inner.scripts.look, &name, &[])
+            .await?;
+        reply::looked(v)
+    }
+
+    /// A completed v2 record found by the claim's `SET … GET`, as a replay.
+    fn replay(&self, rec: Record) -> Result<Claim, StoreError> {
+        match rec {
+            Record::Completed {
+                fingerprint,
+                expiry_ms,
+                value,
+            } => Ok(Claim::Completed(CompletedRecord::new(
+                fingerprint,
+                value,
+                Some(self.inner.clock.left(expiry_ms).unwrap_or_default()),
+            ))),
+            Record::InProgress { .. } => Err(StoreError::Corrupt(
+                "redis record: an in-progress record where a completed one was read".into(),
+            )),
+        }
+    }
+
+    /// Reads the server's clock once (at connect), so that replays can report their ttl.
+    pub(crate) async fn read_clock(&self) -> Result<(), StoreError> {
+        let sent = Instant::now();
+        let v = self.send("redis time", &::redis::cmd("TIME")).await?;
+        let Value::Array(parts) = v else {
+            return Err(StoreError::Corrupt(format!("unexpected TIME reply {v:?}")));
+        };
+        let num = |v: Option<&Value>| match v {
+            Some(Value::BulkString(b)) => std::str::from_utf8(b).ok()?.parse::<i64>().ok(),
+            Some(Value::Int(i)) => Some(*i),
+            _ => None,
+        };
+        let (Some(secs), Some(micros)) = (num(parts.first()), num(parts.get(1))) else {
+            return Err(StoreError::Corrupt("unexpected TIME reply".into()));
+        };
+        self.inner.clock.observe(sent, secs * 1000 + micros / 1000);
+        Ok(())
     }
 }
 
 #[async_trait]
 impl Store for RedisStore {
     async fn claim(&self, req: &ClaimRequest) -> Result<Claim, StoreError> {
-        let mut inv = self.inner.scripts.claim.prepare_invoke();
-        inv.key(self.redis_key(&req.key))
-            .arg(req.token.0.to_string())
-            .arg(req.fingerprint.map(|f| f.0.to_vec()).unwrap_or_default())
-            .arg(millis(req.lease))
-            .arg(millis(self.inner.lease_grace).max(1));
-        reply::claim(&self.eval("redis claim", &inv).await?)
+        let name = self.name(&req.key);
+        let grace = millis(self.inner.lease_grace).max(1);
+        let lease = millis(req.lease).max(1);
+        let rec = reply::in_progress(req.token, grace, req.fingerprint.as_ref());
+        let mut set = ::redis::cmd("SET");
+        set.arg(&name[..])
+            .arg(&rec[..])
+            .arg("NX")
+            .arg("PX")
+            .arg(lease + grace)
+            .arg("GET");
+        match self.send("redis claim", &set).await? {
+            Value::Nil => return Ok(Claim::Acquired { taken_over: false }),
+            Value::BulkString(b) => {
+                if let rec @ Record::Completed { .. } = reply::record(b.into())? {
+                    return self.replay(rec);
+                }
+                // In progress: a conflict, our own retried claim, or a lapsed lease.
+            }
+            // A v1 hash, or foreign data: the script tells which.
+            Value::ServerError(e) if e.code() == "WRONGTYPE" => {}
+            Value::ServerError(e) => return Err(server_error("redis claim", e)),
+            other => {
+                return Err(StoreError::Corrupt(format!(
+                    "unexpected SET reply {other:?}"
+                )))
+            }
+        }
+        let v = self
+            .eval(
+                "redis claim",
+                &self.inner.scripts.claim,
+                &name,
+                &[
+                    &rec,
+                    &req.token.0.to_be_bytes(),
+                    lease.to_string().as_bytes(),
+                    grace.to_string().as_bytes(),
+                ],
+            )
+            .await?;
+        reply::looked(v)?.into_claim()
     }
 
     async fn complete(
@@ -239,23 +415,37 @@ impl Store for RedisStore {
                 limit: self.inner.max_value_size,
             });
         }
-        let mut inv = self.inner.scripts.complete.prepare_invoke();
-        inv.key(self.redis_key(key))
-            .arg(token.0.to_string())
-            .arg(value)
-            .arg(millis(ttl))
-            .arg(&self.inner.channel)
-            .arg(key.to_hex());
-        reply::fenced(&self.eval("redis complete", &inv).await?)
+        let name = self.name(key);
+        let sent = Instant::now();
+        let v = self
+            .eval(
+                "redis complete",
+                &self.inner.scripts.complete,
+                &name,
+                &[
+                    &token.0.to_be_bytes(),
+                    value,
+                    millis(ttl).max(1).to_string().as_bytes(),
+                    self.inner.channel.as_bytes(),
+                ],
+            )
+            .await?;
+        let now = reply::fenced(&v)?;
+        self.inner.clock.observe(sent, now);
+        Ok(())
     }
 
     async fn release(&self, key: &Key, token: FencingToken) -> Result<(), StoreError> {
-        let mut inv = self.inner.scripts.release.prepare_invoke();
-        inv.key(self.redis_key(key))
-            .arg(token.0.to_string())
-            .arg(&self.inner.channel)
-            .arg(key.to_hex());
-        reply::fenced(&self.eval("redis release", &inv).await?)
+        let name = self.name(key);
+        let v = self
+            .eval(
+                "redis release",
+                &self.inner.scripts.release,
+                &name,
+                &[&token.0.to_be_bytes(), self.inner.channel.as_bytes()],
+            )
+            .await?;
+        reply::fenced(&v).map(drop)
     }
 
     async fn renew(
@@ -264,16 +454,23 @@ impl Store for RedisStore {
         token: FencingToken,
         lease: Duration,
     ) -> Result<(), StoreError> {
-        let mut inv = self.inner.scripts.renew.prepare_invoke();
-        inv.key(self.redis_key(key))
-            .arg(token.0.to_string())
-            .arg(millis(lease))
-            .arg(millis(self.inner.lease_grace).max(1));
-        reply::fenced(&self.eval("redis renew", &inv).await?)
+        let name = self.name(key);
+        let v = self
+            .eval(
+                "redis renew",
+                &self.inner.scripts.renew,
+                &name,
+                &[
+                    &token.0.to_be_bytes(),
+                    millis(lease).max(1).to_string().as_bytes(),
+                ],
+            )
+            .await?;
+        reply::fenced(&v).map(drop)
     }
 
     async fn get(&self, key: &Key) -> Result<Option<RecordState>, StoreError> {
-        Ok(self.look(key).await?.into_state())
+        self.look(key).await?.into_state()
     }
 
     async fn wait(&self, key: &Key, timeout: Duration) -> Result<(), StoreError> {
@@ -288,7 +485,7 @@ impl Store for RedisStore {
             let live = self.inner.waiters.live();
             let remaining = match self.look(key).await {
                 Ok(Looked::InProgress { remaining, .. }) => remaining,
-                Ok(Looked::None | Looked::Completed(_)) => return Ok(()),
+                Ok(_) => return Ok(()),
                 // Foreign data is not a blip: say so at once.
                 Err(e @ StoreError::Corrupt(_)) => return Err(e),
                 // A connection blip or a slow server: look again until the wait is over, and
@@ -333,11 +530,15 @@ impl Store for RedisStore {
     }
 
     async fn remove(&self, key: &Key) -> Result<(), StoreError> {
-        let mut inv = self.inner.scripts.remove.prepare_invoke();
-        inv.key(self.redis_key(key))
-            .arg(&self.inner.channel)
-            .arg(key.to_hex());
-        self.eval("redis remove", &inv).await.map(drop)
+        let name = self.name(key);
+        self.eval(
+            "redis remove",
+            &self.inner.scripts.remove,
+            &name,
+            &[self.inner.channel.as_bytes()],
+        )
+        .await
+        .map(drop)
     }
 
     fn detached(&self) -> Option<Arc<dyn Store>> {
@@ -357,5 +558,29 @@ mod tests {
     fn durations_are_clamped_to_what_redis_accepts() {
         assert_eq!(millis(Duration::from_millis(250)), 250);
         assert_eq!(millis(Duration::MAX), MAX_DURATION_MS);
+    }
+
+    #[test]
+    fn key_names_are_hex_in_a_hash_tag() {
+        let name = key_name("p:", &Key([0xa5; 32]));
+        assert_eq!(name.len(), 2 + 66);
+        assert_eq!(&name[..3], b"p:{");
+        assert_eq!(&name[3..7], b"a5a5");
+        assert_eq!(name.last(), Some(&b'}'));
+        assert_eq!(
+            String::from_utf8(name).ok(),
+            Some(format!("p:{{{}}}", Key([0xa5; 32]).to_hex()))
+        );
+    }
+
+    #[test]
+    fn the_clock_estimate_never_overstates_a_ttl() {
+        let clock = ServerClock::new();
+        assert_eq!(clock.left(1e12), None);
+        let sent = Instant::now();
+        clock.observe(sent, 1_000_000);
+        let left = clock.left(1_000_000.0 + 5_000.0).unwrap_or_default();
+        assert!(left <= Duration::from_millis(5_000), "{left:?}");
+        assert_eq!(clock.left(999_000.0), Some(Duration::ZERO));
     }
 }

@@ -1,52 +1,109 @@
-//! Decoding the scripts' replies. Anything unexpected is [`StoreError::Corrupt`], never a panic.
+//! Encoding v2 records and decoding records and script replies. Anything unexpected is
+//! [`StoreError::Corrupt`], never a panic. Values are handed out as slices of the reply's own
+//! buffer ([`Bytes`]), never copied.
 
 use std::time::Duration;
 
 use ::redis::Value;
-use idem_core::{Claim, CompletedRecord, FencingToken, Fingerprint, RecordState, StoreError};
+use idem_core::{
+    Bytes, Claim, CompletedRecord, FencingToken, Fingerprint, RecordState, StoreError,
+};
 
-/// What the `get` script saw.
-#[derive(Debug, PartialEq, Eq)]
-pub(crate) enum Looked {
-    /// Absent or lapsed.
-    None,
-    /// In progress under a live lease.
+/// The header of an in-progress record.
+pub(crate) const IN_PROGRESS: &[u8; 3] = b"i2p";
+/// The header of a completed record.
+pub(crate) const COMPLETED: &[u8; 3] = b"i2c";
+/// Bytes before the fingerprint: header, token, grace or expiry, fingerprint length.
+const FIXED: usize = 20;
+
+/// An in-progress record, as the claim writes it.
+pub(crate) fn in_progress(token: FencingToken, grace_ms: u64, fp: Option<&Fingerprint>) -> Vec<u8> {
+    let mut r = Vec::with_capacity(FIXED + 32);
+    r.extend_from_slice(IN_PROGRESS);
+    r.extend_from_slice(&token.0.to_be_bytes());
+    r.extend_from_slice(&(grace_ms as f64).to_be_bytes());
+    match fp {
+        Some(fp) => {
+            r.push(32);
+            r.extend_from_slice(&fp.0);
+        }
+        None => r.push(0),
+    }
+    r
+}
+
+/// A v2 record, parsed.
+#[derive(Debug, PartialEq)]
+pub(crate) enum Record {
     InProgress {
         token: FencingToken,
         fingerprint: Option<Fingerprint>,
-        remaining: Duration,
     },
-    /// Completed and unexpired.
-    Completed(CompletedRecord),
-}
-
-impl Looked {
-    pub(crate) fn into_state(self) -> Option<RecordState> {
-        match self {
-            Looked::None => None,
-            Looked::InProgress {
-                token, fingerprint, ..
-            } => Some(RecordState::InProgress { token, fingerprint }),
-            Looked::Completed(rec) => Some(RecordState::Completed(rec)),
-        }
-    }
+    Completed {
+        fingerprint: Option<Fingerprint>,
+        /// Expiry in ms of the server's clock.
+        expiry_ms: f64,
+        value: Bytes,
+    },
 }
 
 fn corrupt(why: impl Into<String>) -> StoreError {
     StoreError::Corrupt(why.into())
 }
 
-fn items(v: &Value) -> Result<&[Value], StoreError> {
-    match v {
-        Value::Array(items) => Ok(items),
-        other => Err(corrupt(format!("unexpected script reply {other:?}"))),
+/// Parses a v2 record (the reply of `SET … GET`, or a script's).
+pub(crate) fn record(b: Bytes) -> Result<Record, StoreError> {
+    if b.len() < FIXED {
+        return Err(corrupt(
+            "redis record: the key holds a string that is not an idem record",
+        ));
+    }
+    let header = &b[..3];
+    let word = |at: usize| {
+        let mut w = [0u8; 8];
+        w.copy_from_slice(&b[at..at + 8]);
+        w
+    };
+    let token = FencingToken(u64::from_be_bytes(word(3)));
+    let time = f64::from_be_bytes(word(11));
+    let fp_len = usize::from(b[19]);
+    let fingerprint = match fp_len {
+        0 => None,
+        32 if b.len() >= FIXED + 32 => Fingerprint::from_slice(&b[FIXED..FIXED + 32]),
+        n => {
+            return Err(corrupt(format!(
+                "redis record: the fingerprint is {n} bytes, not 32"
+            )))
+        }
+    };
+    if !time.is_finite() {
+        return Err(corrupt("redis record: its time field is not a number"));
+    }
+    match header {
+        h if h == IN_PROGRESS => {
+            if b.len() != FIXED + fp_len {
+                return Err(corrupt(
+                    "redis record: an in-progress record has trailing bytes",
+                ));
+            }
+            Ok(Record::InProgress { token, fingerprint })
+        }
+        h if h == COMPLETED => Ok(Record::Completed {
+            fingerprint,
+            expiry_ms: time,
+            value: b.slice(FIXED + fp_len..),
+        }),
+        _ => Err(corrupt(
+            "redis record: the key holds a string that is not an idem record",
+        )),
     }
 }
 
-fn bytes(v: Option<&Value>) -> Result<&[u8], StoreError> {
+/// The bytes of a string reply, shared (not copied).
+pub(crate) fn bulk(v: Value) -> Result<Bytes, StoreError> {
     match v {
-        Some(Value::BulkString(b)) => Ok(b),
-        Some(Value::SimpleString(s)) => Ok(s.as_bytes()),
+        Value::BulkString(b) => Ok(Bytes::from(b)),
+        Value::SimpleString(s) => Ok(Bytes::from(s.into_bytes())),
         other => Err(corrupt(format!(
             "expected a string in the reply, got {other:?}"
         ))),
@@ -62,94 +119,149 @@ fn int(v: Option<&Value>) -> Result<i64, StoreError> {
     }
 }
 
-fn tag(items: &[Value]) -> Result<&[u8], StoreError> {
-    bytes(items.first())
+fn ms(v: Option<&Value>) -> Result<Duration, StoreError> {
+    Ok(Duration::from_millis(u64::try_from(int(v)?).unwrap_or(0)))
 }
 
-fn fingerprint(v: Option<&Value>) -> Result<Option<Fingerprint>, StoreError> {
-    let b = bytes(v)?;
+fn take(items: &mut [Value], at: usize) -> Result<Bytes, StoreError> {
+    match items.get_mut(at) {
+        Some(v) => bulk(std::mem::take(v)),
+        None => Err(corrupt("a short script reply")),
+    }
+}
+
+fn fingerprint(b: &[u8]) -> Result<Option<Fingerprint>, StoreError> {
     if b.is_empty() {
         return Ok(None);
     }
     Fingerprint::from_slice(b).map(Some).ok_or_else(|| {
         corrupt(format!(
-            "the record's fingerprint is {} bytes, not 32",
+            "redis record: the fingerprint is {} bytes, not 32",
             b.len()
         ))
     })
 }
 
-fn remaining(v: Option<&Value>) -> Result<Duration, StoreError> {
-    Ok(Duration::from_millis(u64::try_from(int(v)?).unwrap_or(0)))
-}
-
-fn token(v: Option<&Value>) -> Result<FencingToken, StoreError> {
-    std::str::from_utf8(bytes(v)?)
+fn token_decimal(b: &[u8]) -> Result<FencingToken, StoreError> {
+    std::str::from_utf8(b)
         .ok()
         .and_then(|s| s.parse::<u64>().ok())
         .map(FencingToken)
-        .ok_or_else(|| corrupt("the record's token is not a decimal integer"))
+        .ok_or_else(|| corrupt("redis record: the v1 token is not a decimal integer"))
 }
 
-fn corrupt_reply(items: &[Value]) -> StoreError {
-    let why = bytes(items.get(1))
-        .map(|b| String::from_utf8_lossy(b).into_owned())
-        .unwrap_or_else(|_| "unreadable record".into());
-    corrupt(format!("redis record: {why}"))
+/// What the claim and look scripts saw.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Looked {
+    /// Absent or lapsed.
+    None,
+    /// Acquired by the claim script.
+    Acquired { taken_over: bool },
+    /// In progress under a live lease.
+    InProgress {
+        /// `None` for a v1 record read by the claim script (which does not return it).
+        token: Option<FencingToken>,
+        fingerprint: Option<Fingerprint>,
+        remaining: Duration,
+    },
+    /// Completed and unexpired.
+    Completed(CompletedRecord),
 }
 
-fn completed(items: &[Value]) -> Result<CompletedRecord, StoreError> {
-    Ok(CompletedRecord::new(
-        fingerprint(items.get(1))?,
-        bytes(items.get(2))?.to_vec(),
-        Some(remaining(items.get(3))?),
-    ))
+impl Looked {
+    pub(crate) fn into_state(self) -> Result<Option<RecordState>, StoreError> {
+        Ok(match self {
+            Looked::None => None,
+            Looked::InProgress {
+                token: Some(token),
+                fingerprint,
+                ..
+            } => Some(RecordState::InProgress { token, fingerprint }),
+            Looked::Completed(rec) => Some(RecordState::Completed(rec)),
+            other => return Err(corrupt(format!("unexpected look {other:?}"))),
+        })
+    }
+
+    pub(crate) fn into_claim(self) -> Result<Claim, StoreError> {
+        Ok(match self {
+            Looked::Acquired { taken_over } => Claim::Acquired { taken_over },
+            Looked::InProgress {
+                fingerprint,
+                remaining,
+                ..
+            } => Claim::InProgress {
+                fingerprint,
+                lease_remaining: Some(remaining),
+            },
+            Looked::Completed(rec) => Claim::Completed(rec),
+            Looked::None => return Err(corrupt("the claim script answered none")),
+        })
+    }
 }
 
-/// Decodes the claim script's reply.
-pub(crate) fn claim(v: &Value) -> Result<Claim, StoreError> {
-    let items = items(v)?;
-    match tag(items)? {
-        b"acquired" => Ok(Claim::Acquired {
+/// Decodes the claim or look script's reply.
+pub(crate) fn looked(v: Value) -> Result<Looked, StoreError> {
+    let mut items = match v {
+        Value::Array(items) => items,
+        other => return Err(corrupt(format!("unexpected script reply {other:?}"))),
+    };
+    let tag = take(&mut items, 0)?;
+    match &tag[..] {
+        b"none" => Ok(Looked::None),
+        b"acquired" => Ok(Looked::Acquired {
             taken_over: int(items.get(1))? != 0,
         }),
-        b"completed" => Ok(Claim::Completed(completed(items)?)),
-        b"in_progress" => Ok(Claim::InProgress {
-            fingerprint: fingerprint(items.get(1))?,
-            lease_remaining: Some(remaining(items.get(2))?),
-        }),
-        b"corrupt" => Err(corrupt_reply(items)),
+        b"v2" => {
+            let left = ms(items.get(2))?;
+            match record(take(&mut items, 1)?)? {
+                Record::InProgress { token, fingerprint } => Ok(Looked::InProgress {
+                    token: Some(token),
+                    fingerprint,
+                    remaining: left,
+                }),
+                Record::Completed {
+                    fingerprint, value, ..
+                } => Ok(Looked::Completed(CompletedRecord::new(
+                    fingerprint,
+                    value,
+                    Some(left),
+                ))),
+            }
+        }
+        b"v1c" => Ok(Looked::Completed(CompletedRecord::new(
+            fingerprint(&take(&mut items, 1)?)?,
+            take(&mut items, 2)?,
+            Some(ms(items.get(3))?),
+        ))),
+        b"v1p" => {
+            let token = match items.get(3) {
+                Some(_) => Some(token_decimal(&take(&mut items, 3)?)?),
+                None => None,
+            };
+            Ok(Looked::InProgress {
+                token,
+                fingerprint: fingerprint(&take(&mut items, 1)?)?,
+                remaining: ms(items.get(2))?,
+            })
+        }
+        b"corrupt" => {
+            let why = take(&mut items, 1)
+                .map(|b| String::from_utf8_lossy(&b).into_owned())
+                .unwrap_or_else(|_| "unreadable record".into());
+            Err(corrupt(format!("redis record: {why}")))
+        }
         other => Err(corrupt(format!(
-            "unknown claim reply {:?}",
+            "unknown script reply {:?}",
             String::from_utf8_lossy(other)
         ))),
     }
 }
 
-/// Decodes the get script's reply.
-pub(crate) fn look(v: &Value) -> Result<Looked, StoreError> {
-    let items = items(v)?;
-    match tag(items)? {
-        b"none" => Ok(Looked::None),
-        b"completed" => Ok(Looked::Completed(completed(items)?)),
-        b"in_progress" => Ok(Looked::InProgress {
-            fingerprint: fingerprint(items.get(1))?,
-            remaining: remaining(items.get(2))?,
-            token: token(items.get(3))?,
-        }),
-        b"corrupt" => Err(corrupt_reply(items)),
-        other => Err(corrupt(format!(
-            "unknown get reply {:?}",
-            String::from_utf8_lossy(other)
-        ))),
-    }
-}
-
-/// Decodes a fenced script's reply: 1 applied, 0 fenced.
-pub(crate) fn fenced(v: &Value) -> Result<(), StoreError> {
+/// Decodes a fenced script's reply: a positive integer applied, 0 fenced.
+pub(crate) fn fenced(v: &Value) -> Result<i64, StoreError> {
     match v {
-        Value::Int(1) => Ok(()),
         Value::Int(0) => Err(StoreError::Fenced),
+        Value::Int(n) if *n > 0 => Ok(*n),
         other => Err(corrupt(format!("unexpected fenced reply {other:?}"))),
     }
 }
@@ -162,25 +274,72 @@ mod tests {
         Value::BulkString(b.to_vec())
     }
 
+    fn completed(fp: Option<&Fingerprint>, value: &[u8]) -> Vec<u8> {
+        let mut r = in_progress(FencingToken(7), 0, fp);
+        r[..3].copy_from_slice(COMPLETED);
+        r[11..19].copy_from_slice(&1e12f64.to_be_bytes());
+        r.extend_from_slice(value);
+        r
+    }
+
     #[test]
-    fn decodes_every_claim_answer() {
+    fn records_round_trip() {
+        let fp = Fingerprint([9; 32]);
+        let r = in_progress(FencingToken(u64::MAX >> 1), 60_000, Some(&fp));
+        assert_eq!(
+            record(Bytes::from(r)).ok(),
+            Some(Record::InProgress {
+                token: FencingToken(u64::MAX >> 1),
+                fingerprint: Some(fp)
+            })
+        );
+        let c = completed(None, b"value");
+        match record(Bytes::from(c)) {
+            Ok(Record::Completed {
+                fingerprint: None,
+                value,
+                expiry_ms,
+            }) => {
+                assert_eq!(&value[..], b"value");
+                assert_eq!(expiry_ms, 1e12);
+            }
+            other => panic!("{other:?}"),
+        }
+        // An empty value is a value.
+        assert!(matches!(
+            record(Bytes::from(completed(Some(&fp), b""))),
+            Ok(Record::Completed { value, .. }) if value.is_empty()
+        ));
+    }
+
+    #[test]
+    fn decodes_every_script_answer() {
         let acquired = Value::Array(vec![s(b"acquired"), Value::Int(1)]);
         assert_eq!(
-            claim(&acquired).ok(),
+            looked(acquired).and_then(Looked::into_claim).ok(),
             Some(Claim::Acquired { taken_over: true })
         );
-        let done = Value::Array(vec![s(b"completed"), s(&[7; 32]), s(b"v"), Value::Int(9)]);
+        let done = Value::Array(vec![s(b"v2"), s(&completed(None, b"v")), Value::Int(9)]);
         assert_eq!(
-            claim(&done).ok(),
+            looked(done).and_then(Looked::into_claim).ok(),
+            Some(Claim::Completed(CompletedRecord::new(
+                None,
+                b"v".to_vec(),
+                Some(Duration::from_millis(9))
+            )))
+        );
+        let v1 = Value::Array(vec![s(b"v1c"), s(&[7; 32]), s(b"v"), Value::Int(9)]);
+        assert_eq!(
+            looked(v1).and_then(Looked::into_claim).ok(),
             Some(Claim::Completed(CompletedRecord::new(
                 Some(Fingerprint([7; 32])),
                 b"v".to_vec(),
                 Some(Duration::from_millis(9))
             )))
         );
-        let busy = Value::Array(vec![s(b"in_progress"), s(b""), Value::Int(250)]);
+        let busy = Value::Array(vec![s(b"v1p"), s(b""), Value::Int(250)]);
         assert_eq!(
-            claim(&busy).ok(),
+            looked(busy).and_then(Looked::into_claim).ok(),
             Some(Claim::InProgress {
                 fingerprint: None,
                 lease_remaining: Some(Duration::from_millis(250))
@@ -190,23 +349,47 @@ mod tests {
 
     #[test]
     fn garbage_is_corrupt_not_a_panic() {
+        let mut short_fp = completed(None, b"v");
+        short_fp[19] = 3;
+        let mut nan = completed(None, b"v");
+        nan[11..19].copy_from_slice(&f64::NAN.to_be_bytes());
+        let mut trailing = in_progress(FencingToken(1), 1, None);
+        trailing.push(0);
+        for b in [
+            &b""[..],
+            b"i2p",
+            b"i2c0123456789abcdef",
+            b"xyzxxxxxxxxxxxxxxxxxxxxxxx",
+            &short_fp,
+            &nan,
+            &trailing,
+        ] {
+            assert!(
+                matches!(
+                    record(Bytes::copy_from_slice(b)),
+                    Err(StoreError::Corrupt(_))
+                ),
+                "{b:?}"
+            );
+        }
         let cases = [
             Value::Nil,
             Value::Int(3),
             Value::Array(vec![]),
             Value::Array(vec![Value::Nil]),
-            Value::Array(vec![s(b"completed"), s(b"short fp"), s(b"v")]),
-            Value::Array(vec![s(b"completed"), s(b"")]),
-            Value::Array(vec![s(b"in_progress"), s(b""), s(b"soon")]),
-            Value::Array(vec![s(b"corrupt"), s(b"the key holds a string")]),
+            Value::Array(vec![s(b"v1c"), s(b"short fp"), s(b"v"), Value::Int(1)]),
+            Value::Array(vec![s(b"v1c"), s(b"")]),
+            Value::Array(vec![s(b"v1p"), s(b""), s(b"soon")]),
+            Value::Array(vec![s(b"v2"), s(b"garbage"), Value::Int(1)]),
+            Value::Array(vec![s(b"corrupt"), s(b"the key holds a set")]),
             Value::Array(vec![s(b"what")]),
         ];
-        for v in &cases {
-            assert!(matches!(claim(v), Err(StoreError::Corrupt(_))), "{v:?}");
-            assert!(matches!(look(v), Err(StoreError::Corrupt(_))), "{v:?}");
+        for v in cases {
+            let shown = format!("{v:?}");
+            assert!(matches!(looked(v), Err(StoreError::Corrupt(_))), "{shown}");
         }
-        let bad_token = Value::Array(vec![s(b"in_progress"), s(b""), Value::Int(1), s(b"x1")]);
-        assert!(matches!(look(&bad_token), Err(StoreError::Corrupt(_))));
+        let bad_token = Value::Array(vec![s(b"v1p"), s(b""), Value::Int(1), s(b"x1")]);
+        assert!(matches!(looked(bad_token), Err(StoreError::Corrupt(_))));
         assert!(matches!(fenced(&Value::Nil), Err(StoreError::Corrupt(_))));
         assert!(matches!(fenced(&Value::Int(0)), Err(StoreError::Fenced)));
     }

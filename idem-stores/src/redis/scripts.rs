@@ -1,146 +1,208 @@
-//! The Lua scripts: every store operation is one script on one key, run atomically by Redis.
+//! Record format v2 and the few Lua scripts that need a comparison.
 //!
-//! A record is a hash at `{prefix}{<key hex>}`:
+//! # The record
 //!
-//! | field | meaning |
-//! |---|---|
-//! | `s` | state: `p` (in progress) or `c` (completed) |
-//! | `t` | the holder's fencing token, decimal (in progress only) |
-//! | `f` | the fingerprint, 32 raw bytes, or empty for none |
-//! | `d` | deadline in ms of the server's clock: lease end (`p`) or expiry (`c`) |
-//! | `v` | the encoded value (completed only) |
+//! One binary-safe **string** per key, at `{prefix}{<key hex>}` (the same name as a v1 record,
+//! see *Upgrading* below). All integers are big-endian.
 //!
-//! Times come from `redis.call('TIME')`, so processes with skewed clocks agree. Redis's own
-//! `PEXPIRE` removes records (an in-progress record lives `lease + grace`, so that a takeover
-//! can be told from a fresh claim); the scripts also compare `d` with the server's time, so a
-//! record that Redis has not expired yet is never replayed or honoured late.
+//! | bytes | in progress (`i2p`) | completed (`i2c`) |
+//! |---|---|---|
+//! | 0..3 | `i2p` | `i2c` |
+//! | 3..11 | the holder's fencing token (u64) | the token it was completed under |
+//! | 11..19 | the grace (f64 ms) the record outlives its lease by | the expiry (f64 ms, server clock) |
+//! | 19 | fingerprint length: 0 or 32 | same |
+//! | 20.. | the fingerprint | the fingerprint, then the encoded value |
 //!
-//! Tokens are compared as strings: Lua numbers are doubles and would round a 63-bit token.
-//! Scripts that free or complete a record publish its key hex on the store's channel, which
-//! wakes waiters in every process (see `notify.rs`).
+//! **Leases are Redis's own expiry.** An in-progress record is written with
+//! `PX lease + grace`, so the holder's lease has `PTTL - grace` left, on the server's clock and
+//! with no `TIME` call. A completed record is written with `PX ttl`: Redis never returns it past
+//! its expiry, and the expiry stored in it (taken from `TIME` by the completion script) lets a
+//! replay that came back from the claim's `SET … GET` report its remaining ttl without a second
+//! command.
+//!
+//! # The calls
+//!
+//! - **claim**: `SET k <in-progress record> NX PX <lease+grace> GET`, no script. Nil → acquired;
+//!   a completed record → replay (one round trip); an in-progress record, or a `WRONGTYPE` error
+//!   (a v1 hash, or foreign data) → [`CLAIM`], which decides conflict / own-token retry /
+//!   takeover atomically.
+//! - **complete**, **release**, **renew**: one short script each, comparing the token.
+//! - **get** (and waiters): [`LOOK`].
+//!
+//! # Upgrading from v1
+//!
+//! v1 kept a *hash* under the same key name. v2 reads v1 hashes (replays their values, respects
+//! their live leases, takes over lapsed ones) in [`CLAIM`] and [`LOOK`]; v1's scripts see a v2
+//! string as foreign data and fail closed. So while v1 and v2 instances share one Redis, no key
+//! is executed twice: the worst a v1 instance does is answer an error for a key that a v2
+//! instance wrote. Scripts publish the key hex on `{prefix}notify`, as v1 did.
 
 use ::redis::Script;
 
-/// Shared prologue: `now` in ms of the server's clock, and `look()`, which reads the record
-/// and returns its state or an error reply for data that is not a record.
+/// Reads the record at `k` as a v2 string (`'v2', value`), a v1 hash (`'v1'`), nothing
+/// (`'none'`), or something else (`nil, why`).
 const PRELUDE: &str = r#"
 local k = KEYS[1]
-local tm = redis.call('TIME')
-local now = tonumber(tm[1]) * 1000 + math.floor(tonumber(tm[2]) / 1000)
-local function look()
+local function read()
+  local v = redis.pcall('GET', k)
+  if v == false then return 'none' end
+  if type(v) == 'string' then
+    local h = string.sub(v, 1, 3)
+    if (h == 'i2p' or h == 'i2c') and string.len(v) >= 20 then return 'v2', v end
+    return nil, 'the key holds a string that is not an idem record'
+  end
   local ty = redis.call('TYPE', k)['ok']
-  if ty == 'none' then return 'none' end
-  if ty ~= 'hash' then return nil, 'the key holds a ' .. tostring(ty) .. ', not a record hash' end
+  if ty == 'hash' then return 'v1' end
+  return nil, 'the key holds a ' .. tostring(ty) .. ', not an idem record'
+end
+local function hex()
+  return string.sub(k, -65, -2)
+end
+local function now_ms()
+  local tm = redis.call('TIME')
+  return tonumber(tm[1]) * 1000 + math.floor(tonumber(tm[2]) / 1000)
+end
+local function v2_lease_left(v)
+  return redis.call('PTTL', k) - struct.unpack('>d', v, 12)
+end
+-- A v1 hash: its state, token, fingerprint, ms left (lease or ttl) and value, or nil, why.
+local function v1()
   local r = redis.call('HMGET', k, 's', 't', 'f', 'd', 'v')
   local d = tonumber(r[4])
-  if d == nil then return nil, 'the record has no valid deadline field' end
+  if d == nil then return nil, 'the v1 record has no valid deadline field' end
   if r[1] == 'p' then
-    if not r[2] then return nil, 'an in-progress record has no token' end
+    if not r[2] then return nil, 'an in-progress v1 record has no token' end
   elseif r[1] == 'c' then
-    if not r[5] then return nil, 'a completed record has no value' end
-    if not r[2] then return nil, 'a completed record has no token' end
+    if not r[5] then return nil, 'a completed v1 record has no value' end
   else
-    return nil, 'the record has no valid state field'
+    return nil, 'the v1 record has no valid state field'
   end
-  return r[1], r, d
+  return r[1], r[2], r[3] or '', d - now_ms(), r[5]
 end
 "#;
 
-/// `claim(KEYS[1]; token, fingerprint, lease_ms, grace_ms)` →
-/// `{'acquired', taken_over 0/1}` | `{'completed', fp, value}` |
-/// `{'in_progress', fp, remaining_ms}` | `{'corrupt', why}`.
-const CLAIM: &str = r#"
-local s, r, d = look()
-if s == nil then return {'corrupt', r} end
+/// `claim(KEYS[1]; record, token, lease_ms, grace_ms)`, after the native `SET NX GET` found
+/// something → `{'acquired', taken_over 0/1}` | `{'v2', record, ms_left}` (completed: ttl
+/// left; in progress: lease left) | `{'v1c', fp, value, ms_left}` | `{'v1p', fp, ms_left}` |
+/// `{'corrupt', why}`.
+pub(crate) const CLAIM: &str = r#"
+local kind, v = read()
+if kind == nil then return {'corrupt', v} end
+local px = tonumber(ARGV[3]) + tonumber(ARGV[4])
 local taken = 0
-if s ~= 'none' then
-  if now < d then
-    if s == 'c' then return {'completed', r[3] or '', r[5], d - now} end
-    if r[2] ~= ARGV[1] then return {'in_progress', r[3] or '', d - now} end
-  elseif s == 'p' then
+if kind == 'v2' then
+  if string.sub(v, 3, 3) == 'c' then return {'v2', v, redis.call('PTTL', k)} end
+  if string.sub(v, 4, 11) ~= ARGV[2] then
+    local left = v2_lease_left(v)
+    if left > 0 then return {'v2', v, left} end
     taken = 1
   end
-  if s == 'p' and r[2] == ARGV[1] then taken = 0 end
+elseif kind == 'v1' then
+  local s, t, f, left, val = v1()
+  if s == nil then return {'corrupt', t} end
+  if left > 0 then
+    if s == 'c' then return {'v1c', f, val, left} end
+    return {'v1p', f, left}
+  end
+  if s == 'p' then taken = 1 end
   redis.call('DEL', k)
 end
-local lease = tonumber(ARGV[3])
-redis.call('HSET', k, 's', 'p', 't', ARGV[1], 'f', ARGV[2], 'd', string.format('%d', now + lease))
-redis.call('PEXPIRE', k, string.format('%d', lease + tonumber(ARGV[4])))
+redis.call('SET', k, ARGV[1], 'PX', px)
 return {'acquired', taken}
 "#;
 
-/// `complete(KEYS[1]; token, value, ttl_ms, channel, key_hex)` → 1, or 0 when fenced.
-const COMPLETE: &str = r#"
-local s, r = look()
-if s == 'c' and r[2] == ARGV[1] then return 1 end
-if s ~= 'p' or r[2] ~= ARGV[1] then return 0 end
+/// `complete(KEYS[1]; token, value, ttl_ms, channel)` → the server's time in ms (applied, or
+/// already completed under this token), or 0 when fenced.
+pub(crate) const COMPLETE: &str = r#"
+local kind, v = read()
+if kind ~= 'v2' or string.sub(v, 4, 11) ~= ARGV[1] then return 0 end
+local now = now_ms()
+if string.sub(v, 3, 3) == 'c' then return now end
 local ttl = tonumber(ARGV[3])
-redis.call('HSET', k, 's', 'c', 'v', ARGV[2], 'd', string.format('%d', now + ttl))
-if ttl > 0 then
-  redis.call('PEXPIRE', k, string.format('%d', ttl))
-else
+local fl = string.byte(v, 20)
+redis.call('SET', k, 'i2c' .. ARGV[1] .. struct.pack('>d', now + ttl) .. string.sub(v, 20, 20 + fl) .. ARGV[2], 'PX', ttl)
+redis.call('PUBLISH', ARGV[4], hex())
+return now
+"#;
+
+/// `release(KEYS[1]; token, channel)` → 1 (also when the record is gone or not ours).
+pub(crate) const RELEASE: &str = r#"
+local kind, v = read()
+if kind == 'v2' and string.sub(v, 3, 11) == 'p' .. ARGV[1] then
   redis.call('DEL', k)
+  redis.call('PUBLISH', ARGV[2], hex())
 end
-redis.call('PUBLISH', ARGV[4], ARGV[5])
 return 1
 "#;
 
-/// `release(KEYS[1]; token, channel, key_hex)` → 1 (also when the record is not ours).
-const RELEASE: &str = r#"
-local s, r = look()
-if s ~= 'p' or r[2] ~= ARGV[1] then return 1 end
+/// `renew(KEYS[1]; token, lease_ms)` → 1, or 0 when fenced.
+pub(crate) const RENEW: &str = r#"
+local kind, v = read()
+if kind ~= 'v2' or string.sub(v, 3, 11) ~= 'p' .. ARGV[1] then return 0 end
+redis.call('PEXPIRE', k, tonumber(ARGV[2]) + struct.unpack('>d', v, 12))
+return 1
+"#;
+
+/// `look(KEYS[1])` → `{'none'}` | `{'v2', record, ms_left}` | `{'v1c', fp, value, ms_left}` |
+/// `{'v1p', fp, ms_left, token}` | `{'corrupt', why}`. A lapsed lease reads as `none`.
+pub(crate) const LOOK: &str = r#"
+local kind, v = read()
+if kind == nil then return {'corrupt', v} end
+if kind == 'none' then return {'none'} end
+if kind == 'v2' then
+  if string.sub(v, 3, 3) == 'c' then return {'v2', v, redis.call('PTTL', k)} end
+  local left = v2_lease_left(v)
+  if left <= 0 then return {'none'} end
+  return {'v2', v, left}
+end
+local s, t, f, left, val = v1()
+if s == nil then return {'corrupt', t} end
+if left <= 0 then return {'none'} end
+if s == 'c' then return {'v1c', f, val, left} end
+return {'v1p', f, left, t}
+"#;
+
+/// `remove(KEYS[1]; channel)` → 1.
+pub(crate) const REMOVE: &str = r#"
 redis.call('DEL', k)
-redis.call('PUBLISH', ARGV[2], ARGV[3])
+redis.call('PUBLISH', ARGV[1], hex())
 return 1
 "#;
 
-/// `renew(KEYS[1]; token, lease_ms, grace_ms)` → 1, or 0 when fenced.
-const RENEW: &str = r#"
-local s, r = look()
-if s ~= 'p' or r[2] ~= ARGV[1] then return 0 end
-local lease = tonumber(ARGV[2])
-redis.call('HSET', k, 'd', string.format('%d', now + lease))
-redis.call('PEXPIRE', k, string.format('%d', lease + tonumber(ARGV[3])))
-return 1
-"#;
+/// One script: its source (sent with `EVAL` when the server answers `NOSCRIPT`) and its SHA1
+/// (sent with `EVALSHA`).
+pub(crate) struct Lua {
+    pub(crate) source: String,
+    pub(crate) sha: String,
+}
 
-/// `get(KEYS[1])` → `{'none'}` | `{'in_progress', fp, remaining_ms, token}` |
-/// `{'completed', fp, value}` | `{'corrupt', why}`. A lapsed record reads as `none`.
-const GET: &str = r#"
-local s, r, d = look()
-if s == nil then return {'corrupt', r} end
-if s == 'none' or now >= d then return {'none'} end
-if s == 'c' then return {'completed', r[3] or '', r[5], d - now} end
-return {'in_progress', r[3] or '', d - now, r[2]}
-"#;
+impl Lua {
+    fn new(body: &str) -> Self {
+        let source = format!("{PRELUDE}{body}");
+        let sha = Script::new(&source).get_hash().to_owned();
+        Lua { source, sha }
+    }
+}
 
-/// `remove(KEYS[1]; channel, key_hex)` → 1.
-const REMOVE: &str = r#"
-redis.call('DEL', KEYS[1])
-redis.call('PUBLISH', ARGV[1], ARGV[2])
-return 1
-"#;
-
-/// The compiled scripts (each knows its SHA1; `EVALSHA` first, `SCRIPT LOAD` on `NOSCRIPT`).
+/// The scripts, with their hashes computed once per store.
 pub(crate) struct Scripts {
-    pub(crate) claim: Script,
-    pub(crate) complete: Script,
-    pub(crate) release: Script,
-    pub(crate) renew: Script,
-    pub(crate) get: Script,
-    pub(crate) remove: Script,
+    pub(crate) claim: Lua,
+    pub(crate) complete: Lua,
+    pub(crate) release: Lua,
+    pub(crate) renew: Lua,
+    pub(crate) look: Lua,
+    pub(crate) remove: Lua,
 }
 
 impl Scripts {
     pub(crate) fn new() -> Self {
-        let with_prelude = |body: &str| Script::new(&format!("{PRELUDE}{body}"));
         Scripts {
-            claim: with_prelude(CLAIM),
-            complete: with_prelude(COMPLETE),
-            release: with_prelude(RELEASE),
-            renew: with_prelude(RENEW),
-            get: with_prelude(GET),
-            remove: Script::new(REMOVE),
+            claim: Lua::new(CLAIM),
+            complete: Lua::new(COMPLETE),
+            release: Lua::new(RELEASE),
+            renew: Lua::new(RENEW),
+            look: Lua::new(LOOK),
+            remove: Lua::new(REMOVE),
         }
     }
 }
