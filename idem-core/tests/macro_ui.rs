@@ -1,6 +1,7 @@
 //! Compile errors of `#[idempotent]`: one case per error, each `.stderr` committed beside
-//! it in `idem-macros/tests/ui/` (regenerate with `TRYBUILD=overwrite`, then read the
-//! carets).
+//! it in `idem-macros/tests/ui/` (regenerate with `TRYBUILD=overwrite cargo test -p idem-core
+//! --all-features --test macro_ui`, as CI runs it: rustc's lists of implementations depend on
+//! the features; then read the carets).
 
 #[test]
 fn compile_errors() {
