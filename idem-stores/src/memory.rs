@@ -1,104 +1,123 @@
-//! `MemoryStore`: records in a moka cache, for one process.
+//! `MemoryStore`: records in a sharded map in the process.
 //!
-//! - **Claim** is one `entry().and_compute_with` on the key: moka runs compute operations on
-//!   one key one at a time, so of any number of concurrent claims exactly one inserts.
-//! - **Expiry** is per entry (moka's `Expiry`): a completed record lives for its own `ttl`,
-//!   an in-progress one for its lease plus a grace period (so that a takeover can be told
-//!   from a fresh claim). Every read also checks the deadline itself, so an entry that moka
-//!   has not evicted yet is never replayed late.
-//! - **Waiting** is a `tokio::sync::Notify` per shard of keys: completing, releasing or
-//!   removing a record wakes that shard's waiters, who look again. No polling.
-//! - **Capacity** is bounded in bytes (default 256 MiB). Past it moka evicts the least
-//!   useful entries; an evicted completed record runs again on its next call, and an evicted
-//!   in-progress claim can be claimed twice. Size the bound so that it is not reached.
+//! - **Claims are never evicted.** Every record lives in one of a few dozen shards, each a
+//!   `HashMap` behind a `std::sync::Mutex`; every operation on a key is one critical section
+//!   on its shard, so of any number of concurrent claims exactly one inserts, and a claim and
+//!   its completion each take the lock once. In-progress claims are bounded by
+//!   `max_in_progress` (live concurrency, not traffic): past it a claim is refused with a
+//!   [`StoreError::Backend`] whose source is a [`CapacityError`] — never an eviction.
+//! - **Completed records are bounded in bytes.** Each is charged what it really costs (its
+//!   value as the allocator rounds it, plus a measured per-record overhead: the map slot, the
+//!   eviction order, the `Bytes` header), and past a shard's share of `max_bytes` the oldest
+//!   completed records are evicted first. An evicted completed record runs again on its next
+//!   call; an in-progress claim is never a candidate.
+//! - **Replays share the stored bytes**: a replay gets a [`Bytes`](idem_core::Bytes) handle on
+//!   the stored value (a reference count), and [`Store::completed_now`] answers it without a
+//!   future, before the runtime claims.
+//! - **Time is tokio's clock** ([`tokio::time::Instant`]), so `tokio::time::pause()` and
+//!   `advance()` move TTLs and leases in tests.
+//! - **Waiting** is a `tokio::sync::Notify` per shard: completing, releasing or removing a
+//!   record that has waiters wakes them, and they look again. No polling.
 //!
 //! A `MemoryStore` protects calls within one process only: use a shared store (Redis, SQL)
 //! when a service runs on more than one instance.
 
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+mod shard;
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
 
 use idem_core::{
-    async_trait, Claim, ClaimRequest, CompletedRecord, FencingToken, Fingerprint, Key, RecordState,
+    async_trait, Bytes, Claim, ClaimRequest, CompletedRecord, FencingToken, Key, RecordState,
     Store, StoreError, DEFAULT_MAX_VALUE_SIZE,
 };
-use moka::future::Cache;
-use moka::ops::compute::{CompResult, Op};
-use moka::Expiry;
 use tokio::sync::Notify;
+use tokio::time::Instant;
 
-/// How long an in-progress entry outlives its lease in the cache, to report takeovers.
-const LEASE_GRACE: Duration = Duration::from_secs(60);
-const SHARDS: usize = 64;
-/// Bytes counted per entry besides its value (key, state, moka's own bookkeeping).
-const ENTRY_OVERHEAD: u32 = 160;
+use shard::{KeyHashing, MapKey, Shard, Slot};
 
-#[derive(Clone, Debug)]
-enum Entry {
-    InProgress {
-        token: FencingToken,
-        fingerprint: Option<Fingerprint>,
-        lease_until: Instant,
-    },
-    Completed {
-        fingerprint: Option<Fingerprint>,
-        value: Arc<[u8]>,
-        expires_at: Instant,
-    },
+/// The most shards a store has.
+const MAX_SHARDS: usize = 64;
+
+/// A claim refused because `max_in_progress` claims are already held: the source of the
+/// [`StoreError::Backend`] that [`MemoryStore`] answers then.
+///
+/// ```
+/// # async fn demo() {
+/// use idem_core::{testkit, Store, StoreError};
+/// let store = idem_stores::MemoryStore::builder().max_in_progress(1).build();
+/// let lease = std::time::Duration::from_secs(30);
+/// store.claim(&testkit::claim_request(testkit::fresh_key(), lease).0).await.unwrap();
+/// let err = store.claim(&testkit::claim_request(testkit::fresh_key(), lease).0).await.unwrap_err();
+/// let source = std::error::Error::source(&err).unwrap();
+/// assert!(source.to_string().contains("max_in_progress"));
+/// # }
+/// ```
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "memory store: {limit} claims are in progress, the store's max_in_progress; \
+     raise it or lower the concurrency"
+)]
+pub struct CapacityError {
+    /// The configured `max_in_progress`.
+    pub limit: usize,
 }
 
-impl Entry {
-    /// When this entry stops counting, and when moka may drop it.
-    fn deadline(&self) -> Instant {
-        match self {
-            Entry::InProgress { lease_until, .. } => *lease_until,
-            Entry::Completed { expires_at, .. } => *expires_at,
-        }
-    }
-
-    fn evict_at(&self) -> Instant {
-        match self {
-            Entry::InProgress { lease_until, .. } => *lease_until + LEASE_GRACE,
-            Entry::Completed { expires_at, .. } => *expires_at,
-        }
-    }
-
-    fn live(&self, now: Instant) -> bool {
-        now < self.deadline()
-    }
-}
-
-struct PerEntryExpiry;
-
-impl Expiry<Key, Entry> for PerEntryExpiry {
-    fn expire_after_create(&self, _: &Key, value: &Entry, now: Instant) -> Option<Duration> {
-        Some(value.evict_at().saturating_duration_since(now))
-    }
-
-    fn expire_after_update(
-        &self,
-        _: &Key,
-        value: &Entry,
-        now: Instant,
-        _: Option<Duration>,
-    ) -> Option<Duration> {
-        Some(value.evict_at().saturating_duration_since(now))
-    }
+/// A shard and the notification its waiters sleep on, on a cache line of their own.
+#[repr(align(128))]
+struct Lane {
+    records: Mutex<Shard>,
+    notify: Notify,
 }
 
 struct Inner {
-    cache: Cache<Key, Entry>,
-    shards: Box<[Notify]>,
+    lanes: Box<[Lane]>,
+    seed: u64,
+    max_bytes: u64,
     max_value_size: usize,
+    max_in_progress: usize,
+    /// In-progress claims in all shards (live or lapsed).
+    claims: AtomicUsize,
 }
 
-/// An in-process store on a moka cache. Cheap to clone (clones share the records).
+/// An in-process store. Cheap to clone (clones share the records).
 ///
 /// ```
 /// use idem_stores::MemoryStore;
-/// let store = MemoryStore::builder().max_bytes(64 << 20).max_value_size(256 << 10).build();
+/// let store = MemoryStore::builder()
+///     .max_bytes(64 << 20)           // completed records, charged what they really cost
+///     .max_value_size(256 << 10)     // largest encoded result
+///     .max_in_progress(10_000)       // claims held at once
+///     .build();
 /// let shared: std::sync::Arc<dyn idem_core::Store> = std::sync::Arc::new(store);
 /// # let _ = shared;
+/// ```
+///
+/// Under `tokio::time::pause()`, TTLs and leases follow the paused clock:
+///
+/// ```
+/// use std::time::Duration;
+/// use idem_core::{Call, Error};
+/// use idem_stores::MemoryStore;
+///
+/// # #[tokio::main(flavor = "current_thread", start_paused = true)]
+/// # async fn main() {
+/// // In a test: #[tokio::test(start_paused = true)], or tokio::time::pause().
+/// let store = MemoryStore::new();
+/// let runs = std::sync::atomic::AtomicU32::new(0);
+/// let call = || {
+///     let n = runs.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+///     Call::new("doc::charge")
+///         .key("order-1")
+///         .ttl(Duration::from_secs(3600))
+///         .run(&store, async move { Ok::<_, Error>(n) })
+/// };
+/// assert_eq!(call().await.unwrap(), 1);
+/// assert_eq!(call().await.unwrap(), 1); // replayed
+/// tokio::time::advance(Duration::from_secs(2 * 3600)).await;
+/// assert_eq!(call().await.unwrap(), 3); // past the ttl: the body runs again
+/// # }
 /// ```
 #[derive(Clone)]
 pub struct MemoryStore {
@@ -108,8 +127,10 @@ pub struct MemoryStore {
 impl std::fmt::Debug for MemoryStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("MemoryStore")
-            .field("entries", &self.inner.cache.entry_count())
+            .field("shards", &self.inner.lanes.len())
+            .field("max_bytes", &self.inner.max_bytes)
             .field("max_value_size", &self.inner.max_value_size)
+            .field("max_in_progress", &self.inner.max_in_progress)
             .finish()
     }
 }
@@ -119,42 +140,75 @@ impl std::fmt::Debug for MemoryStore {
 pub struct MemoryStoreBuilder {
     max_bytes: u64,
     max_value_size: usize,
+    max_in_progress: usize,
 }
 
 impl MemoryStoreBuilder {
-    /// The bound on the cache's size in bytes (values plus a fixed overhead per entry).
-    /// Default 256 MiB.
+    /// The bound on completed records, in bytes: each is charged its value plus a measured
+    /// per-record overhead (about 320 bytes, see docs/stores/memory.md), so that this bounds
+    /// the heap they take. Default 256 MiB.
     pub fn max_bytes(mut self, bytes: u64) -> Self {
         self.max_bytes = bytes;
         self
     }
 
-    /// The largest encoded value accepted. Default 1 MiB.
+    /// The largest encoded value accepted. Default 1 MiB (and at most a quarter of a shard's
+    /// share of `max_bytes`).
     pub fn max_value_size(mut self, bytes: usize) -> Self {
         self.max_value_size = bytes;
         self
     }
 
+    /// The most claims in progress at once; a claim past it is refused with a
+    /// [`CapacityError`] (never an eviction). Lapsed claims are swept before refusing.
+    /// Default 100,000.
+    pub fn max_in_progress(mut self, claims: usize) -> Self {
+        self.max_in_progress = claims.max(1);
+        self
+    }
+
     /// Builds the store.
     pub fn build(self) -> MemoryStore {
-        let cache = Cache::builder()
-            .max_capacity(self.max_bytes)
-            .weigher(|_: &Key, e: &Entry| match e {
-                Entry::InProgress { .. } => ENTRY_OVERHEAD,
-                Entry::Completed { value, .. } => {
-                    ENTRY_OVERHEAD.saturating_add(u32::try_from(value.len()).unwrap_or(u32::MAX))
-                }
+        let max_bytes = usize::try_from(self.max_bytes).unwrap_or(usize::MAX);
+        // As many shards as keep each shard's budget at least four largest values.
+        let per_value = shard::weight(self.max_value_size).saturating_mul(4);
+        let mut shards = MAX_SHARDS;
+        while shards > 1 && max_bytes / shards < per_value {
+            shards /= 2;
+        }
+        let budget = max_bytes / shards;
+        let seeds = random_seeds();
+        let hashing = KeyHashing::new([seeds[0], seeds[1]]);
+        let lanes = (0..shards)
+            .map(|_| Lane {
+                records: Mutex::new(Shard::new(budget, hashing)),
+                notify: Notify::new(),
             })
-            .expire_after(PerEntryExpiry)
-            .build();
+            .collect();
+        // A value must fit its shard's budget with room to spare.
+        let fits = budget.saturating_sub(shard::RECORD_OVERHEAD + 16);
         MemoryStore {
             inner: Arc::new(Inner {
-                cache,
-                shards: (0..SHARDS).map(|_| Notify::new()).collect(),
-                max_value_size: self.max_value_size,
+                lanes,
+                seed: seeds[2] | 1,
+                max_bytes: self.max_bytes,
+                max_value_size: self.max_value_size.min(fits),
+                max_in_progress: self.max_in_progress,
+                claims: AtomicUsize::new(0),
             }),
         }
     }
+}
+
+/// Three random words for this store's hashing.
+fn random_seeds() -> [u64; 3] {
+    use std::hash::{BuildHasher, Hasher};
+    let state = std::collections::hash_map::RandomState::new();
+    [1u64, 2, 3].map(|i| {
+        let mut h = state.build_hasher();
+        h.write_u64(i);
+        h.finish()
+    })
 }
 
 impl Default for MemoryStore {
@@ -163,8 +217,22 @@ impl Default for MemoryStore {
     }
 }
 
+/// `now + d`, or a century from now if that overflows (a `Duration::MAX` ttl is "forever").
+fn after(now: Instant, d: Duration) -> Instant {
+    now.checked_add(d)
+        .or_else(|| now.checked_add(Duration::from_secs(100 * 365 * 86_400)))
+        .unwrap_or(now)
+}
+
+/// What a claim found, decided under the shard lock.
+enum Claimed {
+    Answer(Claim),
+    /// At `max_in_progress`: sweep every shard, then try once more.
+    Full,
+}
+
 impl MemoryStore {
-    /// A store with the default bounds (256 MiB, values up to 1 MiB).
+    /// A store with the default bounds (256 MiB, values up to 1 MiB, 100,000 claims).
     pub fn new() -> Self {
         Self::builder().build()
     }
@@ -174,141 +242,140 @@ impl MemoryStore {
         MemoryStoreBuilder {
             max_bytes: 256 << 20,
             max_value_size: DEFAULT_MAX_VALUE_SIZE,
+            max_in_progress: 100_000,
         }
     }
 
-    /// The number of entries (approximate: moka applies writes lazily).
+    /// The number of records (completed and in progress).
     pub fn entry_count(&self) -> u64 {
-        self.inner.cache.entry_count()
-    }
-
-    /// Applies moka's pending maintenance (evictions, size accounting) now.
-    pub async fn run_pending_tasks(&self) {
-        self.inner.cache.run_pending_tasks().await;
-    }
-
-    fn shard(&self, key: &Key) -> &Notify {
-        &self.inner.shards[key.0[0] as usize % SHARDS]
-    }
-
-    fn wake(&self, key: &Key) {
-        self.shard(key).notify_waiters();
-    }
-
-    /// Applies a fenced change to the claim held under `token`: `f` maps the current
-    /// in-progress entry to the new one (`None`: remove it).
-    async fn fenced(
-        &self,
-        key: &Key,
-        token: FencingToken,
-        f: impl FnOnce(Option<Fingerprint>) -> Option<Entry>,
-    ) -> Result<(), StoreError> {
-        let mut applied = false;
         self.inner
-            .cache
-            .entry(*key)
-            .and_compute_with(|current| {
-                let op = match current.map(|e| e.into_value()) {
-                    Some(Entry::InProgress {
-                        token: t,
-                        fingerprint,
-                        ..
-                    }) if t == token => {
-                        applied = true;
-                        match f(fingerprint) {
-                            Some(next) => Op::Put(next),
-                            None => Op::Remove,
-                        }
-                    }
-                    _ => Op::Nop,
-                };
-                std::future::ready(op)
-            })
-            .await;
-        if applied {
-            Ok(())
-        } else {
-            Err(StoreError::Fenced)
+            .lanes
+            .iter()
+            .map(|l| lock(&l.records).map.len() as u64)
+            .sum()
+    }
+
+    /// What the completed records are charged in all, in bytes (never above `max_bytes`).
+    pub fn weighted_size(&self) -> u64 {
+        self.inner
+            .lanes
+            .iter()
+            .map(|l| lock(&l.records).bytes as u64)
+            .sum()
+    }
+
+    /// The number of claims in progress (including lapsed ones not yet swept).
+    pub fn in_progress(&self) -> usize {
+        self.inner.claims.load(Ordering::Relaxed)
+    }
+
+    /// Nothing to do: the store applies every write at once. Kept for the callers of the
+    /// moka-based store, which applied evictions lazily.
+    pub async fn run_pending_tasks(&self) {}
+
+    fn lane(&self, key: &Key) -> &Lane {
+        let k = &key.0;
+        let w = u64::from_le_bytes([k[8], k[9], k[10], k[11], k[12], k[13], k[14], k[15]]);
+        let i = (w ^ self.inner.seed).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 32;
+        &self.inner.lanes[i as usize % self.inner.lanes.len()]
+    }
+
+    /// Runs `f` on the key's shard under its lock, keeping the store's claim count in step.
+    fn with_shard<R>(&self, key: &Key, f: impl FnOnce(&mut Shard) -> R) -> (R, &Notify) {
+        let lane = self.lane(key);
+        let mut shard = lock(&lane.records);
+        let before = shard.claims;
+        let r = f(&mut shard);
+        let after = shard.claims;
+        drop(shard);
+        if after > before {
+            self.inner
+                .claims
+                .fetch_add(after - before, Ordering::Relaxed);
+        } else if before > after {
+            self.inner
+                .claims
+                .fetch_sub(before - after, Ordering::Relaxed);
+        }
+        (r, &lane.notify)
+    }
+
+    /// Removes lapsed claims from every shard.
+    fn sweep_all(&self) {
+        let now = Instant::now();
+        for lane in self.inner.lanes.iter() {
+            let swept = lock(&lane.records).sweep_lapsed(now);
+            self.inner.claims.fetch_sub(swept, Ordering::Relaxed);
         }
     }
-}
 
-#[async_trait]
-impl Store for MemoryStore {
-    async fn claim(&self, req: &ClaimRequest) -> Result<Claim, StoreError> {
-        // Fast path for replays: a live completed record only changes by expiring or being
-        // removed, so a plain read is as good as the locked compute below, and cheaper.
-        if let Some(Entry::Completed {
-            fingerprint,
-            value,
-            expires_at,
-        }) = self.inner.cache.get(&req.key).await
-        {
-            if Instant::now() < expires_at {
-                return Ok(Claim::Completed(CompletedRecord {
+    fn claim_once(&self, req: &ClaimRequest) -> Claimed {
+        let (claimed, _) = self.with_shard(&req.key, |shard| {
+            let now = Instant::now();
+            let fresh = |waiters| Slot::InProgress {
+                token: req.token,
+                fingerprint: req.fingerprint,
+                lease_until: after(now, req.lease),
+                waiters,
+            };
+            let key = MapKey(req.key);
+            let answer = match shard.map.get_mut(&key) {
+                Some(Slot::InProgress {
+                    token, lease_until, ..
+                }) if *token == req.token => {
+                    // Our own claim, retried after a lost reply: restart the lease.
+                    *lease_until = after(now, req.lease);
+                    Claim::Acquired { taken_over: false }
+                }
+                Some(Slot::InProgress {
                     fingerprint,
-                    value: idem_core::Bytes::copy_from_slice(&value),
-                    expires_in: None,
-                }));
-            }
-        }
-        let mut answer = None;
-        let result = self
-            .inner
-            .cache
-            .entry(req.key)
-            .and_compute_with(|current| {
-                let now = Instant::now();
-                let fresh = Entry::InProgress {
-                    token: req.token,
-                    fingerprint: req.fingerprint,
-                    lease_until: now + req.lease,
-                };
-                let op = match current.map(|e| e.into_value()) {
-                    None => Op::Put(fresh),
-                    Some(e) if !e.live(now) => {
-                        answer = Some(Claim::Acquired {
-                            taken_over: matches!(e, Entry::InProgress { .. }),
-                        });
-                        Op::Put(fresh)
-                    }
-                    Some(Entry::InProgress {
-                        fingerprint,
-                        lease_until,
-                        ..
-                    }) => {
-                        answer = Some(Claim::InProgress {
-                            fingerprint,
+                    lease_until,
+                    waiters,
+                    ..
+                }) => {
+                    if *lease_until > now {
+                        return Claimed::Answer(Claim::InProgress {
+                            fingerprint: *fingerprint,
                             lease_remaining: Some(lease_until.saturating_duration_since(now)),
                         });
-                        Op::Nop
                     }
-                    Some(Entry::Completed {
-                        fingerprint, value, ..
-                    }) => {
-                        answer = Some(Claim::Completed(CompletedRecord {
-                            fingerprint,
-                            value: idem_core::Bytes::copy_from_slice(&value),
-                            expires_in: None,
-                        }));
-                        Op::Nop
+                    // The holder's lease passed: take over, in place (the claim count stays).
+                    let waiters = *waiters;
+                    shard.map.insert(key, fresh(waiters));
+                    Claim::Acquired { taken_over: true }
+                }
+                Some(Slot::Completed {
+                    fingerprint,
+                    value,
+                    expires_at,
+                    ..
+                }) if *expires_at > now => {
+                    Claim::Completed(Slot::record(*fingerprint, value, *expires_at, now))
+                }
+                expired_or_absent => {
+                    if expired_or_absent.is_some() {
+                        shard.remove(&req.key);
                     }
-                };
-                std::future::ready(op)
-            })
-            .await;
-        match (answer, result) {
-            (Some(claim), _) => Ok(claim),
-            (None, CompResult::Inserted(_) | CompResult::ReplacedWith(_)) => {
-                Ok(Claim::Acquired { taken_over: false })
-            }
-            (None, _) => Err(StoreError::Corrupt(
-                "memory store: claim neither inserted nor found a record".into(),
-            )),
-        }
+                    let held = self.inner.claims.load(Ordering::Relaxed);
+                    if held >= self.inner.max_in_progress {
+                        // Lapsed claims of this shard first; the whole store if need be.
+                        let swept = shard.sweep_lapsed(now);
+                        if held - swept.min(held) >= self.inner.max_in_progress {
+                            return Claimed::Full;
+                        }
+                    }
+                    shard.map.insert(key, fresh(false));
+                    shard.claims += 1;
+                    Claim::Acquired { taken_over: false }
+                }
+            };
+            Claimed::Answer(answer)
+        });
+        claimed
     }
 
-    async fn complete(
+    /// Completes synchronously (the body of [`Store::complete`]).
+    fn complete_now(
         &self,
         key: &Key,
         token: FencingToken,
@@ -321,27 +388,90 @@ impl Store for MemoryStore {
                 limit: self.inner.max_value_size,
             });
         }
-        let value: Arc<[u8]> = Arc::from(value);
-        let expires_at = Instant::now()
-            .checked_add(ttl)
-            .unwrap_or_else(|| Instant::now() + Duration::from_secs(100 * 365 * 86_400));
-        let r = self
-            .fenced(key, token, |fingerprint| {
-                Some(Entry::Completed {
+        // Copied once, outside the lock; every replay then shares these bytes.
+        let value = Bytes::copy_from_slice(value);
+        // Give it its shared header now, so that the first replay's clone does not allocate
+        // under the lock and the record's cost is what it is charged.
+        drop(value.clone());
+        let (r, notify) = self.with_shard(key, |shard| {
+            let now = Instant::now();
+            match shard.map.get(&MapKey(*key)) {
+                Some(Slot::InProgress {
+                    token: t,
                     fingerprint,
-                    value,
-                    expires_at,
-                })
-            })
-            .await;
-        self.wake(key);
-        r
+                    waiters,
+                    ..
+                }) if *t == token => {
+                    let (fingerprint, waiters) = (*fingerprint, *waiters);
+                    shard.complete(*key, token, fingerprint, value, after(now, ttl), now);
+                    Ok(waiters)
+                }
+                // A retry whose first attempt applied.
+                Some(Slot::Completed { token: t, .. }) if *t == token => Ok(false),
+                _ => Err(StoreError::Fenced),
+            }
+        });
+        if r? {
+            notify.notify_waiters();
+        }
+        Ok(())
+    }
+
+    /// Releases synchronously (the body of [`Store::release`]).
+    fn release_now(&self, key: &Key, token: FencingToken) {
+        let (waiters, notify) = self.with_shard(key, |shard| match shard.map.get(&MapKey(*key)) {
+            Some(Slot::InProgress {
+                token: t, waiters, ..
+            }) if *t == token => {
+                let waiters = *waiters;
+                shard.remove(key);
+                waiters
+            }
+            _ => false,
+        });
+        if waiters {
+            notify.notify_waiters();
+        }
+    }
+}
+
+fn lock(m: &Mutex<Shard>) -> MutexGuard<'_, Shard> {
+    // No code panics while holding a shard lock; if one ever did, the shard is still
+    // consistent (every update is a single map operation plus counters), so go on.
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+#[async_trait]
+impl Store for MemoryStore {
+    async fn claim(&self, req: &ClaimRequest) -> Result<Claim, StoreError> {
+        if let Claimed::Answer(claim) = self.claim_once(req) {
+            return Ok(claim);
+        }
+        self.sweep_all();
+        match self.claim_once(req) {
+            Claimed::Answer(claim) => Ok(claim),
+            Claimed::Full => Err(StoreError::backend(
+                "claim",
+                CapacityError {
+                    limit: self.inner.max_in_progress,
+                },
+            )),
+        }
+    }
+
+    async fn complete(
+        &self,
+        key: &Key,
+        token: FencingToken,
+        value: &[u8],
+        ttl: Duration,
+    ) -> Result<(), StoreError> {
+        self.complete_now(key, token, value, ttl)
     }
 
     async fn release(&self, key: &Key, token: FencingToken) -> Result<(), StoreError> {
-        let r = self.fenced(key, token, |_| None).await;
-        self.wake(key);
-        r
+        self.release_now(key, token);
+        Ok(())
     }
 
     async fn renew(
@@ -350,67 +480,115 @@ impl Store for MemoryStore {
         token: FencingToken,
         lease: Duration,
     ) -> Result<(), StoreError> {
-        let lease_until = Instant::now() + lease;
-        self.fenced(key, token, |fingerprint| {
-            Some(Entry::InProgress {
-                token,
-                fingerprint,
+        let (r, _) = self.with_shard(key, |shard| match shard.map.get_mut(&MapKey(*key)) {
+            Some(Slot::InProgress {
+                token: t,
                 lease_until,
-            })
-        })
-        .await
+                ..
+            }) if *t == token => {
+                *lease_until = after(Instant::now(), lease);
+                Ok(())
+            }
+            _ => Err(StoreError::Fenced),
+        });
+        r
     }
 
     async fn get(&self, key: &Key) -> Result<Option<RecordState>, StoreError> {
-        let now = Instant::now();
-        Ok(match self.inner.cache.get(key).await {
-            Some(e) if e.live(now) => Some(match e {
-                Entry::InProgress {
-                    token, fingerprint, ..
-                } => RecordState::InProgress { token, fingerprint },
-                Entry::Completed {
-                    fingerprint, value, ..
-                } => RecordState::Completed(CompletedRecord {
+        let (state, _) = self.with_shard(key, |shard| {
+            let now = Instant::now();
+            match shard.map.get(&MapKey(*key))? {
+                Slot::InProgress {
+                    token,
                     fingerprint,
-                    value: idem_core::Bytes::copy_from_slice(&value),
-                    expires_in: None,
+                    lease_until,
+                    ..
+                } => (*lease_until > now).then_some(RecordState::InProgress {
+                    token: *token,
+                    fingerprint: *fingerprint,
                 }),
-            }),
-            _ => None,
-        })
+                Slot::Completed {
+                    fingerprint,
+                    value,
+                    expires_at,
+                    ..
+                } => (*expires_at > now).then(|| {
+                    RecordState::Completed(Slot::record(*fingerprint, value, *expires_at, now))
+                }),
+            }
+        });
+        Ok(state)
     }
 
     async fn wait(&self, key: &Key, timeout: Duration) -> Result<(), StoreError> {
+        let lane = self.lane(key);
         // Subscribe first, then look: a completion between the two still wakes us.
-        let notified = self.shard(key).notified();
+        let notified = lane.notify.notified();
         tokio::pin!(notified);
         notified.as_mut().enable();
-        let now = Instant::now();
-        let lease_until = match self.inner.cache.get(key).await {
-            Some(Entry::InProgress { lease_until, .. }) if lease_until > now => lease_until,
-            _ => return Ok(()),
+        let (lease_until, _) = self.with_shard(key, |shard| {
+            let now = Instant::now();
+            match shard.map.get_mut(&MapKey(*key)) {
+                Some(Slot::InProgress {
+                    lease_until,
+                    waiters,
+                    ..
+                }) if *lease_until > now => {
+                    *waiters = true;
+                    Some(*lease_until)
+                }
+                _ => None,
+            }
+        });
+        let Some(lease_until) = lease_until else {
+            return Ok(());
         };
-        let timeout = timeout.min(lease_until - now);
+        let timeout = timeout.min(lease_until.saturating_duration_since(Instant::now()));
         let _ = tokio::time::timeout(timeout, notified).await;
         Ok(())
     }
 
     async fn remove(&self, key: &Key) -> Result<(), StoreError> {
-        self.inner.cache.invalidate(key).await;
-        self.wake(key);
+        let (waiters, notify) = self.with_shard(key, |shard| {
+            matches!(
+                shard.remove(key),
+                Some(Slot::InProgress { waiters: true, .. })
+            )
+        });
+        if waiters {
+            notify.notify_waiters();
+        }
         Ok(())
     }
 
+    /// Releases at once: the store's release takes a lock for a map removal and never waits
+    /// on anything else.
     fn release_detached(&self, key: Key, token: FencingToken) {
-        if let Ok(handle) = tokio::runtime::Handle::try_current() {
-            let store = self.clone();
-            handle.spawn(async move {
-                let _ = store.release(&key, token).await;
-            });
-        }
+        self.release_now(&key, token);
+    }
+
+    fn detached(&self) -> Option<Arc<dyn Store>> {
+        Some(Arc::new(self.clone()))
     }
 
     fn max_value_size(&self) -> usize {
         self.inner.max_value_size
+    }
+
+    fn completed_now(&self, key: &Key) -> Option<CompletedRecord> {
+        let lane = self.lane(key);
+        let shard = lock(&lane.records);
+        match shard.map.get(&MapKey(*key))? {
+            Slot::Completed {
+                fingerprint,
+                value,
+                expires_at,
+                ..
+            } => {
+                let now = Instant::now();
+                (*expires_at > now).then(|| Slot::record(*fingerprint, value, *expires_at, now))
+            }
+            Slot::InProgress { .. } => None,
+        }
     }
 }
