@@ -136,7 +136,7 @@ async fn v2_replays_a_v1_completed_record() {
         return;
     };
     let ns: &'static str = Box::leak(format!("upgrade::replay::{}", fresh_key()).into_boxed_str());
-    let call = || Call::new(ns).key("k").fingerprint(&("args",));
+    let call = || Call::new(ns).key("k").fingerprint(("args",));
     let ran = Arc::new(AtomicUsize::new(0));
     // The encoded value as idem writes it: run once on v2 and read it back.
     assert_eq!(call().run(&store, counted(&ran, 7)).await.unwrap(), 7);
@@ -167,7 +167,7 @@ async fn v2_replays_a_v1_completed_record() {
         other => panic!("{other:?}"),
     }
     // Another fingerprint on the v1 record is a reused key, not a replay.
-    let other = Call::new(ns).key("k").fingerprint(&("other",));
+    let other = Call::new(ns).key("k").fingerprint(("other",));
     assert!(matches!(
         other.run(&store, counted(&ran, 9)).await,
         Err(Error::KeyReused)
