@@ -100,7 +100,9 @@ impl Kind {
     }
 }
 
-/// The one place that builds each store (their builders may change).
+/// The one place that builds each store (their builders may change). Pools are small: four
+/// workers, a driver and their ledger pools stay well under PostgreSQL's default 100
+/// connections.
 async fn store(kind: Kind, url: &str, target: &str) -> Arc<dyn Store> {
     match kind {
         #[cfg(feature = "redis")]
@@ -115,24 +117,19 @@ async fn store(kind: Kind, url: &str, target: &str) -> Arc<dyn Store> {
             idem_stores::PostgresStore::builder()
                 .url(url)
                 .table(target)
-                .max_connections(16)
+                .max_connections(8)
                 .build()
                 .expect("build the PostgreSQL store"),
         ),
         #[cfg(feature = "mysql")]
-        Kind::Mysql => {
-            let pool = sqlx::mysql::MySqlPoolOptions::new()
-                .max_connections(16)
-                .acquire_timeout(Duration::from_secs(5))
-                .connect_lazy(url)
-                .expect("parse the MySQL url");
-            Arc::new(
-                idem_stores::MySqlStore::builder(pool)
-                    .table(target)
-                    .build()
-                    .expect("build the MySQL store"),
-            )
-        }
+        Kind::Mysql => Arc::new(
+            idem_stores::MySqlStore::builder()
+                .url(url)
+                .table(target)
+                .max_connections(8)
+                .build()
+                .expect("build the MySQL store"),
+        ),
         #[allow(unreachable_patterns)]
         other => panic!("{other:?} is not built into this test binary"),
     }
@@ -151,16 +148,14 @@ async fn prepare(kind: Kind, url: &str, target: &str) {
             .unwrap(),
         #[cfg(feature = "mysql")]
         Kind::Mysql => {
-            let pool = sqlx::mysql::MySqlPoolOptions::new()
-                .max_connections(1)
-                .connect_lazy(url)
-                .unwrap();
-            let store = idem_stores::MySqlStore::builder(pool.clone())
+            let store = idem_stores::MySqlStore::builder()
+                .url(url)
                 .table(target)
+                .max_connections(1)
                 .build()
                 .unwrap();
             store.migrate().await.unwrap();
-            pool.close().await;
+            store.pool().close().await;
         }
         _ => {}
     }
@@ -290,7 +285,7 @@ async fn ctx(
 ) -> Ctx {
     Ctx {
         store: store(kind, url, target).await,
-        ledger: ledger_pool(ledger_url, 8)
+        ledger: ledger_pool(ledger_url, 4)
             .await
             .expect("connect to the ledger"),
         insert: format!(

@@ -16,17 +16,14 @@ use std::time::Duration;
 use fault_scenarios::Rig;
 use idem_stores::MySqlStore;
 use proxy::Proxy;
-use sqlx::mysql::MySqlPoolOptions;
 
 /// The one place that builds the store (its builder may change).
 fn store(url: &str, table: &str) -> MySqlStore {
-    let pool = MySqlPoolOptions::new()
+    MySqlStore::builder()
+        .url(url)
+        .table(table)
         .max_connections(10)
         .acquire_timeout(Duration::from_secs(2))
-        .connect_lazy(url)
-        .expect("parse IDEM_TEST_MYSQL_URL");
-    MySqlStore::builder(pool)
-        .table(table)
         .build()
         .expect("build the MySQL store")
 }
