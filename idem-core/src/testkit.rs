@@ -32,6 +32,7 @@ use crate::{
 };
 
 mod faulty;
+pub mod transactional;
 pub mod model;
 pub use faulty::{Fault, FaultyStore, Op};
 
