@@ -311,7 +311,7 @@ impl Model {
         op: &ModelOp,
         window: Window,
         answer: &Answer,
-    ) -> Result<(), Violation> {
+    ) -> Result<(), Box<Violation>> {
         let before = self.possible(&key);
         let mut next: Vec<KeyState> = Vec::new();
         for state in &before {
@@ -330,14 +330,14 @@ impl Model {
             }
         }
         if next.is_empty() {
-            return Err(Violation {
+            return Err(Box::new(Violation {
                 rule: self.classify(op, window, answer, &before),
                 key,
                 op: op.clone(),
                 window,
                 answer: answer.clone(),
                 possible: before,
-            });
+            }));
         }
         self.keys.insert(key, next);
         Ok(())
