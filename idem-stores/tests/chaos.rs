@@ -100,9 +100,9 @@ impl Kind {
     }
 }
 
-/// The one place that builds each store (their builders may change). Pools are small: four
-/// workers, a driver and their ledger pools stay well under PostgreSQL's default 100
-/// connections.
+/// The one place that builds each store (their builders may change), with the stores' default
+/// pools (10 connections): four workers, the driver and their ledger pools stay under
+/// PostgreSQL's default 100 connections.
 async fn store(kind: Kind, url: &str, target: &str) -> Arc<dyn Store> {
     match kind {
         #[cfg(feature = "redis")]
@@ -117,7 +117,6 @@ async fn store(kind: Kind, url: &str, target: &str) -> Arc<dyn Store> {
             idem_stores::PostgresStore::builder()
                 .url(url)
                 .table(target)
-                .max_connections(8)
                 .build()
                 .expect("build the PostgreSQL store"),
         ),
@@ -126,7 +125,6 @@ async fn store(kind: Kind, url: &str, target: &str) -> Arc<dyn Store> {
             idem_stores::MySqlStore::builder()
                 .url(url)
                 .table(target)
-                .max_connections(8)
                 .build()
                 .expect("build the MySQL store"),
         ),

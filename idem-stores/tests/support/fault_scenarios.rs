@@ -485,15 +485,46 @@ pub async fn silent_partition(rig: Arc<Rig>) {
 }
 
 /// 120 ms each way against a 600 ms lease.
+///
+/// First the link turns slow while a holder runs (renewals and the completion cross it):
+/// everyone gets the holder's value, and the body runs once. Then a call starts on the slow
+/// link: a 240 ms round trip does not fit every store's claim in the runtime's bound on one
+/// operation (`lease/2` = 300 ms; a store that needs two round trips cannot make it), so that
+/// caller may get `Error::Store` (its body not run); it never causes a second execution.
 pub async fn latency_against_short_lease(rig: Arc<Rig>) {
     let lease = Duration::from_millis(600);
-    rig.proxy.set_latency(Duration::from_millis(120));
-    // The holder's claim itself goes through the slow link. With a 240 ms round trip
-    // against the runtime's 300 ms bound on one operation (lease/2), a waiter on the slow
-    // side may fail with `Error::Store(Timeout)`: its body never ran.
+    let proxy = &rig.proxy;
     holder_under_fault(&rig, "latency_120ms", lease, lease * 3, 4, 2, true, async {
+        proxy.set_latency(Duration::from_millis(120));
     })
     .await;
+    let s = Subject::new("latency-cold", lease);
+    let slow = s
+        .run(
+            &rig.holder,
+            Duration::from_millis(100),
+            Duration::from_secs(10),
+            false,
+        )
+        .await;
+    let direct = s
+        .run(&rig.rival, Duration::ZERO, margin(lease), false)
+        .await;
+    println!(
+        "fault: {} latency_120ms_from_the_claim: slow caller {slow:?}, direct caller {direct:?}, runs {}",
+        rig.server,
+        s.runs()
+    );
+    match &slow {
+        Ok(_) => {
+            all_agree(rig.server, "latency from the claim", &[slow, direct]);
+        }
+        Err(TestError::Idem(Error::Store(_))) => {
+            assert!(direct.is_ok(), "{}: {direct:?}", rig.server)
+        }
+        Err(e) => panic!("{}: latency from the claim: {e:?}", rig.server),
+    }
+    assert_eq!(s.runs(), 1, "{}", rig.server);
 }
 
 /// The store is down: a call fails with `Error::Store` and its cause, without running its
