@@ -117,11 +117,7 @@ pub use idem_macros::idempotent;
 #[doc(hidden)]
 pub mod __private {
     pub use crate::options::{MissingKey, OnConflict};
-    pub use crate::private::{
-        arg, err_type, ok_type, Arg, ErrType, Fingerprinted, FromIdemError, IdemErrType,
-        IdemErrorNotStored, IsIdemError, OkType, Storable, StorableError, Unchecked, UncheckedErr,
-        UncheckedOk, Unserializable,
-    };
+    pub use crate::private::*;
     pub use crate::runtime::Call;
     pub use crate::store::Store;
     pub use crate::Error;

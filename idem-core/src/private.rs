@@ -194,3 +194,50 @@ pub trait StorableError: Serialize + DeserializeOwned + From<crate::Error> {}
 pub trait FromIdemError: From<crate::Error> {}
 
 impl<E: From<crate::Error>> FromIdemError for E {}
+
+/// The `store = ..` value, checked: `store_arg(&(s)).checked()` is `&s` as a `&dyn Store`, or
+/// one error that says what a store is (rather than rustc's list of every `Store` impl).
+pub fn store_arg<S: ?Sized>(store: &S) -> StoreArg<'_, S> {
+    StoreArg(UncheckedStore(store))
+}
+
+/// See [`store_arg`].
+pub struct StoreArg<'a, S: ?Sized>(UncheckedStore<'a, S>);
+
+/// See [`store_arg`]: reached only when the value is not a store.
+pub struct UncheckedStore<'a, S: ?Sized>(&'a S);
+
+impl<'a, S: crate::Store> StoreArg<'a, S> {
+    /// The store.
+    pub fn checked(&self) -> &'a dyn crate::Store {
+        self.0 .0
+    }
+}
+
+impl<'a, S: ?Sized> Deref for StoreArg<'a, S> {
+    type Target = UncheckedStore<'a, S>;
+    fn deref(&self) -> &UncheckedStore<'a, S> {
+        &self.0
+    }
+}
+
+impl<'a, S: ?Sized> UncheckedStore<'a, S> {
+    /// Never compiles: `S` is not a store.
+    pub fn checked(&self) -> &'a dyn crate::Store
+    where
+        (): IsStore<S>,
+    {
+        unreachable!("`(): IsStore<S>` has no impl")
+    }
+}
+
+/// Asked of `()` for a `store = ..` value that is not a store; implemented by no type that
+/// the expansion uses.
+#[diagnostic::on_unimplemented(
+    message = "`store = ..` takes a store, and `{S}` is not one",
+    label = "not an `idem_core::Store`",
+    note = "pass a value implementing `idem_core::Store`, or a reference, `Arc` or `Box` of one (e.g. `store = self.store` with a `MemoryStore` or `RedisStore` built at start-up); without `store`, the default store set by `idem_core::set_default_store` is used"
+)]
+pub trait IsStore<S: ?Sized> {}
+
+impl<S: ?Sized> IsStore<S> for Unserializable {}

@@ -335,7 +335,10 @@ fn run(p: &TokenStream, call: TokenStream, args: &Args, model: &Func, body: &Blo
             err_at,
         ));
     }
-    let store = args.store.as_ref().map(|s| quote_spanned!(at(s)=> &(#s),));
+    let store = args.store.as_ref().map(|s| {
+        let checked = syn::Ident::new("checked", at(s));
+        quote_spanned!(at(s)=> #p::store_arg(&(#s)).#checked(),)
+    });
     // With `errors = store` the likelier mistake is an `E` without serde: repeats go there.
     let repeat_at = match (storing, err) {
         (true, Some(e)) => Span::mixed_site().located_at(first_span(e)),

@@ -2,14 +2,16 @@
 //! every argument with an example.
 //!
 //! A pipeline, one concern a file: `attr` parses the arguments into the `model`, `valid`
-//! reads the function and checks both (collecting every error), `expand` writes the wrapper
-//! — a `Call` built from the arguments, running the body as its future.
+//! reads the function and checks both (collecting every error; `traps` holds the checks for
+//! mistakes that would compile and fail at run time, `suggest` the "did you mean"), `expand`
+//! writes the wrapper — a `Call` built from the arguments, running the body as its future.
 
 mod attr;
 mod duration;
 mod expand;
 mod model;
 mod suggest;
+mod traps;
 mod valid;
 
 use proc_macro::TokenStream;

@@ -10,6 +10,7 @@ use syn::{
 
 use crate::model::{Args, Func, Input, Receiver, Shape};
 use crate::suggest::closest;
+use crate::traps;
 
 /// The function's model, or `None` when it cannot be wrapped at all; and the errors found.
 pub(crate) fn check(item: &ItemFn, args: &Args) -> (Option<Func>, Vec<syn::Error>) {
@@ -108,9 +109,12 @@ pub(crate) fn check(item: &ItemFn, args: &Args) -> (Option<Func>, Vec<syn::Error
     let typos = args
         .key
         .as_ref()
-        .map_or_else(Vec::new, |k| key_typos(k, &names));
+        .map_or_else(Vec::new, |k| traps::typos(k, &names));
     let key_has_typo = !typos.is_empty();
     errors.extend(typos);
+    if let Some(scope) = &args.scope {
+        errors.extend(traps::typos(scope, &names));
+    }
     match &args.key {
         Some(key) => {
             let any = names.iter().any(|n| mentions(key, n)) || mentions_self(key);
@@ -150,38 +154,7 @@ pub(crate) fn check(item: &ItemFn, args: &Args) -> (Option<Func>, Vec<syn::Error
         }
     }
 
-    for input in &inputs {
-        let Some(name) = input.bindings.iter().find(|b| !skipped(b)) else {
-            continue;
-        };
-        if let Type::Reference(r) = &input.ty {
-            if let Some(m) = &r.mutability {
-                let and = r.and_token;
-                errors.push(syn::Error::new_spanned(
-                    quote::quote!(#and #m),
-                    format!(
-                        "a replay skips the body, so the `&mut` argument `{name}` is not \
-                         updated on a replay: return the value instead, or add `skip({name})` \
-                         to accept that"
-                    ),
-                ));
-                continue;
-            }
-        }
-        if !input.opaque {
-            if let Some(set) = hash_set(&input.ty) {
-                errors.push(syn::Error::new(
-                    set.span(),
-                    format!(
-                        "a `HashSet` is serialized in iteration order, which differs between \
-                         equal sets, so a retry would not match the first call (`KeyReused`, \
-                         or a new key): use a `BTreeSet`, or `skip({name})` with an explicit \
-                         `key = ...`"
-                    ),
-                ));
-            }
-        }
-    }
+    errors.extend(traps::arguments(&inputs, &skipped));
 
     if let (Some(mk), None) = (&args.missing_key, &args.key) {
         errors.push(syn::Error::new(
@@ -386,86 +359,6 @@ fn borrows_self(expr: &Expr) -> bool {
         Expr::Unary(u) => borrows_self(&u.expr),
         _ => false,
     }
-}
-
-/// The `HashSet` in an argument's type (`HashSet<T>`, `&HashSet<T>`, `Option<HashSet<T>>`..):
-/// serde writes a set in iteration order, which is not the same for two equal sets.
-fn hash_set(ty: &Type) -> Option<&Ident> {
-    match ty {
-        Type::Reference(r) => hash_set(&r.elem),
-        Type::Paren(p) => hash_set(&p.elem),
-        Type::Group(g) => hash_set(&g.elem),
-        Type::Slice(s) => hash_set(&s.elem),
-        Type::Array(a) => hash_set(&a.elem),
-        Type::Tuple(t) => t.elems.iter().find_map(hash_set),
-        Type::Path(p) if p.qself.is_none() => p.path.segments.iter().find_map(|s| {
-            if s.ident == "HashSet" {
-                return Some(&s.ident);
-            }
-            match &s.arguments {
-                PathArguments::AngleBracketed(a) => a.args.iter().find_map(|g| match g {
-                    GenericArgument::Type(t) => hash_set(t),
-                    _ => None,
-                }),
-                _ => None,
-            }
-        }),
-        _ => None,
-    }
-}
-
-/// A variable in `key` that is no argument but two edits from one (`order_idd` for
-/// `order_id`): conservative, so only lowercase one-word paths outside call position that
-/// no closure or `let` in the key binds.
-fn key_typos(key: &Expr, names: &[&Ident]) -> Vec<syn::Error> {
-    use syn::visit::Visit;
-
-    #[derive(Default)]
-    struct Walk<'a> {
-        used: Vec<&'a Ident>,
-        bound: Vec<String>,
-    }
-    impl<'a> Visit<'a> for Walk<'a> {
-        fn visit_expr_call(&mut self, call: &'a syn::ExprCall) {
-            if !matches!(&*call.func, Expr::Path(_)) {
-                self.visit_expr(&call.func);
-            }
-            for a in &call.args {
-                self.visit_expr(a);
-            }
-        }
-        fn visit_expr_path(&mut self, p: &'a syn::ExprPath) {
-            if p.qself.is_none() && p.path.segments.len() == 1 && p.path.leading_colon.is_none() {
-                let seg = &p.path.segments[0];
-                if seg.arguments.is_none() {
-                    self.used.push(&seg.ident);
-                }
-            }
-        }
-        fn visit_pat_ident(&mut self, p: &'a syn::PatIdent) {
-            self.bound.push(p.ident.to_string());
-            syn::visit::visit_pat_ident(self, p);
-        }
-    }
-
-    let mut walk = Walk::default();
-    walk.visit_expr(key);
-    let args: Vec<String> = names.iter().map(ToString::to_string).collect();
-    walk.used
-        .into_iter()
-        .filter_map(|ident| {
-            let word = ident.to_string();
-            let lowercase = word.starts_with(|c: char| c.is_ascii_lowercase() || c == '_');
-            if !lowercase || word == "self" || args.contains(&word) || walk.bound.contains(&word) {
-                return None;
-            }
-            let close = closest(&word, args.iter().map(String::as_str))?;
-            Some(syn::Error::new(
-                ident.span(),
-                format!("`{word}` is not an argument of the function; did you mean `{close}`?"),
-            ))
-        })
-        .collect()
 }
 
 /// The argument that `store = ..` names (`store`, `&store`, `store.clone()`): a store is

@@ -25,9 +25,14 @@ impl Billing for Biller {
             let __idem_run = ::idem_core::__private::run::<Receipt, Error, _>;
             __idem_run(
                     __idem_call,
-                    &(self.store),
+                    ::idem_core::__private::store_arg(&(self.store)).checked(),
                     ::idem_core::__private::from_error::<Error>,
                     async {
+                        if let ::core::option::Option::Some(__ret) = ::core::option::Option::None::<
+                            Result<Receipt, Error>,
+                        > {
+                            #[allow(unreachable_code)] return __ret;
+                        }
                         let __self = self;
                         #[allow(unused_variables)]
                         let order = order;

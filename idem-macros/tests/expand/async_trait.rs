@@ -1,5 +1,7 @@
 // What `#[async_trait]` hands to `#[idempotent]` inside an `#[async_trait] impl`: the inner
-// `async move` block becomes the body of the idempotent call.
+// `async move` block becomes the body of the idempotent call. An argument moved into the body
+// (`let order = order;`) and used by the key gets `#[allow(unused_variables)]`: the body need not
+// use it.
 impl Billing for Biller {
     #[idempotent(key = order.clone(), store = self.store)]
     fn charge<'life0, 'async_trait>(
@@ -11,6 +13,10 @@ impl Billing for Biller {
         Self: 'async_trait,
     {
         Box::pin(async move {
+            if let ::core::option::Option::Some(__ret) = ::core::option::Option::None::<Result<Receipt, Error>> {
+                #[allow(unreachable_code)]
+                return __ret;
+            }
             let __self = self;
             let order = order;
             let __ret: Result<Receipt, Error> = { Ok(__self.receipt(order)) };

@@ -17,7 +17,7 @@ async fn send_email(
     let __idem_run = ::idem_core::__private::run::<(), Error, _>;
     __idem_run(
             __idem_call,
-            &(store),
+            ::idem_core::__private::store_arg(&(store)).checked(),
             ::idem_core::__private::from_error::<Error>,
             async {
                 db.log(&to, template).await?;

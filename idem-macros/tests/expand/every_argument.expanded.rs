@@ -20,6 +20,10 @@ pub(crate) async fn charge(
         .missing_key(my_app::idem::__private::MissingKey::Run)
         .fail_open(true);
     let __idem_run = my_app::idem::__private::run_storing_errors::<Receipt, Declined, _>;
-    __idem_run(__idem_call, &(STORE.clone()), async { client.charge(&order).await })
+    __idem_run(
+            __idem_call,
+            my_app::idem::__private::store_arg(&(STORE.clone())).checked(),
+            async { client.charge(&order).await },
+        )
         .await
 }

@@ -13,7 +13,7 @@ impl Payments {
         let __idem_run = ::idem_core::__private::run::<Receipt, PaymentError, _>;
         __idem_run(
                 __idem_call,
-                &(self.store),
+                ::idem_core::__private::store_arg(&(self.store)).checked(),
                 ::idem_core::__private::from_error::<PaymentError>,
                 async {
                     let receipt = self.gateway.charge(req.card, req.amount).await?;
