@@ -1047,7 +1047,7 @@ impl Drop for ReleaseOnDrop<'_> {
 
 /// Polls a future, turning a panic into a value so that the claim can be released before the
 /// panic continues.
-struct CatchUnwind<'a, F>(Pin<&'a mut F>);
+pub(crate) struct CatchUnwind<'a, F>(pub(crate) Pin<&'a mut F>);
 
 impl<F: Future> Future for CatchUnwind<'_, F> {
     type Output = Result<F::Output, Box<dyn Any + Send>>;

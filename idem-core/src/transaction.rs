@@ -16,8 +16,8 @@ use crate::error::{Error, StoreError};
 use crate::key::Identity;
 use crate::observe::{emit, Outcome};
 use crate::runtime::{
-    bounded, budget, claim, execute, fail, keep_lease, release, replay, settle, Claimed, Held, Op,
-    Policy, Prepared, ReleaseErrors, Settle,
+    bounded, budget, claim, execute, fail, keep_lease, release, replay, settle, CatchUnwind,
+    Claimed, Held, Op, Policy, Prepared, ReleaseErrors, Settle,
 };
 use crate::store::{Claim, ClaimRequest, TransactionalStore};
 use crate::Call;
@@ -178,14 +178,26 @@ impl<C: Codec> Call<C> {
             },
         };
 
-        // Execute. A panic or a dropped caller drops the transaction (rollback) and releases.
-        let result = execute(store, &held, &opts, ns, body(slot.tx())).await;
+        // Execute. A dropped caller drops the transaction (rollback) and releases. A panic is
+        // caught here rather than in `execute`, so that the transaction is rolled back BEFORE
+        // the claim is released: on SQLite the open transaction holds the write lock that the
+        // release needs (released first, it would wait for its own transaction).
+        let result = execute(store, &held, &opts, ns, async {
+            let body = pin!(body(slot.tx()));
+            Ok::<_, E>(CatchUnwind(body).await)
+        })
+        .await;
         let value = match result {
-            Ok(value) => value,
-            Err(e) => {
+            Ok(Ok(Ok(value))) => value,
+            Ok(Ok(Err(e))) | Err(e) => {
                 drop(slot);
                 settle(store, &held, &opts, ns, Settle::Release).await;
                 return Err(e);
+            }
+            Ok(Err(panic)) => {
+                drop(slot);
+                settle(store, &held, &opts, ns, Settle::Release).await;
+                std::panic::resume_unwind(panic);
             }
         };
         let envelope = match codec.encode(&value) {
@@ -210,32 +222,37 @@ impl<C: Codec> Call<C> {
         }
 
         // Settle inside the transaction, keeping the lease until the commit is acknowledged.
-        let keeper = pin!(keep_lease(store, key, held.token, opts.lease, held.since));
-        let work = pin!(async {
-            let written = bounded(
-                Op("complete", store),
-                budget(opts.lease, 2),
-                store.complete_in(slot.tx(), &key, held.token, &envelope, opts.ttl),
-            )
-            .await;
-            match written {
-                Ok(()) => {}
-                Err(StoreError::Fenced) => return Committed::No(Error::LeaseLost),
-                Err(e) => return Committed::No(e.into()),
+        let committed = {
+            let keeper = pin!(keep_lease(store, key, held.token, opts.lease, held.since));
+            let work = pin!(async {
+                let written = bounded(
+                    Op("complete", store),
+                    budget(opts.lease, 2),
+                    store.complete_in(slot.tx(), &key, held.token, &envelope, opts.ttl),
+                )
+                .await;
+                match written {
+                    Ok(()) => {}
+                    Err(StoreError::Fenced) => return Committed::No(Error::LeaseLost),
+                    Err(e) => return Committed::No(e.into()),
+                }
+                match slot.take_own() {
+                    None => Committed::Yes, // the caller commits
+                    Some(tx) => match store.commit(tx).await {
+                        Ok(()) => Committed::Yes,
+                        Err(e) => Committed::Unknown(e),
+                    },
+                }
+            });
+            tokio::select! {
+                biased;
+                r = work => r,
+                never = keeper => match never {},
             }
-            match slot.take_own() {
-                None => Committed::Yes, // the caller commits
-                Some(tx) => match store.commit(tx).await {
-                    Ok(()) => Committed::Yes,
-                    Err(e) => Committed::Unknown(e),
-                },
-            }
-        });
-        let committed = tokio::select! {
-            biased;
-            r = work => r,
-            never = keeper => match never {},
         };
+        // The transaction is rolled back (if the completion failed) before any release, which
+        // would otherwise wait for its row lock (PostgreSQL, MariaDB) or write lock (SQLite).
+        drop(slot);
         match committed {
             Committed::Yes => {
                 let outcome = if held.taken_over {
