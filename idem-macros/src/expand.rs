@@ -7,20 +7,25 @@
 //!     async fn charge(&self, req: Req) -> Result<Receipt, PayError> { BODY }
 //! Output:
 //!     async fn charge(&self, req: Req) -> Result<Receipt, PayError> {
+//!         ::idem_core::__private::ok_type::<Receipt>().storable();
 //!         let __idem_call = ::idem_core::__private::Call::new(concat!(module_path!(), "::charge"))
 //!             .key(&(req.id.clone()))
-//!             .fingerprint((&req,))
+//!             .fingerprint((::idem_core::__private::arg(&req).checked(),))
 //!             .ttl(::idem_core::__private::Duration::from_secs(86400));
 //!         let __idem_run = ::idem_core::__private::run::<Receipt, PayError, _>;
 //!         __idem_run(
 //!             __idem_call,
-//!             &(self.store),
+//!             ::idem_core::__private::store_arg(&(self.store)).checked(),
 //!             ::idem_core::__private::from_error::<PayError>,
 //!             async { BODY },
 //!         )
 //!         .await
 //!     }
 //! ```
+//!
+//! `ok_type`, `arg`, `store_arg` (and `err_type` with `errors = store`) only check types: a
+//! `Receipt` that cannot be stored, an argument that is not `Serialize` or a store that is not
+//! one is a single error under the user's token that names the fix (`idem_core/src/private.rs`).
 
 use proc_macro2::{Literal, Span, TokenStream};
 use quote::{quote, quote_spanned, ToTokens};
