@@ -556,8 +556,7 @@ pub(crate) async fn bounded<T>(
     };
     #[cfg(feature = "metrics")]
     crate::telemetry::store_op(op.0, op.1.name(), started.elapsed());
-    #[cfg(not(feature = "metrics"))]
-    let _ = op;
+    drop(op);
     r
 }
 
@@ -573,6 +572,7 @@ impl<F: FnMut(Duration)> Drop for Timer<F> {
 }
 
 /// A store operation's name and store, for metrics.
+#[cfg_attr(not(feature = "metrics"), allow(dead_code))]
 pub(crate) struct Op<'a>(pub(crate) &'static str, pub(crate) &'a dyn Store);
 
 fn transient(e: &StoreError) -> bool {
