@@ -309,10 +309,13 @@ impl RedisStore {
         }
     }
 
-    async fn look(&self, key: &Key) -> Result<Looked, StoreError> {
+    /// Reads the record; `waiter` marks a live claim as waited on, so that its completion or
+    /// release is published.
+    async fn look(&self, key: &Key, waiter: bool) -> Result<Looked, StoreError> {
         let name = self.name(key);
+        let mark: &[u8] = if waiter { b"1" } else { b"0" };
         let v = self
-            .eval("redis get", &self.inner.scripts.look, &name, &[])
+            .eval("redis get", &self.inner.scripts.look, &name, &[mark])
             .await?;
         reply::looked(v)
     }
@@ -470,7 +473,7 @@ impl Store for RedisStore {
     }
 
     async fn get(&self, key: &Key) -> Result<Option<RecordState>, StoreError> {
-        self.look(key).await?.into_state()
+        self.look(key, false).await?.into_state()
     }
 
     async fn wait(&self, key: &Key, timeout: Duration) -> Result<(), StoreError> {
@@ -483,7 +486,7 @@ impl Store for RedisStore {
             tokio::pin!(notified);
             notified.as_mut().enable();
             let live = self.inner.waiters.live();
-            let remaining = match self.look(key).await {
+            let remaining = match self.look(key, true).await {
                 Ok(Looked::InProgress { remaining, .. }) => remaining,
                 Ok(_) => return Ok(()),
                 // Foreign data is not a blip: say so at once.

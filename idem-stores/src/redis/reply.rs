@@ -11,6 +11,8 @@ use idem_core::{
 
 /// The header of an in-progress record.
 pub(crate) const IN_PROGRESS: &[u8; 3] = b"i2p";
+/// The header of an in-progress record that a waiter has looked at.
+pub(crate) const WAITED_ON: &[u8; 3] = b"i2w";
 /// The header of a completed record.
 pub(crate) const COMPLETED: &[u8; 3] = b"i2c";
 /// Bytes before the fingerprint: header, token, grace or expiry, fingerprint length.
@@ -80,7 +82,7 @@ pub(crate) fn record(b: Bytes) -> Result<Record, StoreError> {
         return Err(corrupt("redis record: its time field is not a number"));
     }
     match header {
-        h if h == IN_PROGRESS => {
+        h if h == IN_PROGRESS || h == WAITED_ON => {
             if b.len() != FIXED + fp_len {
                 return Err(corrupt(
                     "redis record: an in-progress record has trailing bytes",

@@ -7,7 +7,7 @@
 //!
 //! | bytes | in progress (`i2p`) | completed (`i2c`) |
 //! |---|---|---|
-//! | 0..3 | `i2p` | `i2c` |
+//! | 0..3 | `i2p`, or `i2w` once a waiter looked | `i2c` |
 //! | 3..11 | the holder's fencing token (u64) | the token it was completed under |
 //! | 11..19 | the grace (f64 ms) the record outlives its lease by | the expiry (f64 ms, server clock) |
 //! | 19 | fingerprint length: 0 or 32 | same |
@@ -26,8 +26,12 @@
 //!   a completed record → replay (one round trip); an in-progress record, or a `WRONGTYPE` error
 //!   (a v1 hash, or foreign data) → [`CLAIM`], which decides conflict / own-token retry /
 //!   takeover atomically.
-//! - **complete**, **release**, **renew**: one short script each, comparing the token.
-//! - **get** (and waiters): [`LOOK`].
+//! - **complete**, **release**, **renew**: one short script each, comparing the token, with no
+//!   shared prologue (a script's cost grows with what it defines).
+//! - **get** (and waiters): [`LOOK`]. A waiter's look marks the in-progress record (`i2p` →
+//!   `i2w`, `SETRANGE`, which keeps the expiry), and only a marked record's completion or
+//!   release is published: with nobody waiting, a call publishes nothing. A waiter registers
+//!   locally before its look, so the publish that follows a mark cannot be missed.
 //!
 //! # Upgrading from v1
 //!
@@ -48,15 +52,12 @@ local function read()
   if v == false then return 'none' end
   if type(v) == 'string' then
     local h = string.sub(v, 1, 3)
-    if (h == 'i2p' or h == 'i2c') and string.len(v) >= 20 then return 'v2', v end
+    if (h == 'i2p' or h == 'i2w' or h == 'i2c') and string.len(v) >= 20 then return 'v2', v end
     return nil, 'the key holds a string that is not an idem record'
   end
   local ty = redis.call('TYPE', k)['ok']
   if ty == 'hash' then return 'v1' end
   return nil, 'the key holds a ' .. tostring(ty) .. ', not an idem record'
-end
-local function hex()
-  return string.sub(k, -65, -2)
 end
 local function now_ms()
   local tm = redis.call('TIME')
@@ -90,13 +91,17 @@ local kind, v = read()
 if kind == nil then return {'corrupt', v} end
 local px = tonumber(ARGV[3]) + tonumber(ARGV[4])
 local taken = 0
+local rec = ARGV[1]
 if kind == 'v2' then
-  if string.sub(v, 3, 3) == 'c' then return {'v2', v, redis.call('PTTL', k)} end
+  local st = string.sub(v, 3, 3)
+  if st == 'c' then return {'v2', v, redis.call('PTTL', k)} end
   if string.sub(v, 4, 11) ~= ARGV[2] then
     local left = v2_lease_left(v)
     if left > 0 then return {'v2', v, left} end
     taken = 1
   end
+  -- Waiters of the replaced claim keep being woken by the new holder's completion.
+  if st == 'w' then rec = 'i2w' .. string.sub(rec, 4) end
 elseif kind == 'v1' then
   local s, t, f, left, val = v1()
   if s == nil then return {'corrupt', t} end
@@ -107,43 +112,52 @@ elseif kind == 'v1' then
   if s == 'p' then taken = 1 end
   redis.call('DEL', k)
 end
-redis.call('SET', k, ARGV[1], 'PX', px)
+redis.call('SET', k, rec, 'PX', string.format('%d', px))
 return {'acquired', taken}
+"#;
+
+/// The head of the standalone scripts: `v`, the record at `KEYS[1]` if it is a v2 record held
+/// or completed under the token `ARGV[1]`, with its state `st` (`p`, `w` or `c`); else they
+/// answer at once.
+const MINE: &str = r#"
+local k = KEYS[1]
+local v = redis.pcall('GET', k)
+if type(v) ~= 'string' or string.len(v) < 20 or string.sub(v, 1, 2) ~= 'i2' or string.sub(v, 4, 11) ~= ARGV[1] then return NOT_MINE end
+local st = string.sub(v, 3, 3)
 "#;
 
 /// `complete(KEYS[1]; token, value, ttl_ms, channel)` → the server's time in ms (applied, or
 /// already completed under this token), or 0 when fenced.
 pub(crate) const COMPLETE: &str = r#"
-local kind, v = read()
-if kind ~= 'v2' or string.sub(v, 4, 11) ~= ARGV[1] then return 0 end
-local now = now_ms()
-if string.sub(v, 3, 3) == 'c' then return now end
+local tm = redis.call('TIME')
+local now = tonumber(tm[1]) * 1000 + math.floor(tonumber(tm[2]) / 1000)
+if st == 'c' then return now end
+if st ~= 'p' and st ~= 'w' then return 0 end
 local ttl = tonumber(ARGV[3])
 local fl = string.byte(v, 20)
-redis.call('SET', k, 'i2c' .. ARGV[1] .. struct.pack('>d', now + ttl) .. string.sub(v, 20, 20 + fl) .. ARGV[2], 'PX', ttl)
-redis.call('PUBLISH', ARGV[4], hex())
+redis.call('SET', k, 'i2c' .. ARGV[1] .. struct.pack('>d', now + ttl) .. string.sub(v, 20, 20 + fl) .. ARGV[2], 'PX', ARGV[3])
+if st == 'w' then redis.call('PUBLISH', ARGV[4], string.sub(k, -65, -2)) end
 return now
 "#;
 
 /// `release(KEYS[1]; token, channel)` → 1 (also when the record is gone or not ours).
 pub(crate) const RELEASE: &str = r#"
-local kind, v = read()
-if kind == 'v2' and string.sub(v, 3, 11) == 'p' .. ARGV[1] then
+if st == 'p' or st == 'w' then
   redis.call('DEL', k)
-  redis.call('PUBLISH', ARGV[2], hex())
+  if st == 'w' then redis.call('PUBLISH', ARGV[2], string.sub(k, -65, -2)) end
 end
 return 1
 "#;
 
 /// `renew(KEYS[1]; token, lease_ms)` → 1, or 0 when fenced.
 pub(crate) const RENEW: &str = r#"
-local kind, v = read()
-if kind ~= 'v2' or string.sub(v, 3, 11) ~= 'p' .. ARGV[1] then return 0 end
-redis.call('PEXPIRE', k, tonumber(ARGV[2]) + struct.unpack('>d', v, 12))
+if st ~= 'p' and st ~= 'w' then return 0 end
+redis.call('PEXPIRE', k, string.format('%d', tonumber(ARGV[2]) + struct.unpack('>d', v, 12)))
 return 1
 "#;
 
-/// `look(KEYS[1])` → `{'none'}` | `{'v2', record, ms_left}` | `{'v1c', fp, value, ms_left}` |
+/// `look(KEYS[1]; mark)`: with `mark` = `1` (a waiter), a live in-progress record is marked
+/// as waited on. → `{'none'}` | `{'v2', record, ms_left}` | `{'v1c', fp, value, ms_left}` |
 /// `{'v1p', fp, ms_left, token}` | `{'corrupt', why}`. A lapsed lease reads as `none`.
 pub(crate) const LOOK: &str = r#"
 local kind, v = read()
@@ -153,6 +167,7 @@ if kind == 'v2' then
   if string.sub(v, 3, 3) == 'c' then return {'v2', v, redis.call('PTTL', k)} end
   local left = v2_lease_left(v)
   if left <= 0 then return {'none'} end
+  if ARGV[1] == '1' and string.sub(v, 3, 3) == 'p' then redis.call('SETRANGE', k, 2, 'w') end
   return {'v2', v, left}
 end
 local s, t, f, left, val = v1()
@@ -162,10 +177,10 @@ if s == 'c' then return {'v1c', f, val, left} end
 return {'v1p', f, left, t}
 "#;
 
-/// `remove(KEYS[1]; channel)` → 1.
+/// `remove(KEYS[1]; channel)` → 1. Always publishes (an administrator's removal is rare).
 pub(crate) const REMOVE: &str = r#"
-redis.call('DEL', k)
-redis.call('PUBLISH', ARGV[1], hex())
+redis.call('DEL', KEYS[1])
+redis.call('PUBLISH', ARGV[1], string.sub(KEYS[1], -65, -2))
 return 1
 "#;
 
@@ -177,10 +192,22 @@ pub(crate) struct Lua {
 }
 
 impl Lua {
-    fn new(body: &str) -> Self {
-        let source = format!("{PRELUDE}{body}");
+    fn new(source: String) -> Self {
         let sha = Script::new(&source).get_hash().to_owned();
         Lua { source, sha }
+    }
+
+    fn with_prelude(body: &str) -> Self {
+        Lua::new(format!("{PRELUDE}{body}"))
+    }
+
+    /// A standalone script that first checks that the record is held or completed under the
+    /// token `ARGV[1]`, answering `not_mine` otherwise.
+    fn mine(not_mine: u8, body: &str) -> Self {
+        Lua::new(format!(
+            "{}{body}",
+            MINE.replace("NOT_MINE", &not_mine.to_string())
+        ))
     }
 }
 
@@ -197,12 +224,12 @@ pub(crate) struct Scripts {
 impl Scripts {
     pub(crate) fn new() -> Self {
         Scripts {
-            claim: Lua::new(CLAIM),
-            complete: Lua::new(COMPLETE),
-            release: Lua::new(RELEASE),
-            renew: Lua::new(RENEW),
-            look: Lua::new(LOOK),
-            remove: Lua::new(REMOVE),
+            claim: Lua::with_prelude(CLAIM),
+            complete: Lua::mine(0, COMPLETE),
+            release: Lua::mine(1, RELEASE),
+            renew: Lua::mine(0, RENEW),
+            look: Lua::with_prelude(LOOK),
+            remove: Lua::new(REMOVE.to_owned()),
         }
     }
 }

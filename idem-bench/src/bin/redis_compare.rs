@@ -1,0 +1,500 @@
+//! `idem-bench-redis`: raw Redis commands, idem's `RedisStore` and the `idempotent` crate's
+//! Valkey/Redis store (0.3, the peer), measured **in one run, round by round, alternating**, on a
+//! private `redis-server` this program starts on a spare loopback port (and stops).
+//!
+//! Per workload it reports: throughput with 64 tasks on distinct keys; the server's CPU per call
+//! (its process CPU from `/proc/<pid>/stat`, and `INFO commandstats`); this process's CPU per
+//! call; and, with one task, latency per call in round trips (divided by one raw `GET`'s
+//! latency, measured in the same round).
+//!
+//! ```text
+//! cargo run --release -p idem-bench --features redis --bin idem-bench-redis -- \
+//!     [--rounds 5] [--calls 250] [--out target/idem-bench/redis-compare.json]
+//! ```
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::BTreeMap;
+use std::net::TcpListener;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use idem_core::{Call, Error};
+use idem_stores::RedisStore;
+use idempotent::entry::ExistingEntry;
+use idempotent::fingerprint::{DefaultFingerprintStrategy, FingerprintStrategy};
+use idempotent::store::valkey::ValkeyStore;
+use idempotent::store::{IdempotencyStore, InsertResult};
+use idempotent::{CachedResponse, IdempotencyEntry, IdempotencyKey, Metadata};
+use redis::aio::ConnectionManager;
+use serde::Serialize;
+
+const TTL: Duration = Duration::from_secs(300);
+const TASKS: u64 = 64;
+/// A value the size of idem's record of a `u64`.
+const VALUE: &[u8] = b"idem\x01\x0e\x00msgpack;v0;u64\xcf\x00\x00\x00\x00\x00\x00\x00\x54";
+
+static NEXT: AtomicU64 = AtomicU64::new(1);
+
+fn next() -> u64 {
+    NEXT.fetch_add(1, Ordering::Relaxed)
+}
+
+/// The private server; killed on drop.
+struct Server {
+    child: Child,
+    port: u16,
+    dir: std::path::PathBuf,
+}
+
+impl Server {
+    fn start() -> Server {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("a spare port");
+        let dir = std::env::temp_dir().join(format!("idem-bench-redis-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("server dir");
+        let child = Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .arg("--dir")
+            .arg(&dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server is installed");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "redis-server did not start");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Server { child, port, dir }
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.port)
+    }
+
+    /// The server process's CPU time (user + system), from `/proc`.
+    fn cpu(&self) -> Duration {
+        proc_cpu(&format!("/proc/{}/stat", self.child.id()))
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// utime + stime of a `/proc/<pid>/stat` file.
+fn proc_cpu(path: &str) -> Duration {
+    let stat = std::fs::read_to_string(path).unwrap_or_default();
+    // Fields after the command name (which may hold spaces), from field 3 on.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<u64> = rest
+        .split_whitespace()
+        .map(|x| x.parse().unwrap_or(0))
+        .collect();
+    let ticks = f.get(11).copied().unwrap_or(0) + f.get(12).copied().unwrap_or(0);
+    // CLK_TCK is 100 on Linux.
+    Duration::from_millis(ticks * 10)
+}
+
+fn self_cpu() -> Duration {
+    proc_cpu("/proc/self/stat")
+}
+
+/// `INFO commandstats`: command → (calls, µs).
+async fn commandstats(conn: &mut ConnectionManager) -> BTreeMap<String, (u64, u64)> {
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(conn)
+        .await
+        .unwrap();
+    let mut out = BTreeMap::new();
+    for line in info.lines() {
+        let Some((name, fields)) = line
+            .strip_prefix("cmdstat_")
+            .and_then(|l| l.split_once(':'))
+        else {
+            continue;
+        };
+        let field = |f: &str| -> u64 {
+            fields
+                .split(',')
+                .find_map(|kv| kv.strip_prefix(f)?.strip_prefix('='))
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0)
+        };
+        out.insert(name.to_owned(), (field("calls"), field("usec")));
+    }
+    out
+}
+
+/// Totals of one workload over all rounds.
+#[derive(Default, Serialize, Clone)]
+struct Totals {
+    calls: u64,
+    wall_s: f64,
+    /// Calls/s of each round.
+    rounds: Vec<f64>,
+    server_cpu_s: f64,
+    client_cpu_s: f64,
+    /// Command → (calls, µs) over all rounds.
+    commands: BTreeMap<String, (u64, u64)>,
+}
+
+#[derive(Serialize)]
+struct Figures {
+    calls: u64,
+    /// Median over rounds.
+    calls_per_s: f64,
+    calls_per_s_min: f64,
+    calls_per_s_max: f64,
+    /// Mean latency per call (single-task workloads), µs.
+    latency_us: f64,
+    server_process_us_per_call: f64,
+    client_process_us_per_call: f64,
+    /// µs per call of the commands a client sends (`set`, `get`, `evalsha`, `eval`; a
+    /// script's time includes what it runs; the `set` and `get` that idem's completion script
+    /// runs inside are counted again on their own, which only overstates idem).
+    commandstats_us_per_call: f64,
+    /// Command → (calls per call, µs per call), every command (inside scripts too).
+    by_command: BTreeMap<String, (f64, f64)>,
+}
+
+fn figures(t: &Totals) -> Figures {
+    let n = t.calls.max(1) as f64;
+    let mut r = t.rounds.clone();
+    r.sort_by(f64::total_cmp);
+    let median = r.get(r.len() / 2).copied().unwrap_or(0.0);
+    let top = ["set", "get", "evalsha", "eval"];
+    let cs: u64 = t
+        .commands
+        .iter()
+        .filter(|(k, _)| top.contains(&k.as_str()))
+        .map(|(_, (_, us))| us)
+        .sum();
+    Figures {
+        calls: t.calls,
+        calls_per_s: median,
+        calls_per_s_min: r.first().copied().unwrap_or(0.0),
+        calls_per_s_max: r.last().copied().unwrap_or(0.0),
+        latency_us: t.wall_s * 1e6 / n,
+        server_process_us_per_call: t.server_cpu_s * 1e6 / n,
+        client_process_us_per_call: t.client_cpu_s * 1e6 / n,
+        commandstats_us_per_call: cs as f64 / n,
+        by_command: t
+            .commands
+            .iter()
+            .map(|(k, (c, us))| (k.clone(), (*c as f64 / n, *us as f64 / n)))
+            .collect(),
+    }
+}
+
+/// Everything a workload needs.
+#[derive(Clone)]
+struct Env {
+    conn: ConnectionManager,
+    idem: RedisStore,
+    peer: Arc<ValkeyStore>,
+    prefix: Arc<str>,
+}
+
+async fn set_nx(conn: &mut ConnectionManager, key: String) {
+    let _: Option<String> = redis::cmd("SET")
+        .arg(key)
+        .arg(VALUE)
+        .arg("NX")
+        .arg("PX")
+        .arg(TTL.as_millis() as u64)
+        .query_async(conn)
+        .await
+        .unwrap();
+}
+
+async fn work(n: u64) -> Result<u64, Error> {
+    Ok(n.wrapping_mul(2))
+}
+
+async fn idem_call(store: &RedisStore, n: u64) -> u64 {
+    Call::new("idem_bench::redis_compare")
+        .key(n)
+        .fingerprint((&n,))
+        .ttl(TTL)
+        .run(store, work(n))
+        .await
+        .unwrap()
+}
+
+/// The peer's documented cycle: try_insert → (run, complete) or the stored response.
+async fn peer_call(store: &ValkeyStore, prefix: &str, n: u64) -> u64 {
+    let key = IdempotencyKey::new(format!("{prefix}:{n}")).unwrap();
+    let fp = DefaultFingerprintStrategy.compute("idem_bench::redis_compare", &n.to_le_bytes());
+    let entry = IdempotencyEntry::new(fp, TTL);
+    match store.try_insert(&key, entry.clone()).await.unwrap() {
+        InsertResult::Claimed { fencing_token } => {
+            let v = work(n).await.unwrap();
+            let response = CachedResponse {
+                status_code: 200,
+                metadata: Metadata::default(),
+                body: v.to_le_bytes().to_vec().into(),
+            };
+            store
+                .complete(&key, entry.complete(response), fencing_token)
+                .await
+                .unwrap();
+            v
+        }
+        InsertResult::Exists(ExistingEntry::Completed(done)) => {
+            assert!(done.fingerprint_matches(fp));
+            let body = &done.response().body;
+            u64::from_le_bytes(body[..8].try_into().unwrap())
+        }
+        InsertResult::Exists(ExistingEntry::Processing(_)) => panic!("in progress"),
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Debug)]
+enum Op {
+    RawSetNx,
+    RawTwoSetNx,
+    RawGet,
+    IdemFresh,
+    IdemReplay,
+    PeerFresh,
+    PeerReplay,
+}
+
+impl Op {
+    const ALL: [Op; 7] = [
+        Op::RawSetNx,
+        Op::RawTwoSetNx,
+        Op::RawGet,
+        Op::IdemFresh,
+        Op::IdemReplay,
+        Op::PeerFresh,
+        Op::PeerReplay,
+    ];
+
+    fn name(self) -> &'static str {
+        match self {
+            Op::RawSetNx => "raw_set_nx_px",
+            Op::RawTwoSetNx => "raw_two_set_nx_px",
+            Op::RawGet => "raw_get",
+            Op::IdemFresh => "idem_fresh",
+            Op::IdemReplay => "idem_replay",
+            Op::PeerFresh => "peer_fresh",
+            Op::PeerReplay => "peer_replay",
+        }
+    }
+
+    /// One call. `task` picks the task's own replay key.
+    async fn call(self, env: &mut Env, task: u64) {
+        let p = &env.prefix;
+        match self {
+            Op::RawSetNx => set_nx(&mut env.conn, format!("{p}:raw:{}", next())).await,
+            Op::RawTwoSetNx => {
+                set_nx(&mut env.conn, format!("{p}:raw:{}", next())).await;
+                set_nx(&mut env.conn, format!("{p}:raw:{}", next())).await;
+            }
+            Op::RawGet => {
+                let _: Option<Vec<u8>> = redis::cmd("GET")
+                    .arg(format!("{p}:hit:{task}"))
+                    .query_async(&mut env.conn)
+                    .await
+                    .unwrap();
+            }
+            Op::IdemFresh => {
+                idem_call(&env.idem, next()).await;
+            }
+            Op::IdemReplay => {
+                idem_call(&env.idem, task).await;
+            }
+            Op::PeerFresh => {
+                peer_call(&env.peer, &format!("{p}:peer"), next()).await;
+            }
+            Op::PeerReplay => {
+                peer_call(&env.peer, &format!("{p}:peer"), task).await;
+            }
+        }
+    }
+}
+
+/// Runs `calls` calls on each of `tasks` tasks and returns the wall time.
+async fn run(env: &Env, op: Op, tasks: u64, calls: u64) -> Duration {
+    let start = Instant::now();
+    let mut set = tokio::task::JoinSet::new();
+    for task in 0..tasks {
+        let mut env = env.clone();
+        set.spawn(async move {
+            for _ in 0..calls {
+                op.call(&mut env, task).await;
+            }
+        });
+    }
+    while let Some(r) = set.join_next().await {
+        r.unwrap();
+    }
+    start.elapsed()
+}
+
+fn arg(args: &[String], name: &str) -> Option<String> {
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1).cloned())
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let rounds: u64 = arg(&args, "--rounds").map_or(5, |s| s.parse().unwrap());
+    let calls: u64 = arg(&args, "--calls").map_or(250, |s| s.parse().unwrap());
+    let single: u64 = arg(&args, "--single").map_or(1500, |s| s.parse().unwrap());
+    let out = arg(&args, "--out").map_or_else(
+        || idem_bench::out_dir().join("redis-compare.json"),
+        std::path::PathBuf::from,
+    );
+    if Command::new("redis-server")
+        .arg("--version")
+        .stdout(Stdio::null())
+        .status()
+        .is_err()
+    {
+        println!("skipped: redis-server is not installed");
+        return;
+    }
+    let server = Server::start();
+    let rt = idem_bench::multi_thread();
+    let env = rt.block_on(async {
+        let client = redis::Client::open(server.url()).unwrap();
+        let conn = client.get_connection_manager().await.unwrap();
+        let idem = RedisStore::builder(server.url())
+            .prefix("bench:idem:")
+            .build()
+            .await
+            .unwrap();
+        let peer = ValkeyStore::with_prefix(redis::Client::open(server.url()).unwrap(), None)
+            .await
+            .unwrap();
+        Env {
+            conn,
+            idem,
+            peer: Arc::new(peer),
+            prefix: "bench".into(),
+        }
+    });
+    // Replay keys: one per task, completed before the first round; raw GET hits.
+    rt.block_on(async {
+        let mut env = env.clone();
+        for task in 0..TASKS {
+            idem_call(&env.idem, task).await;
+            peer_call(&env.peer, "bench:peer", task).await;
+            set_nx(&mut env.conn, format!("bench:hit:{task}")).await;
+        }
+        // Warm-up: every path once at full concurrency (scripts loaded, connections up).
+        for op in Op::ALL {
+            run(&env, op, TASKS, 20).await;
+        }
+    });
+
+    let mut many: BTreeMap<Op, Totals> = BTreeMap::new();
+    let mut one: BTreeMap<Op, Totals> = BTreeMap::new();
+    for round in 0..rounds {
+        // Rotate the order each round, so that drift of the machine is spread evenly.
+        let mut order = Op::ALL.to_vec();
+        let len = order.len();
+        order.rotate_left((round as usize) % len);
+        for (tasks, per_task, totals) in [(TASKS, calls, &mut many), (1, single, &mut one)] {
+            for &op in &order {
+                let mut conn = env.conn.clone();
+                let before = rt.block_on(commandstats(&mut conn));
+                let (s0, c0) = (server.cpu(), self_cpu());
+                let wall = rt.block_on(run(&env, op, tasks, per_task));
+                let (s1, c1) = (server.cpu(), self_cpu());
+                let after = rt.block_on(commandstats(&mut conn));
+                let t = totals.entry(op).or_default();
+                let n = tasks * per_task;
+                t.calls += n;
+                t.wall_s += wall.as_secs_f64();
+                t.rounds.push(n as f64 / wall.as_secs_f64());
+                t.server_cpu_s += (s1.saturating_sub(s0)).as_secs_f64();
+                t.client_cpu_s += (c1.saturating_sub(c0)).as_secs_f64();
+                for (cmd, (c, us)) in after {
+                    if cmd == "info" {
+                        continue;
+                    }
+                    let (c_0, us_0) = before.get(&cmd).copied().unwrap_or((0, 0));
+                    if c > c_0 {
+                        let e = t.commands.entry(cmd).or_default();
+                        e.0 += c - c_0;
+                        e.1 += us.saturating_sub(us_0);
+                    }
+                }
+            }
+        }
+        println!("round {} of {rounds} done", round + 1);
+    }
+
+    let fig = |m: &BTreeMap<Op, Totals>| -> BTreeMap<&'static str, Figures> {
+        m.iter().map(|(op, t)| (op.name(), figures(t))).collect()
+    };
+    let (many, one) = (fig(&many), fig(&one));
+    let get_latency = one.get("raw_get").map_or(f64::NAN, |f| f.latency_us);
+    let round_trips: BTreeMap<&str, f64> = one
+        .iter()
+        .map(|(k, f)| (*k, f.latency_us / get_latency))
+        .collect();
+    println!(
+        "{:<20} {:>12} {:>12} {:>12} {:>12} {:>10}",
+        "64 tasks", "calls/s", "server µs", "cmdstat µs", "client µs", "1-task RT"
+    );
+    for (k, f) in &many {
+        println!(
+            "{k:<20} {:>12.0} {:>12.2} {:>12.2} {:>12.2} {:>10.2}",
+            f.calls_per_s,
+            f.server_process_us_per_call,
+            f.commandstats_us_per_call,
+            f.client_process_us_per_call,
+            round_trips.get(k).copied().unwrap_or(f64::NAN)
+        );
+    }
+    #[derive(Serialize)]
+    struct Report<'a> {
+        rounds: u64,
+        tasks: u64,
+        calls_per_task: u64,
+        single_task_calls: u64,
+        redis_version: String,
+        concurrent: &'a BTreeMap<&'static str, Figures>,
+        single_task: &'a BTreeMap<&'static str, Figures>,
+        /// Single-task latency per call divided by one raw `GET`'s.
+        round_trips: &'a BTreeMap<&'static str, f64>,
+    }
+    let version = Command::new("redis-server")
+        .arg("--version")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_default();
+    let report = Report {
+        rounds,
+        tasks: TASKS,
+        calls_per_task: calls,
+        single_task_calls: single,
+        redis_version: version,
+        concurrent: &many,
+        single_task: &one,
+        round_trips: &round_trips,
+    };
+    if let Some(dir) = out.parent() {
+        let _ = std::fs::create_dir_all(dir);
+    }
+    std::fs::write(&out, serde_json::to_string_pretty(&report).unwrap()).unwrap();
+    println!("wrote {}", out.display());
+    drop(rt);
+    drop(server);
+}
