@@ -30,33 +30,60 @@ pub mod pg {
         /// Tables named `<tag>`-unique; `max` pooled connections.
         pub async fn new(url: &str, tag: &str, max: u32) -> PgHarness {
             crate::sql_common::pg_drop_stale_tables(url).await;
+            let table = crate::sql_common::unique_table(tag);
+            let biz = crate::sql_common::unique_table(&format!("{tag}_biz"));
+            let h = PgHarness::open(url, &table, &biz, max).await;
+            h.store.migrate().await.expect("migrate");
+            sqlx::query(AssertSqlSafe(format!(
+                "CREATE TABLE \"{biz}\" (id BIGSERIAL PRIMARY KEY, k TEXT NOT NULL, \
+                 mark TEXT NOT NULL)"
+            )))
+            .execute(&h.pool)
+            .await
+            .expect("create business table");
+            h
+        }
+
+        /// On tables that exist.
+        pub async fn open(url: &str, table: &str, biz: &str, max: u32) -> PgHarness {
             let pool = PgPoolOptions::new()
                 .max_connections(max)
                 .acquire_timeout(std::time::Duration::from_secs(20))
                 .connect(url)
                 .await
                 .expect("connect to IDEM_TEST_POSTGRES_URL");
-            let table = crate::sql_common::unique_table(tag);
-            let biz = crate::sql_common::unique_table(&format!("{tag}_biz"));
             let store = PostgresStore::builder()
                 .pool(pool.clone())
-                .table(&table)
+                .table(table)
                 .build()
                 .expect("store");
-            store.migrate().await.expect("migrate");
-            sqlx::query(AssertSqlSafe(format!(
-                "CREATE TABLE \"{biz}\" (id BIGSERIAL PRIMARY KEY, k TEXT NOT NULL, \
-                 mark TEXT NOT NULL)"
-            )))
-            .execute(&pool)
-            .await
-            .expect("create business table");
             PgHarness {
                 store,
                 pool,
-                table,
-                biz,
+                table: table.to_owned(),
+                biz: biz.to_owned(),
             }
+        }
+
+        /// One business row, committed on its own (the non-transactional body).
+        pub async fn insert_plain(&self, key: &str, mark: &str) -> Result<(), StoreError> {
+            let sql = format!("INSERT INTO \"{}\" (k, mark) VALUES ($1, $2)", self.biz);
+            sqlx::query(AssertSqlSafe(sql))
+                .bind(key)
+                .bind(mark)
+                .execute(&self.pool)
+                .await
+                .map_err(db)?;
+            Ok(())
+        }
+
+        /// Every business row: (key, mark).
+        pub async fn all_rows(&self) -> Vec<(String, String)> {
+            let sql = format!("SELECT k, mark FROM \"{}\" ORDER BY id", self.biz);
+            sqlx::query_as(AssertSqlSafe(sql))
+                .fetch_all(&self.pool)
+                .await
+                .expect("read business rows")
         }
     }
 
@@ -117,33 +144,61 @@ pub mod my {
     }
 
     impl MyHarness {
+        /// Tables named `<tag>`-unique; `max` pooled connections.
         pub async fn new(url: &str, tag: &str, max: u32) -> MyHarness {
+            let table = crate::sql_common::unique_table(tag);
+            let biz = crate::sql_common::unique_table(&format!("{tag}_biz"));
+            let h = MyHarness::open(url, &table, &biz, max).await;
+            h.store.migrate().await.expect("migrate");
+            sqlx::query(AssertSqlSafe(format!(
+                "CREATE TABLE `{biz}` (id BIGINT AUTO_INCREMENT PRIMARY KEY, \
+                 k VARCHAR(200) NOT NULL, mark VARCHAR(200) NOT NULL) ENGINE=InnoDB"
+            )))
+            .execute(&h.pool)
+            .await
+            .expect("create business table");
+            h
+        }
+
+        /// On tables that exist.
+        pub async fn open(url: &str, table: &str, biz: &str, max: u32) -> MyHarness {
             let pool = MySqlPoolOptions::new()
                 .max_connections(max)
                 .acquire_timeout(std::time::Duration::from_secs(20))
                 .connect(url)
                 .await
                 .expect("connect to IDEM_TEST_MYSQL_URL");
-            let table = crate::sql_common::unique_table(tag);
-            let biz = crate::sql_common::unique_table(&format!("{tag}_biz"));
             let store = MySqlStore::builder(pool.clone())
-                .table(&table)
+                .table(table)
                 .build()
                 .expect("store");
-            store.migrate().await.expect("migrate");
-            sqlx::query(AssertSqlSafe(format!(
-                "CREATE TABLE `{biz}` (id BIGINT AUTO_INCREMENT PRIMARY KEY, \
-                 k VARCHAR(200) NOT NULL, mark VARCHAR(200) NOT NULL) ENGINE=InnoDB"
-            )))
-            .execute(&pool)
-            .await
-            .expect("create business table");
             MyHarness {
                 store,
                 pool,
-                table,
-                biz,
+                table: table.to_owned(),
+                biz: biz.to_owned(),
             }
+        }
+
+        /// One business row, committed on its own (the non-transactional body).
+        pub async fn insert_plain(&self, key: &str, mark: &str) -> Result<(), StoreError> {
+            let sql = format!("INSERT INTO `{}` (k, mark) VALUES (?, ?)", self.biz);
+            sqlx::query(AssertSqlSafe(sql))
+                .bind(key)
+                .bind(mark)
+                .execute(&self.pool)
+                .await
+                .map_err(db)?;
+            Ok(())
+        }
+
+        /// Every business row: (key, mark).
+        pub async fn all_rows(&self) -> Vec<(String, String)> {
+            let sql = format!("SELECT k, mark FROM `{}` ORDER BY id", self.biz);
+            sqlx::query_as(AssertSqlSafe(sql))
+                .fetch_all(&self.pool)
+                .await
+                .expect("read business rows")
         }
     }
 
@@ -203,25 +258,57 @@ pub mod lite {
     }
 
     impl LiteHarness {
+        /// Tables named `<tag>`-unique in the file at `path`.
         pub async fn new(path: &std::path::Path, tag: &str) -> LiteHarness {
             let table = crate::sql_common::unique_table(tag);
             let biz = crate::sql_common::unique_table(&format!("{tag}_biz"));
-            let store = SqliteStore::builder()
-                .url(format!("sqlite://{}", path.display()))
-                .table(&table)
-                .durable(false)
-                .connect()
-                .await
-                .expect("open the database file");
-            store.migrate().await.expect("migrate");
+            let h = LiteHarness::open(path, &table, &biz).await;
+            h.store.migrate().await.expect("migrate");
             sqlx::query(AssertSqlSafe(format!(
                 "CREATE TABLE IF NOT EXISTS \"{biz}\" (id INTEGER PRIMARY KEY AUTOINCREMENT, \
                  k TEXT NOT NULL, mark TEXT NOT NULL)"
             )))
-            .execute(store.pool())
+            .execute(h.store.pool())
             .await
             .expect("create business table");
-            LiteHarness { store, table, biz }
+            h
+        }
+
+        /// On tables that exist.
+        pub async fn open(path: &std::path::Path, table: &str, biz: &str) -> LiteHarness {
+            let store = SqliteStore::builder()
+                .url(format!("sqlite://{}", path.display()))
+                .table(table)
+                .durable(false)
+                .connect()
+                .await
+                .expect("open the database file");
+            LiteHarness {
+                store,
+                table: table.to_owned(),
+                biz: biz.to_owned(),
+            }
+        }
+
+        /// One business row, committed on its own (the non-transactional body).
+        pub async fn insert_plain(&self, key: &str, mark: &str) -> Result<(), StoreError> {
+            let sql = format!("INSERT INTO \"{}\" (k, mark) VALUES (?, ?)", self.biz);
+            sqlx::query(AssertSqlSafe(sql))
+                .bind(key)
+                .bind(mark)
+                .execute(self.store.pool())
+                .await
+                .map_err(db)?;
+            Ok(())
+        }
+
+        /// Every business row: (key, mark).
+        pub async fn all_rows(&self) -> Vec<(String, String)> {
+            let sql = format!("SELECT k, mark FROM \"{}\" ORDER BY id", self.biz);
+            sqlx::query_as(AssertSqlSafe(sql))
+                .fetch_all(self.store.pool())
+                .await
+                .expect("read business rows")
         }
     }
 
