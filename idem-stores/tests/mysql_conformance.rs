@@ -31,7 +31,8 @@ async fn store() -> Option<Arc<dyn Store>> {
         .await
         .expect("connect to IDEM_TEST_MYSQL_URL");
     drop_stale_tables(&pool).await;
-    let store = MySqlStore::builder(pool)
+    let store = MySqlStore::builder()
+        .pool(pool)
         .table(table())
         .build()
         .expect("build");

@@ -48,7 +48,8 @@ async fn cross_process_exactly_once() {
     let table = format!("idem_xp_{run}");
     let effects = format!("idem_xp_fx_{run}");
     let admin = pool(&url, 2).await;
-    let store = MySqlStore::builder(admin.clone())
+    let store = MySqlStore::builder()
+        .pool(admin.clone())
         .table(&table)
         .build()
         .unwrap();
@@ -201,7 +202,8 @@ async fn child() {
     let me: usize = var(ROLE).parse().unwrap();
     let (table, effects) = (var("IDEM_MYSQL_XP_TABLE"), var("IDEM_MYSQL_XP_EFFECTS"));
     let pool = pool(&var("IDEM_TEST_MYSQL_URL"), 24).await;
-    let store = MySqlStore::builder(pool.clone())
+    let store = MySqlStore::builder()
+        .pool(pool.clone())
         .table(&table)
         .build()
         .unwrap();
@@ -278,7 +280,8 @@ impl Stepper {
 async fn stepper(url: &str, table: &str, effects: &str) -> Stepper {
     let side = pool(url, 4).await;
     Stepper {
-        store: MySqlStore::builder(side.clone())
+        store: MySqlStore::builder()
+            .pool(side.clone())
             .table(table)
             .build()
             .unwrap(),

@@ -85,7 +85,7 @@ async fn store_on(
     f: impl FnOnce(idem_stores::MySqlStoreBuilder) -> idem_stores::MySqlStoreBuilder,
 ) -> (MySqlStore, Table) {
     let table = Table::unique();
-    let store = f(MySqlStore::builder(pool).table(&*table))
+    let store = f(MySqlStore::builder().pool(pool).table(&*table))
         .build()
         .expect("build");
     store.migrate().await.expect("migrate");
@@ -290,7 +290,12 @@ async fn sweep_removes_expired_rows_only_in_batches() {
         .complete(&key, r.token, b"x", Duration::from_millis(50))
         .await
         .unwrap();
-    let sweeper = store.spawn_sweeper(Duration::from_millis(50), 5);
+    let sweeper = MySqlStore::builder()
+        .pool(pool.clone())
+        .table(&*table)
+        .sweep_every(Duration::from_millis(50), 5)
+        .build()
+        .unwrap();
     let deadline = Instant::now() + Duration::from_secs(5);
     while count(&pool, &table).await != 15 {
         assert!(
@@ -372,18 +377,21 @@ async fn hostile_table_names_are_refused() {
         .unwrap();
     for bad in ["t; DROP TABLE x", "t`", "", "a.b.c", "1t", "t--", "t'"] {
         assert!(
-            MySqlStore::builder(pool.clone())
+            MySqlStore::builder()
+                .pool(pool.clone())
                 .table(bad)
                 .build()
                 .is_err(),
             "{bad:?} accepted"
         );
     }
-    assert!(MySqlStore::builder(pool.clone())
+    assert!(MySqlStore::builder()
+        .pool(pool.clone())
         .table("db.t_1")
         .build()
         .is_ok());
-    assert!(MySqlStore::builder(pool)
+    assert!(MySqlStore::builder()
+        .pool(pool)
         .max_value_size(64 << 20)
         .build()
         .is_err());
@@ -401,7 +409,7 @@ async fn unreachable_server_fails_closed() {
         .acquire_timeout(Duration::from_millis(1500))
         .connect_lazy(&format!("mysql://root@127.0.0.1:{port}/test"))
         .unwrap();
-    let store = MySqlStore::builder(pool).build().unwrap();
+    let store = MySqlStore::builder().pool(pool).build().unwrap();
     let ran = AtomicUsize::new(0);
     let t = Instant::now();
     let got: Result<u32, Error> = Call::new("mysql::outage")
@@ -556,7 +564,8 @@ async fn concurrent_migrations_are_idempotent() {
     };
     let pool = pool(&url, 8).await;
     let table = Table::unique();
-    let store = MySqlStore::builder(pool.clone())
+    let store = MySqlStore::builder()
+        .pool(pool.clone())
         .table(&*table)
         .build()
         .unwrap();
@@ -773,7 +782,7 @@ async fn outage_and_recovery_through_a_stopped_proxy() {
         .connect_with(opts.clone().port(proxy.port))
         .await
         .unwrap();
-    let (store, _table) = store_on(pool, |b| b.op_timeout(Duration::from_secs(3))).await;
+    let (store, _table) = store_on(pool, |b| b.operation_timeout(Duration::from_secs(3))).await;
     let runs = AtomicUsize::new(0);
     let call = |k: u32| {
         let (runs, store) = (&runs, &store);
@@ -831,4 +840,21 @@ async fn contract_v2_retries_are_recognised() {
     };
     let (store, _table) = store_on(pool(&url, 4).await, |b| b).await;
     sql_common::contract::all(Arc::new(store)).await;
+}
+
+/// A table that was never migrated: every operation says to call `migrate()`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_table_says_to_migrate() {
+    let Some(url) = env_url("IDEM_TEST_MYSQL_URL") else {
+        return;
+    };
+    let table = Table::unique();
+    let store = MySqlStore::builder()
+        .url(url)
+        .table(&*table)
+        .max_connections(2)
+        .connect()
+        .await
+        .expect("connect");
+    sql_common::contract::missing_table_says_to_migrate(&store, &table).await;
 }

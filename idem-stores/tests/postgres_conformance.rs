@@ -45,7 +45,7 @@ mod polling {
             .url(url)
             .table(table())
             .max_connections(4)
-            .listen(false)
+            .notify(false)
             .max_value_size(256 << 10)
             .connect()
             .await

@@ -800,7 +800,7 @@ async fn claims_report_takeovers_and_migrate_is_concurrent_safe() {
                     .url(&url)
                     .table(&table)
                     .max_connections(2)
-                    .listen(false)
+                    .notify(false)
                     .build()
                     .expect("build"),
             );
@@ -1065,4 +1065,19 @@ async fn contract_v2_retries_are_recognised() {
     let s = store(&url, &table).await;
     sql_common::contract::all(Arc::new(s)).await;
     exec(&admin(&url).await, format!("DROP TABLE \"{table}\"")).await;
+}
+
+/// A table that was never migrated: every operation says to call `migrate()`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_table_says_to_migrate() {
+    let Some(url) = url() else { return };
+    let table = sql_common::unique_table("nomigrate");
+    let store = PostgresStore::builder()
+        .url(url)
+        .table(&table)
+        .max_connections(2)
+        .connect()
+        .await
+        .expect("connect");
+    sql_common::contract::missing_table_says_to_migrate(&store, &table).await;
 }

@@ -642,3 +642,25 @@ async fn contract_v2_retries_are_recognised() {
     file.pool().close().await;
     let _ = std::fs::remove_file(&path);
 }
+
+/// A table that was never migrated, in memory and on a file: every operation says to call
+/// `migrate()` (SQLite never creates the table by itself, like the other SQL stores).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_table_says_to_migrate() {
+    let memory = SqliteStore::builder()
+        .url("sqlite::memory:")
+        .connect()
+        .await
+        .expect("open");
+    sql_common::contract::missing_table_says_to_migrate(&memory, "idem_records").await;
+    let path = sql_common::sqlite_file("nomigrate");
+    let file = SqliteStore::builder()
+        .url(file_url(&path))
+        .table("never_migrated")
+        .connect()
+        .await
+        .expect("open");
+    sql_common::contract::missing_table_says_to_migrate(&file, "never_migrated").await;
+    file.pool().close().await;
+    let _ = std::fs::remove_file(&path);
+}

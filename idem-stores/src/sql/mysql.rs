@@ -47,31 +47,38 @@
 //!
 //! # Waiting, expiry
 //!
-//! MySQL has no notification channel: [`Store::wait`] polls the row with a backoff from 5 ms
-//! doubling to 200 ms, bounded by the timeout and by the holder's lease. Expired rows stay
-//! until [`MySqlStore::purge_expired`] (or the task of [`MySqlStore::spawn_sweeper`]) deletes
-//! them in batches, through the `expires_at` index.
+//! MySQL has no notification channel: [`Store::wait`] polls the row with a backoff from
+//! `poll_interval` (10 ms) doubling to `poll_max` (200 ms), bounded by the timeout and by the
+//! holder's lease; waiters in this process are also woken at once by this store's own
+//! completions and releases. Expired rows stay until [`MySqlStore::purge_expired`] (or the
+//! task of [`SqlStoreBuilder::sweep_every`]) deletes them in batches, through the
+//! `expires_at` index.
+//!
+//! # Missing table
+//!
+//! The store never creates its table by itself: an operation on a missing table fails with a
+//! [`StoreError::Backend`] that says to call [`MySqlStore::migrate`].
 
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use idem_core::{
     async_trait, Claim, ClaimRequest, CompletedRecord, FencingToken, Fingerprint, Key, RecordState,
-    Store, StoreError, DEFAULT_MAX_VALUE_SIZE,
+    Store, StoreError,
 };
-use sqlx::mysql::{MySqlPool, MySqlPoolOptions};
+use sqlx::mysql::{MySqlConnectOptions, MySqlPool, MySqlPoolOptions};
 use sqlx::{AssertSqlSafe, Row};
 
-/// The default table name.
-pub const DEFAULT_TABLE: &str = "idem_records";
+use super::base::{Core, Source, SqlBackend, SqlOptions};
+use super::{config_error, SqlStoreBuilder};
+
+pub use super::DEFAULT_TABLE;
 
 /// The largest value a `MEDIUMBLOB` holds.
 const MEDIUMBLOB_MAX: usize = (1 << 24) - 1;
 /// Room left in `max_allowed_packet` for the statement around a value.
 const PACKET_OVERHEAD: usize = 16 << 10;
-/// Durations are capped (100 years) so that `now + d` never overflows a `BIGINT`.
-const MAX_MS: i64 = 100 * 365 * 86_400 * 1000;
 /// How often a claim starts over when the record changes between its two steps, or when
 /// InnoDB picks it as a deadlock victim, before it gives up.
 const CLAIM_ATTEMPTS: usize = 16;
@@ -204,16 +211,12 @@ impl Statements {
     }
 }
 
-#[derive(Debug)]
-struct Inner {
+/// The state clones of a [`MySqlStore`] share.
+#[doc(hidden)]
+pub struct Inner {
+    core: Core,
     pool: MySqlPool,
-    table: String,
     sql: Statements,
-    max_value_size: AtomicUsize,
-    lease_grace: Duration,
-    op_timeout: Duration,
-    poll_min: Duration,
-    poll_max: Duration,
 }
 
 /// A [`Store`] on a MySQL or MariaDB table (InnoDB), through a sqlx connection pool. Cheap to
@@ -221,110 +224,98 @@ struct Inner {
 ///
 /// ```no_run
 /// # async fn demo() -> Result<(), idem_core::StoreError> {
+/// use std::time::Duration;
 /// use idem_stores::MySqlStore;
-/// let store = MySqlStore::connect("mysql://app@127.0.0.1:3306/app").await?;
+/// let store = MySqlStore::builder()
+///     .url("mysql://app@127.0.0.1:3306/app") // or .pool(existing_mysql_pool)
+///     .table("payments_idempotency")
+///     .max_value_size(256 << 10)
+///     .operation_timeout(Duration::from_secs(5))
+///     .sweep_every(Duration::from_secs(60), 1000)
+///     .build()?;
 /// store.migrate().await?; // CREATE TABLE IF NOT EXISTS, once at start-up
-/// let _sweeper = store.spawn_sweeper(std::time::Duration::from_secs(60), 1000);
 /// let shared: std::sync::Arc<dyn idem_core::Store> = std::sync::Arc::new(store);
 /// # let _ = shared;
 /// # Ok(()) }
 /// ```
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct MySqlStore {
     inner: Arc<Inner>,
 }
 
-/// Configures a [`MySqlStore`] on a pool the application already has.
-///
-/// ```no_run
-/// # async fn demo() -> Result<(), idem_core::StoreError> {
-/// use std::time::Duration;
-/// use idem_stores::MySqlStore;
-/// let pool = sqlx::mysql::MySqlPoolOptions::new()
-///     .max_connections(8)
-///     .connect_lazy("mysql://app@127.0.0.1:3306/app")
-///     .map_err(|e| idem_core::StoreError::backend("mysql url", e))?;
-/// let store = MySqlStore::builder(pool)
-///     .table("payments_idempotency")
-///     .max_value_size(256 << 10)
-///     .op_timeout(Duration::from_secs(5))
-///     .build()?;
-/// store.migrate().await?;
-/// # Ok(()) }
-/// ```
-#[derive(Debug, Clone)]
-pub struct MySqlStoreBuilder {
-    pool: MySqlPool,
-    table: String,
-    max_value_size: usize,
-    lease_grace: Duration,
-    op_timeout: Duration,
-    poll_min: Duration,
-    poll_max: Duration,
+impl std::fmt::Debug for MySqlStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MySqlStore")
+            .field("table", &self.inner.core.table)
+            .field("pool_size", &self.inner.pool.size())
+            .finish()
+    }
 }
 
-impl MySqlStoreBuilder {
-    /// The table, as `name` or `database.name`: ASCII letters, digits and `_`, not starting
-    /// with a digit, at most 64 characters a part. Default `idem_records`.
-    pub fn table(mut self, table: impl Into<String>) -> Self {
-        self.table = table.into();
-        self
+/// Configures a [`MySqlStore`]: [`SqlStoreBuilder`], with no MySQL-only option.
+pub type MySqlStoreBuilder = SqlStoreBuilder<MySqlStore>;
+
+impl SqlBackend for MySqlStore {
+    type Pool = MySqlPool;
+    type Extra = ();
+    type Inner = Inner;
+    const NAME: &'static str = "mysql";
+
+    fn default_options() -> SqlOptions {
+        SqlOptions::defaults(16, Duration::from_millis(200))
     }
 
-    /// The largest encoded value accepted. Default 1 MiB; at most 16 MiB − 1 (`MEDIUMBLOB`).
-    /// [`MySqlStore::migrate`] lowers it, with a warning, to what the server's
-    /// `max_allowed_packet` lets through.
-    pub fn max_value_size(mut self, bytes: usize) -> Self {
-        self.max_value_size = bytes;
-        self
-    }
-
-    /// How long an in-progress row whose lease has passed is kept before the sweep may delete
-    /// it, so that a late claim is still reported as a takeover. Default 60 s.
-    pub fn lease_grace(mut self, grace: Duration) -> Self {
-        self.lease_grace = grace;
-        self
-    }
-
-    /// The bound on one store operation, pool wait included; past it the operation fails
-    /// with [`StoreError::Timeout`]. Default 10 s.
-    pub fn op_timeout(mut self, timeout: Duration) -> Self {
-        self.op_timeout = timeout;
-        self
-    }
-
-    /// The first and the largest pause between two looks of [`Store::wait`].
-    /// Default 5 ms doubling up to 200 ms.
-    pub fn poll_interval(mut self, first: Duration, max: Duration) -> Self {
-        self.poll_min = first.max(Duration::from_millis(1));
-        self.poll_max = max.max(self.poll_min);
-        self
-    }
-
-    /// Builds the store. Does not touch the server: call [`MySqlStore::migrate`] next.
-    ///
     /// Fails if the table name is not a plain identifier or the value limit is over
     /// `MEDIUMBLOB`'s.
-    pub fn build(self) -> Result<MySqlStore, StoreError> {
-        let table = quote_table(&self.table)?;
-        if self.max_value_size > MEDIUMBLOB_MAX {
+    fn build(source: Source<MySqlPool>, options: SqlOptions, _: ()) -> Result<Self, StoreError> {
+        let quoted = quote_table(&options.table)?;
+        if options.max_value_size > MEDIUMBLOB_MAX {
             return Err(config_error(format!(
-                "max_value_size {} is over the MEDIUMBLOB limit of {MEDIUMBLOB_MAX} bytes",
-                self.max_value_size
+                "mysql: max_value_size {} is over the MEDIUMBLOB limit of {MEDIUMBLOB_MAX} bytes",
+                options.max_value_size
             )));
         }
+        let pool = match source {
+            Source::Pool(pool) => pool,
+            Source::Url(url) => {
+                let connect: MySqlConnectOptions = url
+                    .parse()
+                    .map_err(|e| StoreError::backend("mysql: invalid connection URL", e))?;
+                MySqlPoolOptions::new()
+                    .max_connections(options.max_connections)
+                    .acquire_timeout(options.acquire_timeout)
+                    .connect_lazy_with(connect)
+            }
+            Source::None => return Err(config_error("mysql: no .url(..) or .pool(..)")),
+        };
         Ok(MySqlStore {
             inner: Arc::new(Inner {
-                pool: self.pool,
-                sql: Statements::new(&table),
-                table,
-                max_value_size: AtomicUsize::new(self.max_value_size),
-                lease_grace: self.lease_grace,
-                op_timeout: self.op_timeout,
-                poll_min: self.poll_min,
-                poll_max: self.poll_max,
+                sql: Statements::new(&quoted),
+                core: Core::new(options.table.clone(), &options),
+                pool,
             }),
         })
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        let pool = &self.inner.pool;
+        self.inner
+            .core
+            .timed("mysql: connect", sqlx::query("SELECT 1").execute(pool))
+            .await
+            .map(drop)
+    }
+
+    async fn purge(&self, batch: u32) -> Result<u64, StoreError> {
+        self.purge_expired(batch).await
+    }
+
+    fn downgrade(&self) -> Weak<Inner> {
+        Arc::downgrade(&self.inner)
+    }
+
+    fn from_inner(inner: Arc<Inner>) -> Self {
+        MySqlStore { inner }
     }
 }
 
@@ -344,19 +335,10 @@ fn quote_table(table: &str) -> Result<String, StoreError> {
         .join("."))
 }
 
-use super::config_error;
-
-fn ms(d: Duration) -> i64 {
-    i64::try_from(d.as_millis()).unwrap_or(MAX_MS).min(MAX_MS)
-}
+use super::millis as ms;
 
 fn fingerprint(bytes: Option<Vec<u8>>) -> Result<Option<Fingerprint>, StoreError> {
-    match bytes {
-        None => Ok(None),
-        Some(b) => Fingerprint::from_slice(&b)
-            .map(Some)
-            .ok_or_else(|| StoreError::Corrupt(format!("fingerprint of {} bytes", b.len()))),
-    }
+    super::fingerprint("mysql", bytes)
 }
 
 /// InnoDB rolled the statement back to break a deadlock or a lock wait: safe to run again.
@@ -409,29 +391,17 @@ where
 }
 
 impl MySqlStore {
+    /// A builder with the defaults: table [`DEFAULT_TABLE`], 16 connections, 5 s acquire
+    /// timeout, 10 s operation timeout, 1 MiB values, no sweeper.
+    pub fn builder() -> MySqlStoreBuilder {
+        SqlStoreBuilder::new()
+    }
+
     /// A store on a new pool for `url` (`mysql://user:password@host:port/database`), with the
     /// default table and limits. Connects lazily: an unreachable server shows as
     /// [`StoreError`]s from the operations (and from [`migrate`](Self::migrate)), not here.
     pub async fn connect(url: &str) -> Result<Self, StoreError> {
-        let pool = MySqlPoolOptions::new()
-            .max_connections(16)
-            .acquire_timeout(Duration::from_secs(5))
-            .connect_lazy(url)
-            .map_err(|e| StoreError::backend("mysql: parse connection url", e))?;
-        Self::builder(pool).build()
-    }
-
-    /// A builder on an existing pool.
-    pub fn builder(pool: MySqlPool) -> MySqlStoreBuilder {
-        MySqlStoreBuilder {
-            pool,
-            table: DEFAULT_TABLE.to_owned(),
-            max_value_size: DEFAULT_MAX_VALUE_SIZE,
-            lease_grace: Duration::from_secs(60),
-            op_timeout: Duration::from_secs(10),
-            poll_min: Duration::from_millis(5),
-            poll_max: Duration::from_millis(200),
-        }
+        Self::builder().url(url).build()
     }
 
     /// The pool the store runs on.
@@ -439,9 +409,9 @@ impl MySqlStore {
         &self.inner.pool
     }
 
-    /// The table, as quoted in the store's SQL.
+    /// The table name as configured.
     pub fn table(&self) -> &str {
-        &self.inner.table
+        &self.inner.core.table
     }
 
     /// Creates the table and its expiry index if they are missing (safe to run at every
@@ -449,31 +419,34 @@ impl MySqlStore {
     /// server's `max_allowed_packet` lets through.
     pub async fn migrate(&self) -> Result<(), StoreError> {
         let inner = &*self.inner;
-        self.timed(async {
-            sqlx::query(AssertSqlSafe(inner.sql.create.clone()))
-                .execute(&inner.pool)
-                .await
-                .map_err(|e| StoreError::backend("mysql: create table", e))?;
-            let packet: u64 = sqlx::query_scalar("SELECT CAST(@@max_allowed_packet AS UNSIGNED)")
-                .fetch_one(&inner.pool)
-                .await
-                .map_err(|e| StoreError::backend("mysql: read max_allowed_packet", e))?;
-            let fits = usize::try_from(packet)
-                .unwrap_or(usize::MAX)
-                .saturating_sub(PACKET_OVERHEAD);
-            let limit = inner.max_value_size.load(Ordering::Relaxed);
-            if limit > fits {
-                tracing::warn!(
-                    max_value_size = limit,
-                    max_allowed_packet = packet,
-                    "idem mysql store: lowering max_value_size to fit the server's \
+        inner
+            .core
+            .bounded(async {
+                sqlx::query(AssertSqlSafe(inner.sql.create.clone()))
+                    .execute(&inner.pool)
+                    .await
+                    .map_err(|e| self.inner.core.fail("mysql: create table", e))?;
+                let packet: u64 =
+                    sqlx::query_scalar("SELECT CAST(@@max_allowed_packet AS UNSIGNED)")
+                        .fetch_one(&inner.pool)
+                        .await
+                        .map_err(|e| StoreError::backend("mysql: read max_allowed_packet", e))?;
+                let fits = usize::try_from(packet)
+                    .unwrap_or(usize::MAX)
+                    .saturating_sub(PACKET_OVERHEAD);
+                let limit = inner.core.max_value_size();
+                if limit > fits {
+                    tracing::warn!(
+                        max_value_size = limit,
+                        max_allowed_packet = packet,
+                        "idem mysql store: lowering max_value_size to fit the server's \
                      max_allowed_packet"
-                );
-                inner.max_value_size.store(fits, Ordering::Relaxed);
-            }
-            Ok(())
-        })
-        .await
+                    );
+                    inner.core.max_value_size.store(fits, Ordering::Relaxed);
+                }
+                Ok(())
+            })
+            .await
     }
 
     /// Deletes up to `batch` rows whose expiry has passed (completed records past their ttl,
@@ -481,59 +454,19 @@ impl MySqlStore {
     /// deletes a live record: a row that a claim revives meanwhile no longer matches.
     pub async fn purge_expired(&self, batch: u32) -> Result<u64, StoreError> {
         let inner = &*self.inner;
-        self.timed(async {
-            let (r, _) = run_retrying(|| {
-                sqlx::query(AssertSqlSafe(inner.sql.purge.clone()))
-                    .bind(batch)
-                    .execute(&inner.pool)
+        self.inner
+            .core
+            .bounded(async {
+                let (r, _) = run_retrying(|| {
+                    sqlx::query(AssertSqlSafe(inner.sql.purge.clone()))
+                        .bind(batch)
+                        .execute(&inner.pool)
+                })
+                .await
+                .map_err(|e| self.inner.core.fail("mysql: purge expired rows", e))?;
+                Ok(r.rows_affected())
             })
             .await
-            .map_err(|e| StoreError::backend("mysql: purge expired rows", e))?;
-            Ok(r.rows_affected())
-        })
-        .await
-    }
-
-    /// Spawns a task on the current tokio runtime that purges expired rows every `every`, in
-    /// batches of `batch` until a batch comes back short. Errors are logged and retried at
-    /// the next tick. The task stops when the returned handle is dropped.
-    ///
-    /// # Panics
-    ///
-    /// Outside a tokio runtime.
-    pub fn spawn_sweeper(&self, every: Duration, batch: u32) -> Sweeper {
-        let store = self.clone();
-        let task = tokio::spawn(async move {
-            let mut tick = tokio::time::interval(every.max(Duration::from_millis(10)));
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tick.tick().await;
-                loop {
-                    match store.purge_expired(batch).await {
-                        Ok(n) if n >= u64::from(batch) && batch > 0 => continue,
-                        Ok(n) => {
-                            tracing::debug!(removed = n, "idem mysql sweep");
-                            break;
-                        }
-                        Err(e) => {
-                            tracing::warn!(error = %e, "idem mysql sweep failed");
-                            break;
-                        }
-                    }
-                }
-            }
-        });
-        Sweeper { task }
-    }
-
-    async fn timed<T>(
-        &self,
-        f: impl std::future::Future<Output = Result<T, StoreError>>,
-    ) -> Result<T, StoreError> {
-        match tokio::time::timeout(self.inner.op_timeout, f).await {
-            Ok(r) => r,
-            Err(_) => Err(StoreError::Timeout(self.inner.op_timeout)),
-        }
     }
 
     /// One run of the claim statement: what it found (`FOUND_*`), and whether a broken
@@ -541,7 +474,7 @@ impl MySqlStore {
     async fn claim_once(&self, req: &ClaimRequest) -> Result<(u64, bool), sqlx::Error> {
         let inner = &*self.inner;
         let lease = ms(req.lease);
-        let until = lease.saturating_add(ms(inner.lease_grace));
+        let until = lease.saturating_add(inner.core.lease_grace_ms);
         let fp = req.fingerprint.map(|f| f.0.to_vec());
         let token = req.token.as_i64();
         let (r, lost) = run_retrying(|| {
@@ -577,7 +510,7 @@ impl MySqlStore {
                 .fetch_optional(&inner.pool)
         })
         .await
-        .map_err(|e| StoreError::backend("mysql: read record", e))?;
+        .map_err(|e| self.inner.core.fail("mysql: read record", e))?;
         let Some(row) = row else {
             return Ok(Seen::Nothing);
         };
@@ -619,7 +552,7 @@ impl MySqlStore {
             let (found, _) = self
                 .claim_once(req)
                 .await
-                .map_err(|e| StoreError::backend("mysql: claim", e))?;
+                .map_err(|e| self.inner.core.fail("mysql: claim", e))?;
             match found {
                 FOUND_NOTHING | FOUND_EXPIRED_RECORD | FOUND_OWN_CLAIM => {
                     return Ok(Claim::Acquired { taken_over: false })
@@ -655,7 +588,7 @@ impl MySqlStore {
                 .fetch_optional(&self.inner.pool)
         })
         .await
-        .map_err(|e| StoreError::backend("mysql: read claim", e))?;
+        .map_err(|e| self.inner.core.fail("mysql: read claim", e))?;
         Ok(completed.map(|c| c != 0))
     }
 }
@@ -673,32 +606,25 @@ fn completed_record(
     value: Option<Vec<u8>>,
     remaining: Duration,
 ) -> Result<CompletedRecord, StoreError> {
-    let value = value
-        .ok_or_else(|| StoreError::Corrupt("completed mysql record without a value".into()))?;
-    Ok(CompletedRecord::new(fingerprint, value, Some(remaining)))
+    super::completed("mysql", fingerprint, value, remaining)
 }
 
 fn corrupt(e: sqlx::Error) -> StoreError {
     StoreError::Corrupt(format!("mysql row: {e}"))
 }
 
-/// The handle of the sweeper task of [`MySqlStore::spawn_sweeper`]; dropping it stops the
-/// task.
-#[derive(Debug)]
-pub struct Sweeper {
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Drop for Sweeper {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
 #[async_trait]
 impl Store for MySqlStore {
     async fn claim(&self, req: &ClaimRequest) -> Result<Claim, StoreError> {
-        self.timed(self.claim_inner(req)).await
+        // In a task of its own: see `Core::claim_to_the_end`.
+        let store = self.clone();
+        let req = req.clone();
+        self.inner
+            .core
+            .claim_to_the_end(req.token, async move {
+                store.inner.core.bounded(store.claim_inner(&req)).await
+            })
+            .await
     }
 
     async fn complete(
@@ -708,57 +634,62 @@ impl Store for MySqlStore {
         value: &[u8],
         ttl: Duration,
     ) -> Result<(), StoreError> {
-        let limit = self.max_value_size();
-        if value.len() > limit {
-            return Err(StoreError::TooLarge {
-                size: value.len(),
-                limit,
-            });
-        }
+        self.inner.core.check_size(value)?;
         let ttl = ms(ttl);
         let inner = &*self.inner;
-        self.timed(async {
-            let (r, _) = run_retrying(|| {
-                sqlx::query(AssertSqlSafe(inner.sql.complete.clone()))
-                    .bind(value)
-                    .bind(ttl)
-                    .bind(ttl)
-                    .bind(&key.0[..])
-                    .bind(token.as_i64())
-                    .execute(&inner.pool)
+        let done = self
+            .inner
+            .core
+            .bounded(async {
+                let (r, _) = run_retrying(|| {
+                    sqlx::query(AssertSqlSafe(inner.sql.complete.clone()))
+                        .bind(value)
+                        .bind(ttl)
+                        .bind(ttl)
+                        .bind(&key.0[..])
+                        .bind(token.as_i64())
+                        .execute(&inner.pool)
+                })
+                .await
+                .map_err(|e| self.inner.core.fail("mysql: complete", e))?;
+                if r.rows_affected() > 0 {
+                    return Ok(());
+                }
+                // An earlier attempt (whose reply was lost, here or in the runtime) may have
+                // completed the record already: only this token's holder completes under it, and
+                // a completed record keeps its token, so this is our value (left as it is).
+                if self.state_under(key, token).await? == Some(true) {
+                    return Ok(());
+                }
+                Err(StoreError::Fenced)
             })
-            .await
-            .map_err(|e| StoreError::backend("mysql: complete", e))?;
-            if r.rows_affected() > 0 {
-                return Ok(());
-            }
-            // An earlier attempt (whose reply was lost, here or in the runtime) may have
-            // completed the record already: only this token's holder completes under it, and
-            // a completed record keeps its token, so this is our value (left as it is).
-            if self.state_under(key, token).await? == Some(true) {
-                return Ok(());
-            }
-            Err(StoreError::Fenced)
-        })
-        .await
+            .await;
+        inner.core.waiters.wake(key);
+        done
     }
 
     async fn release(&self, key: &Key, token: FencingToken) -> Result<(), StoreError> {
+        // A claim under this token still running (its caller went away) ends first.
+        self.inner.core.after_claim(token).await;
         let inner = &*self.inner;
-        self.timed(async {
-            // Deletes only our own claim; a record that is gone, completed or someone
-            // else's is left as it is, and the release still succeeds.
-            run_retrying(|| {
-                sqlx::query(AssertSqlSafe(inner.sql.release.clone()))
-                    .bind(&key.0[..])
-                    .bind(token.as_i64())
-                    .execute(&inner.pool)
+        self.inner
+            .core
+            .bounded(async {
+                // Deletes only our own claim; a record that is gone, completed or someone
+                // else's is left as it is, and the release still succeeds.
+                run_retrying(|| {
+                    sqlx::query(AssertSqlSafe(inner.sql.release.clone()))
+                        .bind(&key.0[..])
+                        .bind(token.as_i64())
+                        .execute(&inner.pool)
+                })
+                .await
+                .map_err(|e| self.inner.core.fail("mysql: release", e))?;
+                Ok(())
             })
-            .await
-            .map_err(|e| StoreError::backend("mysql: release", e))?;
-            Ok(())
-        })
-        .await
+            .await?;
+        inner.core.waiters.wake(key);
+        Ok(())
     }
 
     async fn renew(
@@ -768,35 +699,39 @@ impl Store for MySqlStore {
         lease: Duration,
     ) -> Result<(), StoreError> {
         let lease = ms(lease);
-        let until = lease.saturating_add(ms(self.inner.lease_grace));
+        let until = lease.saturating_add(self.inner.core.lease_grace_ms);
         let inner = &*self.inner;
-        self.timed(async {
-            let (r, _) = run_retrying(|| {
-                sqlx::query(AssertSqlSafe(inner.sql.renew.clone()))
-                    .bind(lease)
-                    .bind(until)
-                    .bind(&key.0[..])
-                    .bind(token.as_i64())
-                    .execute(&inner.pool)
+        self.inner
+            .core
+            .bounded(async {
+                let (r, _) = run_retrying(|| {
+                    sqlx::query(AssertSqlSafe(inner.sql.renew.clone()))
+                        .bind(lease)
+                        .bind(until)
+                        .bind(&key.0[..])
+                        .bind(token.as_i64())
+                        .execute(&inner.pool)
+                })
+                .await
+                .map_err(|e| self.inner.core.fail("mysql: renew", e))?;
+                // sqlx asks the server for rows *matched* (CLIENT_FOUND_ROWS); on a connection
+                // that counts rows *changed*, a renew writing the deadline the row already has
+                // (twice in one millisecond) reports 0. Tell that from a lost claim.
+                if r.rows_affected() > 0 || self.state_under(key, token).await? == Some(false) {
+                    Ok(())
+                } else {
+                    Err(StoreError::Fenced)
+                }
             })
             .await
-            .map_err(|e| StoreError::backend("mysql: renew", e))?;
-            // sqlx asks the server for rows *matched* (CLIENT_FOUND_ROWS); on a connection
-            // that counts rows *changed*, a renew writing the deadline the row already has
-            // (twice in one millisecond) reports 0. Tell that from a lost claim.
-            if r.rows_affected() > 0 || self.state_under(key, token).await? == Some(false) {
-                Ok(())
-            } else {
-                Err(StoreError::Fenced)
-            }
-        })
-        .await
     }
 
     async fn get(&self, key: &Key) -> Result<Option<RecordState>, StoreError> {
         let inner = &*self.inner;
         let row = self
-            .timed(async {
+            .inner
+            .core
+            .bounded(async {
                 run_retrying(|| {
                     sqlx::query(AssertSqlSafe(inner.sql.get.clone()))
                         .bind(&key.0[..])
@@ -804,7 +739,7 @@ impl Store for MySqlStore {
                 })
                 .await
                 .map(|(row, _)| row)
-                .map_err(|e| StoreError::backend("mysql: get", e))
+                .map_err(|e| self.inner.core.fail("mysql: get", e))
             })
             .await?;
         let Some(row) = row else { return Ok(None) };
@@ -828,13 +763,12 @@ impl Store for MySqlStore {
     }
 
     async fn wait(&self, key: &Key, timeout: Duration) -> Result<(), StoreError> {
+        // Polling cannot miss a completion: each look reads the row as it is now.
         let inner = &*self.inner;
-        let deadline = tokio::time::Instant::now() + timeout;
-        let mut pause = inner.poll_min;
-        loop {
-            // Polling cannot miss a completion: each look reads the row as it is now.
-            let remaining: Option<i64> = self
-                .timed(async {
+        let look = || async {
+            let remaining: Option<i64> = inner
+                .core
+                .bounded(async {
                     run_retrying(|| {
                         sqlx::query_scalar(AssertSqlSafe(inner.sql.probe.clone()))
                             .bind(&key.0[..])
@@ -842,37 +776,31 @@ impl Store for MySqlStore {
                     })
                     .await
                     .map(|(remaining, _)| remaining)
-                    .map_err(|e| StoreError::backend("mysql: wait", e))
+                    .map_err(|e| inner.core.fail("mysql: wait", e))
                 })
                 .await?;
-            let Some(lease_left) = remaining.filter(|r| *r > 0) else {
-                return Ok(());
-            };
-            let now = tokio::time::Instant::now();
-            if now >= deadline {
-                return Ok(());
-            }
-            let lease_left = Duration::from_millis(lease_left.unsigned_abs());
-            // Sleep to the next look, to the end of the lease, or to the deadline.
-            let nap = pause.min(lease_left).min(deadline - now);
-            tokio::time::sleep(nap).await;
-            pause = (pause * 2).min(inner.poll_max);
-        }
+            Ok(remaining.filter(|r| *r > 0).map(super::from_millis))
+        };
+        inner.core.wait(key, timeout, look).await
     }
 
     async fn remove(&self, key: &Key) -> Result<(), StoreError> {
         let inner = &*self.inner;
-        self.timed(async {
-            run_retrying(|| {
-                sqlx::query(AssertSqlSafe(inner.sql.remove.clone()))
-                    .bind(&key.0[..])
-                    .execute(&inner.pool)
+        self.inner
+            .core
+            .bounded(async {
+                run_retrying(|| {
+                    sqlx::query(AssertSqlSafe(inner.sql.remove.clone()))
+                        .bind(&key.0[..])
+                        .execute(&inner.pool)
+                })
+                .await
+                .map_err(|e| self.inner.core.fail("mysql: remove", e))?;
+                Ok(())
             })
-            .await
-            .map_err(|e| StoreError::backend("mysql: remove", e))?;
-            Ok(())
-        })
-        .await
+            .await?;
+        inner.core.waiters.wake(key);
+        Ok(())
     }
 
     fn detached(&self) -> Option<Arc<dyn Store>> {
@@ -880,7 +808,7 @@ impl Store for MySqlStore {
     }
 
     fn max_value_size(&self) -> usize {
-        self.inner.max_value_size.load(Ordering::Relaxed)
+        self.inner.core.max_value_size()
     }
 }
 

@@ -25,16 +25,19 @@
 //!   task that wakes the local waiters of that key. While the listener is down, waiters poll
 //!   with a bounded backoff.
 //! - **Expiry**: [`PostgresStore::purge_expired`] deletes expired rows in batches (index on
-//!   `expires_at`); [`PostgresStoreBuilder::sweep_every`] runs it in the background.
+//!   `expires_at`); [`SqlStoreBuilder::sweep_every`] runs it in the background.
+//! - **Missing table**: every operation on a table that does not exist fails with a
+//!   [`StoreError::Backend`] that says to call [`PostgresStore::migrate`]; the store never
+//!   creates it by itself.
 
 use std::fmt;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Weak};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use idem_core::{
     async_trait, Claim, ClaimRequest, CompletedRecord, FencingToken, Fingerprint, Key, RecordState,
-    Store, StoreError, DEFAULT_MAX_VALUE_SIZE,
+    Store, StoreError,
 };
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
 use sqlx::{AssertSqlSafe, Row};
@@ -43,14 +46,13 @@ use tokio::task::AbortHandle;
 mod listener;
 mod schema;
 
-use listener::{run_listener, Waiters};
-use schema::{config_error, Statements, Table};
+use super::base::{Core, Source, SqlBackend, SqlOptions};
+use super::{from_millis, millis, SqlStoreBuilder};
+use listener::run_listener;
+use schema::{Statements, Table};
 
-/// The default table name.
-pub const DEFAULT_TABLE: &str = "idem_records";
+pub use super::DEFAULT_TABLE;
 
-/// Durations are clamped to this many milliseconds (about 100 years) before reaching SQL.
-const MAX_MILLIS: i64 = 100 * 365 * 86_400 * 1000;
 /// How many times a claim is re-run when its read raced with another writer.
 const CLAIM_ATTEMPTS: usize = 32;
 /// How many times a claim is re-run after its connection died under it.
@@ -79,17 +81,14 @@ pub struct PostgresStore {
     inner: Arc<Inner>,
 }
 
-struct Inner {
+/// The state clones of a [`PostgresStore`] share.
+#[doc(hidden)]
+pub struct Inner {
+    core: Core,
     pool: PgPool,
-    table: String,
     channel: String,
     sql: Statements,
-    waiters: Arc<Waiters>,
     listener: Option<AbortHandle>,
-    max_value_size: usize,
-    lease_grace_ms: i64,
-    op_timeout: Duration,
-    poll_max: Duration,
 }
 
 impl Drop for Inner {
@@ -103,191 +102,122 @@ impl Drop for Inner {
 impl fmt::Debug for PostgresStore {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("PostgresStore")
-            .field("table", &self.inner.table)
+            .field("table", &self.inner.core.table)
             .field("pool_size", &self.inner.pool.size())
-            .field(
-                "listening",
-                &self.inner.waiters.listening.load(Ordering::Acquire),
-            )
+            .field("listening", &self.is_listening())
             .finish()
     }
 }
 
-/// Configures a [`PostgresStore`]: where to connect, the table, limits and the sweeper.
-#[derive(Debug, Clone)]
-pub struct PostgresStoreBuilder {
-    source: Source,
-    table: String,
-    max_connections: u32,
-    acquire_timeout: Duration,
-    op_timeout: Duration,
-    max_value_size: usize,
-    lease_grace: Duration,
-    poll_max: Duration,
-    listen: bool,
-    sweep: Option<(Duration, u32)>,
+/// Configures a [`PostgresStore`]: [`SqlStoreBuilder`] with PostgreSQL's
+/// [`notify`](SqlStoreBuilder::notify).
+pub type PostgresStoreBuilder = SqlStoreBuilder<PostgresStore>;
+
+/// PostgreSQL's own options.
+#[doc(hidden)]
+#[derive(Clone, Debug)]
+pub struct PgExtra {
+    notify: bool,
 }
 
-#[derive(Debug, Clone)]
-enum Source {
-    None,
-    Url(String),
-    Pool(PgPool),
+impl Default for PgExtra {
+    fn default() -> Self {
+        PgExtra { notify: true }
+    }
 }
 
-impl PostgresStoreBuilder {
-    /// Connect to this URL (`postgres://user:password@host:port/db`). The store opens its own
-    /// pool of [`max_connections`](Self::max_connections).
-    pub fn url(mut self, url: impl Into<String>) -> Self {
-        self.source = Source::Url(url.into());
+impl SqlStoreBuilder<PostgresStore> {
+    /// Whether to keep one `LISTEN` connection that wakes waiters on notifications (default
+    /// true). Without it, or while it is down, waiters poll.
+    pub fn notify(mut self, on: bool) -> Self {
+        self.extra.notify = on;
         self
     }
 
-    /// Use an existing pool (shared with the rest of the application). The listener opens one
-    /// more connection with the pool's connect options.
-    pub fn pool(mut self, pool: PgPool) -> Self {
-        self.source = Source::Pool(pool);
-        self
+    /// Deprecated name of [`notify`](Self::notify).
+    #[deprecated(note = "use `notify`")]
+    pub fn listen(self, on: bool) -> Self {
+        self.notify(on)
+    }
+}
+
+impl SqlBackend for PostgresStore {
+    type Pool = PgPool;
+    type Extra = PgExtra;
+    type Inner = Inner;
+    const NAME: &'static str = "postgres";
+
+    fn default_options() -> SqlOptions {
+        SqlOptions::defaults(10, Duration::from_millis(500))
     }
 
-    /// The table, `name` or `schema.name`: ASCII letters, digits and `_`, not starting with a
-    /// digit, at most 48 bytes each and 63 in all (the name is also the `LISTEN` channel).
-    /// Default [`DEFAULT_TABLE`].
-    pub fn table(mut self, table: impl Into<String>) -> Self {
-        self.table = table.into();
-        self
-    }
-
-    /// The pool's size when the store opens its own pool. Default 10.
-    pub fn max_connections(mut self, n: u32) -> Self {
-        self.max_connections = n.max(1);
-        self
-    }
-
-    /// How long an operation waits for a pooled connection before it fails. Default 5 s.
-    pub fn acquire_timeout(mut self, d: Duration) -> Self {
-        self.acquire_timeout = d;
-        self
-    }
-
-    /// The bound on one store operation (acquire plus statement); past it the operation fails
-    /// with [`StoreError::Timeout`]. Default 10 s.
-    pub fn operation_timeout(mut self, d: Duration) -> Self {
-        self.op_timeout = d;
-        self
-    }
-
-    /// The largest encoded value accepted. Default 1 MiB.
-    pub fn max_value_size(mut self, bytes: usize) -> Self {
-        self.max_value_size = bytes;
-        self
-    }
-
-    /// How long an in-progress row outlives its lease before the sweep may delete it (so that
-    /// a takeover is still reported as one). Default 60 s.
-    pub fn lease_grace(mut self, d: Duration) -> Self {
-        self.lease_grace = d;
-        self
-    }
-
-    /// The longest pause between two looks of a waiter while the listener is down. Default
-    /// 500 ms (the first looks come after 10 ms, doubling).
-    pub fn poll_max(mut self, d: Duration) -> Self {
-        self.poll_max = d.max(Duration::from_millis(1));
-        self
-    }
-
-    /// Whether to keep a `LISTEN` connection (default true). Without it waiters poll.
-    pub fn listen(mut self, on: bool) -> Self {
-        self.listen = on;
-        self
-    }
-
-    /// Deletes expired rows every `interval`, `batch` rows per statement, in a background task
-    /// that stops when the last clone of the store is dropped. Default: no sweeper (call
-    /// [`PostgresStore::purge_expired`] yourself, or run one sweeper per deployment).
-    pub fn sweep_every(mut self, interval: Duration, batch: u32) -> Self {
-        self.sweep = Some((interval.max(Duration::from_millis(10)), batch.max(1)));
-        self
-    }
-
-    /// Builds the store without touching the network: the pool connects on first use and the
-    /// listener connects in the background. Needs a tokio runtime.
-    ///
-    /// Fails only on a malformed URL or table name.
-    pub fn build(self) -> Result<PostgresStore, StoreError> {
-        let table = Table::parse(&self.table)?;
-        let runtime = tokio::runtime::Handle::try_current().map_err(|e| {
-            StoreError::backend(
-                "postgres: the store needs a tokio runtime (build it inside one)",
-                e,
-            )
-        })?;
-        let pool = match self.source {
+    fn build(
+        source: Source<PgPool>,
+        options: SqlOptions,
+        extra: PgExtra,
+    ) -> Result<Self, StoreError> {
+        let table = Table::parse(&options.table)?;
+        let pool = match source {
             Source::Pool(pool) => pool,
             Source::Url(url) => {
-                let options: PgConnectOptions = url
+                let connect: PgConnectOptions = url
                     .parse()
                     .map_err(|e| StoreError::backend("postgres: invalid connection URL", e))?;
                 PgPoolOptions::new()
-                    .max_connections(self.max_connections)
-                    .acquire_timeout(self.acquire_timeout)
-                    .connect_lazy_with(options)
+                    .max_connections(options.max_connections)
+                    .acquire_timeout(options.acquire_timeout)
+                    .connect_lazy_with(connect)
             }
-            Source::None => {
-                return Err(config_error(
-                    "postgres: the builder needs .url(..) or .pool(..)",
-                ))
-            }
+            Source::None => return Err(super::config_error("postgres: no .url(..) or .pool(..)")),
         };
-        let waiters = Arc::new(Waiters::default());
+        let core = Core::new(table.display.clone(), &options);
         let channel = table.display.clone();
-        let listener = if self.listen {
+        let listener = if extra.notify {
             let listener_pool = PgPoolOptions::new()
                 .max_connections(1)
-                .acquire_timeout(self.acquire_timeout)
+                .acquire_timeout(options.acquire_timeout)
                 .max_lifetime(None)
                 .idle_timeout(None)
                 .connect_lazy_with((*pool.connect_options()).clone());
-            let task = runtime.spawn(run_listener(
+            let task = tokio::spawn(run_listener(
                 listener_pool,
                 channel.clone(),
-                Arc::clone(&waiters),
+                Arc::clone(&core.waiters),
             ));
             Some(task.abort_handle())
         } else {
             None
         };
-        let store = PostgresStore {
+        Ok(PostgresStore {
             inner: Arc::new(Inner {
                 sql: Statements::new(&table),
+                core,
                 pool,
-                table: table.display,
                 channel,
-                waiters,
                 listener,
-                max_value_size: self.max_value_size,
-                lease_grace_ms: millis(self.lease_grace),
-                op_timeout: self.op_timeout,
-                poll_max: self.poll_max,
             }),
-        };
-        if let Some((interval, batch)) = self.sweep {
-            runtime.spawn(run_sweeper(Arc::downgrade(&store.inner), interval, batch));
-        }
-        Ok(store)
+        })
     }
 
-    /// Builds the store and checks that the database answers (`SELECT 1`).
-    pub async fn connect(self) -> Result<PostgresStore, StoreError> {
-        let store = self.build()?;
-        let pool = store.inner.pool.clone();
-        store
-            .timed("postgres: connect", async move {
-                sqlx::query("SELECT 1").execute(&pool).await
-            })
-            .await?;
-        Ok(store)
+    async fn ping(&self) -> Result<(), StoreError> {
+        let pool = &self.inner.pool;
+        self.inner
+            .core
+            .timed("postgres: connect", sqlx::query("SELECT 1").execute(pool))
+            .await
+            .map(drop)
+    }
+
+    async fn purge(&self, batch: u32) -> Result<u64, StoreError> {
+        self.purge_expired(batch).await
+    }
+
+    fn downgrade(&self) -> Weak<Inner> {
+        Arc::downgrade(&self.inner)
+    }
+
+    fn from_inner(inner: Arc<Inner>) -> Self {
+        PostgresStore { inner }
     }
 }
 
@@ -295,18 +225,7 @@ impl PostgresStore {
     /// A builder with the defaults: table [`DEFAULT_TABLE`], 10 connections, 5 s acquire
     /// timeout, 10 s operation timeout, 1 MiB values, `LISTEN` on, no sweeper.
     pub fn builder() -> PostgresStoreBuilder {
-        PostgresStoreBuilder {
-            source: Source::None,
-            table: DEFAULT_TABLE.to_owned(),
-            max_connections: 10,
-            acquire_timeout: Duration::from_secs(5),
-            op_timeout: Duration::from_secs(10),
-            max_value_size: DEFAULT_MAX_VALUE_SIZE,
-            lease_grace: Duration::from_secs(60),
-            poll_max: Duration::from_millis(500),
-            listen: true,
-            sweep: None,
-        }
+        SqlStoreBuilder::new()
     }
 
     /// Connects to `url` with the defaults (table [`DEFAULT_TABLE`]).
@@ -321,13 +240,13 @@ impl PostgresStore {
 
     /// The table name as configured.
     pub fn table(&self) -> &str {
-        &self.inner.table
+        &self.inner.core.table
     }
 
     /// Whether the `LISTEN` connection is up (waiters are woken by notifications rather than
     /// polling).
     pub fn is_listening(&self) -> bool {
-        self.inner.waiters.listening.load(Ordering::Acquire)
+        self.inner.core.waiters.listening.load(Ordering::Acquire)
     }
 
     /// Creates the table and its expiry index if they do not exist. Safe to run concurrently
@@ -349,22 +268,24 @@ impl PostgresStore {
     pub async fn migrate(&self) -> Result<(), StoreError> {
         let pool = self.inner.pool.clone();
         let sql = self.inner.sql.clone();
-        let lock_name = self.inner.table.clone();
-        self.timed("postgres: migrate", async move {
-            let mut tx = pool.begin().await?;
-            sqlx::query("SELECT pg_advisory_xact_lock(hashtext($1))")
-                .bind(format!("idem migrate {lock_name}"))
-                .execute(&mut *tx)
-                .await?;
-            sqlx::query(AssertSqlSafe(sql.create_table.clone()))
-                .execute(&mut *tx)
-                .await?;
-            sqlx::query(AssertSqlSafe(sql.create_index.clone()))
-                .execute(&mut *tx)
-                .await?;
-            tx.commit().await
-        })
-        .await
+        let lock_name = self.inner.core.table.clone();
+        self.inner
+            .core
+            .timed("postgres: migrate", async move {
+                let mut tx = pool.begin().await?;
+                sqlx::query("SELECT pg_advisory_xact_lock(hashtext($1))")
+                    .bind(format!("idem migrate {lock_name}"))
+                    .execute(&mut *tx)
+                    .await?;
+                sqlx::query(AssertSqlSafe(sql.create_table.clone()))
+                    .execute(&mut *tx)
+                    .await?;
+                sqlx::query(AssertSqlSafe(sql.create_index.clone()))
+                    .execute(&mut *tx)
+                    .await?;
+                tx.commit().await
+            })
+            .await
     }
 
     /// Deletes up to `batch` expired rows (completed past their TTL, in progress past their
@@ -375,6 +296,8 @@ impl PostgresStore {
         let pool = self.inner.pool.clone();
         let sql = Arc::clone(&self.inner.sql.purge);
         let done = self
+            .inner
+            .core
             .timed("postgres: purge expired", async move {
                 sqlx::query(AssertSqlSafe(sql))
                     .bind(i64::from(batch))
@@ -383,22 +306,6 @@ impl PostgresStore {
             })
             .await?;
         Ok(done.rows_affected())
-    }
-
-    /// Runs `fut` under the operation timeout, mapping its error.
-    async fn timed<T>(
-        &self,
-        what: &'static str,
-        fut: impl std::future::Future<Output = Result<T, sqlx::Error>>,
-    ) -> Result<T, StoreError> {
-        match tokio::time::timeout(self.inner.op_timeout, fut).await {
-            Ok(Ok(v)) => Ok(v),
-            Ok(Err(sqlx::Error::PoolTimedOut)) => {
-                Err(StoreError::backend(what, sqlx::Error::PoolTimedOut))
-            }
-            Ok(Err(e)) => Err(StoreError::backend(what, e)),
-            Err(_) => Err(StoreError::Timeout(self.inner.op_timeout)),
-        }
     }
 
     /// Runs a fenced statement that returns one row when it applied (or, for a completion,
@@ -425,9 +332,9 @@ impl PostgresStore {
                 .bind(self.inner.channel.as_str())
                 .bind(key.to_hex()),
             Extra::Release => q.bind(self.inner.channel.as_str()).bind(key.to_hex()),
-            Extra::Renew { lease_ms } => q.bind(lease_ms).bind(self.inner.lease_grace_ms),
+            Extra::Renew { lease_ms } => q.bind(lease_ms).bind(self.inner.core.lease_grace_ms),
         };
-        let row = self.timed(what, q.fetch_optional(pool)).await?;
+        let row = self.inner.core.timed(what, q.fetch_optional(pool)).await?;
         match (row, extra_is_release) {
             (Some(_), _) | (None, true) => Ok(()),
             (None, false) => Err(StoreError::Fenced),
@@ -440,19 +347,20 @@ impl PostgresStore {
     async fn lease_remaining(&self, key: &Key) -> Result<Option<Duration>, StoreError> {
         let pool = &self.inner.pool;
         let q = sqlx::query(AssertSqlSafe(Arc::clone(&self.inner.sql.lease))).bind(&key.0[..]);
-        let row = match tokio::time::timeout(self.inner.op_timeout, q.fetch_optional(pool)).await {
+        let op_timeout = self.inner.core.op_timeout;
+        let row = match tokio::time::timeout(op_timeout, q.fetch_optional(pool)).await {
             Ok(Ok(row)) => row,
             Ok(Err(e)) if is_connection_loss(&e) => return Ok(None),
-            Ok(Err(e)) => return Err(StoreError::backend("postgres: wait", e)),
-            Err(_) => return Err(StoreError::Timeout(self.inner.op_timeout)),
+            Ok(Err(e)) => return Err(self.inner.core.fail("postgres: wait", e)),
+            Err(_) => return Err(StoreError::Timeout(op_timeout)),
         };
         match row {
             None => Ok(None),
             Some(row) => {
                 let ms: i64 = row
                     .try_get(0)
-                    .map_err(|e| StoreError::backend("postgres: wait", e))?;
-                Ok(Some(Duration::from_millis(u64::try_from(ms).unwrap_or(0))))
+                    .map_err(|e| StoreError::Corrupt(format!("postgres: lease: {e}")))?;
+                Ok(Some(from_millis(ms)))
             }
         }
     }
@@ -475,25 +383,19 @@ impl PostgresStore {
                 .bind(req.token.as_i64())
                 .bind(fingerprint.as_deref())
                 .bind(millis(req.lease))
-                .bind(self.inner.lease_grace_ms);
-            let row = match tokio::time::timeout(
-                self.inner.op_timeout,
-                q.fetch_optional(&self.inner.pool),
-            )
-            .await
-            {
-                Ok(Ok(row)) => row,
+                .bind(self.inner.core.lease_grace_ms);
+            let row = match q.fetch_optional(&self.inner.pool).await {
+                Ok(row) => row,
                 // A connection that died under the statement (server restart, killed backend):
                 // run the claim again on a fresh one. Safe: a claim that went through is
                 // recognised by its token.
-                Ok(Err(e)) if is_connection_loss(&e) && retries < CONNECTION_RETRIES => {
+                Err(e) if is_connection_loss(&e) && retries < CONNECTION_RETRIES => {
                     retries += 1;
                     tracing::debug!(target: "idem", error = %e, "postgres: connection lost under a claim; retrying");
                     tokio::time::sleep(Duration::from_millis(10)).await;
                     continue;
                 }
-                Ok(Err(e)) => return Err(StoreError::backend("postgres: claim", e)),
-                Err(_) => return Err(StoreError::Timeout(self.inner.op_timeout)),
+                Err(e) => return Err(self.inner.core.fail("postgres: claim", e)),
             };
             if let Some(row) = row {
                 return decode_claim(&row);
@@ -516,10 +418,15 @@ impl Store for PostgresStore {
     async fn claim(&self, req: &ClaimRequest) -> Result<Claim, StoreError> {
         // The whole claim, its internal re-runs included, is one operation under the
         // operation timeout.
-        match tokio::time::timeout(self.inner.op_timeout, self.claim_inner(req)).await {
-            Ok(r) => r,
-            Err(_) => Err(StoreError::Timeout(self.inner.op_timeout)),
-        }
+        // In a task of its own: see `Core::claim_to_the_end`.
+        let store = self.clone();
+        let req = req.clone();
+        self.inner
+            .core
+            .claim_to_the_end(req.token, async move {
+                store.inner.core.bounded(store.claim_inner(&req)).await
+            })
+            .await
     }
 
     async fn complete(
@@ -529,12 +436,7 @@ impl Store for PostgresStore {
         value: &[u8],
         ttl: Duration,
     ) -> Result<(), StoreError> {
-        if value.len() > self.inner.max_value_size {
-            return Err(StoreError::TooLarge {
-                size: value.len(),
-                limit: self.inner.max_value_size,
-            });
-        }
+        self.inner.core.check_size(value)?;
         let sql = Arc::clone(&self.inner.sql.complete);
         let extra = Extra::Complete {
             value,
@@ -543,16 +445,18 @@ impl Store for PostgresStore {
         let r = self
             .fenced("postgres: complete", &sql, key, token, extra)
             .await;
-        self.inner.waiters.wake(key);
+        self.inner.core.waiters.wake(key);
         r
     }
 
     async fn release(&self, key: &Key, token: FencingToken) -> Result<(), StoreError> {
+        // A claim under this token still running (its caller went away) ends first.
+        self.inner.core.after_claim(token).await;
         let sql = Arc::clone(&self.inner.sql.release);
         let r = self
             .fenced("postgres: release", &sql, key, token, Extra::Release)
             .await;
-        self.inner.waiters.wake(key);
+        self.inner.core.waiters.wake(key);
         r
     }
 
@@ -573,6 +477,8 @@ impl Store for PostgresStore {
     async fn get(&self, key: &Key) -> Result<Option<RecordState>, StoreError> {
         let q = sqlx::query(AssertSqlSafe(Arc::clone(&self.inner.sql.get))).bind(&key.0[..]);
         let row = self
+            .inner
+            .core
             .timed("postgres: get", q.fetch_optional(&self.inner.pool))
             .await?;
         let Some(row) = row else { return Ok(None) };
@@ -591,36 +497,10 @@ impl Store for PostgresStore {
     }
 
     async fn wait(&self, key: &Key, timeout: Duration) -> Result<(), StoreError> {
-        let start = Instant::now();
-        let deadline = start.checked_add(timeout);
-        let sub = self.inner.waiters.subscribe(*key);
-        let mut poll = Duration::from_millis(10);
-        loop {
-            // Subscribe first, then look: a notification after the look still wakes us.
-            let notified = sub.notify.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            let listening = self.inner.waiters.listening.load(Ordering::Acquire);
-            let Some(lease) = self.lease_remaining(key).await? else {
-                return Ok(());
-            };
-            let left = match deadline {
-                Some(d) => d.saturating_duration_since(Instant::now()),
-                None => timeout,
-            };
-            if left.is_zero() {
-                return Ok(());
-            }
-            // Look again when the lease passes (the holder may have died without a word).
-            let mut nap = left.min(lease + Duration::from_millis(1));
-            if !listening {
-                nap = nap.min(poll);
-                poll = (poll * 2).min(self.inner.poll_max);
-            }
-            if tokio::time::timeout(nap, notified).await.is_ok() {
-                return Ok(());
-            }
-        }
+        self.inner
+            .core
+            .wait(key, timeout, || self.lease_remaining(key))
+            .await
     }
 
     async fn remove(&self, key: &Key) -> Result<(), StoreError> {
@@ -628,9 +508,11 @@ impl Store for PostgresStore {
             .bind(&key.0[..])
             .bind(self.inner.channel.as_str())
             .bind(key.to_hex());
-        self.timed("postgres: remove", q.fetch_all(&self.inner.pool))
+        self.inner
+            .core
+            .timed("postgres: remove", q.fetch_all(&self.inner.pool))
             .await?;
-        self.inner.waiters.wake(key);
+        self.inner.core.waiters.wake(key);
         Ok(())
     }
 
@@ -639,7 +521,7 @@ impl Store for PostgresStore {
     }
 
     fn max_value_size(&self) -> usize {
-        self.inner.max_value_size
+        self.inner.core.max_value_size()
     }
 }
 
@@ -657,7 +539,7 @@ fn decode_claim(row: &PgRow) -> Result<Claim, StoreError> {
             let ms: i64 = col(row, "lease_ms")?;
             Ok(Claim::InProgress {
                 fingerprint,
-                lease_remaining: Some(Duration::from_millis(u64::try_from(ms).unwrap_or(0))),
+                lease_remaining: Some(from_millis(ms)),
             })
         }
         "completed" => Ok(Claim::Completed(completed(row, fingerprint)?)),
@@ -669,15 +551,13 @@ fn decode_claim(row: &PgRow) -> Result<Claim, StoreError> {
 
 /// A completed record from a row with `value` and `expires_ms` (remaining TTL, DB clock).
 fn completed(row: &PgRow, fingerprint: Option<Fingerprint>) -> Result<CompletedRecord, StoreError> {
-    let value: Option<Vec<u8>> = col(row, "value")?;
     let expires_ms: i64 = col(row, "expires_ms")?;
-    Ok(CompletedRecord::new(
+    super::completed(
+        "postgres",
         fingerprint,
-        value.unwrap_or_default(),
-        Some(Duration::from_millis(
-            u64::try_from(expires_ms).unwrap_or(0),
-        )),
-    ))
+        col(row, "value")?,
+        from_millis(expires_ms),
+    )
 }
 
 fn col<'r, T>(row: &'r PgRow, name: &str) -> Result<T, StoreError>
@@ -689,12 +569,7 @@ where
 }
 
 fn fingerprint(bytes: Option<Vec<u8>>) -> Result<Option<Fingerprint>, StoreError> {
-    match bytes {
-        None => Ok(None),
-        Some(b) => Fingerprint::from_slice(&b).map(Some).ok_or_else(|| {
-            StoreError::Corrupt(format!("postgres: fingerprint of {} bytes", b.len()))
-        }),
-    }
+    super::fingerprint("postgres", bytes)
 }
 
 /// Whether an error means the connection died (the statement may or may not have run).
@@ -710,29 +585,6 @@ fn is_connection_loss(e: &sqlx::Error) -> bool {
     }
 }
 
-fn millis(d: Duration) -> i64 {
-    i64::try_from(d.as_millis()).map_or(MAX_MILLIS, |ms| ms.min(MAX_MILLIS))
-}
-
-/// Deletes expired rows every `interval` until the store is dropped.
-async fn run_sweeper(store: Weak<Inner>, interval: Duration, batch: u32) {
-    loop {
-        tokio::time::sleep(interval).await;
-        let Some(inner) = store.upgrade() else { return };
-        let store = PostgresStore { inner };
-        loop {
-            match store.purge_expired(batch).await {
-                Ok(n) if n >= u64::from(batch) => continue,
-                Ok(_) => break,
-                Err(e) => {
-                    tracing::warn!(target: "idem", error = %e, "postgres store: sweep failed");
-                    break;
-                }
-            }
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -743,11 +595,5 @@ mod tests {
             .url("postgres://u@127.0.0.1:1/db")
             .build();
         assert!(matches!(r, Err(StoreError::Backend { .. })));
-    }
-
-    #[test]
-    fn durations_are_clamped() {
-        assert_eq!(millis(Duration::from_millis(1500)), 1500);
-        assert_eq!(millis(Duration::MAX), MAX_MILLIS);
     }
 }

@@ -17,9 +17,13 @@
 //! - **Time** is this process's clock, in Unix milliseconds, bound as a parameter (SQLite is
 //!   local: every process sharing the file shares the machine's clock).
 //! - **Waiting** is bounded polling with backoff (10 ms doubling to 250 ms by default); waiters
-//!   in the same process are also woken at once by completions through this store.
+//!   in the same process are also woken at once by completions and releases through this
+//!   store.
 //! - **Expiry**: [`SqliteStore::purge_expired`] deletes expired rows in batches (index on
-//!   `expires_at`); [`SqliteStoreBuilder::sweep_every`] runs it in the background.
+//!   `expires_at`); [`SqlStoreBuilder::sweep_every`] runs it in the background.
+//! - **Missing table**: like the other SQL stores, this one never creates its table by
+//!   itself: an operation on a missing table fails with a [`StoreError::Backend`] that says to
+//!   call [`SqliteStore::migrate`].
 //!
 //! A file database is opened in WAL mode (synced on every commit unless `durable(false)`) with
 //! a busy timeout, so several processes can share it. An in-memory database
@@ -29,29 +33,26 @@
 use std::fmt;
 use std::str::FromStr;
 use std::sync::{Arc, Weak};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use idem_core::{
     async_trait, Claim, ClaimRequest, CompletedRecord, FencingToken, Fingerprint, Key, RecordState,
-    Store, StoreError, DEFAULT_MAX_VALUE_SIZE,
+    Store, StoreError,
 };
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
     SqliteSynchronous,
 };
 use sqlx::{AssertSqlSafe, Row};
-use tokio::sync::Notify;
 
 mod schema;
 
-use schema::{config_error, parse_table, Statements};
+use super::base::{Core, Source, SqlBackend, SqlOptions};
+use super::{millis, SqlStoreBuilder};
+use schema::{parse_table, Statements};
 
-/// The default table name.
-pub const DEFAULT_TABLE: &str = "idem_records";
+pub use super::DEFAULT_TABLE;
 
-/// Durations are clamped to this many milliseconds (about 100 years) before reaching SQL.
-const MAX_MILLIS: i64 = 100 * 365 * 86_400 * 1000;
-const SHARDS: usize = 64;
 /// How many times a claim is re-run when the live record it met was gone before it was read.
 const CLAIM_ATTEMPTS: usize = 32;
 
@@ -73,105 +74,48 @@ pub struct SqliteStore {
     inner: Arc<Inner>,
 }
 
-struct Inner {
+/// The state clones of a [`SqliteStore`] share.
+#[doc(hidden)]
+pub struct Inner {
+    core: Core,
     pool: SqlitePool,
-    table: String,
     sql: Statements,
-    shards: Box<[Notify]>,
-    max_value_size: usize,
-    lease_grace_ms: i64,
-    op_timeout: Duration,
-    poll_max: Duration,
 }
 
 impl fmt::Debug for SqliteStore {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("SqliteStore")
-            .field("table", &self.inner.table)
+            .field("table", &self.inner.core.table)
             .field("pool_size", &self.inner.pool.size())
             .finish()
     }
 }
 
-/// Configures a [`SqliteStore`].
-#[derive(Debug, Clone)]
-pub struct SqliteStoreBuilder {
-    source: Source,
-    table: String,
-    max_connections: u32,
+/// Configures a [`SqliteStore`]: [`SqlStoreBuilder`] with SQLite's
+/// [`busy_timeout`](SqlStoreBuilder::busy_timeout) and [`durable`](SqlStoreBuilder::durable).
+pub type SqliteStoreBuilder = SqlStoreBuilder<SqliteStore>;
+
+/// SQLite's own options.
+#[doc(hidden)]
+#[derive(Clone, Debug)]
+pub struct SqliteExtra {
     busy_timeout: Duration,
-    op_timeout: Duration,
-    max_value_size: usize,
-    lease_grace: Duration,
-    poll_max: Duration,
     durable: bool,
-    sweep: Option<(Duration, u32)>,
 }
 
-#[derive(Debug, Clone)]
-enum Source {
-    None,
-    Url(String),
-    Pool(SqlitePool),
+impl Default for SqliteExtra {
+    fn default() -> Self {
+        SqliteExtra {
+            busy_timeout: Duration::from_secs(5),
+            durable: true,
+        }
+    }
 }
 
-impl SqliteStoreBuilder {
-    /// The database: `sqlite://path/to/file.db` (created if missing), `sqlite::memory:`.
-    pub fn url(mut self, url: impl Into<String>) -> Self {
-        self.source = Source::Url(url.into());
-        self
-    }
-
-    /// Use an existing pool. (For `:memory:`, give it one connection that never closes.)
-    pub fn pool(mut self, pool: SqlitePool) -> Self {
-        self.source = Source::Pool(pool);
-        self
-    }
-
-    /// The table: ASCII letters, digits and `_`, not starting with a digit, at most 48 bytes.
-    /// Default [`DEFAULT_TABLE`].
-    pub fn table(mut self, table: impl Into<String>) -> Self {
-        self.table = table.into();
-        self
-    }
-
-    /// The pool's size for a file database. Default 4 (SQLite has one writer at a time;
-    /// more connections only help readers). An in-memory database always uses one.
-    pub fn max_connections(mut self, n: u32) -> Self {
-        self.max_connections = n.max(1);
-        self
-    }
-
+impl SqlStoreBuilder<SqliteStore> {
     /// How long a statement waits for another connection's write lock. Default 5 s.
     pub fn busy_timeout(mut self, d: Duration) -> Self {
-        self.busy_timeout = d;
-        self
-    }
-
-    /// The bound on one store operation; past it the operation fails with
-    /// [`StoreError::Timeout`]. Default 10 s.
-    pub fn operation_timeout(mut self, d: Duration) -> Self {
-        self.op_timeout = d;
-        self
-    }
-
-    /// The largest encoded value accepted. Default 1 MiB.
-    pub fn max_value_size(mut self, bytes: usize) -> Self {
-        self.max_value_size = bytes;
-        self
-    }
-
-    /// How long an in-progress row outlives its lease before the sweep may delete it (so that
-    /// a takeover is still reported as one). Default 60 s.
-    pub fn lease_grace(mut self, d: Duration) -> Self {
-        self.lease_grace = d;
-        self
-    }
-
-    /// The longest pause between two looks of a waiter. Default 250 ms (the first looks come
-    /// after 10 ms, doubling).
-    pub fn poll_max(mut self, d: Duration) -> Self {
-        self.poll_max = d.max(Duration::from_millis(1));
+        self.extra.busy_timeout = d;
         self
     }
 
@@ -180,33 +124,33 @@ impl SqliteStoreBuilder {
     /// still survives a crash of the process, but a power loss may forget the last records
     /// (their calls would run again).
     pub fn durable(mut self, on: bool) -> Self {
-        self.durable = on;
+        self.extra.durable = on;
         self
     }
+}
 
-    /// Deletes expired rows every `interval`, `batch` rows per statement, in a background task
-    /// that stops when the last clone of the store is dropped. Default: no sweeper.
-    pub fn sweep_every(mut self, interval: Duration, batch: u32) -> Self {
-        self.sweep = Some((interval.max(Duration::from_millis(10)), batch.max(1)));
-        self
+impl SqlBackend for SqliteStore {
+    type Pool = SqlitePool;
+    type Extra = SqliteExtra;
+    type Inner = Inner;
+    const NAME: &'static str = "sqlite";
+
+    fn default_options() -> SqlOptions {
+        SqlOptions::defaults(4, Duration::from_millis(250))
     }
 
-    /// Builds the store without opening a connection (the pool connects on first use).
-    /// Needs a tokio runtime. Fails only on a malformed URL or table name.
-    pub fn build(self) -> Result<SqliteStore, StoreError> {
-        let table = parse_table(&self.table)?;
-        let runtime = tokio::runtime::Handle::try_current().map_err(|e| {
-            StoreError::backend(
-                "sqlite: the store needs a tokio runtime (build it inside one)",
-                e,
-            )
-        })?;
-        let pool = match self.source {
+    fn build(
+        source: Source<SqlitePool>,
+        options: SqlOptions,
+        extra: SqliteExtra,
+    ) -> Result<Self, StoreError> {
+        let table = parse_table(&options.table)?;
+        let pool = match source {
             Source::Pool(pool) => pool,
             Source::Url(url) => {
-                let options = SqliteConnectOptions::from_str(&url)
+                let connect = SqliteConnectOptions::from_str(&url)
                     .map_err(|e| StoreError::backend("sqlite: invalid database URL", e))?
-                    .busy_timeout(self.busy_timeout);
+                    .busy_timeout(extra.busy_timeout);
                 if is_in_memory(&url) {
                     // One connection that lives as long as the pool: the database is in it.
                     SqlitePoolOptions::new()
@@ -214,17 +158,17 @@ impl SqliteStoreBuilder {
                         .min_connections(1)
                         .idle_timeout(None)
                         .max_lifetime(None)
-                        .acquire_timeout(self.op_timeout)
-                        .connect_lazy_with(options)
+                        .acquire_timeout(options.acquire_timeout)
+                        .connect_lazy_with(connect)
                 } else {
                     SqlitePoolOptions::new()
-                        .max_connections(self.max_connections)
-                        .acquire_timeout(self.op_timeout)
+                        .max_connections(options.max_connections)
+                        .acquire_timeout(options.acquire_timeout)
                         .connect_lazy_with(
-                            options
+                            connect
                                 .create_if_missing(true)
                                 .journal_mode(SqliteJournalMode::Wal)
-                                .synchronous(if self.durable {
+                                .synchronous(if extra.durable {
                                     SqliteSynchronous::Full
                                 } else {
                                     SqliteSynchronous::Normal
@@ -232,46 +176,33 @@ impl SqliteStoreBuilder {
                         )
                 }
             }
-            Source::None => {
-                return Err(config_error(
-                    "sqlite: the builder needs .url(..) or .pool(..)",
-                ))
-            }
+            Source::None => return Err(super::config_error("sqlite: no .url(..) or .pool(..)")),
         };
-        let store = SqliteStore {
+        Ok(SqliteStore {
             inner: Arc::new(Inner {
                 sql: Statements::new(&table),
+                core: Core::new(table, &options),
                 pool,
-                table,
-                shards: (0..SHARDS).map(|_| Notify::new()).collect(),
-                max_value_size: self.max_value_size,
-                lease_grace_ms: millis(self.lease_grace),
-                op_timeout: self.op_timeout,
-                poll_max: self.poll_max,
             }),
-        };
-        if let Some((interval, batch)) = self.sweep {
-            runtime.spawn(run_sweeper(Arc::downgrade(&store.inner), interval, batch));
-        }
-        Ok(store)
+        })
     }
 
-    /// Builds the store and opens a connection (creating a file database if missing).
-    pub async fn connect(self) -> Result<SqliteStore, StoreError> {
-        let store = self.build()?;
+    async fn ping(&self) -> Result<(), StoreError> {
         // Connections that open a new file at the same moment race to switch it to WAL, and
         // that switch answers SQLITE_BUSY at once (the busy timeout does not cover it): the
         // loser tries again shortly. Once the file is in WAL mode no connection needs to.
         let mut attempt = 0u64;
         loop {
-            let pool = store.inner.pool.clone();
-            let opened = store
-                .timed("sqlite: connect", async move {
-                    sqlx::query("SELECT 1").execute(&pool).await
-                })
+            let opened = self
+                .inner
+                .core
+                .timed(
+                    "sqlite: connect",
+                    sqlx::query("SELECT 1").execute(&self.inner.pool),
+                )
                 .await;
             match opened {
-                Ok(_) => return Ok(store),
+                Ok(_) => return Ok(()),
                 Err(e) if attempt < 20 && is_busy(&e) => {
                     attempt += 1;
                     tokio::time::sleep(Duration::from_millis(5 * attempt)).await;
@@ -279,6 +210,18 @@ impl SqliteStoreBuilder {
                 Err(e) => return Err(e),
             }
         }
+    }
+
+    async fn purge(&self, batch: u32) -> Result<u64, StoreError> {
+        self.purge_expired(batch).await
+    }
+
+    fn downgrade(&self) -> Weak<Inner> {
+        Arc::downgrade(&self.inner)
+    }
+
+    fn from_inner(inner: Arc<Inner>) -> Self {
+        SqliteStore { inner }
     }
 }
 
@@ -305,6 +248,8 @@ impl SqliteStore {
             .bind(&req.key.0[..])
             .bind(now);
         let row = self
+            .inner
+            .core
             .timed("sqlite: claim", q.fetch_optional(&self.inner.pool))
             .await?;
         let Some(row) = row else {
@@ -335,18 +280,7 @@ impl SqliteStore {
     /// A builder with the defaults: table [`DEFAULT_TABLE`], 4 connections (1 in memory), 5 s
     /// busy timeout, 10 s operation timeout, 1 MiB values, no sweeper.
     pub fn builder() -> SqliteStoreBuilder {
-        SqliteStoreBuilder {
-            source: Source::None,
-            table: DEFAULT_TABLE.to_owned(),
-            max_connections: 4,
-            busy_timeout: Duration::from_secs(5),
-            op_timeout: Duration::from_secs(10),
-            max_value_size: DEFAULT_MAX_VALUE_SIZE,
-            lease_grace: Duration::from_secs(60),
-            poll_max: Duration::from_millis(250),
-            durable: true,
-            sweep: None,
-        }
+        SqlStoreBuilder::new()
     }
 
     /// Connects to `url` with the defaults.
@@ -361,7 +295,7 @@ impl SqliteStore {
 
     /// The table name.
     pub fn table(&self) -> &str {
-        &self.inner.table
+        &self.inner.core.table
     }
 
     /// Creates the table and its expiry index if they do not exist. The DDL (times are Unix
@@ -383,16 +317,18 @@ impl SqliteStore {
     pub async fn migrate(&self) -> Result<(), StoreError> {
         let pool = self.inner.pool.clone();
         let sql = self.inner.sql.clone();
-        self.timed("sqlite: migrate", async move {
-            sqlx::query(AssertSqlSafe(sql.create_table.clone()))
-                .execute(&pool)
-                .await?;
-            sqlx::query(AssertSqlSafe(sql.create_index.clone()))
-                .execute(&pool)
-                .await
-        })
-        .await
-        .map(drop)
+        self.inner
+            .core
+            .timed("sqlite: migrate", async move {
+                sqlx::query(AssertSqlSafe(sql.create_table.clone()))
+                    .execute(&pool)
+                    .await?;
+                sqlx::query(AssertSqlSafe(sql.create_index.clone()))
+                    .execute(&pool)
+                    .await
+            })
+            .await
+            .map(drop)
     }
 
     /// Deletes up to `batch` expired rows (completed past their TTL, in progress past their
@@ -402,25 +338,11 @@ impl SqliteStore {
             .bind(now_ms())
             .bind(i64::from(batch));
         let done = self
+            .inner
+            .core
             .timed("sqlite: purge expired", q.execute(&self.inner.pool))
             .await?;
         Ok(done.rows_affected())
-    }
-
-    async fn timed<T>(
-        &self,
-        what: &'static str,
-        fut: impl std::future::Future<Output = Result<T, sqlx::Error>>,
-    ) -> Result<T, StoreError> {
-        match tokio::time::timeout(self.inner.op_timeout, fut).await {
-            Ok(Ok(v)) => Ok(v),
-            Ok(Err(e)) => Err(StoreError::backend(what, e)),
-            Err(_) => Err(StoreError::Timeout(self.inner.op_timeout)),
-        }
-    }
-
-    fn shard(&self, key: &Key) -> &Notify {
-        &self.inner.shards[key.0[0] as usize % SHARDS]
     }
 
     async fn lease_remaining(&self, key: &Key) -> Result<Option<Duration>, StoreError> {
@@ -428,6 +350,8 @@ impl SqliteStore {
             .bind(&key.0[..])
             .bind(now_ms());
         let row = self
+            .inner
+            .core
             .timed("sqlite: wait", q.fetch_optional(&self.inner.pool))
             .await?;
         match row {
@@ -445,7 +369,11 @@ impl SqliteStore {
         what: &'static str,
         q: sqlx::query::Query<'_, sqlx::Sqlite, sqlx::sqlite::SqliteArguments>,
     ) -> Result<(), StoreError> {
-        let done = self.timed(what, q.execute(&self.inner.pool)).await?;
+        let done = self
+            .inner
+            .core
+            .timed(what, q.execute(&self.inner.pool))
+            .await?;
         if done.rows_affected() == 0 {
             Err(StoreError::Fenced)
         } else {
@@ -473,8 +401,10 @@ impl SqliteStore {
                 .bind(req.fingerprint.as_ref().map(|f| &f.0[..]))
                 .bind(now)
                 .bind(lease_until)
-                .bind(lease_until.saturating_add(self.inner.lease_grace_ms));
+                .bind(lease_until.saturating_add(self.inner.core.lease_grace_ms));
             let row = self
+                .inner
+                .core
                 .timed("sqlite: claim", q.fetch_optional(&self.inner.pool))
                 .await?;
             if let Some(row) = row {
@@ -499,10 +429,15 @@ impl Store for SqliteStore {
     async fn claim(&self, req: &ClaimRequest) -> Result<Claim, StoreError> {
         // The whole claim, its internal re-runs included, is one operation under the
         // operation timeout.
-        match tokio::time::timeout(self.inner.op_timeout, self.claim_inner(req)).await {
-            Ok(r) => r,
-            Err(_) => Err(StoreError::Timeout(self.inner.op_timeout)),
-        }
+        // In a task of its own: see `Core::claim_to_the_end`.
+        let store = self.clone();
+        let req = req.clone();
+        self.inner
+            .core
+            .claim_to_the_end(req.token, async move {
+                store.inner.core.bounded(store.claim_inner(&req)).await
+            })
+            .await
     }
 
     async fn complete(
@@ -512,30 +447,29 @@ impl Store for SqliteStore {
         value: &[u8],
         ttl: Duration,
     ) -> Result<(), StoreError> {
-        if value.len() > self.inner.max_value_size {
-            return Err(StoreError::TooLarge {
-                size: value.len(),
-                limit: self.inner.max_value_size,
-            });
-        }
+        self.inner.core.check_size(value)?;
         let q = sqlx::query(AssertSqlSafe(Arc::clone(&self.inner.sql.complete)))
             .bind(&key.0[..])
             .bind(token.as_i64())
             .bind(value)
             .bind(now_ms().saturating_add(millis(ttl)));
         let r = self.fenced("sqlite: complete", q).await;
-        self.shard(key).notify_waiters();
+        self.inner.core.waiters.wake(key);
         r
     }
 
     async fn release(&self, key: &Key, token: FencingToken) -> Result<(), StoreError> {
+        // A claim under this token still running (its caller went away) ends first.
+        self.inner.core.after_claim(token).await;
         let q = sqlx::query(AssertSqlSafe(Arc::clone(&self.inner.sql.release)))
             .bind(&key.0[..])
             .bind(token.as_i64());
         // Ok whether or not it deleted anything: only our own claim is ever deleted.
-        self.timed("sqlite: release", q.execute(&self.inner.pool))
+        self.inner
+            .core
+            .timed("sqlite: release", q.execute(&self.inner.pool))
             .await?;
-        self.shard(key).notify_waiters();
+        self.inner.core.waiters.wake(key);
         Ok(())
     }
 
@@ -550,7 +484,7 @@ impl Store for SqliteStore {
             .bind(&key.0[..])
             .bind(token.as_i64())
             .bind(lease_until)
-            .bind(lease_until.saturating_add(self.inner.lease_grace_ms));
+            .bind(lease_until.saturating_add(self.inner.core.lease_grace_ms));
         self.fenced("sqlite: renew", q).await
     }
 
@@ -560,6 +494,8 @@ impl Store for SqliteStore {
             .bind(&key.0[..])
             .bind(now);
         let row = self
+            .inner
+            .core
             .timed("sqlite: get", q.fetch_optional(&self.inner.pool))
             .await?;
         let Some(row) = row else { return Ok(None) };
@@ -582,37 +518,21 @@ impl Store for SqliteStore {
     }
 
     async fn wait(&self, key: &Key, timeout: Duration) -> Result<(), StoreError> {
-        let deadline = Instant::now().checked_add(timeout);
-        let mut poll = Duration::from_millis(10);
-        loop {
-            // Subscribe first, then look: a completion through this store after the look
-            // still wakes us; other processes' completions are seen by the next look.
-            let notified = self.shard(key).notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            let Some(lease) = self.lease_remaining(key).await? else {
-                return Ok(());
-            };
-            let left = match deadline {
-                Some(d) => d.saturating_duration_since(Instant::now()),
-                None => timeout,
-            };
-            if left.is_zero() {
-                return Ok(());
-            }
-            let nap = left.min(lease + Duration::from_millis(1)).min(poll);
-            poll = (poll * 2).min(self.inner.poll_max);
-            if tokio::time::timeout(nap, notified).await.is_ok() {
-                return Ok(());
-            }
-        }
+        // Other processes' completions are seen by the next look; this store's own wake its
+        // local waiters at once.
+        self.inner
+            .core
+            .wait(key, timeout, || self.lease_remaining(key))
+            .await
     }
 
     async fn remove(&self, key: &Key) -> Result<(), StoreError> {
         let q = sqlx::query(AssertSqlSafe(Arc::clone(&self.inner.sql.remove))).bind(&key.0[..]);
-        self.timed("sqlite: remove", q.execute(&self.inner.pool))
+        self.inner
+            .core
+            .timed("sqlite: remove", q.execute(&self.inner.pool))
             .await?;
-        self.shard(key).notify_waiters();
+        self.inner.core.waiters.wake(key);
         Ok(())
     }
 
@@ -621,7 +541,7 @@ impl Store for SqliteStore {
     }
 
     fn max_value_size(&self) -> usize {
-        self.inner.max_value_size
+        self.inner.core.max_value_size()
     }
 }
 
@@ -638,13 +558,13 @@ fn completed(
     fingerprint: Option<Fingerprint>,
     now: i64,
 ) -> Result<CompletedRecord, StoreError> {
-    let value: Option<Vec<u8>> = col(row, "value")?;
     let expires_at: i64 = col(row, "expires_at")?;
-    Ok(CompletedRecord::new(
+    super::completed(
+        "sqlite",
         fingerprint,
-        value.unwrap_or_default(),
-        Some(ms_until(expires_at, now)),
-    ))
+        col(row, "value")?,
+        ms_until(expires_at, now),
+    )
 }
 
 /// The time from `now` to `until` (both Unix ms), zero when past.
@@ -661,16 +581,7 @@ where
 }
 
 fn fingerprint(bytes: Option<Vec<u8>>) -> Result<Option<Fingerprint>, StoreError> {
-    match bytes {
-        None => Ok(None),
-        Some(b) => Fingerprint::from_slice(&b).map(Some).ok_or_else(|| {
-            StoreError::Corrupt(format!("sqlite: fingerprint of {} bytes", b.len()))
-        }),
-    }
-}
-
-fn millis(d: Duration) -> i64 {
-    i64::try_from(d.as_millis()).map_or(MAX_MILLIS, |ms| ms.min(MAX_MILLIS))
+    super::fingerprint("sqlite", bytes)
 }
 
 fn now_ms() -> i64 {
@@ -681,25 +592,6 @@ fn now_ms() -> i64 {
 
 fn is_in_memory(url: &str) -> bool {
     url.contains(":memory:") || url.contains("mode=memory")
-}
-
-/// Deletes expired rows every `interval` until the store is dropped.
-async fn run_sweeper(store: Weak<Inner>, interval: Duration, batch: u32) {
-    loop {
-        tokio::time::sleep(interval).await;
-        let Some(inner) = store.upgrade() else { return };
-        let store = SqliteStore { inner };
-        loop {
-            match store.purge_expired(batch).await {
-                Ok(n) if n >= u64::from(batch) => continue,
-                Ok(_) => break,
-                Err(e) => {
-                    tracing::warn!(target: "idem", error = %e, "sqlite store: sweep failed");
-                    break;
-                }
-            }
-        }
-    }
 }
 
 #[cfg(test)]

@@ -270,6 +270,58 @@ pub mod contract {
         assert_eq!(faulty.pending(), 0, "the planned renewal failures happened");
     }
 
+    /// Every operation on a table that was never migrated fails with a `StoreError` whose
+    /// message says to call `migrate()`, and the message names the table.
+    pub async fn missing_table_says_to_migrate(store: &dyn Store, table: &str) {
+        let key = fresh_key();
+        let token = idem_core::FencingToken::random();
+        let long = Duration::from_secs(30);
+        let results: Vec<(&str, Result<(), idem_core::StoreError>)> = vec![
+            (
+                "claim",
+                store.claim(&claim_request(key, long).0).await.map(drop),
+            ),
+            ("complete", store.complete(&key, token, b"v", long).await),
+            ("release", store.release(&key, token).await),
+            ("renew", store.renew(&key, token, long).await),
+            ("get", store.get(&key).await.map(drop)),
+            ("wait", store.wait(&key, long).await),
+            ("remove", store.remove(&key).await),
+        ];
+        for (op, r) in results {
+            match r {
+                Err(e @ idem_core::StoreError::Backend { .. }) => {
+                    let message = e.to_string();
+                    assert!(
+                        message.contains("migrate()") && message.contains(table),
+                        "{op}: the error does not say to call migrate(): {message}"
+                    );
+                    assert!(std::error::Error::source(&e).is_some(), "{op}: no source");
+                }
+                other => panic!("{op} on a missing table: {other:?}"),
+            }
+        }
+        // Through the runtime: Error::Store, and the body does not run.
+        let ran = Arc::new(AtomicUsize::new(0));
+        let body_ran = ran.clone();
+        let r: Result<u32, Error> = Call::new("sql_common::missing_table")
+            .key("k")
+            .run(store, async move {
+                body_ran.fetch_add(1, Ordering::SeqCst);
+                Ok(1)
+            })
+            .await;
+        assert_eq!(
+            ran.load(Ordering::SeqCst),
+            0,
+            "the body ran without a table"
+        );
+        match r {
+            Err(Error::Store(e)) => assert!(e.to_string().contains("migrate()"), "{e}"),
+            other => panic!("{other:?}"),
+        }
+    }
+
     /// Runs every check above.
     pub async fn all(store: Arc<dyn Store>) {
         own_claim_restarts_the_lease(&*store).await;

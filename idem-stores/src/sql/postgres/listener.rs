@@ -1,75 +1,12 @@
-//! Waiting: the store's one `LISTEN` connection and the local waiters it wakes.
+//! Waiting: the store's one `LISTEN` connection, which wakes the local waiters.
 
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use idem_core::Key;
 use sqlx::postgres::{PgListener, PgPool};
-use tokio::sync::Notify;
 
-/// Local waiters, one `Notify` per key that someone waits on.
-#[derive(Default)]
-pub(super) struct Waiters {
-    slots: Mutex<HashMap<Key, (Arc<Notify>, usize)>>,
-    pub(super) listening: AtomicBool,
-}
-
-impl Waiters {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Key, (Arc<Notify>, usize)>> {
-        self.slots.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    pub(super) fn subscribe(self: &Arc<Self>, key: Key) -> Subscription {
-        let mut slots = self.lock();
-        let slot = slots
-            .entry(key)
-            .or_insert_with(|| (Arc::new(Notify::new()), 0));
-        slot.1 += 1;
-        Subscription {
-            waiters: Arc::clone(self),
-            key,
-            notify: Arc::clone(&slot.0),
-        }
-    }
-
-    pub(super) fn wake(&self, key: &Key) {
-        if let Some((notify, _)) = self.lock().get(key) {
-            notify.notify_waiters();
-        }
-    }
-
-    pub(super) fn wake_all(&self) {
-        for (notify, _) in self.lock().values() {
-            notify.notify_waiters();
-        }
-    }
-
-    pub(super) fn set_listening(&self, on: bool) {
-        self.listening.store(on, Ordering::Release);
-        // Notifications may have been missed while the state changed: everyone looks again.
-        self.wake_all();
-    }
-}
-
-pub(super) struct Subscription {
-    waiters: Arc<Waiters>,
-    key: Key,
-    pub(super) notify: Arc<Notify>,
-}
-
-impl Drop for Subscription {
-    fn drop(&mut self) {
-        let mut slots = self.waiters.lock();
-        if let Some(slot) = slots.get_mut(&self.key) {
-            slot.1 -= 1;
-            if slot.1 == 0 {
-                slots.remove(&self.key);
-            }
-        }
-    }
-}
+use super::super::base::Waiters;
 
 /// The store's one `LISTEN` connection: dispatches notifications to local waiters, and
 /// reconnects with backoff when the connection is lost.

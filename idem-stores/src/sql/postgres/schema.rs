@@ -9,7 +9,7 @@ use idem_core::StoreError;
 /// PostgreSQL's 63-byte identifier limit.
 const MAX_TABLE_LEN: usize = 48;
 
-pub(super) use super::super::config_error;
+use super::super::config_error;
 
 /// A validated table name and its quoted SQL form.
 pub(super) struct Table {

@@ -8,7 +8,7 @@ use idem_core::StoreError;
 /// The longest accepted table name.
 const MAX_TABLE_LEN: usize = 48;
 
-pub(super) use super::super::config_error;
+use super::super::config_error;
 
 pub(super) fn parse_table(s: &str) -> Result<String, StoreError> {
     if super::super::is_identifier(s, MAX_TABLE_LEN) {
