@@ -2,13 +2,13 @@
 //! the layer over the same route without it, in one run.
 //!
 //! ```text
-//! idem-bench-http [--rounds N] [--secs S] [--conns C] [--out FILE]
+//! idem-bench-http [--rounds N] [--secs S] [--conns C] [--only CASE] [--out FILE]
 //! ```
 //!
 //! Two axum servers on 127.0.0.1 share one process and runtime: `bare` serves `POST /orders`
 //! (a `Json` extractor and a ~120-byte JSON answer), `idem` serves the same handler behind
-//! `IdempotencyLayer` on a `MemoryStore` (scoped by a tenant header, `content-type`
-//! fingerprinted, `required(false)`). A client of our own — raw HTTP/1.1 over keep-alive
+//! `IdempotencyLayer` on a `MemoryStore`, a fresh one each round (scoped by a tenant header,
+//! `content-type` fingerprinted, `required(false)`). A client of our own — raw HTTP/1.1 over keep-alive
 //! connections, so that the client costs little next to the server — sends as many requests
 //! as it can for `S` seconds over `C` connections, alternating `bare` and `idem` rounds (`N`
 //! of each per case), so that both see the same machine state. Cases:
@@ -18,7 +18,10 @@
 //! - `unique`: a new key per request, so every request claims, runs and stores.
 //!
 //! The ratio of a case is the median over rounds of `idem / bare` throughput of neighbouring
-//! rounds. Results go to `FILE` (default `$CARGO_TARGET_DIR/idem-bench/http.json`).
+//! rounds. Beside it, without sockets: the same requests sent in process to each router
+//! (`tower::ServiceExt::oneshot`, one thread), as nanoseconds per request — the layer's own
+//! CPU cost is the difference. Results go to `FILE` (default
+//! `$CARGO_TARGET_DIR/idem-bench/http.json`).
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -36,6 +39,7 @@ use idem_stores::MemoryStore;
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tower::ServiceExt;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -220,6 +224,36 @@ async fn round(
     Ok(count as f64 / elapsed)
 }
 
+/// Nanoseconds per request, in process: `n` requests of `case` through `router`, one at a
+/// time.
+async fn inproc(router: Router, case: Case, n: u64, salt: u64) -> Result<f64, BoxError> {
+    let build = |i: u64| {
+        let mut req = axum::http::Request::post("/orders")
+            .header("x-tenant", "acme")
+            .header("content-type", "application/json");
+        match case {
+            Case::NoKey => {}
+            Case::Replay => req = req.header("idempotency-key", format!("\"r-{salt}\"")),
+            Case::Unique => req = req.header("idempotency-key", format!("\"u-{salt}-{i}\"")),
+        }
+        req.body(axum::body::Body::from(BODY))
+    };
+    // Warm-up (and the stored response of `replay`).
+    for i in 0..100 {
+        let resp = router.clone().oneshot(build(u64::MAX - i)?).await?;
+        axum::body::to_bytes(resp.into_body(), usize::MAX).await?;
+    }
+    let t = Instant::now();
+    for i in 0..n {
+        let resp = router.clone().oneshot(build(i)?).await?;
+        if resp.status() != StatusCode::CREATED {
+            return Err(format!("status {} in process, {case:?}", resp.status()).into());
+        }
+        axum::body::to_bytes(resp.into_body(), usize::MAX).await?;
+    }
+    Ok(t.elapsed().as_nanos() as f64 / n as f64)
+}
+
 #[derive(Serialize)]
 struct CaseResult {
     bare_rps: Vec<f64>,
@@ -227,6 +261,8 @@ struct CaseResult {
     ratios: Vec<f64>,
     median_ratio: f64,
     target: f64,
+    inproc_bare_ns: f64,
+    inproc_idem_ns: f64,
 }
 
 #[derive(Serialize)]
@@ -267,9 +303,49 @@ async fn main() -> Result<(), BoxError> {
     let conns: usize = arg(&args, "--conns", 16);
     let target = std::env::var("CARGO_TARGET_DIR").unwrap_or_else(|_| "target".to_string());
     let out: String = arg(&args, "--out", format!("{target}/idem-bench/http.json"));
+    let only: String = arg(&args, "--only", String::new());
 
+    if args.iter().any(|a| a == "--probe") {
+        // The runtime alone: a fresh `Call` per iteration on a `MemoryStore`.
+        let t = tokio::spawn(async {
+            let store = MemoryStore::new();
+            let n = 20_000u64;
+            let t = Instant::now();
+            for i in 0..n {
+                let r: Result<u64, idem_core::Error> = idem_core::Call::new("probe")
+                    .key(i)
+                    .run(&store, async move { Ok(i) })
+                    .await;
+                r?;
+            }
+            Ok::<_, BoxError>(t.elapsed().as_nanos() as f64 / n as f64)
+        })
+        .await??;
+        println!("fresh Call on MemoryStore: {t:.0} ns");
+        let store = MemoryStore::new();
+        let f = idem_core::Call::new("probe")
+            .key(1)
+            .run(&store, async move { Ok::<u64, idem_core::Error>(1) });
+        println!("Call::run future: {} bytes", std::mem::size_of_val(&f));
+        return Ok(());
+    }
+    if let Some(n) = args.iter().position(|a| a == "--inproc-only") {
+        // For a profiler: only the in-process requests of one case, through the layer.
+        let case = match args.get(n + 1).map(String::as_str) {
+            Some("no_key") => Case::NoKey,
+            Some("replay") => Case::Replay,
+            _ => Case::Unique,
+        };
+        let router = if args.iter().any(|a| a == "--bare") {
+            bare().with_state(())
+        } else {
+            with_layer(Arc::new(MemoryStore::new())).with_state(())
+        };
+        let ns = tokio::spawn(inproc(router, case, 2_000, 0)).await??;
+        println!("{}: {ns:.0} ns per request with the layer", case.name());
+        return Ok(());
+    }
     let bare_addr = serve(bare()).await?;
-    let idem_addr = serve(with_layer(Arc::new(MemoryStore::new()))).await?;
 
     let mut cases = BTreeMap::new();
     for (case, goal) in [
@@ -277,8 +353,14 @@ async fn main() -> Result<(), BoxError> {
         (Case::Replay, 0.9),
         (Case::Unique, 0.7),
     ] {
+        if !only.is_empty() && only != case.name() {
+            continue;
+        }
         let (mut b, mut i, mut r) = (Vec::new(), Vec::new(), Vec::new());
         for n in 0..rounds {
+            // A fresh store each round: the layer's cost, not that of a store that grows by
+            // every unique key of the earlier rounds.
+            let idem_addr = serve(with_layer(Arc::new(MemoryStore::new()))).await?;
             // Alternate which goes first, so that drift does not favour one side.
             let (x, y) = if n % 2 == 0 {
                 let x = round(bare_addr, case, conns, secs, n).await?;
@@ -299,7 +381,21 @@ async fn main() -> Result<(), BoxError> {
             r.push(y / x);
         }
         let m = median(&r);
-        println!("{:>7}: median ratio {m:.3} (goal >= {goal})", case.name());
+        let (mut nb, mut ni) = (Vec::new(), Vec::new());
+        for n in 0..rounds as u64 {
+            // On a worker thread, as a connection's requests are.
+            // `with_state` turns the handlers into services once, as `axum::serve` does.
+            let bare = bare().with_state(());
+            nb.push(tokio::spawn(inproc(bare, case, 20_000, n)).await??);
+            let idem = with_layer(Arc::new(MemoryStore::new())).with_state(());
+            ni.push(tokio::spawn(inproc(idem, case, 20_000, n)).await??);
+        }
+        let (nb, ni) = (median(&nb), median(&ni));
+        println!(
+            "{:>7}: median ratio {m:.3} (goal >= {goal}); in process {nb:.0} ns bare, {ni:.0} ns with the layer (+{:.0} ns)",
+            case.name(),
+            ni - nb
+        );
         cases.insert(
             case.name(),
             CaseResult {
@@ -308,6 +404,8 @@ async fn main() -> Result<(), BoxError> {
                 ratios: r,
                 median_ratio: m,
                 target: goal,
+                inproc_bare_ns: nb,
+                inproc_idem_ns: ni,
             },
         );
     }

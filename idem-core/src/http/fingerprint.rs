@@ -16,8 +16,6 @@ use bytes::Bytes;
 use serde::Serialize;
 use serde_json::Value;
 
-use super::replay::Blob;
-
 /// How the body takes part in the fingerprint.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 #[non_exhaustive]
@@ -62,64 +60,78 @@ impl fmt::Debug for FingerprintMode {
     }
 }
 
-/// The fingerprint of one request, as it is hashed.
-#[derive(Serialize)]
-pub(crate) enum RequestFingerprint<'a> {
-    Request {
-        method: &'a str,
-        path: &'a str,
-        query: Option<&'a str>,
-        headers: Vec<(&'a str, Vec<Blob>)>,
-        body: Blob,
-    },
-    Custom(Blob),
+/// The fingerprint of one request: one BLAKE3 digest of its parts, each length-prefixed (so
+/// that no two requests share an encoding), handed to the runtime as 32 bytes.
+pub(crate) struct RequestFingerprint([u8; 32]);
+
+impl Serialize for RequestFingerprint {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_bytes(&self.0)
+    }
 }
 
-impl<'a> RequestFingerprint<'a> {
+impl RequestFingerprint {
     /// The fingerprint of a request, `None` when the layer fingerprints nothing.
     pub(crate) fn of(
         mode: &FingerprintMode,
         body_mode: &BodyFingerprint,
-        names: &'a [HeaderName],
-        parts: &'a Parts,
+        names: &[HeaderName],
+        parts: &Parts,
         body: &Bytes,
     ) -> Option<Self> {
+        // The small parts go through one buffer and the body straight into the hasher: two
+        // hasher updates in all (each update has a fixed cost worth avoiding per field).
+        let mut buf = Vec::with_capacity(128);
+        let put = |buf: &mut Vec<u8>, tag: u8, bytes: &[u8]| {
+            buf.push(tag);
+            buf.extend_from_slice(&(bytes.len() as u64).to_le_bytes());
+            buf.extend_from_slice(bytes);
+        };
+        let mut h = blake3::Hasher::new();
         match mode {
-            FingerprintMode::None => None,
-            FingerprintMode::Custom(f) => Some(RequestFingerprint::Custom(Blob(f(parts, body)))),
-            FingerprintMode::Request => Some(RequestFingerprint::Request {
-                method: parts.method.as_str(),
-                path: parts.uri.path(),
-                query: parts.uri.query(),
-                headers: names
-                    .iter()
-                    .map(|name| {
-                        let values = parts
-                            .headers
-                            .get_all(name)
-                            .iter()
-                            .map(|v| {
-                                if *name == CONTENT_TYPE {
-                                    Blob(normalize_media_type(v.as_bytes()))
-                                } else {
-                                    Blob(v.as_bytes().to_vec())
-                                }
-                            })
-                            .collect();
-                        (name.as_str(), values)
-                    })
-                    .collect(),
-                body: Blob(body_digest(body_mode, body)),
-            }),
+            FingerprintMode::None => return None,
+            FingerprintMode::Custom(f) => put(&mut buf, b'c', &f(parts, body)),
+            FingerprintMode::Request => {
+                put(&mut buf, b'm', parts.method.as_str().as_bytes());
+                put(&mut buf, b'p', parts.uri.path().as_bytes());
+                if let Some(query) = parts.uri.query() {
+                    put(&mut buf, b'q', query.as_bytes());
+                }
+                for name in names {
+                    put(&mut buf, b'h', name.as_str().as_bytes());
+                    for v in parts.headers.get_all(name) {
+                        if *name == CONTENT_TYPE {
+                            put(&mut buf, b'v', &normalize_media_type(v.as_bytes()));
+                        } else {
+                            put(&mut buf, b'v', v.as_bytes());
+                        }
+                    }
+                }
+                match body_canonical(body_mode, body) {
+                    Some(canonical) => put(&mut buf, b'j', &canonical),
+                    None => {
+                        // The body itself, after its length.
+                        buf.push(b'b');
+                        buf.extend_from_slice(&(body.len() as u64).to_le_bytes());
+                        h.update(&buf);
+                        h.update(body);
+                        return Some(RequestFingerprint(*h.finalize().as_bytes()));
+                    }
+                }
+            }
         }
+        h.update(&buf);
+        Some(RequestFingerprint(*h.finalize().as_bytes()))
     }
 }
 
-fn body_digest(mode: &BodyFingerprint, body: &Bytes) -> Vec<u8> {
+/// The body as it is compared when not byte for byte: canonical JSON, chosen members, or
+/// nothing; `None` for the bytes themselves (the default, and a body that is not JSON).
+fn body_canonical(mode: &BodyFingerprint, body: &Bytes) -> Option<Vec<u8>> {
     let json = || serde_json::from_slice::<Value>(body).ok();
-    let canonical = match mode {
+    match mode {
         BodyFingerprint::Exact => None,
-        BodyFingerprint::Ignored => return Vec::new(),
+        BodyFingerprint::Ignored => Some(Vec::new()),
         BodyFingerprint::CanonicalJson => json().map(|v| {
             let mut out = Vec::with_capacity(body.len());
             write_canonical(&v, &mut out);
@@ -133,9 +145,12 @@ fn body_digest(mode: &BodyFingerprint, body: &Bytes) -> Vec<u8> {
             }
             out
         }),
-    };
-    // A tag byte keeps a canonical form apart from a raw body with the same bytes.
-    match canonical {
+    }
+}
+
+#[cfg(test)]
+fn body_digest(mode: &BodyFingerprint, body: &Bytes) -> Vec<u8> {
+    match body_canonical(mode, body) {
         Some(c) => [&[1u8][..], blake3::hash(&c).as_bytes()].concat(),
         None => blake3::hash(body).as_bytes().to_vec(),
     }

@@ -111,7 +111,8 @@ impl ScopeChosen for ScopeSet {}
 /// }
 /// ```
 pub struct IdempotencyLayer<State = ScopeSet> {
-    config: Config,
+    /// Shared with every service the layer makes (axum may apply a layer once per request).
+    config: Arc<Config>,
     state: PhantomData<fn() -> State>,
 }
 
@@ -175,7 +176,7 @@ impl IdempotencyLayer<ScopeUnset> {
     pub fn new(store: Arc<dyn Store>) -> Self {
         let defaults = crate::Options::default();
         IdempotencyLayer {
-            config: Config {
+            config: Arc::new(Config {
                 store,
                 namespace: DEFAULT_NAMESPACE,
                 required: true,
@@ -198,7 +199,7 @@ impl IdempotencyLayer<ScopeUnset> {
                 max_key_len: DEFAULT_MAX_KEY_LEN,
                 retry_after: DEFAULT_RETRY_AFTER,
                 problems: ProblemConfig::default(),
-            },
+            }),
             state: PhantomData,
         }
     }
@@ -230,7 +231,7 @@ impl IdempotencyLayer<ScopeUnset> {
     }
 
     fn into_state(mut self, scope: ScopeRule) -> IdempotencyLayer<ScopeSet> {
-        self.config.scope = scope;
+        self.config_mut().scope = scope;
         IdempotencyLayer {
             config: self.config,
             state: PhantomData,
@@ -242,7 +243,7 @@ impl IdempotencyLayer<ScopeSet> {
     /// With [`scope`](IdempotencyLayer::scope): a request whose scope function returns `None`
     /// uses the unscoped record space instead of being refused with 401.
     pub fn allow_unscoped_requests(mut self) -> Self {
-        if let ScopeRule::By { allow_none, .. } = &mut self.config.scope {
+        if let ScopeRule::By { allow_none, .. } = &mut self.config_mut().scope {
             *allow_none = true;
         }
         self
@@ -250,36 +251,40 @@ impl IdempotencyLayer<ScopeSet> {
 }
 
 impl<State> IdempotencyLayer<State> {
+    fn config_mut(&mut self) -> &mut Config {
+        Arc::make_mut(&mut self.config)
+    }
+
     /// The records' namespace: two layers with different namespaces never share a record.
     pub fn namespace(mut self, namespace: &'static str) -> Self {
-        self.config.namespace = namespace;
+        self.config_mut().namespace = namespace;
         self
     }
 
     /// Whether a protected request without a key is refused with 400 (`true`, the default)
     /// or passed to the handler unprotected (`false`).
     pub fn required(mut self, required: bool) -> Self {
-        self.config.required = required;
+        self.config_mut().required = required;
         self
     }
 
     /// The methods the layer protects (default `POST`, `PATCH`); others pass through.
     pub fn methods(mut self, methods: impl IntoIterator<Item = Method>) -> Self {
-        self.config.methods = methods.into_iter().collect();
+        self.config_mut().methods = methods.into_iter().collect();
         self
     }
 
     /// Which header values are keys: [`KeyFormat::Lenient`] (the default: an RFC 8941 String
     /// or a bare token) or [`KeyFormat::Strict`] (a String only).
     pub fn key_format(mut self, format: KeyFormat) -> Self {
-        self.config.key_format = format;
+        self.config_mut().key_format = format;
         self
     }
 
     /// Takes the key from another header than `Idempotency-Key` (same formats), for clients
     /// that already send one (`X-Request-Id`, say).
     pub fn key_header(mut self, name: HeaderName) -> Self {
-        self.config.key_source = KeySource::Header(name);
+        self.config_mut().key_source = KeySource::Header(name);
         self
     }
 
@@ -292,7 +297,7 @@ impl<State> IdempotencyLayer<State> {
         mut self,
         f: impl Fn(&Parts, &Bytes) -> Result<Option<String>, String> + Send + Sync + 'static,
     ) -> Self {
-        self.config.key_source = KeySource::Custom(Arc::new(f));
+        self.config_mut().key_source = KeySource::Custom(Arc::new(f));
         self
     }
 
@@ -319,7 +324,7 @@ impl<State> IdempotencyLayer<State> {
         mut self,
         f: impl Fn(&str) -> Result<(), String> + Send + Sync + 'static,
     ) -> Self {
-        self.config.validate_key = Some(Arc::new(f));
+        self.config_mut().validate_key = Some(Arc::new(f));
         self
     }
 
@@ -328,14 +333,14 @@ impl<State> IdempotencyLayer<State> {
     /// compared as a normalised media type (`application/json; charset=utf-8` is
     /// `application/json`; see [`normalize_media_type`](super::normalize_media_type)).
     pub fn fingerprint_header(mut self, name: HeaderName) -> Self {
-        self.config.fingerprint_headers.push(name);
+        self.config_mut().fingerprint_headers.push(name);
         self
     }
 
     /// How the body takes part in the fingerprint: byte for byte (the default), as canonical
     /// JSON, by chosen JSON members, or not at all.
     pub fn fingerprint_body(mut self, body: BodyFingerprint) -> Self {
-        self.config.fingerprint_body = body;
+        self.config_mut().fingerprint_body = body;
         self
     }
 
@@ -361,14 +366,14 @@ impl<State> IdempotencyLayer<State> {
         mut self,
         f: impl Fn(&Parts, &Bytes) -> Vec<u8> + Send + Sync + 'static,
     ) -> Self {
-        self.config.fingerprint = FingerprintMode::Custom(Arc::new(f));
+        self.config_mut().fingerprint = FingerprintMode::Custom(Arc::new(f));
         self
     }
 
     /// No fingerprint: the key alone identifies the request, and a repeat with the same key
     /// gets the stored response whatever it carries (never a 422).
     pub fn no_fingerprint(mut self) -> Self {
-        self.config.fingerprint = FingerprintMode::None;
+        self.config_mut().fingerprint = FingerprintMode::None;
         self
     }
 
@@ -377,7 +382,7 @@ impl<State> IdempotencyLayer<State> {
     /// response and replay it ([`OnConflict::Wait`], up to [`wait_timeout`](Self::wait_timeout),
     /// then 409).
     pub fn on_conflict(mut self, on_conflict: OnConflict) -> Self {
-        self.config.on_conflict = on_conflict;
+        self.config_mut().on_conflict = on_conflict;
         self
     }
 
@@ -385,25 +390,25 @@ impl<State> IdempotencyLayer<State> {
     /// runs. Default 1 s (never more than the first request's remaining lease; sent in whole
     /// seconds, at least 1). A handler that usually takes longer may say so here.
     pub fn retry_after(mut self, retry_after: Duration) -> Self {
-        self.config.retry_after = retry_after;
+        self.config_mut().retry_after = retry_after;
         self
     }
 
     /// How long a duplicate waits in [`OnConflict::Wait`] mode. Default 10 s.
     pub fn wait_timeout(mut self, wait_timeout: Duration) -> Self {
-        self.config.wait_timeout = wait_timeout;
+        self.config_mut().wait_timeout = wait_timeout;
         self
     }
 
     /// How long a stored response is replayed. Default 24 h.
     pub fn ttl(mut self, ttl: Duration) -> Self {
-        self.config.ttl = ttl;
+        self.config_mut().ttl = ttl;
         self
     }
 
     /// The lease of an in-flight request, renewed while the handler runs. Default 30 s.
     pub fn lease(mut self, lease: Duration) -> Self {
-        self.config.lease = lease;
+        self.config_mut().lease = lease;
         self
     }
 
@@ -412,13 +417,13 @@ impl<State> IdempotencyLayer<State> {
     /// another policy on one route, install a clone of the layer with another policy on
     /// that route.
     pub fn policy(mut self, policy: StorePolicy) -> Self {
-        self.config.policy = policy;
+        self.config_mut().policy = policy;
         self
     }
 
     /// The largest request body accepted on a protected request (413 past it). Default 1 MiB.
     pub fn max_request_body(mut self, limit: usize) -> Self {
-        self.config.max_request_body = limit;
+        self.config_mut().max_request_body = limit;
         self
     }
 
@@ -426,7 +431,7 @@ impl<State> IdempotencyLayer<State> {
     /// response is sent to the client as it is, not stored, and the key is released (with a
     /// warning in the log). Default 1 MiB.
     pub fn max_response_body(mut self, limit: usize) -> Self {
-        self.config.max_response_body = limit;
+        self.config_mut().max_response_body = limit;
         self
     }
 
@@ -434,13 +439,13 @@ impl<State> IdempotencyLayer<State> {
     /// response limit, to be stored (`true`), or passed through unbuffered, not stored, with
     /// the key released (`false`, the default).
     pub fn buffer_streams(mut self, buffer: bool) -> Self {
-        self.config.buffer_streams = buffer;
+        self.config_mut().buffer_streams = buffer;
         self
     }
 
     /// The longest key accepted, in characters (400 past it). Default 255.
     pub fn max_key_len(mut self, limit: usize) -> Self {
-        self.config.max_key_len = limit;
+        self.config_mut().max_key_len = limit;
         self
     }
 
@@ -448,7 +453,7 @@ impl<State> IdempotencyLayer<State> {
     /// `urn:idem:problem:` — typically your documentation, `https://api.example.com/problems/`,
     /// giving `https://api.example.com/problems/key-reused`.
     pub fn problem_type_base(mut self, base: impl Into<Cow<'static, str>>) -> Self {
-        self.config.problems.base = Some(base.into());
+        self.config_mut().problems.base = Some(base.into());
         self
     }
 
@@ -456,7 +461,7 @@ impl<State> IdempotencyLayer<State> {
     /// with `Link: <url>; rel="describedby"`. A URL that is not a valid header value is
     /// ignored.
     pub fn problem_docs(mut self, url: &str) -> Self {
-        self.config.problems.docs =
+        self.config_mut().problems.docs =
             HeaderValue::from_str(&format!("<{url}>; rel=\"describedby\"")).ok();
         self
     }
@@ -479,6 +484,6 @@ impl<S, State: ScopeChosen> Layer<S> for IdempotencyLayer<State> {
     type Service = IdempotencyService<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        IdempotencyService::new(inner, Arc::new(self.config.clone()))
+        IdempotencyService::new(inner, self.config.clone())
     }
 }

@@ -2,6 +2,7 @@
 
 use std::fmt;
 use std::future::{poll_fn, Future};
+use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -188,29 +189,44 @@ where
     // A response this process holds already is replayed here, without a task: the handler
     // will not run. (If the record went away meanwhile, the call claims the key and releases
     // it at once, and the request goes the usual way.)
-    let call = new_call(&config, &key, &scope, &parts, &bytes);
-    if let Ok(Some(ident)) = call.identity() {
-        if config.store.completed_now(&ident.key).is_some() {
-            let not_here = async { Err::<StoredResponse, Flow<S::Error>>(Flow::Release) };
-            match call.run(&*config.store, not_here).await {
-                Ok(stored) => return Ok(replay(&config, stored)),
-                Err(Flow::Idem(e)) => return Ok(refuse(&config, e)),
-                Err(Flow::Inner(e)) => return Err(e),
-                Err(Flow::Release) => {}
-            }
+    let mut call = new_call(&config, &key, &scope, &parts, &bytes);
+    let held_here = matches!(call.identity(), Ok(Some(ident)) if config.store.completed_now(&ident.key).is_some());
+    if held_here {
+        let not_here = async { Err::<StoredResponse, Flow<S::Error>>(Flow::Release) };
+        // Boxed: the runtime's future is large, and most requests of this task never get here.
+        match Box::pin(call.run(&*config.store, not_here)).await {
+            Ok(stored) => return Ok(replay(&config, stored)),
+            Err(Flow::Idem(e)) => return Ok(refuse(&config, e)),
+            Err(Flow::Inner(e)) => return Err(e),
+            Err(Flow::Release) => call = new_call(&config, &key, &scope, &parts, &bytes),
         }
     }
     // The claimed work runs in its own task: dropping this future (the client went away)
-    // detaches it instead of cancelling the handler halfway and releasing the key.
-    match tokio::spawn(execute(config.clone(), inner, parts, bytes, key, scope)).await {
-        Ok(result) => result,
-        Err(e) => {
-            tracing::error!(target: "idem", error = %e, "idempotent request task failed");
-            Ok(config.problems.respond(Problem::internal(
-                "The request handler failed (it panicked or was cancelled).",
-            )))
-        }
-    }
+    // detaches it instead of cancelling the handler halfway and releasing the key. It is
+    // polled once here first: a handler that answers in that poll (no I/O to wait for) needs
+    // no task, and a task costs a wake-up of another worker thread (tens of microseconds).
+    // Between that poll and the spawn nothing awaits, so the request cannot be cancelled in
+    // between; the task's first poll hands every pending operation the task's own waker.
+    let mut work = Box::pin(execute(config.clone(), inner, parts, bytes, call));
+    let first = poll_fn(|cx| {
+        Poll::Ready(std::panic::catch_unwind(AssertUnwindSafe(|| {
+            work.as_mut().poll(cx)
+        })))
+    })
+    .await;
+    let failed = match first {
+        Ok(Poll::Ready(result)) => return result,
+        Ok(Poll::Pending) => match tokio::spawn(work).await {
+            Ok(result) => return result,
+            Err(e) => e.to_string(),
+        },
+        // The work is dropped: its claim is released, as when a task panics.
+        Err(_) => "the handler panicked".to_string(),
+    };
+    tracing::error!(target: "idem", error = %failed, "idempotent request task failed");
+    Ok(config.problems.respond(Problem::internal(
+        "The request handler failed (it panicked or was cancelled).",
+    )))
 }
 
 /// The key of a custom key source.
@@ -261,8 +277,7 @@ async fn execute<S, B, ResB>(
     inner: S,
     parts: Parts,
     bytes: Bytes,
-    key: String,
-    scope: Option<String>,
+    call: Call,
 ) -> Result<Response<ResponseBody>, S::Error>
 where
     S: Service<Request<B>, Response = Response<ResB>>,
@@ -271,12 +286,13 @@ where
     ResB::Error: Into<BoxError>,
 {
     let store: &dyn Store = &*config.store;
-    let call = new_call(&config, &key, &scope, &parts, &bytes);
     // The response as the handler sent it, when the handler ran in this call.
     let mut live: Option<Response<ResponseBody>> = None;
     // A claim that fails on a broken connection is retried by the runtime (on a fresh
     // connection, after 40 ms, then 160 ms) before the store error becomes a 503.
-    let handler = run_handler(&config, inner, parts, bytes, &mut live);
+    // Boxed: the runtime's future would otherwise hold the handler's inline, and every move of
+    // it would copy both.
+    let handler = Box::pin(run_handler(&config, inner, parts, bytes, &mut live));
     let result = call.run(store, handler).await;
     let problems = &config.problems;
     match (result, live) {
