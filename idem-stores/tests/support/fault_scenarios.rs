@@ -293,6 +293,48 @@ pub async fn claim_reply_lost(rig: Arc<Rig>) {
     );
     let value = all_agree(rig.server, "claim reply lost", &[first, second]);
     assert_eq!(s.runs(), 1, "{}: runs for {value}", rig.server);
+
+    // Every attempt's reply lost: the caller gets `Error::Store`, its body does not run,
+    // and the claims that applied do not block the key past its lease.
+    let s = Subject::new("claim-lost-thrice", Duration::from_secs(2));
+    // Three attempts by the runtime, and a store may resend once on a fresh connection.
+    rig.proxy.lose_replies_to(s.fingerprint_patterns(), 8);
+    let first = s
+        .run(
+            &rig.holder,
+            Duration::from_millis(50),
+            Duration::from_secs(5),
+            false,
+        )
+        .await;
+    let ran_first = s.runs();
+    rig.proxy.heal();
+    let second = s
+        .run(&rig.rival, Duration::ZERO, margin(s.lease), false)
+        .await;
+    println!(
+        "fault: {} claim_reply_lost_every_attempt: first {first:?}, then {second:?}; runs {}",
+        rig.server,
+        s.runs()
+    );
+    assert!(
+        second.is_ok(),
+        "{}: the key is blocked after lost claim replies: {second:?}",
+        rig.server
+    );
+    match first {
+        // The store's own retry got through (a store may retry a broken connection itself).
+        Ok(v) => assert_eq!(Ok(v), second.map_err(|_| ()), "{}", rig.server),
+        Err(TestError::Idem(Error::Store(_))) => {
+            assert_eq!(
+                ran_first, 0,
+                "{}: a body ran for a failed claim",
+                rig.server
+            )
+        }
+        Err(e) => panic!("{}: every claim reply lost: {e:?}", rig.server),
+    }
+    assert_eq!(s.runs(), 1, "{}", rig.server);
 }
 
 /// The completion is applied and its reply lost: the caller gets its value (the retry finds

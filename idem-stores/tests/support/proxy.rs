@@ -55,8 +55,9 @@ struct State {
     /// Nothing is delivered before this instant.
     paused_until: Option<Instant>,
     down: bool,
-    /// Armed by `lose_reply_to`: byte strings (empty: any request).
-    lose: Option<Vec<Vec<u8>>>,
+    /// Armed by `lose_reply_to`: byte strings (empty: any request), and how many more
+    /// replies to lose.
+    lose: Option<(Vec<Vec<u8>>, u32)>,
     /// Connections with an id below this are cut on their next server bytes.
     cut_below: u64,
 }
@@ -123,7 +124,12 @@ impl Proxy {
     /// Arms a lost reply: the next request containing any of `patterns` reaches the server,
     /// then its connection is cut when the server answers, and the answer is swallowed.
     pub fn lose_reply_to(&self, patterns: Vec<Vec<u8>>) {
-        self.state().lose = Some(patterns);
+        self.lose_replies_to(patterns, 1);
+    }
+
+    /// [`lose_reply_to`](Self::lose_reply_to) for the next `n` such requests.
+    pub fn lose_replies_to(&self, patterns: Vec<Vec<u8>>, n: u32) {
+        self.state().lose = (n > 0).then_some((patterns, n));
     }
 
     /// [`lose_reply_to`](Self::lose_reply_to) for whatever request comes next.
@@ -131,7 +137,7 @@ impl Proxy {
         self.lose_reply_to(Vec::new());
     }
 
-    /// Whether an armed lost reply is still waiting for its request.
+    /// Whether an armed lost reply is still waiting for its request (or for more of them).
     pub fn loss_armed(&self) -> bool {
         self.state().lose.is_some()
     }
@@ -290,13 +296,16 @@ async fn pump(
             let mut s = shared.state.lock().unwrap();
             match dir {
                 Dir::Up => {
-                    if let Some(patterns) = &s.lose {
+                    if let Some((patterns, left)) = &mut s.lose {
                         let mut hay = std::mem::take(&mut tail);
                         hay.extend_from_slice(&bytes);
                         let keep = patterns.iter().map(Vec::len).max().unwrap_or(0);
                         if patterns.is_empty() || patterns.iter().any(|p| contains(&hay, p)) {
                             dooms = true;
-                            s.lose = None;
+                            *left -= 1;
+                            if *left == 0 {
+                                s.lose = None;
+                            }
                         } else {
                             tail = hay[hay.len().saturating_sub(keep)..].to_vec();
                         }
