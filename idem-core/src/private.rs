@@ -63,9 +63,9 @@ pub struct Unserializable;
 /// expansion uses (the parameter, rather than `Self`, keeps rustc from suggesting this trait
 /// as a bound on a type parameter).
 #[diagnostic::on_unimplemented(
-    message = "this argument is part of the idempotency key or fingerprint, but `{T}` does not implement `serde::Serialize`",
+    message = "`{T}` is not `Serialize`: add this argument to `skip(..)`, or derive `serde::Serialize` for its type",
     label = "not `Serialize`",
-    note = "add this argument to `skip(..)` in the attribute (a handle, a client, a connection), or derive `serde::Serialize` for its type"
+    note = "every argument not skipped is part of the idempotency key or fingerprint; skip handles, clients and connections"
 )]
 pub trait Fingerprinted<T: ?Sized> {}
 
@@ -105,9 +105,9 @@ impl<T> UncheckedOk<T> {
 
 /// Asked of an `Ok` type that is not `Serialize + DeserializeOwned`; implemented by none.
 #[diagnostic::on_unimplemented(
-    message = "`{Self}` is stored and replayed, so it must implement `serde::Serialize` and `serde::Deserialize`",
+    message = "`{Self}` is stored and replayed: add `#[derive(serde::Serialize, serde::Deserialize)]` to it",
     label = "the `Ok` type of an idempotent function",
-    note = "add `#[derive(serde::Serialize, serde::Deserialize)]` to `{Self}` (for a `Vec`, `Option` or other container, to the type inside it)"
+    note = "for a `Vec`, `Option` or other container, derive them on the type inside it"
 )]
 pub trait Storable: Serialize + DeserializeOwned {}
 
@@ -170,26 +170,26 @@ impl IsIdemError for crate::Error {}
 
 /// Asked of `idem_core::Error` under `errors = store`; implemented by none.
 #[diagnostic::on_unimplemented(
-    message = "`errors = store` stores the `Err` value, and `idem_core::Error` cannot be stored",
+    message = "`idem_core::Error` cannot be stored with `errors = store`: use an error type of your own, or remove `errors = store`",
     label = "`idem_core::Error` reports idem's own failures, which are never replayed",
-    note = "use an error type of your own that derives `serde::Serialize` and `serde::Deserialize` and implements `From<idem_core::Error>`, or remove `errors = store` (the default `errors = release` lets a retry run again)"
+    note = "an error type of your own derives `serde::Serialize` and `serde::Deserialize` and implements `From<idem_core::Error>`; the default `errors = release` stores no error, so a retry runs again"
 )]
 pub trait IdemErrorNotStored: Serialize + DeserializeOwned {}
 
 /// Asked of an `Err` type under `errors = store` that cannot be stored; implemented by none.
 #[diagnostic::on_unimplemented(
-    message = "with `errors = store`, `{Self}` is stored and replayed, so it must implement `serde::Serialize`, `serde::Deserialize` and `From<idem_core::Error>`",
+    message = "with `errors = store`, `{Self}` is stored and replayed: derive `serde::Serialize` and `serde::Deserialize` on it and implement `From<idem_core::Error>`, or remove `errors = store`",
     label = "the `Err` type of a function with `errors = store`",
-    note = "add `#[derive(serde::Serialize, serde::Deserialize)]` to `{Self}` and an `impl From<idem_core::Error> for {Self}`, or remove `errors = store` (the default `errors = release` does not store errors)"
+    note = "the default `errors = release` stores no error, so a retry runs again"
 )]
 pub trait StorableError: Serialize + DeserializeOwned + From<crate::Error> {}
 
 /// `E: From<idem_core::Error>`, asked of the `Err` type so that idem can report a duplicate
 /// in progress, a reused key or a store outage through it.
 #[diagnostic::on_unimplemented(
-    message = "`{Self}` must implement `From<idem_core::Error>`, so that idem can return its own errors (a duplicate in progress, a reused key, a store outage) as `{Self}`",
+    message = "`{Self}` needs `From<idem_core::Error>`: add `impl From<idem_core::Error> for {Self}`, or with thiserror a variant `#[error(transparent)] Idem(#[from] idem_core::Error)`",
     label = "the `Err` type of an idempotent function",
-    note = "add `impl From<idem_core::Error> for {Self} {{ .. }}`, or with thiserror a variant `#[error(transparent)] Idem(#[from] idem_core::Error)`"
+    note = "idem returns its own errors (a duplicate in progress, a reused key, a store outage) as `{Self}`"
 )]
 pub trait FromIdemError: From<crate::Error> {}
 
@@ -234,9 +234,9 @@ impl<'a, S: ?Sized> UncheckedStore<'a, S> {
 /// Asked of `()` for a `store = ..` value that is not a store; implemented by no type that
 /// the expansion uses.
 #[diagnostic::on_unimplemented(
-    message = "`store = ..` takes a store, and `{S}` is not one",
+    message = "`{S}` is not a store: pass a value implementing `idem_core::Store`, or a reference, `Arc` or `Box` of one",
     label = "not an `idem_core::Store`",
-    note = "pass a value implementing `idem_core::Store`, or a reference, `Arc` or `Box` of one (e.g. `store = self.store` with a `MemoryStore` or `RedisStore` built at start-up); without `store`, the default store set by `idem_core::set_default_store` is used"
+    note = "build the store once at start-up (e.g. `MemoryStore::new()`, `RedisStore::connect(..)`) and pass it, e.g. `store = self.store`; without `store`, the default store given to `idem_core::set_default_store` is used"
 )]
 pub trait IsStore<S: ?Sized> {}
 
