@@ -389,10 +389,7 @@ impl MemoryStore {
             });
         }
         // Copied once, outside the lock; every replay then shares these bytes.
-        let value = Bytes::copy_from_slice(value);
-        // Give it its shared header now, so that the first replay's clone does not allocate
-        // under the lock and the record's cost is what it is charged.
-        drop(value.clone());
+        let value = shared_copy(value);
         let (r, notify) = self.with_shard(key, |shard| {
             let now = Instant::now();
             match shard.map.get(&MapKey(*key)) {
@@ -417,6 +414,40 @@ impl MemoryStore {
         Ok(())
     }
 
+    /// Stores a completed record outside the claim protocol: the local tier of
+    /// [`TieredStore`](crate::TieredStore), which only caches what its shared store answered.
+    /// The value is copied into an allocation of its own (a `Bytes` from a network client may
+    /// be a slice of a larger buffer, which would escape the byte bound). A value over
+    /// `max_value_size` is not kept.
+    pub(crate) fn put_completed(
+        &self,
+        key: Key,
+        fingerprint: Option<idem_core::Fingerprint>,
+        value: &[u8],
+        ttl: Duration,
+    ) {
+        if value.len() > self.inner.max_value_size || ttl.is_zero() {
+            return;
+        }
+        let value = shared_copy(value);
+        self.with_shard(&key, |shard| {
+            let now = Instant::now();
+            shard.complete(
+                key,
+                FencingToken(0),
+                fingerprint,
+                value,
+                after(now, ttl),
+                now,
+            );
+        });
+    }
+
+    /// Forgets a record whatever its state, synchronously.
+    pub(crate) fn forget(&self, key: &Key) {
+        self.with_shard(key, |shard| shard.remove(key));
+    }
+
     /// Releases synchronously (the body of [`Store::release`]).
     fn release_now(&self, key: &Key, token: FencingToken) {
         let (waiters, notify) = self.with_shard(key, |shard| match shard.map.get(&MapKey(*key)) {
@@ -433,6 +464,15 @@ impl MemoryStore {
             notify.notify_waiters();
         }
     }
+}
+
+/// A copy of `value` in an allocation of its own, with its shared header made now, so that
+/// the first replay's clone does not allocate under a lock and the record costs what it is
+/// charged.
+fn shared_copy(value: &[u8]) -> Bytes {
+    let value = Bytes::copy_from_slice(value);
+    drop(value.clone());
+    value
 }
 
 fn lock(m: &Mutex<Shard>) -> MutexGuard<'_, Shard> {

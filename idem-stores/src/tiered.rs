@@ -1,40 +1,44 @@
-//! `TieredStore`: a local cache of completed records in front of a shared store.
+//! `TieredStore`: a local tier of completed records in front of a shared store.
 //!
 //! Replays are the common case of an idempotency store (every retry of a finished call), and a
 //! completed record never changes: it only expires or is removed. So a process may keep the
 //! completed records it has seen and answer replays from memory, without a round trip to
-//! Redis or SQL. Everything else — claims, waits, fenced writes — goes to the shared store,
-//! which stays the single source of truth for who owns a key.
+//! Redis or SQL — synchronously, through [`Store::completed_now`]. Everything else — claims,
+//! waits, fenced writes — goes to the shared store, which stays the single source of truth for
+//! who owns a key.
 //!
-//! The one trade-off, bounded by `local_ttl` (default 60 s): a record that is *removed* from
-//! the shared store by an operator, or that expires there while a process holds it, may still
-//! be replayed by that process for up to `local_ttl`. Records completed through this store are
-//! cached for `min(ttl, local_ttl)`, so a short `ttl` is honoured exactly.
+//! **Never past the TTL.** A record is kept locally for `min(remaining TTL, local_ttl)`: the
+//! remaining TTL is what the shared store reports with every completed record
+//! ([`CompletedRecord::expires_in`]), or the `ttl` of a completion made through this store. A
+//! record whose store cannot tell its remaining TTL is not kept. So after a record's TTL no
+//! process replays it, whichever process completed it.
+//!
+//! The one trade-off, bounded by `local_ttl` (default 60 s): a record *removed* from the shared
+//! store by an operator (not through this process) may still be replayed by a process that
+//! holds it, for up to `local_ttl`.
+//!
+//! The local tier is a [`MemoryStore`]'s record map: bounded in bytes at what a record really
+//! costs, on tokio's clock (so `tokio::time::pause()` moves it too).
 
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
 
 use idem_core::{
     async_trait, Claim, ClaimRequest, CompletedRecord, FencingToken, Fingerprint, Key, RecordState,
     Store, StoreError,
 };
-use moka::future::Cache;
-use moka::Expiry;
 
-#[derive(Clone)]
-struct Local {
-    fingerprint: Option<Fingerprint>,
-    value: Arc<[u8]>,
-    expires_at: Instant,
+use crate::MemoryStore;
+
+/// The claims this process holds, with their fingerprints, so that a completion can be cached
+/// without reading it back. Bounded: past the bound it is cleared (a completion then simply
+/// is not cached; nothing else depends on it).
+#[derive(Debug, Default)]
+struct Held {
+    claims: std::collections::HashMap<Key, (FencingToken, Option<Fingerprint>)>,
 }
 
-struct LocalExpiry;
-
-impl Expiry<Key, Local> for LocalExpiry {
-    fn expire_after_create(&self, _: &Key, v: &Local, now: Instant) -> Option<Duration> {
-        Some(v.expires_at.saturating_duration_since(now))
-    }
-}
+const HELD_BOUND: usize = 100_000;
 
 /// A shared store with a local tier of completed records.
 ///
@@ -48,11 +52,9 @@ impl Expiry<Key, Local> for LocalExpiry {
 /// ```
 pub struct TieredStore<S> {
     shared: S,
-    local: Cache<Key, Local>,
+    local: MemoryStore,
     local_ttl: Duration,
-    /// Claims this process holds, with their fingerprints, so that a completion can be cached
-    /// without reading it back.
-    held: Cache<Key, (FencingToken, Option<Fingerprint>)>,
+    held: Arc<Mutex<Held>>,
 }
 
 impl<S: Store> TieredStore<S> {
@@ -60,24 +62,23 @@ impl<S: Store> TieredStore<S> {
     pub fn new(shared: S) -> Self {
         TieredStore {
             shared,
-            local: build_cache(64 << 20),
+            local: local_tier(64 << 20),
             local_ttl: Duration::from_secs(60),
-            held: Cache::builder()
-                .max_capacity(100_000)
-                .time_to_idle(Duration::from_secs(3600))
-                .build(),
+            held: Arc::default(),
         }
     }
 
-    /// How long a completed record is answered locally at most. Default 60 s.
+    /// How long a completed record is answered locally at most (and never past its TTL).
+    /// Default 60 s.
     pub fn local_ttl(mut self, local_ttl: Duration) -> Self {
         self.local_ttl = local_ttl;
         self
     }
 
-    /// The bound on the local tier in bytes. Default 64 MiB.
+    /// The bound on the local tier in bytes (records charged what they really cost, as in
+    /// [`MemoryStore`]). Default 64 MiB.
     pub fn local_max_bytes(mut self, bytes: u64) -> Self {
-        self.local = build_cache(bytes);
+        self.local = local_tier(bytes);
         self
     }
 
@@ -86,42 +87,25 @@ impl<S: Store> TieredStore<S> {
         &self.shared
     }
 
-    async fn remember(&self, key: Key, record: &CompletedRecord, ttl: Duration) {
-        let expires_at = Instant::now() + ttl.min(self.local_ttl);
-        self.local
-            .insert(
+    /// Keeps a record the shared store answered, for `min(remaining TTL, local_ttl)`.
+    fn remember(&self, key: Key, record: &CompletedRecord) {
+        if let Some(left) = record.expires_in {
+            self.local.put_completed(
                 key,
-                Local {
-                    fingerprint: record.fingerprint,
-                    value: Arc::from(&record.value[..]),
-                    expires_at,
-                },
-            )
-            .await;
+                record.fingerprint,
+                &record.value,
+                left.min(self.local_ttl),
+            );
+        }
     }
 
-    async fn local_hit(&self, key: &Key) -> Option<CompletedRecord> {
-        match self.local.get(key).await {
-            Some(l) if Instant::now() < l.expires_at => Some(CompletedRecord {
-                fingerprint: l.fingerprint,
-                value: idem_core::Bytes::copy_from_slice(&l.value),
-                expires_in: None,
-            }),
-            _ => None,
-        }
+    fn held(&self) -> std::sync::MutexGuard<'_, Held> {
+        self.held.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }
 
-fn build_cache(max_bytes: u64) -> Cache<Key, Local> {
-    Cache::builder()
-        .max_capacity(max_bytes)
-        .weigher(|_: &Key, l: &Local| {
-            u32::try_from(l.value.len())
-                .unwrap_or(u32::MAX)
-                .saturating_add(96)
-        })
-        .expire_after(LocalExpiry)
-        .build()
+fn local_tier(max_bytes: u64) -> MemoryStore {
+    MemoryStore::builder().max_bytes(max_bytes).build()
 }
 
 impl<S: std::fmt::Debug> std::fmt::Debug for TieredStore<S> {
@@ -137,16 +121,18 @@ impl<S: std::fmt::Debug> std::fmt::Debug for TieredStore<S> {
 #[async_trait]
 impl<S: Store> Store for TieredStore<S> {
     async fn claim(&self, req: &ClaimRequest) -> Result<Claim, StoreError> {
-        if let Some(record) = self.local_hit(&req.key).await {
+        if let Some(record) = self.local.completed_now(&req.key) {
             return Ok(Claim::Completed(record));
         }
         let claim = self.shared.claim(req).await?;
         match &claim {
-            Claim::Completed(record) => self.remember(req.key, record, self.local_ttl).await,
+            Claim::Completed(record) => self.remember(req.key, record),
             Claim::Acquired { .. } => {
-                self.held
-                    .insert(req.key, (req.token, req.fingerprint))
-                    .await
+                let mut held = self.held();
+                if held.claims.len() >= HELD_BOUND {
+                    held.claims.clear();
+                }
+                held.claims.insert(req.key, (req.token, req.fingerprint));
             }
             Claim::InProgress { .. } => {}
         }
@@ -161,21 +147,23 @@ impl<S: Store> Store for TieredStore<S> {
         ttl: Duration,
     ) -> Result<(), StoreError> {
         self.shared.complete(key, token, value, ttl).await?;
-        if let Some((held, fingerprint)) = self.held.remove(key).await {
+        let held = self.held().claims.remove(key);
+        if let Some((held, fingerprint)) = held {
             if held == token {
-                let record = CompletedRecord {
-                    fingerprint,
-                    value: idem_core::Bytes::copy_from_slice(&value),
-                    expires_in: None,
-                };
-                self.remember(*key, &record, ttl).await;
+                self.local
+                    .put_completed(*key, fingerprint, value, ttl.min(self.local_ttl));
             }
         }
         Ok(())
     }
 
     async fn release(&self, key: &Key, token: FencingToken) -> Result<(), StoreError> {
-        self.held.invalidate(key).await;
+        {
+            let mut held = self.held();
+            if matches!(held.claims.get(key), Some((t, _)) if *t == token) {
+                held.claims.remove(key);
+            }
+        }
         self.shared.release(key, token).await
     }
 
@@ -189,10 +177,14 @@ impl<S: Store> Store for TieredStore<S> {
     }
 
     async fn get(&self, key: &Key) -> Result<Option<RecordState>, StoreError> {
-        if let Some(record) = self.local_hit(key).await {
+        if let Some(record) = self.local.completed_now(key) {
             return Ok(Some(RecordState::Completed(record)));
         }
-        self.shared.get(key).await
+        let state = self.shared.get(key).await?;
+        if let Some(RecordState::Completed(record)) = &state {
+            self.remember(*key, record);
+        }
+        Ok(state)
     }
 
     async fn wait(&self, key: &Key, timeout: Duration) -> Result<(), StoreError> {
@@ -200,16 +192,28 @@ impl<S: Store> Store for TieredStore<S> {
     }
 
     async fn remove(&self, key: &Key) -> Result<(), StoreError> {
-        self.local.invalidate(key).await;
-        self.held.invalidate(key).await;
+        self.local.forget(key);
+        self.held().claims.remove(key);
         self.shared.remove(key).await
     }
 
     fn release_detached(&self, key: Key, token: FencingToken) {
+        self.held().claims.remove(&key);
         self.shared.release_detached(key, token)
+    }
+
+    /// The shared store's own detached handle: a completion finished after the caller went
+    /// away is written to the shared store (the source of truth) and not cached locally; the
+    /// next replay here learns it with its first claim.
+    fn detached(&self) -> Option<Arc<dyn Store>> {
+        self.shared.detached()
     }
 
     fn max_value_size(&self) -> usize {
         self.shared.max_value_size()
+    }
+
+    fn completed_now(&self, key: &Key) -> Option<CompletedRecord> {
+        self.local.completed_now(key)
     }
 }

@@ -116,8 +116,8 @@ impl Shard {
                 seq,
             },
         );
-        if let Some(Slot::InProgress { .. }) = previous {
-            self.claims -= 1;
+        if let Some(previous) = previous {
+            self.forget(&previous);
         }
         self.evict(now);
     }
