@@ -138,6 +138,16 @@ pub async fn pair(store: Arc<MemoryStore>, (a, b): (u64, u64)) -> Result<u64, Er
     Ok(a + b)
 }
 
+/// An owned argument used only by the key.
+///
+/// # Errors
+///
+/// Whatever idem reports.
+#[idempotent(key = order, store = store)]
+pub async fn by_key(store: &MemoryStore, order: String, amount: u64) -> Result<u64, Error> {
+    Ok(amount)
+}
+
 /// A trait implemented with `#[async_trait]`.
 #[idem_core::async_trait]
 pub trait Billing {
@@ -164,6 +174,7 @@ async fn every_shape_runs() {
     assert_eq!(ledger.append(7).await.unwrap(), 1, "replayed");
     assert_eq!(generic(&store, "n", 1_u8).await.unwrap(), "n");
     assert_eq!(pair(store.clone(), (1, 2)).await.unwrap(), 3);
+    assert_eq!(by_key(&store, "o-9".into(), 4).await.unwrap(), 4);
     let p = Payments { store };
     assert_eq!(p.bill("o-1".into(), 5).await.unwrap(), 5);
     assert_eq!(p.bill("o-1".into(), 5).await.unwrap(), 5);
