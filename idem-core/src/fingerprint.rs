@@ -41,33 +41,118 @@ pub fn digest<T: Serialize + ?Sized>(
     context: &str,
     value: &T,
 ) -> Result<Option<[u8; 32]>, CodecError> {
-    let mut h = base_hasher(context);
+    let known = known_context(context);
+    let derived;
+    let context_key = match known {
+        Some(k) => k,
+        None => {
+            derived = blake3::hazmat::hash_derive_key_context(context);
+            &derived
+        }
+    };
+    let mut sink = Sink::new(Mode::Derive(context_key));
     match value.serialize(Hashing {
-        h: &mut h,
+        h: &mut sink,
         top: true,
     }) {
-        Ok(()) => Ok(Some(*h.finalize().as_bytes())),
+        Ok(()) => Ok(Some(sink.finalize())),
         Err(HashError::TopLevelNone) => Ok(None),
         Err(HashError::Custom(msg)) => Err(CodecError::Fingerprint(msg)),
     }
 }
 
-/// A fresh hasher for `context`. Deriving the context key hashes the context string; for the
-/// contexts idem uses on every call that is done once, and the prepared hasher cloned (same
-/// output, about an eighth less work per replay).
-fn base_hasher(context: &str) -> blake3::Hasher {
+/// The derive-key context keys of the contexts idem hashes on every call, computed once.
+/// Deriving a context key hashes the context string; a hasher started from the prepared key
+/// (`new_from_context_key`) gives the same digests as `new_derive_key(context)` without it,
+/// and without copying a prepared ~1.9 KB hasher.
+fn known_context(context: &str) -> Option<&'static blake3::hazmat::ContextKey> {
     use crate::key::{FINGERPRINT_CONTEXT, MATERIAL_CONTEXT, SCOPE_CONTEXT};
-    static KNOWN: std::sync::LazyLock<[(&str, blake3::Hasher); 3]> =
+    static KNOWN: std::sync::LazyLock<[(&str, blake3::hazmat::ContextKey); 3]> =
         std::sync::LazyLock::new(|| {
             [MATERIAL_CONTEXT, SCOPE_CONTEXT, FINGERPRINT_CONTEXT]
-                .map(|c| (c, blake3::Hasher::new_derive_key(c)))
+                .map(|c| (c, blake3::hazmat::hash_derive_key_context(c)))
         });
-    for (known, hasher) in KNOWN.iter() {
-        if *known == context {
-            return hasher.clone();
+    KNOWN.iter().find(|(c, _)| *c == context).map(|(_, k)| k)
+}
+
+/// How a [`Sink`] hashes: BLAKE3 in derive-key mode from a prepared context key, or plain.
+#[derive(Clone, Copy)]
+enum Mode<'k> {
+    Derive(&'k blake3::hazmat::ContextKey),
+    Plain,
+}
+
+/// Collects what is hashed in a stack buffer and hands it to BLAKE3 in large pieces (or, for
+/// the usual small key, in one), instead of one `update` per tag and length. BLAKE3 digests do
+/// not depend on how the input is split, so the digests are the same.
+pub(crate) struct Sink<'k> {
+    buf: [u8; SINK_LEN],
+    len: usize,
+    mode: Mode<'k>,
+    /// Created when the input outgrows the buffer.
+    hasher: Option<blake3::Hasher>,
+}
+
+const SINK_LEN: usize = 192;
+
+impl<'k> Sink<'k> {
+    /// A sink for BLAKE3 in derive-key mode from a prepared context key.
+    pub(crate) fn derive(context_key: &'k blake3::hazmat::ContextKey) -> Self {
+        Self::new(Mode::Derive(context_key))
+    }
+
+    fn new(mode: Mode<'k>) -> Self {
+        Sink {
+            buf: [0; SINK_LEN],
+            len: 0,
+            mode,
+            hasher: None,
         }
     }
-    blake3::Hasher::new_derive_key(context)
+
+    fn hasher(mode: Mode<'_>) -> blake3::Hasher {
+        use blake3::hazmat::HasherExt;
+        match mode {
+            Mode::Derive(key) => blake3::Hasher::new_from_context_key(key),
+            Mode::Plain => blake3::Hasher::new(),
+        }
+    }
+
+    #[inline]
+    pub(crate) fn update(&mut self, bytes: &[u8]) {
+        if bytes.len() <= SINK_LEN - self.len {
+            self.buf[self.len..self.len + bytes.len()].copy_from_slice(bytes);
+            self.len += bytes.len();
+            return;
+        }
+        self.spill(bytes);
+    }
+
+    #[cold]
+    fn spill(&mut self, bytes: &[u8]) {
+        let mode = self.mode;
+        let h = self.hasher.get_or_insert_with(|| Self::hasher(mode));
+        h.update(&self.buf[..self.len]);
+        self.len = 0;
+        if bytes.len() > SINK_LEN {
+            h.update(bytes);
+        } else {
+            self.buf[..bytes.len()].copy_from_slice(bytes);
+            self.len = bytes.len();
+        }
+    }
+
+    pub(crate) fn finalize(mut self) -> [u8; 32] {
+        let mut h = match self.hasher.take() {
+            Some(h) => h,
+            None if matches!(self.mode, Mode::Plain) => {
+                return *blake3::hash(&self.buf[..self.len]).as_bytes();
+            }
+            None => Self::hasher(self.mode),
+        };
+        h.update(&self.buf[..self.len]);
+        *h.finalize().as_bytes()
+    }
 }
 
 #[derive(Debug)]
@@ -111,12 +196,12 @@ const T_STRUCT: u8 = 14;
 const T_FIELD: u8 = 15;
 const T_END: u8 = 16;
 
-struct Hashing<'a> {
-    h: &'a mut blake3::Hasher,
+struct Hashing<'a, 'k> {
+    h: &'a mut Sink<'k>,
     top: bool,
 }
 
-impl Hashing<'_> {
+impl<'k> Hashing<'_, 'k> {
     fn tag(&mut self, t: u8) {
         self.h.update(&[t]);
     }
@@ -124,7 +209,7 @@ impl Hashing<'_> {
         self.h.update(&(b.len() as u64).to_le_bytes());
         self.h.update(b);
     }
-    fn nested(&mut self) -> Hashing<'_> {
+    fn nested(&mut self) -> Hashing<'_, 'k> {
         Hashing {
             h: self.h,
             top: false,
@@ -134,14 +219,14 @@ impl Hashing<'_> {
 
 type R = Result<(), HashError>;
 
-impl<'a> ser::Serializer for Hashing<'a> {
+impl<'a, 'k> ser::Serializer for Hashing<'a, 'k> {
     type Ok = ();
     type Error = HashError;
     type SerializeSeq = Self;
     type SerializeTuple = Self;
     type SerializeTupleStruct = Self;
     type SerializeTupleVariant = Self;
-    type SerializeMap = MapHashing<'a>;
+    type SerializeMap = MapHashing<'a, 'k>;
     type SerializeStruct = Self;
     type SerializeStructVariant = Self;
 
@@ -284,7 +369,7 @@ impl<'a> ser::Serializer for Hashing<'a> {
         self.len_bytes(variant.as_bytes());
         self.serialize_seq(Some(len))
     }
-    fn serialize_map(mut self, _len: Option<usize>) -> Result<MapHashing<'a>, HashError> {
+    fn serialize_map(mut self, _len: Option<usize>) -> Result<MapHashing<'a, 'k>, HashError> {
         self.tag(T_MAP);
         Ok(MapHashing {
             parent: self.h,
@@ -318,7 +403,7 @@ impl<'a> ser::Serializer for Hashing<'a> {
 
 macro_rules! seq_like {
     ($($tr:ident :: $m:ident),*) => {$(
-        impl ser::$tr for Hashing<'_> {
+        impl ser::$tr for Hashing<'_, '_> {
             type Ok = ();
             type Error = HashError;
             fn $m<T: Serialize + ?Sized>(&mut self, value: &T) -> R {
@@ -340,7 +425,7 @@ seq_like!(
 
 macro_rules! struct_like {
     ($($tr:ident),*) => {$(
-        impl ser::$tr for Hashing<'_> {
+        impl ser::$tr for Hashing<'_, '_> {
             type Ok = ();
             type Error = HashError;
             fn serialize_field<T: Serialize + ?Sized>(&mut self, key: &'static str, value: &T) -> R {
@@ -362,17 +447,17 @@ macro_rules! struct_like {
 struct_like!(SerializeStruct, SerializeStructVariant);
 
 /// Hashes each entry on its own; `end` feeds the sorted entry digests to the parent.
-struct MapHashing<'a> {
-    parent: &'a mut blake3::Hasher,
+struct MapHashing<'a, 'k> {
+    parent: &'a mut Sink<'k>,
     entries: Vec<[u8; 32]>,
-    current: Option<blake3::Hasher>,
+    current: Option<Sink<'static>>,
 }
 
-impl ser::SerializeMap for MapHashing<'_> {
+impl ser::SerializeMap for MapHashing<'_, '_> {
     type Ok = ();
     type Error = HashError;
     fn serialize_key<T: Serialize + ?Sized>(&mut self, key: &T) -> R {
-        let mut h = blake3::Hasher::new();
+        let mut h = Sink::new(Mode::Plain);
         key.serialize(Hashing {
             h: &mut h,
             top: false,
@@ -389,7 +474,7 @@ impl ser::SerializeMap for MapHashing<'_> {
             h: &mut h,
             top: false,
         })?;
-        self.entries.push(*h.finalize().as_bytes());
+        self.entries.push(h.finalize());
         Ok(())
     }
     fn end(mut self) -> R {
@@ -454,6 +539,40 @@ mod tests {
     }
 
     const PINNED: &str = "8f964f0d76029a278a92f09a4e92b2e3f5be4289612eaf0f1d61967e8582f4ea";
+
+    /// Values longer than the stack buffer hash as one stream: the same digest as BLAKE3 over
+    /// the whole canonical encoding, whatever the split.
+    #[test]
+    fn long_values_hash_as_one_stream() {
+        for len in [0usize, 1, 150, 183, 184, 191, 192, 193, 1000, 5000] {
+            let text = "k".repeat(len);
+            let mut encoding = vec![T_STR];
+            encoding.extend_from_slice(&(len as u64).to_le_bytes());
+            encoding.extend_from_slice(text.as_bytes());
+            assert_eq!(d(&text), blake3::derive_key("test", &encoding), "{len}");
+            let pair = (text.clone(), 7u8);
+            let mut encoding = vec![T_SEQ, T_STR];
+            encoding.extend_from_slice(&(len as u64).to_le_bytes());
+            encoding.extend_from_slice(text.as_bytes());
+            encoding.push(T_UINT);
+            encoding.extend_from_slice(&7u128.to_le_bytes());
+            encoding.push(T_END);
+            assert_eq!(d(&pair), blake3::derive_key("test", &encoding), "{len}");
+        }
+        // Map entries are plain BLAKE3 digests of their own encoding.
+        let mut m = BTreeMap::new();
+        m.insert("a".repeat(300), 1u8);
+        let mut entry = vec![T_STR];
+        entry.extend_from_slice(&300u64.to_le_bytes());
+        entry.extend_from_slice("a".repeat(300).as_bytes());
+        entry.push(T_UINT);
+        entry.extend_from_slice(&1u128.to_le_bytes());
+        let mut encoding = vec![T_MAP];
+        encoding.extend_from_slice(&1u64.to_le_bytes());
+        encoding.extend_from_slice(blake3::hash(&entry).as_bytes());
+        encoding.push(T_END);
+        assert_eq!(d(&m), blake3::derive_key("test", &encoding));
+    }
 
     #[test]
     fn top_level_none_is_missing_but_nested_none_is_a_value() {

@@ -75,9 +75,11 @@ impl Identity {
 }
 
 pub(crate) fn combine(namespace: &str, scope: Option<&[u8; 32]>, material: &[u8; 32]) -> Key {
-    static BASE: std::sync::LazyLock<blake3::Hasher> =
-        std::sync::LazyLock::new(|| blake3::Hasher::new_derive_key(KEY_CONTEXT));
-    let mut h = BASE.clone();
+    // The context key is derived once; the input is gathered in a stack buffer and hashed in
+    // one piece (the same digest as `new_derive_key(KEY_CONTEXT)` fed piece by piece).
+    static CONTEXT_KEY: std::sync::LazyLock<blake3::hazmat::ContextKey> =
+        std::sync::LazyLock::new(|| blake3::hazmat::hash_derive_key_context(KEY_CONTEXT));
+    let mut h = crate::fingerprint::Sink::derive(&CONTEXT_KEY);
     h.update(&(namespace.len() as u64).to_le_bytes());
     h.update(namespace.as_bytes());
     match scope {
@@ -85,12 +87,10 @@ pub(crate) fn combine(namespace: &str, scope: Option<&[u8; 32]>, material: &[u8;
             h.update(&[1]);
             h.update(s);
         }
-        None => {
-            h.update(&[0]);
-        }
+        None => h.update(&[0]),
     }
     h.update(material);
-    Key(*h.finalize().as_bytes())
+    Key(h.finalize())
 }
 
 #[cfg(test)]
