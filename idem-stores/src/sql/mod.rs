@@ -47,7 +47,8 @@ use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use idem_core::{
-    CompletedRecord, FencingToken, Fingerprint, Key, StoreError, DEFAULT_MAX_VALUE_SIZE,
+    Claim, ClaimRequest, CompletedRecord, FencingToken, Fingerprint, Key, StoreError,
+    DEFAULT_MAX_VALUE_SIZE,
 };
 use tokio::sync::{Notify, Semaphore};
 
@@ -336,6 +337,13 @@ pub(crate) mod base {
         fn ping(&self) -> impl Future<Output = Result<(), StoreError>> + Send;
         /// One batch of the sweep.
         fn purge(&self, batch: u32) -> impl Future<Output = Result<u64, StoreError>> + Send;
+        /// The shared skeleton.
+        fn core(&self) -> &Core;
+        /// The claim's statements, re-run until one answers (unbounded: [`claim`] bounds it).
+        fn claim_inner(
+            &self,
+            req: &ClaimRequest,
+        ) -> impl Future<Output = Result<Claim, StoreError>> + Send;
         /// A weak handle on the store's state.
         fn downgrade(&self) -> Weak<Self::Inner>;
         /// The store again, from its state.
@@ -343,7 +351,7 @@ pub(crate) mod base {
     }
 
     /// The state every SQL store has: its table, its limits, its local waiters.
-    pub(crate) struct Core {
+    pub struct Core {
         /// The table as configured.
         pub(crate) table: String,
         pub(crate) op_timeout: Duration,
@@ -510,6 +518,32 @@ pub(crate) mod base {
                 }
             }
         }
+    }
+
+    /// `Store::claim` of every SQL store: the claim's statements, as one operation under the
+    /// operation timeout, in a task of their own (see [`Core::claim_to_the_end`]).
+    pub(crate) async fn claim<S: SqlBackend>(
+        store: &S,
+        req: &ClaimRequest,
+    ) -> Result<Claim, StoreError> {
+        let owned = store.clone();
+        let req = req.clone();
+        store
+            .core()
+            .claim_to_the_end(req.token, async move {
+                owned.core().bounded(owned.claim_inner(&req)).await
+            })
+            .await
+    }
+
+    /// The error of a claim whose record changed under every one of its `attempts` runs.
+    pub(crate) fn unsettled(name: &str, attempts: usize) -> StoreError {
+        StoreError::backend(
+            format!("{name}: claim"),
+            std::io::Error::other(format!(
+                "the record kept changing under {attempts} claims in a row"
+            )),
+        )
     }
 
     /// Marks a claim ended, when its task finishes or is dropped.

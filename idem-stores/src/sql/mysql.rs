@@ -310,6 +310,14 @@ impl SqlBackend for MySqlStore {
         self.purge_expired(batch).await
     }
 
+    fn core(&self) -> &Core {
+        &self.inner.core
+    }
+
+    async fn claim_inner(&self, req: &ClaimRequest) -> Result<Claim, StoreError> {
+        self.claim_statements(req).await
+    }
+
     fn downgrade(&self) -> Weak<Inner> {
         Arc::downgrade(&self.inner)
     }
@@ -541,7 +549,7 @@ impl MySqlStore {
         })
     }
 
-    async fn claim_inner(&self, req: &ClaimRequest) -> Result<Claim, StoreError> {
+    async fn claim_statements(&self, req: &ClaimRequest) -> Result<Claim, StoreError> {
         for _ in 0..CLAIM_ATTEMPTS {
             // Read first: a live record is the answer as it stands (a completed record only
             // expires or is deleted, a live claim is a true conflict at the time of the read),
@@ -568,10 +576,7 @@ impl MySqlStore {
                 }
             }
         }
-        Err(StoreError::backend(
-            "mysql: claim",
-            format!("the record kept changing under {CLAIM_ATTEMPTS} attempts"),
-        ))
+        Err(super::base::unsettled("mysql", CLAIM_ATTEMPTS))
     }
 
     /// The state of the row on `key` if `token` is its token: `Some(true)` completed,
@@ -616,15 +621,7 @@ fn corrupt(e: sqlx::Error) -> StoreError {
 #[async_trait]
 impl Store for MySqlStore {
     async fn claim(&self, req: &ClaimRequest) -> Result<Claim, StoreError> {
-        // In a task of its own: see `Core::claim_to_the_end`.
-        let store = self.clone();
-        let req = req.clone();
-        self.inner
-            .core
-            .claim_to_the_end(req.token, async move {
-                store.inner.core.bounded(store.claim_inner(&req)).await
-            })
-            .await
+        super::base::claim(self, req).await
     }
 
     async fn complete(

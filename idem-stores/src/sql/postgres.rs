@@ -212,6 +212,14 @@ impl SqlBackend for PostgresStore {
         self.purge_expired(batch).await
     }
 
+    fn core(&self) -> &Core {
+        &self.inner.core
+    }
+
+    async fn claim_inner(&self, req: &ClaimRequest) -> Result<Claim, StoreError> {
+        self.claim_statements(req).await
+    }
+
     fn downgrade(&self) -> Weak<Inner> {
         Arc::downgrade(&self.inner)
     }
@@ -374,7 +382,7 @@ enum Extra<'a> {
 
 impl PostgresStore {
     /// The claim: statement runs until one answers (see the module docs).
-    async fn claim_inner(&self, req: &ClaimRequest) -> Result<Claim, StoreError> {
+    async fn claim_statements(&self, req: &ClaimRequest) -> Result<Claim, StoreError> {
         let fingerprint = req.fingerprint.map(|f| f.0.to_vec());
         let mut retries = 0;
         for _ in 0..CLAIM_ATTEMPTS {
@@ -404,29 +412,14 @@ impl PostgresStore {
             // read could not see: nothing was written, so run the claim again.
             tokio::task::yield_now().await;
         }
-        Err(StoreError::backend(
-            "postgres: claim",
-            std::io::Error::other(format!(
-                "the record kept changing under {CLAIM_ATTEMPTS} claims in a row"
-            )),
-        ))
+        Err(super::base::unsettled("postgres", CLAIM_ATTEMPTS))
     }
 }
 
 #[async_trait]
 impl Store for PostgresStore {
     async fn claim(&self, req: &ClaimRequest) -> Result<Claim, StoreError> {
-        // The whole claim, its internal re-runs included, is one operation under the
-        // operation timeout.
-        // In a task of its own: see `Core::claim_to_the_end`.
-        let store = self.clone();
-        let req = req.clone();
-        self.inner
-            .core
-            .claim_to_the_end(req.token, async move {
-                store.inner.core.bounded(store.claim_inner(&req)).await
-            })
-            .await
+        super::base::claim(self, req).await
     }
 
     async fn complete(

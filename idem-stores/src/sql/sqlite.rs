@@ -216,6 +216,14 @@ impl SqlBackend for SqliteStore {
         self.purge_expired(batch).await
     }
 
+    fn core(&self) -> &Core {
+        &self.inner.core
+    }
+
+    async fn claim_inner(&self, req: &ClaimRequest) -> Result<Claim, StoreError> {
+        self.claim_statements(req).await
+    }
+
     fn downgrade(&self) -> Weak<Inner> {
         Arc::downgrade(&self.inner)
     }
@@ -384,7 +392,7 @@ impl SqliteStore {
 
 impl SqliteStore {
     /// The claim: statement runs until one answers (see the module docs).
-    async fn claim_inner(&self, req: &ClaimRequest) -> Result<Claim, StoreError> {
+    async fn claim_statements(&self, req: &ClaimRequest) -> Result<Claim, StoreError> {
         for _ in 0..CLAIM_ATTEMPTS {
             // Read first: a live record is the answer as it stands, and a read takes no write
             // lock, so replays and conflicts do not queue behind writers.
@@ -415,29 +423,14 @@ impl SqliteStore {
             }
             // A live record took the key between the read and the claim: read it next turn.
         }
-        Err(StoreError::backend(
-            "sqlite: claim",
-            std::io::Error::other(format!(
-                "the record kept changing under {CLAIM_ATTEMPTS} claims in a row"
-            )),
-        ))
+        Err(super::base::unsettled("sqlite", CLAIM_ATTEMPTS))
     }
 }
 
 #[async_trait]
 impl Store for SqliteStore {
     async fn claim(&self, req: &ClaimRequest) -> Result<Claim, StoreError> {
-        // The whole claim, its internal re-runs included, is one operation under the
-        // operation timeout.
-        // In a task of its own: see `Core::claim_to_the_end`.
-        let store = self.clone();
-        let req = req.clone();
-        self.inner
-            .core
-            .claim_to_the_end(req.token, async move {
-                store.inner.core.bounded(store.claim_inner(&req)).await
-            })
-            .await
+        super::base::claim(self, req).await
     }
 
     async fn complete(
