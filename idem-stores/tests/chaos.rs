@@ -469,9 +469,30 @@ fn classify(
                 }
             }
             match bad {
-                Some(why) => v
-                    .alive_duplicates
-                    .push(format!("key {id}: {} {why}", later.exec)),
+                Some(why) => {
+                    // Times in ms from the first execution's start.
+                    let t0 = execs[0].start;
+                    let ms = |us: i64| (us - t0) / 1000;
+                    let history: Vec<String> = execs[..=j]
+                        .iter()
+                        .map(|e| {
+                            format!(
+                                "{} {}..{} killed {}",
+                                e.exec,
+                                ms(e.start),
+                                e.finish.map_or("-".into(), |f| ms(f).to_string()),
+                                killed
+                                    .get(&e.pid)
+                                    .map_or("-".into(), |k| ms(*k).to_string())
+                            )
+                        })
+                        .collect();
+                    v.alive_duplicates.push(format!(
+                        "key {id}: {} {why} [{}]",
+                        later.exec,
+                        history.join("; ")
+                    ))
+                }
                 None if after_finish => v.reruns_after_finish += 1,
                 None => v.legit_reruns += 1,
             }
