@@ -271,7 +271,20 @@ struct Output {
     secs: f64,
     conns: usize,
     store: &'static str,
+    /// `/proc/loadavg`'s 1-minute figure at the start and the end (other work on the machine
+    /// makes the ratios noisy).
+    load_before: Option<f64>,
+    load_after: Option<f64>,
     cases: BTreeMap<&'static str, CaseResult>,
+}
+
+fn load_avg() -> Option<f64> {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
 }
 
 fn median(v: &[f64]) -> f64 {
@@ -345,6 +358,7 @@ async fn main() -> Result<(), BoxError> {
         println!("{}: {ns:.0} ns per request with the layer", case.name());
         return Ok(());
     }
+    let load_before = load_avg();
     let bare_addr = serve(bare()).await?;
 
     let mut cases = BTreeMap::new();
@@ -414,6 +428,8 @@ async fn main() -> Result<(), BoxError> {
         secs,
         conns,
         store: "memory",
+        load_before,
+        load_after: load_avg(),
         cases,
     };
     if let Some(dir) = std::path::Path::new(&out).parent() {

@@ -100,6 +100,8 @@ mod body;
 mod fingerprint;
 mod key_header;
 mod layer;
+#[cfg(feature = "openapi")]
+pub mod openapi;
 mod policy;
 mod problem;
 mod replay;
