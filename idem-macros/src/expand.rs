@@ -66,7 +66,7 @@ pub(crate) fn idempotent(attr: TokenStream, item: TokenStream) -> TokenStream {
     let store_arg = args
         .store
         .as_ref()
-        .and_then(|s| valid::store_argument(s, &names.iter().collect::<Vec<_>>()).cloned());
+        .and_then(|s| valid::argument_of(s, &names.iter().collect::<Vec<_>>()).cloned());
     if let Some(name) = store_arg {
         if !args.skip.contains(&name) {
             args.skip.push(name);

@@ -46,6 +46,21 @@ pub(crate) fn arguments(inputs: &[Input], skipped: &dyn Fn(&Ident) -> bool) -> V
     errors
 }
 
+/// `key = tags` (or `&tags`, `tags.clone()`) where `tags` is a `HashSet`, skipped or not.
+pub(crate) fn key_is_a_set(key: &Expr, inputs: &[Input], names: &[&Ident]) -> Option<syn::Error> {
+    let name = crate::valid::argument_of(key, names)?;
+    let input = inputs.iter().find(|i| i.bindings.contains(name))?;
+    hash_set(&input.ty)?;
+    Some(syn::Error::new_spanned(
+        key,
+        format!(
+            "a `HashSet` is serialized in iteration order, which differs between equal sets, \
+             so a retry would not find the first call's record: key on a `BTreeSet` (or a \
+             sorted `Vec`) of `{name}`, or on a field that identifies the request"
+        ),
+    ))
+}
+
 /// The `HashSet` in an argument's type (`HashSet<T>`, `&HashSet<T>`, `Option<HashSet<T>>`..):
 /// serde writes a set in iteration order, which is not the same for two equal sets.
 fn hash_set(ty: &Type) -> Option<&Ident> {

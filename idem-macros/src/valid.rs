@@ -155,6 +155,9 @@ pub(crate) fn check(item: &ItemFn, args: &Args) -> (Option<Func>, Vec<syn::Error
     }
 
     errors.extend(traps::arguments(&inputs, &skipped));
+    if let Some(key) = &args.key {
+        errors.extend(traps::key_is_a_set(key, &inputs, &names));
+    }
 
     if let (Some(mk), None) = (&args.missing_key, &args.key) {
         errors.push(syn::Error::new(
@@ -361,21 +364,22 @@ fn borrows_self(expr: &Expr) -> bool {
     }
 }
 
-/// The argument that `store = ..` names (`store`, `&store`, `store.clone()`): a store is
-/// never part of the key or fingerprint, so it is skipped without `skip(store)`.
-pub(crate) fn store_argument<'a>(store: &Expr, names: &[&'a Ident]) -> Option<&'a Ident> {
+/// The argument that an expression is (`store`, `&store`, `store.clone()`): what `store = ..`
+/// names is skipped without `skip(store)` (a store is never part of the key or fingerprint),
+/// and a `key = tags` over a `HashSet` is the `HashSet` trap.
+pub(crate) fn argument_of<'a>(store: &Expr, names: &[&'a Ident]) -> Option<&'a Ident> {
     match store {
         Expr::Path(p) if p.qself.is_none() => {
             let ident = p.path.get_ident()?;
             names.iter().copied().find(|n| *n == ident)
         }
-        Expr::Reference(r) => store_argument(&r.expr, names),
-        Expr::Paren(p) => store_argument(&p.expr, names),
-        Expr::Unary(u) if matches!(u.op, syn::UnOp::Deref(_)) => store_argument(&u.expr, names),
+        Expr::Reference(r) => argument_of(&r.expr, names),
+        Expr::Paren(p) => argument_of(&p.expr, names),
+        Expr::Unary(u) if matches!(u.op, syn::UnOp::Deref(_)) => argument_of(&u.expr, names),
         Expr::MethodCall(m)
             if m.args.is_empty() && (m.method == "clone" || m.method == "as_ref") =>
         {
-            store_argument(&m.receiver, names)
+            argument_of(&m.receiver, names)
         }
         _ => None,
     }
