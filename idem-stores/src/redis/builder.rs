@@ -11,7 +11,7 @@ use idem_core::{StoreError, DEFAULT_MAX_VALUE_SIZE};
 
 use super::notify::{self, Waiters};
 use super::scripts::Scripts;
-use super::{backend, Conn, Inner, RedisStore, ServerClock};
+use super::{backend, Conn, Inner, RedisStore, ServerClock, CLOCK_REFRESH};
 
 /// Where a [`RedisStoreBuilder`] connects.
 pub(super) enum Target {
@@ -170,14 +170,27 @@ impl RedisStoreBuilder {
                 clock: ServerClock::new(),
                 waiters,
                 subscriber,
+                clock_reader: std::sync::OnceLock::new(),
             }),
         };
-        // Replays report their remaining ttl against this reading (refreshed by every
-        // completion); without it they report none left, which only keeps a cache in front
-        // of the store from keeping them.
+        // Completions stamp their expiry, and replays report their ttl, against these
+        // readings; without one, replays report no ttl left, which only keeps a cache in
+        // front of the store from keeping them.
         if let Err(e) = store.read_clock().await {
             tracing::debug!(error = %e, "idem redis: could not read the server's clock");
         }
+        let weak = Arc::downgrade(&store.inner);
+        let reader = tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(CLOCK_REFRESH).await;
+                let Some(inner) = weak.upgrade() else { return };
+                let store = RedisStore { inner };
+                if let Err(e) = store.read_clock().await {
+                    tracing::debug!(error = %e, "idem redis: could not read the server's clock");
+                }
+            }
+        });
+        let _ = store.inner.clock_reader.set(reader);
         Ok(store)
     }
 

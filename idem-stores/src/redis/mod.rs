@@ -81,11 +81,16 @@ struct Inner {
     clock: ServerClock,
     waiters: Arc<Waiters>,
     subscriber: tokio::task::JoinHandle<()>,
+    /// Reads the server's clock every [`CLOCK_REFRESH`] (holds a weak handle to the store).
+    clock_reader: std::sync::OnceLock<tokio::task::JoinHandle<()>>,
 }
 
 impl Drop for Inner {
     fn drop(&mut self) {
         self.subscriber.abort();
+        if let Some(reader) = self.clock_reader.get() {
+            reader.abort();
+        }
     }
 }
 
@@ -95,21 +100,31 @@ enum Conn {
     Cluster(ClusterConnection),
 }
 
-/// An estimate of the server's clock (ms since the epoch), never behind it: a reading of
-/// `TIME` is paired with the moment its command was *sent*, so the estimate runs ahead of the
-/// server by at most a round trip. Used only to turn a completed record's stored expiry into
-/// the `expires_in` of a replay (a little short, never long).
+/// Estimates of the server's clock (ms since the epoch) from `TIME` readings, refreshed every
+/// [`CLOCK_REFRESH`]: `late` pairs a reading with the moment its command was *sent*, so it
+/// never runs behind the server; `early` pairs it with the moment the reply *arrived*, so it
+/// never runs ahead. A completion stamps its record's expiry with `early + ttl` (never after
+/// the real expiry), and a replay reports `stamp - late` as its remaining ttl (a little short,
+/// never long), which is all a cache in front of the store needs.
 struct ServerClock {
     base: Instant,
-    /// Server ms minus ms since `base`, at the latest reading.
-    offset: AtomicI64,
+    /// Server ms minus ms since `base`, paired with the send (`late`) or the reply (`early`).
+    late: AtomicI64,
+    early: AtomicI64,
 }
+
+/// How often the store reads the server's clock.
+const CLOCK_REFRESH: Duration = Duration::from_secs(5);
+/// Allowed drift between the server's clock and ours over one refresh period, plus TIME's
+/// truncation to ms.
+const CLOCK_MARGIN_MS: i64 = 5;
 
 impl ServerClock {
     fn new() -> Self {
         ServerClock {
             base: Instant::now(),
-            offset: AtomicI64::new(i64::MIN),
+            late: AtomicI64::new(i64::MIN),
+            early: AtomicI64::new(i64::MIN),
         }
     }
 
@@ -117,22 +132,37 @@ impl ServerClock {
         i64::try_from(t.saturating_duration_since(self.base).as_millis()).unwrap_or(i64::MAX)
     }
 
-    /// Records that the server's clock read `server_ms` after a command sent at `sent`.
-    fn observe(&self, sent: Instant, server_ms: i64) {
-        self.offset
-            .store(server_ms - self.since_base(sent), Ordering::Relaxed);
+    /// Records that the server's clock read `server_ms` for a command sent at `sent` whose
+    /// reply arrived at `arrived`.
+    fn observe(&self, sent: Instant, arrived: Instant, server_ms: i64) {
+        self.late.store(
+            server_ms + 1 + CLOCK_MARGIN_MS - self.since_base(sent),
+            Ordering::Relaxed,
+        );
+        self.early.store(
+            server_ms - CLOCK_MARGIN_MS - self.since_base(arrived),
+            Ordering::Relaxed,
+        );
     }
 
-    /// How long a record expiring at `expiry_ms` (server clock) still lives, or `None` when
-    /// the server's clock has not been read yet.
-    fn left(&self, expiry_ms: f64) -> Option<Duration> {
-        let offset = self.offset.load(Ordering::Relaxed);
-        if offset == i64::MIN {
-            return None;
+    /// The expiry to stamp on a record completed now with `ttl`, never after the real one
+    /// (0 before the first reading: replays then report no ttl left).
+    fn stamp(&self, ttl_ms: u64) -> f64 {
+        let early = self.early.load(Ordering::Relaxed);
+        if early == i64::MIN {
+            return 0.0;
         }
-        // One ms of margin for the server's own truncation of TIME to ms.
-        let now = offset.saturating_add(self.since_base(Instant::now())) as f64 + 1.0;
-        Some(Duration::from_millis((expiry_ms - now).max(0.0) as u64))
+        (early.saturating_add(self.since_base(Instant::now())) as f64) + ttl_ms as f64
+    }
+
+    /// How long a record stamped with `expiry_ms` still lives, never more than it does.
+    fn left(&self, expiry_ms: f64) -> Duration {
+        let late = self.late.load(Ordering::Relaxed);
+        if late == i64::MIN {
+            return Duration::ZERO;
+        }
+        let now = late.saturating_add(self.since_base(Instant::now())) as f64;
+        Duration::from_millis((expiry_ms - now).max(0.0) as u64)
     }
 }
 
@@ -330,7 +360,7 @@ impl RedisStore {
             } => Ok(Claim::Completed(CompletedRecord::new(
                 fingerprint,
                 value,
-                Some(self.inner.clock.left(expiry_ms).unwrap_or_default()),
+                Some(self.inner.clock.left(expiry_ms)),
             ))),
             Record::InProgress { .. } => Err(StoreError::Corrupt(
                 "redis record: an in-progress record where a completed one was read".into(),
@@ -338,10 +368,12 @@ impl RedisStore {
         }
     }
 
-    /// Reads the server's clock once (at connect), so that replays can report their ttl.
+    /// Reads the server's clock (at connect, then every [`CLOCK_REFRESH`]), so that
+    /// completions can stamp their expiry and replays report their ttl.
     pub(crate) async fn read_clock(&self) -> Result<(), StoreError> {
         let sent = Instant::now();
         let v = self.send("redis time", &::redis::cmd("TIME")).await?;
+        let arrived = Instant::now();
         let Value::Array(parts) = v else {
             return Err(StoreError::Corrupt(format!("unexpected TIME reply {v:?}")));
         };
@@ -353,7 +385,9 @@ impl RedisStore {
         let (Some(secs), Some(micros)) = (num(parts.first()), num(parts.get(1))) else {
             return Err(StoreError::Corrupt("unexpected TIME reply".into()));
         };
-        self.inner.clock.observe(sent, secs * 1000 + micros / 1000);
+        self.inner
+            .clock
+            .observe(sent, arrived, secs * 1000 + micros / 1000);
         Ok(())
     }
 }
@@ -419,7 +453,7 @@ impl Store for RedisStore {
             });
         }
         let name = self.name(key);
-        let sent = Instant::now();
+        let ttl = millis(ttl).max(1);
         let v = self
             .eval(
                 "redis complete",
@@ -428,14 +462,13 @@ impl Store for RedisStore {
                 &[
                     &token.0.to_be_bytes(),
                     value,
-                    millis(ttl).max(1).to_string().as_bytes(),
+                    ttl.to_string().as_bytes(),
                     self.inner.channel.as_bytes(),
+                    &self.inner.clock.stamp(ttl).to_be_bytes(),
                 ],
             )
             .await?;
-        let now = reply::fenced(&v)?;
-        self.inner.clock.observe(sent, now);
-        Ok(())
+        reply::fenced(&v).map(drop)
     }
 
     async fn release(&self, key: &Key, token: FencingToken) -> Result<(), StoreError> {
@@ -577,13 +610,17 @@ mod tests {
     }
 
     #[test]
-    fn the_clock_estimate_never_overstates_a_ttl() {
+    fn the_clock_estimates_never_overstate_a_ttl() {
         let clock = ServerClock::new();
-        assert_eq!(clock.left(1e12), None);
+        assert_eq!(clock.left(1e12), Duration::ZERO);
+        assert_eq!(clock.stamp(1000), 0.0);
         let sent = Instant::now();
-        clock.observe(sent, 1_000_000);
-        let left = clock.left(1_000_000.0 + 5_000.0).unwrap_or_default();
+        clock.observe(sent, sent + Duration::from_millis(3), 1_000_000);
+        let stamp = clock.stamp(5_000);
+        assert!(stamp <= 1_000_000.0 + 5_000.0, "{stamp}");
+        let left = clock.left(stamp);
         assert!(left <= Duration::from_millis(5_000), "{left:?}");
-        assert_eq!(clock.left(999_000.0), Some(Duration::ZERO));
+        assert!(left >= Duration::from_millis(4_900), "{left:?}");
+        assert_eq!(clock.left(999_000.0), Duration::ZERO);
     }
 }

@@ -9,16 +9,17 @@
 //! |---|---|---|
 //! | 0..3 | `i2p`, or `i2w` once a waiter looked | `i2c` |
 //! | 3..11 | the holder's fencing token (u64) | the token it was completed under |
-//! | 11..19 | the grace (f64 ms) the record outlives its lease by | the expiry (f64 ms, server clock) |
+//! | 11..19 | the grace (f64 ms) the record outlives its lease by | the expiry (f64 ms, server clock, as the completing client estimated it, never late) |
 //! | 19 | fingerprint length: 0 or 32 | same |
 //! | 20.. | the fingerprint | the fingerprint, then the encoded value |
 //!
 //! **Leases are Redis's own expiry.** An in-progress record is written with
 //! `PX lease + grace`, so the holder's lease has `PTTL - grace` left, on the server's clock and
 //! with no `TIME` call. A completed record is written with `PX ttl`: Redis never returns it past
-//! its expiry, and the expiry stored in it (taken from `TIME` by the completion script) lets a
-//! replay that came back from the claim's `SET … GET` report its remaining ttl without a second
-//! command.
+//! its expiry. The expiry stored in it lets a replay that came back from the claim's `SET … GET`
+//! report its remaining ttl without a second command; both ends estimate the server's clock
+//! from periodic `TIME` readings, the writer never late and the reader never early, so the
+//! reported ttl can be short by a round trip, never long.
 //!
 //! # The calls
 //!
@@ -126,18 +127,17 @@ if type(v) ~= 'string' or string.len(v) < 20 or string.sub(v, 1, 2) ~= 'i2' or s
 local st = string.sub(v, 3, 3)
 "#;
 
-/// `complete(KEYS[1]; token, value, ttl_ms, channel)` → the server's time in ms (applied, or
-/// already completed under this token), or 0 when fenced.
+/// `complete(KEYS[1]; token, value, ttl_ms, channel, expiry)` → 1 (applied, or already
+/// completed under this token), or 0 when fenced. `expiry` (8 bytes, f64 ms) is the client's
+/// estimate of the server's clock plus the ttl, never late (see `ServerClock`): the script
+/// calls no `TIME`, which costs more inside a script than the rest of it.
 pub(crate) const COMPLETE: &str = r#"
-local tm = redis.call('TIME')
-local now = tonumber(tm[1]) * 1000 + math.floor(tonumber(tm[2]) / 1000)
-if st == 'c' then return now end
+if st == 'c' then return 1 end
 if st ~= 'p' and st ~= 'w' then return 0 end
-local ttl = tonumber(ARGV[3])
 local fl = string.byte(v, 20)
-redis.call('SET', k, 'i2c' .. ARGV[1] .. struct.pack('>d', now + ttl) .. string.sub(v, 20, 20 + fl) .. ARGV[2], 'PX', ARGV[3])
+redis.call('SET', k, 'i2c' .. ARGV[1] .. ARGV[5] .. string.sub(v, 20, 20 + fl) .. ARGV[2], 'PX', ARGV[3])
 if st == 'w' then redis.call('PUBLISH', ARGV[4], string.sub(k, -65, -2)) end
-return now
+return 1
 "#;
 
 /// `release(KEYS[1]; token, channel)` → 1 (also when the record is gone or not ours).
