@@ -72,7 +72,11 @@ fn known_context(context: &str) -> Option<&'static blake3::hazmat::ContextKey> {
             [MATERIAL_CONTEXT, SCOPE_CONTEXT, FINGERPRINT_CONTEXT]
                 .map(|c| (c, blake3::hazmat::hash_derive_key_context(c)))
         });
-    KNOWN.iter().find(|(c, _)| *c == context).map(|(_, k)| k)
+    // The runtime passes the constants themselves: compare addresses before contents.
+    KNOWN
+        .iter()
+        .find(|(c, _)| std::ptr::eq(*c, context) || *c == context)
+        .map(|(_, k)| k)
 }
 
 /// How a [`Sink`] hashes: BLAKE3 in derive-key mode from a prepared context key, or plain.
@@ -89,8 +93,9 @@ pub(crate) struct Sink<'k> {
     buf: [u8; SINK_LEN],
     len: usize,
     mode: Mode<'k>,
-    /// Created when the input outgrows the buffer.
-    hasher: Option<blake3::Hasher>,
+    /// Created when the input outgrows the buffer (boxed: a `Hasher` is ~1.9 KB, and the
+    /// common small key never needs one here).
+    hasher: Option<Box<blake3::Hasher>>,
 }
 
 const SINK_LEN: usize = 192;
@@ -110,14 +115,6 @@ impl<'k> Sink<'k> {
         }
     }
 
-    fn hasher(mode: Mode<'_>) -> blake3::Hasher {
-        use blake3::hazmat::HasherExt;
-        match mode {
-            Mode::Derive(key) => blake3::Hasher::new_from_context_key(key),
-            Mode::Plain => blake3::Hasher::new(),
-        }
-    }
-
     #[inline]
     pub(crate) fn update(&mut self, bytes: &[u8]) {
         if bytes.len() <= SINK_LEN - self.len {
@@ -130,8 +127,14 @@ impl<'k> Sink<'k> {
 
     #[cold]
     fn spill(&mut self, bytes: &[u8]) {
+        use blake3::hazmat::HasherExt;
         let mode = self.mode;
-        let h = self.hasher.get_or_insert_with(|| Self::hasher(mode));
+        let h = self.hasher.get_or_insert_with(|| {
+            Box::new(match mode {
+                Mode::Derive(key) => blake3::Hasher::new_from_context_key(key),
+                Mode::Plain => blake3::Hasher::new(),
+            })
+        });
         h.update(&self.buf[..self.len]);
         self.len = 0;
         if bytes.len() > SINK_LEN {
@@ -142,16 +145,21 @@ impl<'k> Sink<'k> {
         }
     }
 
-    pub(crate) fn finalize(mut self) -> [u8; 32] {
-        let mut h = match self.hasher.take() {
-            Some(h) => h,
-            None if matches!(self.mode, Mode::Plain) => {
-                return *blake3::hash(&self.buf[..self.len]).as_bytes();
+    pub(crate) fn finalize(&mut self) -> [u8; 32] {
+        use blake3::hazmat::HasherExt;
+        let input = &self.buf[..self.len];
+        if let Some(h) = &mut self.hasher {
+            h.update(input);
+            return *h.finalize().as_bytes();
+        }
+        match self.mode {
+            Mode::Plain => *blake3::hash(input).as_bytes(),
+            Mode::Derive(key) => {
+                let mut h = blake3::Hasher::new_from_context_key(key);
+                h.update(input);
+                *h.finalize().as_bytes()
             }
-            None => Self::hasher(self.mode),
-        };
-        h.update(&self.buf[..self.len]);
-        *h.finalize().as_bytes()
+        }
     }
 }
 
