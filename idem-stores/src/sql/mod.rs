@@ -260,6 +260,34 @@ impl<S: base::SqlBackend> SqlStoreBuilder<S> {
     }
 }
 
+/// The parts of [`base::SqlBackend`] that read the same on every store (`struct XStore {
+/// inner: Arc<Inner> }`, `Inner { core, .. }`, inherent `purge_expired` and
+/// `claim_statements`).
+macro_rules! backend_plumbing {
+    ($store:ident) => {
+        fn core(&self) -> &Core {
+            &self.inner.core
+        }
+
+        async fn purge(&self, batch: u32) -> Result<u64, StoreError> {
+            self.purge_expired(batch).await
+        }
+
+        async fn claim_inner(&self, req: &ClaimRequest) -> Result<Claim, StoreError> {
+            self.claim_statements(req).await
+        }
+
+        fn downgrade(&self) -> Weak<Inner> {
+            Arc::downgrade(&self.inner)
+        }
+
+        fn from_inner(inner: Arc<Inner>) -> Self {
+            $store { inner }
+        }
+    };
+}
+pub(crate) use backend_plumbing;
+
 /// The skeleton the three stores share.
 pub(crate) mod base {
     use super::*;

@@ -306,25 +306,7 @@ impl SqlBackend for MySqlStore {
             .map(drop)
     }
 
-    async fn purge(&self, batch: u32) -> Result<u64, StoreError> {
-        self.purge_expired(batch).await
-    }
-
-    fn core(&self) -> &Core {
-        &self.inner.core
-    }
-
-    async fn claim_inner(&self, req: &ClaimRequest) -> Result<Claim, StoreError> {
-        self.claim_statements(req).await
-    }
-
-    fn downgrade(&self) -> Weak<Inner> {
-        Arc::downgrade(&self.inner)
-    }
-
-    fn from_inner(inner: Arc<Inner>) -> Self {
-        MySqlStore { inner }
-    }
+    super::backend_plumbing!(MySqlStore);
 }
 
 /// Quotes a validated `name` or `database.name` with backticks.

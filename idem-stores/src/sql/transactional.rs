@@ -1,8 +1,9 @@
 //! Transactional mode for the SQL stores: [`TransactionalStore`] for [`PostgresStore`],
 //! [`MySqlStore`] and [`SqliteStore`] (SPEC §4, issue 13).
 //!
-//! The body runs its statements in a transaction on the store's database (`Tx` is a plain
-//! `sqlx::Transaction<'static, DB>`: [`PgTx`], [`MySqlTx`], [`SqliteTx`]); on `Ok`, the
+//! The body runs its statements in a transaction on the store's database (`Tx` is a sqlx
+//! `Transaction<'static, DB>` in a newtype that dereferences to the connection: [`PgTx`],
+//! [`MySqlTx`], [`SqliteTx`]); on `Ok`, the
 //! completion is written in the same transaction by [`complete_in`](TransactionalStore::complete_in):
 //!
 //! ```sql
@@ -50,86 +51,155 @@ use crate::PostgresStore;
 #[cfg(feature = "sqlite")]
 use crate::SqliteStore;
 
-/// The transaction a body runs in on a [`PostgresStore`]: run statements on it with
-/// `.execute(&mut **tx)`.
-///
-/// ```no_run
-/// use idem_core::Call;
-/// use idem_stores::{PgTx, PostgresStore};
-///
-/// # async fn demo(store: &PostgresStore) -> Result<i64, idem_core::Error> {
-/// let order_id: i64 = Call::new("orders::place")
-///     .key("order-42")
-///     .run_in_transaction(store, async |tx: &mut PgTx| {
-///         let id: i64 = sqlx::query_scalar("INSERT INTO orders (sku) VALUES ($1) RETURNING id")
-///             .bind("sku-1")
-///             .fetch_one(&mut **tx)
-///             .await
-///             .map_err(|e| idem_core::StoreError::backend("insert order", e))?;
-///         Ok::<_, idem_core::Error>(id)
-///     })
-///     .await?;
-/// # Ok(order_id) }
-/// ```
-#[cfg(feature = "postgres")]
-pub type PgTx = sqlx::Transaction<'static, sqlx::Postgres>;
+/// Defines a transaction type: a sqlx `Transaction<'static, DB>` in a newtype without
+/// lifetime parameters. (With the plain sqlx type, whose `'static` the compiler loses inside
+/// the runtime's future, a call that runs an async closure on it is not provably `Send`, so it
+/// could not be spawned or serve an axum handler — rust-lang/rust#110338 and its family.)
+macro_rules! tx_type {
+    ($(#[$doc:meta])* $feature:literal, $name:ident, $db:ty, $conn:ty) => {
+        $(#[$doc])*
+        ///
+        /// It dereferences to the connection, as a sqlx `Transaction` does: run statements
+        /// with `.execute(&mut **tx)`. Dropping it without a commit rolls it back.
+        #[cfg(feature = $feature)]
+        #[cfg_attr(docsrs, doc(cfg(feature = $feature)))]
+        #[derive(Debug)]
+        pub struct $name(sqlx::Transaction<'static, $db>);
 
-/// The transaction a body runs in on a [`MySqlStore`] (MySQL, MariaDB).
-///
-/// ```no_run
-/// use idem_core::Call;
-/// use idem_stores::{MySqlStore, MySqlTx};
-///
-/// # async fn demo(store: &MySqlStore) -> Result<u64, idem_core::Error> {
-/// Call::new("orders::place")
-///     .key("order-42")
-///     .run_in_transaction(store, async |tx: &mut MySqlTx| {
-///         let done = sqlx::query("INSERT INTO orders (sku) VALUES (?)")
-///             .bind("sku-1")
-///             .execute(&mut **tx)
-///             .await
-///             .map_err(|e| idem_core::StoreError::backend("insert order", e))?;
-///         Ok::<_, idem_core::Error>(done.last_insert_id())
-///     })
-///     .await
-/// # }
-/// ```
-#[cfg(feature = "mysql")]
-pub type MySqlTx = sqlx::Transaction<'static, sqlx::MySql>;
+        #[cfg(feature = $feature)]
+        impl $name {
+            /// Commits the transaction (for a transaction the caller owns, as with
+            /// [`Call::run_within`](idem_core::Call::run_within)).
+            pub async fn commit(self) -> Result<(), sqlx::Error> {
+                self.0.commit().await
+            }
 
-/// The transaction a body runs in on a [`SqliteStore`] (opened `BEGIN IMMEDIATE` by
-/// [`Call::run_in_transaction`](idem_core::Call::run_in_transaction)).
-///
-/// ```
-/// use idem_core::Call;
-/// use idem_stores::{SqliteStore, SqliteTx};
-///
-/// # #[tokio::main(flavor = "current_thread")]
-/// # async fn main() -> Result<(), idem_core::Error> {
-/// let store = SqliteStore::connect("sqlite::memory:").await?;
-/// store.migrate().await?;
-/// sqlx::query("CREATE TABLE orders (id INTEGER PRIMARY KEY, sku TEXT)")
-///     .execute(store.pool())
-///     .await
-///     .map_err(|e| idem_core::StoreError::backend("create", e))?;
-/// for _ in 0..2 {
-///     let id: i64 = Call::new("orders::place")
-///         .key("order-42")
-///         .run_in_transaction(&store, async |tx: &mut SqliteTx| {
-///             let done = sqlx::query("INSERT INTO orders (sku) VALUES (?)")
-///                 .bind("sku-1")
-///                 .execute(&mut **tx)
-///                 .await
-///                 .map_err(|e| idem_core::StoreError::backend("insert order", e))?;
-///             Ok::<_, idem_core::Error>(done.last_insert_rowid())
-///         })
-///         .await?;
-///     assert_eq!(id, 1); // the second call replays the first one's id
-/// }
-/// # Ok(()) }
-/// ```
-#[cfg(feature = "sqlite")]
-pub type SqliteTx = sqlx::Transaction<'static, sqlx::Sqlite>;
+            /// Rolls the transaction back.
+            pub async fn rollback(self) -> Result<(), sqlx::Error> {
+                self.0.rollback().await
+            }
+
+            /// The sqlx transaction (for APIs that take one, e.g. a savepoint with
+            /// `sqlx::Acquire::begin`).
+            pub fn transaction(&mut self) -> &mut sqlx::Transaction<'static, $db> {
+                &mut self.0
+            }
+
+            /// The sqlx transaction, by value.
+            pub fn into_inner(self) -> sqlx::Transaction<'static, $db> {
+                self.0
+            }
+        }
+
+        #[cfg(feature = $feature)]
+        impl From<sqlx::Transaction<'static, $db>> for $name {
+            fn from(tx: sqlx::Transaction<'static, $db>) -> Self {
+                $name(tx)
+            }
+        }
+
+        #[cfg(feature = $feature)]
+        impl std::ops::Deref for $name {
+            type Target = $conn;
+            fn deref(&self) -> &$conn {
+                &self.0
+            }
+        }
+
+        #[cfg(feature = $feature)]
+        impl std::ops::DerefMut for $name {
+            fn deref_mut(&mut self) -> &mut $conn {
+                &mut self.0
+            }
+        }
+    };
+}
+
+tx_type!(
+    /// The transaction a body runs in on a [`PostgresStore`]: run statements on it with
+    /// `.execute(&mut **tx)`.
+    ///
+    /// ```no_run
+    /// use idem_core::Call;
+    /// use idem_stores::{PgTx, PostgresStore};
+    ///
+    /// # async fn demo(store: &PostgresStore) -> Result<i64, idem_core::Error> {
+    /// let order_id: i64 = Call::new("orders::place")
+    ///     .key("order-42")
+    ///     .run_in_transaction(store, async |tx: &mut PgTx| {
+    ///         let id: i64 = idem_stores::sqlx::query_scalar("INSERT INTO orders (sku) VALUES ($1) RETURNING id")
+    ///             .bind("sku-1")
+    ///             .fetch_one(&mut **tx)
+    ///             .await
+    ///             .map_err(|e| idem_core::StoreError::backend("insert order", e))?;
+    ///         Ok::<_, idem_core::Error>(id)
+    ///     })
+    ///     .await?;
+    /// # Ok(order_id) }
+    /// ```
+    "postgres", PgTx, sqlx::Postgres, sqlx::PgConnection
+);
+
+tx_type!(
+
+    /// The transaction a body runs in on a [`MySqlStore`] (MySQL, MariaDB).
+    ///
+    /// ```no_run
+    /// use idem_core::Call;
+    /// use idem_stores::{MySqlStore, MySqlTx};
+    ///
+    /// # async fn demo(store: &MySqlStore) -> Result<u64, idem_core::Error> {
+    /// Call::new("orders::place")
+    ///     .key("order-42")
+    ///     .run_in_transaction(store, async |tx: &mut MySqlTx| {
+    ///         let done = idem_stores::sqlx::query("INSERT INTO orders (sku) VALUES (?)")
+    ///             .bind("sku-1")
+    ///             .execute(&mut **tx)
+    ///             .await
+    ///             .map_err(|e| idem_core::StoreError::backend("insert order", e))?;
+    ///         Ok::<_, idem_core::Error>(done.last_insert_id())
+    ///     })
+    ///     .await
+    /// # }
+    /// ```
+    "mysql", MySqlTx, sqlx::MySql, sqlx::MySqlConnection
+);
+
+tx_type!(
+
+    /// The transaction a body runs in on a [`SqliteStore`] (opened `BEGIN IMMEDIATE` by
+    /// [`Call::run_in_transaction`](idem_core::Call::run_in_transaction)).
+    ///
+    /// ```
+    /// use idem_core::Call;
+    /// use idem_stores::{SqliteStore, SqliteTx};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), idem_core::Error> {
+    /// let store = SqliteStore::connect("sqlite::memory:").await?;
+    /// store.migrate().await?;
+    /// idem_stores::sqlx::query("CREATE TABLE orders (id INTEGER PRIMARY KEY, sku TEXT)")
+    ///     .execute(store.pool())
+    ///     .await
+    ///     .map_err(|e| idem_core::StoreError::backend("create", e))?;
+    /// for _ in 0..2 {
+    ///     let id: i64 = Call::new("orders::place")
+    ///         .key("order-42")
+    ///         .run_in_transaction(&store, async |tx: &mut SqliteTx| {
+    ///             let done = idem_stores::sqlx::query("INSERT INTO orders (sku) VALUES (?)")
+    ///                 .bind("sku-1")
+    ///                 .execute(&mut **tx)
+    ///                 .await
+    ///                 .map_err(|e| idem_core::StoreError::backend("insert order", e))?;
+    ///             Ok::<_, idem_core::Error>(done.last_insert_rowid())
+    ///         })
+    ///         .await?;
+    ///     assert_eq!(id, 1); // the second call replays the first one's id
+    /// }
+    /// # Ok(()) }
+    /// ```
+    "sqlite", SqliteTx, sqlx::Sqlite, sqlx::SqliteConnection
+);
 
 /// Durations are clamped to this many milliseconds (about 100 years) before reaching SQL, as
 /// the stores do.
@@ -180,6 +250,7 @@ impl TransactionalStore for PostgresStore {
         self.pool()
             .begin()
             .await
+            .map(PgTx)
             .map_err(|e| StoreError::backend("postgres: begin", e))
     }
 
@@ -229,7 +300,7 @@ impl TransactionalStore for PostgresStore {
     }
 
     async fn commit(&self, tx: PgTx) -> Result<(), StoreError> {
-        tx.commit()
+        tx.0.commit()
             .await
             .map_err(|e| StoreError::backend("postgres: commit", e))
     }
@@ -251,6 +322,7 @@ impl TransactionalStore for MySqlStore {
         self.pool()
             .begin()
             .await
+            .map(MySqlTx)
             .map_err(|e| StoreError::backend("mysql: begin", e))
     }
 
@@ -304,7 +376,7 @@ impl TransactionalStore for MySqlStore {
     }
 
     async fn commit(&self, tx: MySqlTx) -> Result<(), StoreError> {
-        tx.commit()
+        tx.0.commit()
             .await
             .map_err(|e| StoreError::backend("mysql: commit", e))
     }
@@ -329,6 +401,7 @@ impl TransactionalStore for SqliteStore {
         self.pool()
             .begin_with("BEGIN IMMEDIATE")
             .await
+            .map(SqliteTx)
             .map_err(|e| StoreError::backend("sqlite: begin", e))
     }
 
@@ -369,7 +442,7 @@ impl TransactionalStore for SqliteStore {
     }
 
     async fn commit(&self, tx: SqliteTx) -> Result<(), StoreError> {
-        tx.commit()
+        tx.0.commit()
             .await
             .map_err(|e| StoreError::backend("sqlite: commit", e))
     }
