@@ -685,7 +685,10 @@ pub(crate) async fn claim(
                 let wait_started = Instant::now();
                 #[cfg(feature = "metrics")]
                 let _timer = Timer(wait_started, |took| crate::telemetry::wait(ns, took));
+                // A caller dropped while it waits holds nothing; it still ends as `Cancelled`.
+                let cancelled = CountOnDrop(Some((Outcome::Cancelled, ns, key)));
                 if let Err(e) = store.wait(&key, wait_for).await {
+                    cancelled.disarm();
                     let e = Error::from(e);
                     let outcome = e.outcome();
                     return Claimed::Failed(e, outcome);
@@ -694,6 +697,7 @@ pub(crate) async fn claim(
                 if waited && wait_started.elapsed() < Duration::from_millis(1) {
                     tokio::time::sleep(Duration::from_millis(2)).await;
                 }
+                cancelled.disarm();
                 waited = true;
             }
         }
@@ -1009,6 +1013,23 @@ pub(crate) async fn keep_lease(
                 tracing::warn!(target: "idem", %key, error = %e, "lease renewal failed; retrying");
                 next = Instant::now() + pause;
             }
+        }
+    }
+}
+
+/// Counts the call under an outcome if it is dropped while armed.
+struct CountOnDrop(Option<(Outcome, &'static str, Key)>);
+
+impl CountOnDrop {
+    fn disarm(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for CountOnDrop {
+    fn drop(&mut self) {
+        if let Some((outcome, ns, key)) = self.0.take() {
+            emit(outcome, ns, Some(&key));
         }
     }
 }
