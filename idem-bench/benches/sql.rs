@@ -157,10 +157,7 @@ mod mysql {
             .acquire_timeout(Duration::from_secs(3))
             .connect(&idem_bench::mysql_url())
             .await?;
-        let store = MySqlStore::builder()
-            .pool(pool)
-            .table(IDEM_TABLE)
-            .build()?;
+        let store = MySqlStore::builder().pool(pool).table(IDEM_TABLE).build()?;
         store.migrate().await?;
         let pool = store.pool();
         sqlx::query(AssertSqlSafe(format!("DROP TABLE IF EXISTS {RAW_TABLE}")))
