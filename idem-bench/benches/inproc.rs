@@ -1,5 +1,12 @@
 //! In-process group: a bare async call, raw moka `get`/`insert`, idem on `MemoryStore`
-//! (through `Call` and through `#[idempotent]`), and the `cached` crate's `#[cached]`.
+//! (through `Call` and through `#[idempotent]`), and two peers: the `cached` crate's
+//! `#[cached]` (memoisation), and the `idempotent` crate's in-memory store (0.3) driven through
+//! the same claim → run → complete → replay cycle with the same MessagePack encoding.
+//!
+//! `IDEM_INPROC_PROFILE=<case>:<iterations>` runs one case that many times and exits, for
+//! callgrind (`bench/report` runs each case at two iteration counts and takes the difference,
+//! so that start-up cancels out): `moka_get`, `moka_insert_get`, `idem_macro_replay`,
+//! `idem_macro_fresh`, `idempotent_replay`, `idempotent_fresh`, `cached_hit`.
 //!
 //! All on one current-thread tokio runtime. "Fresh" benches use a key never seen before on
 //! every iteration and a new store (or cache) per criterion sample, built and dropped outside
@@ -14,7 +21,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use cached::Cached;
-use criterion::{criterion_group, criterion_main, Criterion};
+use criterion::{criterion_group, Criterion};
 use idem_core::{Call, ClaimRequest, Error, FencingToken, Key, Store};
 use idem_stores::MemoryStore;
 use moka::future::Cache;
@@ -57,6 +64,50 @@ async fn work_cached(n: u64) -> Result<u64, Error> {
     Ok(n.wrapping_mul(2))
 }
 
+/// The peer's cycle, as a user of `idempotent` 0.3 writes it around `work`: key and
+/// fingerprint, `try_insert` (claim), run, `complete`, or decode the stored response.
+async fn work_peer(store: &PeerStore, n: u64) -> Result<u64, Error> {
+    use idem_core::codec::{Codec, MsgPack};
+    use idempotent::entry::ExistingEntry;
+    use idempotent::fingerprint::{DefaultFingerprintStrategy, FingerprintStrategy};
+    use idempotent::store::{IdempotencyStore, InsertResult};
+    use idempotent::{CachedResponse, IdempotencyEntry, IdempotencyKey};
+
+    let key = IdempotencyKey::new(n.to_string()).expect("a valid key");
+    let args = MsgPack.encode(&(n,)).map_err(Error::Codec)?;
+    let fingerprint = DefaultFingerprintStrategy.compute("idem_bench::work_peer", &args);
+    let entry = IdempotencyEntry::new(fingerprint, TTL);
+    let Ok(found) = store.try_insert(&key, entry.clone()).await;
+    match found {
+        InsertResult::Claimed { fencing_token } => {
+            let v = work(n).await?;
+            let body = MsgPack.encode(&v).map_err(Error::Codec)?;
+            let done = entry.complete(CachedResponse {
+                status_code: 200,
+                metadata: Default::default(),
+                body: body.into(),
+            });
+            let Ok(()) = store.complete(&key, done, fencing_token).await;
+            Ok(v)
+        }
+        InsertResult::Exists(ExistingEntry::Completed(done)) => {
+            if !done.fingerprint_matches(fingerprint) {
+                return Err(Error::KeyReused);
+            }
+            MsgPack.decode(&done.response().body).map_err(Error::Codec)
+        }
+        InsertResult::Exists(ExistingEntry::Processing(_)) => {
+            Err(Error::InProgress { retry_after: None })
+        }
+    }
+}
+
+type PeerStore = idempotent::store::memory::MemoryStore;
+
+fn peer_store() -> PeerStore {
+    PeerStore::new(1024, Duration::from_secs(3600))
+}
+
 fn raw_key(n: u64) -> Key {
     let mut k = [0u8; 32];
     k[..8].copy_from_slice(&n.to_le_bytes());
@@ -94,6 +145,24 @@ fn inproc(c: &mut Criterion) {
                     cache
                         .insert(black_box(raw_key(next())), value.clone())
                         .await;
+                }
+                let elapsed = start.elapsed();
+                drop(cache);
+                elapsed
+            }
+        })
+    });
+
+    g.bench_function("moka_insert_get", |b| {
+        b.to_async(&rt).iter_custom(|iters| {
+            let value = value.clone();
+            async move {
+                let cache: Cache<Key, Arc<[u8]>> = Cache::new(u64::MAX);
+                let start = Instant::now();
+                for _ in 0..iters {
+                    let k = raw_key(next());
+                    cache.insert(black_box(k), value.clone()).await;
+                    black_box(cache.get(&k).await);
                 }
                 let elapsed = start.elapsed();
                 drop(cache);
@@ -174,7 +243,27 @@ fn inproc(c: &mut Criterion) {
             .iter(|| async { store.get(black_box(&ident.key)).await.unwrap() })
     });
 
-    // The peer.
+    // The peer with the same cycle: `idempotent`'s in-memory store (an actor task).
+    let peer = rt.block_on(async { peer_store() });
+    rt.block_on(work_peer(&peer, REPLAY_N)).unwrap();
+    g.bench_function("idempotent_replay", |b| {
+        b.to_async(&rt)
+            .iter(|| async { work_peer(&peer, black_box(REPLAY_N)).await.unwrap() })
+    });
+    g.bench_function("idempotent_fresh", |b| {
+        b.to_async(&rt).iter_custom(|iters| async move {
+            let peer = peer_store();
+            let start = Instant::now();
+            for _ in 0..iters {
+                black_box(work_peer(&peer, next()).await.unwrap());
+            }
+            let elapsed = start.elapsed();
+            drop(peer);
+            elapsed
+        })
+    });
+
+    // The memoising peer.
     rt.block_on(work_cached(REPLAY_N)).unwrap();
     g.bench_function("cached_hit", |b| {
         b.to_async(&rt)
@@ -202,4 +291,60 @@ criterion_group! {
     config = common::config();
     targets = inproc
 }
-criterion_main!(benches);
+
+/// `IDEM_INPROC_PROFILE=<case>:<iterations>`: runs one case and exits (for callgrind).
+fn profile(spec: &str) {
+    let (case, iters) = spec
+        .split_once(':')
+        .expect("IDEM_INPROC_PROFILE=<case>:<iterations>");
+    let iters: u64 = iters.parse().expect("a number of iterations");
+    let rt = idem_bench::current_thread();
+    rt.block_on(async {
+        let store = big_store();
+        let value: Arc<[u8]> = Arc::from(&[0xa5u8; 32][..]);
+        let cache: Cache<Key, Arc<[u8]>> = Cache::new(u64::MAX);
+        let peer = peer_store();
+        // Every case's replay key exists before the loop.
+        cache.insert(raw_key(REPLAY_N), value.clone()).await;
+        work_idem(&store, REPLAY_N).await.unwrap();
+        work_peer(&peer, REPLAY_N).await.unwrap();
+        work_cached(REPLAY_N).await.unwrap();
+        for _ in 0..iters {
+            match case {
+                "moka_get" => {
+                    black_box(cache.get(black_box(&raw_key(REPLAY_N))).await);
+                }
+                "moka_insert_get" => {
+                    let k = raw_key(next());
+                    cache.insert(k, value.clone()).await;
+                    black_box(cache.get(&k).await);
+                }
+                "idem_macro_replay" => {
+                    black_box(work_idem(&store, black_box(REPLAY_N)).await.unwrap());
+                }
+                "idem_macro_fresh" => {
+                    black_box(work_idem(&store, next()).await.unwrap());
+                }
+                "idempotent_replay" => {
+                    black_box(work_peer(&peer, black_box(REPLAY_N)).await.unwrap());
+                }
+                "idempotent_fresh" => {
+                    black_box(work_peer(&peer, next()).await.unwrap());
+                }
+                "cached_hit" => {
+                    black_box(work_cached(black_box(REPLAY_N)).await.unwrap());
+                }
+                other => panic!("unknown case {other}"),
+            }
+        }
+    });
+}
+
+fn main() {
+    if let Ok(spec) = std::env::var("IDEM_INPROC_PROFILE") {
+        profile(&spec);
+        return;
+    }
+    benches();
+    Criterion::default().configure_from_args().final_summary();
+}
