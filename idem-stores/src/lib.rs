@@ -56,3 +56,11 @@ pub use crate::sql::transactional::PgTx;
 #[cfg(feature = "sqlite")]
 #[cfg_attr(docsrs, doc(cfg(feature = "sqlite")))]
 pub use crate::sql::transactional::SqliteTx;
+/// The sqlx the SQL stores are built on (0.9), re-exported so that transactional bodies run
+/// their statements with the same version (`idem_stores::sqlx::query(..)`).
+#[cfg(any(feature = "postgres", feature = "mysql", feature = "sqlite"))]
+#[cfg_attr(
+    docsrs,
+    doc(cfg(any(feature = "postgres", feature = "mysql", feature = "sqlite")))
+)]
+pub use sqlx;

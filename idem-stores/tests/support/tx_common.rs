@@ -352,6 +352,7 @@ pub mod lite {
                 .pool()
                 .begin()
                 .await
+                .map(idem_stores::SqliteTx::from)
                 .map_err(|e| StoreError::backend("begin", e))
         }
 
