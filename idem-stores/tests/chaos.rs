@@ -29,7 +29,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use idem_core::{Call, Error, Store};
+use idem_core::{
+    Call, Claim, ClaimRequest, CompletedRecord, Error, FencingToken, Key, RecordState, Store,
+    StoreError,
+};
 use sqlx::postgres::{PgPool, PgPoolOptions};
 use sqlx::AssertSqlSafe;
 
@@ -211,6 +214,119 @@ async fn ledger_pool(url: &str, max: u32) -> Result<PgPool, sqlx::Error> {
         .await
 }
 
+/// The worker's store, wrapped to report its slow, failed and cancelled operations on
+/// stdout (`OP <op> <slow|cancelled|error> <ms>`), so that a failed run says where the time
+/// went: a renewal slower than `lease/4` or a claim or completion slower than `lease/2` is
+/// past the runtime's bound on it.
+#[derive(Debug, Clone)]
+struct Timed(Arc<dyn Store>);
+
+/// Reports one operation when it ends or is dropped unfinished.
+struct Probe {
+    op: &'static str,
+    start: std::time::Instant,
+    outcome: Option<&'static str>,
+}
+
+impl Probe {
+    fn new(op: &'static str) -> Probe {
+        Probe {
+            op,
+            start: std::time::Instant::now(),
+            outcome: None,
+        }
+    }
+    fn finish<T>(mut self, r: &Result<T, StoreError>) {
+        self.outcome = Some(if r.is_err() { "error" } else { "ok" });
+    }
+}
+
+impl Drop for Probe {
+    fn drop(&mut self) {
+        let ms = self.start.elapsed().as_millis();
+        let slow = match self.op {
+            "renew" => LEASE / 4,
+            "wait" => Duration::MAX,
+            _ => LEASE / 2,
+        };
+        let outcome = match self.outcome {
+            None => "cancelled",
+            Some("ok") if self.start.elapsed() > slow => "slow",
+            Some("ok") => return,
+            Some(other) => other,
+        };
+        println!("OP {} {outcome} {ms}", self.op);
+    }
+}
+
+#[idem_core::async_trait]
+impl Store for Timed {
+    async fn claim(&self, req: &ClaimRequest) -> Result<Claim, StoreError> {
+        let p = Probe::new("claim");
+        let r = self.0.claim(req).await;
+        p.finish(&r);
+        r
+    }
+    async fn complete(
+        &self,
+        key: &Key,
+        token: FencingToken,
+        value: &[u8],
+        ttl: Duration,
+    ) -> Result<(), StoreError> {
+        let p = Probe::new("complete");
+        let r = self.0.complete(key, token, value, ttl).await;
+        p.finish(&r);
+        r
+    }
+    async fn release(&self, key: &Key, token: FencingToken) -> Result<(), StoreError> {
+        let p = Probe::new("release");
+        let r = self.0.release(key, token).await;
+        p.finish(&r);
+        r
+    }
+    async fn renew(
+        &self,
+        key: &Key,
+        token: FencingToken,
+        lease: Duration,
+    ) -> Result<(), StoreError> {
+        let p = Probe::new("renew");
+        let r = self.0.renew(key, token, lease).await;
+        p.finish(&r);
+        r
+    }
+    async fn get(&self, key: &Key) -> Result<Option<RecordState>, StoreError> {
+        self.0.get(key).await
+    }
+    async fn wait(&self, key: &Key, timeout: Duration) -> Result<(), StoreError> {
+        let p = Probe::new("wait");
+        let r = self.0.wait(key, timeout).await;
+        p.finish(&r);
+        r
+    }
+    async fn remove(&self, key: &Key) -> Result<(), StoreError> {
+        self.0.remove(key).await
+    }
+    fn release_detached(&self, key: Key, token: FencingToken) {
+        self.0.release_detached(key, token)
+    }
+    fn detached(&self) -> Option<Arc<dyn Store>> {
+        self.0
+            .detached()
+            .map(|s| Arc::new(Timed(s)) as Arc<dyn Store>)
+    }
+    fn max_value_size(&self) -> usize {
+        self.0.max_value_size()
+    }
+    fn completed_now(&self, key: &Key) -> Option<CompletedRecord> {
+        self.0.completed_now(key)
+    }
+    fn name(&self) -> &'static str {
+        self.0.name()
+    }
+}
+
 /// The body's error: the runtime's, or a ledger write that failed.
 #[derive(Debug)]
 #[allow(dead_code)] // read through Debug
@@ -274,6 +390,7 @@ impl Ctx {
 }
 
 async fn ctx(
+    timed: bool,
     kind: Kind,
     url: &str,
     target: &str,
@@ -281,8 +398,9 @@ async fn ctx(
     ledger: &str,
     run: &str,
 ) -> Ctx {
+    let store = store(kind, url, target).await;
     Ctx {
-        store: store(kind, url, target).await,
+        store: if timed { Arc::new(Timed(store)) } else { store },
         ledger: ledger_pool(ledger_url, 4)
             .await
             .expect("connect to the ledger"),
@@ -305,6 +423,7 @@ async fn chaos_worker() {
     let kind = Kind::parse(&var("IDEM_CHAOS_STORE"));
     let ctx = Arc::new(
         ctx(
+            true,
             kind,
             &var("IDEM_CHAOS_URL"),
             &var("IDEM_CHAOS_TARGET"),
@@ -373,6 +492,8 @@ struct Reports {
     got: BTreeMap<u64, BTreeSet<String>>,
     errors: BTreeMap<String, u64>,
     calls: u64,
+    /// (op, outcome) -> (count, longest ms): the store operations past their bound.
+    ops: BTreeMap<String, (u64, u64)>,
 }
 
 fn read_reports(child: &mut Child, reports: Arc<Mutex<Reports>>) -> std::thread::JoinHandle<()> {
@@ -393,6 +514,12 @@ fn read_reports(child: &mut Child, reports: Arc<Mutex<Reports>>) -> std::thread:
                     *r.errors.entry(kind).or_default() += 1;
                 }
                 (Some("CALLS"), Some(n), None) => r.calls += n.parse::<u64>().unwrap_or(0),
+                (Some("OP"), Some(op), Some(rest)) => {
+                    let (outcome, ms) = rest.split_once(' ').unwrap_or((rest, "0"));
+                    let e = r.ops.entry(format!("{op} {outcome}")).or_default();
+                    e.0 += 1;
+                    e.1 = e.1.max(ms.parse().unwrap_or(0));
+                }
                 _ => {}
             }
         }
@@ -657,7 +784,7 @@ async fn chaos(kind: Kind) {
     // Final pass: every key answers within lease + margin.
     let mut ids: BTreeSet<u64> = read_ledger(&admin, &ledger).await.into_keys().collect();
     ids.extend(reports.lock().unwrap().got.keys().copied());
-    let ctx = Arc::new(ctx(kind, &url, &target, &ledger_url, &ledger, &run).await);
+    let ctx = Arc::new(ctx(false, kind, &url, &target, &ledger_url, &ledger, &run).await);
     let ids: Vec<u64> = ids.into_iter().collect();
     let stuck = Arc::new(Mutex::new(Vec::new()));
     let passes: Vec<_> = (0..16)
@@ -699,7 +826,8 @@ async fn chaos(kind: Kind) {
          SIGKILLs, {} keys, {} executions; {} keys ran more than once: {} re-runs after the \
          holder was killed mid-body, {} after it was killed between body and completion; \
          duplicates with the holder alive: {}, disagreeing keys: {}, stuck keys: {}, values \
-         without a finish: {}; caller errors: {:?}",
+         without a finish: {}; caller errors: {:?}; store operations past their bound \
+         (count, longest ms): {:?}",
         kind.name(),
         CHAOS,
         reports.calls,
@@ -713,6 +841,7 @@ async fn chaos(kind: Kind) {
         verdict.stuck.len(),
         verdict.phantom.len(),
         reports.errors,
+        reports.ops,
     );
     let show = |v: &Vec<String>| v.iter().take(10).cloned().collect::<Vec<_>>();
     assert!(
