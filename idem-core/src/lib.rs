@@ -96,7 +96,7 @@ pub mod http;
 
 pub use async_trait::async_trait;
 pub use bytes::Bytes;
-pub use error::{BoxError, CodecError, Error, StoreError};
+pub use error::{BoxError, CodecError, Error, StoreError, MAX_RETRY_HINT};
 pub use inspect::{RecordInfo, RecordStatus, StoreAdmin, StoreStats};
 pub use observe::{count, counters, observe, CallOutcome, Observed, Outcome};
 pub use options::{MissingKey, OnConflict, Options};
