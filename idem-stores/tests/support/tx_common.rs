@@ -168,7 +168,8 @@ pub mod my {
                 .connect(url)
                 .await
                 .expect("connect to IDEM_TEST_MYSQL_URL");
-            let store = MySqlStore::builder(pool.clone())
+            let store = MySqlStore::builder()
+                .pool(pool.clone())
                 .table(table)
                 .build()
                 .expect("store");
