@@ -583,7 +583,15 @@ pub(crate) mod base {
 
     impl Drop for ClaimDone {
         fn drop(&mut self) {
-            lock(&self.claims).remove(&self.token);
+            let mut claims = lock(&self.claims);
+            // A retried claim under the same token may have registered since: leave its entry.
+            if claims
+                .get(&self.token)
+                .is_some_and(|r| Arc::ptr_eq(r, &self.running))
+            {
+                claims.remove(&self.token);
+            }
+            drop(claims);
             self.running.close();
         }
     }
@@ -755,6 +763,38 @@ pub(crate) fn completed(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The runtime releases a claim whose caller was dropped mid-claim: that release must not
+    /// overtake the claim's statement, which the database runs anyway.
+    #[tokio::test]
+    async fn a_release_waits_for_a_dropped_claim_of_its_token() {
+        use std::sync::atomic::AtomicBool;
+        let options = SqlOptions::defaults(1, Duration::from_millis(100));
+        let core = base::Core::new("t".to_owned(), &options);
+        let token = FencingToken::random();
+        let done = Arc::new(AtomicBool::new(false));
+        let finished = Arc::clone(&done);
+        let claim = core.claim_to_the_end(token, async move {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            finished.store(true, Ordering::SeqCst);
+            Ok(())
+        });
+        let dropped = tokio::time::timeout(Duration::from_millis(20), claim).await;
+        assert!(dropped.is_err(), "the caller is dropped mid-claim");
+        assert!(!done.load(Ordering::SeqCst));
+        core.after_claim(token).await;
+        assert!(
+            done.load(Ordering::SeqCst),
+            "the release overtook the claim"
+        );
+        // No claim under a token: no wait.
+        tokio::time::timeout(
+            Duration::from_secs(1),
+            core.after_claim(FencingToken::random()),
+        )
+        .await
+        .expect("after_claim without a claim returns at once");
+    }
 
     #[test]
     fn durations_are_clamped() {
