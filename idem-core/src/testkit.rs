@@ -847,7 +847,11 @@ pub async fn renewal_failures_keep_the_lease(store: Arc<dyn Store>) {
         let runs = runs.clone();
         tokio::spawn(async move { counted_call(&faulty, ns, lease, &runs, 1, lease * 3).await })
     };
-    // Duplicates that reject keep probing: none may get in while the holder lives.
+    // Once the holder's body runs, duplicates that reject keep probing: none may get in while
+    // the holder lives.
+    while runs.load(Ordering::SeqCst) == 0 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
     let until = Instant::now() + lease * 3;
     while Instant::now() < until {
         let r: Result<u32, Error> = Call::new(ns)

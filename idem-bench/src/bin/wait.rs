@@ -90,7 +90,8 @@ async fn open(kind: &str, tag: &str) -> Result<Arc<dyn Store>, BoxError> {
                 .acquire_timeout(Duration::from_secs(3))
                 .connect(&idem_bench::mysql_url())
                 .await?;
-            let store = idem_stores::MySqlStore::builder(pool)
+            let store = idem_stores::MySqlStore::builder()
+                .pool(pool)
                 .table(TABLE)
                 .build()?;
             store.migrate().await?;
