@@ -186,25 +186,12 @@ where
             return Ok(refuse_key(&config, &KeyError::Invalid(why)));
         }
     }
-    // A response this process holds already is replayed here, without a task: the handler
-    // will not run. (If the record went away meanwhile, the call claims the key and releases
-    // it at once, and the request goes the usual way.)
-    let mut call = new_call(&config, &key, &scope, &parts, &bytes);
-    let held_here = matches!(call.identity(), Ok(Some(ident)) if config.store.completed_now(&ident.key).is_some());
-    if held_here {
-        let not_here = async { Err::<StoredResponse, Flow<S::Error>>(Flow::Release) };
-        // Boxed: the runtime's future is large, and most requests of this task never get here.
-        match Box::pin(call.run(&*config.store, not_here)).await {
-            Ok(stored) => return Ok(replay(&config, stored)),
-            Err(Flow::Idem(e)) => return Ok(refuse(&config, e)),
-            Err(Flow::Inner(e)) => return Err(e),
-            Err(Flow::Release) => call = new_call(&config, &key, &scope, &parts, &bytes),
-        }
-    }
+    let call = new_call(&config, &key, &scope, &parts, &bytes);
     // The claimed work runs in its own task: dropping this future (the client went away)
     // detaches it instead of cancelling the handler halfway and releasing the key. It is
-    // polled once here first: a handler that answers in that poll (no I/O to wait for) needs
-    // no task, and a task costs a wake-up of another worker thread (tens of microseconds).
+    // polled once here first: a replay held in this process, or a handler that answers in
+    // that poll (no I/O to wait for), needs no task, and a task costs a wake-up of another
+    // worker thread (tens of microseconds).
     // Between that poll and the spawn nothing awaits, so the request cannot be cancelled in
     // between; the task's first poll hands every pending operation the task's own waker.
     let mut work = Box::pin(execute(config.clone(), inner, parts, bytes, call));
