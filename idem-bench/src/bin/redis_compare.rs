@@ -232,14 +232,39 @@ async fn idem_call(store: &RedisStore, n: u64) -> u64 {
         .unwrap()
 }
 
+/// Calls that failed (a timeout on a loaded machine) and were sent again.
+static RETRIED: AtomicU64 = AtomicU64::new(0);
+
+/// The peer's documented cycle, sent again if it fails (the peer's connection keeps the
+/// redis crate's default response timeout, which a loaded machine can exceed).
+/// A failed fresh call is sent again on a new key (its claim may have been applied).
+async fn peer_call(store: &ValkeyStore, prefix: &str, mut n: u64, fresh: bool) -> u64 {
+    loop {
+        match peer_once(store, prefix, n).await {
+            Ok(v) => return v,
+            Err(e) => {
+                RETRIED.fetch_add(1, Ordering::Relaxed);
+                eprintln!("peer call failed, sent again: {e}");
+                if fresh {
+                    n = next();
+                }
+            }
+        }
+    }
+}
+
 /// The peer's documented cycle: try_insert → (run, complete) or the stored response.
-async fn peer_call(store: &ValkeyStore, prefix: &str, n: u64) -> u64 {
+async fn peer_once(
+    store: &ValkeyStore,
+    prefix: &str,
+    n: u64,
+) -> Result<u64, Box<dyn std::error::Error>> {
     let key = IdempotencyKey::new(format!("{prefix}:{n}")).unwrap();
     let fp = DefaultFingerprintStrategy.compute("idem_bench::redis_compare", &n.to_le_bytes());
     let entry = IdempotencyEntry::new(fp, TTL);
-    match store.try_insert(&key, entry.clone()).await.unwrap() {
+    Ok(match store.try_insert(&key, entry.clone()).await? {
         InsertResult::Claimed { fencing_token } => {
-            let v = work(n).await.unwrap();
+            let v = work(n).await?;
             let response = CachedResponse {
                 status_code: 200,
                 metadata: Metadata::default(),
@@ -247,17 +272,16 @@ async fn peer_call(store: &ValkeyStore, prefix: &str, n: u64) -> u64 {
             };
             store
                 .complete(&key, entry.complete(response), fencing_token)
-                .await
-                .unwrap();
+                .await?;
             v
         }
         InsertResult::Exists(ExistingEntry::Completed(done)) => {
             assert!(done.fingerprint_matches(fp));
             let body = &done.response().body;
-            u64::from_le_bytes(body[..8].try_into().unwrap())
+            u64::from_le_bytes(body[..8].try_into()?)
         }
-        InsertResult::Exists(ExistingEntry::Processing(_)) => panic!("in progress"),
-    }
+        InsertResult::Exists(ExistingEntry::Processing(_)) => return Err("in progress".into()),
+    })
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Debug)]
@@ -317,10 +341,10 @@ impl Op {
                 idem_call(&env.idem, task).await;
             }
             Op::PeerFresh => {
-                peer_call(&env.peer, &format!("{p}:peer"), next()).await;
+                peer_call(&env.peer, &format!("{p}:peer"), next(), true).await;
             }
             Op::PeerReplay => {
-                peer_call(&env.peer, &format!("{p}:peer"), task).await;
+                peer_call(&env.peer, &format!("{p}:peer"), task, false).await;
             }
         }
     }
@@ -372,7 +396,12 @@ fn main() {
     let rt = idem_bench::multi_thread();
     let env = rt.block_on(async {
         let client = redis::Client::open(server.url()).unwrap();
-        let conn = client.get_connection_manager().await.unwrap();
+        // Generous timeouts: on a loaded machine a reply can take longer than the default.
+        let config = redis::aio::ConnectionManagerConfig::new()
+            .set_response_timeout(Some(Duration::from_secs(10)));
+        let conn = ConnectionManager::new_with_config(client, config)
+            .await
+            .unwrap();
         let idem = RedisStore::builder(server.url())
             .prefix("bench:idem:")
             .build()
@@ -393,7 +422,7 @@ fn main() {
         let mut env = env.clone();
         for task in 0..TASKS {
             idem_call(&env.idem, task).await;
-            peer_call(&env.peer, "bench:peer", task).await;
+            peer_call(&env.peer, "bench:peer", task, false).await;
             set_nx(&mut env.conn, format!("bench:hit:{task}")).await;
         }
         // Warm-up: every path once at full concurrency (scripts loaded, connections up).
@@ -469,6 +498,8 @@ fn main() {
         tasks: u64,
         calls_per_task: u64,
         single_task_calls: u64,
+        /// Peer calls that failed (timeouts) and were sent again.
+        peer_calls_retried: u64,
         redis_version: String,
         concurrent: &'a BTreeMap<&'static str, Figures>,
         single_task: &'a BTreeMap<&'static str, Figures>,
@@ -485,6 +516,7 @@ fn main() {
         tasks: TASKS,
         calls_per_task: calls,
         single_task_calls: single,
+        peer_calls_retried: RETRIED.load(Ordering::Relaxed),
         redis_version: version,
         concurrent: &many,
         single_task: &one,
