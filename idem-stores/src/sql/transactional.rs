@@ -293,10 +293,27 @@ impl TransactionalStore for PostgresStore {
             .fetch_optional(&mut **tx)
             .await
             .map_err(|e| StoreError::backend("postgres: complete in transaction", e))?;
-        match row {
-            Some(_) => Ok(()),
-            None => Err(StoreError::Fenced),
+        if row.is_some() {
+            return Ok(());
         }
+        // Under REPEATABLE READ or SERIALIZABLE the statement reads the transaction's
+        // snapshot, which may predate the claim (a caller's transaction that ran a statement
+        // before `run_within`): the claim is then invisible, and "fenced" would be a lie.
+        let level: String = sqlx::query_scalar("SELECT current_setting('transaction_isolation')")
+            .fetch_one(&mut **tx)
+            .await
+            .map_err(|e| StoreError::backend("postgres: complete in transaction", e))?;
+        if level != "read committed" {
+            let message = format!(
+                "postgres: the completion cannot see the claim from a {level} transaction; \
+                 transactional mode needs READ COMMITTED (PostgreSQL's default)"
+            );
+            return Err(StoreError::backend(
+                message.clone(),
+                std::io::Error::new(std::io::ErrorKind::Unsupported, message),
+            ));
+        }
+        Err(StoreError::Fenced)
     }
 
     async fn commit(&self, tx: PgTx) -> Result<(), StoreError> {
