@@ -372,6 +372,11 @@ pub trait Store: Send + Sync + fmt::Debug {
 /// at once and wait. The completion is written inside the transaction and becomes visible, and
 /// wakes waiters, only when the transaction commits; a rolled-back transaction leaves the
 /// claim in progress under its token and no value anywhere.
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` has no transactions: transactional mode needs a SQL store (`PostgresStore`, `MySqlStore`, `SqliteStore`)",
+    label = "not a store with transactions",
+    note = "remove `transaction`/`in_transaction` to run without one, or use a SQL store whose database also holds the body's writes"
+)]
 #[async_trait]
 pub trait TransactionalStore: Store {
     /// The open transaction the body runs its statements in (for the sqlx stores, a
