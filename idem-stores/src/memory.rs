@@ -22,6 +22,7 @@
 //! A `MemoryStore` protects calls within one process only: use a shared store (Redis, SQL)
 //! when a service runs on more than one instance.
 
+mod admin;
 mod shard;
 
 use std::sync::atomic::{AtomicUsize, Ordering};

@@ -20,6 +20,8 @@
 //! The local tier is a [`MemoryStore`]'s record map: bounded in bytes at what a record really
 //! costs, on tokio's clock (so `tokio::time::pause()` moves it too).
 
+mod admin;
+
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 

@@ -59,6 +59,8 @@
 //! The store never creates its table by itself: an operation on a missing table fails with a
 //! [`StoreError::Backend`] that says to call [`MySqlStore::migrate`].
 
+mod admin;
+
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Weak};
 use std::time::Duration;

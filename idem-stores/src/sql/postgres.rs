@@ -44,6 +44,7 @@ use sqlx::{AssertSqlSafe, Row};
 use tokio::task::AbortHandle;
 
 mod listener;
+mod admin;
 mod schema;
 
 use super::base::{Core, Source, SqlBackend, SqlOptions};

@@ -45,6 +45,7 @@ use sqlx::sqlite::{
 };
 use sqlx::{AssertSqlSafe, Row};
 
+mod admin;
 mod schema;
 
 use super::base::{Core, Source, SqlBackend, SqlOptions};

@@ -1,0 +1,579 @@
+//! `idem`: inspect, forget, count and purge the records of an idem store (Redis, PostgreSQL,
+//! MySQL/MariaDB, SQLite), by URL. Built with `--features cli`; documented in
+//! `docs/operations.md`.
+//!
+//! Exit codes: 0 done; 1 no record for that (namespace, scope, key); 2 usage error; 3 bad URL
+//! or configuration (unknown scheme, malformed URL, bad table name or prefix, missing SQLite
+//! file); 4 the store is unreachable or failed (connection refused, timeout, missing table).
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use idem_core::{
+    Call, Error, Key, RecordInfo, RecordState, RecordStatus, Store, StoreAdmin, StoreError,
+    StoreStats,
+};
+use idem_stores::{MySqlStore, PostgresStore, RedisStore, SqliteStore};
+use serde_json::{json, Value};
+
+const NOT_FOUND: u8 = 1;
+const USAGE: u8 = 2;
+const BAD_CONFIG: u8 = 3;
+const UNAVAILABLE: u8 = 4;
+
+/// Inspect, forget, count and purge the records of an idem store.
+#[derive(Parser, Debug)]
+#[command(name = "idem", version, about, long_about = None)]
+struct Cli {
+    /// The store: redis://host:port[/db], postgres://user@host/db, mysql://user@host/db,
+    /// sqlite:path (or sqlite://path).
+    #[arg(long, env = "IDEM_URL", global = true)]
+    url: Option<String>,
+    /// The SQL table (default idem_records).
+    #[arg(long, global = true)]
+    table: Option<String>,
+    /// The Redis key prefix (default `idem:`).
+    #[arg(long, global = true)]
+    prefix: Option<String>,
+    /// Print JSON instead of a table.
+    #[arg(long, global = true)]
+    json: bool,
+    /// Seconds allowed to connect and for each store operation.
+    #[arg(long, default_value_t = 5, global = true)]
+    timeout: u64,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Show one record: state, TTL left, fingerprint, compatibility tag, size.
+    Inspect(Target),
+    /// Remove one record, whatever its state: the next call runs the body again.
+    Forget(Target),
+    /// Count the store's records by state.
+    Stats,
+    /// Remove expired records (SQL stores; Redis expires its own).
+    PurgeExpired {
+        /// The most records removed.
+        #[arg(long, default_value_t = 1000)]
+        batch: u32,
+    },
+}
+
+/// Which record: (namespace, scope, key) hashed as the runtime does, or the hashed key.
+#[derive(Args, Debug)]
+#[command(group(clap::ArgGroup::new("which").required(true).args(["key", "key_json", "hashed_key"])))]
+struct Target {
+    /// The namespace: the function's module path and name (`my_crate::payments::charge`)
+    /// unless pinned with `namespace = "..."`.
+    #[arg(long, required_unless_present = "hashed_key")]
+    namespace: Option<String>,
+    /// A string key (what `key = order_id` gives when `order_id` is a `String` or `&str`).
+    #[arg(long)]
+    key: Option<String>,
+    /// Any key as JSON, hashed with serde's shape of the JSON value (numbers, strings,
+    /// arrays, bools; a JSON object is a map, not a struct: see docs/operations.md).
+    #[arg(long)]
+    key_json: Option<String>,
+    /// The 64-hex-digit hashed key, as logs and the store show it (skips the namespace).
+    #[arg(long, conflicts_with_all = ["namespace", "scope", "scope_json"])]
+    hashed_key: Option<String>,
+    /// A string scope (tenant, principal).
+    #[arg(long, conflicts_with = "scope_json")]
+    scope: Option<String>,
+    /// Any scope as JSON.
+    #[arg(long)]
+    scope_json: Option<String>,
+}
+
+/// An error and the exit code it ends the program with.
+struct Failure {
+    code: u8,
+    message: String,
+}
+
+impl Failure {
+    fn new(code: u8, message: impl Into<String>) -> Self {
+        Failure {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+/// A store error with its chain of sources, as an exit code 4.
+fn unavailable(what: &str, e: &StoreError) -> Failure {
+    let mut message = format!("{what}: {e}");
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        let text = s.to_string();
+        if !message.contains(&text) {
+            message.push_str(&format!(": {text}"));
+        }
+        source = s.source();
+    }
+    Failure::new(UNAVAILABLE, message)
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("idem: cannot start the runtime: {e}");
+            return ExitCode::from(UNAVAILABLE);
+        }
+    };
+    let json = cli.json;
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(f) => {
+            if json {
+                println!("{}", json!({ "error": f.message, "exit_code": f.code }));
+            }
+            eprintln!("idem: {}", f.message);
+            ExitCode::from(f.code)
+        }
+    }
+}
+
+async fn run(cli: Cli) -> Result<(), Failure> {
+    let url = cli
+        .url
+        .clone()
+        .ok_or_else(|| Failure::new(USAGE, "no store URL: pass --url or set IDEM_URL"))?;
+    let timeout = Duration::from_secs(cli.timeout.max(1));
+    let store = open(&url, &cli, timeout).await?;
+    match &cli.command {
+        Command::Inspect(target) => inspect(&*store, target, cli.json).await,
+        Command::Forget(target) => forget(&*store, target, cli.json).await,
+        Command::Stats => {
+            let stats = store.stats().await.map_err(|e| unavailable("stats", &e))?;
+            print_stats(&stats, cli.json);
+            Ok(())
+        }
+        Command::PurgeExpired { batch } => {
+            let n = store
+                .purge_expired(*batch)
+                .await
+                .map_err(|e| unavailable("purge-expired", &e))?;
+            if cli.json {
+                println!("{}", json!({ "purged": n }));
+            } else {
+                println!("purged {n} expired record(s)");
+            }
+            Ok(())
+        }
+    }
+}
+
+/// Connects to the store the URL names; checks that it answers.
+async fn open(url: &str, cli: &Cli, timeout: Duration) -> Result<Box<dyn StoreAdmin>, Failure> {
+    let scheme = url.split_once(':').map(|(s, _)| s).unwrap_or("");
+    let config = |e: StoreError| Failure::new(BAD_CONFIG, format!("bad store URL or option: {e}"));
+    if cli.prefix.is_some() && !matches!(scheme, "redis" | "valkey") {
+        return Err(Failure::new(
+            USAGE,
+            "--prefix is for Redis URLs (use --table for SQL)",
+        ));
+    }
+    if cli.table.is_some() && matches!(scheme, "redis" | "valkey") {
+        return Err(Failure::new(
+            USAGE,
+            "--table is for SQL URLs (use --prefix for Redis)",
+        ));
+    }
+    let store: Box<dyn StoreAdmin> = match scheme {
+        "redis" | "valkey" => {
+            // Parse first: a malformed URL is a configuration error, not an outage.
+            let client = redis::Client::open(url)
+                .map_err(|e| Failure::new(BAD_CONFIG, format!("bad Redis URL: {e}")))?;
+            let mut b = RedisStore::builder_from_client(client)
+                .connect_timeout(timeout)
+                .command_timeout(timeout);
+            if let Some(p) = &cli.prefix {
+                b = b.prefix(p.clone());
+            }
+            let store = b.build().await.map_err(|e| {
+                unavailable(&format!("cannot connect to Redis at {}", redact(url)), &e)
+            })?;
+            Box::new(store)
+        }
+        "postgres" | "postgresql" => {
+            let mut b = PostgresStore::builder()
+                .url(url)
+                .acquire_timeout(timeout)
+                .operation_timeout(timeout)
+                .max_connections(2);
+            if let Some(t) = &cli.table {
+                b = b.table(t.clone());
+            }
+            Box::new(b.build().map_err(config)?)
+        }
+        "mysql" | "mariadb" => {
+            let url = url.replacen("mariadb:", "mysql:", 1);
+            let mut b = MySqlStore::builder()
+                .url(url)
+                .acquire_timeout(timeout)
+                .operation_timeout(timeout)
+                .max_connections(2);
+            if let Some(t) = &cli.table {
+                b = b.table(t.clone());
+            }
+            Box::new(b.build().map_err(config)?)
+        }
+        "sqlite" => {
+            let path = url
+                .trim_start_matches("sqlite:")
+                .trim_start_matches("//")
+                .split('?')
+                .next()
+                .unwrap_or("");
+            if path.is_empty() || path == ":memory:" {
+                return Err(Failure::new(
+                    BAD_CONFIG,
+                    "a SQLite URL must name a database file (sqlite:path/to/idem.db)",
+                ));
+            }
+            // The store would create a missing file: an operator's typo must not.
+            if !std::path::Path::new(path).exists() {
+                return Err(Failure::new(
+                    BAD_CONFIG,
+                    format!("no SQLite database file at {path:?}"),
+                ));
+            }
+            let mut b = SqliteStore::builder()
+                .url(url)
+                .acquire_timeout(timeout)
+                .operation_timeout(timeout)
+                .max_connections(2);
+            if let Some(t) = &cli.table {
+                b = b.table(t.clone());
+            }
+            Box::new(b.build().map_err(config)?)
+        }
+        other => {
+            return Err(Failure::new(
+                BAD_CONFIG,
+                format!(
+                    "unsupported store URL scheme {other:?}: use redis://, postgres://, \
+                     mysql:// or sqlite:"
+                ),
+            ))
+        }
+    };
+    // One read proves the store answers (and that a SQL table exists).
+    store
+        .get(&Key([0; 32]))
+        .await
+        .map_err(|e| unavailable(&format!("the store at {} does not answer", redact(url)), &e))?;
+    Ok(store)
+}
+
+/// The URL without its password, for messages.
+fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(s), Some(at)) if at > s => {
+            let creds = &url[s + 3..at];
+            match creds.split_once(':') {
+                Some((user, _)) => format!("{}{user}:***{}", &url[..s + 3], &url[at..]),
+                None => url.to_owned(),
+            }
+        }
+        _ => url.to_owned(),
+    }
+}
+
+/// A JSON argument, or a usage error naming the flag.
+fn parse_json(flag: &str, text: &str) -> Result<Value, Failure> {
+    serde_json::from_str(text)
+        .map_err(|e| Failure::new(USAGE, format!("{flag}: not valid JSON: {e}")))
+}
+
+/// The record's key, hashed as the runtime hashes it, and a description for messages.
+fn record_key(target: &Target) -> Result<(Option<Call>, Key, String), Failure> {
+    if let Some(hex) = &target.hashed_key {
+        let key = parse_hex_key(hex)?;
+        return Ok((None, key, format!("hashed key {hex}")));
+    }
+    let namespace = target
+        .namespace
+        .clone()
+        .ok_or_else(|| Failure::new(USAGE, "--namespace is required"))?;
+    // `Call::new` takes the `&'static str` that `#[idempotent]` passes: leak one string
+    // for the lifetime of this short-lived process.
+    let ns: &'static str = Box::leak(namespace.into_boxed_str());
+    let mut call = Call::new(ns);
+    let mut what = format!("namespace {ns:?}");
+    call = match (&target.key, &target.key_json) {
+        (Some(k), _) => {
+            what.push_str(&format!(", key {k:?}"));
+            call.key(k.as_str())
+        }
+        (None, Some(j)) => {
+            what.push_str(&format!(", key {j}"));
+            call.key(parse_json("--key-json", j)?)
+        }
+        (None, None) => return Err(Failure::new(USAGE, "--key or --key-json is required")),
+    };
+    call = match (&target.scope, &target.scope_json) {
+        (Some(s), _) => {
+            what.push_str(&format!(", scope {s:?}"));
+            call.scope(s.as_str())
+        }
+        (None, Some(j)) => {
+            what.push_str(&format!(", scope {j}"));
+            call.scope(parse_json("--scope-json", j)?)
+        }
+        (None, None) => call,
+    };
+    match call.identity() {
+        Ok(Some(id)) => Ok((Some(call), id.key, what)),
+        Ok(None) => Err(Failure::new(
+            USAGE,
+            "the key is JSON null: a missing key, which names no record",
+        )),
+        Err(e) => Err(Failure::new(USAGE, format!("cannot hash the key: {e}"))),
+    }
+}
+
+fn parse_hex_key(hex: &str) -> Result<Key, Failure> {
+    let bad = || Failure::new(USAGE, "--hashed-key: expected 64 hexadecimal digits");
+    if hex.len() != 64 || !hex.is_ascii() {
+        return Err(bad());
+    }
+    let mut key = [0u8; 32];
+    for (i, b) in key.iter_mut().enumerate() {
+        *b = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).map_err(|_| bad())?;
+    }
+    Ok(Key(key))
+}
+
+fn not_found(what: &str, target: &Target) -> Failure {
+    let hint = if target.hashed_key.is_some() {
+        "the record expired, was released or forgotten, or the key is not this store's \
+         (check --prefix / --table)"
+    } else {
+        "a store cannot list namespaces (they are hashed into the key): check the namespace \
+         (the function's module path and name, e.g. my_crate::payments::charge, unless pinned \
+         with `namespace = \"...\"`), the scope, the key's serde shape, and --prefix / --table; \
+         or the record expired, was released or forgotten"
+    };
+    Failure::new(NOT_FOUND, format!("no record for {what}: {hint}"))
+}
+
+async fn inspect(store: &dyn StoreAdmin, target: &Target, json: bool) -> Result<(), Failure> {
+    let (call, key, what) = record_key(target)?;
+    let store: &dyn Store = store;
+    let shown = match call {
+        // The documented API: the same (namespace, scope, key) the runtime uses.
+        Some(call) => call
+            .inspect(store)
+            .await
+            .map_err(|e| runtime_failure("inspect", e))?
+            .map(Shown::from),
+        None => store
+            .get(&key)
+            .await
+            .map_err(|e| unavailable("inspect", &e))?
+            .map(|state| Shown::from_state(key, state)),
+    };
+    let Some(shown) = shown else {
+        return Err(not_found(&what, target));
+    };
+    print_info(&shown, json);
+    Ok(())
+}
+
+async fn forget(store: &dyn StoreAdmin, target: &Target, json: bool) -> Result<(), Failure> {
+    let (call, key, what) = record_key(target)?;
+    let store: &dyn Store = store;
+    let existed = store
+        .get(&key)
+        .await
+        .map_err(|e| unavailable("forget", &e))?
+        .is_some();
+    match call {
+        Some(call) => call
+            .forget(store)
+            .await
+            .map_err(|e| runtime_failure("forget", e))?,
+        None => store
+            .remove(&key)
+            .await
+            .map_err(|e| unavailable("forget", &e))?,
+    }
+    if !existed {
+        return Err(not_found(&what, target));
+    }
+    if json {
+        println!("{}", json!({ "forgotten": key.to_hex() }));
+    } else {
+        println!("forgot {}: the next call runs the body again", key.to_hex());
+    }
+    Ok(())
+}
+
+/// An [`Error`] of the inspect/forget API: a store failure (4) or a key that cannot be
+/// hashed (2).
+fn runtime_failure(what: &str, e: Error) -> Failure {
+    match e {
+        Error::Store(e) => unavailable(what, &e),
+        other => Failure::new(USAGE, format!("{what}: {other}")),
+    }
+}
+
+/// What is printed of one record: a [`RecordInfo`], or the same read from a state by key.
+struct Shown {
+    key: Key,
+    status: RecordStatus,
+    fingerprint: Option<idem_core::Fingerprint>,
+    tag: Option<String>,
+    size: Option<usize>,
+}
+
+impl From<RecordInfo> for Shown {
+    fn from(i: RecordInfo) -> Self {
+        Shown {
+            key: i.key,
+            status: i.status,
+            fingerprint: i.fingerprint,
+            tag: i.tag,
+            size: i.size,
+        }
+    }
+}
+
+impl Shown {
+    /// As [`Call::inspect`] reports it (`idem_core::inspect`), for a record read by its
+    /// hashed key.
+    fn from_state(key: Key, state: RecordState) -> Self {
+        match state {
+            RecordState::InProgress { token, fingerprint } => Shown {
+                key,
+                status: RecordStatus::InProgress { token },
+                fingerprint,
+                tag: None,
+                size: None,
+            },
+            RecordState::Completed(record) => Shown {
+                key,
+                status: RecordStatus::Completed {
+                    expires_in: record.expires_in,
+                },
+                fingerprint: record.fingerprint,
+                tag: peek_tag(&record.value),
+                size: Some(record.value.len()),
+            },
+        }
+    }
+}
+
+/// The compatibility tag of an envelope (`b"idem"`, a format byte, a little-endian `u16`
+/// length, the tag), as `idem_core::inspect` reads it.
+fn peek_tag(envelope: &[u8]) -> Option<String> {
+    let rest = envelope.strip_prefix(b"idem")?.get(1..)?;
+    let len = u16::from_le_bytes([*rest.first()?, *rest.get(1)?]) as usize;
+    let tag = rest.get(2..2 + len)?;
+    Some(String::from_utf8_lossy(tag).into_owned())
+}
+
+fn print_info(info: &Shown, json: bool) {
+    let fingerprint = info.fingerprint.map(|f| f.to_hex());
+    if json {
+        let mut v = json!({
+            "key": info.key.to_hex(),
+            "fingerprint": fingerprint,
+            "tag": info.tag,
+            "size": info.size,
+        });
+        match &info.status {
+            RecordStatus::InProgress { token } => {
+                v["status"] = json!("in_progress");
+                v["token"] = json!(token.0);
+            }
+            RecordStatus::Completed { expires_in } => {
+                v["status"] = json!("completed");
+                v["expires_in_ms"] = json!(expires_in.map(|d| d.as_millis() as u64));
+            }
+            _ => v["status"] = json!("unknown"),
+        }
+        println!("{v}");
+        return;
+    }
+    let mut rows: Vec<(&str, String)> = vec![("key", info.key.to_hex())];
+    match &info.status {
+        RecordStatus::InProgress { token } => {
+            rows.push(("status", "in progress".into()));
+            rows.push(("token", token.0.to_string()));
+        }
+        RecordStatus::Completed { expires_in } => {
+            rows.push(("status", "completed".into()));
+            rows.push((
+                "expires in",
+                expires_in.map_or_else(|| "unknown".into(), human),
+            ));
+        }
+        _ => rows.push(("status", "unknown".into())),
+    }
+    rows.push(("fingerprint", fingerprint.unwrap_or_else(|| "none".into())));
+    if let Some(tag) = &info.tag {
+        rows.push(("tag", tag.clone()));
+    }
+    if let Some(size) = info.size {
+        rows.push(("size", format!("{size} bytes")));
+    }
+    table(&rows);
+}
+
+fn print_stats(stats: &StoreStats, json: bool) {
+    if json {
+        println!(
+            "{}",
+            json!({
+                "in_progress": stats.in_progress,
+                "completed": stats.completed,
+                "expired": stats.expired,
+                "oldest_in_progress_ms": stats.oldest_in_progress.map(|d| d.as_millis() as u64),
+            })
+        );
+        return;
+    }
+    let unknown = || "n/a".to_string();
+    table(&[
+        ("in progress", stats.in_progress.to_string()),
+        ("completed", stats.completed.to_string()),
+        (
+            "expired",
+            stats.expired.map_or_else(unknown, |n| n.to_string()),
+        ),
+        (
+            "oldest claim",
+            stats.oldest_in_progress.map_or_else(unknown, human),
+        ),
+    ]);
+}
+
+fn table(rows: &[(&str, String)]) {
+    let width = rows.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
+    for (k, v) in rows {
+        println!("{k:width$}  {v}");
+    }
+}
+
+/// `1h 02m 03s`, `4.250s`.
+fn human(d: Duration) -> String {
+    let s = d.as_secs();
+    if s >= 3600 {
+        format!("{}h {:02}m {:02}s", s / 3600, (s / 60) % 60, s % 60)
+    } else if s >= 60 {
+        format!("{}m {:02}s", s / 60, s % 60)
+    } else {
+        format!("{:.3}s", d.as_secs_f64())
+    }
+}
