@@ -21,7 +21,6 @@
 //! persistence, `noeviction`, failover) and how v1 and v2 instances share a server during an
 //! upgrade is in `docs/stores/redis.md`.
 
-mod admin;
 mod builder;
 mod notify;
 mod reply;
@@ -312,17 +311,16 @@ impl RedisStore {
         name: &[u8],
         args: &[&[u8]],
     ) -> Result<Value, StoreError> {
+        let data: usize = args.iter().map(|a| a.len()).sum::<usize>() + name.len();
         let build = |by_source: bool| {
-            let mut cmd = if by_source {
-                let mut c = ::redis::cmd("EVAL");
-                c.arg(lua.source.as_str());
-                c
+            let (verb, body) = if by_source {
+                ("EVAL", lua.source.as_str())
             } else {
-                let mut c = ::redis::cmd("EVALSHA");
-                c.arg(lua.sha.as_str());
-                c
+                ("EVALSHA", lua.sha.as_str())
             };
-            cmd.arg(1).arg(name);
+            // Sized once: no regrowth while the arguments are written.
+            let mut cmd = Cmd::with_capacity(4 + args.len(), verb.len() + body.len() + data + 1);
+            cmd.arg(verb).arg(body).arg(1).arg(name);
             for a in args {
                 cmd.arg(*a);
             }
@@ -400,8 +398,9 @@ impl Store for RedisStore {
         let grace = millis(self.inner.lease_grace).max(1);
         let lease = millis(req.lease).max(1);
         let rec = reply::in_progress(req.token, grace, req.fingerprint.as_ref());
-        let mut set = ::redis::cmd("SET");
-        set.arg(&name[..])
+        let mut set = Cmd::with_capacity(7, name.len() + rec.len() + 32);
+        set.arg("SET")
+            .arg(&name[..])
             .arg(&rec[..])
             .arg("NX")
             .arg("PX")
