@@ -21,6 +21,7 @@
 //! persistence, `noeviction`, failover) and how v1 and v2 instances share a server during an
 //! upgrade is in `docs/stores/redis.md`.
 
+mod admin;
 mod builder;
 mod notify;
 mod reply;
