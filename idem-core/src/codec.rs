@@ -295,6 +295,7 @@ pub fn open<'a>(expected: &TypeTag, envelope: &'a [u8]) -> Result<&'a [u8], Erro
         return Err(Error::IncompatibleRecord {
             expected: expected.to_string(),
             found: String::from_utf8_lossy(tag).into_owned(),
+            source: None,
         });
     }
     Ok(payload)

@@ -36,13 +36,21 @@ pub enum Error {
     /// The key expression evaluated to `None` (HTTP 400).
     #[error("idempotency key is missing (the key expression evaluated to None)")]
     MissingKey,
-    /// The stored record was written for another return type, codec or `version` (HTTP 500).
+    /// The stored record is not readable as this call's result (HTTP 500): it was written
+    /// under another codec, `version` or pinned schema (`source` is `None`), or its payload
+    /// does not decode as the return type (`source` is the decode error) — the return type
+    /// changed meaning without a `version` bump. Never a garbled value, never a silent re-run:
+    /// bump `version` when a type changes incompatibly (docs/records.md), or wait for the
+    /// record's TTL.
     #[error("stored record is incompatible: expected `{expected}`, found `{found}`")]
     IncompatibleRecord {
-        /// The type tag this call expects.
+        /// The compatibility tag this call expects.
         expected: String,
-        /// The type tag in the store.
+        /// The tag in the store.
         found: String,
+        /// The decode error, when the tags matched but the payload does not decode.
+        #[source]
+        source: Option<CodecError>,
     },
     /// The store failed or could not be reached; the body was not run (HTTP 503).
     #[error("idempotency store failed")]

@@ -23,7 +23,7 @@ use crate::fingerprint::digest;
 use crate::key::{self, Identity};
 use crate::observe::{emit, Outcome};
 use crate::options::{MissingKey, OnConflict, Options};
-use crate::store::{Claim, ClaimRequest, FencingToken, Key, Store};
+use crate::store::{Claim, ClaimRequest, FencingToken, Key, RecordState, Store};
 
 tokio::task_local! {
     static CURRENT_KEY: Key;
@@ -463,6 +463,9 @@ impl<C: Codec> Call<C> {
         match settle(store, &held, &opts, ns, Settle::Complete(envelope.into())).await {
             Settled::Done => result,
             Settled::Failed(e) => Err(fail(e, ns, Some(&key))),
+            Settled::Replaced(record) => {
+                replay::<P, T, E, C>(&codec, &tag, &record, Outcome::Executed, ns, &key)
+            }
         }
     }
 }
@@ -481,9 +484,18 @@ where
     E: From<Error>,
     C: Codec,
 {
-    match codec::open(tag, &record.value)
-        .and_then(|payload| P::decode(codec, payload).map_err(Error::Codec))
-    {
+    let decoded = codec::open(tag, &record.value).and_then(|payload| {
+        P::decode(codec, payload).map_err(|e| match e {
+            // The tags agree but the payload is not a `T`: the type changed meaning.
+            e @ CodecError::Decode { .. } => Error::IncompatibleRecord {
+                expected: tag.to_string(),
+                found: format!("{tag} with a payload of another shape"),
+                source: Some(e),
+            },
+            e => Error::Codec(e),
+        })
+    });
+    match decoded {
         Ok(result) => {
             emit(outcome, ns, Some(key));
             result
@@ -530,9 +542,10 @@ const CLAIM_ATTEMPTS: u32 = 3;
 /// reply answers `Ok` the second time).
 const COMPLETE_ATTEMPTS: u32 = 5;
 
-/// The time one store operation may take: half the lease for a claim or a completion (the
-/// lease keeper covers the rest), a quarter for a renewal, so that a failed renewal leaves
-/// room for more attempts inside the lease (see `keep_lease`). Never below 5 ms.
+/// A share of the lease, never below 5 ms: half of it bounds a release, a quarter is how
+/// long the lease keeper waits on a renewal before it sends another beside it. A claim, a
+/// completion and a renewal are each bounded by the whole lease: on a slow link they may
+/// still land in time, and the keeper covers the lease meanwhile.
 pub(crate) fn budget(lease: Duration, share: u32) -> Duration {
     (lease / share).max(Duration::from_millis(5))
 }
@@ -556,7 +569,7 @@ pub(crate) async fn bounded<T>(
     };
     #[cfg(feature = "metrics")]
     crate::telemetry::store_op(op.0, op.1.name(), started.elapsed());
-    drop(op);
+    let _ = op;
     r
 }
 
@@ -613,7 +626,7 @@ pub(crate) async fn claim(
         #[cfg(feature = "metrics")]
         let claim_timer = Timer(since, |took| crate::telemetry::claim(ns, took));
         let answer = loop {
-            match bounded(Op("claim", store), budget(opts.lease, 2), store.claim(&req)).await {
+            match bounded(Op("claim", store), opts.lease, store.claim(&req)).await {
                 Err(e) if transient(&e) && attempt < CLAIM_ATTEMPTS => {
                     tracing::debug!(target: "idem", %key, attempt, error = %e, "claim failed; retrying with the same token");
                     tokio::time::sleep(Duration::from_millis(10 << (2 * attempt))).await;
@@ -766,6 +779,9 @@ pub(crate) enum Settle {
 pub(crate) enum Settled {
     Done,
     Failed(Error),
+    /// The completion failed, and the store holds another execution's result: the caller
+    /// gets that one, so that callers agree.
+    Replaced(crate::CompletedRecord),
 }
 
 /// Step 3: complete or release, with retries, keeping the lease until the store acknowledges.
@@ -830,7 +846,7 @@ async fn settle_once(
     for attempt in 1..=COMPLETE_ATTEMPTS {
         match bounded(
             Op("complete", store),
-            budget(opts.lease, 2),
+            opts.lease,
             store.complete(&key, token, &envelope, opts.ttl),
         )
         .await
@@ -855,15 +871,46 @@ async fn settle_once(
                 backoff *= 3;
             }
             Err(e) => {
-                // The side effect happened: the caller gets its value. The record stays in
-                // progress until its lease passes; a retry after that runs again.
-                tracing::error!(target: "idem", %key, error = %e, "completion write failed {COMPLETE_ATTEMPTS} times: result not recorded");
-                emit(Outcome::Executed, ns, Some(&key));
-                return Settled::Done;
+                tracing::error!(target: "idem", %key, error = %e, "completion write failed {COMPLETE_ATTEMPTS} times");
+                return after_failed_completion(store, key, token, &envelope, opts, ns).await;
             }
         }
     }
     Settled::Done
+}
+
+/// The completion could not be written. The side effect happened, so the caller gets its
+/// value (SPEC §3.9) — unless a look at the record shows that callers would then disagree: a
+/// completed record that is not ours is what every other caller gets, so this one gets it
+/// too; a claim held by someone else means the lease was lost.
+async fn after_failed_completion(
+    store: &dyn Store,
+    key: Key,
+    token: FencingToken,
+    envelope: &[u8],
+    opts: &Options,
+    ns: &'static str,
+) -> Settled {
+    let look = bounded(Op("get", store), opts.lease, store.get(&key)).await;
+    match look {
+        Ok(Some(RecordState::Completed(record))) if record.value[..] != envelope[..] => {
+            Settled::Replaced(record)
+        }
+        Ok(Some(RecordState::InProgress { token: holder, .. })) if holder != token => {
+            Settled::Failed(Error::LeaseLost)
+        }
+        Ok(Some(RecordState::Completed(_))) => {
+            emit(Outcome::Executed, ns, Some(&key));
+            Settled::Done
+        }
+        _ => {
+            // The record stays in progress until its lease passes; a retry after that runs
+            // again.
+            tracing::error!(target: "idem", %key, "result not recorded: the claim lapses with its lease");
+            emit(Outcome::Executed, ns, Some(&key));
+            Settled::Done
+        }
+    }
 }
 
 /// Finishes a settle whose caller went away, on an owned handle of the store.
@@ -981,9 +1028,12 @@ pub(crate) async fn release(store: &dyn Store, key: &Key, token: FencingToken, l
 ///
 /// The lease is taken to run from when the last successful claim or renewal was *sent*
 /// (`covered_from`), the earliest the store can have started it. A renewal is sent every
-/// third of the lease; each attempt is bounded by a quarter of the lease (and by what is left
-/// of it), and a failed one is retried after a short pause — so a holder that reaches its
-/// store at least once per `lease/3` never loses its claim.
+/// third of the lease. A renewal that is slow is not cancelled — on a slow link it may still
+/// land in time — but hedged: after a quarter of the lease without an answer, or right after
+/// a failure (following a short pause), another one is sent beside it, up to
+/// [`RENEWALS_IN_FLIGHT`] at once, each bounded by the lease. So a holder that reaches its
+/// store at least once per `lease/3` never loses its claim, and a round trip of up to most of
+/// the lease still renews it.
 pub(crate) async fn keep_lease(
     store: &dyn Store,
     key: Key,
@@ -992,30 +1042,55 @@ pub(crate) async fn keep_lease(
     covered_from: Instant,
 ) -> std::convert::Infallible {
     let period = (lease / 3).max(Duration::from_millis(1));
+    let hedge_after = budget(lease, 4);
     let pause = (lease / 30).clamp(Duration::from_millis(1), Duration::from_millis(250));
-    let mut covered_until = covered_from + lease;
     let mut next = covered_from + period;
+    let mut in_flight: Vec<(
+        Instant,
+        Pin<Box<dyn Future<Output = Result<(), StoreError>> + Send + '_>>,
+    )> = Vec::with_capacity(RENEWALS_IN_FLIGHT);
     loop {
-        tokio::time::sleep_until(next).await;
-        let sent = Instant::now();
-        let left = covered_until.saturating_duration_since(sent);
-        let attempt = budget(lease, 4).min(left.max(Duration::from_millis(5)));
-        match bounded(Op("renew", store), attempt, store.renew(&key, token, lease)).await {
-            Ok(()) => {
-                covered_until = sent + lease;
-                next = sent + period;
+        let can_send = in_flight.len() < RENEWALS_IN_FLIGHT;
+        let answered = std::future::poll_fn(|cx| {
+            for i in 0..in_flight.len() {
+                if let Poll::Ready(r) = in_flight[i].1.as_mut().poll(cx) {
+                    let (sent, _) = in_flight.swap_remove(i);
+                    return Poll::Ready((sent, r));
+                }
             }
-            Err(StoreError::Fenced) => {
-                tracing::error!(target: "idem", %key, "lease lost while the body runs");
-                std::future::pending::<()>().await;
-            }
-            Err(e) => {
-                tracing::warn!(target: "idem", %key, error = %e, "lease renewal failed; retrying");
-                next = Instant::now() + pause;
+            Poll::Pending
+        });
+        tokio::select! {
+            biased;
+            (sent, r) = answered => match r {
+                Ok(()) => {
+                    // Newer renewals still in flight may land later; they can only extend.
+                    next = next.max(sent + period);
+                    if next <= Instant::now() {
+                        next = sent + period;
+                    }
+                }
+                Err(StoreError::Fenced) => {
+                    tracing::error!(target: "idem", %key, "lease lost while the body runs");
+                    std::future::pending::<()>().await;
+                }
+                Err(e) => {
+                    tracing::warn!(target: "idem", %key, error = %e, "lease renewal failed; retrying");
+                    next = next.min(Instant::now() + pause);
+                }
+            },
+            () = tokio::time::sleep_until(next), if can_send => {
+                let sent = Instant::now();
+                let renewal = bounded(Op("renew", store), lease, store.renew(&key, token, lease));
+                in_flight.push((sent, Box::pin(renewal)));
+                next = sent + hedge_after;
             }
         }
     }
 }
+
+/// How many renewals of one claim may be in flight at once (see [`keep_lease`]).
+const RENEWALS_IN_FLIGHT: usize = 3;
 
 /// Counts the call under an outcome if it is dropped while armed.
 struct CountOnDrop(Option<(Outcome, &'static str, Key)>);

@@ -16,7 +16,7 @@ use crate::error::{Error, StoreError};
 use crate::key::Identity;
 use crate::observe::{emit, Outcome};
 use crate::runtime::{
-    bounded, budget, claim, execute, fail, keep_lease, release, replay, settle, CatchUnwind,
+    bounded, claim, execute, fail, keep_lease, release, replay, settle, CatchUnwind,
     Claimed, Held, Op, Policy, Prepared, ReleaseErrors, Settle,
 };
 use crate::store::{Claim, ClaimRequest, TransactionalStore};
@@ -169,7 +169,7 @@ impl<C: Codec> Call<C> {
         // Our own transaction, or the caller's.
         let mut slot = match outer {
             Some(tx) => Slot::Outer(tx),
-            None => match bounded(Op("begin", store), budget(opts.lease, 2), store.begin()).await {
+            None => match bounded(Op("begin", store), opts.lease, store.begin()).await {
                 Ok(tx) => Slot::Own(Some(tx)),
                 Err(e) => {
                     settle(store, &held, &opts, ns, Settle::Release).await;
@@ -227,7 +227,7 @@ impl<C: Codec> Call<C> {
             let work = pin!(async {
                 let written = bounded(
                     Op("complete", store),
-                    budget(opts.lease, 2),
+                    opts.lease,
                     store.complete_in(slot.tx(), &key, held.token, &envelope, opts.ttl),
                 )
                 .await;
@@ -333,7 +333,7 @@ where
         token: held.token,
         lease: opts.lease,
     };
-    match bounded(Op("claim", store), budget(opts.lease, 2), store.claim(&req)).await {
+    match bounded(Op("claim", store), opts.lease, store.claim(&req)).await {
         Ok(Claim::Completed(record)) => {
             replay::<ReleaseErrors, T, E, C>(codec, tag, &record, Outcome::Executed, ns, &key)
         }

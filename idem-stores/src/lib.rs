@@ -18,7 +18,7 @@
 mod memory;
 #[cfg(feature = "memory")]
 #[cfg_attr(docsrs, doc(cfg(feature = "memory")))]
-pub use memory::{MemoryStore, MemoryStoreBuilder};
+pub use memory::{CapacityError, MemoryStore, MemoryStoreBuilder};
 #[cfg(feature = "memory")]
 mod tiered;
 #[cfg(feature = "memory")]
