@@ -1,0 +1,235 @@
+//! Inspect, forget and the `StoreAdmin` counts on every store: memory, tiered, Redis,
+//! PostgreSQL, MySQL/MariaDB and SQLite. The same scenario on each, on a store of its own
+//! (fresh memory store, unique Redis prefix, unique table), so the counts are exact.
+//!
+//! Backend stores need `IDEM_TEST_REDIS_URL`, `IDEM_TEST_POSTGRES_URL`,
+//! `IDEM_TEST_MYSQL_URL` (skipped without them, failing without them when `CI` is set).
+#![cfg(feature = "memory")]
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+#[path = "support/sql_common.rs"]
+#[allow(unused)]
+mod sql_common;
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use idem_core::testkit::{claim_request, fresh_key};
+use idem_core::{Call, Claim, Error, RecordStatus, Store, StoreAdmin};
+use idem_stores::{MemoryStore, TieredStore};
+
+const TTL: Duration = Duration::from_secs(3600);
+
+fn charge(order: &str) -> Call {
+    Call::new("admin_stores::charge")
+        .key(order.to_owned())
+        .scope("tenant-1")
+        .fingerprint((1999u32, "EUR"))
+        .ttl(TTL)
+}
+
+/// What the stores must answer, whatever they are. `expired_known`: whether the store
+/// counts records past their expiry (SQL, memory) or expires them natively (Redis).
+/// `tiered`: a tiered store answers a completed record from its local tier, whose TTL left is
+/// capped at its `local_ttl` (60 s by default): short, never long.
+async fn scenario(store: &dyn StoreAdmin, expired_known: bool, tiered: bool) {
+    let dyn_store: &dyn Store = store;
+    let runs = AtomicU32::new(0);
+    let run = |order: &'static str| {
+        let runs = &runs;
+        charge(order).run(dyn_store, async move {
+            runs.fetch_add(1, Ordering::SeqCst);
+            Ok::<_, Error>(format!("receipt for {order}"))
+        })
+    };
+    let empty = store.stats().await.unwrap();
+    assert_eq!((empty.in_progress, empty.completed), (0, 0), "{empty:?}");
+
+    // A completed record: state, TTL left, tag, size, fingerprint, key.
+    assert_eq!(run("order-1").await.unwrap(), "receipt for order-1");
+    let identity = charge("order-1").identity().unwrap().unwrap();
+    let info = charge("order-1")
+        .inspect(dyn_store)
+        .await
+        .unwrap()
+        .expect("the completed record");
+    assert_eq!(info.key, identity.key);
+    match info.status {
+        RecordStatus::Completed { expires_in } => {
+            let left = expires_in.expect("every store reports the TTL left");
+            let least = if tiered {
+                Duration::from_secs(1)
+            } else {
+                TTL - Duration::from_secs(60)
+            };
+            assert!(left <= TTL && left > least, "{left:?}");
+        }
+        other => panic!("expected completed, got {other:?}"),
+    }
+    assert_eq!(info.tag.as_deref(), Some("msgpack;v0"));
+    let size = info.size.expect("a completed record has a size");
+    assert!(size > "receipt for order-1".len(), "{size}");
+    assert_eq!(info.fingerprint, identity.fingerprint);
+    assert!(info.fingerprint.is_some());
+    // Another scope is another record.
+    let other_scope = Call::new("admin_stores::charge")
+        .key("order-1".to_owned())
+        .scope("tenant-2");
+    assert!(other_scope.inspect(dyn_store).await.unwrap().is_none());
+
+    // An in-progress claim reports its holder's token.
+    let held = charge("order-2").identity().unwrap().unwrap();
+    let (mut req, token) = claim_request(held.key, Duration::from_secs(60));
+    req.fingerprint = held.fingerprint;
+    assert!(matches!(
+        store.claim(&req).await.unwrap(),
+        Claim::Acquired { .. }
+    ));
+    let info = charge("order-2").inspect(dyn_store).await.unwrap().unwrap();
+    assert_eq!(info.status, RecordStatus::InProgress { token });
+    assert_eq!(info.fingerprint, held.fingerprint);
+    assert_eq!((info.tag, info.size), (None, None));
+
+    let stats = store.stats().await.unwrap();
+    assert_eq!((stats.in_progress, stats.completed), (1, 1), "{stats:?}");
+
+    // Forget: the next call runs the body again.
+    charge("order-1").forget(dyn_store).await.unwrap();
+    assert!(charge("order-1")
+        .inspect(dyn_store)
+        .await
+        .unwrap()
+        .is_none());
+    assert_eq!(run("order-1").await.unwrap(), "receipt for order-1");
+    assert_eq!(runs.load(Ordering::SeqCst), 2);
+    // Forgetting a claim in progress frees the key.
+    charge("order-2").forget(dyn_store).await.unwrap();
+    assert!(charge("order-2")
+        .inspect(dyn_store)
+        .await
+        .unwrap()
+        .is_none());
+    assert_eq!(run("order-2").await.unwrap(), "receipt for order-2");
+    assert_eq!(runs.load(Ordering::SeqCst), 3);
+    // Forgetting what is not there is fine.
+    charge("order-3").forget(dyn_store).await.unwrap();
+
+    let stats = store.stats().await.unwrap();
+    assert_eq!((stats.in_progress, stats.completed), (0, 2), "{stats:?}");
+
+    // An expired record: counted (where the store can tell), then purged.
+    let key = fresh_key();
+    let (req, token) = claim_request(key, Duration::from_secs(60));
+    assert!(matches!(
+        store.claim(&req).await.unwrap(),
+        Claim::Acquired { .. }
+    ));
+    store
+        .complete(&key, token, b"short-lived", Duration::from_millis(20))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let stats = store.stats().await.unwrap();
+    assert_eq!((stats.in_progress, stats.completed), (0, 2), "{stats:?}");
+    if expired_known {
+        assert_eq!(stats.expired, Some(1), "{stats:?}");
+        assert_eq!(store.purge_expired(100).await.unwrap(), 1);
+        assert_eq!(store.stats().await.unwrap().expired, Some(0));
+    } else {
+        assert_eq!(store.purge_expired(100).await.unwrap(), 0);
+    }
+
+    // Clean up what this scenario left.
+    for order in ["order-1", "order-2"] {
+        charge(order).forget(dyn_store).await.unwrap();
+    }
+    store.remove(&key).await.unwrap();
+}
+
+#[tokio::test]
+async fn memory_inspect_forget_stats() {
+    scenario(&MemoryStore::new(), true, false).await;
+}
+
+#[tokio::test]
+async fn tiered_inspect_forget_stats() {
+    // The tiered store reports its shared store's counts; forget goes through to it.
+    scenario(&TieredStore::new(MemoryStore::new()), true, true).await;
+}
+
+#[cfg(feature = "redis")]
+#[tokio::test]
+async fn redis_inspect_forget_stats() {
+    let Some(url) = idem_core::testkit::env_url("IDEM_TEST_REDIS_URL") else {
+        return;
+    };
+    let prefix = format!("idem-admin-{}-{}:", std::process::id(), fresh_key().0[0]);
+    let store = idem_stores::RedisStore::builder(url)
+        .prefix(prefix)
+        .build()
+        .await
+        .unwrap();
+    scenario(&store, false, false).await;
+    // And behind a tiered store.
+    scenario(&TieredStore::new(store), false, true).await;
+}
+
+#[cfg(feature = "postgres")]
+#[tokio::test]
+async fn postgres_inspect_forget_stats() {
+    let Some(url) = idem_core::testkit::env_url("IDEM_TEST_POSTGRES_URL") else {
+        return;
+    };
+    let table = sql_common::unique_table("admin");
+    let store = idem_stores::PostgresStore::builder()
+        .url(url)
+        .table(&table)
+        .connect()
+        .await
+        .unwrap();
+    store.migrate().await.unwrap();
+    scenario(&store, true, false).await;
+    sqlx::query(sqlx::AssertSqlSafe(format!("DROP TABLE \"{table}\"")))
+        .execute(store.pool())
+        .await
+        .unwrap();
+}
+
+#[cfg(feature = "mysql")]
+#[tokio::test]
+async fn mysql_inspect_forget_stats() {
+    let Some(url) = idem_core::testkit::env_url("IDEM_TEST_MYSQL_URL") else {
+        return;
+    };
+    let table = sql_common::unique_table("admin");
+    let store = idem_stores::MySqlStore::builder()
+        .url(url)
+        .table(&table)
+        .connect()
+        .await
+        .unwrap();
+    store.migrate().await.unwrap();
+    scenario(&store, true, false).await;
+    sqlx::query(sqlx::AssertSqlSafe(format!("DROP TABLE `{table}`")))
+        .execute(store.pool())
+        .await
+        .unwrap();
+}
+
+#[cfg(feature = "sqlite")]
+#[tokio::test]
+async fn sqlite_inspect_forget_stats() {
+    let dir = std::env::temp_dir().join(format!("idem-admin-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("admin.db");
+    let store = idem_stores::SqliteStore::builder()
+        .url(format!("sqlite://{}", path.display()))
+        .table("idem_records")
+        .connect()
+        .await
+        .unwrap();
+    store.migrate().await.unwrap();
+    scenario(&store, true, false).await;
+    drop(store);
+    let _ = std::fs::remove_dir_all(&dir);
+}
