@@ -241,3 +241,101 @@ impl<'a, S: ?Sized> UncheckedStore<'a, S> {
 pub trait IsStore<S: ?Sized> {}
 
 impl<S: ?Sized> IsStore<S> for Unserializable {}
+
+/// The `store = ..` value in transactional mode, checked: `tx_store(&(s)).checked()` is the
+/// store with transactions (`s` itself, or what an `Arc`, `Box` or `&` of one points to), or
+/// one error that says transactional mode needs a SQL store.
+pub fn tx_store<S: ?Sized>(store: &S) -> TxStoreArg<'_, S> {
+    TxStoreArg(TxStoreDeref(UncheckedTxStore(store)))
+}
+
+/// See [`tx_store`].
+pub struct TxStoreArg<'a, S: ?Sized>(TxStoreDeref<'a, S>);
+
+/// See [`tx_store`]: reached when the value is not itself a store with transactions.
+pub struct TxStoreDeref<'a, S: ?Sized>(UncheckedTxStore<'a, S>);
+
+/// See [`tx_store`]: reached only when the value is no store with transactions.
+pub struct UncheckedTxStore<'a, S: ?Sized>(&'a S);
+
+impl<'a, S: crate::TransactionalStore> TxStoreArg<'a, S> {
+    /// The store.
+    pub fn checked(&self) -> &'a S {
+        self.0 .0 .0
+    }
+}
+
+impl<'a, S: ?Sized> Deref for TxStoreArg<'a, S> {
+    type Target = TxStoreDeref<'a, S>;
+    fn deref(&self) -> &TxStoreDeref<'a, S> {
+        &self.0
+    }
+}
+
+impl<'a, S: Deref + ?Sized> TxStoreDeref<'a, S>
+where
+    S::Target: crate::TransactionalStore,
+{
+    /// The store an `Arc`, `Box` or `&` points to.
+    pub fn checked(&self) -> &'a S::Target {
+        self.0 .0
+    }
+}
+
+impl<'a, S: ?Sized> Deref for TxStoreDeref<'a, S> {
+    type Target = UncheckedTxStore<'a, S>;
+    fn deref(&self) -> &UncheckedTxStore<'a, S> {
+        &self.0
+    }
+}
+
+impl<S: ?Sized> UncheckedTxStore<'_, S> {
+    /// Never compiles: `S` has no transactions.
+    pub fn checked(&self) -> &NoTransactions
+    where
+        (): HasTransactions<S>,
+    {
+        &NoTransactions
+    }
+}
+
+/// What a store without transactions turns into (after its compile error).
+pub struct NoTransactions;
+
+/// Asked of `()` for a `store = ..` value without transactions in transactional mode;
+/// implemented by no type that the expansion uses. The message is `TransactionalStore`'s.
+#[diagnostic::on_unimplemented(
+    message = "`{S}` has no transactions: transactional mode needs a SQL store (`PostgresStore`, `MySqlStore`, `SqliteStore`)",
+    label = "not a store with transactions",
+    note = "remove `transaction`/`in_transaction` to run without one, or use a SQL store whose database also holds the body's writes"
+)]
+pub trait HasTransactions<S: ?Sized> {}
+
+impl<S: ?Sized> HasTransactions<S> for Unserializable {}
+
+/// The caller's transaction under `in_transaction = tx`, checked: `tx_arg(store, tx)` is `tx`
+/// when its type is `&mut` the store's `Tx`, and one error that says so otherwise.
+pub fn tx_arg<'t, S, X>(_store: &S, tx: &'t mut X) -> &'t mut S::Tx
+where
+    S: crate::TransactionalStore,
+    X: ?Sized + TxOf<S>,
+{
+    tx.as_tx()
+}
+
+/// The store's transaction type, and only it.
+#[diagnostic::on_unimplemented(
+    message = "`in_transaction` needs `&mut` the store's transaction type, e.g. `tx: &mut idem_stores::PgTx`",
+    label = "`{Self}` is not the transaction type of this store",
+    note = "the transaction types are `idem_stores::PgTx` (PostgresStore), `idem_stores::MySqlTx` (MySqlStore) and `idem_stores::SqliteTx` (SqliteStore): open one with `store.begin()` (or `SqliteTx::from(pool.begin().await?)`), and pass it as `&mut tx`"
+)]
+pub trait TxOf<S: crate::TransactionalStore> {
+    /// The transaction, as the store's type.
+    fn as_tx(&mut self) -> &mut S::Tx;
+}
+
+impl<S: crate::TransactionalStore> TxOf<S> for S::Tx {
+    fn as_tx(&mut self) -> &mut S::Tx {
+        self
+    }
+}

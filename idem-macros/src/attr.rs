@@ -28,6 +28,8 @@ const ARGUMENTS: &[&str] = &[
     "missing_key",
     "fail_open",
     "crate",
+    "transaction",
+    "in_transaction",
 ];
 
 /// The arguments, and the errors found in them.
@@ -133,6 +135,22 @@ fn argument(
             let names = content.parse_terminated(Ident::parse_any, Token![,])?;
             args.skip.extend(names);
         }
+        "transaction" => {
+            args.transaction = Some((
+                name.clone(),
+                variable(input, name, "the name the body's transaction is bound to, e.g. `transaction = tx`")?,
+            ));
+        }
+        "in_transaction" => {
+            args.in_transaction = Some((
+                name.clone(),
+                variable(
+                    input,
+                    name,
+                    "the argument that is the caller's transaction, e.g. `in_transaction = tx` with `tx: &mut idem_stores::PgTx`",
+                )?,
+            ));
+        }
         "crate" => {
             eq(input, name, "a path, e.g. `crate = my_crate::idem`")?;
             args.krate = Some(input.call(Path::parse_mod_style)?);
@@ -152,6 +170,25 @@ fn argument(
         }
     }
     Ok(())
+}
+
+/// `= name`: a variable.
+fn variable(input: ParseStream<'_>, name: &Ident, what: &str) -> syn::Result<Ident> {
+    eq(input, name, what)?;
+    let value: Expr = input.parse()?;
+    match &value {
+        Expr::Path(p) if p.qself.is_none() && p.attrs.is_empty() => match p.path.get_ident() {
+            Some(ident) => Ok(ident.clone()),
+            None => Err(syn::Error::new_spanned(
+                &value,
+                format!("`{name}` takes {what}"),
+            )),
+        },
+        _ => Err(syn::Error::new_spanned(
+            &value,
+            format!("`{name}` takes {what}"),
+        )),
+    }
 }
 
 /// `= <expr>`.

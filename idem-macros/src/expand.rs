@@ -34,7 +34,7 @@ use syn::spanned::Spanned;
 use syn::{Block, Expr, ItemFn};
 
 use crate::attr;
-use crate::model::{Args, Dur, Func, Shape};
+use crate::model::{Args, Dur, Func, Shape, Tx};
 use crate::valid;
 
 /// The whole attribute: the wrapper, or the errors followed by the function unchanged (so
@@ -70,6 +70,12 @@ pub(crate) fn idempotent(attr: TokenStream, item: TokenStream) -> TokenStream {
     if let Some(name) = store_arg {
         if !args.skip.contains(&name) {
             args.skip.push(name);
+        }
+    }
+    // `in_transaction = tx`: the caller's transaction is never part of the key or fingerprint.
+    if let Some((_, tx)) = &args.in_transaction {
+        if names.contains(tx) && !args.skip.contains(tx) {
+            args.skip.push(tx.clone());
         }
     }
     let (model, more) = valid::check(&func, &args);
@@ -296,11 +302,14 @@ fn duration(p: &TokenStream, dur: &Dur) -> TokenStream {
 /// The turbofish repeats the user's `T` and `E` tokens: a missing `Serialize` or
 /// `From<idem_core::Error>` is reported under the return type's `T` or `E`, not the attribute.
 fn run(p: &TokenStream, call: TokenStream, args: &Args, model: &Func, body: &Block) -> TokenStream {
-    let (method, storing) = match (args.store.is_some(), args.stores_errors()) {
-        (true, false) => (quote!(run), false),
-        (true, true) => (quote!(run_storing_errors), true),
-        (false, false) => (quote!(run_on_default), false),
-        (false, true) => (quote!(run_storing_errors_on_default), true),
+    let tx = args.tx();
+    let (method, storing) = match (tx, args.store.is_some(), args.stores_errors()) {
+        (Some(Tx::Own(_)), _, _) => (quote!(run_in_transaction), false),
+        (Some(Tx::Caller(_)), _, _) => (quote!(run_within), false),
+        (None, true, false) => (quote!(run), false),
+        (None, true, true) => (quote!(run_storing_errors), true),
+        (None, false, false) => (quote!(run_on_default), false),
+        (None, false, true) => (quote!(run_storing_errors_on_default), true),
     };
     // `T` and `E` are re-spanned to one mixed-site span at their first token, and so is the
     // call below: rustc repeats the run function's bounds at the awaited call (the future's
@@ -314,10 +323,16 @@ fn run(p: &TokenStream, call: TokenStream, args: &Args, model: &Func, body: &Blo
             Span::mixed_site().located_at(first_span(e)),
         )
     });
+    // The transactional entry points take the store's type and the body's closure type.
+    let rest = if tx.is_some() {
+        quote!(_, _)
+    } else {
+        quote!(_)
+    };
     let types = match &err_tokens {
         _ if contains_impl(&model.ok) => TokenStream::new(),
-        Some(err) => quote!(::<#ok, #err, _>),
-        None => quote!(::<#ok, _, _>),
+        Some(err) => quote!(::<#ok, #err, #rest>),
+        None => quote!(::<#ok, _, #rest>),
     };
     // Without `errors = store`, `E: From<idem_core::Error>` is asked of this argument alone.
     let from_error = if storing {
@@ -340,9 +355,26 @@ fn run(p: &TokenStream, call: TokenStream, args: &Args, model: &Func, body: &Blo
             err_at,
         ));
     }
+    let store_var = syn::Ident::new("__idem_store", Span::mixed_site());
+    let tx_var = syn::Ident::new("__idem_tx", Span::mixed_site());
+    let mut prelude = TokenStream::new();
     let store = args.store.as_ref().map(|s| {
         let checked = syn::Ident::new("checked", at(s));
-        quote_spanned!(at(s)=> #p::store_arg(&(#s)).#checked(),)
+        if tx.is_none() {
+            return quote_spanned!(at(s)=> #p::store_arg(&(#s)).#checked(),);
+        }
+        // Transactional mode: the store itself (its `Tx` type is the body's), checked.
+        prelude.extend(quote_spanned!(at(s)=> let #store_var = #p::tx_store(&(#s)).#checked();));
+        if let Some(Tx::Caller(arg)) = tx {
+            // The caller's transaction, checked against the store's `Tx` under its type.
+            let ty = model
+                .inputs
+                .iter()
+                .find(|i| i.bindings.contains(arg))
+                .map_or_else(|| at(arg), |i| at(&i.ty));
+            prelude.extend(quote_spanned!(ty=> let #tx_var = #p::tx_arg(#store_var, #arg);));
+        }
+        quote!(#store_var,)
     });
     // With `errors = store` the likelier mistake is an `E` without serde: repeats go there.
     let repeat_at = match (storing, err) {
@@ -353,10 +385,18 @@ fn run(p: &TokenStream, call: TokenStream, args: &Args, model: &Func, body: &Blo
     let call_var = syn::Ident::new("__idem_call", Span::mixed_site());
     let run_var = syn::Ident::new("__idem_run", repeat_at);
     let call_var_at = syn::Ident::new("__idem_call", repeat_at);
-    let run_call =
-        quote_spanned!(repeat_at=> #run_var(#call_var_at, #store #from_error async #body).await);
+    // Transactional mode: the body becomes an async closure of the transaction, bound to the
+    // user's name (`transaction = tx`), or shadowing the caller's argument (`in_transaction`).
+    let (tx_arg, closure) = match tx {
+        None => (None, TokenStream::new()),
+        Some(Tx::Own(name)) => (None, quote!(|#name|)),
+        Some(Tx::Caller(name)) => (Some(quote!(#tx_var,)), quote!(|#name|)),
+    };
+    let run_call = quote_spanned!(repeat_at=>
+        #run_var(#call_var_at, #store #from_error #tx_arg async #closure #body).await);
     quote! {
         #checks
+        #prelude
         let #call_var = #call;
         let #run_var = #p::#method #types;
         #run_call

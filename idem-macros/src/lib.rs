@@ -3,7 +3,8 @@
 //!
 //! A pipeline, one concern a file: `attr` parses the arguments into the `model`, `valid`
 //! reads the function and checks both (collecting every error; `traps` holds the checks for
-//! mistakes that would compile and fail at run time, `suggest` the "did you mean"), `expand`
+//! mistakes that would compile and fail at run time, `tx` those of transactional mode,
+//! `suggest` the "did you mean"), `expand`
 //! writes the wrapper — a `Call` built from the arguments, running the body as its future.
 
 mod attr;
@@ -12,6 +13,7 @@ mod expand;
 mod model;
 mod suggest;
 mod traps;
+mod tx;
 mod valid;
 
 use proc_macro::TokenStream;

@@ -24,12 +24,36 @@ pub(crate) struct Args {
     pub missing_key: Option<Ident>,
     pub fail_open: Option<bool>,
     pub krate: Option<Path>,
+    /// `transaction = tx`: the argument's name (for spans) and the variable the body's
+    /// transaction is bound to.
+    pub transaction: Option<(Ident, Ident)>,
+    /// `in_transaction = tx`: the argument's name and the function argument that is the
+    /// caller's transaction.
+    pub in_transaction: Option<(Ident, Ident)>,
 }
 
 impl Args {
     pub fn stores_errors(&self) -> bool {
         self.errors.as_ref().is_some_and(|e| e == "store")
     }
+
+    /// Transactional mode: idem's own transaction or the caller's.
+    pub fn tx(&self) -> Option<Tx<'_>> {
+        match (&self.transaction, &self.in_transaction) {
+            (Some((_, v)), None) => Some(Tx::Own(v)),
+            (_, Some((_, v))) => Some(Tx::Caller(v)),
+            (None, None) => None,
+        }
+    }
+}
+
+/// Transactional mode (SPEC §4): the variable the body sees its transaction as.
+#[derive(Clone, Copy)]
+pub(crate) enum Tx<'a> {
+    /// `transaction = tx`: idem opens and commits; `tx` is bound inside the body.
+    Own(&'a Ident),
+    /// `in_transaction = tx`: the function argument `tx: &mut <store's Tx>`, the caller's.
+    Caller(&'a Ident),
 }
 
 /// A duration: a literal checked at compile time, or a `Duration` expression.

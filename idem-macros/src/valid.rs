@@ -11,6 +11,7 @@ use syn::{
 use crate::model::{Args, Func, Input, Receiver, Shape};
 use crate::suggest::closest;
 use crate::traps;
+use crate::tx;
 
 /// The function's model, or `None` when it cannot be wrapped at all; and the errors found.
 pub(crate) fn check(item: &ItemFn, args: &Args) -> (Option<Func>, Vec<syn::Error>) {
@@ -155,6 +156,7 @@ pub(crate) fn check(item: &ItemFn, args: &Args) -> (Option<Func>, Vec<syn::Error
     }
 
     errors.extend(traps::arguments(&inputs, &skipped));
+    errors.extend(tx::check(args, &inputs, &names));
     if let Some(key) = &args.key {
         errors.extend(traps::key_is_a_set(key, &inputs, &names));
     }
