@@ -126,7 +126,7 @@ pub mod __private {
     pub use core::result::Result;
     pub use core::time::Duration;
 
-    // The four ways the expansion runs a body. Free functions rather than `Call` methods:
+    // The ways the expansion runs a body. Free functions rather than `Call` methods:
     // the macro passes `T` and `E` in the turbofish as the user's own tokens, and rustc
     // reports a missing `Serialize` or `From<idem_core::Error>` under that type argument
     // (for a method call it would point at the attribute).
@@ -202,6 +202,47 @@ pub mod __private {
         call.run_on_default(body)
             .await
             .map_err(|e| e.into(from_error))
+    }
+
+    /// [`Call::run_in_transaction`] for `#[idempotent(store = .., transaction = tx)]`: the
+    /// store is `tx_store(&(store)).checked()` (see [`tx_store`]).
+    pub async fn run_in_transaction<T, E, S, F>(
+        call: Call,
+        store: &S,
+        from_error: fn(crate::Error) -> E,
+        body: F,
+    ) -> Result<T, E>
+    where
+        S: crate::TransactionalStore,
+        T: serde::Serialize + serde::de::DeserializeOwned,
+        F: AsyncFnOnce(&mut S::Tx) -> Result<T, E>,
+    {
+        call.run_in_transaction(store, async |tx: &mut S::Tx| {
+            body(tx).await.map_err(Either::Body)
+        })
+        .await
+        .map_err(|e| e.into(from_error))
+    }
+
+    /// [`Call::run_within`] for `#[idempotent(store = .., in_transaction = tx)]`: the
+    /// caller's transaction is `tx_arg(store, tx)` (see [`tx_arg`]).
+    pub async fn run_within<T, E, S, F>(
+        call: Call,
+        store: &S,
+        from_error: fn(crate::Error) -> E,
+        tx: &mut S::Tx,
+        body: F,
+    ) -> Result<T, E>
+    where
+        S: crate::TransactionalStore,
+        T: serde::Serialize + serde::de::DeserializeOwned,
+        F: AsyncFnOnce(&mut S::Tx) -> Result<T, E>,
+    {
+        call.run_within(store, tx, async |tx: &mut S::Tx| {
+            body(tx).await.map_err(Either::Body)
+        })
+        .await
+        .map_err(|e| e.into(from_error))
     }
 
     /// [`Call::run_storing_errors_on_default`] for `errors = store` without `store`.
