@@ -148,16 +148,26 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         .clone()
         .ok_or_else(|| Failure::new(USAGE, "no store URL: pass --url or set IDEM_URL"))?;
     let timeout = Duration::from_secs(cli.timeout.max(1));
+    // A key that cannot be hashed is a usage error, found before connecting.
+    let record = match &cli.command {
+        Command::Inspect(target) | Command::Forget(target) => Some(record_key(target)?),
+        _ => None,
+    };
     let store = open(&url, &cli, timeout).await?;
-    match &cli.command {
-        Command::Inspect(target) => inspect(&*store, target, cli.json).await,
-        Command::Forget(target) => forget(&*store, target, cli.json).await,
-        Command::Stats => {
+    match (&cli.command, record) {
+        (Command::Inspect(target), Some(record)) => {
+            inspect(&*store, target, record, cli.json).await
+        }
+        (Command::Forget(target), Some(record)) => forget(&*store, target, record, cli.json).await,
+        (Command::Inspect(_) | Command::Forget(_), None) => {
+            Err(Failure::new(USAGE, "no record named"))
+        }
+        (Command::Stats, _) => {
             let stats = store.stats().await.map_err(|e| unavailable("stats", &e))?;
             print_stats(&stats, cli.json);
             Ok(())
         }
-        Command::PurgeExpired { batch } => {
+        (Command::PurgeExpired { batch }, _) => {
             let n = store
                 .purge_expired(*batch)
                 .await
@@ -295,8 +305,11 @@ fn parse_json(flag: &str, text: &str) -> Result<Value, Failure> {
         .map_err(|e| Failure::new(USAGE, format!("{flag}: not valid JSON: {e}")))
 }
 
+/// One record: its `Call` (unless named by hashed key), its key, a description for messages.
+type Record = (Option<Call>, Key, String);
+
 /// The record's key, hashed as the runtime hashes it, and a description for messages.
-fn record_key(target: &Target) -> Result<(Option<Call>, Key, String), Failure> {
+fn record_key(target: &Target) -> Result<Record, Failure> {
     if let Some(hex) = &target.hashed_key {
         let key = parse_hex_key(hex)?;
         return Ok((None, key, format!("hashed key {hex}")));
@@ -367,8 +380,12 @@ fn not_found(what: &str, target: &Target) -> Failure {
     Failure::new(NOT_FOUND, format!("no record for {what}: {hint}"))
 }
 
-async fn inspect(store: &dyn StoreAdmin, target: &Target, json: bool) -> Result<(), Failure> {
-    let (call, key, what) = record_key(target)?;
+async fn inspect(
+    store: &dyn StoreAdmin,
+    target: &Target,
+    (call, key, what): Record,
+    json: bool,
+) -> Result<(), Failure> {
     let store: &dyn Store = store;
     let shown = match call {
         // The documented API: the same (namespace, scope, key) the runtime uses.
@@ -390,8 +407,12 @@ async fn inspect(store: &dyn StoreAdmin, target: &Target, json: bool) -> Result<
     Ok(())
 }
 
-async fn forget(store: &dyn StoreAdmin, target: &Target, json: bool) -> Result<(), Failure> {
-    let (call, key, what) = record_key(target)?;
+async fn forget(
+    store: &dyn StoreAdmin,
+    target: &Target,
+    (call, key, what): Record,
+    json: bool,
+) -> Result<(), Failure> {
     let store: &dyn Store = store;
     let existed = store
         .get(&key)

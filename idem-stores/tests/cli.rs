@@ -1,0 +1,375 @@
+//! The `idem` command-line tool end to end: records made through `Call` on Redis, PostgreSQL,
+//! MySQL/MariaDB and SQLite, found, counted and forgotten by the real binary; and the exit
+//! codes and messages for a bad URL, an unknown namespace and an unreachable server.
+//!
+//! Backend tests need `IDEM_TEST_REDIS_URL`, `IDEM_TEST_POSTGRES_URL`, `IDEM_TEST_MYSQL_URL`
+//! (skipped without them, failing without them when `CI` is set). SQLite needs nothing.
+#![cfg(feature = "cli")]
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+#[path = "support/sql_common.rs"]
+#[allow(unused)]
+mod sql_common;
+
+use std::io::Read;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use idem_core::{Call, Error, Store};
+use serde_json::Value;
+
+const NS: &str = "cli_tests::charge";
+
+/// What one run of the binary gave.
+#[derive(Debug)]
+struct Run {
+    code: i32,
+    stdout: String,
+    stderr: String,
+}
+
+/// Runs `idem` with `args`, bounded: a run that takes more than 30 s is killed and fails the
+/// test (the tool's own timeouts are a few seconds).
+fn idem(args: &[&str]) -> Run {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_idem"))
+        .args(args)
+        .env_remove("IDEM_URL")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn idem");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("idem {args:?} did not finish within 30 s");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut stdout = String::new();
+    let mut stderr = String::new();
+    child
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut stdout)
+        .unwrap();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .unwrap();
+    Run {
+        code: status.code().expect("exited, not killed"),
+        stdout,
+        stderr,
+    }
+}
+
+fn with(base: &[String], rest: &[&str]) -> Vec<String> {
+    base.iter()
+        .cloned()
+        .chain(rest.iter().map(|s| s.to_string()))
+        .collect()
+}
+
+fn run_args(args: &[String]) -> Run {
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    idem(&refs)
+}
+
+/// A call by string key and scope, as `#[idempotent]` would make it.
+fn by_order(order: &str) -> Call {
+    Call::new(NS)
+        .key(order)
+        .scope("tenant-1")
+        .fingerprint((1999u32,))
+        .ttl(Duration::from_secs(3600))
+}
+
+/// A call by numeric key (found with `--key-json 42`).
+fn by_number(n: u64) -> Call {
+    Call::new(NS).key(n).ttl(Duration::from_secs(3600))
+}
+
+/// The whole operator story on one store: `base` is `--url … [--prefix|--table …]`.
+async fn story(store: &dyn Store, base: &[String]) {
+    by_order("order-7")
+        .run(store, async { Ok::<_, Error>("receipt".to_string()) })
+        .await
+        .unwrap();
+    by_number(42)
+        .run(store, async { Ok::<_, Error>(7u32) })
+        .await
+        .unwrap();
+    let id = by_order("order-7").identity().unwrap().unwrap();
+    let target = ["--namespace", NS, "--key", "order-7", "--scope", "tenant-1"];
+
+    // Human table.
+    let out = run_args(&with(base, &[&["inspect"][..], &target[..]].concat()));
+    assert_eq!(out.code, 0, "{out:?}");
+    for needle in [
+        "completed",
+        "msgpack;v0",
+        &id.key.to_hex(),
+        "expires in",
+        "bytes",
+    ] {
+        assert!(out.stdout.contains(needle), "{needle:?} in {out:?}");
+    }
+    // JSON.
+    let out = run_args(&with(
+        base,
+        &[&["--json", "inspect"][..], &target[..]].concat(),
+    ));
+    assert_eq!(out.code, 0, "{out:?}");
+    let v: Value = serde_json::from_str(out.stdout.trim()).expect("one JSON object");
+    assert_eq!(v["status"], "completed");
+    assert_eq!(v["key"], id.key.to_hex());
+    assert_eq!(v["fingerprint"], id.fingerprint.unwrap().to_hex());
+    assert_eq!(v["tag"], "msgpack;v0");
+    assert!(v["size"].as_u64().unwrap() > 0);
+    let left = v["expires_in_ms"].as_u64().unwrap();
+    assert!(left <= 3_600_000 && left > 3_000_000, "{left}");
+    // A numeric key, as JSON; and the hashed key as logs show it.
+    let out = run_args(&with(
+        base,
+        &["inspect", "--namespace", NS, "--key-json", "42"],
+    ));
+    assert_eq!(out.code, 0, "{out:?}");
+    let out = run_args(&with(base, &["inspect", "--hashed-key", &id.key.to_hex()]));
+    assert_eq!(out.code, 0, "{out:?}");
+    assert!(out.stdout.contains("completed"), "{out:?}");
+    // The string "42" is not the number 42.
+    let out = run_args(&with(base, &["inspect", "--namespace", NS, "--key", "42"]));
+    assert_eq!(out.code, 1, "{out:?}");
+
+    // Stats count both records.
+    let out = run_args(&with(base, &["--json", "stats"]));
+    assert_eq!(out.code, 0, "{out:?}");
+    let v: Value = serde_json::from_str(out.stdout.trim()).unwrap();
+    assert_eq!(
+        (v["completed"].as_u64(), v["in_progress"].as_u64()),
+        (Some(2), Some(0)),
+        "{v}"
+    );
+    let out = run_args(&with(base, &["stats"]));
+    assert_eq!(out.code, 0, "{out:?}");
+    assert!(out.stdout.contains("completed"), "{out:?}");
+
+    // An unknown namespace: exit 1 and a message that says why a store cannot tell.
+    let out = run_args(&with(
+        base,
+        &[
+            "inspect",
+            "--namespace",
+            "cli_tests::chrage",
+            "--key",
+            "order-7",
+            "--scope",
+            "tenant-1",
+        ],
+    ));
+    assert_eq!(out.code, 1, "{out:?}");
+    assert!(
+        out.stderr
+            .contains("no record for namespace \"cli_tests::chrage\""),
+        "{out:?}"
+    );
+    assert!(out.stderr.contains("cannot list namespaces"), "{out:?}");
+    // The wrong scope is not found either.
+    let out = run_args(&with(
+        base,
+        &["inspect", "--namespace", NS, "--key", "order-7"],
+    ));
+    assert_eq!(out.code, 1, "{out:?}");
+
+    // Forget: gone for the tool and for the runtime (the body runs again).
+    let out = run_args(&with(base, &[&["forget"][..], &target[..]].concat()));
+    assert_eq!(out.code, 0, "{out:?}");
+    assert!(out.stdout.contains(&id.key.to_hex()), "{out:?}");
+    let out = run_args(&with(base, &[&["inspect"][..], &target[..]].concat()));
+    assert_eq!(out.code, 1, "{out:?}");
+    assert!(by_order("order-7").inspect(store).await.unwrap().is_none());
+    let ran = by_order("order-7")
+        .run(store, async { Ok::<_, Error>("again".to_string()) })
+        .await
+        .unwrap();
+    assert_eq!(ran, "again");
+    // Forgetting what is not there: exit 1, nothing changed.
+    let out = run_args(&with(
+        base,
+        &["--json", "forget", "--namespace", NS, "--key-json", "43"],
+    ));
+    assert_eq!(out.code, 1, "{out:?}");
+    assert!(serde_json::from_str::<Value>(out.stdout.trim()).unwrap()["error"].is_string());
+
+    let out = run_args(&with(base, &["purge-expired", "--batch", "10"]));
+    assert_eq!(out.code, 0, "{out:?}");
+
+    // Clean up.
+    for call in [by_order("order-7"), by_number(42)] {
+        call.forget(store).await.unwrap();
+    }
+}
+
+/// A loopback port nothing listens on.
+fn dead_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    drop(l);
+    port
+}
+
+#[test]
+fn bad_urls_exit_3() {
+    for url in [
+        "foo://localhost/x",
+        "localhost:6379",
+        "redis://127.0.0.1:notaport",
+        "postgres://u@127.0.0.1:notaport/db",
+        "sqlite:/nonexistent/dir/idem.db",
+    ] {
+        let out = idem(&["--url", url, "stats"]);
+        assert_eq!(out.code, 3, "{url}: {out:?}");
+        assert!(out.stderr.starts_with("idem: "), "{out:?}");
+    }
+    let out = idem(&["--url", "foo://x", "stats"]);
+    assert!(
+        out.stderr.contains("unsupported store URL scheme"),
+        "{out:?}"
+    );
+}
+
+#[test]
+fn usage_errors_exit_2() {
+    // No URL; no key; a malformed --key-json; a bad hashed key.
+    let out = idem(&["stats"]);
+    assert_eq!(out.code, 2, "{out:?}");
+    let out = idem(&["--url", "sqlite:x.db", "inspect", "--namespace", NS]);
+    assert_eq!(out.code, 2, "{out:?}");
+    let dir = tempdir("usage");
+    let db = dir.join("u.db");
+    std::fs::write(&db, b"").unwrap();
+    let url = format!("sqlite:{}", db.display());
+    let out = idem(&[
+        "--url",
+        &url,
+        "inspect",
+        "--namespace",
+        NS,
+        "--key-json",
+        "{nope",
+    ]);
+    assert_eq!(out.code, 2, "{out:?}");
+    assert!(out.stderr.contains("--key-json"), "{out:?}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn unreachable_servers_exit_4() {
+    let port = dead_port();
+    for url in [
+        format!("redis://127.0.0.1:{port}"),
+        format!("postgres://postgres@127.0.0.1:{port}/test"),
+        format!("mysql://root@127.0.0.1:{port}/test"),
+    ] {
+        let out = idem(&["--url", &url, "--timeout", "2", "stats"]);
+        assert_eq!(out.code, 4, "{url}: {out:?}");
+        assert!(out.stderr.contains(&format!("127.0.0.1:{port}")), "{out:?}");
+    }
+}
+
+fn tempdir(tag: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("idem-cli-{tag}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+#[tokio::test]
+async fn sqlite_end_to_end() {
+    let dir = tempdir("sqlite");
+    let path = dir.join("idem.db");
+    let store = idem_stores::SqliteStore::builder()
+        .url(format!("sqlite://{}", path.display()))
+        .table("cli_records")
+        .connect()
+        .await
+        .unwrap();
+    store.migrate().await.unwrap();
+    let base = vec![
+        "--url".to_string(),
+        format!("sqlite:{}", path.display()),
+        "--table".into(),
+        "cli_records".into(),
+    ];
+    story(&store, &base).await;
+    // The default table does not exist in this file: a clear error, exit 4.
+    let out = idem(&["--url", &base[1], "stats"]);
+    assert_eq!(out.code, 4, "{out:?}");
+    assert!(out.stderr.contains("does not exist"), "{out:?}");
+    drop(store);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test]
+async fn redis_end_to_end() {
+    let Some(url) = idem_core::testkit::env_url("IDEM_TEST_REDIS_URL") else {
+        return;
+    };
+    let prefix = format!("idem-cli-{}:", std::process::id());
+    let store = idem_stores::RedisStore::builder(url.clone())
+        .prefix(prefix.clone())
+        .build()
+        .await
+        .unwrap();
+    let base = vec!["--url".to_string(), url, "--prefix".into(), prefix];
+    story(&store, &base).await;
+}
+
+#[tokio::test]
+async fn postgres_end_to_end() {
+    let Some(url) = idem_core::testkit::env_url("IDEM_TEST_POSTGRES_URL") else {
+        return;
+    };
+    let table = sql_common::unique_table("cli");
+    let store = idem_stores::PostgresStore::builder()
+        .url(url.clone())
+        .table(&table)
+        .connect()
+        .await
+        .unwrap();
+    store.migrate().await.unwrap();
+    let base = vec!["--url".to_string(), url, "--table".into(), table.clone()];
+    story(&store, &base).await;
+    sqlx::query(sqlx::AssertSqlSafe(format!("DROP TABLE \"{table}\"")))
+        .execute(store.pool())
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn mysql_end_to_end() {
+    let Some(url) = idem_core::testkit::env_url("IDEM_TEST_MYSQL_URL") else {
+        return;
+    };
+    let table = sql_common::unique_table("cli");
+    let store = idem_stores::MySqlStore::builder()
+        .url(url.clone())
+        .table(&table)
+        .connect()
+        .await
+        .unwrap();
+    store.migrate().await.unwrap();
+    let base = vec!["--url".to_string(), url, "--table".into(), table.clone()];
+    story(&store, &base).await;
+    sqlx::query(sqlx::AssertSqlSafe(format!("DROP TABLE `{table}`")))
+        .execute(store.pool())
+        .await
+        .unwrap();
+}
