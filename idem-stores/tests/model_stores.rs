@@ -427,7 +427,6 @@ fn memory() {
 }
 
 #[test]
-#[ignore = "TieredStore bug found by the model, fixed by the TieredStore rewrite in progress: un-ignore when it lands"]
 fn tiered() {
     static P: Profile = Profile {
         name: "tiered",
@@ -560,9 +559,9 @@ fn sqlite() {
     check_store(&P, &rt, Arc::new(store));
 }
 
-// Regression tests for the store bugs the model found, named after them. They are ignored until
-// TieredStore is fixed (its owner's file; a rewrite is in progress); un-ignore them, and
-// `tiered` above, with the fix.
+// Regression tests for the store bugs the model found, named after them. The first two were
+// fixed in afe9e5e; the last is ignored until TieredStore is fixed (its owner's file):
+// un-ignore it with the fix.
 
 mod found {
     use super::*;
@@ -581,7 +580,6 @@ mod found {
     /// Seed 3391856293444018084: claim, complete (ttl 200 ms), claim again → the local tier
     /// answers `Completed` with `expires_in: None` (the contract: every store fills it).
     #[tokio::test]
-    #[ignore = "TieredStore bug found by the model, fixed by the TieredStore rewrite in progress: un-ignore when it lands"]
     async fn tiered_local_replay_reports_no_expiry() {
         let store = TieredStore::new(MemoryStore::new());
         let key = idem_core::testkit::fresh_key();
@@ -603,7 +601,6 @@ mod found {
     /// answer, with its remaining TTL) is cached for the whole `local_ttl`, ignoring
     /// `expires_in`: it is replayed after it expired in the shared store.
     #[tokio::test]
-    #[ignore = "TieredStore bug found by the model, fixed by the TieredStore rewrite in progress: un-ignore when it lands"]
     async fn tiered_caches_a_replayed_record_past_its_expiry() {
         let shared = MemoryStore::new();
         let tiered = TieredStore::new(shared.clone());
