@@ -1045,10 +1045,7 @@ pub(crate) async fn keep_lease(
     let hedge_after = budget(lease, 4);
     let pause = (lease / 30).clamp(Duration::from_millis(1), Duration::from_millis(250));
     let mut next = covered_from + period;
-    let mut in_flight: Vec<(
-        Instant,
-        Pin<Box<dyn Future<Output = Result<(), StoreError>> + Send + '_>>,
-    )> = Vec::with_capacity(RENEWALS_IN_FLIGHT);
+    let mut in_flight: Vec<(Instant, Renewal<'_>)> = Vec::with_capacity(RENEWALS_IN_FLIGHT);
     loop {
         let can_send = in_flight.len() < RENEWALS_IN_FLIGHT;
         let answered = std::future::poll_fn(|cx| {
@@ -1088,6 +1085,9 @@ pub(crate) async fn keep_lease(
         }
     }
 }
+
+/// One renewal in flight.
+type Renewal<'a> = Pin<Box<dyn Future<Output = Result<(), StoreError>> + Send + 'a>>;
 
 /// How many renewals of one claim may be in flight at once (see [`keep_lease`]).
 const RENEWALS_IN_FLIGHT: usize = 3;

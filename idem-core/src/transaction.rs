@@ -16,8 +16,8 @@ use crate::error::{Error, StoreError};
 use crate::key::Identity;
 use crate::observe::{emit, Outcome};
 use crate::runtime::{
-    bounded, claim, execute, fail, keep_lease, release, replay, settle, CatchUnwind,
-    Claimed, Held, Op, Policy, Prepared, ReleaseErrors, Settle,
+    bounded, claim, execute, fail, keep_lease, release, replay, settle, CatchUnwind, Claimed, Held,
+    Op, Policy, Prepared, ReleaseErrors, Settle,
 };
 use crate::store::{Claim, ClaimRequest, TransactionalStore};
 use crate::Call;
@@ -222,33 +222,32 @@ impl<C: Codec> Call<C> {
         }
 
         // Settle inside the transaction, keeping the lease until the commit is acknowledged.
-        let committed = {
+        // The lease is kept until the fenced completion is written. From then on the record's
+        // row is locked by this transaction (the database write lock on SQLite): a takeover
+        // waits for the commit, and a renewal would only wait on that lock too.
+        let written = {
             let keeper = pin!(keep_lease(store, key, held.token, opts.lease, held.since));
-            let work = pin!(async {
-                let written = bounded(
-                    Op("complete", store),
-                    opts.lease,
-                    store.complete_in(slot.tx(), &key, held.token, &envelope, opts.ttl),
-                )
-                .await;
-                match written {
-                    Ok(()) => {}
-                    Err(StoreError::Fenced) => return Committed::No(Error::LeaseLost),
-                    Err(e) => return Committed::No(e.into()),
-                }
-                match slot.take_own() {
-                    None => Committed::Yes, // the caller commits
-                    Some(tx) => match store.commit(tx).await {
-                        Ok(()) => Committed::Yes,
-                        Err(e) => Committed::Unknown(e),
-                    },
-                }
-            });
+            let work = pin!(bounded(
+                Op("complete", store),
+                opts.lease,
+                store.complete_in(slot.tx(), &key, held.token, &envelope, opts.ttl),
+            ));
             tokio::select! {
                 biased;
                 r = work => r,
                 never = keeper => match never {},
             }
+        };
+        let committed = match written {
+            Err(StoreError::Fenced) => Committed::No(Error::LeaseLost),
+            Err(e) => Committed::No(e.into()),
+            Ok(()) => match slot.take_own() {
+                None => Committed::Yes, // the caller commits
+                Some(tx) => match store.commit(tx).await {
+                    Ok(()) => Committed::Yes,
+                    Err(e) => Committed::Unknown(e),
+                },
+            },
         };
         // The transaction is rolled back (if the completion failed) before any release, which
         // would otherwise wait for its row lock (PostgreSQL, MariaDB) or write lock (SQLite).

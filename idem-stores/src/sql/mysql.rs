@@ -283,9 +283,13 @@ impl SqlBackend for MySqlStore {
                 let connect: MySqlConnectOptions = url
                     .parse()
                     .map_err(|e| StoreError::backend("mysql: invalid connection URL", e))?;
+                // No ping before each acquire: it doubles every operation's round trips
+                // (a slow link then loses leases); a broken connection fails its statement,
+                // which the store retries on a fresh one.
                 MySqlPoolOptions::new()
                     .max_connections(options.max_connections)
                     .acquire_timeout(options.acquire_timeout)
+                    .test_before_acquire(false)
                     .connect_lazy_with(connect)
             }
             Source::None => return Err(config_error("mysql: no .url(..) or .pool(..)")),

@@ -164,9 +164,13 @@ impl SqlBackend for PostgresStore {
                 let connect: PgConnectOptions = url
                     .parse()
                     .map_err(|e| StoreError::backend("postgres: invalid connection URL", e))?;
+                // No ping before each acquire: it doubles every operation's round trips
+                // (a slow link then loses leases); a broken connection fails its statement,
+                // which the store retries on a fresh one.
                 PgPoolOptions::new()
                     .max_connections(options.max_connections)
                     .acquire_timeout(options.acquire_timeout)
+                    .test_before_acquire(false)
                     .connect_lazy_with(connect)
             }
             Source::None => return Err(super::config_error("postgres: no .url(..) or .pool(..)")),
