@@ -308,8 +308,6 @@ const MACRO_LEASE: Duration = Duration::from_millis(600);
 
 struct Outcomes {
     ok: Vec<(usize, u64)>,
-    /// Calls dropped before their body started.
-    dropped_unstarted: u64,
 }
 
 /// One simulated run; returns the violations it saw.
@@ -330,10 +328,7 @@ async fn run(seed: u64) -> Vec<String> {
     let keys = 1 + rng.below(3) as usize;
     let calls = 3 + rng.below(10) as usize;
     let before = idem_core::counters();
-    let results = Arc::new(Mutex::new(Outcomes {
-        ok: Vec::new(),
-        dropped_unstarted: 0,
-    }));
+    let results = Arc::new(Mutex::new(Outcomes { ok: Vec::new() }));
     let mut tasks = tokio::task::JoinSet::new();
     for id in 0..calls {
         let by_macro = rng.chance(30);
@@ -402,9 +397,6 @@ async fn run(seed: u64) -> Vec<String> {
                     "call {id} slot {slot} macro {by_macro} reject {reject} start {start:?} \
                      {plan:?} cancel {cancel:?} body started {started} -> {r:?}"
                 );
-            }
-            if r.is_none() && !started {
-                results.lock().unwrap().dropped_unstarted += 1;
             }
             if let Some(Ok(v)) = r {
                 results.lock().unwrap().ok.push((slot, v));
@@ -495,13 +487,8 @@ async fn run(seed: u64) -> Vec<String> {
         .map(|((_, a), (_, b))| a - b)
         .sum();
     let expected = (calls + probes) as u64;
-    // KNOWN BUG (runtime, see `cancelled_while_waiting_counts_an_outcome`): a call dropped
-    // while it waits for another holder counts no outcome. Until it is fixed, such calls may
-    // be missing from the sum; set IDEM_SIM_STRICT=1 to insist on the exact count.
-    let dropped = results.lock().unwrap().dropped_unstarted;
-    let strict = std::env::var_os("IDEM_SIM_STRICT").is_some();
-    let low = if strict { expected } else { expected - dropped };
-    if total < low || total > expected {
+    // Each call ends in exactly one outcome (0fee94e: also a caller dropped while it waits).
+    if total != expected {
         let delta: Vec<(Outcome, u64)> = after
             .iter()
             .zip(&before)
@@ -529,8 +516,12 @@ fn seeds() -> Vec<u64> {
         .collect()
 }
 
+/// The tests of this file read the process-wide counters: one at a time.
+static SERIAL: Mutex<()> = Mutex::new(());
+
 #[test]
 fn simulated_runs() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     let quiet = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {
         if !info.payload().is::<SimulatedPanic>() {
@@ -564,10 +555,10 @@ fn simulated_runs() {
 /// Found by the simulation (seed 8758282174334263672, call 3): a caller dropped while it waits
 /// for another holder's result (on_conflict = wait) ends in no outcome at all — neither the
 /// `Cancelled` counter nor its tracing event — because the runtime arms its drop guard only
-/// around the claim, not around `store.wait`. Ignored until the runtime is fixed.
+/// around the claim, not around `store.wait`. Fixed in 0fee94e.
 #[test]
-#[ignore = "runtime bug found by the simulation: un-ignore with the fix (and drop the tolerance in run())"]
 fn cancelled_while_waiting_counts_an_outcome() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .start_paused(true)
