@@ -373,3 +373,47 @@ async fn mysql_end_to_end() {
         .await
         .unwrap();
 }
+
+/// What docs/operations.md promises of `--key-json`: which Rust keys a JSON value finds.
+#[test]
+fn json_keys_hash_like_their_rust_values() {
+    use std::collections::{BTreeSet, HashMap};
+
+    #[derive(serde::Serialize)]
+    struct OrderId(u64);
+    #[derive(serde::Serialize)]
+    struct Composite {
+        order: u64,
+        tenant: String,
+    }
+
+    fn key_of<K: serde::Serialize>(k: K) -> idem_core::Key {
+        Call::new(NS).key(k).identity().unwrap().unwrap().key
+    }
+    fn json(text: &str) -> idem_core::Key {
+        key_of(serde_json::from_str::<Value>(text).unwrap())
+    }
+
+    assert_eq!(json("42"), key_of(42u32));
+    assert_eq!(json("42"), key_of(42i64));
+    assert_eq!(json("42"), key_of(OrderId(42)));
+    assert_eq!(json("42"), key_of(Some(42u8)));
+    assert_eq!(json("-7"), key_of(-7i16));
+    assert_eq!(json("1.5"), key_of(1.5f64));
+    assert_eq!(json("true"), key_of(true));
+    assert_eq!(json("\"order-7\""), key_of("order-7"));
+    assert_eq!(json("[1, \"a\"]"), key_of((1u8, "a")));
+    assert_eq!(json("[3, 1, 2]"), key_of(vec![3u64, 1, 2]));
+    assert_eq!(json("[1, 2, 3]"), key_of(BTreeSet::from([3u64, 1, 2])));
+    let map = HashMap::from([("b".to_string(), 2u32), ("a".to_string(), 1)]);
+    assert_eq!(json("{\"a\": 1, \"b\": 2}"), key_of(map));
+    // Not reproducible as JSON: a struct (a JSON object is a map), a char.
+    let s = Composite {
+        order: 1,
+        tenant: "t".into(),
+    };
+    assert_ne!(json("{\"order\": 1, \"tenant\": \"t\"}"), key_of(s));
+    assert_ne!(json("\"x\""), key_of('x'));
+    // The string "42" is not the number 42.
+    assert_ne!(json("\"42\""), key_of(42u32));
+}

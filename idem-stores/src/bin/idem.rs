@@ -114,6 +114,9 @@ fn unavailable(what: &str, e: &StoreError) -> Failure {
         }
         source = s.source();
     }
+    if message.contains("timed out") {
+        message.push_str(" (is the server running, and reachable at that address?)");
+    }
     Failure::new(UNAVAILABLE, message)
 }
 
