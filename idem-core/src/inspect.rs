@@ -63,13 +63,11 @@ pub enum RecordStatus {
     },
 }
 
-impl<C: Codec> Call<C> {
-    /// Finds this call's record — the same (namespace, scope, key) that [`run`](Call::run)
-    /// would use — and reports its state, TTL left, fingerprint, compatibility tag and size.
-    /// `Ok(None)` when there is none (never claimed, expired, released, or forgotten).
-    pub async fn inspect(&self, store: &dyn Store) -> Result<Option<RecordInfo>, Error> {
-        let key = self.record_key()?;
-        Ok(store.get(&key).await?.map(|state| match state {
+impl RecordInfo {
+    /// What a record in `state`, stored under `key`, reports — for tools that find a record
+    /// by its hashed key (from a log line) rather than through its [`Call`].
+    pub fn from_state(key: Key, state: RecordState) -> Self {
+        match state {
             RecordState::InProgress { token, fingerprint } => RecordInfo {
                 key,
                 status: RecordStatus::InProgress { token },
@@ -86,7 +84,20 @@ impl<C: Codec> Call<C> {
                 tag: peek_tag(&record.value),
                 size: Some(record.value.len()),
             },
-        }))
+        }
+    }
+}
+
+impl<C: Codec> Call<C> {
+    /// Finds this call's record — the same (namespace, scope, key) that [`run`](Call::run)
+    /// would use — and reports its state, TTL left, fingerprint, compatibility tag and size.
+    /// `Ok(None)` when there is none (never claimed, expired, released, or forgotten).
+    pub async fn inspect(&self, store: &dyn Store) -> Result<Option<RecordInfo>, Error> {
+        let key = self.record_key()?;
+        Ok(store
+            .get(&key)
+            .await?
+            .map(|state| RecordInfo::from_state(key, state)))
     }
 
     /// Removes this call's record, whatever its state, so that the next call runs the body

@@ -612,6 +612,10 @@ impl Store for MemoryStore {
         Some(Arc::new(self.clone()))
     }
 
+    fn name(&self) -> &'static str {
+        "memory"
+    }
+
     fn max_value_size(&self) -> usize {
         self.inner.max_value_size
     }

@@ -211,6 +211,10 @@ impl<S: Store> Store for TieredStore<S> {
         self.shared.detached()
     }
 
+    fn name(&self) -> &'static str {
+        "tiered"
+    }
+
     fn max_value_size(&self) -> usize {
         self.shared.max_value_size()
     }

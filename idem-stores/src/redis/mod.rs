@@ -582,6 +582,10 @@ impl Store for RedisStore {
         Some(Arc::new(self.clone()))
     }
 
+    fn name(&self) -> &'static str {
+        "redis"
+    }
+
     fn max_value_size(&self) -> usize {
         self.inner.max_value_size
     }

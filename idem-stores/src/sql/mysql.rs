@@ -792,6 +792,10 @@ impl Store for MySqlStore {
         Some(Arc::new(self.clone()))
     }
 
+    fn name(&self) -> &'static str {
+        "mysql"
+    }
+
     fn max_value_size(&self) -> usize {
         self.inner.core.max_value_size()
     }

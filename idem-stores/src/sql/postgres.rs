@@ -500,6 +500,10 @@ impl Store for PostgresStore {
         Some(Arc::new(self.clone()))
     }
 
+    fn name(&self) -> &'static str {
+        "postgres"
+    }
+
     fn max_value_size(&self) -> usize {
         self.inner.core.max_value_size()
     }

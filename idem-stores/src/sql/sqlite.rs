@@ -516,6 +516,10 @@ impl Store for SqliteStore {
         Some(Arc::new(self.clone()))
     }
 
+    fn name(&self) -> &'static str {
+        "sqlite"
+    }
+
     fn max_value_size(&self) -> usize {
         self.inner.core.max_value_size()
     }
