@@ -16,7 +16,7 @@ use super::{backend, Conn, Inner, RedisStore, ServerClock, CLOCK_REFRESH};
 /// Where a [`RedisStoreBuilder`] connects.
 pub(super) enum Target {
     Url(String),
-    Client(Client),
+    Client(Box<Client>),
     Cluster(Vec<String>),
 }
 
@@ -127,7 +127,7 @@ impl RedisStoreBuilder {
                     .map_err(|e| backend("redis: invalid url", e, connect_timeout))?;
                 self.single(client).await?
             }
-            Target::Client(client) => self.single(client).await?,
+            Target::Client(client) => self.single(*client).await?,
             Target::Cluster(urls) => {
                 let nodes = urls
                     .iter()

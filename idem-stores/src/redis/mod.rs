@@ -246,7 +246,7 @@ impl RedisStore {
 
     /// A builder for one server from an existing `redis::Client`.
     pub fn builder_from_client(client: Client) -> RedisStoreBuilder {
-        RedisStoreBuilder::new(Target::Client(client))
+        RedisStoreBuilder::new(Target::Client(Box::new(client)))
     }
 
     /// A builder for a Redis Cluster, given any of its nodes.
