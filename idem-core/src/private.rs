@@ -289,18 +289,91 @@ impl<'a, S: ?Sized> Deref for TxStoreDeref<'a, S> {
     }
 }
 
-impl<S: ?Sized> UncheckedTxStore<'_, S> {
+impl<'a, S: ?Sized> UncheckedTxStore<'a, S> {
     /// Never compiles: `S` has no transactions.
-    pub fn checked(&self) -> &NoTransactions
+    pub fn checked<Tx: Send>(&self) -> &'a NoTransactions<Tx>
     where
         (): HasTransactions<S>,
     {
-        &NoTransactions
+        unreachable!("`(): HasTransactions<S>` has no impl")
     }
 }
 
-/// What a store without transactions turns into (after its compile error).
-pub struct NoTransactions;
+/// What a store without transactions turns into (after its compile error): a store that
+/// cannot exist, whose transaction type is whatever the function's `in_transaction` argument
+/// is, so that the run raises no second error.
+pub struct NoTransactions<Tx>(Never, PhantomData<fn() -> Tx>);
+
+/// No value.
+#[derive(Debug)]
+pub enum Never {}
+
+impl<Tx> core::fmt::Debug for NoTransactions<Tx> {
+    fn fmt(&self, _: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self.0 {}
+    }
+}
+
+#[async_trait::async_trait]
+impl<Tx: Send> crate::Store for NoTransactions<Tx> {
+    async fn claim(&self, _: &crate::ClaimRequest) -> Result<crate::Claim, crate::StoreError> {
+        match self.0 {}
+    }
+    async fn complete(
+        &self,
+        _: &crate::Key,
+        _: crate::FencingToken,
+        _: &[u8],
+        _: core::time::Duration,
+    ) -> Result<(), crate::StoreError> {
+        match self.0 {}
+    }
+    async fn release(
+        &self,
+        _: &crate::Key,
+        _: crate::FencingToken,
+    ) -> Result<(), crate::StoreError> {
+        match self.0 {}
+    }
+    async fn renew(
+        &self,
+        _: &crate::Key,
+        _: crate::FencingToken,
+        _: core::time::Duration,
+    ) -> Result<(), crate::StoreError> {
+        match self.0 {}
+    }
+    async fn get(&self, _: &crate::Key) -> Result<Option<crate::RecordState>, crate::StoreError> {
+        match self.0 {}
+    }
+    async fn wait(&self, _: &crate::Key, _: core::time::Duration) -> Result<(), crate::StoreError> {
+        match self.0 {}
+    }
+    async fn remove(&self, _: &crate::Key) -> Result<(), crate::StoreError> {
+        match self.0 {}
+    }
+}
+
+#[async_trait::async_trait]
+impl<Tx: Send> crate::TransactionalStore for NoTransactions<Tx> {
+    type Tx = Tx;
+    async fn begin(&self) -> Result<Tx, crate::StoreError> {
+        match self.0 {}
+    }
+    async fn complete_in(
+        &self,
+        _: &mut Tx,
+        _: &crate::Key,
+        _: crate::FencingToken,
+        _: &[u8],
+        _: core::time::Duration,
+    ) -> Result<(), crate::StoreError> {
+        match self.0 {}
+    }
+    async fn commit(&self, _: Tx) -> Result<(), crate::StoreError> {
+        match self.0 {}
+    }
+}
 
 /// Asked of `()` for a `store = ..` value without transactions in transactional mode;
 /// implemented by no type that the expansion uses. The message is `TransactionalStore`'s.
@@ -318,24 +391,24 @@ impl<S: ?Sized> HasTransactions<S> for Unserializable {}
 pub fn tx_arg<'t, S, X>(_store: &S, tx: &'t mut X) -> &'t mut S::Tx
 where
     S: crate::TransactionalStore,
-    X: ?Sized + TxOf<S>,
+    X: ?Sized + TxOf<S::Tx>,
 {
     tx.as_tx()
 }
 
-/// The store's transaction type, and only it.
+/// The store's transaction type `Tx`, and only it.
 #[diagnostic::on_unimplemented(
     message = "`in_transaction` needs `&mut` the store's transaction type, e.g. `tx: &mut idem_stores::PgTx`",
-    label = "`{Self}` is not the transaction type of this store",
-    note = "the transaction types are `idem_stores::PgTx` (PostgresStore), `idem_stores::MySqlTx` (MySqlStore) and `idem_stores::SqliteTx` (SqliteStore): open one with `store.begin()` (or `SqliteTx::from(pool.begin().await?)`), and pass it as `&mut tx`"
+    label = "`{Self}` is not this store's transaction type `{Tx}`",
+    note = "the transaction types are `idem_stores::PgTx` (PostgresStore), `idem_stores::MySqlTx` (MySqlStore) and `idem_stores::SqliteTx` (SqliteStore), e.g. `PgTx::from(pool.begin().await?)`, passed as `&mut tx`"
 )]
-pub trait TxOf<S: crate::TransactionalStore> {
+pub trait TxOf<Tx> {
     /// The transaction, as the store's type.
-    fn as_tx(&mut self) -> &mut S::Tx;
+    fn as_tx(&mut self) -> &mut Tx;
 }
 
-impl<S: crate::TransactionalStore> TxOf<S> for S::Tx {
-    fn as_tx(&mut self) -> &mut S::Tx {
+impl<Tx> TxOf<Tx> for Tx {
+    fn as_tx(&mut self) -> &mut Tx {
         self
     }
 }

@@ -23,6 +23,12 @@
 //!     }
 //! ```
 //!
+//! Transactional mode (`transaction = tx` / `in_transaction = tx`): the store is
+//! `tx_store(&(store)).checked()` (a store with transactions, or one error saying so), the
+//! body becomes `async |tx| BODY`, run by `run_in_transaction(call, store, from_error, ..)` or
+//! `run_within(call, store, from_error, tx_arg(store, tx), ..)` (see `transaction.expanded.rs`
+//! in `tests/expand/`).
+//!
 //! `ok_type`, `arg`, `store_arg` (and `err_type` with `errors = store`) only check types: a
 //! `Receipt` that cannot be stored, an argument that is not `Serialize` or a store that is not
 //! one is a single error under the user's token that names the fix (`idem_core/src/private.rs`).

@@ -72,8 +72,8 @@ pub(crate) fn check(args: &Args, inputs: &[Input], names: &[&Ident]) -> Vec<syn:
                 errors.push(syn::Error::new(
                     tx.span(),
                     format!(
-                        "`in_transaction = {tx}` names no argument{hint}: it names the argument \
-                         that is the caller's transaction, e.g. `{tx}: &mut idem_stores::PgTx`"
+                        "`in_transaction = {tx}` names no argument{hint} (it names the argument \
+                         that is the caller's transaction, e.g. `{tx}: &mut idem_stores::PgTx`)"
                     ),
                 ));
             }

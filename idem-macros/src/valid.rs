@@ -155,8 +155,13 @@ pub(crate) fn check(item: &ItemFn, args: &Args) -> (Option<Func>, Vec<syn::Error
         }
     }
 
-    errors.extend(traps::arguments(&inputs, &skipped));
-    errors.extend(tx::check(args, &inputs, &names));
+    // A mistake in the transactional arguments makes the `&mut` trap moot (the transaction
+    // argument is the one it would name): report the mistake alone.
+    let tx_errors = tx::check(args, &inputs, &names);
+    if tx_errors.is_empty() {
+        errors.extend(traps::arguments(&inputs, &skipped));
+    }
+    errors.extend(tx_errors);
     if let Some(key) = &args.key {
         errors.extend(traps::key_is_a_set(key, &inputs, &names));
     }

@@ -1,0 +1,49 @@
+impl Orders {
+    async fn place(&self, order: Order) -> Result<i64, Error> {
+        ::idem_core::__private::ok_type::<i64>().storable();
+        let __idem_store = ::idem_core::__private::tx_store(&(self.db)).checked();
+        let __idem_call = ::idem_core::__private::Call::new(
+                ::idem_core::__private::concat!(
+                    ::idem_core::__private::module_path!(), "::place"
+                ),
+            )
+            .key(&(order.id))
+            .fingerprint((::idem_core::__private::arg(&order).checked(),));
+        let __idem_run = ::idem_core::__private::run_in_transaction::<i64, Error, _, _>;
+        __idem_run(
+                __idem_call,
+                __idem_store,
+                ::idem_core::__private::from_error::<Error>,
+                async |tx| {
+                    let id = insert(&mut **tx, &order).await?;
+                    Ok(id)
+                },
+            )
+            .await
+    }
+}
+async fn debit(
+    store: &SqliteStore,
+    tx: &mut SqliteTx,
+    order: Order,
+) -> Result<i64, Error> {
+    ::idem_core::__private::ok_type::<i64>().storable();
+    let __idem_store = ::idem_core::__private::tx_store(&(store)).checked();
+    let __idem_tx = ::idem_core::__private::tx_arg(__idem_store, tx);
+    let __idem_call = ::idem_core::__private::Call::new(
+            ::idem_core::__private::concat!(
+                ::idem_core::__private::module_path!(), "::debit"
+            ),
+        )
+        .key(&(order.id))
+        .fingerprint((::idem_core::__private::arg(&order).checked(),));
+    let __idem_run = ::idem_core::__private::run_within::<i64, Error, _, _>;
+    __idem_run(
+            __idem_call,
+            __idem_store,
+            ::idem_core::__private::from_error::<Error>,
+            __idem_tx,
+            async |tx| { insert(&mut **tx, &order).await },
+        )
+        .await
+}
