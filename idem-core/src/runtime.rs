@@ -700,11 +700,21 @@ pub(crate) async fn claim(
                 let _timer = Timer(wait_started, |took| crate::telemetry::wait(ns, took));
                 // A caller dropped while it waits holds nothing; it still ends as `Cancelled`.
                 let cancelled = CountOnDrop(Some((Outcome::Cancelled, ns, key)));
-                if let Err(e) = store.wait(&key, wait_for).await {
-                    cancelled.disarm();
-                    let e = Error::from(e);
-                    let outcome = e.outcome();
-                    return Claimed::Failed(e, outcome);
+                match store.wait(&key, wait_for).await {
+                    Ok(()) => {}
+                    // A failed wait is an early return: pause, then claim again (the claim
+                    // reports the store's failure if it lasts).
+                    Err(e) if transient(&e) => {
+                        tracing::debug!(target: "idem", %key, error = %e, "wait failed; claiming again");
+                        let pause = Duration::from_millis(20).min(left);
+                        tokio::time::sleep(pause).await;
+                    }
+                    Err(e) => {
+                        cancelled.disarm();
+                        let e = Error::from(e);
+                        let outcome = e.outcome();
+                        return Claimed::Failed(e, outcome);
+                    }
                 }
                 // A store may wake spuriously; never spin on claim while the holder runs.
                 if waited && wait_started.elapsed() < Duration::from_millis(1) {

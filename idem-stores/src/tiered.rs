@@ -148,8 +148,12 @@ impl<S: Store> Store for TieredStore<S> {
         value: &[u8],
         ttl: Duration,
     ) -> Result<(), StoreError> {
-        self.shared.complete(key, token, value, ttl).await?;
+        let completed = self.shared.complete(key, token, value, ttl).await;
+        // Cached only from a completion whose first attempt answered: after a lost reply, the
+        // shared store keeps the first attempt's value, which a retry does not carry; the next
+        // replay learns it from the shared store.
         let held = self.held().claims.remove(key);
+        completed?;
         if let Some((held, fingerprint)) = held {
             if held == token {
                 self.local

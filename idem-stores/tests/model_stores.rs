@@ -629,7 +629,6 @@ mod found {
     /// the shared store keeps the first value (Ok, nothing changes), the local tier caches
     /// the retry's value, and replays it.
     #[tokio::test]
-    #[ignore = "TieredStore bug found by the model: un-ignore with the fix"]
     async fn tiered_completion_retry_caches_the_retried_value() {
         let faulty = FaultyStore::new(Arc::new(MemoryStore::new()));
         let tiered = TieredStore::new(faulty.clone());
