@@ -237,6 +237,41 @@ async fn the_callers_rollback_leaves_no_row_and_no_completed_record() {
     assert_eq!(rows(store, "o-4").await, 1);
 }
 
+/// `#[async_trait]` methods, and a body that moves an argument.
+#[idem_core::async_trait]
+trait Place {
+    async fn place_moved(&self, order: String) -> Result<String, AppError>;
+}
+
+#[idem_core::async_trait]
+impl Place for Orders {
+    #[idempotent(key = order.clone(), store = self.db, transaction = tx)]
+    async fn place_moved(&self, order: String) -> Result<String, AppError> {
+        self.runs.fetch_add(1, Ordering::SeqCst);
+        sqlx::query("INSERT INTO orders (k) VALUES (?)")
+            .bind(&order)
+            .execute(&mut **tx)
+            .await?;
+        let moved: String = order; // the argument moves into the body
+        Ok(moved)
+    }
+}
+
+#[tokio::test]
+async fn async_trait_methods_and_moved_arguments() {
+    let db = db("trait").await;
+    let svc = orders(&db);
+    let place: Arc<dyn Place + Send + Sync> = svc.clone();
+    let fut = {
+        let place = place.clone();
+        async move { place.place_moved("o-5".into()).await }
+    };
+    assert_eq!(tokio::spawn(fut).await.unwrap().unwrap(), "o-5");
+    assert_eq!(place.place_moved("o-5".into()).await.unwrap(), "o-5");
+    assert_eq!(svc.runs.load(Ordering::SeqCst), 1);
+    assert_eq!(rows(&db.store, "o-5").await, 1);
+}
+
 /// The same attribute forms on PostgreSQL.
 #[cfg(feature = "postgres")]
 mod postgres {
