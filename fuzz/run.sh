@@ -14,7 +14,7 @@ secs="${1:-600}"
 shift || true
 targets=("$@")
 if [ ${#targets[@]} -eq 0 ]; then
-  targets=(codec_open key_header fingerprint_json parse_duration)
+  targets=(codec_open key_header fingerprint_json parse_duration redis_record)
 fi
 for t in "${targets[@]}"; do
   echo "== $t: ${secs}s"

@@ -724,7 +724,11 @@ async fn a_failed_completion_is_retried_then_the_value_is_returned() {
         .run(&store, async { Ok("side effect happened".to_string()) })
         .await;
     assert_eq!(got.unwrap(), "side effect happened");
-    assert_eq!(store.completes.load(Ordering::SeqCst), 5, "five attempts, then the value");
+    assert_eq!(
+        store.completes.load(Ordering::SeqCst),
+        5,
+        "five attempts, then the value"
+    );
 }
 
 #[tokio::test]

@@ -406,6 +406,35 @@ pub trait TransactionalStore: Store {
     async fn commit(&self, tx: Self::Tx) -> Result<(), StoreError>;
 }
 
+// `store = self.db` with an `Arc<PostgresStore>` field (or a `&` or `Box` of one) works in
+// transactional mode too.
+macro_rules! forward_transactional_store {
+    ($($ty:ty),*) => {$(
+        #[async_trait]
+        impl<S: TransactionalStore> TransactionalStore for $ty {
+            type Tx = S::Tx;
+            async fn begin(&self) -> Result<Self::Tx, StoreError> {
+                (**self).begin().await
+            }
+            async fn complete_in(
+                &self,
+                tx: &mut Self::Tx,
+                key: &Key,
+                token: FencingToken,
+                value: &[u8],
+                ttl: Duration,
+            ) -> Result<(), StoreError> {
+                (**self).complete_in(tx, key, token, value, ttl).await
+            }
+            async fn commit(&self, tx: Self::Tx) -> Result<(), StoreError> {
+                (**self).commit(tx).await
+            }
+        }
+    )*};
+}
+
+forward_transactional_store!(&S, Arc<S>, Box<S>);
+
 /// The default limit on an encoded value: 1 MiB.
 pub const DEFAULT_MAX_VALUE_SIZE: usize = 1 << 20;
 

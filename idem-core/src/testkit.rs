@@ -32,8 +32,8 @@ use crate::{
 };
 
 mod faulty;
-pub mod transactional;
 pub mod model;
+pub mod transactional;
 pub use faulty::{Fault, FaultyStore, Op};
 
 /// Stamps one `#[tokio::test]` per conformance case. The argument is an expression (usually

@@ -29,6 +29,9 @@ pub use tiered::TieredStore;
 #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
 pub mod redis;
 #[cfg(feature = "redis")]
+#[doc(hidden)]
+pub use crate::redis::__fuzz_record;
+#[cfg(feature = "redis")]
 #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
 pub use crate::redis::RedisStore;
 

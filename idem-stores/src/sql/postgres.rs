@@ -43,8 +43,8 @@ use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
 use sqlx::{AssertSqlSafe, Row};
 use tokio::task::AbortHandle;
 
-mod listener;
 mod admin;
+mod listener;
 mod schema;
 
 use super::base::{Core, Source, SqlBackend, SqlOptions};
