@@ -5,57 +5,13 @@
 //! one place besides `benches/memory.rs` where idem needs `unsafe`).
 #![allow(missing_docs, clippy::unwrap_used, clippy::expect_used)]
 
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::sync::atomic::{AtomicIsize, Ordering};
 use std::time::Duration;
 
 use idem_core::{Call, Error};
 use idem_stores::MemoryStore;
 
-struct Counting;
-
-static LIVE: AtomicIsize = AtomicIsize::new(0);
-
-// A global allocator that forwards to `System` and counts live bytes. It adds nothing to the
-// contracts of `GlobalAlloc` beyond those of `System`.
-#[allow(unsafe_code)]
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        // SAFETY: forwarded unchanged; the caller upholds `alloc`'s contract.
-        let p = unsafe { System.alloc(layout) };
-        if !p.is_null() {
-            LIVE.fetch_add(layout.size() as isize, Ordering::Relaxed);
-        }
-        p
-    }
-    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        // SAFETY: as for `alloc`.
-        let p = unsafe { System.alloc_zeroed(layout) };
-        if !p.is_null() {
-            LIVE.fetch_add(layout.size() as isize, Ordering::Relaxed);
-        }
-        p
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        // SAFETY: `ptr` came from this allocator (hence from `System`) with `layout`.
-        unsafe { System.dealloc(ptr, layout) };
-        LIVE.fetch_sub(layout.size() as isize, Ordering::Relaxed);
-    }
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        // SAFETY: as for `dealloc`; the caller upholds `realloc`'s contract.
-        let p = unsafe { System.realloc(ptr, layout, new_size) };
-        if !p.is_null() {
-            LIVE.fetch_add(
-                new_size as isize - layout.size() as isize,
-                Ordering::Relaxed,
-            );
-        }
-        p
-    }
-}
-
 #[global_allocator]
-static ALLOCATOR: Counting = Counting;
+static ALLOCATOR: idem_bench::CountingAlloc = idem_bench::CountingAlloc;
 
 /// A response body of 4 to 6 KiB.
 fn response(n: u64) -> String {
@@ -78,7 +34,7 @@ fn memory_with_http_sized_values_stays_within_the_bound() {
             .await
             .unwrap();
     });
-    let before = LIVE.load(Ordering::Relaxed);
+    let before = idem_bench::live_heap_bytes();
     let mut records = 0u64;
     rt.block_on(async {
         // Three times the bound in records, so that eviction runs for most of the fill.
@@ -93,7 +49,7 @@ fn memory_with_http_sized_values_stays_within_the_bound() {
             records += 1;
         }
     });
-    let held = (LIVE.load(Ordering::Relaxed) - before) as f64;
+    let held = (idem_bench::live_heap_bytes() - before) as f64;
     let bound = BOUND as f64;
     println!(
         "{records} calls, {} records kept, heap held {:.1} MiB for a bound of {:.1} MiB ({:+.1}%), charged {:.1} MiB",
@@ -108,6 +64,6 @@ fn memory_with_http_sized_values_stays_within_the_bound() {
         "heap held {held} B for a bound of {bound} B"
     );
     drop(store);
-    let after = (LIVE.load(Ordering::Relaxed) - before) as f64;
+    let after = (idem_bench::live_heap_bytes() - before) as f64;
     assert!(after < 0.01 * bound, "{after} B not freed with the store");
 }
