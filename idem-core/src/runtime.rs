@@ -803,14 +803,15 @@ pub(crate) async fn settle(
     ns: &'static str,
     action: Settle,
 ) -> Settled {
+    // Borrows only: the options and the envelope are copied for a detached task only if the
+    // caller is dropped, not on every call.
     let mut guard = SettleOnDrop {
         store,
-        key: held.key,
-        token: held.token,
-        taken_over: held.taken_over,
-        opts: Some(opts.clone()),
+        held,
+        opts,
         namespace: ns,
-        action: Some(action.clone()),
+        action: &action,
+        armed: true,
     };
     let keeper = pin!(keep_lease(
         store, held.key, held.token, opts.lease, held.since
@@ -822,14 +823,14 @@ pub(crate) async fn settle(
         held.taken_over,
         opts,
         ns,
-        action
+        &action
     ));
     let settled = tokio::select! {
         biased;
         r = work => r,
         never = keeper => match never {},
     };
-    guard.action = None;
+    guard.armed = false;
     settled
 }
 
@@ -840,7 +841,7 @@ async fn settle_once(
     taken_over: bool,
     opts: &Options,
     ns: &'static str,
-    action: Settle,
+    action: &Settle,
 ) -> Settled {
     let envelope = match action {
         Settle::Release => {
@@ -857,7 +858,7 @@ async fn settle_once(
         match bounded(
             Op("complete", store),
             opts.lease,
-            store.complete(&key, token, &envelope, opts.ttl),
+            store.complete(&key, token, envelope, opts.ttl),
         )
         .await
         {
@@ -882,7 +883,7 @@ async fn settle_once(
             }
             Err(e) => {
                 tracing::error!(target: "idem", %key, error = %e, "completion write failed {COMPLETE_ATTEMPTS} times");
-                return after_failed_completion(store, key, token, &envelope, opts, ns).await;
+                return after_failed_completion(store, key, token, envelope, opts, ns).await;
             }
         }
     }
@@ -926,21 +927,27 @@ async fn after_failed_completion(
 /// Finishes a settle whose caller went away, on an owned handle of the store.
 struct SettleOnDrop<'a> {
     store: &'a dyn Store,
-    key: Key,
-    token: FencingToken,
-    taken_over: bool,
-    opts: Option<Options>,
+    held: &'a Held,
+    opts: &'a Options,
     namespace: &'static str,
-    /// `Some` until the settle finished.
-    action: Option<Settle>,
+    action: &'a Settle,
+    /// Until the settle finished.
+    armed: bool,
 }
 
 impl Drop for SettleOnDrop<'_> {
     fn drop(&mut self) {
-        let (Some(action), Some(opts)) = (self.action.take(), self.opts.take()) else {
+        if !self.armed {
             return;
-        };
-        let (key, token, taken_over, ns) = (self.key, self.token, self.taken_over, self.namespace);
+        }
+        let (action, opts) = (self.action.clone(), self.opts.clone());
+        let Held {
+            key,
+            token,
+            taken_over,
+            ..
+        } = *self.held;
+        let ns = self.namespace;
         let detached = self
             .store
             .detached()
@@ -966,7 +973,7 @@ impl Drop for SettleOnDrop<'_> {
                 .unwrap_or_else(Instant::now);
             let keeper = pin!(keep_lease(store, key, token, opts.lease, since));
             let work = pin!(settle_once(
-                store, key, token, taken_over, &opts, ns, action
+                store, key, token, taken_over, &opts, ns, &action
             ));
             let settled = tokio::select! {
                 biased;
