@@ -263,6 +263,22 @@ pub fn seal(tag: &TypeTag, payload: &[u8]) -> Vec<u8> {
     out
 }
 
+/// The compatibility tag of an envelope, as text, without checking it against anything
+/// (for inspection: `Call::inspect`, the `idem` tool). `None` for bytes that are not an
+/// envelope.
+///
+/// ```
+/// use idem_core::codec::{peek_tag, seal, TypeTag};
+/// assert_eq!(peek_tag(&seal(&TypeTag::new("msgpack", 3), b"")).as_deref(), Some("msgpack;v3"));
+/// assert_eq!(peek_tag(b"garbage"), None);
+/// ```
+pub fn peek_tag(envelope: &[u8]) -> Option<String> {
+    let rest = envelope.strip_prefix(MAGIC.as_slice())?.get(1..)?;
+    let len = u16::from_le_bytes([*rest.first()?, *rest.get(1)?]) as usize;
+    let tag = rest.get(2..2 + len)?;
+    Some(String::from_utf8_lossy(tag).into_owned())
+}
+
 /// Opens an envelope (format 2, or format 1 from earlier releases): checks the magic and the
 /// tag, returns the payload. A tag that does not match is
 /// [`Error::IncompatibleRecord`]; bytes that are not an envelope are [`Error::Codec`].

@@ -81,7 +81,7 @@ impl RecordInfo {
                     expires_in: record.expires_in,
                 },
                 fingerprint: record.fingerprint,
-                tag: peek_tag(&record.value),
+                tag: crate::codec::peek_tag(&record.value),
                 size: Some(record.value.len()),
             },
         }
@@ -159,13 +159,4 @@ pub trait StoreAdmin: Store {
     /// Removes up to `batch` expired records; returns how many it removed. A store whose
     /// records expire natively (Redis `PX`, moka) returns `Ok(0)`.
     async fn purge_expired(&self, batch: u32) -> Result<u64, StoreError>;
-}
-
-/// The compatibility tag of an envelope (`b"idem"`, a format byte, a `u16` length and the
-/// tag; see [`crate::codec`]), without checking it against anything.
-fn peek_tag(envelope: &[u8]) -> Option<String> {
-    let rest = envelope.strip_prefix(b"idem")?.get(1..)?;
-    let len = u16::from_le_bytes([*rest.first()?, *rest.get(1)?]) as usize;
-    let tag = rest.get(2..2 + len)?;
-    Some(String::from_utf8_lossy(tag).into_owned())
 }

@@ -11,8 +11,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 use idem_core::{
-    Call, Error, Key, RecordInfo, RecordState, RecordStatus, Store, StoreAdmin, StoreError,
-    StoreStats,
+    Call, Error, Key, RecordInfo, RecordStatus, Store, StoreAdmin, StoreError, StoreStats,
 };
 use idem_stores::{MySqlStore, PostgresStore, RedisStore, SqliteStore};
 use serde_json::{json, Value};
@@ -395,13 +394,12 @@ async fn inspect(
         Some(call) => call
             .inspect(store)
             .await
-            .map_err(|e| runtime_failure("inspect", e))?
-            .map(Shown::from),
+            .map_err(|e| runtime_failure("inspect", e))?,
         None => store
             .get(&key)
             .await
             .map_err(|e| unavailable("inspect", &e))?
-            .map(|state| Shown::from_state(key, state)),
+            .map(|state| RecordInfo::from_state(key, state)),
     };
     let Some(shown) = shown else {
         return Err(not_found(&what, target));
@@ -452,62 +450,7 @@ fn runtime_failure(what: &str, e: Error) -> Failure {
     }
 }
 
-/// What is printed of one record: a [`RecordInfo`], or the same read from a state by key.
-struct Shown {
-    key: Key,
-    status: RecordStatus,
-    fingerprint: Option<idem_core::Fingerprint>,
-    tag: Option<String>,
-    size: Option<usize>,
-}
-
-impl From<RecordInfo> for Shown {
-    fn from(i: RecordInfo) -> Self {
-        Shown {
-            key: i.key,
-            status: i.status,
-            fingerprint: i.fingerprint,
-            tag: i.tag,
-            size: i.size,
-        }
-    }
-}
-
-impl Shown {
-    /// As [`Call::inspect`] reports it (`idem_core::inspect`), for a record read by its
-    /// hashed key.
-    fn from_state(key: Key, state: RecordState) -> Self {
-        match state {
-            RecordState::InProgress { token, fingerprint } => Shown {
-                key,
-                status: RecordStatus::InProgress { token },
-                fingerprint,
-                tag: None,
-                size: None,
-            },
-            RecordState::Completed(record) => Shown {
-                key,
-                status: RecordStatus::Completed {
-                    expires_in: record.expires_in,
-                },
-                fingerprint: record.fingerprint,
-                tag: peek_tag(&record.value),
-                size: Some(record.value.len()),
-            },
-        }
-    }
-}
-
-/// The compatibility tag of an envelope (`b"idem"`, a format byte, a little-endian `u16`
-/// length, the tag), as `idem_core::inspect` reads it.
-fn peek_tag(envelope: &[u8]) -> Option<String> {
-    let rest = envelope.strip_prefix(b"idem")?.get(1..)?;
-    let len = u16::from_le_bytes([*rest.first()?, *rest.get(1)?]) as usize;
-    let tag = rest.get(2..2 + len)?;
-    Some(String::from_utf8_lossy(tag).into_owned())
-}
-
-fn print_info(info: &Shown, json: bool) {
+fn print_info(info: &RecordInfo, json: bool) {
     let fingerprint = info.fingerprint.map(|f| f.to_hex());
     if json {
         let mut v = json!({
