@@ -560,8 +560,8 @@ fn sqlite() {
 }
 
 // Regression tests for the store bugs the model found, named after them. The first two were
-// fixed in afe9e5e; the last is ignored until TieredStore is fixed (its owner's file):
-// un-ignore it with the fix.
+// fixed in afe9e5e, the last in the commit that made TieredStore cache a completion only when
+// its first attempt answered.
 
 mod found {
     use super::*;
@@ -626,8 +626,8 @@ mod found {
     }
 
     /// A completion whose reply was lost in the shared store, retried with another value:
-    /// the shared store keeps the first value (Ok, nothing changes), the local tier caches
-    /// the retry's value, and replays it.
+    /// the shared store keeps the first value (Ok, nothing changes); the local tier used to
+    /// cache the retry's value and replay it.
     #[tokio::test]
     async fn tiered_completion_retry_caches_the_retried_value() {
         let faulty = FaultyStore::new(Arc::new(MemoryStore::new()));
