@@ -87,7 +87,7 @@ async fn every_outcome() -> Vec<(Outcome, Option<Outcome>)> {
     // A record that is not an idem envelope.
     let garbage = Call::new(NS)
         .key("garbage")
-        .identity()
+        .identity_for(s)
         .unwrap()
         .unwrap()
         .key;
@@ -110,7 +110,12 @@ async fn every_outcome() -> Vec<(Outcome, Option<Outcome>)> {
     );
 
     // A claim held by someone else.
-    let busy = Call::new(NS).key("busy").identity().unwrap().unwrap().key;
+    let busy = Call::new(NS)
+        .key("busy")
+        .identity_for(s)
+        .unwrap()
+        .unwrap()
+        .key;
     let req = ClaimRequest {
         key: busy,
         fingerprint: None,
@@ -163,7 +168,12 @@ async fn every_outcome() -> Vec<(Outcome, Option<Outcome>)> {
     holder.await.unwrap().unwrap();
 
     // The lease is lost while the body runs: someone removes the claim and claims again.
-    let lost = Call::new(NS).key("lost").identity().unwrap().unwrap().key;
+    let lost = Call::new(NS)
+        .key("lost")
+        .identity_for(s)
+        .unwrap()
+        .unwrap()
+        .key;
     let thief = {
         let store = store.clone();
         async move {

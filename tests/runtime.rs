@@ -308,7 +308,7 @@ async fn an_abandoned_claim_is_taken_over_once_its_lease_passes() {
     let ns = ns("abandoned");
     let call = || Call::new(ns).key("k").wait_timeout(Duration::from_secs(5));
     // A crashed holder: claimed with a 300 ms lease, never completed nor released.
-    let ident = call().identity().unwrap().unwrap();
+    let ident = call().identity_for(&store).unwrap().unwrap();
     let claim = store
         .claim(&ClaimRequest {
             key: ident.key,
@@ -473,7 +473,7 @@ async fn a_value_over_the_limit_is_too_large_and_released() {
 async fn current_key_is_the_hashed_key_inside_the_body() {
     let store = MemoryStore::new();
     let call = Call::new(ns("current_key")).key("k");
-    let expected = call.identity().unwrap().unwrap().key;
+    let expected = call.identity_for(&store).unwrap().unwrap().key;
     let seen: Result<Option<String>, Error> = call
         .run(&store, async {
             Ok(idem_core::current_key().map(|k| k.to_hex()))
@@ -571,7 +571,7 @@ async fn a_waiter_gives_up_after_wait_timeout() {
 async fn garbage_in_the_store_is_a_codec_error_not_a_replay() {
     let store = MemoryStore::new();
     let call = || Call::new("tests::runtime::garbage").key("k");
-    let key = call().identity().unwrap().unwrap().key;
+    let key = call().identity_for(&store).unwrap().unwrap().key;
     let token = FencingToken::random();
     store
         .claim(&ClaimRequest {

@@ -172,6 +172,11 @@ impl Store for Chaos {
     fn detached(&self) -> Option<Arc<dyn Store>> {
         Some(Arc::new(self.clone()))
     }
+    // A wrapper forwards this: the probes run on the memory store itself and must derive the
+    // same (process-local) keys as the calls that went through the chaos.
+    fn process_local(&self) -> bool {
+        self.inner.process_local()
+    }
 }
 
 #[derive(Debug)]

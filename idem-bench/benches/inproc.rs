@@ -210,8 +210,20 @@ fn inproc(c: &mut Criterion) {
             .iter(|| async { work_idem(&store, black_box(REPLAY_N)).await.unwrap() })
     });
 
-    // Where a replay's time goes: identity derivation (hashing) and the store's claim.
+    // Where a replay's time goes: identity derivation (hashing) and the store's claim. On the
+    // memory store the identity is process-local (SipHash); a shared store gets the portable
+    // BLAKE3 digests, measured alongside for comparison.
     g.bench_function("part_identity", |b| {
+        b.iter(|| {
+            let n = black_box(REPLAY_N);
+            Call::new("idem_bench::work_call")
+                .key(n)
+                .fingerprint((&n,))
+                .identity_for(&store)
+                .unwrap()
+        })
+    });
+    g.bench_function("part_identity_portable", |b| {
         b.iter(|| {
             let n = black_box(REPLAY_N);
             Call::new("idem_bench::work_call")
@@ -224,7 +236,7 @@ fn inproc(c: &mut Criterion) {
     let ident = Call::new("idem_bench::work_call")
         .key(REPLAY_N)
         .fingerprint((&REPLAY_N,))
-        .identity()
+        .identity_for(&store)
         .unwrap()
         .unwrap();
     g.bench_function("part_store_claim_completed", |b| {

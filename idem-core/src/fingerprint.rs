@@ -204,12 +204,55 @@ const T_STRUCT: u8 = 14;
 const T_FIELD: u8 = 15;
 const T_END: u8 = 16;
 
-struct Hashing<'a, 'k> {
-    h: &'a mut Sink<'k>,
+/// Where the hashing serializer writes the canonical encoding: a BLAKE3 [`Sink`], or a
+/// [`crate::key::Encodings`] buffer that keeps it until the store is known.
+pub(crate) trait Out {
+    fn update(&mut self, bytes: &[u8]);
+}
+
+impl Out for Sink<'_> {
+    #[inline]
+    fn update(&mut self, bytes: &[u8]) {
+        Sink::update(self, bytes)
+    }
+}
+
+/// Writes the canonical encoding of `value` to `out`. `Ok(false)`: `value` is a top-level
+/// `None` (a missing key); what was written before the `None` was found is left to the
+/// caller to discard (nothing, in practice: the check comes first).
+pub(crate) fn encode<T: Serialize + ?Sized, O: Out>(
+    value: &T,
+    out: &mut O,
+) -> Result<bool, CodecError> {
+    match value.serialize(Hashing { h: out, top: true }) {
+        Ok(()) => Ok(true),
+        Err(HashError::TopLevelNone) => Ok(false),
+        Err(HashError::Custom(msg)) => Err(CodecError::Fingerprint(msg)),
+    }
+}
+
+/// The BLAKE3 derive-key digest of an encoding written by [`encode`] under `context` (one of
+/// the runtime's known contexts): the digest [`digest`] gives for the same value.
+pub(crate) fn digest_encoding(context: &str, encoding: &[u8]) -> [u8; 32] {
+    let derived;
+    let context_key = match known_context(context) {
+        Some(k) => k,
+        None => {
+            derived = blake3::hazmat::hash_derive_key_context(context);
+            &derived
+        }
+    };
+    let mut sink = Sink::derive(context_key);
+    sink.update(encoding);
+    sink.finalize()
+}
+
+struct Hashing<'a, O: Out> {
+    h: &'a mut O,
     top: bool,
 }
 
-impl<'k> Hashing<'_, 'k> {
+impl<O: Out> Hashing<'_, O> {
     fn tag(&mut self, t: u8) {
         self.h.update(&[t]);
     }
@@ -217,7 +260,7 @@ impl<'k> Hashing<'_, 'k> {
         self.h.update(&(b.len() as u64).to_le_bytes());
         self.h.update(b);
     }
-    fn nested(&mut self) -> Hashing<'_, 'k> {
+    fn nested(&mut self) -> Hashing<'_, O> {
         Hashing {
             h: self.h,
             top: false,
@@ -227,14 +270,14 @@ impl<'k> Hashing<'_, 'k> {
 
 type R = Result<(), HashError>;
 
-impl<'a, 'k> ser::Serializer for Hashing<'a, 'k> {
+impl<'a, O: Out> ser::Serializer for Hashing<'a, O> {
     type Ok = ();
     type Error = HashError;
     type SerializeSeq = Self;
     type SerializeTuple = Self;
     type SerializeTupleStruct = Self;
     type SerializeTupleVariant = Self;
-    type SerializeMap = MapHashing<'a, 'k>;
+    type SerializeMap = MapHashing<'a, O>;
     type SerializeStruct = Self;
     type SerializeStructVariant = Self;
 
@@ -377,7 +420,7 @@ impl<'a, 'k> ser::Serializer for Hashing<'a, 'k> {
         self.len_bytes(variant.as_bytes());
         self.serialize_seq(Some(len))
     }
-    fn serialize_map(mut self, _len: Option<usize>) -> Result<MapHashing<'a, 'k>, HashError> {
+    fn serialize_map(mut self, _len: Option<usize>) -> Result<MapHashing<'a, O>, HashError> {
         self.tag(T_MAP);
         Ok(MapHashing {
             parent: self.h,
@@ -411,7 +454,7 @@ impl<'a, 'k> ser::Serializer for Hashing<'a, 'k> {
 
 macro_rules! seq_like {
     ($($tr:ident :: $m:ident),*) => {$(
-        impl ser::$tr for Hashing<'_, '_> {
+        impl<O: Out> ser::$tr for Hashing<'_, O> {
             type Ok = ();
             type Error = HashError;
             fn $m<T: Serialize + ?Sized>(&mut self, value: &T) -> R {
@@ -433,7 +476,7 @@ seq_like!(
 
 macro_rules! struct_like {
     ($($tr:ident),*) => {$(
-        impl ser::$tr for Hashing<'_, '_> {
+        impl<O: Out> ser::$tr for Hashing<'_, O> {
             type Ok = ();
             type Error = HashError;
             fn serialize_field<T: Serialize + ?Sized>(&mut self, key: &'static str, value: &T) -> R {
@@ -455,13 +498,13 @@ macro_rules! struct_like {
 struct_like!(SerializeStruct, SerializeStructVariant);
 
 /// Hashes each entry on its own; `end` feeds the sorted entry digests to the parent.
-struct MapHashing<'a, 'k> {
-    parent: &'a mut Sink<'k>,
+struct MapHashing<'a, O: Out> {
+    parent: &'a mut O,
     entries: Vec<[u8; 32]>,
     current: Option<Sink<'static>>,
 }
 
-impl ser::SerializeMap for MapHashing<'_, '_> {
+impl<O: Out> ser::SerializeMap for MapHashing<'_, O> {
     type Ok = ();
     type Error = HashError;
     fn serialize_key<T: Serialize + ?Sized>(&mut self, key: &T) -> R {

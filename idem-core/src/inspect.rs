@@ -93,7 +93,7 @@ impl<C: Codec> Call<C> {
     /// would use — and reports its state, TTL left, fingerprint, compatibility tag and size.
     /// `Ok(None)` when there is none (never claimed, expired, released, or forgotten).
     pub async fn inspect(&self, store: &dyn Store) -> Result<Option<RecordInfo>, Error> {
-        let key = self.record_key()?;
+        let key = self.record_key(store)?;
         Ok(store
             .get(&key)
             .await?
@@ -104,13 +104,13 @@ impl<C: Codec> Call<C> {
     /// again. Removing a claim in progress does not stop its body: its completion is then
     /// refused ([`Error::LeaseLost`]) if someone claimed meanwhile, or lands normally if not.
     pub async fn forget(&self, store: &dyn Store) -> Result<(), Error> {
-        let key = self.record_key()?;
+        let key = self.record_key(store)?;
         store.remove(&key).await?;
         Ok(())
     }
 
-    fn record_key(&self) -> Result<Key, Error> {
-        match self.identity()? {
+    fn record_key(&self, store: &dyn Store) -> Result<Key, Error> {
+        match self.identity_for(store)? {
             Some(ident) => Ok(ident.key),
             None => Err(Error::MissingKey),
         }

@@ -4,12 +4,25 @@
 //! key-digest)`, where the scope and key digests come from [`crate::fingerprint::digest`], so a
 //! key or scope may be any `Serialize` value of any length or content (empty, megabytes, NUL
 //! bytes, quotes): what reaches a store, a log or SQL is always 64 hex characters.
+//!
+//! # Process-local keys
+//!
+//! A store whose records never leave this process ([`Store::process_local`], e.g. the memory
+//! store) gets keys from a **process-local keyed hash** instead: SipHash-2-4 with a 128-bit
+//! output under a key drawn at random when the process first needs one, over the same
+//! canonical encodings. Such a key means nothing in another process (nor in this one after a
+//! restart), which is exactly as long as the records it names live; it costs a fraction of
+//! the portable digest. Its first 16 bytes are the hash and the last 16 are zero. Colliding
+//! two keys needs about 2⁶⁴ records even for someone who chooses the keys, since the hash key
+//! is secret. The portable BLAKE3 derivation above never changes (the pinned tests hold it).
+//! A [`Call`](crate::Call) records its arguments' encodings and hashes them once it is run,
+//! when the store, and so the kind of key, is known.
 
 use serde::Serialize;
 
 use crate::error::Error;
 use crate::fingerprint::digest;
-use crate::store::{Fingerprint, Key};
+use crate::store::{Fingerprint, Key, Store};
 
 // Domain separation contexts. Never change them: every stored key depends on them.
 const KEY_CONTEXT: &str = "idem 2026-11 key v1";
@@ -74,6 +87,212 @@ impl Identity {
     }
 }
 
+/// A run of bytes in [`Encodings`].
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Span {
+    start: usize,
+    end: usize,
+}
+
+/// The canonical encodings of a call's key material, scope and fingerprint (what the digests
+/// hash), recorded by the builder methods and hashed once the store is known: portably
+/// (BLAKE3, [`Identity::derive`]'s digests) for a shared store, with the process-local keyed
+/// hash for a [`Store::process_local`] one. Kept inline for the usual short keys.
+pub(crate) struct Encodings {
+    buf: Buf,
+    pub(crate) key: Option<Span>,
+    pub(crate) scope: Option<Span>,
+    pub(crate) fingerprint: Option<Span>,
+}
+
+const INLINE: usize = 128;
+
+struct Buf {
+    len: usize,
+    spilled: bool,
+    inline: [u8; INLINE],
+    heap: Vec<u8>,
+}
+
+impl crate::fingerprint::Out for Buf {
+    #[inline]
+    fn update(&mut self, bytes: &[u8]) {
+        if !self.spilled {
+            if bytes.len() <= INLINE - self.len {
+                self.inline[self.len..self.len + bytes.len()].copy_from_slice(bytes);
+                self.len += bytes.len();
+                return;
+            }
+            self.spill();
+        }
+        self.heap.extend_from_slice(bytes);
+    }
+}
+
+impl Buf {
+    fn new() -> Self {
+        Buf {
+            len: 0,
+            spilled: false,
+            inline: [0; INLINE],
+            heap: Vec::new(),
+        }
+    }
+
+    fn all(&self) -> &[u8] {
+        if self.spilled {
+            &self.heap
+        } else {
+            &self.inline[..self.len]
+        }
+    }
+
+    #[cold]
+    fn spill(&mut self) {
+        self.heap.reserve(4 * INLINE);
+        self.heap.extend_from_slice(&self.inline[..self.len]);
+        self.spilled = true;
+    }
+
+    fn len(&self) -> usize {
+        if self.spilled {
+            self.heap.len()
+        } else {
+            self.len
+        }
+    }
+
+    fn truncate(&mut self, len: usize) {
+        if self.spilled {
+            self.heap.truncate(len);
+        } else {
+            self.len = self.len.min(len);
+        }
+    }
+
+    fn get(&self, span: Span) -> &[u8] {
+        self.all().get(span.start..span.end).unwrap_or_default()
+    }
+}
+
+impl Encodings {
+    pub(crate) fn new() -> Self {
+        Encodings {
+            buf: Buf::new(),
+            key: None,
+            scope: None,
+            fingerprint: None,
+        }
+    }
+
+    /// Records the encoding of `value`: `Ok(None)` for a top-level `None`.
+    pub(crate) fn record<V: Serialize + ?Sized>(
+        &mut self,
+        value: &V,
+    ) -> Result<Option<Span>, crate::error::CodecError> {
+        let start = self.buf.len();
+        match crate::fingerprint::encode(value, &mut self.buf) {
+            Ok(true) => Ok(Some(Span {
+                start,
+                end: self.buf.len(),
+            })),
+            Ok(false) => {
+                self.buf.truncate(start);
+                Ok(None)
+            }
+            Err(e) => {
+                self.buf.truncate(start);
+                Err(e)
+            }
+        }
+    }
+
+    fn bytes(&self, span: Span) -> &[u8] {
+        self.buf.get(span)
+    }
+
+    /// The identity for `store`: process-local keys for a [`Store::process_local`] store,
+    /// portable ones otherwise. `None`: no key material (a missing key).
+    pub(crate) fn identity_for(&self, namespace: &str, store: &dyn Store) -> Option<Identity> {
+        if store.process_local() {
+            self.local(namespace)
+        } else {
+            self.portable(namespace)
+        }
+    }
+
+    /// The portable identity: the same digests as [`Identity::derive`].
+    pub(crate) fn portable(&self, namespace: &str) -> Option<Identity> {
+        use crate::fingerprint::digest_encoding;
+        let material = digest_encoding(MATERIAL_CONTEXT, self.bytes(self.key?));
+        let scope = self
+            .scope
+            .map(|s| digest_encoding(SCOPE_CONTEXT, self.bytes(s)));
+        let fingerprint = self
+            .fingerprint
+            .map(|f| Fingerprint(digest_encoding(FINGERPRINT_CONTEXT, self.bytes(f))));
+        Some(Identity {
+            key: combine(namespace, scope.as_ref(), &material),
+            fingerprint,
+        })
+    }
+
+    /// The process-local identity (see the module's *Process-local keys*).
+    pub(crate) fn local(&self, namespace: &str) -> Option<Identity> {
+        use crate::fingerprint::Out;
+        let material = self.bytes(self.key?);
+        let keys = &*LOCAL_KEYS;
+        // The key's input in one piece (one-shot hashing is the cheap way): length-prefixed
+        // namespace and scope, then the key material.
+        let mut input = Buf::new();
+        input.update(&(namespace.len() as u64).to_le_bytes());
+        input.update(namespace.as_bytes());
+        match self.scope {
+            Some(s) => {
+                let scope = self.bytes(s);
+                input.update(&[1]);
+                input.update(&(scope.len() as u64).to_le_bytes());
+                input.update(scope);
+            }
+            None => input.update(&[0]),
+        }
+        input.update(material);
+        let key = keys.key.hash(input.all());
+        // Fingerprints hash under a hash key of their own (domain separation without a copy).
+        let fingerprint = self
+            .fingerprint
+            .map(|f| Fingerprint(widen(keys.fingerprint.hash(self.bytes(f)).as_bytes())));
+        Some(Identity {
+            key: Key(widen(key.as_bytes())),
+            fingerprint,
+        })
+    }
+}
+
+/// A 16-byte process-local hash as a 32-byte key or fingerprint (the rest zero).
+fn widen(half: [u8; 16]) -> [u8; 32] {
+    let mut out = [0; 32];
+    out[..16].copy_from_slice(&half);
+    out
+}
+
+/// The process-local hash keys, one for record keys and one for fingerprints.
+struct LocalKeys {
+    key: siphasher::sip128::SipHasher24,
+    fingerprint: siphasher::sip128::SipHasher24,
+}
+
+/// 2 × 128 random bits drawn when first needed, from std's `RandomState` (whose keys come from
+/// the OS's random source).
+static LOCAL_KEYS: std::sync::LazyLock<LocalKeys> = std::sync::LazyLock::new(|| {
+    use std::hash::BuildHasher;
+    let word = |i: u64| std::hash::RandomState::new().hash_one(i);
+    LocalKeys {
+        key: siphasher::sip128::SipHasher24::new_with_keys(word(1), word(2)),
+        fingerprint: siphasher::sip128::SipHasher24::new_with_keys(word(3), word(4)),
+    }
+});
+
 pub(crate) fn combine(namespace: &str, scope: Option<&[u8; 32]>, material: &[u8; 32]) -> Key {
     // The context key is derived once; the input is gathered in a stack buffer and hashed in
     // one piece (the same digest as `new_derive_key(KEY_CONTEXT)` fed piece by piece).
@@ -128,6 +347,91 @@ mod tests {
         ] {
             assert_eq!(key("ns", None, k).to_hex().len(), 64);
         }
+    }
+}
+
+#[cfg(test)]
+mod encodings {
+    use super::*;
+
+    fn call(ns: &'static str, scope: Option<&str>, k: &str, fp: u64) -> crate::Call {
+        let c = crate::Call::new(ns).key(k).fingerprint((fp,));
+        match scope {
+            Some(s) => c.scope(s),
+            None => c,
+        }
+    }
+
+    fn local(c: &crate::Call) -> Identity {
+        c.encodings.local(c.namespace).unwrap()
+    }
+
+    /// Recorded encodings hash to `Identity::derive`'s digests, whatever their length (inline
+    /// or spilled to the heap).
+    #[test]
+    fn portable_identities_match_derive_for_every_length() {
+        for len in [0usize, 1, 100, 170, 191, 192, 193, 400, 5000] {
+            let k = "k".repeat(len);
+            let fp = ("x".repeat(len), 7u8);
+            let c = crate::Call::new("ns")
+                .scope("tenant")
+                .key(&k)
+                .fingerprint(&fp);
+            let derived = Identity::derive("ns", Some(&"tenant"), &k, Some(&&fp))
+                .unwrap()
+                .unwrap();
+            assert_eq!(c.identity().unwrap().unwrap(), derived, "{len}");
+        }
+    }
+
+    #[test]
+    fn local_identities_are_stable_in_the_process_and_every_part_counts() {
+        let base = local(&call("ns", Some("s"), "k", 1));
+        assert_eq!(base, local(&call("ns", Some("s"), "k", 1)));
+        assert_eq!(base.key.0[16..], [0; 16]);
+        assert_ne!(base.key, local(&call("ns2", Some("s"), "k", 1)).key);
+        assert_ne!(base.key, local(&call("ns", Some("s2"), "k", 1)).key);
+        assert_ne!(base.key, local(&call("ns", None, "k", 1)).key);
+        assert_ne!(base.key, local(&call("ns", Some("s"), "k2", 1)).key);
+        assert_eq!(base.key, local(&call("ns", Some("s"), "k", 2)).key);
+        assert_ne!(
+            base.fingerprint,
+            local(&call("ns", Some("s"), "k", 2)).fingerprint
+        );
+        // No ambiguity between the parts' boundaries.
+        assert_ne!(
+            local(&call("a", Some("b"), "c", 1)).key,
+            local(&call("ab", None, "c", 1)).key
+        );
+        assert_ne!(
+            local(&call("a", None, "bc", 1)).key,
+            local(&call("ab", None, "c", 1)).key
+        );
+        // Local keys are not the portable ones.
+        let portable = call("ns", Some("s"), "k", 1).identity().unwrap().unwrap();
+        assert_ne!(base.key, portable.key);
+        assert_ne!(base.fingerprint, portable.fingerprint);
+    }
+
+    #[test]
+    fn a_missing_key_and_a_failing_argument_are_told_apart() {
+        let missing = crate::Call::new("ns").key(None::<String>);
+        assert!(missing.encodings.local("ns").is_none());
+        assert!(missing.identity().unwrap().is_none());
+        struct Bad;
+        impl Serialize for Bad {
+            fn serialize<S: serde::Serializer>(&self, _: S) -> Result<S::Ok, S::Error> {
+                Err(serde::ser::Error::custom("cannot"))
+            }
+        }
+        // A failing argument leaves nothing behind: the next recording starts clean.
+        let c = crate::Call::new("ns").key("k").fingerprint(Bad);
+        assert!(c.identity().is_err());
+        let ok = crate::Call::new("ns").key("k");
+        assert_eq!(
+            c.encodings.portable("ns").unwrap().key,
+            ok.identity().unwrap().unwrap().key
+        );
     }
 }
 

@@ -19,7 +19,6 @@ use tracing::Instrument;
 
 use crate::codec::{self, Codec, MsgPack};
 use crate::error::{CodecError, Error, StoreError};
-use crate::fingerprint::digest;
 use crate::key::{self, Identity};
 use crate::observe::{emit, Outcome};
 use crate::options::{MissingKey, OnConflict, Options};
@@ -140,10 +139,9 @@ impl DefaultStore {
 #[must_use = "a Call does nothing until `run`"]
 pub struct Call<C: Codec = MsgPack> {
     pub(crate) namespace: &'static str,
-    /// The key material's digest; `None` for a missing key.
-    key: Option<[u8; 32]>,
-    scope: Option<[u8; 32]>,
-    fingerprint: Option<[u8; 32]>,
+    /// The canonical encodings of the key material (`None`: a missing key), scope and
+    /// fingerprint, hashed when the call runs and the store is known.
+    pub(crate) encodings: key::Encodings,
     /// The first argument that could not be hashed.
     error: Option<String>,
     pub(crate) options: Options,
@@ -152,12 +150,11 @@ pub struct Call<C: Codec = MsgPack> {
 
 impl Call<MsgPack> {
     /// A call in `namespace` (the macro passes `module_path!()::fn_name` unless pinned).
+    #[inline]
     pub fn new(namespace: &'static str) -> Self {
         Call {
             namespace,
-            key: None,
-            scope: None,
-            fingerprint: None,
+            encodings: key::Encodings::new(),
             error: None,
             options: Options::default(),
             codec: MsgPack,
@@ -168,14 +165,16 @@ impl Call<MsgPack> {
 impl<C: Codec> Call<C> {
     /// The key material (a value or a reference; `&k` and `k` hash alike). A top-level
     /// `None` is a missing key.
+    #[inline]
     pub fn key<K: Serialize>(mut self, key: K) -> Self {
-        self.key = self.hash(key::MATERIAL_CONTEXT, &key);
+        self.encodings.key = self.record(&key);
         self
     }
 
     /// The tenant or principal: the same key under two scopes never shares a record.
+    #[inline]
     pub fn scope<S: Serialize>(mut self, scope: S) -> Self {
-        self.scope = self.hash(key::SCOPE_CONTEXT, &scope);
+        self.encodings.scope = self.record(&scope);
         self
     }
 
@@ -183,14 +182,15 @@ impl<C: Codec> Call<C> {
     ///
     /// By value so that a tuple of argument references (what `#[idempotent]` passes) gets a
     /// type error under the one element that is not `Serialize`.
+    #[inline]
     pub fn fingerprint<F: Serialize>(mut self, args: F) -> Self {
         // `Some(..)` so that a `None` argument list is a value, not a missing key.
-        self.fingerprint = self.hash(key::FINGERPRINT_CONTEXT, &Some(&args));
+        self.encodings.fingerprint = self.record(&Some(&args));
         self
     }
 
-    fn hash<V: Serialize + ?Sized>(&mut self, context: &str, value: &V) -> Option<[u8; 32]> {
-        match digest(context, value) {
+    fn record<V: Serialize + ?Sized>(&mut self, value: &V) -> Option<key::Span> {
+        match self.encodings.record(value) {
             Ok(d) => d,
             Err(e) => {
                 self.error.get_or_insert_with(|| e.to_string());
@@ -200,42 +200,49 @@ impl<C: Codec> Call<C> {
     }
 
     /// Replaces all options.
+    #[inline]
     pub fn options(mut self, options: Options) -> Self {
         self.options = options;
         self
     }
 
     /// How long a completed result is replayed.
+    #[inline]
     pub fn ttl(mut self, ttl: Duration) -> Self {
         self.options.ttl = ttl;
         self
     }
 
     /// How long a claim is held while the body runs (renewed every third of it).
+    #[inline]
     pub fn lease(mut self, lease: Duration) -> Self {
         self.options.lease = lease;
         self
     }
 
     /// Wait for, or reject, a concurrent duplicate.
+    #[inline]
     pub fn on_conflict(mut self, on_conflict: OnConflict) -> Self {
         self.options.on_conflict = on_conflict;
         self
     }
 
     /// How long a duplicate waits for the first call.
+    #[inline]
     pub fn wait_timeout(mut self, wait_timeout: Duration) -> Self {
         self.options.wait_timeout = wait_timeout;
         self
     }
 
     /// The record version, part of the type tag.
+    #[inline]
     pub fn version(mut self, version: u32) -> Self {
         self.options.version = version;
         self
     }
 
     /// What a `None` key does.
+    #[inline]
     pub fn missing_key(mut self, missing_key: MissingKey) -> Self {
         self.options.missing_key = missing_key;
         self
@@ -257,24 +264,45 @@ impl<C: Codec> Call<C> {
     pub fn codec<C2: Codec>(self, codec: C2) -> Call<C2> {
         Call {
             namespace: self.namespace,
-            key: self.key,
-            scope: self.scope,
-            fingerprint: self.fingerprint,
+            encodings: self.encodings,
             error: self.error,
             options: self.options,
             codec,
         }
     }
 
-    /// The record key this call will use (`Ok(None)` for a missing key).
+    /// The portable identity of this call (`Ok(None)` for a missing key): the record key and
+    /// fingerprint it has in every shared store (Redis, SQL, a custom store), the same as
+    /// [`Identity::derive`]'s. A store whose records never leave this process
+    /// ([`Store::process_local`], the memory store) gets process-local keys instead: use
+    /// [`identity_for`](Self::identity_for) to know the key a call has in a given store.
     pub fn identity(&self) -> Result<Option<Identity>, Error> {
-        if let Some(msg) = &self.error {
-            return Err(Error::Codec(CodecError::Fingerprint(msg.clone())));
+        self.checked()?;
+        Ok(self.encodings.portable(self.namespace))
+    }
+
+    /// The identity this call has in `store`: [`identity`](Self::identity) for a shared
+    /// store, the process-local one for a [`Store::process_local`] store.
+    ///
+    /// ```
+    /// # use idem_core::Call;
+    /// # fn demo(memory: &dyn idem_core::Store, redis: &dyn idem_core::Store) {
+    /// let call = Call::new("shop::charge").key("order-42");
+    /// let in_redis = call.identity_for(redis).unwrap().unwrap();
+    /// let here = call.identity_for(memory).unwrap().unwrap();
+    /// # let _ = (in_redis, here);
+    /// # }
+    /// ```
+    pub fn identity_for(&self, store: &dyn Store) -> Result<Option<Identity>, Error> {
+        self.checked()?;
+        Ok(self.encodings.identity_for(self.namespace, store))
+    }
+
+    fn checked(&self) -> Result<(), Error> {
+        match &self.error {
+            Some(msg) => Err(Error::Codec(CodecError::Fingerprint(msg.clone()))),
+            None => Ok(()),
         }
-        Ok(self.key.map(|material| Identity {
-            key: key::combine(self.namespace, self.scope.as_ref(), &material),
-            fingerprint: self.fingerprint.map(crate::Fingerprint),
-        }))
     }
 
     /// Runs `body` at most once per key: `Ok` values are stored and replayed, an `Err`
@@ -343,7 +371,7 @@ impl<C: Codec> Call<C> {
         if let Err(e) = self.options.validate() {
             return Prepared::Done(Err(fail(e, ns, None)));
         }
-        let ident = match self.identity() {
+        let ident = match self.identity_for(store) {
             Ok(Some(ident)) => ident,
             Ok(None) if self.options.missing_key == MissingKey::Run => {
                 tracing::warn!(target: "idem", namespace = ns, "idempotency key is None: running unprotected (missing_key = run)");

@@ -361,6 +361,25 @@ pub trait Store: Send + Sync + fmt::Debug {
     fn name(&self) -> &'static str {
         "custom"
     }
+
+    /// Whether this store's records never leave this process: never shared with another
+    /// process, never persisted past it (the memory store). Calls on such a store derive
+    /// their keys and fingerprints with a fast process-local keyed hash instead of the
+    /// portable digest (see [`key`](crate::key#process-local-keys)); a key then means
+    /// nothing outside this process. Default: `false`. A store that answers `true` while its
+    /// records are shared or persisted would give the same call a different key in each
+    /// process — never do that; a wrapper forwards its inner store's answer.
+    ///
+    /// ```
+    /// # use idem_core::Store;
+    /// fn portable_keys(store: &dyn Store) -> bool {
+    ///     !store.process_local()
+    /// }
+    /// # let _ = portable_keys;
+    /// ```
+    fn process_local(&self) -> bool {
+        false
+    }
 }
 
 /// A store whose records live in a database that can also hold the body's own writes, so that
@@ -529,6 +548,9 @@ macro_rules! forward_store {
             }
             fn name(&self) -> &'static str {
                 (**self).name()
+            }
+            fn process_local(&self) -> bool {
+                (**self).process_local()
             }
         }
     )*};

@@ -616,6 +616,12 @@ impl Store for MemoryStore {
         "memory"
     }
 
+    /// `true`: records live in this process only, so calls use process-local keys (see
+    /// `idem_core::key`'s *Process-local keys*).
+    fn process_local(&self) -> bool {
+        true
+    }
+
     fn max_value_size(&self) -> usize {
         self.inner.max_value_size
     }

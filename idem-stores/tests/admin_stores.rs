@@ -47,7 +47,7 @@ async fn scenario(store: &dyn StoreAdmin, expired_known: bool, tiered: bool) {
 
     // A completed record: state, TTL left, tag, size, fingerprint, key.
     assert_eq!(run("order-1").await.unwrap(), "receipt for order-1");
-    let identity = charge("order-1").identity().unwrap().unwrap();
+    let identity = charge("order-1").identity_for(dyn_store).unwrap().unwrap();
     let info = charge("order-1")
         .inspect(dyn_store)
         .await
@@ -78,7 +78,7 @@ async fn scenario(store: &dyn StoreAdmin, expired_known: bool, tiered: bool) {
     assert!(other_scope.inspect(dyn_store).await.unwrap().is_none());
 
     // An in-progress claim reports its holder's token.
-    let held = charge("order-2").identity().unwrap().unwrap();
+    let held = charge("order-2").identity_for(dyn_store).unwrap().unwrap();
     let (mut req, token) = claim_request(held.key, Duration::from_secs(60));
     req.fingerprint = held.fingerprint;
     assert!(matches!(

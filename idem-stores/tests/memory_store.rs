@@ -206,7 +206,7 @@ async fn paused_time_moves_ttls_and_leases() {
     // over.
     let key = Call::new("tests::memory::paused::lease")
         .key("k")
-        .identity()
+        .identity_for(&store)
         .unwrap()
         .unwrap()
         .key;
@@ -272,4 +272,49 @@ async fn renewal_failures_keep_the_lease_once_the_holder_claimed() {
     assert_eq!(holder.await.unwrap().unwrap(), 1);
     assert_eq!(runs.load(Ordering::SeqCst), 1);
     assert_eq!(faulty.pending(), 0);
+}
+
+/// `MemoryStore` is process-local, so calls on it derive process-local keys (not the portable
+/// BLAKE3 digest that shared stores get). Every handle on the store — the store, a reference,
+/// an `Arc` of it — derives the same key, so one call through any of them replays another's
+/// record, `Call::inspect` finds it, and a reused key with other arguments is still refused.
+#[tokio::test]
+async fn memory_store_records_use_process_local_keys_through_every_handle() {
+    let store = Arc::new(MemoryStore::new());
+    let runs = Arc::new(AtomicUsize::new(0));
+    let call = |amount: u64| {
+        Call::new("tests::memory::local_keys")
+            .key("order-1")
+            .fingerprint((amount,))
+    };
+    let body = |runs: Arc<AtomicUsize>| async move {
+        runs.fetch_add(1, Ordering::SeqCst);
+        Ok::<_, Error>(7u64)
+    };
+
+    assert!(store.process_local());
+    let local = call(1).identity_for(&*store).unwrap().unwrap();
+    let portable = call(1).identity().unwrap().unwrap();
+    assert_ne!(
+        local.key, portable.key,
+        "the memory store gets process-local keys"
+    );
+    assert_eq!(
+        local.key,
+        call(1).identity_for(&store).unwrap().unwrap().key
+    );
+
+    assert_eq!(call(1).run(&*store, body(runs.clone())).await.unwrap(), 7);
+    let as_arc: Arc<dyn Store> = store.clone();
+    assert_eq!(call(1).run(&as_arc, body(runs.clone())).await.unwrap(), 7);
+    assert_eq!(call(1).run(&store, body(runs.clone())).await.unwrap(), 7);
+    assert_eq!(runs.load(Ordering::SeqCst), 1, "one execution, two replays");
+
+    let info = call(1).inspect(&*store).await.unwrap().expect("a record");
+    assert_eq!(info.key, local.key);
+    assert!(store.get(&portable.key).await.unwrap().is_none());
+
+    let reused = call(2).run(&*store, body(runs.clone())).await;
+    assert!(matches!(reused, Err(Error::KeyReused)), "{reused:?}");
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
 }

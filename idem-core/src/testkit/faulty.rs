@@ -157,4 +157,7 @@ impl Store for FaultyStore {
     fn max_value_size(&self) -> usize {
         self.inner.max_value_size()
     }
+    fn process_local(&self) -> bool {
+        self.inner.process_local()
+    }
 }

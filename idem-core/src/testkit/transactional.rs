@@ -138,10 +138,10 @@ fn mark() -> String {
 }
 
 /// The record key of `key` under `ns` (as `Call` derives it).
-fn record_key(ns: &'static str, key: &str) -> Key {
+fn record_key(store: &dyn Store, ns: &'static str, key: &str) -> Key {
     Call::new(ns)
         .key(key)
-        .identity()
+        .identity_for(store)
         .expect("identity")
         .expect("a key")
         .key
@@ -335,6 +335,9 @@ impl<S: Store + Clone + 'static> Store for TxHooks<S> {
     fn name(&self) -> &'static str {
         self.inner.name()
     }
+    fn process_local(&self) -> bool {
+        self.inner.process_local()
+    }
 }
 
 #[async_trait]
@@ -388,7 +391,7 @@ pub async fn tx_commits_with_record<H: TxHarness>(h: Arc<H>) {
         .await;
     assert_eq!(got.expect("the call"), m);
     assert_eq!(h.rows(&key).await, vec![m.clone()]);
-    let record = completed_value(h.store(), &record_key(NS, &key)).await;
+    let record = completed_value(h.store(), &record_key(h.store(), NS, &key)).await;
     let record = record.expect("the record is completed after the commit");
     assert!(
         record
@@ -426,7 +429,10 @@ pub async fn tx_err_rolls_back_and_releases<H: TxHarness>(h: Arc<H>) {
     assert!(matches!(got, Err(BodyError::Business)), "{got:?}");
     assert!(h.rows(&key).await.is_empty(), "the failed attempt's row");
     assert_eq!(
-        h.store().get(&record_key(NS, &key)).await.expect("get"),
+        h.store()
+            .get(&record_key(h.store(), NS, &key))
+            .await
+            .expect("get"),
         None
     );
     retry_runs_at_once(&h, &key).await;
@@ -645,7 +651,7 @@ pub async fn tx_waiters_get_the_committed_value<H: TxHarness>(h: Arc<H>) {
         values.iter().all(|v| *v == rows[0]),
         "every waiter got the committed value: {values:?} vs {rows:?}"
     );
-    let record = completed_value(h.store(), &record_key(NS, &key)).await;
+    let record = completed_value(h.store(), &record_key(h.store(), NS, &key)).await;
     assert!(record.is_some(), "the record is completed");
 }
 
@@ -660,7 +666,7 @@ pub async fn tx_waiters_get_the_committed_value<H: TxHarness>(h: Arc<H>) {
 /// ([`Store::remove`]) and another caller claims, runs and commits.
 pub async fn tx_stale_executor_is_fenced<H: TxHarness>(h: Arc<H>) {
     let key = fresh("stale");
-    let rkey = record_key(NS, &key);
+    let rkey = record_key(h.store(), NS, &key);
     let begin_gate = Gate::new();
     let body_gate = Gate::new();
     let inside = Arc::new(Notify::new());
@@ -795,7 +801,7 @@ pub async fn tx_lease_outlives_the_body<H: TxHarness>(h: Arc<H>) {
 /// commits, then both the body's rows and the record are visible and the value replays.
 pub async fn tx_within_caller_commits<H: TxHarness>(h: Arc<H>) {
     let key = fresh("within");
-    let rkey = record_key(NS, &key);
+    let rkey = record_key(h.store(), NS, &key);
     let caller_row = format!("{key}-caller");
     let mut tx = h.begin_caller().await.expect("begin");
     if h.concurrent_writers() {
@@ -849,7 +855,7 @@ pub async fn tx_within_caller_commits<H: TxHarness>(h: Arc<H>) {
 /// the claim stays in progress until its lease passes, then a retry runs again.
 pub async fn tx_within_caller_rolls_back<H: TxHarness>(h: Arc<H>) {
     let key = fresh("within-rb");
-    let rkey = record_key(NS, &key);
+    let rkey = record_key(h.store(), NS, &key);
     let mut tx = h.begin_caller().await.expect("begin");
     let got: Result<String, BodyError> = Call::new(NS)
         .key(&key)
