@@ -5,7 +5,11 @@
 //! Per workload it reports: throughput with 64 tasks on distinct keys; the server's CPU per call
 //! (its process CPU from `/proc/<pid>/stat`, and `INFO commandstats`); this process's CPU per
 //! call; and, with one task, latency per call in round trips (divided by one raw `GET`'s
-//! latency, measured in the same round).
+//! latency, measured in the same round). The single-task workloads run on a current-thread
+//! runtime of their own, with their own connections and stores: on the multi-thread runtime a
+//! reply wakes the task on another worker, which costs a command that suspends its task more
+//! than a round trip (a raw `SET NX PX` came out at 2 "round trips"); on one thread every round
+//! trip costs the same, so a raw `SET NX PX` reads ≈ 1.0.
 //!
 //! ```text
 //! cargo run --release -p idem-bench --features redis --bin idem-bench-redis -- \
@@ -368,6 +372,31 @@ async fn run(env: &Env, op: Op, tasks: u64, calls: u64) -> Duration {
     start.elapsed()
 }
 
+/// Connections and stores on the current runtime (each runtime gets its own).
+async fn connect(server: &Server) -> Env {
+    let client = redis::Client::open(server.url()).unwrap();
+    // Generous timeouts: on a loaded machine a reply can take longer than the default.
+    let config = redis::aio::ConnectionManagerConfig::new()
+        .set_response_timeout(Some(Duration::from_secs(10)));
+    let conn = ConnectionManager::new_with_config(client, config)
+        .await
+        .unwrap();
+    let idem = RedisStore::builder(server.url())
+        .prefix("bench:idem:")
+        .build()
+        .await
+        .unwrap();
+    let peer = ValkeyStore::with_prefix(redis::Client::open(server.url()).unwrap(), None)
+        .await
+        .unwrap();
+    Env {
+        conn,
+        idem,
+        peer: Arc::new(peer),
+        prefix: "bench".into(),
+    }
+}
+
 fn arg(args: &[String], name: &str) -> Option<String> {
     args.iter()
         .position(|a| a == name)
@@ -393,30 +422,12 @@ fn main() {
         return;
     }
     let server = Server::start();
+    // 64 tasks on the multi-thread runtime, as a server would run them; one task on a
+    // current-thread runtime with its own connections (see the module's documentation).
     let rt = idem_bench::multi_thread();
-    let env = rt.block_on(async {
-        let client = redis::Client::open(server.url()).unwrap();
-        // Generous timeouts: on a loaded machine a reply can take longer than the default.
-        let config = redis::aio::ConnectionManagerConfig::new()
-            .set_response_timeout(Some(Duration::from_secs(10)));
-        let conn = ConnectionManager::new_with_config(client, config)
-            .await
-            .unwrap();
-        let idem = RedisStore::builder(server.url())
-            .prefix("bench:idem:")
-            .build()
-            .await
-            .unwrap();
-        let peer = ValkeyStore::with_prefix(redis::Client::open(server.url()).unwrap(), None)
-            .await
-            .unwrap();
-        Env {
-            conn,
-            idem,
-            peer: Arc::new(peer),
-            prefix: "bench".into(),
-        }
-    });
+    let rt1 = idem_bench::current_thread();
+    let env = rt.block_on(connect(&server));
+    let env1 = rt1.block_on(connect(&server));
     // Replay keys: one per task, completed before the first round; raw GET hits.
     rt.block_on(async {
         let mut env = env.clone();
@@ -430,6 +441,11 @@ fn main() {
             run(&env, op, TASKS, 20).await;
         }
     });
+    rt1.block_on(async {
+        for op in Op::ALL {
+            run(&env1, op, 1, 100).await;
+        }
+    });
 
     let mut many: BTreeMap<Op, Totals> = BTreeMap::new();
     let mut one: BTreeMap<Op, Totals> = BTreeMap::new();
@@ -439,11 +455,16 @@ fn main() {
         let len = order.len();
         order.rotate_left((round as usize) % len);
         for (tasks, per_task, totals) in [(TASKS, calls, &mut many), (1, single, &mut one)] {
+            let (rt, env) = if tasks == 1 {
+                (&rt1, &env1)
+            } else {
+                (&rt, &env)
+            };
             for &op in &order {
                 let mut conn = env.conn.clone();
                 let before = rt.block_on(commandstats(&mut conn));
                 let (s0, c0) = (server.cpu(), self_cpu());
-                let wall = rt.block_on(run(&env, op, tasks, per_task));
+                let wall = rt.block_on(run(env, op, tasks, per_task));
                 let (s1, c1) = (server.cpu(), self_cpu());
                 let after = rt.block_on(commandstats(&mut conn));
                 let t = totals.entry(op).or_default();
@@ -505,6 +526,8 @@ fn main() {
         single_task: &'a BTreeMap<&'static str, Figures>,
         /// Single-task latency per call divided by one raw `GET`'s.
         round_trips: &'a BTreeMap<&'static str, f64>,
+        /// The runtime the single-task workloads ran on.
+        single_task_runtime: &'static str,
     }
     let version = Command::new("redis-server")
         .arg("--version")
@@ -521,12 +544,15 @@ fn main() {
         concurrent: &many,
         single_task: &one,
         round_trips: &round_trips,
+        single_task_runtime: "tokio current-thread, own connections",
     };
     if let Some(dir) = out.parent() {
         let _ = std::fs::create_dir_all(dir);
     }
     std::fs::write(&out, serde_json::to_string_pretty(&report).unwrap()).unwrap();
     println!("wrote {}", out.display());
+    drop(env1);
+    drop(rt1);
     drop(rt);
     drop(server);
 }
