@@ -432,6 +432,7 @@ impl Store for RedisStore {
                 )))
             }
         }
+        let (mut lease_buf, mut grace_buf) = ([0u8; 20], [0u8; 20]);
         let v = self
             .eval(
                 "redis claim",
@@ -440,8 +441,8 @@ impl Store for RedisStore {
                 &[
                     &rec,
                     &req.token.0.to_be_bytes(),
-                    lease.to_string().as_bytes(),
-                    grace.to_string().as_bytes(),
+                    reply::decimal(lease, &mut lease_buf),
+                    reply::decimal(grace, &mut grace_buf),
                 ],
             )
             .await?;
@@ -463,17 +464,17 @@ impl Store for RedisStore {
         }
         let name = self.name(key);
         let ttl = millis(ttl).max(1);
+        let mut ttl_buf = [0u8; 20];
         let v = self
             .eval(
                 "redis complete",
                 &self.inner.scripts.complete,
                 &name,
                 &[
-                    &token.0.to_be_bytes(),
+                    &reply::held(token),
+                    &reply::completed_head(token, self.inner.clock.stamp(ttl)),
                     value,
-                    ttl.to_string().as_bytes(),
-                    self.inner.channel.as_bytes(),
-                    &self.inner.clock.stamp(ttl).to_be_bytes(),
+                    reply::decimal(ttl, &mut ttl_buf),
                 ],
             )
             .await?;
@@ -487,7 +488,7 @@ impl Store for RedisStore {
                 "redis release",
                 &self.inner.scripts.release,
                 &name,
-                &[&token.0.to_be_bytes(), self.inner.channel.as_bytes()],
+                &[&reply::held(token)],
             )
             .await?;
         reply::fenced(&v).map(drop)
@@ -500,14 +501,15 @@ impl Store for RedisStore {
         lease: Duration,
     ) -> Result<(), StoreError> {
         let name = self.name(key);
+        let mut lease_buf = [0u8; 20];
         let v = self
             .eval(
                 "redis renew",
                 &self.inner.scripts.renew,
                 &name,
                 &[
-                    &token.0.to_be_bytes(),
-                    millis(lease).max(1).to_string().as_bytes(),
+                    &reply::held(token),
+                    reply::decimal(millis(lease).max(1), &mut lease_buf),
                 ],
             )
             .await?;

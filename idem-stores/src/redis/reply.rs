@@ -34,6 +34,39 @@ pub(crate) fn in_progress(token: FencingToken, grace_ms: u64, fp: Option<&Finger
     r
 }
 
+/// The first 11 bytes of the in-progress record a claim under `token` wrote (`i2p`, token):
+/// what complete, release and renew compare the record with.
+pub(crate) fn held(token: FencingToken) -> [u8; 11] {
+    let mut h = [0u8; 11];
+    h[..3].copy_from_slice(IN_PROGRESS);
+    h[3..].copy_from_slice(&token.0.to_be_bytes());
+    h
+}
+
+/// The first 19 bytes of a record completed under `token` (`i2c`, token, expiry); the
+/// completion script appends the fingerprint and the value.
+pub(crate) fn completed_head(token: FencingToken, expiry_ms: f64) -> [u8; 19] {
+    let mut h = [0u8; 19];
+    h[..3].copy_from_slice(COMPLETED);
+    h[3..11].copy_from_slice(&token.0.to_be_bytes());
+    h[11..].copy_from_slice(&expiry_ms.to_be_bytes());
+    h
+}
+
+/// `n` in decimal, without allocating: the digits are the tail of `buf`.
+pub(crate) fn decimal(n: u64, buf: &mut [u8; 20]) -> &[u8] {
+    let mut n = n;
+    let mut at = buf.len();
+    loop {
+        at -= 1;
+        buf[at] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            return &buf[at..];
+        }
+    }
+}
+
 /// A v2 record, parsed.
 #[derive(Debug, PartialEq)]
 pub(crate) enum Record {
@@ -282,6 +315,19 @@ mod tests {
         r[11..19].copy_from_slice(&1e12f64.to_be_bytes());
         r.extend_from_slice(value);
         r
+    }
+
+    #[test]
+    fn heads_and_numbers() {
+        let t = FencingToken(0x0102_0304_0506_0708);
+        let mut c = completed(None, b"");
+        c[3..11].copy_from_slice(&t.0.to_be_bytes());
+        assert_eq!(&completed_head(t, 1e12)[..], &c[..19]);
+        assert_eq!(&held(t)[..], &in_progress(t, 5, None)[..11]);
+        let mut buf = [0u8; 20];
+        for n in [0, 7, 10, 300_000, u64::MAX] {
+            assert_eq!(decimal(n, &mut buf), n.to_string().as_bytes());
+        }
     }
 
     #[test]

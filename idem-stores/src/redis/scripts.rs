@@ -27,8 +27,12 @@
 //!   a completed record → replay (one round trip); an in-progress record, or a `WRONGTYPE` error
 //!   (a v1 hash, or foreign data) → [`CLAIM`], which decides conflict / own-token retry /
 //!   takeover atomically.
-//! - **complete**, **release**, **renew**: one short script each, comparing the token, with no
-//!   shared prologue (a script's cost grows with what it defines).
+//! - **complete**, **release**, **renew**: one short script each, with no shared prologue (a
+//!   script's cost grows with what it defines). The client sends the header it holds (`i2p`
+//!   and its token), which the script compares with the record's first 11 bytes, and, to
+//!   complete, the completed record's head (`i2c`, token, expiry): the script only appends the
+//!   fingerprint and the value. The channel is derived from the key's name, and only a
+//!   marked (`i2w`) record's completion or release uses it.
 //! - **get** (and waiters): [`LOOK`]. A waiter's look marks the in-progress record (`i2p` →
 //!   `i2w`, `SETRANGE`, which keeps the expiry), and only a marked record's completion or
 //!   release is published: with nobody waiting, a call publishes nothing. A waiter registers
@@ -117,41 +121,59 @@ redis.call('SET', k, rec, 'PX', string.format('%d', px))
 return {'acquired', taken}
 "#;
 
-/// The head of the standalone scripts: `v`, the record at `KEYS[1]` if it is a v2 record held
-/// or completed under the token `ARGV[1]`, with its state `st` (`p`, `w` or `c`); else they
-/// answer at once.
-const MINE: &str = r#"
+/// `complete(KEYS[1]; held, head, value, ttl_ms)` → 1 (applied, or already completed under
+/// this token), or 0 when fenced. `held` is `i2p` and the token (the first 11 bytes of the
+/// record the claim wrote); `head` is the completed record's first 19 bytes, built by the
+/// client: `i2c`, the token, and the expiry (f64 ms), the client's estimate of the server's
+/// clock plus the ttl, never late (see `ServerClock`), so the script calls no `TIME`, which
+/// costs more inside a script than the rest of it. The script appends the fingerprint (the
+/// rest of the in-progress record) and the value.
+///
+/// The common case costs one comparison: Lua interns its strings, and the record's first 11
+/// bytes are the same string as `held`. The other headers (`i2w`: a waiter marked it, so the
+/// completion is published on `{prefix}notify`, the channel's name being the key's minus its
+/// `{<hex>}`; `i2c`: a repeat after a lost reply) are built only when that comparison fails.
+pub(crate) const COMPLETE: &str = r#"
 local k = KEYS[1]
 local v = redis.pcall('GET', k)
-if type(v) ~= 'string' or string.len(v) < 20 or string.sub(v, 1, 2) ~= 'i2' or string.sub(v, 4, 11) ~= ARGV[1] then return NOT_MINE end
-local st = string.sub(v, 3, 3)
-"#;
-
-/// `complete(KEYS[1]; token, value, ttl_ms, channel, expiry)` → 1 (applied, or already
-/// completed under this token), or 0 when fenced. `expiry` (8 bytes, f64 ms) is the client's
-/// estimate of the server's clock plus the ttl, never late (see `ServerClock`): the script
-/// calls no `TIME`, which costs more inside a script than the rest of it.
-pub(crate) const COMPLETE: &str = r#"
-if st == 'c' then return 1 end
-if st ~= 'p' and st ~= 'w' then return 0 end
-local fl = string.byte(v, 20)
-redis.call('SET', k, 'i2c' .. ARGV[1] .. ARGV[5] .. string.sub(v, 20, 20 + fl) .. ARGV[2], 'PX', ARGV[3])
-if st == 'w' then redis.call('PUBLISH', ARGV[4], string.sub(k, -65, -2)) end
+if type(v) ~= 'string' or #v < 20 then return 0 end
+local h = string.sub(v, 1, 11)
+if h == ARGV[1] then
+  redis.call('SET', k, ARGV[2] .. string.sub(v, 20) .. ARGV[3], 'PX', ARGV[4])
+  return 1
+end
+local t = string.sub(ARGV[1], 4)
+if h == 'i2c' .. t then return 1 end
+if h ~= 'i2w' .. t then return 0 end
+redis.call('SET', k, ARGV[2] .. string.sub(v, 20) .. ARGV[3], 'PX', ARGV[4])
+redis.call('PUBLISH', string.sub(k, 1, -67) .. 'notify', string.sub(k, -65, -2))
 return 1
 "#;
 
-/// `release(KEYS[1]; token, channel)` → 1 (also when the record is gone or not ours).
+/// `release(KEYS[1]; held)` → 1 (also when the record is gone or not ours). `held` as for
+/// [`COMPLETE`].
 pub(crate) const RELEASE: &str = r#"
-if st == 'p' or st == 'w' then
+local k = KEYS[1]
+local v = redis.pcall('GET', k)
+if type(v) ~= 'string' or #v < 20 then return 1 end
+local h = string.sub(v, 1, 11)
+if h == ARGV[1] then
   redis.call('DEL', k)
-  if st == 'w' then redis.call('PUBLISH', ARGV[2], string.sub(k, -65, -2)) end
+elseif h == 'i2w' .. string.sub(ARGV[1], 4) then
+  redis.call('DEL', k)
+  redis.call('PUBLISH', string.sub(k, 1, -67) .. 'notify', string.sub(k, -65, -2))
 end
 return 1
 "#;
 
-/// `renew(KEYS[1]; token, lease_ms)` → 1, or 0 when fenced.
+/// `renew(KEYS[1]; held, lease_ms)` → 1, or 0 when fenced. `held` as for [`COMPLETE`]; the
+/// grace comes from the record.
 pub(crate) const RENEW: &str = r#"
-if st ~= 'p' and st ~= 'w' then return 0 end
+local k = KEYS[1]
+local v = redis.pcall('GET', k)
+if type(v) ~= 'string' or #v < 20 then return 0 end
+local h = string.sub(v, 1, 11)
+if h ~= ARGV[1] and h ~= 'i2w' .. string.sub(ARGV[1], 4) then return 0 end
 redis.call('PEXPIRE', k, string.format('%d', tonumber(ARGV[2]) + struct.unpack('>d', v, 12)))
 return 1
 "#;
@@ -200,15 +222,6 @@ impl Lua {
     fn with_prelude(body: &str) -> Self {
         Lua::new(format!("{PRELUDE}{body}"))
     }
-
-    /// A standalone script that first checks that the record is held or completed under the
-    /// token `ARGV[1]`, answering `not_mine` otherwise.
-    fn mine(not_mine: u8, body: &str) -> Self {
-        Lua::new(format!(
-            "{}{body}",
-            MINE.replace("NOT_MINE", &not_mine.to_string())
-        ))
-    }
 }
 
 /// The scripts, with their hashes computed once per store.
@@ -225,9 +238,9 @@ impl Scripts {
     pub(crate) fn new() -> Self {
         Scripts {
             claim: Lua::with_prelude(CLAIM),
-            complete: Lua::mine(0, COMPLETE),
-            release: Lua::mine(1, RELEASE),
-            renew: Lua::mine(0, RENEW),
+            complete: Lua::new(COMPLETE.to_owned()),
+            release: Lua::new(RELEASE.to_owned()),
+            renew: Lua::new(RENEW.to_owned()),
             look: Lua::with_prelude(LOOK),
             remove: Lua::new(REMOVE.to_owned()),
         }
