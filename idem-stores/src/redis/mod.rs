@@ -6,6 +6,8 @@
 //!   acquired, a completed record is the replay (one round trip). Only an in-progress or
 //!   foreign record goes on to a short Lua script (conflict, own-token retry, takeover).
 //!   Complete, release and renew are one short script each, comparing the fencing token.
+//! - **Replay hints**: a key this store saw completed is claimed with a native `GET` first
+//!   (`seen.rs`); anything but a live completed record drops the hint and claims as above.
 //! - **Expiry is Redis's own** (`PX`): a completed record lives for its ttl; an in-progress one
 //!   for its lease plus a grace period, so the holder's lease has `PTTL - grace` left, on the
 //!   server's clock.
@@ -26,6 +28,7 @@ mod builder;
 mod notify;
 mod reply;
 mod scripts;
+mod seen;
 
 /// Parses `bytes` as a record string read from Redis (the parser every claim, replay and
 /// look goes through) — the entry point of the `redis_record` fuzz target in `fuzz/`. Not an
@@ -89,6 +92,8 @@ struct Inner {
     lease_grace: Duration,
     clock: ServerClock,
     waiters: Arc<Waiters>,
+    /// Keys seen completed: their next claim starts with a `GET` (see `seen.rs`).
+    seen: seen::Seen,
     subscriber: tokio::task::JoinHandle<()>,
     /// Reads the server's clock every [`CLOCK_REFRESH`] (holds a weak handle to the store).
     clock_reader: std::sync::OnceLock<tokio::task::JoinHandle<()>>,
@@ -359,17 +364,21 @@ impl RedisStore {
     }
 
     /// A completed v2 record found by the claim's `SET … GET`, as a replay.
-    fn replay(&self, rec: Record) -> Result<Claim, StoreError> {
+    fn replay(&self, key: &Key, rec: Record) -> Result<Claim, StoreError> {
         match rec {
             Record::Completed {
                 fingerprint,
                 expiry_ms,
                 value,
-            } => Ok(Claim::Completed(CompletedRecord::new(
-                fingerprint,
-                value,
-                Some(self.inner.clock.left(expiry_ms)),
-            ))),
+            } => {
+                let left = self.inner.clock.left(expiry_ms);
+                self.inner.seen.completed(key, left);
+                Ok(Claim::Completed(CompletedRecord::new(
+                    fingerprint,
+                    value,
+                    Some(left),
+                )))
+            }
             Record::InProgress { .. } => Err(StoreError::Corrupt(
                 "redis record: an in-progress record where a completed one was read".into(),
             )),
@@ -406,6 +415,19 @@ impl Store for RedisStore {
         let name = self.name(&req.key);
         let grace = millis(self.inner.lease_grace).max(1);
         let lease = millis(req.lease).max(1);
+        // A key seen completed is most likely a replay: read it with a native GET. Anything
+        // but a live completed record (expired, removed, in progress, a v1 hash, foreign
+        // data) drops the hint and the claim goes on as usual; the GET changed nothing.
+        if self.inner.seen.likely_completed(&req.key) {
+            let mut get = Cmd::with_capacity(2, name.len() + 4);
+            get.arg("GET").arg(&name[..]);
+            if let Value::BulkString(b) = self.send("redis claim", &get).await? {
+                if let Ok(rec @ Record::Completed { .. }) = reply::record(b.into()) {
+                    return self.replay(&req.key, rec);
+                }
+            }
+            self.inner.seen.forget(&req.key);
+        }
         let rec = reply::in_progress(req.token, grace, req.fingerprint.as_ref());
         let mut set = Cmd::with_capacity(7, name.len() + rec.len() + 32);
         set.arg("SET")
@@ -419,7 +441,7 @@ impl Store for RedisStore {
             Value::Nil => return Ok(Claim::Acquired { taken_over: false }),
             Value::BulkString(b) => {
                 if let rec @ Record::Completed { .. } = reply::record(b.into())? {
-                    return self.replay(rec);
+                    return self.replay(&req.key, rec);
                 }
                 // In progress: a conflict, our own retried claim, or a lapsed lease.
             }
@@ -478,7 +500,9 @@ impl Store for RedisStore {
                 ],
             )
             .await?;
-        reply::fenced(&v).map(drop)
+        reply::fenced(&v)?;
+        self.inner.seen.completed(key, Duration::from_millis(ttl));
+        Ok(())
     }
 
     async fn release(&self, key: &Key, token: FencingToken) -> Result<(), StoreError> {
@@ -577,6 +601,7 @@ impl Store for RedisStore {
     }
 
     async fn remove(&self, key: &Key) -> Result<(), StoreError> {
+        self.inner.seen.forget(key);
         let name = self.name(key);
         self.eval(
             "redis remove",

@@ -1,0 +1,152 @@
+//! Keys this store has seen completed: a hint that the next claim of such a key is a replay,
+//! so that it is read with a native `GET` (the cheapest command Redis has) instead of the
+//! claim's `SET … NX PX … GET`.
+//!
+//! The hint is only ever a guess about where to start: a claim whose `GET` finds anything but
+//! a live completed record (the record expired, was removed, or is foreign) forgets the hint
+//! and claims as usual. A wrong hint costs one extra round trip, never a wrong answer: the
+//! `GET` changes nothing, and the decision to run a body is still taken by the atomic
+//! `SET … NX`. Entries end at the record's expiry as this process estimates it.
+//!
+//! Bounded: a few shards of at most `capacity / SHARDS` keys each; a full shard drops its
+//! expired entries, and if none are, starts over empty (hints are cheap to relearn).
+
+use std::collections::HashMap;
+use std::hash::{BuildHasher, Hasher};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use idem_core::Key;
+
+const SHARDS: usize = 16;
+
+pub(crate) struct Seen {
+    shards: Box<[Mutex<HashMap<Key, Instant, KeyHashing>>]>,
+    per_shard: usize,
+}
+
+impl Seen {
+    /// Remembers up to about `capacity` keys; `0` remembers none.
+    pub(crate) fn new(capacity: usize) -> Self {
+        let per_shard = capacity.div_ceil(SHARDS);
+        Seen {
+            shards: (0..if per_shard == 0 { 0 } else { SHARDS })
+                .map(|_| Mutex::new(HashMap::with_hasher(KeyHashing)))
+                .collect(),
+            per_shard,
+        }
+    }
+
+    fn shard(&self, key: &Key) -> Option<&Mutex<HashMap<Key, Instant, KeyHashing>>> {
+        if self.shards.is_empty() {
+            return None;
+        }
+        // Keys are digests: any byte is uniform.
+        self.shards.get(usize::from(key.0[31]) % self.shards.len())
+    }
+
+    /// Whether `key` was seen completed and its record should still be live.
+    pub(crate) fn likely_completed(&self, key: &Key) -> bool {
+        let Some(shard) = self.shard(key) else {
+            return false;
+        };
+        let map = shard.lock().unwrap_or_else(|p| p.into_inner());
+        map.get(key).is_some_and(|until| *until > Instant::now())
+    }
+
+    /// `key` holds a completed record for about `left` more.
+    pub(crate) fn completed(&self, key: &Key, left: Duration) {
+        let Some(shard) = self.shard(key) else {
+            return;
+        };
+        let now = Instant::now();
+        let Some(until) = now.checked_add(left) else {
+            return;
+        };
+        let mut map = shard.lock().unwrap_or_else(|p| p.into_inner());
+        if map.len() >= self.per_shard && !map.contains_key(key) {
+            map.retain(|_, u| *u > now);
+            if map.len() >= self.per_shard {
+                map.clear();
+            }
+        }
+        map.insert(*key, until);
+    }
+
+    /// `key` is not (or no longer) known to be completed.
+    pub(crate) fn forget(&self, key: &Key) {
+        if let Some(shard) = self.shard(key) {
+            shard.lock().unwrap_or_else(|p| p.into_inner()).remove(key);
+        }
+    }
+}
+
+/// Hashes a [`Key`] (already a uniform digest) by folding its words: no SipHash needed.
+#[derive(Clone, Copy, Default)]
+struct KeyHashing;
+
+impl BuildHasher for KeyHashing {
+    type Hasher = KeyHasher;
+    fn build_hasher(&self) -> KeyHasher {
+        KeyHasher(0)
+    }
+}
+
+#[derive(Default)]
+struct KeyHasher(u64);
+
+impl Hasher for KeyHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        for chunk in bytes.chunks(8) {
+            let mut word = [0u8; 8];
+            word[..chunk.len()].copy_from_slice(chunk);
+            self.0 = (self.0 ^ u64::from_le_bytes(word)).rotate_left(29);
+        }
+    }
+    fn write_usize(&mut self, _: usize) {
+        // The length prefix of the key's bytes: always 32.
+    }
+    fn finish(&self) -> u64 {
+        self.0.wrapping_mul(0x9E37_79B9_7F4A_7C15)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(i: u64) -> Key {
+        let mut k = [0u8; 32];
+        k[..8].copy_from_slice(&i.to_le_bytes());
+        k[31] = i as u8;
+        Key(k)
+    }
+
+    #[test]
+    fn remembers_until_the_expiry_and_forgets() {
+        let seen = Seen::new(1000);
+        assert!(!seen.likely_completed(&key(1)));
+        seen.completed(&key(1), Duration::from_secs(60));
+        assert!(seen.likely_completed(&key(1)));
+        seen.forget(&key(1));
+        assert!(!seen.likely_completed(&key(1)));
+        seen.completed(&key(2), Duration::ZERO);
+        assert!(
+            !seen.likely_completed(&key(2)),
+            "an expired hint is no hint"
+        );
+    }
+
+    #[test]
+    fn stays_bounded_and_zero_disables() {
+        let seen = Seen::new(160);
+        for i in 0..10_000 {
+            seen.completed(&key(i), Duration::from_secs(60));
+        }
+        let total: usize = seen.shards.iter().map(|s| s.lock().unwrap().len()).sum();
+        assert!(total <= 160, "{total}");
+        let off = Seen::new(0);
+        off.completed(&key(1), Duration::from_secs(60));
+        assert!(!off.likely_completed(&key(1)));
+    }
+}
