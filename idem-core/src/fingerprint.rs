@@ -208,12 +208,30 @@ const T_END: u8 = 16;
 /// [`crate::key::Encodings`] buffer that keeps it until the store is known.
 pub(crate) trait Out {
     fn update(&mut self, bytes: &[u8]);
+
+    /// [`update`](Self::update) with a length known at compile time (tags, lengths,
+    /// numbers): a buffer copies it with plain moves instead of a `memcpy` call, which costs
+    /// more than the copy for a few bytes.
+    #[inline]
+    fn fixed<const N: usize>(&mut self, bytes: [u8; N]) {
+        self.update(&bytes)
+    }
 }
 
 impl Out for Sink<'_> {
     #[inline]
     fn update(&mut self, bytes: &[u8]) {
         Sink::update(self, bytes)
+    }
+
+    #[inline]
+    fn fixed<const N: usize>(&mut self, bytes: [u8; N]) {
+        if N <= SINK_LEN - self.len {
+            self.buf[self.len..self.len + N].copy_from_slice(&bytes);
+            self.len += N;
+        } else {
+            Sink::update(self, &bytes)
+        }
     }
 }
 
@@ -254,10 +272,10 @@ struct Hashing<'a, O: Out> {
 
 impl<O: Out> Hashing<'_, O> {
     fn tag(&mut self, t: u8) {
-        self.h.update(&[t]);
+        self.h.fixed([t]);
     }
     fn len_bytes(&mut self, b: &[u8]) {
-        self.h.update(&(b.len() as u64).to_le_bytes());
+        self.h.fixed((b.len() as u64).to_le_bytes());
         self.h.update(b);
     }
     fn nested(&mut self) -> Hashing<'_, O> {
@@ -283,7 +301,7 @@ impl<'a, O: Out> ser::Serializer for Hashing<'a, O> {
 
     fn serialize_bool(mut self, v: bool) -> R {
         self.tag(T_BOOL);
-        self.h.update(&[v as u8]);
+        self.h.fixed([v as u8]);
         Ok(())
     }
     fn serialize_i8(self, v: i8) -> R {
@@ -304,7 +322,7 @@ impl<'a, O: Out> ser::Serializer for Hashing<'a, O> {
             return self.serialize_u128(v as u128);
         }
         self.tag(T_INT);
-        self.h.update(&v.to_le_bytes());
+        self.h.fixed(v.to_le_bytes());
         Ok(())
     }
     fn serialize_u8(self, v: u8) -> R {
@@ -321,7 +339,7 @@ impl<'a, O: Out> ser::Serializer for Hashing<'a, O> {
     }
     fn serialize_u128(mut self, v: u128) -> R {
         self.tag(T_UINT);
-        self.h.update(&v.to_le_bytes());
+        self.h.fixed(v.to_le_bytes());
         Ok(())
     }
     fn serialize_f32(self, v: f32) -> R {
@@ -337,12 +355,12 @@ impl<'a, O: Out> ser::Serializer for Hashing<'a, O> {
         } else {
             v.to_bits()
         };
-        self.h.update(&bits.to_le_bytes());
+        self.h.fixed(bits.to_le_bytes());
         Ok(())
     }
     fn serialize_char(mut self, v: char) -> R {
         self.tag(T_CHAR);
-        self.h.update(&u32::from(v).to_le_bytes());
+        self.h.fixed(u32::from(v).to_le_bytes());
         Ok(())
     }
     fn serialize_str(mut self, v: &str) -> R {
@@ -535,7 +553,7 @@ impl<O: Out> ser::SerializeMap for MapHashing<'_, O> {
         for e in &self.entries {
             self.parent.update(e);
         }
-        self.parent.update(&[T_END]);
+        self.parent.fixed([T_END]);
         Ok(())
     }
 }

@@ -8,13 +8,15 @@
 //! # Process-local keys
 //!
 //! A store whose records never leave this process ([`Store::process_local`], e.g. the memory
-//! store) gets keys from a **process-local keyed hash** instead: SipHash-2-4 with a 128-bit
+//! store) gets keys from a **process-local keyed hash** instead: SipHash-1-3 with a 128-bit
 //! output under a key drawn at random when the process first needs one, over the same
 //! canonical encodings. Such a key means nothing in another process (nor in this one after a
 //! restart), which is exactly as long as the records it names live; it costs a fraction of
 //! the portable digest. Its first 16 bytes are the hash and the last 16 are zero. Colliding
 //! two keys needs about 2⁶⁴ records even for someone who chooses the keys, since the hash key
-//! is secret. The portable BLAKE3 derivation above never changes (the pinned tests hold it).
+//! is secret. SipHash-1-3 is the variant Rust's `HashMap` relies on against chosen-key
+//! flooding; the 128-bit output is what makes a collision (a replay of another key's result)
+//! out of reach rather than merely rare. The portable BLAKE3 derivation above never changes (the pinned tests hold it).
 //! A [`Call`](crate::Call) records its arguments' encodings and hashes them once it is run,
 //! when the store, and so the kind of key, is known.
 
@@ -87,11 +89,12 @@ impl Identity {
     }
 }
 
-/// A run of bytes in [`Encodings`].
+/// A run of bytes in [`Encodings`] (`u32`: a `Call` is moved by value through the builder
+/// and the run, so it is kept small).
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Span {
-    start: usize,
-    end: usize,
+    start: u32,
+    end: u32,
 }
 
 /// The canonical encodings of a call's key material, scope and fingerprint (what the digests
@@ -100,6 +103,9 @@ pub(crate) struct Span {
 /// hash for a [`Store::process_local`] one. Kept inline for the usual short keys.
 pub(crate) struct Encodings {
     buf: Buf,
+    /// Where the process-local key's input starts when the call has no scope: the namespace
+    /// header recorded just before the key material, so that the input is one run of bytes.
+    key_input: u32,
     pub(crate) key: Option<Span>,
     pub(crate) scope: Option<Span>,
     pub(crate) fingerprint: Option<Span>,
@@ -115,6 +121,16 @@ struct Buf {
 }
 
 impl crate::fingerprint::Out for Buf {
+    #[inline]
+    fn fixed<const N: usize>(&mut self, bytes: [u8; N]) {
+        if !self.spilled && N <= INLINE - self.len {
+            self.inline[self.len..self.len + N].copy_from_slice(&bytes);
+            self.len += N;
+        } else {
+            self.update(&bytes)
+        }
+    }
+
     #[inline]
     fn update(&mut self, bytes: &[u8]) {
         if !self.spilled {
@@ -171,7 +187,9 @@ impl Buf {
     }
 
     fn get(&self, span: Span) -> &[u8] {
-        self.all().get(span.start..span.end).unwrap_or_default()
+        self.all()
+            .get(span.start as usize..span.end as usize)
+            .unwrap_or_default()
     }
 }
 
@@ -179,6 +197,7 @@ impl Encodings {
     pub(crate) fn new() -> Self {
         Encodings {
             buf: Buf::new(),
+            key_input: 0,
             key: None,
             scope: None,
             fingerprint: None,
@@ -192,10 +211,15 @@ impl Encodings {
     ) -> Result<Option<Span>, crate::error::CodecError> {
         let start = self.buf.len();
         match crate::fingerprint::encode(value, &mut self.buf) {
-            Ok(true) => Ok(Some(Span {
-                start,
-                end: self.buf.len(),
-            })),
+            Ok(true) => match (u32::try_from(start), u32::try_from(self.buf.len())) {
+                (Ok(start), Ok(end)) => Ok(Some(Span { start, end })),
+                _ => {
+                    self.buf.truncate(start);
+                    Err(crate::error::CodecError::Fingerprint(
+                        "the arguments' encoding is over 4 GiB".into(),
+                    ))
+                }
+            },
             Ok(false) => {
                 self.buf.truncate(start);
                 Ok(None)
@@ -205,6 +229,27 @@ impl Encodings {
                 Err(e)
             }
         }
+    }
+
+    /// Records the key material, preceded by the process-local key's header for a call
+    /// without a scope (length-prefixed namespace, then `0`: no scope), so that the local key
+    /// hashes one run of bytes with no copy. `Ok(None)` for a top-level `None`.
+    pub(crate) fn record_key<V: Serialize + ?Sized>(
+        &mut self,
+        namespace: &str,
+        value: &V,
+    ) -> Result<Option<Span>, crate::error::CodecError> {
+        use crate::fingerprint::Out;
+        let header = self.buf.len();
+        self.buf.fixed((namespace.len() as u64).to_le_bytes());
+        self.buf.update(namespace.as_bytes());
+        self.buf.fixed([0]);
+        let span = self.record(value);
+        match (&span, u32::try_from(header)) {
+            (Ok(Some(_)), Ok(header)) => self.key_input = header,
+            _ => self.buf.truncate(header),
+        }
+        span
     }
 
     fn bytes(&self, span: Span) -> &[u8] {
@@ -239,11 +284,33 @@ impl Encodings {
 
     /// The process-local identity (see the module's *Process-local keys*).
     pub(crate) fn local(&self, namespace: &str) -> Option<Identity> {
-        use crate::fingerprint::Out;
-        let material = self.bytes(self.key?);
+        let key = self.key?;
         let keys = &*LOCAL_KEYS;
         // The key's input in one piece (one-shot hashing is the cheap way): length-prefixed
-        // namespace and scope, then the key material.
+        // namespace and scope, then the key material. Without a scope it was recorded so
+        // (see `record_key`).
+        let key = match self.scope {
+            None => keys.key.hash(self.bytes(Span {
+                start: self.key_input,
+                end: key.end,
+            })),
+            Some(_) => keys.key.hash(self.local_input(namespace, key).all()),
+        };
+        // Fingerprints hash under a hash key of their own (domain separation without a copy).
+        let fingerprint = self
+            .fingerprint
+            .map(|f| Fingerprint(widen(keys.fingerprint.hash(self.bytes(f)).as_bytes())));
+        Some(Identity {
+            key: Key(widen(key.as_bytes())),
+            fingerprint,
+        })
+    }
+
+    /// The process-local key's input, gathered: length-prefixed namespace and scope, then the
+    /// key material.
+    fn local_input(&self, namespace: &str, key: Span) -> Buf {
+        use crate::fingerprint::Out;
+        let material = self.bytes(key);
         let mut input = Buf::new();
         input.update(&(namespace.len() as u64).to_le_bytes());
         input.update(namespace.as_bytes());
@@ -257,15 +324,7 @@ impl Encodings {
             None => input.update(&[0]),
         }
         input.update(material);
-        let key = keys.key.hash(input.all());
-        // Fingerprints hash under a hash key of their own (domain separation without a copy).
-        let fingerprint = self
-            .fingerprint
-            .map(|f| Fingerprint(widen(keys.fingerprint.hash(self.bytes(f)).as_bytes())));
-        Some(Identity {
-            key: Key(widen(key.as_bytes())),
-            fingerprint,
-        })
+        input
     }
 }
 
@@ -278,8 +337,8 @@ fn widen(half: [u8; 16]) -> [u8; 32] {
 
 /// The process-local hash keys, one for record keys and one for fingerprints.
 struct LocalKeys {
-    key: siphasher::sip128::SipHasher24,
-    fingerprint: siphasher::sip128::SipHasher24,
+    key: siphasher::sip128::SipHasher13,
+    fingerprint: siphasher::sip128::SipHasher13,
 }
 
 /// 2 × 128 random bits drawn when first needed, from std's `RandomState` (whose keys come from
@@ -288,8 +347,8 @@ static LOCAL_KEYS: std::sync::LazyLock<LocalKeys> = std::sync::LazyLock::new(|| 
     use std::hash::BuildHasher;
     let word = |i: u64| std::hash::RandomState::new().hash_one(i);
     LocalKeys {
-        key: siphasher::sip128::SipHasher24::new_with_keys(word(1), word(2)),
-        fingerprint: siphasher::sip128::SipHasher24::new_with_keys(word(3), word(4)),
+        key: siphasher::sip128::SipHasher13::new_with_keys(word(1), word(2)),
+        fingerprint: siphasher::sip128::SipHasher13::new_with_keys(word(3), word(4)),
     }
 });
 
@@ -411,6 +470,26 @@ mod encodings {
         let portable = call("ns", Some("s"), "k", 1).identity().unwrap().unwrap();
         assert_ne!(base.key, portable.key);
         assert_ne!(base.fingerprint, portable.fingerprint);
+    }
+
+    /// The unscoped key hashes the header recorded before the key material: the same bytes
+    /// the gathered input has, whatever the order of the builder calls.
+    #[test]
+    fn the_recorded_and_the_gathered_local_inputs_agree() {
+        for c in [
+            crate::Call::new("ns").key("k").fingerprint((1u8,)),
+            crate::Call::new("ns").fingerprint((1u8,)).key("k"),
+            crate::Call::new("ns")
+                .key("other")
+                .key("k")
+                .fingerprint((1u8,)),
+        ] {
+            let e = &c.encodings;
+            let gathered = LOCAL_KEYS
+                .key
+                .hash(e.local_input("ns", e.key.unwrap()).all());
+            assert_eq!(local(&c).key.0[..16], gathered.as_bytes());
+        }
     }
 
     #[test]

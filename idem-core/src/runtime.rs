@@ -167,7 +167,13 @@ impl<C: Codec> Call<C> {
     /// `None` is a missing key.
     #[inline]
     pub fn key<K: Serialize>(mut self, key: K) -> Self {
-        self.encodings.key = self.record(&key);
+        self.encodings.key = match self.encodings.record_key(self.namespace, &key) {
+            Ok(span) => span,
+            Err(e) => {
+                self.error.get_or_insert_with(|| e.to_string());
+                None
+            }
+        };
         self
     }
 

@@ -13,7 +13,7 @@
 //!
 //! ```text
 //! cargo run --release -p idem-bench --features redis --bin idem-bench-redis -- \
-//!     [--rounds 5] [--calls 250] [--out target/idem-bench/redis-compare.json]
+//!     [--rounds 9] [--calls 1000] [--single 3000] [--out target/idem-bench/redis-compare.json]
 //! ```
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -160,6 +160,9 @@ struct Figures {
     calls_per_s: f64,
     calls_per_s_min: f64,
     calls_per_s_max: f64,
+    /// Calls/s of each round, in round order: the report pairs workloads round by round
+    /// (idem's round r over raw's round r), which cancels the machine's drift between rounds.
+    calls_per_s_rounds: Vec<f64>,
     /// Mean latency per call (single-task workloads), µs.
     latency_us: f64,
     server_process_us_per_call: f64,
@@ -189,6 +192,7 @@ fn figures(t: &Totals) -> Figures {
         calls_per_s: median,
         calls_per_s_min: r.first().copied().unwrap_or(0.0),
         calls_per_s_max: r.last().copied().unwrap_or(0.0),
+        calls_per_s_rounds: t.rounds.clone(),
         latency_us: t.wall_s * 1e6 / n,
         server_process_us_per_call: t.server_cpu_s * 1e6 / n,
         client_process_us_per_call: t.client_cpu_s * 1e6 / n,
@@ -405,9 +409,9 @@ fn arg(args: &[String], name: &str) -> Option<String> {
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
-    let rounds: u64 = arg(&args, "--rounds").map_or(5, |s| s.parse().unwrap());
-    let calls: u64 = arg(&args, "--calls").map_or(250, |s| s.parse().unwrap());
-    let single: u64 = arg(&args, "--single").map_or(1500, |s| s.parse().unwrap());
+    let rounds: u64 = arg(&args, "--rounds").map_or(9, |s| s.parse().unwrap());
+    let calls: u64 = arg(&args, "--calls").map_or(1000, |s| s.parse().unwrap());
+    let single: u64 = arg(&args, "--single").map_or(3000, |s| s.parse().unwrap());
     let out = arg(&args, "--out").map_or_else(
         || idem_bench::out_dir().join("redis-compare.json"),
         std::path::PathBuf::from,
