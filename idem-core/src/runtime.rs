@@ -167,20 +167,16 @@ impl<C: Codec> Call<C> {
     /// `None` is a missing key.
     #[inline]
     pub fn key<K: Serialize>(mut self, key: K) -> Self {
-        self.encodings.key = match self.encodings.record_key(self.namespace, &key) {
-            Ok(span) => span,
-            Err(e) => {
-                self.error.get_or_insert_with(|| e.to_string());
-                None
-            }
-        };
+        let recorded = self.encodings.record_key(self.namespace, &key);
+        self.encodings.key = self.noted(recorded);
         self
     }
 
     /// The tenant or principal: the same key under two scopes never shares a record.
     #[inline]
     pub fn scope<S: Serialize>(mut self, scope: S) -> Self {
-        self.encodings.scope = self.record(&scope);
+        let recorded = self.encodings.record(&scope);
+        self.encodings.scope = self.noted(recorded);
         self
     }
 
@@ -191,13 +187,15 @@ impl<C: Codec> Call<C> {
     #[inline]
     pub fn fingerprint<F: Serialize>(mut self, args: F) -> Self {
         // `Some(..)` so that a `None` argument list is a value, not a missing key.
-        self.encodings.fingerprint = self.record(&Some(&args));
+        let recorded = self.encodings.record(&Some(&args));
+        self.encodings.fingerprint = self.noted(recorded);
         self
     }
 
-    fn record<V: Serialize + ?Sized>(&mut self, value: &V) -> Option<key::Span> {
-        match self.encodings.record(value) {
-            Ok(d) => d,
+    /// A recorded encoding, or `None` with the first failure kept for `run` to report.
+    fn noted(&mut self, recorded: Result<Option<key::Span>, CodecError>) -> Option<key::Span> {
+        match recorded {
+            Ok(span) => span,
             Err(e) => {
                 self.error.get_or_insert_with(|| e.to_string());
                 None
