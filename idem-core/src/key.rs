@@ -23,7 +23,7 @@
 use serde::Serialize;
 
 use crate::error::Error;
-use crate::fingerprint::digest;
+use crate::fingerprint::Out;
 use crate::store::{Fingerprint, Key, Store};
 
 // Domain separation contexts. Never change them: every stored key depends on them.
@@ -67,25 +67,16 @@ impl Identity {
         K: Serialize + ?Sized,
         F: Serialize + ?Sized,
     {
-        let Some(material) = digest(MATERIAL_CONTEXT, key).map_err(Error::Codec)? else {
-            return Ok(None);
-        };
-        let scope = match scope {
-            Some(s) => digest(SCOPE_CONTEXT, s).map_err(Error::Codec)?,
-            None => None,
-        };
-        let fingerprint = match fingerprint {
-            Some(f) => Some(Fingerprint(
-                digest(FINGERPRINT_CONTEXT, &Some(f))
-                    .map_err(Error::Codec)?
-                    .unwrap_or([0; 32]),
-            )),
-            None => None,
-        };
-        Ok(Some(Identity {
-            key: combine(namespace, scope.as_ref(), &material),
-            fingerprint,
-        }))
+        // The same recording and digests as a `Call` run on a shared store.
+        let mut e = Encodings::new();
+        e.key = e.record(key).map_err(Error::Codec)?;
+        if let Some(s) = scope {
+            e.scope = e.record(s).map_err(Error::Codec)?;
+        }
+        if let Some(f) = fingerprint {
+            e.fingerprint = e.record(&Some(f)).map_err(Error::Codec)?;
+        }
+        Ok(e.portable(namespace))
     }
 }
 
@@ -239,11 +230,8 @@ impl Encodings {
         namespace: &str,
         value: &V,
     ) -> Result<Option<Span>, crate::error::CodecError> {
-        use crate::fingerprint::Out;
         let header = self.buf.len();
-        self.buf.fixed((namespace.len() as u64).to_le_bytes());
-        self.buf.update(namespace.as_bytes());
-        self.buf.fixed([0]);
+        local_header(&mut self.buf, namespace, None);
         let span = self.record(value);
         match (&span, u32::try_from(header)) {
             (Ok(Some(_)), Ok(header)) => self.key_input = header,
@@ -294,7 +282,12 @@ impl Encodings {
                 start: self.key_input,
                 end: key.end,
             })),
-            Some(_) => keys.key.hash(self.local_input(namespace, key).all()),
+            Some(scope) => {
+                let mut input = Buf::new();
+                local_header(&mut input, namespace, Some(self.bytes(scope)));
+                input.update(self.bytes(key));
+                keys.key.hash(input.all())
+            }
         };
         // Fingerprints hash under a hash key of their own (domain separation without a copy).
         let fingerprint = self
@@ -305,26 +298,20 @@ impl Encodings {
             fingerprint,
         })
     }
+}
 
-    /// The process-local key's input, gathered: length-prefixed namespace and scope, then the
-    /// key material.
-    fn local_input(&self, namespace: &str, key: Span) -> Buf {
-        use crate::fingerprint::Out;
-        let material = self.bytes(key);
-        let mut input = Buf::new();
-        input.update(&(namespace.len() as u64).to_le_bytes());
-        input.update(namespace.as_bytes());
-        match self.scope {
-            Some(s) => {
-                let scope = self.bytes(s);
-                input.update(&[1]);
-                input.update(&(scope.len() as u64).to_le_bytes());
-                input.update(scope);
-            }
-            None => input.update(&[0]),
+/// The process-local key's input before the key material: the length-prefixed namespace,
+/// then `1` and the length-prefixed scope, or `0` for none.
+fn local_header(out: &mut impl Out, namespace: &str, scope: Option<&[u8]>) {
+    out.fixed((namespace.len() as u64).to_le_bytes());
+    out.update(namespace.as_bytes());
+    match scope {
+        Some(scope) => {
+            out.fixed([1]);
+            out.fixed((scope.len() as u64).to_le_bytes());
+            out.update(scope);
         }
-        input.update(material);
-        input
+        None => out.fixed([0]),
     }
 }
 
@@ -425,21 +412,27 @@ mod encodings {
         c.encodings.local(c.namespace).unwrap()
     }
 
-    /// Recorded encodings hash to `Identity::derive`'s digests, whatever their length (inline
-    /// or spilled to the heap).
+    /// Recorded encodings hash to the digests of the streaming hasher (`fingerprint::digest`)
+    /// whatever their length, inline or spilled to the heap: the pinned derivation.
     #[test]
-    fn portable_identities_match_derive_for_every_length() {
-        for len in [0usize, 1, 100, 170, 191, 192, 193, 400, 5000] {
+    fn portable_identities_match_the_streaming_digests_for_every_length() {
+        use crate::fingerprint::digest;
+        for len in [0usize, 1, 100, 127, 128, 129, 170, 193, 400, 5000] {
             let k = "k".repeat(len);
             let fp = ("x".repeat(len), 7u8);
             let c = crate::Call::new("ns")
                 .scope("tenant")
                 .key(&k)
                 .fingerprint(&fp);
-            let derived = Identity::derive("ns", Some(&"tenant"), &k, Some(&&fp))
-                .unwrap()
-                .unwrap();
-            assert_eq!(c.identity().unwrap().unwrap(), derived, "{len}");
+            let material = digest(MATERIAL_CONTEXT, &k).unwrap().unwrap();
+            let scope = digest(SCOPE_CONTEXT, "tenant").unwrap().unwrap();
+            let streamed = Identity {
+                key: combine("ns", Some(&scope), &material),
+                fingerprint: Some(Fingerprint(
+                    digest(FINGERPRINT_CONTEXT, &Some(&fp)).unwrap().unwrap(),
+                )),
+            };
+            assert_eq!(c.identity().unwrap().unwrap(), streamed, "{len}");
         }
     }
 
@@ -472,10 +465,14 @@ mod encodings {
         assert_ne!(base.fingerprint, portable.fingerprint);
     }
 
-    /// The unscoped key hashes the header recorded before the key material: the same bytes
-    /// the gathered input has, whatever the order of the builder calls.
+    /// The unscoped key hashes the header recorded before the key material: the bytes
+    /// `local_header` gives, whatever the order of the builder calls.
     #[test]
-    fn the_recorded_and_the_gathered_local_inputs_agree() {
+    fn the_recorded_local_input_is_the_header_and_the_key() {
+        let mut expected = Buf::new();
+        local_header(&mut expected, "ns", None);
+        crate::fingerprint::encode("k", &mut expected).unwrap();
+        let expected = LOCAL_KEYS.key.hash(expected.all());
         for c in [
             crate::Call::new("ns").key("k").fingerprint((1u8,)),
             crate::Call::new("ns").fingerprint((1u8,)).key("k"),
@@ -484,11 +481,7 @@ mod encodings {
                 .key("k")
                 .fingerprint((1u8,)),
         ] {
-            let e = &c.encodings;
-            let gathered = LOCAL_KEYS
-                .key
-                .hash(e.local_input("ns", e.key.unwrap()).all());
-            assert_eq!(local(&c).key.0[..16], gathered.as_bytes());
+            assert_eq!(local(&c).key.0[..16], expected.as_bytes());
         }
     }
 
