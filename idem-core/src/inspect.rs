@@ -157,6 +157,6 @@ pub trait StoreAdmin: Store {
     async fn stats(&self) -> Result<StoreStats, StoreError>;
 
     /// Removes up to `batch` expired records; returns how many it removed. A store whose
-    /// records expire natively (Redis `PX`, moka) returns `Ok(0)`.
+    /// records expire natively (Redis `PX`) returns `Ok(0)`.
     async fn purge_expired(&self, batch: u32) -> Result<u64, StoreError>;
 }

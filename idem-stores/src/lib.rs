@@ -4,8 +4,8 @@
 //!
 //! | feature | store | claim | waiting | expiry |
 //! |---|---|---|---|---|
-//! | `memory` (default) | [`MemoryStore`] on moka | one atomic entry operation | in-process notification | per-entry |
-//! | `redis` | `RedisStore` on the `redis` crate (server or Cluster) | one Lua script (`EVALSHA`) on the server's clock | one shared pub/sub subscriber per store, polling while it is down | native `PEXPIRE` |
+//! | `memory` (default) | [`MemoryStore`], a sharded map in the process | one critical section on the key's shard | in-process notification | per record, on tokio's clock |
+//! | `redis` | `RedisStore` on the `redis` crate (server or Cluster) | a native `SET … NX PX … GET` (a short script only for a conflict or takeover) | one shared pub/sub subscriber per store, polling while it is down | native `PX` |
 //! | `postgres` | `PostgresStore` on sqlx | one `INSERT ... ON CONFLICT DO UPDATE ... RETURNING` (CTE) | `LISTEN/NOTIFY`, polling while the listener is down | `purge_expired` / background sweep |
 //! | `mysql` | `MySqlStore` on sqlx (MySQL, MariaDB) | one `INSERT ... ON DUPLICATE KEY UPDATE`, outcome in `LAST_INSERT_ID(expr)` | bounded polling with backoff | `purge_expired` / background sweep |
 //! | `sqlite` | `SqliteStore` on sqlx (file or memory) | one `INSERT ... ON CONFLICT DO UPDATE ... RETURNING` | bounded polling with backoff | `purge_expired` / background sweep |
@@ -14,6 +14,8 @@
 
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
+#[cfg(any(feature = "memory", feature = "redis"))]
+mod key_map;
 #[cfg(feature = "memory")]
 mod memory;
 #[cfg(feature = "memory")]

@@ -178,8 +178,8 @@ impl MemoryStoreBuilder {
             shards /= 2;
         }
         let budget = max_bytes / shards;
-        let seeds = random_seeds();
-        let hashing = KeyHashing::new([seeds[0], seeds[1]]);
+        let hashing = KeyHashing::random();
+        let [lane_seed] = crate::key_map::random_words();
         let lanes = (0..shards)
             .map(|_| Lane {
                 records: Mutex::new(Shard::new(budget, hashing)),
@@ -191,7 +191,7 @@ impl MemoryStoreBuilder {
         MemoryStore {
             inner: Arc::new(Inner {
                 lanes,
-                seed: seeds[2] | 1,
+                seed: lane_seed | 1,
                 max_bytes: self.max_bytes,
                 max_value_size: self.max_value_size.min(fits),
                 max_in_progress: self.max_in_progress,
@@ -199,17 +199,6 @@ impl MemoryStoreBuilder {
             }),
         }
     }
-}
-
-/// Three random words for this store's hashing.
-fn random_seeds() -> [u64; 3] {
-    use std::hash::{BuildHasher, Hasher};
-    let state = std::collections::hash_map::RandomState::new();
-    [1u64, 2, 3].map(|i| {
-        let mut h = state.build_hasher();
-        h.write_u64(i);
-        h.finish()
-    })
 }
 
 impl Default for MemoryStore {

@@ -12,16 +12,17 @@
 //! expired entries, and if none are, starts over empty (hints are cheap to relearn).
 
 use std::collections::HashMap;
-use std::hash::{BuildHasher, Hasher};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use idem_core::Key;
 
+use crate::key_map::{KeyHashing, MapKey};
+
 const SHARDS: usize = 16;
 
 pub(crate) struct Seen {
-    shards: Box<[Mutex<HashMap<Key, Instant, KeyHashing>>]>,
+    shards: Box<[Mutex<HashMap<MapKey, Instant, KeyHashing>>]>,
     per_shard: usize,
 }
 
@@ -31,18 +32,18 @@ impl Seen {
         let per_shard = capacity.div_ceil(SHARDS);
         Seen {
             shards: (0..if per_shard == 0 { 0 } else { SHARDS })
-                .map(|_| Mutex::new(HashMap::with_hasher(KeyHashing)))
+                .map(|_| Mutex::new(HashMap::with_hasher(KeyHashing::random())))
                 .collect(),
             per_shard,
         }
     }
 
-    fn shard(&self, key: &Key) -> Option<&Mutex<HashMap<Key, Instant, KeyHashing>>> {
+    fn shard(&self, key: &Key) -> Option<&Mutex<HashMap<MapKey, Instant, KeyHashing>>> {
         if self.shards.is_empty() {
             return None;
         }
-        // Keys are digests: any byte is uniform.
-        self.shards.get(usize::from(key.0[31]) % self.shards.len())
+        // Keys are uniform hashes: any of their first 16 bytes is uniform.
+        self.shards.get(usize::from(key.0[8]) % self.shards.len())
     }
 
     /// Whether `key` was seen completed and its record should still be live.
@@ -51,7 +52,8 @@ impl Seen {
             return false;
         };
         let map = shard.lock().unwrap_or_else(|p| p.into_inner());
-        map.get(key).is_some_and(|until| *until > Instant::now())
+        map.get(&MapKey(*key))
+            .is_some_and(|until| *until > Instant::now())
     }
 
     /// `key` holds a completed record for about `left` more.
@@ -64,50 +66,23 @@ impl Seen {
             return;
         };
         let mut map = shard.lock().unwrap_or_else(|p| p.into_inner());
-        if map.len() >= self.per_shard && !map.contains_key(key) {
+        if map.len() >= self.per_shard && !map.contains_key(&MapKey(*key)) {
             map.retain(|_, u| *u > now);
             if map.len() >= self.per_shard {
                 map.clear();
             }
         }
-        map.insert(*key, until);
+        map.insert(MapKey(*key), until);
     }
 
     /// `key` is not (or no longer) known to be completed.
     pub(crate) fn forget(&self, key: &Key) {
         if let Some(shard) = self.shard(key) {
-            shard.lock().unwrap_or_else(|p| p.into_inner()).remove(key);
+            shard
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&MapKey(*key));
         }
-    }
-}
-
-/// Hashes a [`Key`] (already a uniform digest) by folding its words: no SipHash needed.
-#[derive(Clone, Copy, Default)]
-struct KeyHashing;
-
-impl BuildHasher for KeyHashing {
-    type Hasher = KeyHasher;
-    fn build_hasher(&self) -> KeyHasher {
-        KeyHasher(0)
-    }
-}
-
-#[derive(Default)]
-struct KeyHasher(u64);
-
-impl Hasher for KeyHasher {
-    fn write(&mut self, bytes: &[u8]) {
-        for chunk in bytes.chunks(8) {
-            let mut word = [0u8; 8];
-            word[..chunk.len()].copy_from_slice(chunk);
-            self.0 = (self.0 ^ u64::from_le_bytes(word)).rotate_left(29);
-        }
-    }
-    fn write_usize(&mut self, _: usize) {
-        // The length prefix of the key's bytes: always 32.
-    }
-    fn finish(&self) -> u64 {
-        self.0.wrapping_mul(0x9E37_79B9_7F4A_7C15)
     }
 }
 
@@ -118,7 +93,7 @@ mod tests {
     fn key(i: u64) -> Key {
         let mut k = [0u8; 32];
         k[..8].copy_from_slice(&i.to_le_bytes());
-        k[31] = i as u8;
+        k[8] = i as u8;
         Key(k)
     }
 
