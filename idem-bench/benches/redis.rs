@@ -110,24 +110,7 @@ async fn commandstats(mut conn: ConnectionManager) -> BTreeMap<String, (u64, u64
         .query_async(&mut conn)
         .await
         .unwrap();
-    let mut out = BTreeMap::new();
-    for line in info.lines() {
-        let Some((name, fields)) = line
-            .strip_prefix("cmdstat_")
-            .and_then(|l| l.split_once(':'))
-        else {
-            continue;
-        };
-        let field = |f: &str| -> u64 {
-            fields
-                .split(',')
-                .find_map(|kv| kv.strip_prefix(f)?.strip_prefix('='))
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(0)
-        };
-        out.insert(name.to_owned(), (field("calls"), field("usec")));
-    }
-    out
+    idem_bench::parse_commandstats(&info)
 }
 
 /// The server's CPU time and commands per operation of one bench, from `INFO commandstats`

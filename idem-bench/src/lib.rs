@@ -175,3 +175,31 @@ unsafe impl GlobalAlloc for CountingAlloc {
 pub fn live_heap_bytes() -> isize {
     LIVE.load(Ordering::Relaxed)
 }
+
+/// Parses Redis's `INFO commandstats` into command → (calls, µs of server CPU).
+///
+/// ```
+/// let info = "# Commandstats\r\ncmdstat_get:calls=3,usec=12,usec_per_call=4.00\r\n";
+/// let stats = idem_bench::parse_commandstats(info);
+/// assert_eq!(stats["get"], (3, 12));
+/// ```
+pub fn parse_commandstats(info: &str) -> std::collections::BTreeMap<String, (u64, u64)> {
+    let mut out = std::collections::BTreeMap::new();
+    for line in info.lines() {
+        let Some((name, fields)) = line
+            .strip_prefix("cmdstat_")
+            .and_then(|l| l.split_once(':'))
+        else {
+            continue;
+        };
+        let field = |f: &str| -> u64 {
+            fields
+                .split(',')
+                .find_map(|kv| kv.strip_prefix(f)?.strip_prefix('='))
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0)
+        };
+        out.insert(name.to_owned(), (field("calls"), field("usec")));
+    }
+    out
+}
