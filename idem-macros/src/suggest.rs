@@ -14,6 +14,14 @@ pub(crate) fn closest<'a>(
         .map(|(_, c)| c)
 }
 
+/// `"; did you mean `x`?"` for the argument name closest to `name`, or nothing.
+pub(crate) fn did_you_mean(name: &syn::Ident, names: &[&syn::Ident]) -> String {
+    let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+    closest(&name.to_string(), names.iter().map(String::as_str))
+        .map(|c| format!("; did you mean `{c}`?"))
+        .unwrap_or_default()
+}
+
 /// Levenshtein distance (insertions, deletions, substitutions), with a transposition of two
 /// neighbours counted as one edit.
 fn distance(a: &str, b: &str) -> usize {

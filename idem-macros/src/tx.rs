@@ -6,7 +6,7 @@
 use syn::{Ident, Type};
 
 use crate::model::{Args, Input};
-use crate::suggest::closest;
+use crate::suggest::did_you_mean;
 
 /// The message of every transaction argument of the wrong type.
 pub(crate) const WRONG_TYPE: &str =
@@ -58,17 +58,7 @@ pub(crate) fn check(args: &Args, inputs: &[Input], names: &[&Ident]) -> Vec<syn:
     if let Some((_, tx)) = &args.in_transaction {
         match inputs.iter().find(|i| i.bindings.contains(tx)) {
             None => {
-                let hint = closest(
-                    &tx.to_string(),
-                    names
-                        .iter()
-                        .map(|n| n.to_string())
-                        .collect::<Vec<_>>()
-                        .iter()
-                        .map(String::as_str),
-                )
-                .map(|c| format!("; did you mean `{c}`?"))
-                .unwrap_or_default();
+                let hint = did_you_mean(tx, names);
                 errors.push(syn::Error::new(
                     tx.span(),
                     format!(

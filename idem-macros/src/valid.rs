@@ -9,7 +9,7 @@ use syn::{
 };
 
 use crate::model::{Args, Func, Input, Receiver, Shape};
-use crate::suggest::closest;
+use crate::suggest::did_you_mean;
 use crate::traps;
 use crate::tx;
 
@@ -84,17 +84,7 @@ pub(crate) fn check(item: &ItemFn, args: &Args) -> (Option<Func>, Vec<syn::Error
                 "`self` is never part of the key or fingerprint: remove it from `skip`",
             ));
         } else if !names.contains(&s) {
-            let hint = closest(
-                &s.to_string(),
-                names
-                    .iter()
-                    .map(|n| n.to_string())
-                    .collect::<Vec<_>>()
-                    .iter()
-                    .map(String::as_str),
-            )
-            .map(|c| format!("; did you mean `{c}`?"))
-            .unwrap_or_default();
+            let hint = did_you_mean(s, &names);
             errors.push(syn::Error::new(
                 s.span(),
                 format!(
