@@ -24,5 +24,39 @@ pub fn idempotent(attr: TokenStream, item: TokenStream) -> TokenStream {
     expand::idempotent(attr.into(), item.into()).into()
 }
 
+/// `#[idempotent]` as the `idempo` facade re-exports it: the same attribute, whose runtime path
+/// defaults to `::idempo` instead of `::idem_core` (a `crate = ..` argument still wins).
+/// Not for direct use.
+#[doc(hidden)]
+#[proc_macro_attribute]
+pub fn __idempotent_in_facade(attr: TokenStream, item: TokenStream) -> TokenStream {
+    let attr: proc_macro2::TokenStream = attr.into();
+    expand::idempotent(
+        with_default_crate(attr, quote::quote!(::idempo)),
+        item.into(),
+    )
+    .into()
+}
+
+/// `attr` with `crate = <path>` put in front, unless it already names a `crate`.
+fn with_default_crate(
+    attr: proc_macro2::TokenStream,
+    path: proc_macro2::TokenStream,
+) -> proc_macro2::TokenStream {
+    use proc_macro2::TokenTree;
+    let tokens: Vec<TokenTree> = attr.clone().into_iter().collect();
+    let names_crate = tokens.windows(2).any(|w| {
+        matches!((&w[0], &w[1]), (TokenTree::Ident(i), TokenTree::Punct(p)) if i == "crate" && p.as_char() == '=')
+    });
+    if names_crate {
+        return attr;
+    }
+    if tokens.is_empty() {
+        quote::quote!(crate = #path)
+    } else {
+        quote::quote!(crate = #path, #attr)
+    }
+}
+
 #[cfg(test)]
 mod snapshots;
