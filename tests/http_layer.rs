@@ -18,10 +18,10 @@ use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::routing::post;
 use axum::Router;
-use idem_core::http::{IdempotencyLayer, StorePolicy};
 use idem_core::{
     async_trait, Claim, ClaimRequest, FencingToken, Key, OnConflict, RecordState, Store, StoreError,
 };
+use idem_http::{IdempotencyLayer, StorePolicy};
 use idem_stores::MemoryStore;
 
 type Runs = Arc<AtomicU64>;
@@ -92,7 +92,7 @@ async fn sized(State(runs): State<Runs>, Path(n): Path<usize>) -> String {
 
 async fn status(State(runs): State<Runs>, Path(code): Path<u16>) -> impl IntoResponse {
     // Executed, whatever the status: a plain-text 400 or 422 here is not an extractor's.
-    idem_core::http::mark_started();
+    idem_http::mark_started();
     let n = runs.fetch_add(1, Ordering::SeqCst) + 1;
     (StatusCode::from_u16(code).unwrap(), format!("run {n}"))
 }

@@ -27,12 +27,10 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
-use idem_core::http::{
-    mark_started, uuid_key, Execution, IdempotencyLayer, KeyFormat, StorePolicy,
-};
 use idem_core::{
     async_trait, Claim, ClaimRequest, FencingToken, Key, RecordState, Store, StoreError,
 };
+use idem_http::{mark_started, uuid_key, Execution, IdempotencyLayer, KeyFormat, StorePolicy};
 use idem_stores::MemoryStore;
 use serde_json::json;
 

@@ -7,9 +7,9 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use idem_core::testkit::{Fault, FaultyStore, Op};
 use idem_core::{observe, Call, ClaimRequest, Error, FencingToken, OnConflict, Outcome, Store};
 use idem_stores::MemoryStore;
+use idem_testkit::{Fault, FaultyStore, Op};
 use metrics_util::debugging::{DebugValue, DebuggingRecorder};
 use metrics_util::MetricKind;
 

@@ -14,8 +14,8 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
-use idem_core::http::{mark_started, IdempotencyLayer, Problem};
 use idem_core::{idempotent, OnConflict, Store};
+use idem_http::{mark_started, IdempotencyLayer, Problem};
 use serde::{Deserialize, Serialize};
 
 /// How the idempotency layer treats a duplicate that arrives while the first request runs,

@@ -2,7 +2,7 @@
 //! limit, or to a typed error, never a panic.
 #![no_main]
 
-use idem_core::http::{parse_key_value, DEFAULT_MAX_KEY_LEN};
+use idem_http::{parse_key_value, DEFAULT_MAX_KEY_LEN};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

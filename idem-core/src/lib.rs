@@ -61,8 +61,10 @@
 //! - [`codec`] — the `Codec` trait, the MessagePack default and the record envelope;
 //! - [`Error`] — one error enum with an HTTP status per variant;
 //! - [`Outcome`] and [`counters`] — one outcome per call, logged and counted;
-//! - `testkit` (feature) — the conformance suite every store passes;
-//! - `http` (feature) — the tower/axum `Idempotency-Key` layer.
+//!
+//! Beside it: `idem-stores` (the backends), `idem-http` (the tower/axum `Idempotency-Key`
+//! layer), `idem-testkit` (the conformance suite every store passes), and `idempo`, the one
+//! crate an application depends on, which re-exports all of them behind features.
 //!
 //! The runtime needs a tokio runtime with the time driver enabled.
 
@@ -86,14 +88,6 @@ pub mod fingerprint;
 pub mod key;
 pub mod options;
 
-#[cfg(feature = "testkit")]
-#[cfg_attr(docsrs, doc(cfg(feature = "testkit")))]
-pub mod testkit;
-
-#[cfg(feature = "http")]
-#[cfg_attr(docsrs, doc(cfg(feature = "http")))]
-pub mod http;
-
 pub use async_trait::async_trait;
 pub use bytes::Bytes;
 pub use error::{BoxError, CodecError, Error, StoreError, MAX_RETRY_HINT};
@@ -116,6 +110,9 @@ pub use idem_macros::idempotent;
 /// Not a stable API: anything in this module may change in any release.
 #[doc(hidden)]
 pub mod __private {
+    /// The one outcome event of a call, for the sibling crates (`idem-http`) that end a call
+    /// without running it through [`Call`].
+    pub use crate::observe::emit;
     pub use crate::options::{MissingKey, OnConflict};
     pub use crate::private::*;
     pub use crate::runtime::Call;
@@ -254,11 +251,4 @@ pub mod __private {
     {
         call.run_storing_errors_on_default(body).await
     }
-}
-
-/// The pages of `docs/` whose examples are compiled and run as doc tests.
-#[cfg(all(doctest, feature = "macros", feature = "testkit"))]
-mod doc_pages {
-    #[doc = include_str!("../../docs/testing.md")]
-    struct Testing;
 }

@@ -182,7 +182,7 @@ pub async fn observe<F: std::future::Future>(fut: F) -> (F::Output, Observed) {
 }
 
 /// Counts and logs the end of one call.
-pub(crate) fn emit(outcome: Outcome, namespace: &'static str, key: Option<&crate::Key>) {
+pub fn emit(outcome: Outcome, namespace: &'static str, key: Option<&crate::Key>) {
     COUNTERS[outcome.index()].fetch_add(1, Ordering::Relaxed);
     let _ = OBSERVER.try_with(|o| o.lock().push(CallOutcome { namespace, outcome }));
     #[cfg(feature = "metrics")]

@@ -206,7 +206,7 @@ pub enum RecordState {
 /// steps that another caller can interleave. Times are the store's own clock (a remote store
 /// uses the server's clock, so that processes with skewed clocks agree).
 ///
-/// `idem_core::testkit` (feature `testkit`) is the conformance suite: a backend is correct when
+/// `idem_testkit` (the `idem-testkit` crate) is the conformance suite: a backend is correct when
 /// it passes it.
 ///
 /// # Unknown outcomes

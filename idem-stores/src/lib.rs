@@ -10,7 +10,7 @@
 //! | `mysql` | `MySqlStore` on sqlx (MySQL, MariaDB) | one `INSERT ... ON DUPLICATE KEY UPDATE`, outcome in `LAST_INSERT_ID(expr)` | bounded polling with backoff | `purge_expired` / background sweep |
 //! | `sqlite` | `SqliteStore` on sqlx (file or memory) | one `INSERT ... ON CONFLICT DO UPDATE ... RETURNING` | bounded polling with backoff | `purge_expired` / background sweep |
 //!
-//! Every store implements [`idem_core::Store`] and passes `idem_core::testkit`.
+//! Every store implements [`idem_core::Store`] and passes `idem_testkit`.
 
 #![cfg_attr(docsrs, feature(doc_cfg))]
 

@@ -14,9 +14,9 @@ mod sql_common;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
-use idem_core::testkit::{claim_request, fresh_key};
 use idem_core::{Call, Claim, Error, RecordStatus, Store, StoreAdmin};
 use idem_stores::{MemoryStore, TieredStore};
+use idem_testkit::{claim_request, fresh_key};
 
 const TTL: Duration = Duration::from_secs(3600);
 
@@ -160,7 +160,7 @@ async fn tiered_inspect_forget_stats() {
 #[cfg(feature = "redis")]
 #[tokio::test]
 async fn redis_inspect_forget_stats() {
-    let Some(url) = idem_core::testkit::env_url("IDEM_TEST_REDIS_URL") else {
+    let Some(url) = idem_testkit::env_url("IDEM_TEST_REDIS_URL") else {
         return;
     };
     let prefix = format!("idem-admin-{}-{}:", std::process::id(), fresh_key().0[0]);
@@ -177,7 +177,7 @@ async fn redis_inspect_forget_stats() {
 #[cfg(feature = "postgres")]
 #[tokio::test]
 async fn postgres_inspect_forget_stats() {
-    let Some(url) = idem_core::testkit::env_url("IDEM_TEST_POSTGRES_URL") else {
+    let Some(url) = idem_testkit::env_url("IDEM_TEST_POSTGRES_URL") else {
         return;
     };
     let table = sql_common::unique_table("admin");
@@ -198,7 +198,7 @@ async fn postgres_inspect_forget_stats() {
 #[cfg(feature = "mysql")]
 #[tokio::test]
 async fn mysql_inspect_forget_stats() {
-    let Some(url) = idem_core::testkit::env_url("IDEM_TEST_MYSQL_URL") else {
+    let Some(url) = idem_testkit::env_url("IDEM_TEST_MYSQL_URL") else {
         return;
     };
     let table = sql_common::unique_table("admin");

@@ -712,10 +712,10 @@ fn spawn_worker(envs: &[(&str, String)]) -> Child {
 
 async fn chaos(kind: Kind) {
     let _serial = SERIAL.lock().await;
-    let Some(url) = idem_core::testkit::env_url(kind.url_var()) else {
+    let Some(url) = idem_testkit::env_url(kind.url_var()) else {
         return;
     };
-    let Some(ledger_url) = idem_core::testkit::env_url("IDEM_TEST_POSTGRES_URL") else {
+    let Some(ledger_url) = idem_testkit::env_url("IDEM_TEST_POSTGRES_URL") else {
         return;
     };
     sql_common::pg_drop_stale_tables(&ledger_url).await;

@@ -319,7 +319,7 @@ async fn sqlite_end_to_end() {
 
 #[tokio::test]
 async fn redis_end_to_end() {
-    let Some(url) = idem_core::testkit::env_url("IDEM_TEST_REDIS_URL") else {
+    let Some(url) = idem_testkit::env_url("IDEM_TEST_REDIS_URL") else {
         return;
     };
     let prefix = format!("idem-cli-{}:", std::process::id());
@@ -334,7 +334,7 @@ async fn redis_end_to_end() {
 
 #[tokio::test]
 async fn postgres_end_to_end() {
-    let Some(url) = idem_core::testkit::env_url("IDEM_TEST_POSTGRES_URL") else {
+    let Some(url) = idem_testkit::env_url("IDEM_TEST_POSTGRES_URL") else {
         return;
     };
     let table = sql_common::unique_table("cli");
@@ -355,7 +355,7 @@ async fn postgres_end_to_end() {
 
 #[tokio::test]
 async fn mysql_end_to_end() {
-    let Some(url) = idem_core::testkit::env_url("IDEM_TEST_MYSQL_URL") else {
+    let Some(url) = idem_testkit::env_url("IDEM_TEST_MYSQL_URL") else {
         return;
     };
     let table = sql_common::unique_table("cli");

@@ -29,7 +29,7 @@ fn store(url: &str, table: &str) -> MySqlStore {
 }
 
 async fn rig() -> Option<Rig> {
-    let url = idem_core::testkit::env_url("IDEM_TEST_MYSQL_URL")?;
+    let url = idem_testkit::env_url("IDEM_TEST_MYSQL_URL")?;
     let table = sql_common::unique_table("faults");
     let proxy = Proxy::for_url(&url).await;
     let rival = store(&url, &table);

@@ -28,7 +28,7 @@ fn store(url: &str, table: &str) -> PostgresStore {
 }
 
 async fn rig() -> Option<Rig> {
-    let url = idem_core::testkit::env_url("IDEM_TEST_POSTGRES_URL")?;
+    let url = idem_testkit::env_url("IDEM_TEST_POSTGRES_URL")?;
     sql_common::pg_drop_stale_tables(&url).await;
     let table = sql_common::unique_table("faults");
     let proxy = Proxy::for_url(&url).await;

@@ -27,7 +27,7 @@ async fn store(url: &str, prefix: &str) -> Arc<dyn Store> {
 }
 
 async fn rig() -> Option<Rig> {
-    let url = idem_core::testkit::env_url("IDEM_TEST_REDIS_URL")?;
+    let url = idem_testkit::env_url("IDEM_TEST_REDIS_URL")?;
     let prefix = format!(
         "idem-faults:{}-{}:",
         std::process::id(),

@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-idem_core::conformance_tests!(async {
+idem_testkit::conformance_tests!(async {
     Some(Arc::new(
         idem_stores::MemoryStore::builder()
             .max_value_size(256 << 10)

@@ -7,9 +7,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use idem_core::testkit::{claim_request, fresh_key};
 use idem_core::{Call, Claim, Error, OnConflict, Store, StoreError};
 use idem_stores::MemoryStore;
+use idem_testkit::{claim_request, fresh_key};
 use tokio::sync::Semaphore;
 
 /// A value the size of a stored HTTP response.
@@ -229,7 +229,7 @@ async fn paused_time_moves_ttls_and_leases() {
 /// spawned task has run at all.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn renewal_failures_keep_the_lease_once_the_holder_claimed() {
-    use idem_core::testkit::{Fault, FaultyStore, Op};
+    use idem_testkit::{Fault, FaultyStore, Op};
     let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
     let faulty = FaultyStore::new(store.clone());
     let lease = Duration::from_millis(600);

@@ -2,7 +2,7 @@
 //! callers on a few keys, interleaved with clock advances and injected faults
 //! ([`FaultyStore`]: a reply lost after the operation applied, a failure before it applied, a
 //! delay past the operation's timeout), each answer checked against the reference model
-//! [`idem_core::testkit::model`]. The model also names the invariant a wrong answer breaks:
+//! [`idem_testkit::model`]. The model also names the invariant a wrong answer breaks:
 //! two live holders of one key, a completed value that changed before it expired, a stale
 //! token accepted.
 //!
@@ -25,9 +25,9 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use idem_core::testkit::model::{Answer, Model, ModelOp, Window};
-use idem_core::testkit::{Fault, FaultyStore, Op};
 use idem_core::{Bytes, ClaimRequest, FencingToken, Fingerprint, Key, Store};
+use idem_testkit::model::{Answer, Model, ModelOp, Window};
+use idem_testkit::{Fault, FaultyStore, Op};
 use proptest::prelude::*;
 use proptest::test_runner::{Config, RngAlgorithm, TestError, TestRng, TestRunner};
 
@@ -272,7 +272,7 @@ async fn run_history(
     history: Vec<Step>,
 ) -> Result<(), String> {
     let faulty = FaultyStore::new(store.clone());
-    let keys: Vec<Key> = (0..KEYS).map(|_| idem_core::testkit::fresh_key()).collect();
+    let keys: Vec<Key> = (0..KEYS).map(|_| idem_testkit::fresh_key()).collect();
     let mut callers: Vec<Caller> = (0..CALLERS)
         .map(|c| Caller {
             tokens: [None; KEYS as usize],
@@ -447,7 +447,7 @@ fn redis() {
         command: "IDEM_MODEL_SEED={seed} cargo test -p idem-stores --features redis --test model_stores redis",
         ..REAL
     };
-    let Some(url) = idem_core::testkit::env_url("IDEM_TEST_REDIS_URL") else {
+    let Some(url) = idem_testkit::env_url("IDEM_TEST_REDIS_URL") else {
         return;
     };
     let rt = real_runtime();
@@ -469,7 +469,7 @@ fn postgres() {
         command: "IDEM_MODEL_SEED={seed} cargo test -p idem-stores --features postgres --test model_stores postgres",
         ..REAL
     };
-    let Some(url) = idem_core::testkit::env_url("IDEM_TEST_POSTGRES_URL") else {
+    let Some(url) = idem_testkit::env_url("IDEM_TEST_POSTGRES_URL") else {
         return;
     };
     let rt = real_runtime();
@@ -507,7 +507,7 @@ fn mysql() {
         command: "IDEM_MODEL_SEED={seed} cargo test -p idem-stores --features mysql --test model_stores mysql",
         ..REAL
     };
-    let Some(url) = idem_core::testkit::env_url("IDEM_TEST_MYSQL_URL") else {
+    let Some(url) = idem_testkit::env_url("IDEM_TEST_MYSQL_URL") else {
         return;
     };
     let rt = real_runtime();
@@ -582,7 +582,7 @@ mod found {
     #[tokio::test]
     async fn tiered_local_replay_reports_no_expiry() {
         let store = TieredStore::new(MemoryStore::new());
-        let key = idem_core::testkit::fresh_key();
+        let key = idem_testkit::fresh_key();
         let t = FencingToken::random();
         store.claim(&request(key, t)).await.unwrap();
         store.complete(&key, t, b"v", ms(60_000)).await.unwrap();
@@ -604,7 +604,7 @@ mod found {
     async fn tiered_caches_a_replayed_record_past_its_expiry() {
         let shared = MemoryStore::new();
         let tiered = TieredStore::new(shared.clone());
-        let key = idem_core::testkit::fresh_key();
+        let key = idem_testkit::fresh_key();
         let t = FencingToken::random();
         shared.claim(&request(key, t)).await.unwrap();
         shared.complete(&key, t, b"v", ms(200)).await.unwrap();
@@ -632,7 +632,7 @@ mod found {
     async fn tiered_completion_retry_caches_the_retried_value() {
         let faulty = FaultyStore::new(Arc::new(MemoryStore::new()));
         let tiered = TieredStore::new(faulty.clone());
-        let key = idem_core::testkit::fresh_key();
+        let key = idem_testkit::fresh_key();
         let t = FencingToken::random();
         tiered.claim(&request(key, t)).await.unwrap();
         faulty.plan(Fault::LoseReply(Op::Complete));

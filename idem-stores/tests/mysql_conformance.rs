@@ -1,4 +1,4 @@
-//! The store conformance suite (`idem_core::testkit`) against MySQL / MariaDB.
+//! The store conformance suite (`idem_testkit`) against MySQL / MariaDB.
 //!
 //! Runs when `IDEM_TEST_MYSQL_URL` is set (e.g. `mysql://root@127.0.0.1:3306/test`); prints
 //! `skipped: ...` and passes otherwise (fails under `CI`). Every case of one run shares one
@@ -23,7 +23,7 @@ fn table() -> &'static str {
 }
 
 async fn store() -> Option<Arc<dyn Store>> {
-    let url = idem_core::testkit::env_url("IDEM_TEST_MYSQL_URL")?;
+    let url = idem_testkit::env_url("IDEM_TEST_MYSQL_URL")?;
     let pool = sqlx::mysql::MySqlPoolOptions::new()
         .max_connections(16)
         .acquire_timeout(std::time::Duration::from_secs(10))
@@ -60,4 +60,4 @@ async fn drop_stale_tables(pool: &sqlx::MySqlPool) {
     }
 }
 
-idem_core::conformance_tests!(store());
+idem_testkit::conformance_tests!(store());

@@ -41,7 +41,7 @@ async fn cross_process_exactly_once() {
     if std::env::var_os(ROLE).is_some() {
         return child().await;
     }
-    let Some(url) = idem_core::testkit::env_url("IDEM_TEST_MYSQL_URL") else {
+    let Some(url) = idem_testkit::env_url("IDEM_TEST_MYSQL_URL") else {
         return;
     };
     let run = FencingToken::random().0 % 1_000_000_000_000;
@@ -307,7 +307,7 @@ async fn crash_takeover_after_sigkill() {
         let _ = s.step(7, true).await;
         return;
     }
-    let Some(url) = idem_core::testkit::env_url("IDEM_TEST_MYSQL_URL") else {
+    let Some(url) = idem_testkit::env_url("IDEM_TEST_MYSQL_URL") else {
         return;
     };
     let run = FencingToken::random().0 % 1_000_000_000_000;

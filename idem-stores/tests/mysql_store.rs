@@ -15,9 +15,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use idem_core::testkit::{env_url, fresh_key};
 use idem_core::{Call, Claim, ClaimRequest, Error, FencingToken, Key, RecordState, Store};
 use idem_stores::MySqlStore;
+use idem_testkit::{env_url, fresh_key};
 use sqlx::mysql::{MySqlPool, MySqlPoolOptions};
 use sqlx::{AssertSqlSafe, Connection};
 

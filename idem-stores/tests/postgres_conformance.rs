@@ -17,7 +17,7 @@ fn table() -> &'static str {
 }
 
 async fn store() -> Option<Arc<dyn idem_core::Store>> {
-    let url = idem_core::testkit::env_url("IDEM_TEST_POSTGRES_URL")?;
+    let url = idem_testkit::env_url("IDEM_TEST_POSTGRES_URL")?;
     sql_common::pg_drop_stale_tables(&url).await;
     let store = PostgresStore::builder()
         .url(url)
@@ -32,7 +32,7 @@ async fn store() -> Option<Arc<dyn idem_core::Store>> {
     Some(Arc::new(store))
 }
 
-idem_core::conformance_tests!(store());
+idem_testkit::conformance_tests!(store());
 
 /// The same cases with no `LISTEN` connection: waiters fall back to bounded polling, as they
 /// do while the listener is reconnecting.
@@ -40,7 +40,7 @@ mod polling {
     use super::*;
 
     async fn store() -> Option<Arc<dyn idem_core::Store>> {
-        let url = idem_core::testkit::env_url("IDEM_TEST_POSTGRES_URL")?;
+        let url = idem_testkit::env_url("IDEM_TEST_POSTGRES_URL")?;
         let store = PostgresStore::builder()
             .url(url)
             .table(table())
@@ -54,5 +54,5 @@ mod polling {
         Some(Arc::new(store))
     }
 
-    idem_core::conformance_tests!(store());
+    idem_testkit::conformance_tests!(store());
 }

@@ -22,7 +22,7 @@ const ROLE: &str = "IDEM_PG_TEST_ROLE";
 const TABLE_VAR: &str = "IDEM_PG_TEST_TABLE";
 
 fn url() -> Option<String> {
-    idem_core::testkit::env_url("IDEM_TEST_POSTGRES_URL")
+    idem_testkit::env_url("IDEM_TEST_POSTGRES_URL")
 }
 
 async fn admin(url: &str) -> PgPool {
@@ -636,7 +636,7 @@ async fn hostile_keys_touch_only_their_own_record() {
     exec(&admin, format!("DROP TABLE \"{table}\"")).await;
 }
 
-use idem_core::testkit::{claim_request as claim_req, completed};
+use idem_testkit::{claim_request as claim_req, completed};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sweep_removes_expired_rows_only_in_batches() {
@@ -654,8 +654,8 @@ async fn sweep_removes_expired_rows_only_in_batches() {
         .await
         .expect("connect");
     store.migrate().await.expect("migrate");
-    let live_completed: Vec<Key> = (0..20).map(|_| idem_core::testkit::fresh_key()).collect();
-    let live_claims: Vec<Key> = (0..5).map(|_| idem_core::testkit::fresh_key()).collect();
+    let live_completed: Vec<Key> = (0..20).map(|_| idem_testkit::fresh_key()).collect();
+    let live_claims: Vec<Key> = (0..5).map(|_| idem_testkit::fresh_key()).collect();
     for k in &live_completed {
         completed(&store, *k, Duration::from_secs(3600)).await;
     }
@@ -664,16 +664,11 @@ async fn sweep_removes_expired_rows_only_in_batches() {
         store.claim(&req).await.expect("claim");
     }
     for _ in 0..240 {
-        completed(
-            &store,
-            idem_core::testkit::fresh_key(),
-            Duration::from_millis(1),
-        )
-        .await;
+        completed(&store, idem_testkit::fresh_key(), Duration::from_millis(1)).await;
     }
     for _ in 0..10 {
         // Lapsed claims (lease passed, no grace): expired too.
-        let (req, _) = claim_req(idem_core::testkit::fresh_key(), Duration::from_millis(1));
+        let (req, _) = claim_req(idem_testkit::fresh_key(), Duration::from_millis(1));
         store.claim(&req).await.expect("claim");
     }
     tokio::time::sleep(Duration::from_millis(50)).await;
@@ -706,12 +701,7 @@ async fn sweep_removes_expired_rows_only_in_batches() {
         .await
         .expect("connect");
     for _ in 0..30 {
-        completed(
-            &swept,
-            idem_core::testkit::fresh_key(),
-            Duration::from_millis(1),
-        )
-        .await;
+        completed(&swept, idem_testkit::fresh_key(), Duration::from_millis(1)).await;
     }
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
@@ -750,7 +740,7 @@ async fn notifications_wake_waiters_of_another_store() {
     }
     let mut latencies = Vec::new();
     for round in 0..10 {
-        let key = idem_core::testkit::fresh_key();
+        let key = idem_testkit::fresh_key();
         let (req, token) = claim_req(key, Duration::from_secs(30));
         assert_eq!(
             a.claim(&req).await.expect("claim"),
@@ -814,7 +804,7 @@ async fn claims_report_takeovers_and_migrate_is_concurrent_safe() {
     let store = &stores[0];
     store.migrate().await.expect("migrate again");
 
-    let key = idem_core::testkit::fresh_key();
+    let key = idem_testkit::fresh_key();
     let (req, _) = claim_req(key, Duration::from_millis(50));
     assert_eq!(
         store.claim(&req).await.expect("claim"),
@@ -862,7 +852,7 @@ async fn racing_takeovers_have_one_winner() {
     let table = sql_common::unique_table("race");
     let store = Arc::new(store(&url, &table).await);
     for round in 0..10 {
-        let key = idem_core::testkit::fresh_key();
+        let key = idem_testkit::fresh_key();
         let (req, token) = claim_req(key, Duration::from_millis(40));
         store.claim(&req).await.expect("claim");
         let lapsed_claim = round % 2 == 0;

@@ -13,8 +13,8 @@ mod single {
     use idem_core::Store;
     use idem_stores::RedisStore;
 
-    idem_core::conformance_tests!(async {
-        let url = idem_core::testkit::env_url("IDEM_TEST_REDIS_URL")?;
+    idem_testkit::conformance_tests!(async {
+        let url = idem_testkit::env_url("IDEM_TEST_REDIS_URL")?;
         let store = RedisStore::builder(url)
             .prefix("idem-test:")
             .build()
@@ -36,7 +36,7 @@ mod cluster {
 
     static CLUSTER: OnceLock<Option<RedisCluster>> = OnceLock::new();
 
-    idem_core::conformance_tests!(async {
+    idem_testkit::conformance_tests!(async {
         let cluster = CLUSTER
             .get_or_init(|| available().then(RedisCluster::start))
             .as_ref()?;

@@ -8,13 +8,13 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use idem_core::testkit::fresh_key;
 use idem_core::{Call, ClaimRequest, Error, FencingToken, Store, StoreError};
 use idem_stores::RedisStore;
+use idem_testkit::fresh_key;
 use redis::AsyncCommands;
 
 async fn setup() -> Option<(RedisStore, redis::aio::ConnectionManager)> {
-    let url = idem_core::testkit::env_url("IDEM_TEST_REDIS_URL")?;
+    let url = idem_testkit::env_url("IDEM_TEST_REDIS_URL")?;
     let store = RedisStore::builder(url.as_str())
         .prefix("idem-test:")
         .build()

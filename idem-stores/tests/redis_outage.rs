@@ -11,9 +11,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use idem_core::testkit::fresh_key;
 use idem_core::{Call, Claim, ClaimRequest, Error, FencingToken, Store, StoreError};
 use idem_stores::RedisStore;
+use idem_testkit::fresh_key;
 use redis_server::{available, RedisServer};
 
 async fn store_for(server: &RedisServer) -> RedisStore {

@@ -355,7 +355,7 @@ where
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cross_process_exactly_once() {
-    let Some(url) = idem_core::testkit::env_url("IDEM_TEST_REDIS_URL") else {
+    let Some(url) = idem_testkit::env_url("IDEM_TEST_REDIS_URL") else {
         return;
     };
     exactly_once_across_processes(&url, None, counters(&url).await).await;
@@ -375,7 +375,7 @@ async fn cross_process_exactly_once_on_a_cluster() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn crash_takeover() {
-    let Some(url) = idem_core::testkit::env_url("IDEM_TEST_REDIS_URL") else {
+    let Some(url) = idem_testkit::env_url("IDEM_TEST_REDIS_URL") else {
         return;
     };
     let run = leak(run_id());

@@ -14,9 +14,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use idem_core::testkit::fresh_key;
 use idem_core::{Call, Claim, ClaimRequest, Error, FencingToken, OnConflict, RecordState, Store};
 use idem_stores::RedisStore;
+use idem_testkit::fresh_key;
 use redis::aio::ConnectionManager;
 use redis::AsyncCommands;
 
@@ -75,7 +75,7 @@ return 1
 "#;
 
 async fn setup() -> Option<(RedisStore, ConnectionManager)> {
-    let url = idem_core::testkit::env_url("IDEM_TEST_REDIS_URL")?;
+    let url = idem_testkit::env_url("IDEM_TEST_REDIS_URL")?;
     let store = RedisStore::builder(url.as_str())
         .prefix("idem-test-upgrade:")
         .build()

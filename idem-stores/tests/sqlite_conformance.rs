@@ -22,7 +22,7 @@ mod memory {
         Some(Arc::new(store))
     }
 
-    idem_core::conformance_tests!(store());
+    idem_testkit::conformance_tests!(store());
 }
 
 /// The cases share one database file per test process (one table each), as processes would.
@@ -44,5 +44,5 @@ mod file {
         Some(Arc::new(store))
     }
 
-    idem_core::conformance_tests!(store());
+    idem_testkit::conformance_tests!(store());
 }

@@ -56,7 +56,7 @@ async fn snapshot(pool: &SqlitePool, table: &str) -> HashMap<Vec<u8>, (String, O
     .collect()
 }
 
-use idem_core::testkit::{claim_request as claim_req, completed};
+use idem_testkit::{claim_request as claim_req, completed};
 
 // ---------------------------------------------------------------------------------------------
 // Several OS processes on one database file.
@@ -252,7 +252,7 @@ async fn a_file_keeps_records_across_stores() {
 async fn in_memory_stores_are_separate_databases() {
     let a = open("sqlite::memory:", "idem_records").await;
     let b = open("sqlite::memory:", "idem_records").await;
-    let key = idem_core::testkit::fresh_key();
+    let key = idem_testkit::fresh_key();
     completed(&a, key, Duration::from_secs(60)).await;
     assert!(a.get(&key).await.expect("get").is_some());
     assert!(b.get(&key).await.expect("get").is_none());
@@ -317,8 +317,8 @@ async fn sweep_removes_expired_rows_only_in_batches() {
         .await
         .expect("open");
     store.migrate().await.expect("migrate");
-    let live_completed: Vec<Key> = (0..20).map(|_| idem_core::testkit::fresh_key()).collect();
-    let live_claims: Vec<Key> = (0..5).map(|_| idem_core::testkit::fresh_key()).collect();
+    let live_completed: Vec<Key> = (0..20).map(|_| idem_testkit::fresh_key()).collect();
+    let live_claims: Vec<Key> = (0..5).map(|_| idem_testkit::fresh_key()).collect();
     for k in &live_completed {
         completed(&store, *k, Duration::from_secs(3600)).await;
     }
@@ -329,15 +329,10 @@ async fn sweep_removes_expired_rows_only_in_batches() {
             .expect("claim");
     }
     for _ in 0..240 {
-        completed(
-            &store,
-            idem_core::testkit::fresh_key(),
-            Duration::from_millis(1),
-        )
-        .await;
+        completed(&store, idem_testkit::fresh_key(), Duration::from_millis(1)).await;
     }
     for _ in 0..10 {
-        let (req, _) = claim_req(idem_core::testkit::fresh_key(), Duration::from_millis(1));
+        let (req, _) = claim_req(idem_testkit::fresh_key(), Duration::from_millis(1));
         store.claim(&req).await.expect("claim");
     }
     tokio::time::sleep(Duration::from_millis(20)).await;
@@ -371,15 +366,10 @@ async fn sweep_removes_expired_rows_only_in_batches() {
         .await
         .expect("open");
     swept.migrate().await.expect("migrate");
-    let live = idem_core::testkit::fresh_key();
+    let live = idem_testkit::fresh_key();
     completed(&swept, live, Duration::from_secs(3600)).await;
     for _ in 0..30 {
-        completed(
-            &swept,
-            idem_core::testkit::fresh_key(),
-            Duration::from_millis(1),
-        )
-        .await;
+        completed(&swept, idem_testkit::fresh_key(), Duration::from_millis(1)).await;
     }
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
@@ -407,7 +397,7 @@ async fn waiters_of_another_store_see_completions_by_polling() {
         .connect()
         .await
         .expect("open");
-    let key = idem_core::testkit::fresh_key();
+    let key = idem_testkit::fresh_key();
     let (req, token) = claim_req(key, Duration::from_secs(30));
     assert_eq!(
         a.claim(&req).await.expect("claim"),
@@ -437,7 +427,7 @@ async fn waiters_of_another_store_see_completions_by_polling() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn takeovers_are_reported_and_table_names_validated() {
     let store = open("sqlite::memory:", "idem_records").await;
-    let key = idem_core::testkit::fresh_key();
+    let key = idem_testkit::fresh_key();
     let (req, _) = claim_req(key, Duration::from_millis(30));
     assert_eq!(
         store.claim(&req).await.expect("claim"),
@@ -476,7 +466,7 @@ async fn racing_takeovers_have_one_winner() {
     let _ = std::fs::remove_file(&path);
     let store = open(&file_url(&path), "idem_records").await;
     for round in 0..10 {
-        let key = idem_core::testkit::fresh_key();
+        let key = idem_testkit::fresh_key();
         let (req, token) = claim_req(key, Duration::from_millis(40));
         store.claim(&req).await.expect("claim");
         let lapsed_claim = round % 2 == 0;

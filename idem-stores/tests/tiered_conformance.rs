@@ -12,7 +12,7 @@ use idem_core::{
 };
 use idem_stores::{MemoryStore, TieredStore};
 
-idem_core::conformance_tests!(async {
+idem_testkit::conformance_tests!(async {
     let shared = MemoryStore::builder().max_value_size(256 << 10).build();
     Some(Arc::new(TieredStore::new(shared)) as Arc<dyn Store>)
 });

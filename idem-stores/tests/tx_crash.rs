@@ -40,8 +40,8 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use idem_core::testkit::transactional::{TxHarness, TxHooks, TxOf};
 use idem_core::{Call, Error, StoreError, TransactionalStore};
+use idem_testkit::transactional::{TxHarness, TxHooks, TxOf};
 
 const WORKERS: usize = 4;
 const TASKS: usize = 8;
@@ -508,7 +508,7 @@ async fn sigkill_postgres() {
     if std::env::var_os(ROLE).is_some() {
         return;
     }
-    let Some(url) = idem_core::testkit::env_url("IDEM_TEST_POSTGRES_URL") else {
+    let Some(url) = idem_testkit::env_url("IDEM_TEST_POSTGRES_URL") else {
         return;
     };
     let _serial = SERIAL.lock().await;
@@ -529,7 +529,7 @@ async fn sigkill_mariadb() {
     if std::env::var_os(ROLE).is_some() {
         return;
     }
-    let Some(url) = idem_core::testkit::env_url("IDEM_TEST_MYSQL_URL") else {
+    let Some(url) = idem_testkit::env_url("IDEM_TEST_MYSQL_URL") else {
         return;
     };
     let _serial = SERIAL.lock().await;

@@ -1,5 +1,5 @@
 //! Transactional mode on `MySqlStore` (MySQL, MariaDB; issue 13): the transactional
-//! conformance suite (`idem_core::testkit::transactional`) with a business table on the same
+//! conformance suite (`idem_testkit::transactional`) with a business table on the same
 //! database. Runs when `IDEM_TEST_MYSQL_URL` is set.
 #![cfg(feature = "mysql")]
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -12,8 +12,8 @@ mod tx_common;
 use tx_common::my::MyHarness;
 
 async fn harness() -> Option<MyHarness> {
-    let url = idem_core::testkit::env_url("IDEM_TEST_MYSQL_URL")?;
+    let url = idem_testkit::env_url("IDEM_TEST_MYSQL_URL")?;
     Some(MyHarness::new(&url, "tx", 16).await)
 }
 
-idem_core::transactional_conformance_tests!(harness());
+idem_testkit::transactional_conformance_tests!(harness());

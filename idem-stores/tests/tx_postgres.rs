@@ -1,5 +1,5 @@
 //! Transactional mode on `PostgresStore` (issue 13): the transactional conformance suite
-//! (`idem_core::testkit::transactional`) with a business table on the same database, and the
+//! (`idem_testkit::transactional`) with a business table on the same database, and the
 //! PostgreSQL specifics: waiters are woken by the `NOTIFY` delivered at commit, never by a
 //! rollback. Runs when `IDEM_TEST_POSTGRES_URL` is set.
 #![cfg(feature = "postgres")]
@@ -13,19 +13,19 @@ mod tx_common;
 use tx_common::pg::PgHarness;
 
 async fn harness() -> Option<PgHarness> {
-    let url = idem_core::testkit::env_url("IDEM_TEST_POSTGRES_URL")?;
+    let url = idem_testkit::env_url("IDEM_TEST_POSTGRES_URL")?;
     Some(PgHarness::new(&url, "tx", 16).await)
 }
 
-idem_core::transactional_conformance_tests!(harness());
+idem_testkit::transactional_conformance_tests!(harness());
 
 /// A caller's REPEATABLE READ transaction that took its snapshot before the claim cannot see
 /// it: the completion says so (an error naming READ COMMITTED, and the claim is released),
 /// rather than reporting a lost lease; nothing of the body stays.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn within_repeatable_read_names_the_fix() {
-    use idem_core::testkit::transactional::TxHarness;
     use idem_core::{Call, Error, StoreError};
+    use idem_testkit::transactional::TxHarness;
     let Some(h) = harness().await else {
         return;
     };
@@ -64,9 +64,9 @@ async fn waiters_wake_at_commit_by_notify() {
     use std::sync::Arc;
     use std::time::{Duration, Instant};
 
-    use idem_core::testkit::transactional::TxHarness;
     use idem_core::{Call, Error};
     use idem_stores::{PgTx, PostgresStore};
+    use idem_testkit::transactional::TxHarness;
 
     let Some(h) = harness().await else {
         return;

@@ -1,5 +1,5 @@
 //! Transactional mode on `SqliteStore` (issue 13): the transactional conformance suite
-//! (`idem_core::testkit::transactional`), each case on a database file of its own (cases hold
+//! (`idem_testkit::transactional`), each case on a database file of its own (cases hold
 //! SQLite's one write lock for seconds on purpose), with a business table in the same file.
 //! Needs no server.
 #![cfg(feature = "sqlite")]
@@ -17,4 +17,4 @@ async fn harness() -> Option<LiteHarness> {
     Some(LiteHarness::new(&file, "tx").await)
 }
 
-idem_core::transactional_conformance_tests!(harness());
+idem_testkit::transactional_conformance_tests!(harness());

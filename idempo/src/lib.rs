@@ -68,3 +68,14 @@ pub use idem_stores::*;
 #[cfg(feature = "macros")]
 #[cfg_attr(docsrs, doc(cfg(feature = "macros")))]
 pub use idem_macros::__idempotent_in_facade as idempotent;
+
+/// The tower/axum `Idempotency-Key` layer: the `idem-http` crate.
+#[cfg(feature = "http")]
+#[cfg_attr(docsrs, doc(cfg(feature = "http")))]
+pub use idem_http as http;
+
+/// The store conformance suite, the fault-injecting wrapper, the reference model and the
+/// backend-test harness: the `idem-testkit` crate.
+#[cfg(feature = "testkit")]
+#[cfg_attr(docsrs, doc(cfg(feature = "testkit")))]
+pub use idem_testkit as testkit;

@@ -109,8 +109,8 @@ pub mod contract {
     use std::sync::Arc;
     use std::time::{Duration, Instant};
 
-    use idem_core::testkit::{claim_request, fresh_key, Fault, FaultyStore, Op};
     use idem_core::{Call, Claim, Error, OnConflict, RecordState, Store};
+    use idem_testkit::{claim_request, fresh_key, Fault, FaultyStore, Op};
 
     /// A claim retried under its own token restarts the lease: after the first lease would
     /// have passed, another token still conflicts.

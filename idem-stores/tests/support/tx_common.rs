@@ -4,8 +4,8 @@
 
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
-use idem_core::testkit::transactional::{TxHarness, TxOf};
 use idem_core::{async_trait, StoreError};
+use idem_testkit::transactional::{TxHarness, TxOf};
 use sqlx::AssertSqlSafe;
 
 fn db(e: sqlx::Error) -> StoreError {

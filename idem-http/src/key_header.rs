@@ -74,7 +74,7 @@ pub enum KeyError {
 ///
 /// ```
 /// use http::HeaderMap;
-/// use idem_core::http::{parse_key, KeyError};
+/// use idem_http::{parse_key, KeyError};
 ///
 /// let mut h = HeaderMap::new();
 /// assert_eq!(parse_key(h.get_all("idempotency-key"), 255), Err(KeyError::Missing));
@@ -106,7 +106,7 @@ pub fn parse_key_with(
 /// Parses one header value in the lenient mode (see the module docs for what is accepted).
 ///
 /// ```
-/// use idem_core::http::{parse_key_value, KeyError};
+/// use idem_http::{parse_key_value, KeyError};
 /// assert_eq!(parse_key_value(b" \"k-1\" ", 255).unwrap(), "k-1");
 /// assert_eq!(parse_key_value(b"k-1", 255).unwrap(), "k-1");
 /// assert_eq!(parse_key_value(b"\"\"", 255), Err(KeyError::Empty));
@@ -121,7 +121,7 @@ pub fn parse_key_value(raw: &[u8], max_len: usize) -> Result<String, KeyError> {
 /// Parses one header value in the given mode.
 ///
 /// ```
-/// use idem_core::http::{parse_key_value_with, KeyError, KeyFormat::Strict};
+/// use idem_http::{parse_key_value_with, KeyError, KeyFormat::Strict};
 /// assert_eq!(parse_key_value_with(b"\"k-1\"", Strict, 255).unwrap(), "k-1");
 /// assert_eq!(parse_key_value_with(b"12345", Strict, 255), Err(KeyError::NotAString("Integer")));
 /// assert_eq!(parse_key_value_with(b":YWJj:", Strict, 255), Err(KeyError::NotAString("Byte Sequence")));
@@ -139,7 +139,7 @@ pub fn parse_key_value_with(
 /// [`validate_key`](super::IdempotencyLayer::validate_key).
 ///
 /// ```
-/// use idem_core::http::uuid_key;
+/// use idem_http::uuid_key;
 /// assert!(uuid_key("8e03978e-40d5-43e8-bc93-6894a57f9324").is_ok());
 /// assert!(uuid_key("order-42").is_err());
 /// ```

@@ -1,4 +1,4 @@
-//! The store conformance suite (feature `testkit`).
+//! # idem-testkit — the store conformance suite of idem
 //!
 //! Every backend — ours and third parties' — proves itself by passing these cases. Each case is
 //! a `pub async fn case(store: Arc<dyn Store>)` that panics on a violation; the
@@ -8,8 +8,8 @@
 //! // tests/conformance.rs of a backend crate (needs tokio with rt-multi-thread + macros)
 //! use std::sync::Arc;
 //!
-//! idem_core::conformance_tests!(async {
-//!     // For a remote store: `let url = idem_core::testkit::env_url("MY_STORE_URL")?;`
+//! idem_testkit::conformance_tests!(async {
+//!     // For a remote store: `let url = idem_testkit::env_url("MY_STORE_URL")?;`
 //!     // (None, with one "skipped:" line, when the variable is unset outside CI).
 //!     Some(Arc::new(idem_stores::MemoryStore::new()) as Arc<dyn idem_core::Store>)
 //! });
@@ -26,10 +26,13 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::{
+use idem_core::{
     Call, Claim, ClaimRequest, Error, FencingToken, Fingerprint, Key, RecordState, Store,
     StoreError,
 };
+
+#[doc(hidden)]
+pub use idem_core as __core;
 
 mod faulty;
 pub mod model;
@@ -38,7 +41,7 @@ pub use faulty::{Fault, FaultyStore, Op};
 
 /// Stamps one `#[tokio::test]` per conformance case. The argument is an expression (usually
 /// an `async` block) evaluating to a future of `Option<Arc<dyn Store>>`; `None` skips (the
-/// block should print why, as [`testkit::env_url`](crate::testkit::env_url) does).
+/// block should print why, as [`testkit::env_url`](crate::env_url) does).
 #[macro_export]
 macro_rules! conformance_tests {
     ($make:expr) => {
@@ -55,9 +58,9 @@ macro_rules! conformance_tests {
     (@cases $make:expr; $($case:ident),* $(,)?) => {$(
         #[::tokio::test(flavor = "multi_thread", worker_threads = 4)]
         async fn $case() {
-            let store: ::std::option::Option<::std::sync::Arc<dyn $crate::Store>> = $make.await;
+            let store: ::std::option::Option<::std::sync::Arc<dyn $crate::__core::Store>> = $make.await;
             if let ::std::option::Option::Some(store) = store {
-                $crate::testkit::$case(store).await;
+                $crate::$case(store).await;
             }
         }
     )*};
@@ -826,7 +829,7 @@ pub async fn release_reply_lost(store: Arc<dyn Store>) {
     let v: Result<u32, Error> = Call::new(ns)
         .key("k")
         .lease(LONG)
-        .on_conflict(crate::OnConflict::Reject)
+        .on_conflict(idem_core::OnConflict::Reject)
         .run(&faulty, async { Ok(5) })
         .await;
     assert_eq!(v.expect("the key was released"), 5);
@@ -857,7 +860,7 @@ pub async fn renewal_failures_keep_the_lease(store: Arc<dyn Store>) {
         let r: Result<u32, Error> = Call::new(ns)
             .key("k")
             .lease(lease)
-            .on_conflict(crate::OnConflict::Reject)
+            .on_conflict(idem_core::OnConflict::Reject)
             .run(&*store, async { Ok(2) })
             .await;
         match r {
@@ -906,7 +909,7 @@ pub async fn cancelled_during_claim(store: Arc<dyn Store>) {
         let r = Call::new(ns)
             .key("k")
             .lease(LONG)
-            .on_conflict(crate::OnConflict::Reject)
+            .on_conflict(idem_core::OnConflict::Reject)
             .run(&faulty, async { Ok::<_, Error>(2u32) })
             .await;
         match r {

@@ -5,7 +5,9 @@ use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use crate::{async_trait, Claim, ClaimRequest, FencingToken, Key, RecordState, Store, StoreError};
+use idem_core::{
+    async_trait, Claim, ClaimRequest, FencingToken, Key, RecordState, Store, StoreError,
+};
 
 /// A store operation, as [`FaultyStore`] plans faults for it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -49,7 +51,7 @@ impl Fault {
 /// ```
 /// # async fn demo() {
 /// use std::sync::Arc;
-/// use idem_core::testkit::{Fault, FaultyStore, Op};
+/// use idem_testkit::{Fault, FaultyStore, Op};
 /// let store = FaultyStore::new(Arc::new(idem_stores::MemoryStore::new()));
 /// store.plan(Fault::LoseReply(Op::Complete));
 /// let v = idem_core::Call::new("docs::faulty")

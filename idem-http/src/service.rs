@@ -20,8 +20,8 @@ use super::layer::{Config, KeySource, ScopeRule};
 use super::policy::{handler_started, tracking_start, Execution};
 use super::problem::Problem;
 use super::replay::StoredResponse;
-use crate::observe::emit;
-use crate::{BoxError, Call, Error, Outcome, Store};
+use idem_core::__private::emit;
+use idem_core::{BoxError, Call, Error, Outcome, Store};
 
 /// The service [`IdempotencyLayer`](super::IdempotencyLayer) wraps around a handler.
 ///
@@ -344,7 +344,7 @@ fn refuse(config: &Config, e: Error) -> Response<ResponseBody> {
             // The runtime's hint is the holder's remaining lease when that is short, else
             // capped (`MAX_RETRY_HINT`): a capped one says nothing, the layer's setting rules.
             let hint = match retry_after {
-                Some(r) if r < crate::error::MAX_RETRY_HINT => r.min(config.retry_after),
+                Some(r) if r < idem_core::MAX_RETRY_HINT => r.min(config.retry_after),
                 _ => config.retry_after,
             };
             config

@@ -9,8 +9,8 @@
 //!
 //! ```ignore
 //! // tests/tx_conformance.rs of a SQL backend
-//! idem_core::transactional_conformance_tests!(async {
-//!     let url = idem_core::testkit::env_url("MY_DB_URL")?;
+//! idem_testkit::transactional_conformance_tests!(async {
+//!     let url = idem_testkit::env_url("MY_DB_URL")?;
 //!     Some(MyHarness::new(&url).await) // creates its tables
 //! });
 //! ```
@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::Notify;
 
 use super::fresh_key;
-use crate::{
+use idem_core::{
     async_trait, Call, Claim, ClaimRequest, CompletedRecord, Error, FencingToken, Key, OnConflict,
     RecordState, Store, StoreError, TransactionalStore,
 };
@@ -86,8 +86,8 @@ macro_rules! transactional_conformance_tests {
         #[::tokio::test(flavor = "multi_thread", worker_threads = 4)]
         async fn $case() {
             if let ::std::option::Option::Some(h) = $make.await {
-                $crate::testkit::transactional::run_case(h, |h| {
-                    $crate::testkit::transactional::$case(h)
+                $crate::transactional::run_case(h, |h| {
+                    $crate::transactional::$case(h)
                 })
                 .await;
             }
@@ -194,7 +194,7 @@ impl Gate {
 ///
 /// ```
 /// use std::time::Duration;
-/// use idem_core::testkit::transactional::TxHooks;
+/// use idem_testkit::transactional::TxHooks;
 /// let store = TxHooks::new(idem_stores::MemoryStore::new())
 ///     .fail_renewals(true)
 ///     .commit_delay(|| Duration::from_millis(5));

@@ -17,7 +17,7 @@ use super::key_header::{KeyFormat, DEFAULT_MAX_KEY_LEN};
 use super::policy::StorePolicy;
 use super::problem::ProblemConfig;
 use super::service::IdempotencyService;
-use crate::{OnConflict, Store};
+use idem_core::{OnConflict, Store};
 
 /// The request header that carries the key.
 pub const IDEMPOTENCY_KEY: &str = "idempotency-key";
@@ -60,7 +60,7 @@ pub trait ScopeChosen: sealed::Sealed {}
 impl ScopeChosen for ScopeSet {}
 
 /// A tower [`Layer`] that makes the requests it wraps idempotent by their `Idempotency-Key`
-/// header. See the [module docs](crate::http) for the protocol.
+/// header. See the [module docs](crate) for the protocol.
 ///
 /// Building one takes a choice of tenant scope: [`scope`](Self::scope) (records kept per
 /// client, the draft's advice) or [`unscoped`](Self::unscoped) (one record space). Without
@@ -69,7 +69,7 @@ impl ScopeChosen for ScopeSet {}
 /// ```compile_fail
 /// # use std::sync::Arc;
 /// use tower::ServiceBuilder;
-/// let layer = idem_core::http::IdempotencyLayer::new(Arc::new(idem_stores::MemoryStore::new()));
+/// let layer = idem_http::IdempotencyLayer::new(Arc::new(idem_stores::MemoryStore::new()));
 /// let svc = ServiceBuilder::new().layer(layer).service_fn(|_req: http::Request<String>| async {
 ///     Ok::<_, std::convert::Infallible>(http::Response::new(String::new()))
 /// });
@@ -80,7 +80,7 @@ impl ScopeChosen for ScopeSet {}
 /// ```
 /// # use std::sync::Arc;
 /// use tower::ServiceBuilder;
-/// let layer = idem_core::http::IdempotencyLayer::new(Arc::new(idem_stores::MemoryStore::new()))
+/// let layer = idem_http::IdempotencyLayer::new(Arc::new(idem_stores::MemoryStore::new()))
 ///     .unscoped();
 /// let svc = ServiceBuilder::new().layer(layer).service_fn(|_req: http::Request<String>| async {
 ///     Ok::<_, std::convert::Infallible>(http::Response::new(String::new()))
@@ -96,7 +96,7 @@ impl ScopeChosen for ScopeSet {}
 /// ```
 /// use std::sync::Arc;
 /// use std::time::Duration;
-/// use idem_core::http::IdempotencyLayer;
+/// use idem_http::IdempotencyLayer;
 /// use idem_core::{OnConflict, Store};
 ///
 /// fn layer(store: Arc<dyn Store>) -> IdempotencyLayer {
@@ -174,7 +174,7 @@ impl IdempotencyLayer<ScopeUnset> {
     /// A layer keeping its records in `store`, with the defaults above. Choose its scope
     /// next: [`scope`](Self::scope) or [`unscoped`](Self::unscoped).
     pub fn new(store: Arc<dyn Store>) -> Self {
-        let defaults = crate::Options::default();
+        let defaults = idem_core::Options::default();
         IdempotencyLayer {
             config: Arc::new(Config {
                 store,

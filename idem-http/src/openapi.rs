@@ -11,7 +11,7 @@
 //! let mut op = OperationBuilder::new()
 //!     .response("201", ResponseBuilder::new().description("The payment"))
 //!     .build();
-//! idem_core::http::openapi::document(&mut op);
+//! idem_http::openapi::document(&mut op);
 //! let json = serde_json::to_value(&op).unwrap();
 //! assert_eq!(json["parameters"][0]["name"], "Idempotency-Key");
 //! assert_eq!(json["parameters"][0]["in"], "header");

@@ -1,4 +1,4 @@
-//! A reference model of the [`Store`](crate::Store) contract, for model-based tests.
+//! A reference model of the [`Store`](idem_core::Store) contract, for model-based tests.
 //!
 //! The model is a pure state machine per key on a virtual clock: a key is absent, in progress
 //! under a token with a lease deadline, or completed with a value, the token it was completed
@@ -23,7 +23,7 @@
 //!
 //! ```
 //! use std::time::Duration;
-//! use idem_core::testkit::model::{Answer, Model, ModelOp, Window};
+//! use idem_testkit::model::{Answer, Model, ModelOp, Window};
 //! use idem_core::{Claim, FencingToken, Key};
 //!
 //! let mut model = Model::new(Duration::from_millis(1));
@@ -48,9 +48,9 @@ use std::collections::HashMap;
 use std::fmt;
 use std::time::Duration;
 
-use bytes::Bytes;
+use idem_core::Bytes;
 
-use crate::{Claim, FencingToken, Fingerprint, Key, RecordState, StoreError};
+use idem_core::{Claim, FencingToken, Fingerprint, Key, RecordState, StoreError};
 
 /// When an operation ran on the test's clock: it was sent at `start` and answered at `end`,
 /// so the store applied it somewhere in between.
@@ -124,7 +124,7 @@ pub enum KeyState {
 /// One store operation on one key, as the model sees it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ModelOp {
-    /// [`Store::claim`](crate::Store::claim).
+    /// [`Store::claim`](idem_core::Store::claim).
     Claim {
         /// The request's token.
         token: FencingToken,
@@ -133,7 +133,7 @@ pub enum ModelOp {
         /// The request's lease.
         lease: Duration,
     },
-    /// [`Store::complete`](crate::Store::complete).
+    /// [`Store::complete`](idem_core::Store::complete).
     Complete {
         /// The caller's token.
         token: FencingToken,
@@ -142,21 +142,21 @@ pub enum ModelOp {
         /// The record's TTL.
         ttl: Duration,
     },
-    /// [`Store::release`](crate::Store::release).
+    /// [`Store::release`](idem_core::Store::release).
     Release {
         /// The caller's token.
         token: FencingToken,
     },
-    /// [`Store::renew`](crate::Store::renew).
+    /// [`Store::renew`](idem_core::Store::renew).
     Renew {
         /// The caller's token.
         token: FencingToken,
         /// The new lease.
         lease: Duration,
     },
-    /// [`Store::get`](crate::Store::get).
+    /// [`Store::get`](idem_core::Store::get).
     Get,
-    /// [`Store::remove`](crate::Store::remove).
+    /// [`Store::remove`](idem_core::Store::remove).
     Remove,
 }
 
@@ -728,11 +728,13 @@ mod tests {
             .observe(K, &complete(2, b"c"), at(3), &Answer::Ok)
             .unwrap_err();
         assert!(e.rule.contains("invariant"), "{e}");
-        let got = Answer::Got(Some(RecordState::Completed(crate::CompletedRecord::new(
-            None,
-            Bytes::from_static(b"b"),
-            Some(Duration::from_millis(997)),
-        ))));
+        let got = Answer::Got(Some(RecordState::Completed(
+            idem_core::CompletedRecord::new(
+                None,
+                Bytes::from_static(b"b"),
+                Some(Duration::from_millis(997)),
+            ),
+        )));
         let e = m.observe(K, &ModelOp::Get, at(3), &got).unwrap_err();
         assert!(e.rule.contains("value changed"), "{e}");
     }

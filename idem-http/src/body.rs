@@ -8,7 +8,7 @@ use http_body::{Body, Frame, SizeHint};
 use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Full};
 
-use crate::BoxError;
+use idem_core::BoxError;
 
 /// The body of every response the layer returns: the handler's own body (streamed through
 /// untouched when it is not buffered), a replayed body, or a problem document.

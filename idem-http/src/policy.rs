@@ -96,7 +96,7 @@ pub(crate) fn handler_started(
 ///
 /// ```
 /// use http::StatusCode;
-/// use idem_core::http::StorePolicy;
+/// use idem_http::StorePolicy;
 ///
 /// let p = StorePolicy::default();
 /// assert!(p.stores(StatusCode::CREATED));

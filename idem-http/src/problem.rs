@@ -28,7 +28,7 @@ use ::http::{Response, StatusCode};
 use bytes::Bytes;
 
 use super::body::{full, ResponseBody};
-use crate::Error;
+use idem_core::Error;
 
 /// The media type of problem documents.
 pub const PROBLEM_JSON: &str = "application/problem+json";
@@ -64,7 +64,7 @@ impl ProblemConfig {
 /// One problem document.
 ///
 /// ```
-/// use idem_core::http::Problem;
+/// use idem_http::Problem;
 /// let p = Problem::from_error(&idem_core::Error::KeyReused);
 /// assert_eq!(p.status, 422);
 /// assert_eq!(p.slug(), Some("key-reused"));
@@ -218,7 +218,7 @@ impl Problem {
     /// The JSON document.
     ///
     /// ```
-    /// let p = idem_core::http::Problem::missing_key();
+    /// let p = idem_http::Problem::missing_key();
     /// let v: serde_json::Value = serde_json::from_slice(&p.to_json()).unwrap();
     /// assert_eq!(v["status"], 400);
     /// assert_eq!(v["title"], "Idempotency-Key is missing");

@@ -198,7 +198,7 @@ fn write_scalar(v: &Value, out: &mut Vec<u8>) {
 /// default most servers assume), and the other parameters sorted.
 ///
 /// ```
-/// use idem_core::http::normalize_media_type;
+/// use idem_http::normalize_media_type;
 /// assert_eq!(normalize_media_type(b"application/json; charset=UTF-8"), b"application/json");
 /// assert_eq!(normalize_media_type(b"Text/Plain;format=flowed; charset=\"utf-8\""), b"text/plain;format=flowed");
 /// assert_eq!(normalize_media_type(b"text/plain; charset=latin1"), b"text/plain;charset=latin1");

@@ -150,7 +150,7 @@ impl<'de> Deserialize<'de> for Blob {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
-    use crate::codec::{Codec, MsgPack};
+    use idem_core::codec::{Codec, MsgPack};
 
     #[test]
     fn capture_keeps_order_and_drops_hop_by_hop() {

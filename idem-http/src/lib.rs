@@ -1,10 +1,10 @@
-//! The IETF `Idempotency-Key` header for tower and axum (feature `http`).
+//! # idem-http — the IETF `Idempotency-Key` header for tower and axum
 //!
 //! [`IdempotencyLayer`] wraps a service (an axum `Router`'s routes, any tower service over
 //! `http::Request`) so that a client may retry `POST /payments` with the same
 //! `Idempotency-Key` header as often as the network forces it to: the handler runs once, and
 //! every retry gets the first response back. It uses the same stores, records and semantics as
-//! `#[idempotent]`: each protected request is one [`Call`](crate::Call) whose key is the
+//! `#[idempotent]`: each protected request is one [`Call`](idem_core::Call) whose key is the
 //! header value, whose scope is the value of the layer's [`scope`](IdempotencyLayer::scope)
 //! function (the authenticated principal), and whose fingerprint is the request.
 //!
@@ -16,7 +16,7 @@
 //! use bytes::Bytes;
 //! use http::{Request, Response};
 //! use http_body_util::{BodyExt, Full};
-//! use idem_core::http::IdempotencyLayer;
+//! use idem_http::IdempotencyLayer;
 //! use tower::{ServiceBuilder, ServiceExt};
 //!
 //! # #[tokio::main(flavor = "current_thread")]
@@ -59,7 +59,7 @@
 //! | a body over the limit (1 MiB by default) | 413 problem |
 //! | a new key | the handler runs; its response is sent, and stored if the [`StorePolicy`] says so |
 //! | a key whose response is stored, same request | the stored status, headers and body, with `Idempotent-Replayed: true`; the handler does not run |
-//! | a key whose first request is still running | 409 problem with `Retry-After` (or, with [`OnConflict::Wait`](crate::OnConflict::Wait), the first response once it is there) |
+//! | a key whose first request is still running | 409 problem with `Retry-After` (or, with [`OnConflict::Wait`](idem_core::OnConflict::Wait), the first response once it is there) |
 //! | a key used before with another method, path, query, body or fingerprinted header | 422 problem |
 //! | the store is unreachable | 503 problem; the handler does not run |
 //!
@@ -96,11 +96,14 @@
 //! Every response the layer makes itself is an `application/problem+json` document
 //! ([`Problem`]).
 
+#![cfg_attr(docsrs, feature(doc_cfg))]
+
 mod body;
 mod fingerprint;
 mod key_header;
 mod layer;
 #[cfg(feature = "openapi")]
+#[cfg_attr(docsrs, doc(cfg(feature = "openapi")))]
 pub mod openapi;
 mod policy;
 mod problem;
