@@ -84,7 +84,11 @@ fn pages_describe_behaviour_not_internal_references() {
             }
         }
     }
-    assert!(found.is_empty(), "internal references:\n{}", found.join("\n"));
+    assert!(
+        found.is_empty(),
+        "internal references:\n{}",
+        found.join("\n")
+    );
 }
 
 /// Every `.rs` file under `dir`, recursively.
@@ -116,7 +120,11 @@ fn api_docs_describe_behaviour_not_internal_references() {
             }
         }
     }
-    assert!(found.is_empty(), "internal references:\n{}", found.join("\n"));
+    assert!(
+        found.is_empty(),
+        "internal references:\n{}",
+        found.join("\n")
+    );
 }
 
 #[test]

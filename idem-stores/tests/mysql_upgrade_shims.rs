@@ -55,10 +55,7 @@ async fn deprecated_spawn_sweeper_still_purges_expired_rows() {
         .connect(&url)
         .await
         .expect("connect to IDEM_TEST_MYSQL_URL");
-    let table = format!(
-        "idem_shim_{}",
-        FencingToken::random().0 % 1_000_000_000_000
-    );
+    let table = format!("idem_shim_{}", FencingToken::random().0 % 1_000_000_000_000);
     let store = MySqlStore::builder()
         .pool(pool.clone())
         .table(&table)
@@ -90,7 +87,11 @@ async fn deprecated_spawn_sweeper_still_purges_expired_rows() {
         store.complete(&key, req.token, b"v", ttl).await.unwrap();
     }
     tokio::time::sleep(Duration::from_millis(200)).await;
-    assert_eq!(count().await, 4, "nothing purges the expired rows by itself");
+    assert_eq!(
+        count().await,
+        4,
+        "nothing purges the expired rows by itself"
+    );
 
     let sweeper = store.spawn_sweeper(Duration::from_millis(20), 2);
     let mut left = count().await;

@@ -863,7 +863,6 @@ mod tests {
     }
 }
 
-
 /// The handle of [`MySqlStore::spawn_sweeper`]'s task; dropping it stops the task.
 #[deprecated(
     since = "0.1.0",
