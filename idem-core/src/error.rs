@@ -42,11 +42,12 @@ pub enum Error {
     /// changed meaning without a `version` bump. Never a garbled value, never a silent re-run:
     /// bump `version` when a type changes incompatibly (docs/records.md), or wait for the
     /// record's TTL.
-    #[error("stored record is incompatible: expected `{expected}`, found `{found}`")]
+    #[error("{}", incompatible_message(.expected, .found, .source.is_some()))]
     IncompatibleRecord {
         /// The compatibility tag this call expects.
         expected: String,
-        /// The tag in the store.
+        /// The tag in the store (equal to `expected` when the tags match and the payload does
+        /// not decode).
         found: String,
         /// The decode error, when the tags matched but the payload does not decode.
         #[source]
@@ -85,6 +86,19 @@ pub enum Error {
          idem_core::set_default_store(...) at start-up"
     )]
     NoStore,
+}
+
+/// The message of [`Error::IncompatibleRecord`]: a tag mismatch names both tags; a payload
+/// that does not decode under a matching tag says so, with the tag once.
+fn incompatible_message(expected: &str, found: &str, undecodable: bool) -> String {
+    if undecodable {
+        format!(
+            "stored record does not decode as this call's return type (tag `{found}`): \
+             the type changed without a `version` bump"
+        )
+    } else {
+        format!("stored record is incompatible: expected `{expected}`, found `{found}`")
+    }
 }
 
 fn retry_hint(d: Option<Duration>) -> String {

@@ -22,7 +22,7 @@ pub enum MissingKey {
     Run,
 }
 
-/// The options of one idempotent call. The defaults are SPEC §2's.
+/// The options of one idempotent call, with the attribute's defaults.
 ///
 /// ```
 /// let o = idem_core::Options::default();

@@ -421,8 +421,8 @@ impl<C: Codec> Call<C> {
             .await
     }
 
-    /// SPEC §3's steps, one function each: claim (and wait), execute (with the lease keeper),
-    /// settle (complete or release).
+    /// The state machine's steps, one function each: claim (and wait), execute (with the
+    /// lease keeper), settle (complete or release).
     async fn drive_claimed<P, T, E, Fut>(
         self,
         store: &dyn Store,
@@ -521,7 +521,7 @@ where
             // The tags agree but the payload is not a `T`: the type changed meaning.
             e @ CodecError::Decode { .. } => Error::IncompatibleRecord {
                 expected: tag.to_string(),
-                found: format!("{tag} with a payload of another shape"),
+                found: tag.to_string(),
                 source: Some(e),
             },
             e => Error::Codec(e),
@@ -923,7 +923,7 @@ async fn settle_once(
 }
 
 /// The completion could not be written. The side effect happened, so the caller gets its
-/// value (SPEC §3.9) — unless a look at the record shows that callers would then disagree: a
+/// value — unless a look at the record shows that callers would then disagree: a
 /// completed record that is not ours is what every other caller gets, so this one gets it
 /// too; a claim held by someone else means the lease was lost.
 async fn after_failed_completion(

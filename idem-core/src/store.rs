@@ -334,8 +334,8 @@ pub trait Store: Send + Sync + fmt::Debug {
 
     /// An owned handle to this store (a cheap clone sharing its connections), that the
     /// runtime moves into a spawned task to finish a completion or a release after the
-    /// caller's future was dropped (SPEC §3.9: once the body has returned, its completion
-    /// runs to its end). `None` (the default) means the store cannot be detached: a
+    /// caller's future was dropped (once the body has returned, its completion runs to its
+    /// end). `None` (the default) means the store cannot be detached: a
     /// completion cut short by a dropped caller is then left to the lease.
     fn detached(&self) -> Option<Arc<dyn Store>> {
         None
@@ -383,8 +383,8 @@ pub trait Store: Send + Sync + fmt::Debug {
 }
 
 /// A store whose records live in a database that can also hold the body's own writes, so that
-/// the body's statements and the completion record commit in one transaction (SPEC §4,
-/// transactional mode; used by [`Call::run_in_transaction`](crate::Call::run_in_transaction)
+/// the body's statements and the completion record commit in one transaction (transactional
+/// mode; used by [`Call::run_in_transaction`](crate::Call::run_in_transaction)
 /// and [`Call::run_within`](crate::Call::run_within)).
 ///
 /// The claim stays a short statement of its own ([`Store::claim`]), so that duplicates see it

@@ -9,7 +9,7 @@
 //! | `idem_wait_duration_seconds` | histogram | `namespace` — time a duplicate spent waiting |
 //! | `idem_body_duration_seconds` | histogram | `namespace` |
 //! | `idem_record_bytes` | histogram | `namespace` — the stored envelope's size |
-//! | `idem_store_operation_duration_seconds` | histogram | `operation` (`claim`, `complete`, `release`, `renew`), `store` |
+//! | `idem_store_operation_duration_seconds` | histogram | `operation` (`claim`, `renew`, `complete`, `release`; `get` when a failed completion looks at the record; `begin` for transactional mode's transaction), `store` |
 //!
 //! Labels never carry a key: cardinality is bounded by the number of namespaces (annotated
 //! functions) and outcomes. `docs/operations.md` has dashboard queries.

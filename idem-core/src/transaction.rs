@@ -1,5 +1,5 @@
 //! Transactional mode: the body's statements and the completion record commit in one database
-//! transaction (SPEC §4). A crash before the commit leaves nothing; a lease lost mid-body
+//! transaction. A crash before the commit leaves nothing; a lease lost mid-body
 //! refuses the fenced completion and rolls the stale executor's writes back.
 //!
 //! The steps are the runtime's own (claim, execute with the lease keeper, settle); only the

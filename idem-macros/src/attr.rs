@@ -12,7 +12,7 @@ use crate::duration::parse_millis;
 use crate::model::{Args, Dur};
 use crate::suggest::closest;
 
-/// Every argument, in the order of SPEC §2 (listed by the "unknown argument" error).
+/// Every argument, in the order of the reference table (listed by the "unknown argument" error).
 const ARGUMENTS: &[&str] = &[
     "key",
     "ttl",

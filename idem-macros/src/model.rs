@@ -3,7 +3,7 @@
 
 use syn::{Expr, Ident, LitInt, LitStr, Path, Type};
 
-/// The attribute's arguments, each as written (SPEC §2).
+/// The attribute's arguments, each as written.
 #[derive(Default)]
 pub(crate) struct Args {
     pub key: Option<Expr>,
@@ -47,7 +47,7 @@ impl Args {
     }
 }
 
-/// Transactional mode (SPEC §4): the variable the body sees its transaction as.
+/// Transactional mode: the variable the body sees its transaction as.
 #[derive(Clone, Copy)]
 pub(crate) enum Tx<'a> {
     /// `transaction = tx`: idem opens and commits; `tx` is bound inside the body.

@@ -1,4 +1,4 @@
-//! Conformance for the transactional path ([`TransactionalStore`], SPEC §4): claim races,
+//! Conformance for the transactional path ([`TransactionalStore`]): claim races,
 //! fencing of a stale executor, release on `Err`, panic and drop inside the transaction,
 //! duplicates that wait, and the rules of [`Call::run_within`].
 //!

@@ -60,7 +60,8 @@ pub mod mysql;
 pub mod postgres;
 #[cfg(feature = "sqlite")]
 pub mod sqlite;
-/// Transactional mode (issue 13): `TransactionalStore` for the three stores.
+// Its documentation is its own inner doc only: an outer doc here would make rustdoc resolve
+// the module's links from this scope, where its imports are not.
 pub mod transactional;
 
 /// The default table name of every SQL store.
@@ -231,10 +232,18 @@ impl<S: base::SqlBackend> SqlStoreBuilder<S> {
         let sweep = self.options.sweep;
         let source = match self.source {
             Source::None => {
+                // `MySqlStore::builder(pool)` was the old form: rustc's hint for it (remove
+                // the argument) leads here, so say where the pool goes now.
+                let old_form = if S::NAME == "mysql" {
+                    " (the old `MySqlStore::builder(pool)` is now `MySqlStore::builder().pool(pool)`)"
+                } else {
+                    ""
+                };
                 return Err(config_error(format!(
-                    "{}: the builder needs .url(..) or .pool(..)",
+                    "{}: the builder has no database: call .url(..) or .pool(..) before \
+                     build(){old_form}",
                     S::NAME
-                )))
+                )));
             }
             source => source,
         };

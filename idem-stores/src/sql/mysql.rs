@@ -389,6 +389,11 @@ where
 impl MySqlStore {
     /// A builder with the defaults: table [`DEFAULT_TABLE`], 16 connections, 5 s acquire
     /// timeout, 10 s operation timeout, 1 MiB values, no sweeper.
+    ///
+    /// Give it the database with [`url`](SqlStoreBuilder::url) or
+    /// [`pool`](SqlStoreBuilder::pool). Code written for the first version, which took the
+    /// pool here (`MySqlStore::builder(pool)`), becomes `MySqlStore::builder().pool(pool)`;
+    /// a builder given neither fails to build with an error that says so.
     pub fn builder() -> MySqlStoreBuilder {
         SqlStoreBuilder::new()
     }
@@ -408,6 +413,32 @@ impl MySqlStore {
     /// The table name as configured.
     pub fn table(&self) -> &str {
         &self.inner.core.table
+    }
+
+    /// Deletes expired rows every `every`, `batch` rows per statement, in a background task
+    /// that stops when the returned handle or the last clone of the store is dropped.
+    ///
+    /// Kept for one release from the first version; the sweeper is now an option of the
+    /// builder, the same on the three SQL stores:
+    /// `MySqlStore::builder().pool(pool).sweep_every(every, batch)`. Outside a tokio runtime
+    /// nothing is spawned and a warning is logged.
+    #[deprecated(
+        since = "0.1.0",
+        note = "use `MySqlStore::builder().sweep_every(every, batch)`, as on the other SQL stores"
+    )]
+    #[allow(deprecated)]
+    pub fn spawn_sweeper(&self, every: Duration, batch: u32) -> Sweeper {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            tracing::warn!(target: "idem", store = "mysql", "spawn_sweeper outside a tokio runtime: no sweeper");
+            return Sweeper { task: None };
+        };
+        let every = every.max(Duration::from_millis(10));
+        let task = runtime.spawn(super::base::run_sweeper::<MySqlStore>(
+            self.downgrade(),
+            every,
+            batch.max(1),
+        ));
+        Sweeper { task: Some(task) }
     }
 
     /// Creates the table and its expiry index if they are missing (safe to run at every
@@ -829,5 +860,24 @@ mod tests {
             assert!(quote_table(bad).is_err(), "{bad:?} accepted");
         }
         assert!(quote_table(&"x".repeat(65)).is_err());
+    }
+}
+
+/// The handle of [`MySqlStore::spawn_sweeper`]'s task; dropping it stops the task.
+#[deprecated(
+    since = "0.1.0",
+    note = "use `MySqlStore::builder().sweep_every(every, batch)`, as on the other SQL stores"
+)]
+#[derive(Debug)]
+pub struct Sweeper {
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+#[allow(deprecated)]
+impl Drop for Sweeper {
+    fn drop(&mut self) {
+        if let Some(task) = &self.task {
+            task.abort();
+        }
     }
 }

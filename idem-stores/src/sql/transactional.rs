@@ -1,5 +1,5 @@
 //! Transactional mode for the SQL stores: [`TransactionalStore`] for [`PostgresStore`],
-//! [`MySqlStore`] and [`SqliteStore`] (SPEC §4, issue 13).
+//! [`MySqlStore`] and [`SqliteStore`].
 //!
 //! The body runs its statements in a transaction on the store's database (`Tx` is a sqlx
 //! `Transaction<'static, DB>` in a newtype that dereferences to the connection: [`PgTx`],
