@@ -26,7 +26,11 @@ async fn a_draining_instance_answers_503_and_still_replays() {
     let server = Server::start(store, options(OnConflict::Reject)).await;
     let body = json!({"amount": 1999, "currency": "EUR"});
     let done = fresh_key("done");
-    let first = server.pay("acme", Some(&done), body.clone()).send().await.unwrap();
+    let first = server
+        .pay("acme", Some(&done), body.clone())
+        .send()
+        .await
+        .unwrap();
     assert!(first.status().is_success(), "{}", first.status());
     let first_body = first.bytes().await.unwrap();
 

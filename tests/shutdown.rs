@@ -166,7 +166,11 @@ fn dropped_mid_completion_then_runtime_dropped(kind: &str, drain: bool) {
                 "{kind}: drained, the completion is stored: {state:?}"
             );
             let again = counted(&*store, ns, "k", &runs, 2, Duration::ZERO).await;
-            assert_eq!(again.unwrap(), 1, "{kind}: a retry replays the first result");
+            assert_eq!(
+                again.unwrap(),
+                1,
+                "{kind}: a retry replays the first result"
+            );
             assert_eq!(runs.load(Ordering::SeqCst), 1, "{kind}: the body ran twice");
         } else {
             // What the docs say of a runtime stopped without a drain: the detached completion
@@ -242,7 +246,11 @@ fn new_calls_are_refused_and_running_bodies_finish() {
         assert!(matches!(e, Error::ShuttingDown), "{e:?}");
         assert_eq!(e.http_status(), 503);
         assert_eq!(e.outcome(), idem_core::Outcome::ShuttingDown);
-        assert_eq!(runs.load(Ordering::SeqCst), 1, "the refused body did not run");
+        assert_eq!(
+            runs.load(Ordering::SeqCst),
+            1,
+            "the refused body did not run"
+        );
 
         drain
             .await
@@ -284,9 +292,7 @@ fn a_waiter_gets_the_result_completed_during_the_drain() {
         tokio::time::sleep(Duration::from_millis(30)).await;
         let waiter = {
             let (store, runs) = (store.clone(), runs.clone());
-            tokio::spawn(
-                async move { counted(&*store, ns, "k", &runs, 2, Duration::ZERO).await },
-            )
+            tokio::spawn(async move { counted(&*store, ns, "k", &runs, 2, Duration::ZERO).await })
         };
         tokio::time::sleep(Duration::from_millis(50)).await;
         idem_core::shutdown(Duration::from_secs(5))

@@ -197,7 +197,10 @@ async fn sigterm_with_bodies_in_flight(kind: &str) {
     while next(&mut seen).is_some() {}
     let exit = child.0.wait().unwrap();
     let drained_in = sent_at.elapsed();
-    assert!(exit.success(), "{kind}: the child failed: {exit:?}\n{seen:#?}");
+    assert!(
+        exit.success(),
+        "{kind}: the child failed: {exit:?}\n{seen:#?}"
+    );
 
     let ran: Vec<&str> = seen
         .iter()
@@ -206,7 +209,11 @@ async fn sigterm_with_bodies_in_flight(kind: &str) {
     let mut distinct = ran.clone();
     distinct.sort_unstable();
     distinct.dedup();
-    assert_eq!(ran.len(), BODIES, "{kind}: bodies run in the child: {ran:?}");
+    assert_eq!(
+        ran.len(),
+        BODIES,
+        "{kind}: bodies run in the child: {ran:?}"
+    );
     assert_eq!(distinct.len(), BODIES, "{kind}: a body ran twice: {ran:?}");
     let has = |what: &str| seen.iter().any(|l| l.contains(what));
     assert!(has("REFUSED") && !has("NOT REFUSED"), "{kind}: {seen:#?}");
@@ -248,7 +255,9 @@ async fn sigterm_with_bodies_in_flight(kind: &str) {
         }
         assert_eq!(reruns.load(Ordering::SeqCst), 0, "{kind}: a body ran twice");
     }
-    println!("shutdown_sigterm {kind}: {BODIES} bodies in flight, drained {drained_in:?} after SIGTERM");
+    println!(
+        "shutdown_sigterm {kind}: {BODIES} bodies in flight, drained {drained_in:?} after SIGTERM"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -75,10 +75,7 @@ impl Hanging {
 
     /// How long each attempt at `op` was given.
     fn durations(&self, op: &str) -> Vec<Duration> {
-        self.attempts(op)
-            .iter()
-            .map(|a| a.ended - a.sent)
-            .collect()
+        self.attempts(op).iter().map(|a| a.ended - a.sent).collect()
     }
 
     fn attempts(&self, op: &str) -> Vec<Attempt> {
