@@ -357,3 +357,55 @@ fn the_deadline_reports_what_is_still_held() {
         assert!(store.get(&key).await.unwrap().is_none());
     });
 }
+
+/// During the drain a retry of a finished call still gets its result from the store (a look,
+/// not a claim), while a new key is refused and its body does not run.
+fn a_finished_call_is_answered_during_the_drain(kind: &str) {
+    let _serial = serial();
+    runtime().block_on(async {
+        let memory = Arc::new(MemoryStore::new());
+        let Some(store) = open(kind, &memory).await else {
+            return;
+        };
+        let ns = namespace(&format!("answered_{kind}"));
+        let runs = Arc::new(AtomicUsize::new(0));
+        let first = counted(&*store, ns, "done", &runs, 5, Duration::ZERO).await;
+        assert_eq!(first.unwrap(), 5);
+        idem_core::shutdown(Duration::from_secs(5))
+            .await
+            .expect("nothing is held");
+        let retry = counted(&*store, ns, "done", &runs, 6, Duration::ZERO).await;
+        assert_eq!(retry.unwrap(), 5, "{kind}: the retry replays");
+        let new = counted(&*store, ns, "new", &runs, 7, Duration::ZERO).await;
+        assert!(matches!(new, Err(Error::ShuttingDown)), "{kind}: {new:?}");
+        assert_eq!(
+            runs.load(Ordering::SeqCst),
+            1,
+            "{kind}: a body ran during the drain"
+        );
+        for k in ["done", "new"] {
+            let key = Call::new(ns)
+                .key(k)
+                .identity_for(&*store)
+                .unwrap()
+                .unwrap()
+                .key;
+            store.remove(&key).await.unwrap();
+        }
+    });
+}
+
+#[test]
+fn memory_a_finished_call_is_answered_during_the_drain() {
+    a_finished_call_is_answered_during_the_drain("memory");
+}
+
+#[test]
+fn redis_a_finished_call_is_answered_during_the_drain() {
+    a_finished_call_is_answered_during_the_drain("redis");
+}
+
+#[test]
+fn postgres_a_finished_call_is_answered_during_the_drain() {
+    a_finished_call_is_answered_during_the_drain("postgres");
+}

@@ -771,8 +771,9 @@ pub(crate) async fn claim(
     }
 }
 
-/// A claim refused because the process drains: a caller that waited for another holder gets
-/// that holder's result if it is completed by now, others get the refusal.
+/// A claim refused because the process drains. A look (no claim) still answers a call whose
+/// record is completed — a retry of a finished call, or a caller that waited for a holder that
+/// completed meanwhile; others get the refusal.
 async fn refused_while_draining(
     store: &dyn Store,
     ident: &Identity,
@@ -780,17 +781,17 @@ async fn refused_while_draining(
     e: Error,
     waited: bool,
 ) -> Claimed {
-    if waited {
-        let look = bounded(Op("get", store), opts.lease, store.get(&ident.key)).await;
-        if let Ok(Some(RecordState::Completed(record))) = look {
-            if mismatch(ident.fingerprint, record.fingerprint) {
-                return Claimed::Failed(Error::KeyReused, Outcome::KeyReused);
-            }
-            return Claimed::Completed {
-                record,
-                waited: true,
-            };
+    let look = bounded(
+        Op("get", store),
+        budget(opts.lease, 2),
+        store.get(&ident.key),
+    )
+    .await;
+    if let Ok(Some(RecordState::Completed(record))) = look {
+        if mismatch(ident.fingerprint, record.fingerprint) {
+            return Claimed::Failed(Error::KeyReused, Outcome::KeyReused);
         }
+        return Claimed::Completed { record, waited };
     }
     let outcome = e.outcome();
     Claimed::Failed(e, outcome)

@@ -39,9 +39,9 @@ use crate::{Error, Key};
 /// running finish, and their completions (or releases) are acknowledged by the store,
 /// including those handed to a detached task because the caller was dropped.
 ///
-/// A call waiting for another holder when the drain starts gets that holder's result if it is
-/// completed by then, and [`Error::ShuttingDown`] otherwise. A replay that this process holds
-/// in memory (the memory store, `TieredStore`'s local tier) is still answered.
+/// A call whose record is completed still gets its result (a look at the record, no claim):
+/// a retry of a finished call, or a call that was waiting for another holder when the drain
+/// started and whose holder completed by then. Others get [`Error::ShuttingDown`].
 ///
 /// Returns `Ok(())` when nothing is held any more, or [`ShutdownError::Unfinished`] with each
 /// call still held at the deadline. A body still running then keeps its claim: releasing it
