@@ -128,8 +128,22 @@ pub fn router(store: Arc<dyn Store>, options: AppOptions) -> Router {
 }
 
 /// Serves `router` on `listener` until the process ends.
+#[allow(dead_code)] // the tests' server (tests/http_support); `main` serves until a signal
 pub async fn serve(listener: tokio::net::TcpListener, router: Router) -> std::io::Result<()> {
     axum::serve(listener, router).await
+}
+
+/// Serves `router` on `listener` until `signal` resolves, then stops accepting connections and
+/// returns once the requests in flight have been answered (axum's graceful shutdown).
+#[allow(dead_code)] // `main`'s server; the tests use `serve`
+pub async fn serve_until(
+    listener: tokio::net::TcpListener,
+    router: Router,
+    signal: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(listener, router)
+        .with_graceful_shutdown(signal)
+        .await
 }
 
 /// The store named by `kind` (`memory`, `redis`, `postgres`), connected to `url` for the

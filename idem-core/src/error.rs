@@ -86,6 +86,10 @@ pub enum Error {
          idem_core::set_default_store(...) at start-up"
     )]
     NoStore,
+    /// The process is draining ([`shutdown`](crate::shutdown())): no new claim is taken and
+    /// the body was not run (HTTP 503). Retry on another instance.
+    #[error("the process is shutting down: no new idempotent calls are accepted")]
+    ShuttingDown,
 }
 
 /// The message of [`Error::IncompatibleRecord`]: a tag mismatch names both tags; a payload
@@ -129,7 +133,7 @@ impl Error {
     }
 
     /// The HTTP status this error maps to: 409 `InProgress`, 422 `KeyReused`, 400 `MissingKey`,
-    /// 503 `Store`, 500 for the rest.
+    /// 503 `Store` and `ShuttingDown`, 500 for the rest.
     ///
     /// ```
     /// assert_eq!(idem_core::Error::InProgress { retry_after: None }.http_status(), 409);
@@ -140,7 +144,7 @@ impl Error {
             Error::InProgress { .. } => 409,
             Error::KeyReused => 422,
             Error::MissingKey => 400,
-            Error::Store(_) => 503,
+            Error::Store(_) | Error::ShuttingDown => 503,
             Error::IncompatibleRecord { .. }
             | Error::Codec(_)
             | Error::LeaseLost
@@ -163,6 +167,7 @@ impl Error {
             Error::Codec(_) => Outcome::CodecError,
             Error::LeaseLost => Outcome::LeaseLost,
             Error::TooLarge { .. } => Outcome::TooLarge,
+            Error::ShuttingDown => Outcome::ShuttingDown,
         }
     }
 }

@@ -61,6 +61,7 @@
 //! - [`codec`] — the `Codec` trait, the MessagePack default and the record envelope;
 //! - [`Error`] — one error enum with an HTTP status per variant;
 //! - [`Outcome`] and [`counters`] — one outcome per call, logged and counted;
+//! - [`shutdown()`] — the drain: stop new claims and settle what is held before exiting;
 //!
 //! Beside it: `idem-stores` (the backends), `idem-http` (the tower/axum `Idempotency-Key`
 //! layer), `idem-testkit` (the conformance suite every store passes), and `idempo`, the one
@@ -78,6 +79,7 @@ mod store;
 mod transaction;
 
 pub mod inspect;
+pub mod shutdown;
 
 #[cfg(feature = "metrics")]
 #[cfg_attr(docsrs, doc(cfg(feature = "metrics")))]
@@ -95,6 +97,7 @@ pub use inspect::{RecordInfo, RecordStatus, StoreAdmin, StoreStats};
 pub use observe::{count, counters, observe, CallOutcome, Observed, Outcome};
 pub use options::{MissingKey, OnConflict, Options};
 pub use runtime::{current_key, default_store, set_default_store, with_default_store, Call};
+pub use shutdown::{shutdown, ShutdownError};
 pub use store::{
     Claim, ClaimRequest, CompletedRecord, FencingToken, Fingerprint, Key, RecordState, Store,
     TransactionalStore, DEFAULT_MAX_VALUE_SIZE,

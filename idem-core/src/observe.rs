@@ -43,11 +43,13 @@ pub enum Outcome {
     /// The caller's future was dropped before the body started (during the claim or the
     /// wait); a claim that may have applied was released.
     Cancelled,
+    /// The process was draining (`idem_core::shutdown`): no claim was taken, nothing ran.
+    ShuttingDown,
 }
 
 impl Outcome {
     /// All outcomes, in counter order.
-    pub const ALL: [Outcome; 17] = [
+    pub const ALL: [Outcome; 18] = [
         Outcome::Executed,
         Outcome::Replayed,
         Outcome::ReplayedAfterWait,
@@ -65,6 +67,7 @@ impl Outcome {
         Outcome::LeaseLost,
         Outcome::InvalidOption,
         Outcome::Cancelled,
+        Outcome::ShuttingDown,
     ];
 
     /// The `outcome` field value, e.g. `"replayed_after_wait"`.
@@ -87,6 +90,7 @@ impl Outcome {
             Outcome::LeaseLost => "lease_lost",
             Outcome::InvalidOption => "invalid_option",
             Outcome::Cancelled => "cancelled",
+            Outcome::ShuttingDown => "shutting_down",
         }
     }
 

@@ -22,6 +22,7 @@ use crate::error::{CodecError, Error, StoreError};
 use crate::key::{self, Identity};
 use crate::observe::{emit, Outcome};
 use crate::options::{MissingKey, OnConflict, Options};
+use crate::shutdown::{Stage, Tracked};
 use crate::store::{Claim, ClaimRequest, FencingToken, Key, RecordState, Store};
 
 tokio::task_local! {
@@ -553,6 +554,8 @@ pub(crate) struct Held {
     pub(crate) taken_over: bool,
     /// When the claim that acquired was sent: the store's lease started no earlier.
     pub(crate) since: Instant,
+    /// Counted for the drain until the settle is acknowledged.
+    pub(crate) tracked: Tracked,
 }
 
 pub(crate) enum Claimed {
@@ -636,6 +639,11 @@ pub(crate) async fn claim(
     let deadline = Instant::now().checked_add(opts.wait_timeout);
     let mut waited = false;
     loop {
+        // Counted for the drain from before the claim is sent; refused once it has started.
+        let tracked = match Tracked::claim(ns, key) {
+            Ok(tracked) => tracked,
+            Err(e) => return refused_while_draining(store, ident, opts, e, waited).await,
+        };
         let token = next_token();
         let req = ClaimRequest {
             key,
@@ -689,12 +697,14 @@ pub(crate) async fn claim(
         guard.armed = false;
         match claim {
             Claim::Acquired { taken_over } => {
+                tracked.set(Stage::Running);
                 return Claimed::Held(Held {
                     key,
                     token,
                     taken_over,
                     since,
-                })
+                    tracked,
+                });
             }
             Claim::Completed(record) => {
                 if mismatch(ident.fingerprint, record.fingerprint) {
@@ -706,6 +716,8 @@ pub(crate) async fn claim(
                 fingerprint,
                 lease_remaining,
             } => {
+                // A waiter holds nothing: the drain does not wait for it.
+                drop(tracked);
                 if mismatch(ident.fingerprint, fingerprint) {
                     return Claimed::Failed(Error::KeyReused, Outcome::KeyReused);
                 }
@@ -757,6 +769,32 @@ pub(crate) async fn claim(
             }
         }
     }
+}
+
+/// A claim refused because the process drains. A look (no claim) still answers a call whose
+/// record is completed — a retry of a finished call, or a caller that waited for a holder that
+/// completed meanwhile; others get the refusal.
+async fn refused_while_draining(
+    store: &dyn Store,
+    ident: &Identity,
+    opts: &Options,
+    e: Error,
+    waited: bool,
+) -> Claimed {
+    let look = bounded(
+        Op("get", store),
+        budget(opts.lease, 2),
+        store.get(&ident.key),
+    )
+    .await;
+    if let Ok(Some(RecordState::Completed(record))) = look {
+        if mismatch(ident.fingerprint, record.fingerprint) {
+            return Claimed::Failed(Error::KeyReused, Outcome::KeyReused);
+        }
+        return Claimed::Completed { record, waited };
+    }
+    let outcome = e.outcome();
+    Claimed::Failed(e, outcome)
 }
 
 /// Step 2: run the body once, keeping the lease; a panic releases the claim and continues,
@@ -835,6 +873,7 @@ pub(crate) async fn settle(
     ns: &'static str,
     action: Settle,
 ) -> Settled {
+    held.tracked.set(Stage::Settling);
     // Borrows only: the options and the envelope are copied for a detached task only if the
     // caller is dropped, not on every call.
     let mut guard = SettleOnDrop {
@@ -980,6 +1019,8 @@ impl Drop for SettleOnDrop<'_> {
             ..
         } = *self.held;
         let ns = self.namespace;
+        // The detached task keeps the call counted for the drain until it is done.
+        let tracked = self.held.tracked.clone();
         let detached = self
             .store
             .detached()
@@ -1016,6 +1057,7 @@ impl Drop for SettleOnDrop<'_> {
                 tracing::error!(target: "idem", %key, error = %e, "detached completion failed");
                 emit(e.outcome(), ns, Some(&key));
             }
+            drop(tracked);
         });
     }
 }

@@ -206,6 +206,17 @@ impl Problem {
                         .to_string(),
                 )
             },
+            Error::ShuttingDown => Problem {
+                retry_after: Some(Duration::from_secs(1)),
+                ..Problem::new(
+                    503,
+                    "urn:idem:problem:shutting-down",
+                    "Shutting down",
+                    "This instance is shutting down and takes no new request with an \
+                     Idempotency-Key; the request was not processed. Retry it."
+                        .to_string(),
+                )
+            },
             other => Problem::new(
                 500,
                 "urn:idem:problem:internal",

@@ -226,4 +226,11 @@ impl<S: Store> Store for TieredStore<S> {
     fn completed_now(&self, key: &Key) -> Option<CompletedRecord> {
         self.local.completed_now(key)
     }
+
+    /// The shared store's answer: the local tier only holds copies of the shared store's
+    /// records, so a call derives the key it has there (over a `MemoryStore`, the same
+    /// process-local key as a call made on it directly).
+    fn process_local(&self) -> bool {
+        self.shared.process_local()
+    }
 }

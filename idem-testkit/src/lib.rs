@@ -951,3 +951,46 @@ pub async fn invalid_durations(store: Arc<dyn Store>) {
         assert_eq!(ran.load(Ordering::SeqCst), 0);
     }
 }
+
+/// A store that wraps another (a local cache, a fault injector, a metrics layer) gives every
+/// call the identity the inner store gives it: it forwards [`Store::process_local`], so the
+/// same call run through the wrapper and directly on the inner store derives one key, and the
+/// body runs once. Not part of [`conformance_tests!`](crate::conformance_tests), which sees one
+/// store: a wrapper's tests call it with the wrapper and the store it wraps.
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() {
+/// use std::sync::Arc;
+/// use idem_stores::{MemoryStore, TieredStore};
+/// let inner = Arc::new(MemoryStore::new());
+/// let wrapper = Arc::new(TieredStore::new(inner.clone()));
+/// idem_testkit::wrapper_keeps_identity(wrapper, inner).await;
+/// # }
+/// ```
+pub async fn wrapper_keeps_identity(wrapper: Arc<dyn Store>, inner: Arc<dyn Store>) {
+    assert_eq!(
+        wrapper.process_local(),
+        inner.process_local(),
+        "the wrapper does not forward process_local: a call gets another key through it"
+    );
+    let ns = namespace("wrapper_keeps_identity");
+    let call = || Call::new(ns).key("k").fingerprint((7u32,));
+    assert_eq!(
+        call().identity_for(&*wrapper).expect("identity"),
+        call().identity_for(&*inner).expect("identity"),
+        "the wrapper derives another key than the store it wraps"
+    );
+    let runs = Arc::new(AtomicUsize::new(0));
+    let first = counted_call(&*wrapper, ns, LONG, &runs, 1, Duration::ZERO).await;
+    assert_eq!(first.expect("through the wrapper"), 1);
+    let direct = counted_call(&*inner, ns, LONG, &runs, 2, Duration::ZERO).await;
+    assert_eq!(
+        direct.expect("directly on the inner store"),
+        1,
+        "the inner store does not replay the wrapper's record"
+    );
+    let again = counted_call(&*wrapper, ns, LONG, &runs, 3, Duration::ZERO).await;
+    assert_eq!(again.expect("through the wrapper again"), 1);
+    assert_eq!(runs.load(Ordering::SeqCst), 1, "the body ran twice");
+}

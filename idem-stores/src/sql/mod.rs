@@ -172,8 +172,8 @@ impl<S: base::SqlBackend> SqlStoreBuilder<S> {
 
     /// The bound on one store operation, connection wait and internal re-runs included; past
     /// it the operation fails with [`StoreError::Timeout`]. Default 10 s. Through the runtime
-    /// a call is bounded tighter still: claims and completions by half the call's lease,
-    /// renewals by a quarter, whichever is shorter.
+    /// each attempt is also bounded by the call's lease (claims, completions and renewals by
+    /// the whole lease, releases by half of it), whichever is shorter.
     pub fn operation_timeout(mut self, d: Duration) -> Self {
         self.options.operation_timeout = d.max(Duration::from_millis(1));
         self
