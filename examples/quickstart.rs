@@ -11,8 +11,8 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use idem_core::idempotent;
-use idem_stores::MemoryStore;
+use idempo::idempotent;
+use idempo::MemoryStore;
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -23,11 +23,11 @@ struct Receipt {
 
 #[derive(Debug)]
 enum PaymentError {
-    Idempotency(idem_core::Error),
+    Idempotency(idempo::Error),
 }
 
-impl From<idem_core::Error> for PaymentError {
-    fn from(e: idem_core::Error) -> Self {
+impl From<idempo::Error> for PaymentError {
+    fn from(e: idempo::Error) -> Self {
         PaymentError::Idempotency(e)
     }
 }
@@ -106,7 +106,7 @@ async fn main() {
         "cards charged:         {} (2 orders, 13 calls)",
         payments.charges_made.load(Ordering::SeqCst)
     );
-    for (outcome, n) in idem_core::counters() {
+    for (outcome, n) in idempo::counters() {
         if n > 0 {
             println!("  outcome {:<20} {n}", outcome.as_str());
         }

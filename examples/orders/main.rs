@@ -20,9 +20,9 @@
 
 use std::sync::Arc;
 
-use idem_core::Call;
-use idem_stores::sqlx::{self, AssertSqlSafe};
-use idem_stores::{PgTx, PostgresStore};
+use idempo::Call;
+use idempo::sqlx::{self, AssertSqlSafe};
+use idempo::{PgTx, PostgresStore};
 use serde::{Deserialize, Serialize};
 
 const RECORDS: &str = "idem_example_records";
@@ -47,11 +47,11 @@ struct Receipt {
 enum OrderError {
     OutOfStock(String),
     Db(sqlx::Error),
-    Idempotency(idem_core::Error),
+    Idempotency(idempo::Error),
 }
 
-impl From<idem_core::Error> for OrderError {
-    fn from(e: idem_core::Error) -> Self {
+impl From<idempo::Error> for OrderError {
+    fn from(e: idempo::Error) -> Self {
         OrderError::Idempotency(e)
     }
 }
@@ -204,7 +204,7 @@ async fn demo(orders: Arc<Orders>) -> Result<(), Box<dyn std::error::Error>> {
         ..req.clone()
     };
     match orders.place_order("order-key-1", &other).await {
-        Err(OrderError::Idempotency(e @ idem_core::Error::KeyReused)) => {
+        Err(OrderError::Idempotency(e @ idempo::Error::KeyReused)) => {
             println!("another order under a used key: {e}")
         }
         other => return Err(format!("expected KeyReused, got {other:?}").into()),

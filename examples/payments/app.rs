@@ -14,8 +14,8 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
-use idem_core::{idempotent, OnConflict, Store};
-use idem_http::{mark_started, IdempotencyLayer, Problem};
+use idempo::{idempotent, OnConflict, Store};
+use idempo::http::{mark_started, IdempotencyLayer, Problem};
 use serde::{Deserialize, Serialize};
 
 /// How the idempotency layer treats a duplicate that arrives while the first request runs,
@@ -150,7 +150,7 @@ pub async fn serve_until(
 /// remote ones.
 pub async fn open_store(kind: &str, url: Option<&str>) -> Result<Arc<dyn Store>, String> {
     match kind {
-        "memory" => Ok(Arc::new(idem_stores::MemoryStore::new())),
+        "memory" => Ok(Arc::new(idempo::MemoryStore::new())),
         "redis" => open_redis(url.ok_or("IDEM_REDIS_URL is not set")?).await,
         "postgres" => open_postgres(url.ok_or("IDEM_POSTGRES_URL is not set")?).await,
         other => Err(format!(
@@ -161,7 +161,7 @@ pub async fn open_store(kind: &str, url: Option<&str>) -> Result<Arc<dyn Store>,
 
 #[cfg(feature = "redis")]
 async fn open_redis(url: &str) -> Result<Arc<dyn Store>, String> {
-    let store = idem_stores::RedisStore::connect(url)
+    let store = idempo::RedisStore::connect(url)
         .await
         .map_err(|e| format!("redis at {url}: {e}"))?;
     Ok(Arc::new(store))
@@ -174,7 +174,7 @@ async fn open_redis(_url: &str) -> Result<Arc<dyn Store>, String> {
 
 #[cfg(feature = "postgres")]
 async fn open_postgres(url: &str) -> Result<Arc<dyn Store>, String> {
-    let store = idem_stores::sql::postgres::PostgresStore::connect(url)
+    let store = idempo::sql::postgres::PostgresStore::connect(url)
         .await
         .map_err(|e| format!("postgres at {url}: {e}"))?;
     store
@@ -239,7 +239,7 @@ async fn create_payment(
     }
     // The HTTP layer's hashed key: the downstream capture is keyed by it, so that even a
     // re-run of this handler (say its response could not be recorded) captures once.
-    let reference = idem_core::current_key()
+    let reference = idempo::current_key()
         .map(|k| k.to_hex())
         .unwrap_or_else(|| format!("unkeyed-{execution}"));
     let capture = match state.capture(&reference, new.amount, &new.currency).await {
@@ -286,7 +286,7 @@ impl AppState {
         reference: &str,
         amount: u64,
         currency: &str,
-    ) -> Result<String, idem_core::Error> {
+    ) -> Result<String, idempo::Error> {
         let n = self.captures.fetch_add(1, Ordering::SeqCst) + 1;
         Ok(format!("cap_{n}"))
     }

@@ -23,7 +23,7 @@
 //!
 //! Ctrl-C or SIGTERM (a rolling deploy) shuts it down without losing a result: the server
 //! stops accepting connections and answers the requests in flight, then
-//! `idem_core::shutdown` refuses new claims and waits for every completion this process still
+//! `idempo::shutdown` refuses new claims and waits for every completion this process still
 //! holds — including those handed to a detached task because a client hung up — before the
 //! runtime goes.
 
@@ -31,7 +31,7 @@ mod app;
 
 use std::time::Duration;
 
-use idem_core::OnConflict;
+use idempo::OnConflict;
 
 /// How long the requests in flight and then idem's drain may take, each. Keep it under the
 /// orchestrator's grace period (Kubernetes: `terminationGracePeriodSeconds`, 30 s by default).
@@ -77,7 +77,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
     }
     // The server answers no more requests; settle what idem still holds.
-    match idem_core::shutdown(DRAIN_DEADLINE).await {
+    match idempo::shutdown(DRAIN_DEADLINE).await {
         Ok(()) => tracing::info!("idem drained: every claim is completed or released"),
         Err(e) => {
             for call in e.calls() {
