@@ -69,6 +69,7 @@
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 mod error;
+mod namespace;
 mod observe;
 mod private;
 mod runtime;
@@ -118,11 +119,14 @@ pub use idem_macros::idempotent;
 pub mod __private {
     pub use crate::options::{MissingKey, OnConflict};
     pub use crate::private::*;
+    pub use crate::__idem_site as site;
+    pub use crate::namespace::Site;
     pub use crate::runtime::Call;
     pub use crate::store::Store;
     pub use crate::Error;
     pub use core::concat;
     pub use core::module_path;
+    pub use core::option::Option;
     pub use core::result::Result;
     pub use core::time::Duration;
 

@@ -412,3 +412,11 @@ impl<Tx> TxOf<Tx> for Tx {
         self
     }
 }
+
+/// The call of the annotated function whose `static` site is `site`: in the site's
+/// namespace, or failing with `Error::NamespaceCollision` when another function of this
+/// process holds that namespace.
+#[inline]
+pub fn call(site: &'static crate::namespace::Site) -> crate::Call {
+    crate::Call::at(site)
+}

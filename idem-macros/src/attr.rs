@@ -20,6 +20,7 @@ const ARGUMENTS: &[&str] = &[
     "skip",
     "scope",
     "namespace",
+    "shared",
     "lease",
     "on_conflict",
     "wait_timeout",
@@ -79,7 +80,7 @@ fn argument(
         "ttl" => args.ttl = Some(duration(input, name, errors)?),
         "lease" => args.lease = Some(duration(input, name, errors)?),
         "wait_timeout" => args.wait_timeout = Some((name.clone(), duration(input, name, errors)?)),
-        "namespace" => match value(input, name, "a string literal, e.g. `namespace = \"billing::charge\"`")? {
+        "namespace" => match ungrouped(value(input, name, "a string literal, e.g. `namespace = \"billing::charge\"`")?) {
             Expr::Lit(ExprLit { lit: Lit::Str(s), .. }) if !s.value().is_empty() => {
                 args.namespace = Some(s);
             }
@@ -113,6 +114,15 @@ fn argument(
                     "`version` takes a whole number that fits a u32, e.g. `version = 2`",
                 )),
             }
+        }
+        "shared" => {
+            if input.peek(Token![=]) {
+                return Err(syn::Error::new(
+                    name.span(),
+                    "`shared` takes no value: write `namespace = \"..\", shared`",
+                ));
+            }
+            args.shared = Some(name.clone());
         }
         "fail_open" => {
             if input.peek(Token![=]) {
@@ -192,6 +202,15 @@ fn variable(input: ParseStream<'_>, name: &Ident, what: &str) -> syn::Result<Ide
 }
 
 /// `= <expr>`.
+/// The expression inside the invisible group a `macro_rules!` fragment (`$ns:literal`)
+/// arrives in.
+fn ungrouped(e: Expr) -> Expr {
+    match e {
+        Expr::Group(g) => ungrouped(*g.expr),
+        other => other,
+    }
+}
+
 fn value(input: ParseStream<'_>, name: &Ident, what: &str) -> syn::Result<Expr> {
     eq(input, name, what)?;
     input.parse()

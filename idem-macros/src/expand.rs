@@ -8,7 +8,7 @@
 //! Output:
 //!     async fn charge(&self, req: Req) -> Result<Receipt, PayError> {
 //!         ::idem_core::__private::ok_type::<Receipt>().storable();
-//!         let __idem_call = ::idem_core::__private::Call::new(concat!(module_path!(), "::charge"))
+//!         let __idem_call = ::idem_core::__private::call(::idem_core::__private::site!())
 //!             .key(&(req.id.clone()))
 //!             .fingerprint((::idem_core::__private::arg(&req).checked(),))
 //!             .ttl(::idem_core::__private::Duration::from_secs(86400));
@@ -35,7 +35,6 @@
 
 use proc_macro2::{Literal, Span, TokenStream};
 use quote::{quote, quote_spanned, ToTokens};
-use syn::ext::IdentExt;
 use syn::spanned::Spanned;
 use syn::{Block, Expr, ItemFn};
 
@@ -109,6 +108,16 @@ fn with_errors(errors: Vec<syn::Error>, item: TokenStream) -> TokenStream {
 /// land under those tokens while lints still see generated code.
 fn at(tokens: &impl Spanned) -> Span {
     Span::call_site().located_at(tokens.span())
+}
+
+/// `site!()`, `site!("ns")` or `site!("ns", shared)`: a `static` of this function, whose
+/// marker type's name is the function's path (see `idem_core::__private::site`).
+fn site(p: &TokenStream, args: &Args) -> TokenStream {
+    match (&args.namespace, &args.shared) {
+        (None, _) => quote!(#p::site!()),
+        (Some(ns), None) => quote!(#p::site!(#ns)),
+        (Some(ns), Some(_)) => quote!(#p::site!(#ns, shared)),
+    }
 }
 
 fn wrap(mut func: ItemFn, args: &Args, model: &Func) -> TokenStream {
@@ -197,14 +206,8 @@ fn contains_impl(ty: &syn::Type) -> bool {
 
 /// `Call::new(..)` and its builder calls, up to (not including) the `run`.
 fn call(p: &TokenStream, func: &ItemFn, args: &Args, model: &Func) -> TokenStream {
-    let namespace = match &args.namespace {
-        Some(ns) => ns.to_token_stream(),
-        None => {
-            let name = format!("::{}", func.sig.ident.unraw());
-            quote!(#p::concat!(#p::module_path!(), #name))
-        }
-    };
-    let mut out = quote!(#p::Call::new(#namespace));
+    let site = site(p, args);
+    let mut out = quote!(#p::call(#site));
     let skipped = |n: &syn::Ident| args.skip.iter().any(|s| s == n);
     // The argument tuple carries the span of the parameter list, so that rustc points a
     // missing `Serialize` at the one argument that lacks it.

@@ -163,6 +163,14 @@ pub(crate) fn check(item: &ItemFn, args: &Args) -> (Option<Func>, Vec<syn::Error
              from the arguments is never missing",
         ));
     }
+    if let (Some(shared), None) = (&args.shared, &args.namespace) {
+        errors.push(syn::Error::new(
+            shared.span(),
+            "`shared` lets several functions use one pinned namespace: add \
+             `namespace = \"..\"` with the same string on each of them (a derived namespace \
+             is never shared)",
+        ));
+    }
     if let (Some(reject), Some((wt, _))) = (&args.on_conflict, &args.wait_timeout) {
         if reject == "reject" {
             errors.push(syn::Error::new(
