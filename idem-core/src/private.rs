@@ -187,9 +187,10 @@ pub trait StorableError: Serialize + DeserializeOwned + From<crate::Error> {}
 /// `E: From<idem_core::Error>`, asked of the `Err` type so that idem can report a duplicate
 /// in progress, a reused key or a store outage through it.
 #[diagnostic::on_unimplemented(
-    message = "`{Self}` needs `From<idem_core::Error>`: add `impl From<idem_core::Error> for {Self}`, or with thiserror a variant `#[error(transparent)] Idem(#[from] idem_core::Error)`",
+    message = "`{Self}` needs `From<idem_core::Error>`: for an error type of your own, add `impl From<idem_core::Error> for {Self}` (with thiserror, a variant `#[error(transparent)] Idem(#[from] idem_core::Error)`); for one of another crate, wrap it in an error enum of your own",
     label = "the `Err` type of an idempotent function",
-    note = "idem returns its own errors (a duplicate in progress, a reused key, a store outage) as `{Self}`"
+    note = "idem returns its own errors (a duplicate in progress, a reused key, a store outage) as `{Self}`",
+    note = "a type of another crate (`std::io::Error`, `anyhow::Error`, ..) cannot get that impl in your crate (the orphan rule): return e.g. `enum PayError {{ Io(std::io::Error), Idem(idem_core::Error) }}` with a `From` impl for each, or `idem_core::Error` itself"
 )]
 pub trait FromIdemError: From<crate::Error> {}
 

@@ -262,8 +262,65 @@ fn duration(
             ));
             Dur::Millis(1)
         }
+        other if zero_duration(&other) => {
+            errors.push(syn::Error::new_spanned(
+                &other,
+                format!(
+                    "`{name}` is zero: a ttl, lease or wait_timeout must be positive, e.g. \
+                     `{name} = \"30s\"` or `Duration::from_secs(30)`"
+                ),
+            ));
+            Dur::Millis(1)
+        }
         other => Dur::Expr(other),
     })
+}
+
+/// A `Duration` expression that is zero where the attribute can see it: `Duration::ZERO`,
+/// `Duration::from_secs(0)` (or `from_millis`, `from_micros`, `from_nanos`, `from_secs_f64`,
+/// `from_secs_f32`, `new(0, 0)`), with any path before `Duration`. Anything else is checked
+/// when the call runs (`Error::InvalidOption`).
+fn zero_duration(e: &Expr) -> bool {
+    let is_zero = |e: &Expr| match ungrouped(e.clone()) {
+        Expr::Lit(ExprLit {
+            lit: Lit::Int(i), ..
+        }) => i.base10_parse::<u128>().is_ok_and(|n| n == 0),
+        Expr::Lit(ExprLit {
+            lit: Lit::Float(f),
+            ..
+        }) => f.base10_parse::<f64>().is_ok_and(|n| n == 0.0),
+        _ => false,
+    };
+    let on_duration = |path: &syn::Path, names: &[&str]| {
+        let segs: Vec<_> = path.segments.iter().map(|s| s.ident.to_string()).collect();
+        matches!(segs.as_slice(), [.., ty, f] if ty == "Duration" && names.contains(&f.as_str()))
+    };
+    match ungrouped(e.clone()) {
+        Expr::Path(p) => on_duration(&p.path, &["ZERO"]),
+        Expr::Paren(p) => zero_duration(&p.expr),
+        Expr::Call(c) => match ungrouped((*c.func).clone()) {
+            Expr::Path(p)
+                if on_duration(
+                    &p.path,
+                    &[
+                        "from_secs",
+                        "from_millis",
+                        "from_micros",
+                        "from_nanos",
+                        "from_secs_f64",
+                        "from_secs_f32",
+                        "from_mins",
+                        "from_hours",
+                        "new",
+                    ],
+                ) =>
+            {
+                !c.args.is_empty() && c.args.iter().all(is_zero)
+            }
+            _ => false,
+        },
+        _ => false,
+    }
 }
 
 /// `= one_of_the_words`.

@@ -129,7 +129,12 @@ fn wrap(mut func: ItemFn, args: &Args, model: &Func) -> TokenStream {
     let call = call(&p, &func, args, model);
     match model.shape {
         Shape::Async => {
-            let run = run(&p, call, args, model, &func.block);
+            let mut body = (*func.block).clone();
+            if args.tx().is_none() {
+                let moves = move_arguments(&mut func.sig, args, model);
+                body.stmts.splice(0..0, moves);
+            }
+            let run = run(&p, call, args, model, &body);
             let braces = func.block.brace_token;
             *func.block = syn::parse_quote!({ #run });
             // The user's braces keep the item's span theirs: `dead_code` and other lints
@@ -147,6 +152,67 @@ fn wrap(mut func: ItemFn, args: &Args, model: &Func) -> TokenStream {
         }
     }
     func.into_token_stream()
+}
+
+/// `let x = x;` for each argument, at the top of the body's async block, so that the block
+/// owns its arguments as the plain `async fn`'s future does. Without the move the block would
+/// capture `&x`, and a `Send`-but-not-`Sync` argument (a `Cell`, a `Box<dyn Trait + Send>`, an
+/// `impl Trait + Send`) would make the call's future not `Send`.
+///
+/// Not moved: the arguments the `store = ..` expression borrows (the store outlives the body),
+/// and `self`, which the body keeps naming. A `mut x` argument becomes `x` in the signature and
+/// `let mut x = x;` in the body.
+fn move_arguments(sig: &mut syn::Signature, args: &Args, model: &Func) -> Vec<syn::Stmt> {
+    let used = |n: &syn::Ident| {
+        !args.skip.contains(n)
+            || [&args.key, &args.scope]
+                .into_iter()
+                .flatten()
+                .any(|e| valid::mentions(e, n))
+    };
+    let mut moves = Vec::new();
+    for input in &mut sig.inputs {
+        if let syn::FnArg::Typed(t) = input {
+            move_bindings(&mut t.pat, &mut |ident, mutable| {
+                let in_store = args.store.as_ref().is_some_and(|s| valid::mentions(s, ident));
+                if in_store || !model.inputs.iter().any(|i| i.bindings.contains(ident)) {
+                    return false;
+                }
+                let allow = used(ident).then(|| quote!(#[allow(unused_variables)]));
+                let mutability = mutable.then(|| quote!(mut));
+                moves.push(syn::parse_quote!(#allow let #mutability #ident = #ident;));
+                true
+            });
+        }
+    }
+    moves
+}
+
+/// Calls `moved(ident, mutable)` for each plain binding of the pattern; where it returns
+/// true, a `mut` on the binding is removed (the body's own binding carries it).
+fn move_bindings(pat: &mut syn::Pat, moved: &mut impl FnMut(&syn::Ident, bool) -> bool) {
+    use syn::Pat;
+    match pat {
+        Pat::Ident(p) => {
+            if let Some((_, sub)) = &mut p.subpat {
+                move_bindings(sub, moved);
+            }
+            if p.by_ref.is_none() && moved(&p.ident, p.mutability.is_some()) {
+                p.mutability = None;
+            }
+        }
+        Pat::Reference(r) => move_bindings(&mut r.pat, moved),
+        Pat::Paren(p) => move_bindings(&mut p.pat, moved),
+        Pat::Tuple(t) => t.elems.iter_mut().for_each(|p| move_bindings(p, moved)),
+        Pat::TupleStruct(t) => t.elems.iter_mut().for_each(|p| move_bindings(p, moved)),
+        Pat::Slice(s) => s.elems.iter_mut().for_each(|p| move_bindings(p, moved)),
+        Pat::Struct(s) => s
+            .fields
+            .iter_mut()
+            .for_each(|f| move_bindings(&mut f.pat, moved)),
+        Pat::Type(t) => move_bindings(&mut t.pat, moved),
+        _ => {}
+    }
 }
 
 /// `#[async_trait]` moves each argument into its body (`let order = order;`). An argument

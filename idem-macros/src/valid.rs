@@ -25,7 +25,9 @@ pub(crate) fn check(item: &ItemFn, args: &Args) -> (Option<Func>, Vec<syn::Error
     } else {
         errors.push(syn::Error::new(
             sig.fn_token.span,
-            "#[idempotent] works on `async fn` only: write `async fn`",
+            "#[idempotent] works on `async fn` only: write `async fn`; in a trait impl, the \
+             trait must declare the method `async fn` too, or the trait and the impl both use \
+             `#[async_trait]`",
         ));
         None
     };

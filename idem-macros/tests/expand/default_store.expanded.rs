@@ -11,7 +11,13 @@ async fn run_job<'a>(job_id: &'a str, payload: &'a [u8]) -> std::io::Result<usiz
     __idem_run(
             __idem_call,
             ::idem_core::__private::from_error::<_>,
-            async { Ok(payload.len()) },
+            async {
+                #[allow(unused_variables)]
+                let job_id = job_id;
+                #[allow(unused_variables)]
+                let payload = payload;
+                Ok(payload.len())
+            },
         )
         .await
 }

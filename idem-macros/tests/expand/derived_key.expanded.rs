@@ -16,6 +16,11 @@ async fn send_email(
             ::idem_core::__private::store_arg(&(store)).checked(),
             ::idem_core::__private::from_error::<Error>,
             async {
+                let db = db;
+                #[allow(unused_variables)]
+                let to = to;
+                #[allow(unused_variables)]
+                let template = template;
                 db.log(&to, template).await?;
                 Ok(())
             },

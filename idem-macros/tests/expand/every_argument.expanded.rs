@@ -25,7 +25,14 @@ pub(crate) async fn charge(
     __idem_run(
             __idem_call,
             my_app::idem::__private::store_arg(&(STORE.clone())).checked(),
-            async { client.charge(&order).await },
+            async {
+                let client = client;
+                #[allow(unused_variables)]
+                let tenant = tenant;
+                #[allow(unused_variables)]
+                let order = order;
+                client.charge(&order).await
+            },
         )
         .await
 }

@@ -12,6 +12,8 @@ impl Payments {
                 ::idem_core::__private::store_arg(&(self.store)).checked(),
                 ::idem_core::__private::from_error::<PaymentError>,
                 async {
+                    #[allow(unused_variables)]
+                    let req = req;
                     let receipt = self.gateway.charge(req.card, req.amount).await?;
                     Ok(receipt)
                 },
