@@ -54,6 +54,53 @@ impl<T: ?Sized> Unchecked<'_, T> {
     }
 }
 
+/// [`arg`] for an argument whose type is a type parameter of the function: the fix is a
+/// bound, not a derive.
+pub fn param<T: ?Sized>(value: &T) -> Param<'_, T> {
+    Param(UncheckedParam(value))
+}
+
+/// See [`param`].
+pub struct Param<'a, T: ?Sized>(UncheckedParam<'a, T>);
+
+/// See [`param`]: reached only when the type parameter is not bound by `Serialize`.
+pub struct UncheckedParam<'a, T: ?Sized>(&'a T);
+
+impl<'a, T: Serialize + ?Sized> Param<'a, T> {
+    /// The argument, by reference.
+    pub fn checked(&self) -> &'a T {
+        self.0 .0
+    }
+}
+
+impl<'a, T: ?Sized> Deref for Param<'a, T> {
+    type Target = UncheckedParam<'a, T>;
+    fn deref(&self) -> &UncheckedParam<'a, T> {
+        &self.0
+    }
+}
+
+impl<T: ?Sized> UncheckedParam<'_, T> {
+    /// Never compiles: the type parameter `T` is not bound by `Serialize`.
+    pub fn checked(&self) -> Unserializable
+    where
+        (): BoundedParam<T>,
+    {
+        Unserializable
+    }
+}
+
+/// Asked of `()` for an argument whose type parameter has no `Serialize` bound; implemented
+/// by no type that the expansion uses.
+#[diagnostic::on_unimplemented(
+    message = "the type parameter `{T}` is not bound by `Serialize`: add the bound `{T}: serde::Serialize`, or add this argument to `skip(..)`",
+    label = "`{T}` is not `Serialize`",
+    note = "every argument not skipped is part of the idempotency key or fingerprint"
+)]
+pub trait BoundedParam<T: ?Sized> {}
+
+impl<T: ?Sized> BoundedParam<T> for Unserializable {}
+
 /// What a non-`Serialize` argument turns into (after its compile error), so that the tuple
 /// around it raises no second error.
 #[derive(Serialize)]

@@ -17,6 +17,14 @@ mod skipped_send_handle;
 #[path = "../../idem-macros/tests/pass/impl_trait_send_argument.rs"]
 mod impl_trait_send_argument;
 
+#[path = "../../idem-macros/tests/pass/key_borrows_parts.rs"]
+mod key_borrows_parts;
+
+#[test]
+fn a_tuple_key_borrows_its_parts() {
+    key_borrows_parts::main();
+}
+
 #[test]
 fn spawn_a_send_not_sync_argument() {
     send_not_sync_argument::main();

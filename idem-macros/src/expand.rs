@@ -163,12 +163,22 @@ fn wrap(mut func: ItemFn, args: &Args, model: &Func) -> TokenStream {
 /// and `self`, which the body keeps naming. A `mut x` argument becomes `x` in the signature and
 /// `let mut x = x;` in the body.
 fn move_arguments(sig: &mut syn::Signature, args: &Args, model: &Func) -> Vec<syn::Stmt> {
+    // Used outside the body too (fingerprinted, or named by an attribute expression): the
+    // body's copy may go unused without a warning, as the plain function's would.
+    let durations = [
+        args.ttl.as_ref(),
+        args.lease.as_ref(),
+        args.wait_timeout.as_ref().map(|(_, d)| d),
+    ];
     let used = |n: &syn::Ident| {
         !args.skip.contains(n)
             || [&args.key, &args.scope]
                 .into_iter()
                 .flatten()
                 .any(|e| valid::mentions(e, n))
+            || durations
+                .iter()
+                .any(|d| matches!(d, Some(Dur::Expr(e)) if valid::mentions(e, n)))
     };
     let mut moves = Vec::new();
     for input in &mut sig.inputs {
@@ -280,6 +290,7 @@ fn call(p: &TokenStream, func: &ItemFn, args: &Args, model: &Func) -> TokenStrea
     let params = func.sig.paren_token.span.join();
     match &args.key {
         Some(key) => {
+            let key = &borrow_parts(key);
             let k = quote_spanned!(at(key)=> &(#key));
             out.extend(quote!(.key(#k)));
             // Fingerprint what the key does not say: every argument not skipped, except an
@@ -290,7 +301,7 @@ fn call(p: &TokenStream, func: &ItemFn, args: &Args, model: &Func) -> TokenStrea
                 .filter(|i| !i.opaque)
                 .flat_map(|i| &i.bindings)
                 .filter(|b| !skipped(b))
-                .map(|b| checked_arg(p, b))
+                .map(|b| checked_arg(p, b, func, model))
                 .collect();
             if !fp.is_empty() {
                 let fp = quote_spanned!(params=> (#(#fp,)*));
@@ -303,7 +314,7 @@ fn call(p: &TokenStream, func: &ItemFn, args: &Args, model: &Func) -> TokenStrea
                 .iter()
                 .flat_map(|i| &i.bindings)
                 .filter(|b| !skipped(b))
-                .map(|b| checked_arg(p, b))
+                .map(|b| checked_arg(p, b, func, model))
                 .collect();
             let parts = quote_spanned!(params=> (#(#parts,)*));
             out.extend(quote!(.key(#parts)));
@@ -350,11 +361,52 @@ fn call(p: &TokenStream, func: &ItemFn, args: &Args, model: &Func) -> TokenStrea
     out
 }
 
+/// `(req.a, req.b)` as `(&req.a, &req.b)` (a tuple or array of places): the key is hashed as
+/// the same value, without moving the places out of the arguments the body still uses.
+fn borrow_parts(key: &Expr) -> Expr {
+    let place = |e: &Expr| matches!(e, Expr::Path(_) | Expr::Field(_) | Expr::Index(_));
+    let borrow = |e: &mut Expr| {
+        if place(e) {
+            *e = syn::parse_quote_spanned!(e.span()=> &#e);
+        }
+    };
+    let mut key = key.clone();
+    match &mut key {
+        Expr::Tuple(t) => t.elems.iter_mut().for_each(borrow),
+        Expr::Array(a) => a.elems.iter_mut().for_each(borrow),
+        _ => {}
+    }
+    key
+}
+
 /// `arg(&x).checked()`: `&x` when `x` is `Serialize`, else one error under `x` that says to
 /// skip it (see `idem_core::__private::arg`).
-fn checked_arg(p: &TokenStream, b: &syn::Ident) -> TokenStream {
+///
+/// An argument whose type is one of the function's type parameters is checked with `param`,
+/// whose error asks for the bound `T: serde::Serialize` instead of a derive.
+fn checked_arg(p: &TokenStream, b: &syn::Ident, func: &ItemFn, model: &Func) -> TokenStream {
     let checked = syn::Ident::new("checked", at(b));
-    quote_spanned!(at(b)=> #p::arg(&#b).#checked())
+    let is_param = model
+        .inputs
+        .iter()
+        .find(|i| i.bindings.contains(b))
+        .is_some_and(|i| type_param(&i.ty, func));
+    if is_param {
+        quote_spanned!(at(b)=> #p::param(&#b).#checked())
+    } else {
+        quote_spanned!(at(b)=> #p::arg(&#b).#checked())
+    }
+}
+
+/// `T` (or `&T`), a type parameter of the function.
+fn type_param(ty: &syn::Type, func: &ItemFn) -> bool {
+    match ty {
+        syn::Type::Reference(r) => type_param(&r.elem, func),
+        syn::Type::Path(tp) if tp.qself.is_none() => tp.path.get_ident().is_some_and(|id| {
+            func.sig.generics.type_params().any(|t| &t.ident == id)
+        }),
+        _ => false,
+    }
 }
 
 fn duration(p: &TokenStream, dur: &Dur) -> TokenStream {
