@@ -64,9 +64,9 @@ impl Payments {
         //    number here). `__idem_call` is a mixed-site name: a user variable of the same
         //    name is another variable.
         let __idem_call = ::idem_core::__private::call(::idem_core::__private::site!())
-        .key(&(req.idempotency_key.clone()))
-        .fingerprint((&req,))
-        .ttl(::idem_core::__private::Duration::from_secs(86400));
+            .key(&(req.idempotency_key.clone()))
+            .fingerprint((&req,))
+            .ttl(::idem_core::__private::Duration::from_secs(86400));
         // 2. The runtime function for the chosen store and error policy (`run`,
         //    `run_storing_errors`, `run_on_default`, `run_storing_errors_on_default`), with
         //    the return type's `T` and `E` repeated from the signature: a missing `Serialize`

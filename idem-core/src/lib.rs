@@ -117,10 +117,10 @@ pub use idem_macros::idempotent;
 /// Not a stable API: anything in this module may change in any release.
 #[doc(hidden)]
 pub mod __private {
-    pub use crate::options::{MissingKey, OnConflict};
-    pub use crate::private::*;
     pub use crate::__idem_site as site;
     pub use crate::namespace::Site;
+    pub use crate::options::{MissingKey, OnConflict};
+    pub use crate::private::*;
     pub use crate::runtime::Call;
     pub use crate::store::Store;
     pub use crate::Error;

@@ -19,8 +19,8 @@ use tracing::Instrument;
 
 use crate::codec::{self, Codec, MsgPack};
 use crate::error::{CodecError, Error, StoreError};
-use crate::namespace::{Collision, Site};
 use crate::key::{self, Identity};
+use crate::namespace::{Collision, Site};
 use crate::observe::{emit, Outcome};
 use crate::options::{MissingKey, OnConflict, Options};
 use crate::store::{Claim, ClaimRequest, FencingToken, Key, RecordState, Store};
@@ -150,7 +150,10 @@ pub struct Call<C: Codec = MsgPack> {
 }
 
 impl Call<MsgPack> {
-    /// A call in `namespace` (the macro passes `module_path!()::fn_name` unless pinned).
+    /// A call in `namespace`. An `#[idempotent]` function's namespace is its path (e.g.
+    /// `shop::charge`, `<shop::Stripe as shop::Gateway>::pay`) unless pinned with
+    /// `namespace = ".."`; a `Call` built here with the same namespace and key finds its
+    /// records. Calls built with `new` are not part of the once-per-function collision check.
     #[inline]
     pub fn new(namespace: &'static str) -> Self {
         Call {

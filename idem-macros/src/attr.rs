@@ -286,8 +286,7 @@ fn zero_duration(e: &Expr) -> bool {
             lit: Lit::Int(i), ..
         }) => i.base10_parse::<u128>().is_ok_and(|n| n == 0),
         Expr::Lit(ExprLit {
-            lit: Lit::Float(f),
-            ..
+            lit: Lit::Float(f), ..
         }) => f.base10_parse::<f64>().is_ok_and(|n| n == 0.0),
         _ => false,
     };

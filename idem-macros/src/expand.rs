@@ -184,7 +184,10 @@ fn move_arguments(sig: &mut syn::Signature, args: &Args, model: &Func) -> Vec<sy
     for input in &mut sig.inputs {
         if let syn::FnArg::Typed(t) = input {
             move_bindings(&mut t.pat, &mut |ident, mutable| {
-                let in_store = args.store.as_ref().is_some_and(|s| valid::mentions(s, ident));
+                let in_store = args
+                    .store
+                    .as_ref()
+                    .is_some_and(|s| valid::mentions(s, ident));
                 if in_store || !model.inputs.iter().any(|i| i.bindings.contains(ident)) {
                     return false;
                 }
@@ -402,9 +405,10 @@ fn checked_arg(p: &TokenStream, b: &syn::Ident, func: &ItemFn, model: &Func) -> 
 fn type_param(ty: &syn::Type, func: &ItemFn) -> bool {
     match ty {
         syn::Type::Reference(r) => type_param(&r.elem, func),
-        syn::Type::Path(tp) if tp.qself.is_none() => tp.path.get_ident().is_some_and(|id| {
-            func.sig.generics.type_params().any(|t| &t.ident == id)
-        }),
+        syn::Type::Path(tp) if tp.qself.is_none() => tp
+            .path
+            .get_ident()
+            .is_some_and(|id| func.sig.generics.type_params().any(|t| &t.ident == id)),
         _ => false,
     }
 }

@@ -33,7 +33,10 @@ impl Display for Label {
 }
 
 pub fn main() {
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     rt.block_on(async {
         let store = Arc::new(MemoryStore::new());
         let first = tokio::spawn(note(store.clone(), Label(std::cell::Cell::new(7))));

@@ -21,10 +21,17 @@ pub async fn charge(store: Arc<MemoryStore>, req: Req) -> Result<String, Error> 
 }
 
 pub fn main() {
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     rt.block_on(async {
         let store = Arc::new(MemoryStore::new());
-        let req = || Req { tenant: "acme".into(), order: "o-1".into(), amount: 5 };
+        let req = || Req {
+            tenant: "acme".into(),
+            order: "o-1".into(),
+            amount: 5,
+        };
         let first = tokio::spawn(charge(store.clone(), req()));
         assert_eq!(first.await.unwrap().unwrap(), "acme/o-1: 5");
         let again = tokio::spawn(charge(store, req()));

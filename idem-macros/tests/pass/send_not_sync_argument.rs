@@ -8,7 +8,11 @@ use idem_core::{idempotent, Error};
 use idem_stores::MemoryStore;
 
 #[idempotent(key = order_id.clone(), store = store)]
-pub async fn charge(store: Arc<MemoryStore>, order_id: String, amount: Cell<u64>) -> Result<u64, Error> {
+pub async fn charge(
+    store: Arc<MemoryStore>,
+    order_id: String,
+    amount: Cell<u64>,
+) -> Result<u64, Error> {
     tokio::task::yield_now().await;
     amount.set(amount.get() + 1);
     tokio::task::yield_now().await;
@@ -16,7 +20,10 @@ pub async fn charge(store: Arc<MemoryStore>, order_id: String, amount: Cell<u64>
 }
 
 pub fn main() {
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     rt.block_on(async {
         let store = Arc::new(MemoryStore::new());
         let first = tokio::spawn(charge(store.clone(), "o-1".into(), Cell::new(41)));

@@ -33,7 +33,10 @@ pub async fn pay(
 }
 
 pub fn main() {
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     rt.block_on(async {
         let store = Arc::new(MemoryStore::new());
         let first = tokio::spawn(pay(store.clone(), Box::new(Card(0)), "o-1".into(), 5));
