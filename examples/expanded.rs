@@ -53,20 +53,20 @@ impl Payments {
     // `req`; clippy does not lint generated code, but it does this hand copy.
     #[allow(clippy::needless_borrows_for_generic_args)]
     async fn charge_by_hand(&self, req: ChargeRequest) -> Result<Receipt, Error> {
-        // 1. The call's identity, computed before the body exists: the namespace (module path
-        //    and function name, or `namespace = ".."`), the key (the `key` expression, hashed),
+        // 1. The call's identity, computed before the body exists: the namespace (`site!()`
+        //    is a `static` of this function whose marker type names its path, here
+        //    `expanded::Payments::charge_by_hand`, or the `namespace = ".."` given; the first
+        //    call checks once that no other function of the process has it), the key (the
+        //    `key` expression, hashed),
         //    and the fingerprint (the arguments the key does not name, `self` and skipped ones
         //    excluded; a duplicate key with another fingerprint is `Error::KeyReused`). Then
         //    each option that was given (`ttl = "24h"` was checked at compile time and is a
         //    number here). `__idem_call` is a mixed-site name: a user variable of the same
         //    name is another variable.
-        let __idem_call = ::idem_core::__private::Call::new(::idem_core::__private::concat!(
-            ::idem_core::__private::module_path!(),
-            "::charge"
-        ))
-        .key(&(req.idempotency_key.clone()))
-        .fingerprint((&req,))
-        .ttl(::idem_core::__private::Duration::from_secs(86400));
+        let __idem_call = ::idem_core::__private::call(::idem_core::__private::site!())
+            .key(&(req.idempotency_key.clone()))
+            .fingerprint((&req,))
+            .ttl(::idem_core::__private::Duration::from_secs(86400));
         // 2. The runtime function for the chosen store and error policy (`run`,
         //    `run_storing_errors`, `run_on_default`, `run_storing_errors_on_default`), with
         //    the return type's `T` and `E` repeated from the signature: a missing `Serialize`

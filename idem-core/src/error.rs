@@ -90,6 +90,23 @@ pub enum Error {
     /// the body was not run (HTTP 503). Retry on another instance.
     #[error("the process is shutting down: no new idempotent calls are accepted")]
     ShuttingDown,
+    /// Two annotated functions of this process have one namespace, so they would read each
+    /// other's records (HTTP 500). The second one to run gets this error on every call and
+    /// never runs its body; the first keeps working. Give one of them its own
+    /// `namespace = ".."`, or, if both are one logical operation, add `shared` to both.
+    #[error(
+        "idempotency namespace `{namespace}` is used by two functions, `{first}` and \
+         `{second}`: give `{second}` its own `namespace = \"..\"`, or add `shared` to both \
+         if they are one operation"
+    )]
+    NamespaceCollision {
+        /// The namespace both use.
+        namespace: &'static str,
+        /// The function that registered it first (and keeps it).
+        first: &'static str,
+        /// The function that was refused.
+        second: &'static str,
+    },
 }
 
 /// The message of [`Error::IncompatibleRecord`]: a tag mismatch names both tags; a payload
@@ -150,7 +167,8 @@ impl Error {
             | Error::LeaseLost
             | Error::TooLarge { .. }
             | Error::InvalidOption { .. }
-            | Error::NoStore => 500,
+            | Error::NoStore
+            | Error::NamespaceCollision { .. } => 500,
         }
     }
 
@@ -163,7 +181,9 @@ impl Error {
             Error::MissingKey => Outcome::MissingKey,
             Error::IncompatibleRecord { .. } => Outcome::IncompatibleRecord,
             Error::Store(_) | Error::NoStore => Outcome::StoreError,
-            Error::InvalidOption { .. } => Outcome::InvalidOption,
+            Error::InvalidOption { .. } | Error::NamespaceCollision { .. } => {
+                Outcome::InvalidOption
+            }
             Error::Codec(_) => Outcome::CodecError,
             Error::LeaseLost => Outcome::LeaseLost,
             Error::TooLarge { .. } => Outcome::TooLarge,

@@ -72,6 +72,7 @@
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 mod error;
+mod namespace;
 mod observe;
 mod private;
 mod runtime;
@@ -116,6 +117,8 @@ pub mod __private {
     /// The one outcome event of a call, for the sibling crates (`idem-http`) that end a call
     /// without running it through [`Call`].
     pub use crate::observe::emit;
+    pub use crate::__idem_site as site;
+    pub use crate::namespace::Site;
     pub use crate::options::{MissingKey, OnConflict};
     pub use crate::private::*;
     pub use crate::runtime::Call;
@@ -123,6 +126,7 @@ pub mod __private {
     pub use crate::Error;
     pub use core::concat;
     pub use core::module_path;
+    pub use core::option::Option;
     pub use core::result::Result;
     pub use core::time::Duration;
 

@@ -54,6 +54,53 @@ impl<T: ?Sized> Unchecked<'_, T> {
     }
 }
 
+/// [`arg`] for an argument whose type is a type parameter of the function: the fix is a
+/// bound, not a derive.
+pub fn param<T: ?Sized>(value: &T) -> Param<'_, T> {
+    Param(UncheckedParam(value))
+}
+
+/// See [`param`].
+pub struct Param<'a, T: ?Sized>(UncheckedParam<'a, T>);
+
+/// See [`param`]: reached only when the type parameter is not bound by `Serialize`.
+pub struct UncheckedParam<'a, T: ?Sized>(&'a T);
+
+impl<'a, T: Serialize + ?Sized> Param<'a, T> {
+    /// The argument, by reference.
+    pub fn checked(&self) -> &'a T {
+        self.0 .0
+    }
+}
+
+impl<'a, T: ?Sized> Deref for Param<'a, T> {
+    type Target = UncheckedParam<'a, T>;
+    fn deref(&self) -> &UncheckedParam<'a, T> {
+        &self.0
+    }
+}
+
+impl<T: ?Sized> UncheckedParam<'_, T> {
+    /// Never compiles: the type parameter `T` is not bound by `Serialize`.
+    pub fn checked(&self) -> Unserializable
+    where
+        (): BoundedParam<T>,
+    {
+        Unserializable
+    }
+}
+
+/// Asked of `()` for an argument whose type parameter has no `Serialize` bound; implemented
+/// by no type that the expansion uses.
+#[diagnostic::on_unimplemented(
+    message = "the type parameter `{T}` is not bound by `Serialize`: add the bound `{T}: serde::Serialize`, or add this argument to `skip(..)`",
+    label = "`{T}` is not `Serialize`",
+    note = "every argument not skipped is part of the idempotency key or fingerprint"
+)]
+pub trait BoundedParam<T: ?Sized> {}
+
+impl<T: ?Sized> BoundedParam<T> for Unserializable {}
+
 /// What a non-`Serialize` argument turns into (after its compile error), so that the tuple
 /// around it raises no second error.
 #[derive(Serialize)]
@@ -187,9 +234,10 @@ pub trait StorableError: Serialize + DeserializeOwned + From<crate::Error> {}
 /// `E: From<idem_core::Error>`, asked of the `Err` type so that idem can report a duplicate
 /// in progress, a reused key or a store outage through it.
 #[diagnostic::on_unimplemented(
-    message = "`{Self}` needs `From<idem_core::Error>`: add `impl From<idem_core::Error> for {Self}`, or with thiserror a variant `#[error(transparent)] Idem(#[from] idem_core::Error)`",
+    message = "`{Self}` needs `From<idem_core::Error>`: for an error type of your own, add `impl From<idem_core::Error> for {Self}` (with thiserror, a variant `#[error(transparent)] Idem(#[from] idem_core::Error)`); for one of another crate, wrap it in an error enum of your own",
     label = "the `Err` type of an idempotent function",
-    note = "idem returns its own errors (a duplicate in progress, a reused key, a store outage) as `{Self}`"
+    note = "idem returns its own errors (a duplicate in progress, a reused key, a store outage) as `{Self}`",
+    note = "a type of another crate (`std::io::Error`, `anyhow::Error`, ..) cannot get that impl in your crate (the orphan rule): return e.g. `enum PayError {{ Io(std::io::Error), Idem(idem_core::Error) }}` with a `From` impl for each, or `idem_core::Error` itself"
 )]
 pub trait FromIdemError: From<crate::Error> {}
 
@@ -411,4 +459,12 @@ impl<Tx> TxOf<Tx> for Tx {
     fn as_tx(&mut self) -> &mut Tx {
         self
     }
+}
+
+/// The call of the annotated function whose `static` site is `site`: in the site's
+/// namespace, or failing with `Error::NamespaceCollision` when another function of this
+/// process holds that namespace.
+#[inline]
+pub fn call(site: &'static crate::namespace::Site) -> crate::Call {
+    crate::Call::at(site)
 }

@@ -20,6 +20,7 @@ use tracing::Instrument;
 use crate::codec::{self, Codec, MsgPack};
 use crate::error::{CodecError, Error, StoreError};
 use crate::key::{self, Identity};
+use crate::namespace::{Collision, Site};
 use crate::observe::{emit, Outcome};
 use crate::options::{MissingKey, OnConflict, Options};
 use crate::shutdown::{Stage, Tracked};
@@ -143,14 +144,17 @@ pub struct Call<C: Codec = MsgPack> {
     /// The canonical encodings of the key material (`None`: a missing key), scope and
     /// fingerprint, hashed when the call runs and the store is known.
     pub(crate) encodings: key::Encodings,
-    /// The first argument that could not be hashed.
-    error: Option<String>,
+    /// The first argument that could not be hashed, or a namespace refused at this site.
+    error: Option<Pending>,
     pub(crate) options: Options,
     pub(crate) codec: C,
 }
 
 impl Call<MsgPack> {
-    /// A call in `namespace` (the macro passes `module_path!()::fn_name` unless pinned).
+    /// A call in `namespace`. An `#[idempotent]` function's namespace is its path (e.g.
+    /// `shop::charge`, `<shop::Stripe as shop::Gateway>::pay`) unless pinned with
+    /// `namespace = ".."`; a `Call` built here with the same namespace and key finds its
+    /// records. Calls built with `new` are not part of the once-per-function collision check.
     #[inline]
     pub fn new(namespace: &'static str) -> Self {
         Call {
@@ -161,6 +165,29 @@ impl Call<MsgPack> {
             codec: MsgPack,
         }
     }
+
+    /// The call of an annotated function: in its site's namespace, or, when another
+    /// function of this process already holds that namespace, a call that fails with
+    /// [`Error::NamespaceCollision`] before it claims anything.
+    #[inline]
+    pub(crate) fn at(site: &'static Site) -> Self {
+        match site.namespace() {
+            Ok(namespace) => Call::new(namespace),
+            Err(collision) => {
+                let mut call = Call::new(collision.namespace);
+                call.error = Some(Pending::Namespace(collision));
+                call
+            }
+        }
+    }
+}
+
+/// Why a call will fail when it runs, found while it was built.
+enum Pending {
+    /// An argument's `Serialize` impl failed.
+    Fingerprint(String),
+    /// The namespace belongs to another function.
+    Namespace(Collision),
 }
 
 impl<C: Codec> Call<C> {
@@ -198,7 +225,8 @@ impl<C: Codec> Call<C> {
         match recorded {
             Ok(span) => span,
             Err(e) => {
-                self.error.get_or_insert_with(|| e.to_string());
+                self.error
+                    .get_or_insert_with(|| Pending::Fingerprint(e.to_string()));
                 None
             }
         }
@@ -305,7 +333,10 @@ impl<C: Codec> Call<C> {
 
     fn checked(&self) -> Result<(), Error> {
         match &self.error {
-            Some(msg) => Err(Error::Codec(CodecError::Fingerprint(msg.clone()))),
+            Some(Pending::Fingerprint(msg)) => {
+                Err(Error::Codec(CodecError::Fingerprint(msg.clone())))
+            }
+            Some(Pending::Namespace(collision)) => Err((*collision).into()),
             None => Ok(()),
         }
     }

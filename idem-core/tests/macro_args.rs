@@ -224,13 +224,13 @@ async fn scope_separates_tenants_with_the_same_key() {
 
 // ---- namespace -------------------------------------------------------------------------
 
-#[idempotent(key = id, namespace = "billing::charge", store = store, skip(store, runs))]
+#[idempotent(key = id, namespace = "billing::charge", shared, store = store, skip(store, runs))]
 async fn charge_v1(store: &MemoryStore, runs: &AtomicU32, id: u64) -> Result<u32, Error> {
     let _ = id;
     Ok(bump(runs))
 }
 
-#[idempotent(key = id, namespace = "billing::charge", store = store, skip(store, runs))]
+#[idempotent(key = id, namespace = "billing::charge", shared, store = store, skip(store, runs))]
 async fn charge_renamed(store: &MemoryStore, runs: &AtomicU32, id: u64) -> Result<u32, Error> {
     let _ = id;
     Ok(bump(runs) + 100)
@@ -257,7 +257,7 @@ async fn namespace_pins_the_record_across_renames() {
 
 // ---- version ---------------------------------------------------------------------------
 
-#[idempotent(key = id, namespace = "versioned", version = 2, store = store, skip(store, runs))]
+#[idempotent(key = id, namespace = "versioned", shared, version = 2, store = store, skip(store, runs))]
 async fn versioned(store: &MemoryStore, runs: &AtomicU32, id: u64) -> Result<u32, Error> {
     let _ = id;
     Ok(bump(runs))
@@ -267,7 +267,7 @@ async fn versioned(store: &MemoryStore, runs: &AtomicU32, id: u64) -> Result<u32
 async fn version_refuses_records_of_another_version() {
     let (store, runs) = (MemoryStore::new(), AtomicU32::new(0));
     // `charge_v1`-style record at version 0 under the same namespace and key...
-    #[idempotent(key = id, namespace = "versioned", store = store, skip(store, runs))]
+    #[idempotent(key = id, namespace = "versioned", shared, store = store, skip(store, runs))]
     async fn version0(store: &MemoryStore, runs: &AtomicU32, id: u64) -> Result<u32, Error> {
         let _ = id;
         Ok(bump(runs))

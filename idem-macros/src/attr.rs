@@ -20,6 +20,7 @@ const ARGUMENTS: &[&str] = &[
     "skip",
     "scope",
     "namespace",
+    "shared",
     "lease",
     "on_conflict",
     "wait_timeout",
@@ -79,7 +80,7 @@ fn argument(
         "ttl" => args.ttl = Some(duration(input, name, errors)?),
         "lease" => args.lease = Some(duration(input, name, errors)?),
         "wait_timeout" => args.wait_timeout = Some((name.clone(), duration(input, name, errors)?)),
-        "namespace" => match value(input, name, "a string literal, e.g. `namespace = \"billing::charge\"`")? {
+        "namespace" => match ungrouped(value(input, name, "a string literal, e.g. `namespace = \"billing::charge\"`")?) {
             Expr::Lit(ExprLit { lit: Lit::Str(s), .. }) if !s.value().is_empty() => {
                 args.namespace = Some(s);
             }
@@ -113,6 +114,15 @@ fn argument(
                     "`version` takes a whole number that fits a u32, e.g. `version = 2`",
                 )),
             }
+        }
+        "shared" => {
+            if input.peek(Token![=]) {
+                return Err(syn::Error::new(
+                    name.span(),
+                    "`shared` takes no value: write `namespace = \"..\", shared`",
+                ));
+            }
+            args.shared = Some(name.clone());
         }
         "fail_open" => {
             if input.peek(Token![=]) {
@@ -192,6 +202,15 @@ fn variable(input: ParseStream<'_>, name: &Ident, what: &str) -> syn::Result<Ide
 }
 
 /// `= <expr>`.
+/// The expression inside the invisible group a `macro_rules!` fragment (`$ns:literal`)
+/// arrives in.
+fn ungrouped(e: Expr) -> Expr {
+    match e {
+        Expr::Group(g) => ungrouped(*g.expr),
+        other => other,
+    }
+}
+
 fn value(input: ParseStream<'_>, name: &Ident, what: &str) -> syn::Result<Expr> {
     eq(input, name, what)?;
     input.parse()
@@ -243,8 +262,64 @@ fn duration(
             ));
             Dur::Millis(1)
         }
+        other if zero_duration(&other) => {
+            errors.push(syn::Error::new_spanned(
+                &other,
+                format!(
+                    "`{name}` is zero: a ttl, lease or wait_timeout must be positive, e.g. \
+                     `{name} = \"30s\"` or `Duration::from_secs(30)`"
+                ),
+            ));
+            Dur::Millis(1)
+        }
         other => Dur::Expr(other),
     })
+}
+
+/// A `Duration` expression that is zero where the attribute can see it: `Duration::ZERO`,
+/// `Duration::from_secs(0)` (or `from_millis`, `from_micros`, `from_nanos`, `from_secs_f64`,
+/// `from_secs_f32`, `new(0, 0)`), with any path before `Duration`. Anything else is checked
+/// when the call runs (`Error::InvalidOption`).
+fn zero_duration(e: &Expr) -> bool {
+    let is_zero = |e: &Expr| match ungrouped(e.clone()) {
+        Expr::Lit(ExprLit {
+            lit: Lit::Int(i), ..
+        }) => i.base10_parse::<u128>().is_ok_and(|n| n == 0),
+        Expr::Lit(ExprLit {
+            lit: Lit::Float(f), ..
+        }) => f.base10_parse::<f64>().is_ok_and(|n| n == 0.0),
+        _ => false,
+    };
+    let on_duration = |path: &syn::Path, names: &[&str]| {
+        let segs: Vec<_> = path.segments.iter().map(|s| s.ident.to_string()).collect();
+        matches!(segs.as_slice(), [.., ty, f] if ty == "Duration" && names.contains(&f.as_str()))
+    };
+    match ungrouped(e.clone()) {
+        Expr::Path(p) => on_duration(&p.path, &["ZERO"]),
+        Expr::Paren(p) => zero_duration(&p.expr),
+        Expr::Call(c) => match ungrouped((*c.func).clone()) {
+            Expr::Path(p)
+                if on_duration(
+                    &p.path,
+                    &[
+                        "from_secs",
+                        "from_millis",
+                        "from_micros",
+                        "from_nanos",
+                        "from_secs_f64",
+                        "from_secs_f32",
+                        "from_mins",
+                        "from_hours",
+                        "new",
+                    ],
+                ) =>
+            {
+                !c.args.is_empty() && c.args.iter().all(is_zero)
+            }
+            _ => false,
+        },
+        _ => false,
+    }
 }
 
 /// `= one_of_the_words`.

@@ -8,7 +8,7 @@
 //! Output:
 //!     async fn charge(&self, req: Req) -> Result<Receipt, PayError> {
 //!         ::idem_core::__private::ok_type::<Receipt>().storable();
-//!         let __idem_call = ::idem_core::__private::Call::new(concat!(module_path!(), "::charge"))
+//!         let __idem_call = ::idem_core::__private::call(::idem_core::__private::site!())
 //!             .key(&(req.id.clone()))
 //!             .fingerprint((::idem_core::__private::arg(&req).checked(),))
 //!             .ttl(::idem_core::__private::Duration::from_secs(86400));
@@ -35,7 +35,6 @@
 
 use proc_macro2::{Literal, Span, TokenStream};
 use quote::{quote, quote_spanned, ToTokens};
-use syn::ext::IdentExt;
 use syn::spanned::Spanned;
 use syn::{Block, Expr, ItemFn};
 
@@ -111,6 +110,16 @@ fn at(tokens: &impl Spanned) -> Span {
     Span::call_site().located_at(tokens.span())
 }
 
+/// `site!()`, `site!("ns")` or `site!("ns", shared)`: a `static` of this function, whose
+/// marker type's name is the function's path (see `idem_core::__private::site`).
+fn site(p: &TokenStream, args: &Args) -> TokenStream {
+    match (&args.namespace, &args.shared) {
+        (None, _) => quote!(#p::site!()),
+        (Some(ns), None) => quote!(#p::site!(#ns)),
+        (Some(ns), Some(_)) => quote!(#p::site!(#ns, shared)),
+    }
+}
+
 fn wrap(mut func: ItemFn, args: &Args, model: &Func) -> TokenStream {
     let krate = args
         .krate
@@ -120,7 +129,12 @@ fn wrap(mut func: ItemFn, args: &Args, model: &Func) -> TokenStream {
     let call = call(&p, &func, args, model);
     match model.shape {
         Shape::Async => {
-            let run = run(&p, call, args, model, &func.block);
+            let mut body = (*func.block).clone();
+            if args.tx().is_none() {
+                let moves = move_arguments(&mut func.sig, args, model);
+                body.stmts.splice(0..0, moves);
+            }
+            let run = run(&p, call, args, model, &body);
             let braces = func.block.brace_token;
             *func.block = syn::parse_quote!({ #run });
             // The user's braces keep the item's span theirs: `dead_code` and other lints
@@ -138,6 +152,80 @@ fn wrap(mut func: ItemFn, args: &Args, model: &Func) -> TokenStream {
         }
     }
     func.into_token_stream()
+}
+
+/// `let x = x;` for each argument, at the top of the body's async block, so that the block
+/// owns its arguments as the plain `async fn`'s future does. Without the move the block would
+/// capture `&x`, and a `Send`-but-not-`Sync` argument (a `Cell`, a `Box<dyn Trait + Send>`, an
+/// `impl Trait + Send`) would make the call's future not `Send`.
+///
+/// Not moved: the arguments the `store = ..` expression borrows (the store outlives the body),
+/// and `self`, which the body keeps naming. A `mut x` argument becomes `x` in the signature and
+/// `let mut x = x;` in the body.
+fn move_arguments(sig: &mut syn::Signature, args: &Args, model: &Func) -> Vec<syn::Stmt> {
+    // Used outside the body too (fingerprinted, or named by an attribute expression): the
+    // body's copy may go unused without a warning, as the plain function's would.
+    let durations = [
+        args.ttl.as_ref(),
+        args.lease.as_ref(),
+        args.wait_timeout.as_ref().map(|(_, d)| d),
+    ];
+    let used = |n: &syn::Ident| {
+        !args.skip.contains(n)
+            || [&args.key, &args.scope]
+                .into_iter()
+                .flatten()
+                .any(|e| valid::mentions(e, n))
+            || durations
+                .iter()
+                .any(|d| matches!(d, Some(Dur::Expr(e)) if valid::mentions(e, n)))
+    };
+    let mut moves = Vec::new();
+    for input in &mut sig.inputs {
+        if let syn::FnArg::Typed(t) = input {
+            move_bindings(&mut t.pat, &mut |ident, mutable| {
+                let in_store = args
+                    .store
+                    .as_ref()
+                    .is_some_and(|s| valid::mentions(s, ident));
+                if in_store || !model.inputs.iter().any(|i| i.bindings.contains(ident)) {
+                    return false;
+                }
+                let allow = used(ident).then(|| quote!(#[allow(unused_variables)]));
+                let mutability = mutable.then(|| quote!(mut));
+                moves.push(syn::parse_quote!(#allow let #mutability #ident = #ident;));
+                true
+            });
+        }
+    }
+    moves
+}
+
+/// Calls `moved(ident, mutable)` for each plain binding of the pattern; where it returns
+/// true, a `mut` on the binding is removed (the body's own binding carries it).
+fn move_bindings(pat: &mut syn::Pat, moved: &mut impl FnMut(&syn::Ident, bool) -> bool) {
+    use syn::Pat;
+    match pat {
+        Pat::Ident(p) => {
+            if let Some((_, sub)) = &mut p.subpat {
+                move_bindings(sub, moved);
+            }
+            if p.by_ref.is_none() && moved(&p.ident, p.mutability.is_some()) {
+                p.mutability = None;
+            }
+        }
+        Pat::Reference(r) => move_bindings(&mut r.pat, moved),
+        Pat::Paren(p) => move_bindings(&mut p.pat, moved),
+        Pat::Tuple(t) => t.elems.iter_mut().for_each(|p| move_bindings(p, moved)),
+        Pat::TupleStruct(t) => t.elems.iter_mut().for_each(|p| move_bindings(p, moved)),
+        Pat::Slice(s) => s.elems.iter_mut().for_each(|p| move_bindings(p, moved)),
+        Pat::Struct(s) => s
+            .fields
+            .iter_mut()
+            .for_each(|f| move_bindings(&mut f.pat, moved)),
+        Pat::Type(t) => move_bindings(&mut t.pat, moved),
+        _ => {}
+    }
 }
 
 /// `#[async_trait]` moves each argument into its body (`let order = order;`). An argument
@@ -197,20 +285,15 @@ fn contains_impl(ty: &syn::Type) -> bool {
 
 /// `Call::new(..)` and its builder calls, up to (not including) the `run`.
 fn call(p: &TokenStream, func: &ItemFn, args: &Args, model: &Func) -> TokenStream {
-    let namespace = match &args.namespace {
-        Some(ns) => ns.to_token_stream(),
-        None => {
-            let name = format!("::{}", func.sig.ident.unraw());
-            quote!(#p::concat!(#p::module_path!(), #name))
-        }
-    };
-    let mut out = quote!(#p::Call::new(#namespace));
+    let site = site(p, args);
+    let mut out = quote!(#p::call(#site));
     let skipped = |n: &syn::Ident| args.skip.iter().any(|s| s == n);
     // The argument tuple carries the span of the parameter list, so that rustc points a
     // missing `Serialize` at the one argument that lacks it.
     let params = func.sig.paren_token.span.join();
     match &args.key {
         Some(key) => {
+            let key = &borrow_parts(key);
             let k = quote_spanned!(at(key)=> &(#key));
             out.extend(quote!(.key(#k)));
             // Fingerprint what the key does not say: every argument not skipped, except an
@@ -221,7 +304,7 @@ fn call(p: &TokenStream, func: &ItemFn, args: &Args, model: &Func) -> TokenStrea
                 .filter(|i| !i.opaque)
                 .flat_map(|i| &i.bindings)
                 .filter(|b| !skipped(b))
-                .map(|b| checked_arg(p, b))
+                .map(|b| checked_arg(p, b, func, model))
                 .collect();
             if !fp.is_empty() {
                 let fp = quote_spanned!(params=> (#(#fp,)*));
@@ -234,7 +317,7 @@ fn call(p: &TokenStream, func: &ItemFn, args: &Args, model: &Func) -> TokenStrea
                 .iter()
                 .flat_map(|i| &i.bindings)
                 .filter(|b| !skipped(b))
-                .map(|b| checked_arg(p, b))
+                .map(|b| checked_arg(p, b, func, model))
                 .collect();
             let parts = quote_spanned!(params=> (#(#parts,)*));
             out.extend(quote!(.key(#parts)));
@@ -281,11 +364,53 @@ fn call(p: &TokenStream, func: &ItemFn, args: &Args, model: &Func) -> TokenStrea
     out
 }
 
+/// `(req.a, req.b)` as `(&req.a, &req.b)` (a tuple or array of places): the key is hashed as
+/// the same value, without moving the places out of the arguments the body still uses.
+fn borrow_parts(key: &Expr) -> Expr {
+    let place = |e: &Expr| matches!(e, Expr::Path(_) | Expr::Field(_) | Expr::Index(_));
+    let borrow = |e: &mut Expr| {
+        if place(e) {
+            *e = syn::parse_quote_spanned!(e.span()=> &#e);
+        }
+    };
+    let mut key = key.clone();
+    match &mut key {
+        Expr::Tuple(t) => t.elems.iter_mut().for_each(borrow),
+        Expr::Array(a) => a.elems.iter_mut().for_each(borrow),
+        _ => {}
+    }
+    key
+}
+
 /// `arg(&x).checked()`: `&x` when `x` is `Serialize`, else one error under `x` that says to
 /// skip it (see `idem_core::__private::arg`).
-fn checked_arg(p: &TokenStream, b: &syn::Ident) -> TokenStream {
+///
+/// An argument whose type is one of the function's type parameters is checked with `param`,
+/// whose error asks for the bound `T: serde::Serialize` instead of a derive.
+fn checked_arg(p: &TokenStream, b: &syn::Ident, func: &ItemFn, model: &Func) -> TokenStream {
     let checked = syn::Ident::new("checked", at(b));
-    quote_spanned!(at(b)=> #p::arg(&#b).#checked())
+    let is_param = model
+        .inputs
+        .iter()
+        .find(|i| i.bindings.contains(b))
+        .is_some_and(|i| type_param(&i.ty, func));
+    if is_param {
+        quote_spanned!(at(b)=> #p::param(&#b).#checked())
+    } else {
+        quote_spanned!(at(b)=> #p::arg(&#b).#checked())
+    }
+}
+
+/// `T` (or `&T`), a type parameter of the function.
+fn type_param(ty: &syn::Type, func: &ItemFn) -> bool {
+    match ty {
+        syn::Type::Reference(r) => type_param(&r.elem, func),
+        syn::Type::Path(tp) if tp.qself.is_none() => tp
+            .path
+            .get_ident()
+            .is_some_and(|id| func.sig.generics.type_params().any(|t| &t.ident == id)),
+        _ => false,
+    }
 }
 
 fn duration(p: &TokenStream, dur: &Dur) -> TokenStream {

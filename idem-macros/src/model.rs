@@ -12,6 +12,8 @@ pub(crate) struct Args {
     pub skip: Vec<Ident>,
     pub scope: Option<Expr>,
     pub namespace: Option<LitStr>,
+    /// `shared`: other functions may use the same pinned namespace if they say so too.
+    pub shared: Option<Ident>,
     pub lease: Option<Dur>,
     /// `wait` or `reject`, checked by the parser.
     pub on_conflict: Option<Ident>,

@@ -25,7 +25,9 @@ pub(crate) fn check(item: &ItemFn, args: &Args) -> (Option<Func>, Vec<syn::Error
     } else {
         errors.push(syn::Error::new(
             sig.fn_token.span,
-            "#[idempotent] works on `async fn` only: write `async fn`",
+            "#[idempotent] works on `async fn` only: write `async fn`; in a trait impl, the \
+             trait must declare the method `async fn` too, or the trait and the impl both use \
+             `#[async_trait]`",
         ));
         None
     };
@@ -161,6 +163,14 @@ pub(crate) fn check(item: &ItemFn, args: &Args) -> (Option<Func>, Vec<syn::Error
             mk.span(),
             "`missing_key` needs an explicit `key = ...` (e.g. an `Option`): a key derived \
              from the arguments is never missing",
+        ));
+    }
+    if let (Some(shared), None) = (&args.shared, &args.namespace) {
+        errors.push(syn::Error::new(
+            shared.span(),
+            "`shared` lets several functions use one pinned namespace: add \
+             `namespace = \"..\"` with the same string on each of them (a derived namespace \
+             is never shared)",
         ));
     }
     if let (Some(reject), Some((wt, _))) = (&args.on_conflict, &args.wait_timeout) {

@@ -15,10 +15,8 @@ impl Billing for Biller {
     {
         Box::pin(async move {
             ::idem_core::__private::ok_type::<Receipt>().storable();
-            let __idem_call = ::idem_core::__private::Call::new(
-                    ::idem_core::__private::concat!(
-                        ::idem_core::__private::module_path!(), "::charge"
-                    ),
+            let __idem_call = ::idem_core::__private::call(
+                    ::idem_core::__private::site!(),
                 )
                 .key(&(order.clone()))
                 .fingerprint((::idem_core::__private::arg(&order).checked(),));

@@ -1,10 +1,6 @@
 async fn run_job<'a>(job_id: &'a str, payload: &'a [u8]) -> std::io::Result<usize> {
     ::idem_core::__private::ok_type::<usize>().storable();
-    let __idem_call = ::idem_core::__private::Call::new(
-            ::idem_core::__private::concat!(
-                ::idem_core::__private::module_path!(), "::run_job"
-            ),
-        )
+    let __idem_call = ::idem_core::__private::call(::idem_core::__private::site!())
         .key(&(job_id))
         .fingerprint((
             ::idem_core::__private::arg(&job_id).checked(),
@@ -15,7 +11,13 @@ async fn run_job<'a>(job_id: &'a str, payload: &'a [u8]) -> std::io::Result<usiz
     __idem_run(
             __idem_call,
             ::idem_core::__private::from_error::<_>,
-            async { Ok(payload.len()) },
+            async {
+                #[allow(unused_variables)]
+                let job_id = job_id;
+                #[allow(unused_variables)]
+                let payload = payload;
+                Ok(payload.len())
+            },
         )
         .await
 }

@@ -5,11 +5,7 @@ async fn send_email(
     template: u32,
 ) -> Result<(), Error> {
     ::idem_core::__private::ok_type::<()>().storable();
-    let __idem_call = ::idem_core::__private::Call::new(
-            ::idem_core::__private::concat!(
-                ::idem_core::__private::module_path!(), "::send_email"
-            ),
-        )
+    let __idem_call = ::idem_core::__private::call(::idem_core::__private::site!())
         .key((
             ::idem_core::__private::arg(&to).checked(),
             ::idem_core::__private::arg(&template).checked(),
@@ -20,6 +16,11 @@ async fn send_email(
             ::idem_core::__private::store_arg(&(store)).checked(),
             ::idem_core::__private::from_error::<Error>,
             async {
+                let db = db;
+                #[allow(unused_variables)]
+                let to = to;
+                #[allow(unused_variables)]
+                let template = template;
                 db.log(&to, template).await?;
                 Ok(())
             },

@@ -5,7 +5,9 @@ pub(crate) async fn charge(
 ) -> Result<Receipt, Declined> {
     my_app::idem::__private::ok_type::<Receipt>().storable();
     my_app::idem::__private::err_type::<Declined>().storable();
-    let __idem_call = my_app::idem::__private::Call::new("billing::charge")
+    let __idem_call = my_app::idem::__private::call(
+            my_app::idem::__private::site!("billing::charge"),
+        )
         .key(&(order.id))
         .fingerprint((
             my_app::idem::__private::arg(&tenant).checked(),
@@ -23,7 +25,14 @@ pub(crate) async fn charge(
     __idem_run(
             __idem_call,
             my_app::idem::__private::store_arg(&(STORE.clone())).checked(),
-            async { client.charge(&order).await },
+            async {
+                let client = client;
+                #[allow(unused_variables)]
+                let tenant = tenant;
+                #[allow(unused_variables)]
+                let order = order;
+                client.charge(&order).await
+            },
         )
         .await
 }

@@ -2,11 +2,7 @@ impl Payments {
     /// Charges a card once per idempotency key.
     pub async fn charge(&self, req: ChargeRequest) -> Result<Receipt, PaymentError> {
         ::idem_core::__private::ok_type::<Receipt>().storable();
-        let __idem_call = ::idem_core::__private::Call::new(
-                ::idem_core::__private::concat!(
-                    ::idem_core::__private::module_path!(), "::charge"
-                ),
-            )
+        let __idem_call = ::idem_core::__private::call(::idem_core::__private::site!())
             .key(&(req.idempotency_key.clone()))
             .fingerprint((::idem_core::__private::arg(&req).checked(),))
             .ttl(::idem_core::__private::Duration::from_secs(86400));
@@ -16,6 +12,8 @@ impl Payments {
                 ::idem_core::__private::store_arg(&(self.store)).checked(),
                 ::idem_core::__private::from_error::<PaymentError>,
                 async {
+                    #[allow(unused_variables)]
+                    let req = req;
                     let receipt = self.gateway.charge(req.card, req.amount).await?;
                     Ok(receipt)
                 },

@@ -2,11 +2,7 @@ impl Orders {
     async fn place(&self, order: Order) -> Result<i64, Error> {
         ::idem_core::__private::ok_type::<i64>().storable();
         let __idem_store = ::idem_core::__private::tx_store(&(self.db)).checked();
-        let __idem_call = ::idem_core::__private::Call::new(
-                ::idem_core::__private::concat!(
-                    ::idem_core::__private::module_path!(), "::place"
-                ),
-            )
+        let __idem_call = ::idem_core::__private::call(::idem_core::__private::site!())
             .key(&(order.id))
             .fingerprint((::idem_core::__private::arg(&order).checked(),));
         let __idem_run = ::idem_core::__private::run_in_transaction::<i64, Error, _, _>;
@@ -30,11 +26,7 @@ async fn debit(
     ::idem_core::__private::ok_type::<i64>().storable();
     let __idem_store = ::idem_core::__private::tx_store(&(store)).checked();
     let __idem_tx = ::idem_core::__private::tx_arg(__idem_store, tx);
-    let __idem_call = ::idem_core::__private::Call::new(
-            ::idem_core::__private::concat!(
-                ::idem_core::__private::module_path!(), "::debit"
-            ),
-        )
+    let __idem_call = ::idem_core::__private::call(::idem_core::__private::site!())
         .key(&(order.id))
         .fingerprint((::idem_core::__private::arg(&order).checked(),));
     let __idem_run = ::idem_core::__private::run_within::<i64, Error, _, _>;
