@@ -104,6 +104,7 @@ where
 #[idempotent(
     key = run,
     namespace = "redis_processes::victim",
+    shared,
     lease = "500ms",
     ttl = "10m",
     store = store,
@@ -132,6 +133,7 @@ async fn victim(
 #[idempotent(
     key = run,
     namespace = "redis_processes::victim",
+    shared,
     lease = "500ms",
     ttl = "10m",
     on_conflict = reject,
@@ -151,6 +153,7 @@ async fn victim_rejecting(
 #[idempotent(
     key = run,
     namespace = "redis_processes::victim",
+    shared,
     lease = "500ms",
     ttl = "10m",
     wait_timeout = "10s",
