@@ -111,23 +111,26 @@ impl EvictionCounts {
 /// moka keeps time on its own clock (the real monotonic clock), tokio on tokio's, which a test
 /// may pause and advance. The deadline every read checks is on tokio's clock, so a record is
 /// never served past its TTL whatever moka's clock says. moka's expiry only frees memory:
-/// when the two clocks agree (any running program) it gets the record's TTL; when they do not
-/// (tokio's clock is paused or was advanced, in a test) it gets none, so that moka never
-/// removes a record that tokio's clock still calls live. Such records are dropped when a read
-/// finds them expired, by `purge_expired`, or by the byte bound.
+/// when tokio's clock is the real clock (any running program) moka gets the record's TTL;
+/// when it is not — paused (two reads in a row give the same instant) or advanced (it reads
+/// apart from the real clock), in a test — moka gets none, so that it never removes a record
+/// that tokio's clock still calls live. Such records are dropped when a read finds them
+/// expired, by `purge_expired`, or by the byte bound.
 pub(super) struct RecordExpiry;
 
 impl RecordExpiry {
     fn ttl(record: &Record) -> Option<Duration> {
         let now = Instant::now();
         let real = std::time::Instant::now();
+        let again = Instant::now();
         let tokio_clock = now.into_std();
         let skew = if tokio_clock > real {
             tokio_clock - real
         } else {
             real - tokio_clock
         };
-        (skew < CLOCK_AGREEMENT).then(|| record.expires_at.saturating_duration_since(now))
+        let real_clock = again > now && skew < CLOCK_AGREEMENT;
+        real_clock.then(|| record.expires_at.saturating_duration_since(now))
     }
 }
 
