@@ -43,14 +43,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use idem_core::{
-    async_trait, Bytes, Claim, ClaimRequest, CompletedRecord, FencingToken, Key, RecordState,
+    async_trait, Claim, ClaimRequest, CompletedRecord, FencingToken, Key, RecordState,
     Store, StoreError, DEFAULT_MAX_VALUE_SIZE,
 };
 use tokio::time::Instant;
 
 use crate::key_map::{KeyHashing, MapKey};
 use claims::{ClaimMap, Held, Lane};
-use records::{EvictionCounts, Record, Records};
+use records::{Clock, EvictionCounts, Record, Records};
 pub use records::Evictions;
 
 /// The number of claim shards.
@@ -85,6 +85,8 @@ struct Inner {
     lanes: Box<[Lane]>,
     /// Completed records.
     records: Records,
+    /// The base of the records' deadlines (on tokio's clock).
+    clock: Clock,
     evictions: Arc<EvictionCounts>,
     seed: u64,
     max_bytes: u64,
@@ -185,6 +187,7 @@ impl MemoryStoreBuilder {
         let hashing = KeyHashing::random();
         let [lane_seed] = crate::key_map::random_words();
         let evictions = Arc::new(EvictionCounts::default());
+        let clock = Clock::new();
         let lanes = (0..SHARDS).map(|_| Lane::new(hashing)).collect();
         // A value must fit a quarter of the bound with room to spare.
         let quarter = usize::try_from(self.max_bytes / 4).unwrap_or(usize::MAX);
@@ -192,7 +195,8 @@ impl MemoryStoreBuilder {
         MemoryStore {
             inner: Arc::new(Inner {
                 lanes,
-                records: records::cache(self.max_bytes, hashing, evictions.clone()),
+                records: records::cache(self.max_bytes, hashing, clock, evictions.clone()),
+                clock,
                 evictions,
                 seed: lane_seed | 1,
                 max_bytes: self.max_bytes,
@@ -280,7 +284,7 @@ impl MemoryStore {
     /// calls expired is removed (a removal under the lock cannot race a completion).
     fn live_record(&self, key: &MapKey, now: Instant) -> Option<Record> {
         let record = self.inner.records.get(key)?;
-        if record.live(now) {
+        if record.live(&self.inner.clock, now) {
             Some(record)
         } else {
             self.inner.records.invalidate(key);
@@ -331,8 +335,12 @@ impl MemoryStore {
             *held = fresh(held.waiters);
             return Claimed::Answer(Claim::Acquired { taken_over: true });
         }
-        if let Some(record) = self.live_record(&key, now) {
-            return Claimed::Answer(Claim::Completed(record.answer(now)));
+        // `contains_key` first: a miss (every fresh call) costs no moka read.
+        if self.inner.records.contains_key(&key) {
+            if let Some(record) = self.live_record(&key, now) {
+                let answer = record.answer(&self.inner.clock, now);
+                return Claimed::Answer(Claim::Completed(answer));
+            }
         }
         let held = self.inner.claims.load(Ordering::Relaxed);
         if held >= self.inner.max_in_progress {
@@ -362,30 +370,31 @@ impl MemoryStore {
                 limit: self.inner.max_value_size,
             });
         }
-        // Copied once, outside the lock; every replay then shares these bytes.
-        let value = shared_copy(value);
         let map_key = MapKey(*key);
         let lane = self.lane(key);
+        // First look: the claim's fingerprint, which goes into the record.
+        let fingerprint = match lane.lock().get(&map_key) {
+            Some(held) if held.token == token => held.fingerprint,
+            Some(_) => return Err(StoreError::Fenced),
+            None => return self.completed_under(&map_key, token),
+        };
+        // The value is copied once, outside the lock; every replay then shares these bytes.
+        let expires_at = after(Instant::now(), ttl);
+        let record = Record::new(&self.inner.clock, expires_at, token, fingerprint, value);
         let mut claims = lane.lock();
         let waiters = match claims.get(&map_key) {
+            // Still ours (a token's claim keeps its fingerprint: a takeover brings a new token).
             Some(held) if held.token == token => {
-                let record = Record {
-                    token,
-                    fingerprint: held.fingerprint,
-                    value,
-                    expires_at: after(Instant::now(), ttl),
-                };
                 // The handover: the record is in moka before the claim goes, both under the
                 // lane lock, so no caller that looks under it sees neither (or both).
                 self.inner.records.insert(map_key, record);
                 self.unclaim(&mut claims, &map_key).is_some_and(|h| h.waiters)
             }
             Some(_) => return Err(StoreError::Fenced),
-            // A retry whose first attempt applied.
-            None => match self.inner.records.get(&map_key) {
-                Some(record) if record.token == token => false,
-                _ => return Err(StoreError::Fenced),
-            },
+            None => {
+                drop(claims);
+                return self.completed_under(&map_key, token);
+            }
         };
         drop(claims);
         if waiters {
@@ -394,10 +403,19 @@ impl MemoryStore {
         Ok(())
     }
 
+    /// A completion that found no claim: `Ok` if the record is completed under `token` (a
+    /// retry whose first attempt applied), else fenced.
+    fn completed_under(&self, key: &MapKey, token: FencingToken) -> Result<(), StoreError> {
+        match self.inner.records.get(key) {
+            Some(record) if record.token() == token => Ok(()),
+            _ => Err(StoreError::Fenced),
+        }
+    }
+
     /// Stores a completed record outside the claim protocol: the local tier of
     /// [`TieredStore`](crate::TieredStore), which only caches what its shared store answered.
-    /// The value is copied into an allocation of its own (a `Bytes` from a network client may
-    /// be a slice of a larger buffer, which would escape the byte bound). A value over
+    /// The value is copied into the record's own allocation (a `Bytes` from a network client
+    /// may be a slice of a larger buffer, which would escape the byte bound). A value over
     /// `max_value_size` is not kept.
     pub(crate) fn put_completed(
         &self,
@@ -409,12 +427,8 @@ impl MemoryStore {
         if value.len() > self.inner.max_value_size || ttl.is_zero() {
             return;
         }
-        let record = Record {
-            token: FencingToken(0),
-            fingerprint,
-            value: shared_copy(value),
-            expires_at: after(Instant::now(), ttl),
-        };
+        let expires_at = after(Instant::now(), ttl);
+        let record = Record::new(&self.inner.clock, expires_at, FencingToken(0), fingerprint, value);
         let _claims = self.lane(&key).lock();
         self.inner.records.insert(MapKey(key), record);
     }
@@ -447,15 +461,6 @@ impl MemoryStore {
             lane.notify.notify_waiters();
         }
     }
-}
-
-/// A copy of `value` in an allocation of its own, with its shared header made now, so that
-/// the first replay's clone does not allocate under a lock and the record costs what it is
-/// charged.
-fn shared_copy(value: &[u8]) -> Bytes {
-    let value = Bytes::copy_from_slice(value);
-    drop(value.clone());
-    value
 }
 
 #[async_trait]
@@ -518,7 +523,7 @@ impl Store for MemoryStore {
         }
         Ok(self
             .live_record(&map_key, now)
-            .map(|record| RecordState::Completed(record.answer(now))))
+            .map(|record| RecordState::Completed(record.answer(&self.inner.clock, now))))
     }
 
     async fn wait(&self, key: &Key, timeout: Duration) -> Result<(), StoreError> {
@@ -580,6 +585,7 @@ impl Store for MemoryStore {
     fn completed_now(&self, key: &Key) -> Option<CompletedRecord> {
         let record = self.inner.records.get(&MapKey(*key))?;
         let now = Instant::now();
-        record.live(now).then(|| record.answer(now))
+        let clock = &self.inner.clock;
+        record.live(clock, now).then(|| record.answer(clock, now))
     }
 }

@@ -26,7 +26,7 @@ impl StoreAdmin for MemoryStore {
             }
         }
         for (_, record) in self.inner.records.iter() {
-            if record.live(now) {
+            if record.live(&self.inner.clock, now) {
                 completed += 1;
             } else {
                 expired += 1;
@@ -61,7 +61,7 @@ impl StoreAdmin for MemoryStore {
             .inner
             .records
             .iter()
-            .filter(|(_, record)| !record.live(now))
+            .filter(|(_, record)| !record.live(&self.inner.clock, now))
             .map(|(k, _)| *k)
             .take(left)
             .collect();
@@ -73,7 +73,7 @@ impl StoreAdmin for MemoryStore {
                 .inner
                 .records
                 .get(k)
-                .is_some_and(|record| !record.live(now))
+                .is_some_and(|record| !record.live(&self.inner.clock, now))
             {
                 self.inner.records.invalidate(k);
                 removed += 1;
