@@ -21,13 +21,16 @@ use crate::key_map::{KeyHashing, MapKey};
 
 /// A completed record, as the cache holds it: one shared buffer, its head the record's deadline,
 /// the token it was completed under and its fingerprint, then the stored value. One allocation
-/// and one word in moka's entry, so that a record costs little more than its value; every read
-/// clones it (a reference count), never the bytes.
+/// and two words in moka's entry, so that a record costs little more than its value. moka
+/// clones a value on insert and on every read: here a reference count, never the bytes (a
+/// `Bytes` would allocate a shared header at its first clone, 24 bytes a record). A replay
+/// gets a `Bytes` that owns a reference to the buffer (`Bytes::from_owner`, one small
+/// allocation per replay).
 ///
 /// Layout: deadline (`i64` LE, nanoseconds from the store's [`Clock`] base) · token (`u64` LE)
 /// · 1 if a fingerprint follows, else 0 · the fingerprint's 32 bytes, if any · the value.
 #[derive(Clone, Debug)]
-pub(super) struct Record(Bytes);
+pub(super) struct Record(Arc<[u8]>);
 
 const HEAD: usize = 17;
 
@@ -41,7 +44,6 @@ impl Record {
         value: &[u8],
     ) -> Self {
         let fp_len = if fingerprint.is_some() { 32 } else { 0 };
-        // Exactly the length, so that `Bytes` takes the allocation as it is (no second one).
         let mut buf = Vec::with_capacity(HEAD + fp_len + value.len());
         buf.extend_from_slice(&clock.ticks(expires_at).to_le_bytes());
         buf.extend_from_slice(&token.0.to_le_bytes());
@@ -53,7 +55,7 @@ impl Record {
             None => buf.push(0),
         }
         buf.extend_from_slice(value);
-        Record(Bytes::from(buf))
+        Record(Arc::from(buf))
     }
 
     fn word(&self, at: usize) -> [u8; 8] {
@@ -105,10 +107,11 @@ impl Record {
 
     /// The record as the store answers it: a `Bytes` handle on the stored value.
     pub(super) fn answer(self, clock: &Clock, now: Instant) -> CompletedRecord {
+        let at = self.value_at();
         CompletedRecord {
             fingerprint: self.fingerprint(),
             expires_in: Some(self.remaining(clock, now)),
-            value: self.0.slice(self.value_at()..),
+            value: Bytes::from_owner(self.0).slice(at..),
         }
     }
 }
