@@ -71,5 +71,6 @@ pub(crate) fn store_op(operation: &'static str, store: &'static str, took: Durat
 /// idem_core::telemetry::store_eviction("memory", "size");
 /// ```
 pub fn store_eviction(store: &'static str, cause: &'static str) {
-    metrics::counter!("idem_store_evictions_total", "store" => store, "cause" => cause).increment(1);
+    metrics::counter!("idem_store_evictions_total", "store" => store, "cause" => cause)
+        .increment(1);
 }

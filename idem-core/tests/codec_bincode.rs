@@ -74,7 +74,10 @@ fn plain_data_types_round_trip() {
     round_trip(-1.5f64);
     round_trip('x');
     round_trip((1u8, "two".to_string(), [3u16; 4]));
-    round_trip(BTreeMap::from([(1u32, "one".to_string()), (2, "two".into())]));
+    round_trip(BTreeMap::from([
+        (1u32, "one".to_string()),
+        (2, "two".into()),
+    ]));
     round_trip(HashMap::from([("k".to_string(), vec![1u8, 2])]));
     round_trip(Ok::<u32, String>(5));
     round_trip(Err::<u32, String>("no".into()));
@@ -93,7 +96,10 @@ fn bincode_is_more_compact_than_the_default() {
     };
     let compact = Bincode.encode(&r).unwrap().len();
     let default = MsgPack.encode(&r).unwrap().len();
-    assert!(compact < default, "bincode {compact} B, msgpack {default} B");
+    assert!(
+        compact < default,
+        "bincode {compact} B, msgpack {default} B"
+    );
 }
 
 #[derive(Serialize, Deserialize, PartialEq, Debug)]
@@ -119,8 +125,20 @@ fn flatten_is_an_encode_error() {
         },
     };
     let e = Bincode.encode(&v).unwrap_err();
-    assert!(matches!(e, CodecError::Encode { codec: "bincode2", .. }), "{e:?}");
-    assert!(matches!(unsupported(&e), Unsupported::MapOfUnknownLength), "{e:?}");
+    assert!(
+        matches!(
+            e,
+            CodecError::Encode {
+                codec: "bincode2",
+                ..
+            }
+        ),
+        "{e:?}"
+    );
+    assert!(
+        matches!(unsupported(&e), Unsupported::MapOfUnknownLength),
+        "{e:?}"
+    );
     assert!(std::error::Error::source(&e)
         .unwrap()
         .to_string()
@@ -182,7 +200,16 @@ fn untagged_and_internally_tagged_enums_are_a_decode_error_never_a_wrong_value()
     for v in [Loose::Number(7), Loose::Text("7".into())] {
         let bytes = Bincode.encode(&v).unwrap();
         let e = Bincode.decode::<Loose>(&bytes).unwrap_err();
-        assert!(matches!(e, CodecError::Decode { codec: "bincode2", .. }), "{e:?}");
+        assert!(
+            matches!(
+                e,
+                CodecError::Decode {
+                    codec: "bincode2",
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
     }
     let bytes = Bincode.encode(&Tagged::A { x: 1 }).unwrap();
     assert!(Bincode.decode::<Tagged>(&bytes).is_err());
@@ -272,7 +299,10 @@ async fn calls_replay_through_bincode_and_fail_clearly_on_what_it_cannot_read() 
         })
         .await
         .unwrap_err();
-    assert!(matches!(e, Error::Codec(CodecError::Encode { .. })), "{e:?}");
+    assert!(
+        matches!(e, Error::Codec(CodecError::Encode { .. })),
+        "{e:?}"
+    );
 
     // A record written with bincode is another codec's record for MessagePack, and back.
     let e = Call::new("tests::bincode::plain")

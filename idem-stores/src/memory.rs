@@ -43,15 +43,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use idem_core::{
-    async_trait, Claim, ClaimRequest, CompletedRecord, FencingToken, Key, RecordState,
-    Store, StoreError, DEFAULT_MAX_VALUE_SIZE,
+    async_trait, Claim, ClaimRequest, CompletedRecord, FencingToken, Key, RecordState, Store,
+    StoreError, DEFAULT_MAX_VALUE_SIZE,
 };
 use tokio::time::Instant;
 
 use crate::key_map::{KeyHashing, MapKey};
 use claims::{ClaimMap, Held, Lane};
-use records::{Clock, EvictionCounts, Record, Records};
 pub use records::Evictions;
+use records::{Clock, EvictionCounts, Record, Records};
 
 /// The number of claim shards.
 const SHARDS: usize = 64;
@@ -388,7 +388,8 @@ impl MemoryStore {
                 // The handover: the record is in moka before the claim goes, both under the
                 // lane lock, so no caller that looks under it sees neither (or both).
                 self.inner.records.insert(map_key, record);
-                self.unclaim(&mut claims, &map_key).is_some_and(|h| h.waiters)
+                self.unclaim(&mut claims, &map_key)
+                    .is_some_and(|h| h.waiters)
             }
             Some(_) => return Err(StoreError::Fenced),
             None => {
@@ -428,7 +429,13 @@ impl MemoryStore {
             return;
         }
         let expires_at = after(Instant::now(), ttl);
-        let record = Record::new(&self.inner.clock, expires_at, FencingToken(0), fingerprint, value);
+        let record = Record::new(
+            &self.inner.clock,
+            expires_at,
+            FencingToken(0),
+            fingerprint,
+            value,
+        );
         let _claims = self.lane(&key).lock();
         self.inner.records.insert(MapKey(key), record);
     }

@@ -62,13 +62,19 @@ async fn every_new_record_is_admitted_and_the_least_recently_used_goes_first() {
     for _ in 0..1_000 {
         let key = testkit::fresh_key();
         put(&store, key, &value, TTL).await;
-        assert!(store.completed_now(&key).is_some(), "a new record is readable");
+        assert!(
+            store.completed_now(&key).is_some(),
+            "a new record is readable"
+        );
         store.run_pending_tasks().await;
         assert!(
             store.completed_now(&key).is_some(),
             "a new record was refused admission"
         );
-        assert!(store.completed_now(&recent).is_some(), "the recent key went");
+        assert!(
+            store.completed_now(&recent).is_some(),
+            "the recent key went"
+        );
         fresh.push(key);
     }
     assert!(store.weighted_size() <= BOUND);
@@ -272,7 +278,10 @@ async fn ttls_and_leases_follow_the_paused_clock_not_the_real_one() {
         std::thread::sleep(Duration::from_millis(200));
         store.run_pending_tasks().await;
     }
-    assert!(store.completed_now(&key).is_some(), "moka's clock dropped it");
+    assert!(
+        store.completed_now(&key).is_some(),
+        "moka's clock dropped it"
+    );
     assert_eq!(store.evictions().expired, 0);
     tokio::time::advance(Duration::from_millis(99)).await;
     assert!(store.completed_now(&key).is_some());
@@ -341,7 +350,13 @@ fn evictions_are_exported_as_a_metric_by_cause() {
             for _ in 0..500 {
                 put(&store, testkit::fresh_key(), &[0u8; 512], TTL).await;
             }
-            put(&store, testkit::fresh_key(), b"x", Duration::from_millis(20)).await;
+            put(
+                &store,
+                testkit::fresh_key(),
+                b"x",
+                Duration::from_millis(20),
+            )
+            .await;
             expire(&store).await;
         })
     });

@@ -8,8 +8,8 @@
 //! shape shows it (a skipped field, a map of unknown length), at decode time otherwise — and
 //! refuses bytes left over after a decoded value, so that it never answers a wrong value.
 
-use serde::ser::{self, Serialize};
 use serde::de::DeserializeOwned;
+use serde::ser::{self, Serialize};
 
 use super::Codec;
 use crate::error::CodecError;

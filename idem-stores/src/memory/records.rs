@@ -227,7 +227,11 @@ impl RecordExpiry {
             real - tokio_clock
         };
         let real_clock = again > now && skew < CLOCK_AGREEMENT;
-        real_clock.then(|| record.remaining(&self.clock, now).saturating_add(RECLAIM_AFTER))
+        real_clock.then(|| {
+            record
+                .remaining(&self.clock, now)
+                .saturating_add(RECLAIM_AFTER)
+        })
     }
 }
 
