@@ -206,10 +206,9 @@ impl EvictionCounts {
 /// may pause and advance. The deadline every read checks is on tokio's clock, so a record is
 /// never served past its TTL whatever moka's clock says. moka's expiry only frees memory:
 /// when tokio's clock is the real clock (any running program) moka gets the record's TTL
-/// plus [`RECLAIM_AFTER`];
-/// when it is not — paused (two reads in a row give the same instant) or advanced (it reads
-/// apart from the real clock), in a test — moka gets none, so that it never removes a record
-/// that tokio's clock still calls live. Such records are dropped when a read finds them
+/// plus [`RECLAIM_AFTER`]; when it is not — paused (two reads in a row give the same instant)
+/// or advanced (it reads apart from the real clock), in a test — moka gets none, so that it
+/// never removes a record that tokio's clock still calls live. Such records are dropped when a read finds them
 /// expired, by `purge_expired`, or by the byte bound.
 pub(super) struct RecordExpiry {
     clock: Clock,
