@@ -6,7 +6,9 @@
 //! `IDEM_INPROC_PROFILE=<case>:<iterations>` runs one case that many times and exits, for
 //! callgrind (`bench/report` runs each case at two iteration counts and takes the difference,
 //! so that start-up cancels out): `moka_get`, `moka_insert_get`, `idem_macro_replay`,
-//! `idem_macro_fresh`, `idempotent_replay`, `idempotent_fresh`, `cached_hit`.
+//! `idem_macro_fresh`, `idempotent_replay`, `idempotent_fresh`, `cached_hit`, and
+//! `moka_sync_get`, `moka_sync_insert_get` (moka's synchronous cache, the one `MemoryStore`
+//! keeps its records in, with moka's defaults).
 //!
 //! All on one current-thread tokio runtime. "Fresh" benches use a key never seen before on
 //! every iteration and a new store (or cache) per criterion sample, built and dropped outside
@@ -151,6 +153,13 @@ fn inproc(c: &mut Criterion) {
                 elapsed
             }
         })
+    });
+
+    // Raw moka's synchronous cache, which `MemoryStore` is built on.
+    let sync_cache: moka::sync::Cache<Key, Arc<[u8]>> = moka::sync::Cache::new(1 << 20);
+    sync_cache.insert(raw_key(REPLAY_N), value.clone());
+    g.bench_function("moka_sync_get", |b| {
+        b.iter(|| sync_cache.get(black_box(&hit)))
     });
 
     g.bench_function("moka_insert_get", |b| {
@@ -315,9 +324,11 @@ fn profile(spec: &str) {
         let store = big_store();
         let value: Arc<[u8]> = Arc::from(&[0xa5u8; 32][..]);
         let cache: Cache<Key, Arc<[u8]>> = Cache::new(u64::MAX);
+        let sync_cache: moka::sync::Cache<Key, Arc<[u8]>> = moka::sync::Cache::new(u64::MAX);
         let peer = peer_store();
         // Every case's replay key exists before the loop.
         cache.insert(raw_key(REPLAY_N), value.clone()).await;
+        sync_cache.insert(raw_key(REPLAY_N), value.clone());
         work_idem(&store, REPLAY_N).await.unwrap();
         work_peer(&peer, REPLAY_N).await.unwrap();
         work_cached(REPLAY_N).await.unwrap();
@@ -330,6 +341,14 @@ fn profile(spec: &str) {
                     let k = raw_key(next());
                     cache.insert(k, value.clone()).await;
                     black_box(cache.get(&k).await);
+                }
+                "moka_sync_get" => {
+                    black_box(sync_cache.get(black_box(&raw_key(REPLAY_N))));
+                }
+                "moka_sync_insert_get" => {
+                    let k = raw_key(next());
+                    sync_cache.insert(k, value.clone());
+                    black_box(sync_cache.get(&k));
                 }
                 "idem_macro_replay" => {
                     black_box(work_idem(&store, black_box(REPLAY_N)).await.unwrap());

@@ -19,12 +19,22 @@
 //! `skip_serializing_if`), so any `T: Serialize + DeserializeOwned` that round-trips through
 //! serde round-trips through idem. Structs are written as maps (field names included), which
 //! costs a few bytes and keeps records readable after fields are added or reordered.
-//! `bincode` is not offered: its last release is a tombstone and postcard-style formats fail
-//! at *replay* time on self-describing serde features.
+//!
+//! [`Bincode`] (feature `bincode`, opt-in, never the default) is bincode 2.x: more compact, for
+//! plain data types that never change shape without a `version` bump. bincode's last release
+//! (3.0) is a tombstone, and like every format without field names it cannot read back
+//! `#[serde(flatten)]`, `#[serde(untagged)]` or `skip_serializing_if`: this codec refuses
+//! such types with a [`CodecError`] (never a wrong value). See its page for when to choose it.
 
 use serde::{de::DeserializeOwned, Serialize};
 
 use crate::error::{CodecError, Error};
+
+#[cfg(feature = "bincode")]
+mod bincode;
+#[cfg(feature = "bincode")]
+#[cfg_attr(docsrs, doc(cfg(feature = "bincode")))]
+pub use self::bincode::{Bincode, Unsupported};
 
 /// Turns values into bytes and back. Implement it to plug in another format.
 ///

@@ -10,6 +10,7 @@
 //! | `idem_body_duration_seconds` | histogram | `namespace` |
 //! | `idem_record_bytes` | histogram | `namespace` — the stored envelope's size |
 //! | `idem_store_operation_duration_seconds` | histogram | `operation` (`claim`, `renew`, `complete`, `release`; `get` when a failed completion looks at the record; `begin` for transactional mode's transaction), `store` |
+//! | `idem_store_evictions_total` | counter | `store`, `cause` (`size`: the store's byte bound, `expired`: its own expiry) — completed records a store dropped; recorded by stores that evict (the memory store, with `idem-stores`' feature `metrics`) |
 //!
 //! Labels never carry a key: cardinality is bounded by the number of namespaces (annotated
 //! functions) and outcomes. `docs/operations.md` has dashboard queries.
@@ -60,4 +61,16 @@ pub(crate) fn store_op(operation: &'static str, store: &'static str, took: Durat
         "store" => store
     )
     .record(took);
+}
+
+/// Counts one completed record that a store evicted (`cause`: `"size"` for its byte bound,
+/// `"expired"` for its own expiry) as `idem_store_evictions_total`. Called by stores that
+/// evict, such as the memory store's eviction listener.
+///
+/// ```
+/// idem_core::telemetry::store_eviction("memory", "size");
+/// ```
+pub fn store_eviction(store: &'static str, cause: &'static str) {
+    metrics::counter!("idem_store_evictions_total", "store" => store, "cause" => cause)
+        .increment(1);
 }

@@ -4,7 +4,7 @@
 //!
 //! | feature | store | claim | waiting | expiry |
 //! |---|---|---|---|---|
-//! | `memory` (default) | [`MemoryStore`], a sharded map in the process | one critical section on the key's shard | in-process notification | per record, on tokio's clock |
+//! | `memory` (default) | [`MemoryStore`]: completed records in moka (LRU, bounded in bytes), claims in a sharded map that never evicts | one critical section on the key's claim shard | in-process notification | per record: moka's expiry, checked on tokio's clock on every read |
 //! | `redis` | `RedisStore` on the `redis` crate (server or Cluster) | a native `SET … NX PX … GET` (a short script only for a conflict or takeover) | one shared pub/sub subscriber per store, polling while it is down | native `PX` |
 //! | `postgres` | `PostgresStore` on sqlx | one `INSERT ... ON CONFLICT DO UPDATE ... RETURNING` (CTE) | `LISTEN/NOTIFY`, polling while the listener is down | `purge_expired` / background sweep |
 //! | `mysql` | `MySqlStore` on sqlx (MySQL, MariaDB) | one `INSERT ... ON DUPLICATE KEY UPDATE`, outcome in `LAST_INSERT_ID(expr)` | bounded polling with backoff | `purge_expired` / background sweep |
@@ -20,7 +20,7 @@ mod key_map;
 mod memory;
 #[cfg(feature = "memory")]
 #[cfg_attr(docsrs, doc(cfg(feature = "memory")))]
-pub use memory::{CapacityError, MemoryStore, MemoryStoreBuilder};
+pub use memory::{CapacityError, Evictions, MemoryStore, MemoryStoreBuilder};
 #[cfg(feature = "memory")]
 mod tiered;
 #[cfg(feature = "memory")]

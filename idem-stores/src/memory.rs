@@ -1,45 +1,60 @@
-//! `MemoryStore`: records in a sharded map in the process.
+//! `MemoryStore`: completed records in moka, in-progress claims in a map that never evicts.
 //!
-//! - **Claims are never evicted.** Every record lives in one of a few dozen shards, each a
-//!   `HashMap` behind a `std::sync::Mutex`; every operation on a key is one critical section
-//!   on its shard, so of any number of concurrent claims exactly one inserts, and a claim and
-//!   its completion each take the lock once. In-progress claims are bounded by
-//!   `max_in_progress` (live concurrency, not traffic): past it a claim is refused with a
+//! - **Completed records live in moka** (a `moka::sync::Cache`, so a replay stays synchronous):
+//!   a weigher charges each record what it really costs (its value as the allocator rounds it,
+//!   plus a measured per-record overhead), so `max_bytes` bounds memory; a per-entry expiry
+//!   gives each record its own TTL; past the bound moka evicts the least recently used record
+//!   (LRU, not moka's default TinyLFU admission, which may refuse a brand-new record: a retry
+//!   usually comes soon after the first call). An eviction listener counts evictions by cause
+//!   ([`MemoryStore::evictions`], and the `idem_store_evictions_total` metric with feature
+//!   `metrics`).
+//! - **Claims never live in moka.** In-progress claims are in a small sharded map (a `HashMap`
+//!   behind a `std::sync::Mutex` per shard) that never evicts, bounded by `max_in_progress`
+//!   (live concurrency, not traffic): past it a claim is refused with a
 //!   [`StoreError::Backend`] whose source is a [`CapacityError`] — never an eviction.
-//! - **Completed records are bounded in bytes.** Each is charged what it really costs (its
-//!   value as the allocator rounds it, plus a measured per-record overhead: the map slot, the
-//!   eviction order, the `Bytes` header), and past a shard's share of `max_bytes` the oldest
-//!   completed records are evicted first. An evicted completed record runs again on its next
-//!   call; an in-progress claim is never a candidate.
+//! - **The handover from claim to completed record is atomic.** Every state change of a key
+//!   (claim, complete, release, renew, remove) and every look that decides one takes the lock
+//!   of the key's claim shard. A completion, under that lock, inserts the record into moka
+//!   *before* it removes the claim; a claim, a waiter or a `get`, under the same lock, looks
+//!   at the claims first and then at moka. So each of them sees the claim (the completion has
+//!   not started) or the record (it has finished), never neither — which would be a second
+//!   execution — and never both. The replay fast path ([`Store::completed_now`]) reads moka
+//!   without the lock: it can only miss a record that is being written, and then the runtime
+//!   claims, under the lock.
 //! - **Replays share the stored bytes**: a replay gets a [`Bytes`](idem_core::Bytes) handle on
 //!   the stored value (a reference count), and [`Store::completed_now`] answers it without a
 //!   future, before the runtime claims.
-//! - **Time is tokio's clock** ([`tokio::time::Instant`]), so `tokio::time::pause()` and
-//!   `advance()` move TTLs and leases in tests.
-//! - **Waiting** is a `tokio::sync::Notify` per shard: completing, releasing or removing a
-//!   record that has waiters wakes them, and they look again. No polling.
+//! - **Time is tokio's clock** ([`tokio::time::Instant`]): every deadline (leases, and each
+//!   record's expiry) is checked against it on read, so `tokio::time::pause()` and `advance()`
+//!   move TTLs and leases in tests. moka's own expiry, on the real clock, only frees memory
+//!   (see `records::RecordExpiry`).
+//! - **Waiting** is a `tokio::sync::Notify` per claim shard: completing, releasing or removing a
+//!   claim that has waiters wakes them, and they look again. No polling.
 //!
 //! A `MemoryStore` protects calls within one process only: use a shared store (Redis, SQL)
 //! when a service runs on more than one instance.
 
 mod admin;
-mod shard;
+mod claims;
+mod records;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::Arc;
 use std::time::Duration;
 
 use idem_core::{
-    async_trait, Bytes, Claim, ClaimRequest, CompletedRecord, FencingToken, Key, RecordState,
-    Store, StoreError, DEFAULT_MAX_VALUE_SIZE,
+    async_trait, Claim, ClaimRequest, CompletedRecord, FencingToken, Key, RecordState, Store,
+    StoreError, DEFAULT_MAX_VALUE_SIZE,
 };
-use tokio::sync::Notify;
 use tokio::time::Instant;
 
-use shard::{KeyHashing, MapKey, Shard, Slot};
+use crate::key_map::{KeyHashing, MapKey};
+use claims::{ClaimMap, Held, Lane};
+pub use records::Evictions;
+use records::{Clock, EvictionCounts, Record, Records};
 
-/// The most shards a store has.
-const MAX_SHARDS: usize = 64;
+/// The number of claim shards.
+const SHARDS: usize = 64;
 
 /// A claim refused because `max_in_progress` claims are already held: the source of the
 /// [`StoreError::Backend`] that [`MemoryStore`] answers then.
@@ -65,15 +80,14 @@ pub struct CapacityError {
     pub limit: usize,
 }
 
-/// A shard and the notification its waiters sleep on, on a cache line of their own.
-#[repr(align(128))]
-struct Lane {
-    records: Mutex<Shard>,
-    notify: Notify,
-}
-
 struct Inner {
+    /// In-progress claims, and the lock every state change of a key takes.
     lanes: Box<[Lane]>,
+    /// Completed records.
+    records: Records,
+    /// The base of the records' deadlines (on tokio's clock).
+    clock: Clock,
+    evictions: Arc<EvictionCounts>,
     seed: u64,
     max_bytes: u64,
     max_value_size: usize,
@@ -82,7 +96,8 @@ struct Inner {
     claims: AtomicUsize,
 }
 
-/// An in-process store. Cheap to clone (clones share the records).
+/// An in-process store: completed records in moka, in-progress claims in a map that never
+/// evicts. Cheap to clone (clones share the records).
 ///
 /// ```
 /// use idem_stores::MemoryStore;
@@ -128,7 +143,6 @@ pub struct MemoryStore {
 impl std::fmt::Debug for MemoryStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("MemoryStore")
-            .field("shards", &self.inner.lanes.len())
             .field("max_bytes", &self.inner.max_bytes)
             .field("max_value_size", &self.inner.max_value_size)
             .field("max_in_progress", &self.inner.max_in_progress)
@@ -146,15 +160,15 @@ pub struct MemoryStoreBuilder {
 
 impl MemoryStoreBuilder {
     /// The bound on completed records, in bytes: each is charged its value plus a measured
-    /// per-record overhead (about 320 bytes, see docs/stores/memory.md), so that this bounds
+    /// per-record overhead (about 400 bytes, see docs/stores/memory.md), so that this bounds
     /// the heap they take. Default 256 MiB.
     pub fn max_bytes(mut self, bytes: u64) -> Self {
         self.max_bytes = bytes;
         self
     }
 
-    /// The largest encoded value accepted. Default 1 MiB (and at most a quarter of a shard's
-    /// share of `max_bytes`).
+    /// The largest encoded value accepted. Default 1 MiB (and at most a quarter of
+    /// `max_bytes`).
     pub fn max_value_size(mut self, bytes: usize) -> Self {
         self.max_value_size = bytes;
         self
@@ -170,27 +184,20 @@ impl MemoryStoreBuilder {
 
     /// Builds the store.
     pub fn build(self) -> MemoryStore {
-        let max_bytes = usize::try_from(self.max_bytes).unwrap_or(usize::MAX);
-        // As many shards as keep each shard's budget at least four largest values.
-        let per_value = shard::weight(self.max_value_size).saturating_mul(4);
-        let mut shards = MAX_SHARDS;
-        while shards > 1 && max_bytes / shards < per_value {
-            shards /= 2;
-        }
-        let budget = max_bytes / shards;
         let hashing = KeyHashing::random();
         let [lane_seed] = crate::key_map::random_words();
-        let lanes = (0..shards)
-            .map(|_| Lane {
-                records: Mutex::new(Shard::new(budget, hashing)),
-                notify: Notify::new(),
-            })
-            .collect();
-        // A value must fit its shard's budget with room to spare.
-        let fits = budget.saturating_sub(shard::RECORD_OVERHEAD + 16);
+        let evictions = Arc::new(EvictionCounts::default());
+        let clock = Clock::new();
+        let lanes = (0..SHARDS).map(|_| Lane::new(hashing)).collect();
+        // A value must fit a quarter of the bound with room to spare.
+        let quarter = usize::try_from(self.max_bytes / 4).unwrap_or(usize::MAX);
+        let fits = quarter.saturating_sub(records::RECORD_OVERHEAD + 16);
         MemoryStore {
             inner: Arc::new(Inner {
                 lanes,
+                records: records::cache(self.max_bytes, hashing, clock, evictions.clone()),
+                clock,
+                evictions,
                 seed: lane_seed | 1,
                 max_bytes: self.max_bytes,
                 max_value_size: self.max_value_size.min(fits),
@@ -214,7 +221,7 @@ fn after(now: Instant, d: Duration) -> Instant {
         .unwrap_or(now)
 }
 
-/// What a claim found, decided under the shard lock.
+/// What a claim found, decided under the lane lock.
 enum Claimed {
     Answer(Claim),
     /// At `max_in_progress`: sweep every shard, then try once more.
@@ -236,22 +243,17 @@ impl MemoryStore {
         }
     }
 
-    /// The number of records (completed and in progress).
+    /// The number of records (completed and in progress), after moka's pending maintenance.
     pub fn entry_count(&self) -> u64 {
-        self.inner
-            .lanes
-            .iter()
-            .map(|l| lock(&l.records).map.len() as u64)
-            .sum()
+        self.inner.records.run_pending_tasks();
+        self.inner.records.entry_count() + self.inner.claims.load(Ordering::Relaxed) as u64
     }
 
-    /// What the completed records are charged in all, in bytes (never above `max_bytes`).
+    /// What the completed records are charged in all, in bytes, after moka's pending
+    /// maintenance (so never above `max_bytes`).
     pub fn weighted_size(&self) -> u64 {
-        self.inner
-            .lanes
-            .iter()
-            .map(|l| lock(&l.records).bytes as u64)
-            .sum()
+        self.inner.records.run_pending_tasks();
+        self.inner.records.weighted_size()
     }
 
     /// The number of claims in progress (including lapsed ones not yet swept).
@@ -259,9 +261,17 @@ impl MemoryStore {
         self.inner.claims.load(Ordering::Relaxed)
     }
 
-    /// Nothing to do: the store applies every write at once. Kept for the callers of the
-    /// moka-based store, which applied evictions lazily.
-    pub async fn run_pending_tasks(&self) {}
+    /// Completed records evicted so far, by cause (the byte bound, or moka's expiry).
+    pub fn evictions(&self) -> Evictions {
+        self.inner.evictions.snapshot()
+    }
+
+    /// Runs moka's pending maintenance now: evictions past the byte bound, expiry, and the
+    /// eviction listener. moka otherwise runs it in batches, from reads and writes, so the
+    /// records may stand briefly over `max_bytes` (by at most a few batches of writes).
+    pub async fn run_pending_tasks(&self) {
+        self.inner.records.run_pending_tasks();
+    }
 
     fn lane(&self, key: &Key) -> &Lane {
         let k = &key.0;
@@ -270,98 +280,80 @@ impl MemoryStore {
         &self.inner.lanes[i as usize % self.inner.lanes.len()]
     }
 
-    /// Runs `f` on the key's shard under its lock, keeping the store's claim count in step.
-    fn with_shard<R>(&self, key: &Key, f: impl FnOnce(&mut Shard) -> R) -> (R, &Notify) {
-        let lane = self.lane(key);
-        let mut shard = lock(&lane.records);
-        let before = shard.claims;
-        let r = f(&mut shard);
-        let after = shard.claims;
-        drop(shard);
-        if after > before {
-            self.inner
-                .claims
-                .fetch_add(after - before, Ordering::Relaxed);
-        } else if before > after {
-            self.inner
-                .claims
-                .fetch_sub(before - after, Ordering::Relaxed);
+    /// A live completed record of `key`, read under its lane lock: one that tokio's clock
+    /// calls expired is removed (a removal under the lock cannot race a completion).
+    fn live_record(&self, key: &MapKey, now: Instant) -> Option<Record> {
+        let record = self.inner.records.get(key)?;
+        if record.live(&self.inner.clock, now) {
+            Some(record)
+        } else {
+            self.inner.records.invalidate(key);
+            None
         }
-        (r, &lane.notify)
+    }
+
+    /// Removes the claim of `key` (the caller holds the lane lock) and keeps the count.
+    fn unclaim(&self, claims: &mut ClaimMap, key: &MapKey) -> Option<Held> {
+        let held = claims.remove(key)?;
+        self.inner.claims.fetch_sub(1, Ordering::Relaxed);
+        Some(held)
     }
 
     /// Removes lapsed claims from every shard.
     fn sweep_all(&self) {
         let now = Instant::now();
         for lane in self.inner.lanes.iter() {
-            let swept = lock(&lane.records).sweep_lapsed(now);
+            let swept = claims::sweep_lapsed(&mut lane.lock(), now);
             self.inner.claims.fetch_sub(swept, Ordering::Relaxed);
         }
     }
 
     fn claim_once(&self, req: &ClaimRequest) -> Claimed {
-        let (claimed, _) = self.with_shard(&req.key, |shard| {
-            let now = Instant::now();
-            let fresh = |waiters| Slot::InProgress {
-                token: req.token,
-                fingerprint: req.fingerprint,
-                lease_until: after(now, req.lease),
-                waiters,
-            };
-            let key = MapKey(req.key);
-            let answer = match shard.map.get_mut(&key) {
-                Some(Slot::InProgress {
-                    token, lease_until, ..
-                }) if *token == req.token => {
-                    // Our own claim, retried after a lost reply: restart the lease.
-                    *lease_until = after(now, req.lease);
-                    Claim::Acquired { taken_over: false }
-                }
-                Some(Slot::InProgress {
-                    fingerprint,
-                    lease_until,
-                    waiters,
-                    ..
-                }) => {
-                    if *lease_until > now {
-                        return Claimed::Answer(Claim::InProgress {
-                            fingerprint: *fingerprint,
-                            lease_remaining: Some(lease_until.saturating_duration_since(now)),
-                        });
-                    }
-                    // The holder's lease passed: take over, in place (the claim count stays).
-                    let waiters = *waiters;
-                    shard.map.insert(key, fresh(waiters));
-                    Claim::Acquired { taken_over: true }
-                }
-                Some(Slot::Completed {
-                    fingerprint,
-                    value,
-                    expires_at,
-                    ..
-                }) if *expires_at > now => {
-                    Claim::Completed(Slot::record(*fingerprint, value, *expires_at, now))
-                }
-                expired_or_absent => {
-                    if expired_or_absent.is_some() {
-                        shard.remove(&req.key);
-                    }
-                    let held = self.inner.claims.load(Ordering::Relaxed);
-                    if held >= self.inner.max_in_progress {
-                        // Lapsed claims of this shard first; the whole store if need be.
-                        let swept = shard.sweep_lapsed(now);
-                        if held - swept.min(held) >= self.inner.max_in_progress {
-                            return Claimed::Full;
-                        }
-                    }
-                    shard.map.insert(key, fresh(false));
-                    shard.claims += 1;
-                    Claim::Acquired { taken_over: false }
-                }
-            };
-            Claimed::Answer(answer)
-        });
-        claimed
+        let key = MapKey(req.key);
+        let mut claims = self.lane(&req.key).lock();
+        let now = Instant::now();
+        let fresh = |waiters| Held {
+            token: req.token,
+            fingerprint: req.fingerprint,
+            lease_until: after(now, req.lease),
+            waiters,
+        };
+        // Claims first, then records: under this lock a key is in at most one of them.
+        if let Some(held) = claims.get_mut(&key) {
+            if held.token == req.token {
+                // Our own claim, retried after a lost reply: restart the lease.
+                held.lease_until = after(now, req.lease);
+                return Claimed::Answer(Claim::Acquired { taken_over: false });
+            }
+            if held.lease_until > now {
+                return Claimed::Answer(Claim::InProgress {
+                    fingerprint: held.fingerprint,
+                    lease_remaining: Some(held.lease_until.saturating_duration_since(now)),
+                });
+            }
+            // The holder's lease passed: take over, in place (the claim count stays).
+            *held = fresh(held.waiters);
+            return Claimed::Answer(Claim::Acquired { taken_over: true });
+        }
+        // `contains_key` first: a miss (every fresh call) costs no moka read.
+        if self.inner.records.contains_key(&key) {
+            if let Some(record) = self.live_record(&key, now) {
+                let answer = record.answer(&self.inner.clock, now);
+                return Claimed::Answer(Claim::Completed(answer));
+            }
+        }
+        let held = self.inner.claims.load(Ordering::Relaxed);
+        if held >= self.inner.max_in_progress {
+            // Lapsed claims of this shard first; the whole store if need be.
+            let swept = claims::sweep_lapsed(&mut claims, now);
+            self.inner.claims.fetch_sub(swept, Ordering::Relaxed);
+            if held - swept.min(held) >= self.inner.max_in_progress {
+                return Claimed::Full;
+            }
+        }
+        claims.insert(key, fresh(false));
+        self.inner.claims.fetch_add(1, Ordering::Relaxed);
+        Claimed::Answer(Claim::Acquired { taken_over: false })
     }
 
     /// Completes synchronously (the body of [`Store::complete`]).
@@ -378,36 +370,53 @@ impl MemoryStore {
                 limit: self.inner.max_value_size,
             });
         }
-        // Copied once, outside the lock; every replay then shares these bytes.
-        let value = shared_copy(value);
-        let (r, notify) = self.with_shard(key, |shard| {
-            let now = Instant::now();
-            match shard.map.get(&MapKey(*key)) {
-                Some(Slot::InProgress {
-                    token: t,
-                    fingerprint,
-                    waiters,
-                    ..
-                }) if *t == token => {
-                    let (fingerprint, waiters) = (*fingerprint, *waiters);
-                    shard.complete(*key, token, fingerprint, value, after(now, ttl), now);
-                    Ok(waiters)
-                }
-                // A retry whose first attempt applied.
-                Some(Slot::Completed { token: t, .. }) if *t == token => Ok(false),
-                _ => Err(StoreError::Fenced),
+        let map_key = MapKey(*key);
+        let lane = self.lane(key);
+        // First look: the claim's fingerprint, which goes into the record.
+        let fingerprint = match lane.lock().get(&map_key) {
+            Some(held) if held.token == token => held.fingerprint,
+            Some(_) => return Err(StoreError::Fenced),
+            None => return self.completed_under(&map_key, token),
+        };
+        // The value is copied once, outside the lock; every replay then shares these bytes.
+        let expires_at = after(Instant::now(), ttl);
+        let record = Record::new(&self.inner.clock, expires_at, token, fingerprint, value);
+        let mut claims = lane.lock();
+        let waiters = match claims.get(&map_key) {
+            // Still ours (a token's claim keeps its fingerprint: a takeover brings a new token).
+            Some(held) if held.token == token => {
+                // The handover: the record is in moka before the claim goes, both under the
+                // lane lock, so no caller that looks under it sees neither (or both).
+                self.inner.records.insert(map_key, record);
+                self.unclaim(&mut claims, &map_key)
+                    .is_some_and(|h| h.waiters)
             }
-        });
-        if r? {
-            notify.notify_waiters();
+            Some(_) => return Err(StoreError::Fenced),
+            None => {
+                drop(claims);
+                return self.completed_under(&map_key, token);
+            }
+        };
+        drop(claims);
+        if waiters {
+            lane.notify.notify_waiters();
         }
         Ok(())
     }
 
+    /// A completion that found no claim: `Ok` if the record is completed under `token` (a
+    /// retry whose first attempt applied), else fenced.
+    fn completed_under(&self, key: &MapKey, token: FencingToken) -> Result<(), StoreError> {
+        match self.inner.records.get(key) {
+            Some(record) if record.token() == token => Ok(()),
+            _ => Err(StoreError::Fenced),
+        }
+    }
+
     /// Stores a completed record outside the claim protocol: the local tier of
     /// [`TieredStore`](crate::TieredStore), which only caches what its shared store answered.
-    /// The value is copied into an allocation of its own (a `Bytes` from a network client may
-    /// be a slice of a larger buffer, which would escape the byte bound). A value over
+    /// The value is copied into the record's own allocation (a `Bytes` from a network client
+    /// may be a slice of a larger buffer, which would escape the byte bound). A value over
     /// `max_value_size` is not kept.
     pub(crate) fn put_completed(
         &self,
@@ -419,56 +428,46 @@ impl MemoryStore {
         if value.len() > self.inner.max_value_size || ttl.is_zero() {
             return;
         }
-        let value = shared_copy(value);
-        self.with_shard(&key, |shard| {
-            let now = Instant::now();
-            shard.complete(
-                key,
-                FencingToken(0),
-                fingerprint,
-                value,
-                after(now, ttl),
-                now,
-            );
-        });
+        let expires_at = after(Instant::now(), ttl);
+        let record = Record::new(
+            &self.inner.clock,
+            expires_at,
+            FencingToken(0),
+            fingerprint,
+            value,
+        );
+        let _claims = self.lane(&key).lock();
+        self.inner.records.insert(MapKey(key), record);
     }
 
-    /// Forgets a record whatever its state, synchronously.
-    pub(crate) fn forget(&self, key: &Key) {
-        self.with_shard(key, |shard| shard.remove(key));
+    /// Forgets a record whatever its state, synchronously. Returns whether a claim with
+    /// waiters was removed.
+    pub(crate) fn forget(&self, key: &Key) -> bool {
+        let map_key = MapKey(*key);
+        let mut claims = self.lane(key).lock();
+        let waiters = self
+            .unclaim(&mut claims, &map_key)
+            .is_some_and(|h| h.waiters);
+        self.inner.records.invalidate(&map_key);
+        waiters
     }
 
     /// Releases synchronously (the body of [`Store::release`]).
     fn release_now(&self, key: &Key, token: FencingToken) {
-        let (waiters, notify) = self.with_shard(key, |shard| match shard.map.get(&MapKey(*key)) {
-            Some(Slot::InProgress {
-                token: t, waiters, ..
-            }) if *t == token => {
-                let waiters = *waiters;
-                shard.remove(key);
-                waiters
-            }
+        let map_key = MapKey(*key);
+        let lane = self.lane(key);
+        let mut claims = lane.lock();
+        let waiters = match claims.get(&map_key) {
+            Some(held) if held.token == token => self
+                .unclaim(&mut claims, &map_key)
+                .is_some_and(|h| h.waiters),
             _ => false,
-        });
+        };
+        drop(claims);
         if waiters {
-            notify.notify_waiters();
+            lane.notify.notify_waiters();
         }
     }
-}
-
-/// A copy of `value` in an allocation of its own, with its shared header made now, so that
-/// the first replay's clone does not allocate under a lock and the record costs what it is
-/// charged.
-fn shared_copy(value: &[u8]) -> Bytes {
-    let value = Bytes::copy_from_slice(value);
-    drop(value.clone());
-    value
-}
-
-fn lock(m: &Mutex<Shard>) -> MutexGuard<'_, Shard> {
-    // No code panics while holding a shard lock; if one ever did, the shard is still
-    // consistent (every update is a single map operation plus counters), so go on.
-    m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 #[async_trait]
@@ -510,44 +509,28 @@ impl Store for MemoryStore {
         token: FencingToken,
         lease: Duration,
     ) -> Result<(), StoreError> {
-        let (r, _) = self.with_shard(key, |shard| match shard.map.get_mut(&MapKey(*key)) {
-            Some(Slot::InProgress {
-                token: t,
-                lease_until,
-                ..
-            }) if *t == token => {
-                *lease_until = after(Instant::now(), lease);
+        match self.lane(key).lock().get_mut(&MapKey(*key)) {
+            Some(held) if held.token == token => {
+                held.lease_until = after(Instant::now(), lease);
                 Ok(())
             }
             _ => Err(StoreError::Fenced),
-        });
-        r
+        }
     }
 
     async fn get(&self, key: &Key) -> Result<Option<RecordState>, StoreError> {
-        let (state, _) = self.with_shard(key, |shard| {
-            let now = Instant::now();
-            match shard.map.get(&MapKey(*key))? {
-                Slot::InProgress {
-                    token,
-                    fingerprint,
-                    lease_until,
-                    ..
-                } => (*lease_until > now).then_some(RecordState::InProgress {
-                    token: *token,
-                    fingerprint: *fingerprint,
-                }),
-                Slot::Completed {
-                    fingerprint,
-                    value,
-                    expires_at,
-                    ..
-                } => (*expires_at > now).then(|| {
-                    RecordState::Completed(Slot::record(*fingerprint, value, *expires_at, now))
-                }),
-            }
-        });
-        Ok(state)
+        let map_key = MapKey(*key);
+        let claims = self.lane(key).lock();
+        let now = Instant::now();
+        if let Some(held) = claims.get(&map_key) {
+            return Ok((held.lease_until > now).then_some(RecordState::InProgress {
+                token: held.token,
+                fingerprint: held.fingerprint,
+            }));
+        }
+        Ok(self
+            .live_record(&map_key, now)
+            .map(|record| RecordState::Completed(record.answer(&self.inner.clock, now))))
     }
 
     async fn wait(&self, key: &Key, timeout: Duration) -> Result<(), StoreError> {
@@ -556,22 +539,16 @@ impl Store for MemoryStore {
         let notified = lane.notify.notified();
         tokio::pin!(notified);
         notified.as_mut().enable();
-        let (lease_until, _) = self.with_shard(key, |shard| {
+        let lease_until = {
+            let mut claims = lane.lock();
             let now = Instant::now();
-            match shard.map.get_mut(&MapKey(*key)) {
-                Some(Slot::InProgress {
-                    lease_until,
-                    waiters,
-                    ..
-                }) if *lease_until > now => {
-                    *waiters = true;
-                    Some(*lease_until)
+            match claims.get_mut(&MapKey(*key)) {
+                Some(held) if held.lease_until > now => {
+                    held.waiters = true;
+                    held.lease_until
                 }
-                _ => None,
+                _ => return Ok(()),
             }
-        });
-        let Some(lease_until) = lease_until else {
-            return Ok(());
         };
         let timeout = timeout.min(lease_until.saturating_duration_since(Instant::now()));
         let _ = tokio::time::timeout(timeout, notified).await;
@@ -579,14 +556,8 @@ impl Store for MemoryStore {
     }
 
     async fn remove(&self, key: &Key) -> Result<(), StoreError> {
-        let (waiters, notify) = self.with_shard(key, |shard| {
-            matches!(
-                shard.remove(key),
-                Some(Slot::InProgress { waiters: true, .. })
-            )
-        });
-        if waiters {
-            notify.notify_waiters();
+        if self.forget(key) {
+            self.lane(key).notify.notify_waiters();
         }
         Ok(())
     }
@@ -615,20 +586,13 @@ impl Store for MemoryStore {
         self.inner.max_value_size
     }
 
+    /// One moka read, without the lane lock: a record being written is at worst missed, and
+    /// the runtime then claims under the lock. A record that tokio's clock calls expired is
+    /// not answered (and is removed by the next look under the lock).
     fn completed_now(&self, key: &Key) -> Option<CompletedRecord> {
-        let lane = self.lane(key);
-        let shard = lock(&lane.records);
-        match shard.map.get(&MapKey(*key))? {
-            Slot::Completed {
-                fingerprint,
-                value,
-                expires_at,
-                ..
-            } => {
-                let now = Instant::now();
-                (*expires_at > now).then(|| Slot::record(*fingerprint, value, *expires_at, now))
-            }
-            Slot::InProgress { .. } => None,
-        }
+        let record = self.inner.records.get(&MapKey(*key))?;
+        let now = Instant::now();
+        let clock = &self.inner.clock;
+        record.live(clock, now).then(|| record.answer(clock, now))
     }
 }

@@ -36,6 +36,7 @@
 //! | `http` (`openapi`) | [`http`]: the tower/axum `Idempotency-Key` layer (and its utoipa description) |
 //! | `metrics` | `telemetry`: counters and histograms through the `metrics` facade |
 //! | `json` | a JSON codec besides the default MessagePack |
+//! | `bincode` | bincode 2.x as an opt-in compact codec (with its limits: see `codec`) |
 //! | `testkit` | `testkit`: the conformance suite a third-party store passes |
 //! | `cli` | the stores the `idem` command-line tool needs |
 //!

@@ -1,28 +1,35 @@
-//! [`StoreAdmin`] for [`MemoryStore`]: counts by state over every shard, and the removal of
-//! expired records and lapsed claims (which the store otherwise drops lazily, when it needs
-//! the room).
+//! [`StoreAdmin`] for [`MemoryStore`]: counts by state over the claim shards and the record
+//! cache, and the removal of expired records and lapsed claims (which the store otherwise
+//! drops when it meets them, and moka when its own expiry or the byte bound comes).
 
 use idem_core::{async_trait, StoreAdmin, StoreError, StoreStats};
 use tokio::time::Instant;
 
-use super::shard::{MapKey, Slot};
-use super::{lock, MemoryStore};
+use super::MemoryStore;
+use crate::key_map::MapKey;
 
 #[async_trait]
 impl StoreAdmin for MemoryStore {
-    /// Counts records by state, one shard lock at a time (so the counts are not one
-    /// snapshot). The store does not keep claim times: `oldest_in_progress` is `None`.
+    /// Counts records by state, one claim shard at a time and then the record cache (so the
+    /// counts are not one snapshot). The store does not keep claim times:
+    /// `oldest_in_progress` is `None`.
     async fn stats(&self) -> Result<StoreStats, StoreError> {
         let now = Instant::now();
         let (mut in_progress, mut completed, mut expired) = (0u64, 0u64, 0u64);
         for lane in self.inner.lanes.iter() {
-            let shard = lock(&lane.records);
-            for slot in shard.map.values() {
-                match slot {
-                    Slot::InProgress { lease_until, .. } if *lease_until > now => in_progress += 1,
-                    Slot::Completed { expires_at, .. } if *expires_at > now => completed += 1,
-                    _ => expired += 1,
+            for held in lane.lock().values() {
+                if held.lease_until > now {
+                    in_progress += 1;
+                } else {
+                    expired += 1;
                 }
+            }
+        }
+        for (_, record) in self.inner.records.iter() {
+            if record.live(&self.inner.clock, now) {
+                completed += 1;
+            } else {
+                expired += 1;
             }
         }
         Ok(StoreStats::new(in_progress, completed, Some(expired), None))
@@ -35,32 +42,42 @@ impl StoreAdmin for MemoryStore {
         let mut removed = 0u64;
         for lane in self.inner.lanes.iter() {
             if left == 0 {
-                break;
+                return Ok(removed);
             }
-            let mut shard = lock(&lane.records);
-            let dead: Vec<MapKey> = shard
-                .map
+            let mut claims = lane.lock();
+            let dead: Vec<MapKey> = claims
                 .iter()
-                .filter(|(_, slot)| match slot {
-                    Slot::InProgress { lease_until, .. } => *lease_until <= now,
-                    Slot::Completed { expires_at, .. } => *expires_at <= now,
-                })
+                .filter(|(_, held)| held.lease_until <= now)
                 .map(|(k, _)| *k)
                 .take(left)
                 .collect();
-            let before = shard.claims;
             for k in &dead {
-                shard.remove(&k.0);
-            }
-            let freed = before - shard.claims;
-            drop(shard);
-            if freed > 0 {
-                self.inner
-                    .claims
-                    .fetch_sub(freed, std::sync::atomic::Ordering::Relaxed);
+                self.unclaim(&mut claims, k);
             }
             left -= dead.len();
             removed += dead.len() as u64;
+        }
+        let dead: Vec<MapKey> = self
+            .inner
+            .records
+            .iter()
+            .filter(|(_, record)| !record.live(&self.inner.clock, now))
+            .map(|(k, _)| *k)
+            .take(left)
+            .collect();
+        for k in &dead {
+            // Under the key's lane lock, and only if still expired: never a fresh record
+            // completed since the scan.
+            let _claims = self.lane(&k.0).lock();
+            if self
+                .inner
+                .records
+                .get(k)
+                .is_some_and(|record| !record.live(&self.inner.clock, now))
+            {
+                self.inner.records.invalidate(k);
+                removed += 1;
+            }
         }
         Ok(removed)
     }
