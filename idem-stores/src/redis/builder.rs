@@ -242,6 +242,11 @@ impl RedisStoreBuilder {
                 if let Err(e) = store.read_clock().await {
                     tracing::debug!(error = %e, "idem redis: could not read the server's clock");
                 }
+                // A reconnect that no command of ours saw fail (the server was replaced
+                // between two commands) is caught here too.
+                if store.inner.native == NativeCas::Auto {
+                    store.detect().await;
+                }
             }
         });
         let _ = store.inner.clock_reader.set(reader);

@@ -441,9 +441,13 @@ impl RedisStore {
         if self.inner.native == NativeCas::Never {
             return None;
         }
-        let claimed = self.claimed_record(key, token)?;
+        // Detect first (when stale), even for a claim this store does not hold: the next
+        // claims then use the native path.
         let caps = self.caps().await;
-        caps.set_ifeq.then_some((caps, claimed))
+        if !caps.set_ifeq {
+            return None;
+        }
+        Some((caps, self.claimed_record(key, token)?))
     }
 
     /// After a completion was stored: forget the claim, and remember the key as completed.
