@@ -61,10 +61,17 @@ fn parse_commandstats(info: &str) -> BTreeMap<String, u64> {
 
 /// Script runs of any kind.
 fn scripts_run(stats: &BTreeMap<String, u64>) -> u64 {
-    ["eval", "evalsha", "eval_ro", "evalsha_ro", "fcall", "fcall_ro"]
-        .iter()
-        .map(|c| stats.get(*c).copied().unwrap_or(0))
-        .sum()
+    [
+        "eval",
+        "evalsha",
+        "eval_ro",
+        "evalsha_ro",
+        "fcall",
+        "fcall_ro",
+    ]
+    .iter()
+    .map(|c| stats.get(*c).copied().unwrap_or(0))
+    .sum()
 }
 
 fn reset(server: &RedisServer) {
@@ -119,7 +126,10 @@ async fn the_path_is_detected_per_server_and_the_option_forces_it() {
     if let Some(url) = env_url("IDEM_TEST_REDIS_URL") {
         let store = connect(&url, NativeCas::Auto).await;
         if !server_has_ifeq(&url) {
-            assert!(!store.native_cas_active(), "Redis before 8.4 has no SET IFEQ");
+            assert!(
+                !store.native_cas_active(),
+                "Redis before 8.4 has no SET IFEQ"
+            );
         }
     }
 }
@@ -163,11 +173,24 @@ async fn a_fresh_call_and_a_renewal_run_no_script_on_valkey_8_1() {
     // Fresh calls through the runtime.
     reset(&server);
     for i in 0..20u64 {
-        let v = counted(&store, ns, &format!("k{i}"), &runs, i, Duration::from_secs(10), Duration::ZERO).await;
+        let v = counted(
+            &store,
+            ns,
+            &format!("k{i}"),
+            &runs,
+            i,
+            Duration::from_secs(10),
+            Duration::ZERO,
+        )
+        .await;
         assert_eq!(v.unwrap(), i);
     }
     let stats = commandstats(&server);
-    assert_eq!(scripts_run(&stats), 0, "fresh calls ran a script: {stats:?}");
+    assert_eq!(
+        scripts_run(&stats),
+        0,
+        "fresh calls ran a script: {stats:?}"
+    );
     assert!(stats.get("set").copied().unwrap_or(0) >= 40, "{stats:?}");
 
     // Renewals: explicit, and the runtime's lease keeper on a body that outlives its lease.
@@ -179,10 +202,25 @@ async fn a_fresh_call_and_a_renewal_run_no_script_on_valkey_8_1() {
         Claim::Acquired { taken_over: false }
     );
     for _ in 0..3 {
-        store.renew(&key, token, Duration::from_secs(2)).await.unwrap();
+        store
+            .renew(&key, token, Duration::from_secs(2))
+            .await
+            .unwrap();
     }
-    store.complete(&key, token, b"v", Duration::from_secs(30)).await.unwrap();
-    let v = counted(&store, ns, "long", &runs, 7, Duration::from_millis(300), Duration::from_millis(700)).await;
+    store
+        .complete(&key, token, b"v", Duration::from_secs(30))
+        .await
+        .unwrap();
+    let v = counted(
+        &store,
+        ns,
+        "long",
+        &runs,
+        7,
+        Duration::from_millis(300),
+        Duration::from_millis(700),
+    )
+    .await;
     assert_eq!(v.unwrap(), 7);
     let stats = commandstats(&server);
     assert_eq!(scripts_run(&stats), 0, "renewals ran a script: {stats:?}");
@@ -193,7 +231,16 @@ async fn a_fresh_call_and_a_renewal_run_no_script_on_valkey_8_1() {
     // The same through the scripts: they are counted.
     let scripts = connect(&server.url(), NativeCas::Never).await;
     reset(&server);
-    let v = counted(&scripts, ns, "scripted", &runs, 9, Duration::from_secs(10), Duration::ZERO).await;
+    let v = counted(
+        &scripts,
+        ns,
+        "scripted",
+        &runs,
+        9,
+        Duration::from_secs(10),
+        Duration::ZERO,
+    )
+    .await;
     assert_eq!(v.unwrap(), 9);
     assert!(scripts_run(&commandstats(&server)) >= 1);
 }
@@ -201,20 +248,37 @@ async fn a_fresh_call_and_a_renewal_run_no_script_on_valkey_8_1() {
 /// A renewal on the native path really extends the lease (the record lives lease + grace).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_native_renewal_extends_the_lease_and_is_fenced_for_others() {
-    let Some(url) = env_url("IDEM_TEST_VALKEY81_URL") else { return };
+    let Some(url) = env_url("IDEM_TEST_VALKEY81_URL") else {
+        return;
+    };
     let store = connect(&url, NativeCas::Auto).await;
     let key = fresh_key();
     let (req, token) = claim_request(key, Duration::from_millis(300));
     store.claim(&req).await.unwrap();
-    store.renew(&key, token, Duration::from_secs(5)).await.unwrap();
+    store
+        .renew(&key, token, Duration::from_secs(5))
+        .await
+        .unwrap();
     tokio::time::sleep(Duration::from_millis(500)).await;
     let (other, _) = claim_request(key, Duration::from_secs(5));
-    assert!(matches!(store.claim(&other).await.unwrap(), Claim::InProgress { .. }));
     assert!(matches!(
-        store.renew(&key, idem_core::FencingToken::random(), Duration::from_secs(5)).await,
+        store.claim(&other).await.unwrap(),
+        Claim::InProgress { .. }
+    ));
+    assert!(matches!(
+        store
+            .renew(
+                &key,
+                idem_core::FencingToken::random(),
+                Duration::from_secs(5)
+            )
+            .await,
         Err(StoreError::Fenced)
     ));
-    store.complete(&key, token, b"v", Duration::from_secs(30)).await.unwrap();
+    store
+        .complete(&key, token, b"v", Duration::from_secs(30))
+        .await
+        .unwrap();
     assert!(matches!(
         store.renew(&key, token, Duration::from_secs(5)).await,
         Err(StoreError::Fenced)
@@ -224,7 +288,9 @@ async fn a_native_renewal_extends_the_lease_and_is_fenced_for_others() {
 /// Instances on the scripts and instances on the native commands share one Valkey 8.1.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_mixed_fleet_runs_every_key_once() {
-    let Some(url) = env_url("IDEM_TEST_VALKEY81_URL") else { return };
+    let Some(url) = env_url("IDEM_TEST_VALKEY81_URL") else {
+        return;
+    };
     let native = connect(&url, NativeCas::Auto).await;
     let scripts = connect(&url, NativeCas::Never).await;
     assert!(native.native_cas_active() && !scripts.native_cas_active());
@@ -234,10 +300,23 @@ async fn a_mixed_fleet_runs_every_key_once() {
     let mut tasks = Vec::new();
     for caller in 0..8u64 {
         for (k, runs) in runs.iter().enumerate() {
-            let store = if caller % 2 == 0 { native.clone() } else { scripts.clone() };
+            let store = if caller % 2 == 0 {
+                native.clone()
+            } else {
+                scripts.clone()
+            };
             let runs = runs.clone();
             tasks.push(tokio::spawn(async move {
-                let v = counted(&store, ns, &format!("k{k}"), &runs, caller, Duration::from_secs(10), Duration::from_millis(40)).await;
+                let v = counted(
+                    &store,
+                    ns,
+                    &format!("k{k}"),
+                    &runs,
+                    caller,
+                    Duration::from_secs(10),
+                    Duration::from_millis(40),
+                )
+                .await;
                 (k, v.unwrap())
             }));
         }
@@ -250,7 +329,10 @@ async fn a_mixed_fleet_runs_every_key_once() {
     for (k, runs) in runs.iter().enumerate() {
         assert_eq!(runs.load(Ordering::SeqCst), 1, "key {k} ran more than once");
         let vs = &answers[&k];
-        assert!(vs.iter().all(|v| *v == vs[0]), "key {k}: callers disagree {vs:?}");
+        assert!(
+            vs.iter().all(|v| *v == vs[0]),
+            "key {k}: callers disagree {vs:?}"
+        );
     }
 }
 
@@ -258,7 +340,9 @@ async fn a_mixed_fleet_runs_every_key_once() {
 /// completion finds the value changed and completes through the script, which publishes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_mixed_fleet_wakes_each_others_waiters() {
-    let Some(url) = env_url("IDEM_TEST_VALKEY81_URL") else { return };
+    let Some(url) = env_url("IDEM_TEST_VALKEY81_URL") else {
+        return;
+    };
     let native = connect(&url, NativeCas::Auto).await;
     let scripts = connect(&url, NativeCas::Never).await;
     for (holder, waiter) in [(&native, &scripts), (&scripts, &native)] {
@@ -267,16 +351,38 @@ async fn a_mixed_fleet_wakes_each_others_waiters() {
         let h = {
             let (holder, runs) = (holder.clone(), runs.clone());
             tokio::spawn(async move {
-                counted(&holder, ns, "k", &runs, 1, Duration::from_secs(30), Duration::from_millis(300)).await
+                counted(
+                    &holder,
+                    ns,
+                    "k",
+                    &runs,
+                    1,
+                    Duration::from_secs(30),
+                    Duration::from_millis(300),
+                )
+                .await
             })
         };
         tokio::time::sleep(Duration::from_millis(100)).await;
         let t = Instant::now();
-        let v = counted(waiter, ns, "k", &runs, 2, Duration::from_secs(30), Duration::ZERO).await;
+        let v = counted(
+            waiter,
+            ns,
+            "k",
+            &runs,
+            2,
+            Duration::from_secs(30),
+            Duration::ZERO,
+        )
+        .await;
         assert_eq!(v.unwrap(), 1, "the waiter gets the holder's value");
         // Woken by the completion's publish (the lease is 30 s; polling alone would take far
         // longer than this without notifications).
-        assert!(t.elapsed() < Duration::from_secs(3), "waiter woken after {:?}", t.elapsed());
+        assert!(
+            t.elapsed() < Duration::from_secs(3),
+            "waiter woken after {:?}",
+            t.elapsed()
+        );
         assert_eq!(h.await.unwrap().unwrap(), 1);
         assert_eq!(runs.load(Ordering::SeqCst), 1);
     }
@@ -285,24 +391,43 @@ async fn a_mixed_fleet_wakes_each_others_waiters() {
 /// A lapsed holder on one path is fenced by a taker on the other, both ways.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_mixed_fleet_fences_stale_holders() {
-    let Some(url) = env_url("IDEM_TEST_VALKEY81_URL") else { return };
+    let Some(url) = env_url("IDEM_TEST_VALKEY81_URL") else {
+        return;
+    };
     let native = connect(&url, NativeCas::Auto).await;
     let scripts = connect(&url, NativeCas::Never).await;
     for (first, second) in [(&native, &scripts), (&scripts, &native)] {
         let key = fresh_key();
         let (req, old) = claim_request(key, Duration::from_millis(200));
-        assert_eq!(first.claim(&req).await.unwrap(), Claim::Acquired { taken_over: false });
+        assert_eq!(
+            first.claim(&req).await.unwrap(),
+            Claim::Acquired { taken_over: false }
+        );
         tokio::time::sleep(Duration::from_millis(350)).await;
         let (req, new) = claim_request(key, Duration::from_secs(10));
-        assert_eq!(second.claim(&req).await.unwrap(), Claim::Acquired { taken_over: true });
-        assert!(matches!(first.renew(&key, old, Duration::from_secs(5)).await, Err(StoreError::Fenced)));
+        assert_eq!(
+            second.claim(&req).await.unwrap(),
+            Claim::Acquired { taken_over: true }
+        );
         assert!(matches!(
-            first.complete(&key, old, b"stale", Duration::from_secs(30)).await,
+            first.renew(&key, old, Duration::from_secs(5)).await,
+            Err(StoreError::Fenced)
+        ));
+        assert!(matches!(
+            first
+                .complete(&key, old, b"stale", Duration::from_secs(30))
+                .await,
             Err(StoreError::Fenced)
         ));
         first.release(&key, old).await.unwrap();
-        second.renew(&key, new, Duration::from_secs(10)).await.unwrap();
-        second.complete(&key, new, b"fresh", Duration::from_secs(30)).await.unwrap();
+        second
+            .renew(&key, new, Duration::from_secs(10))
+            .await
+            .unwrap();
+        second
+            .complete(&key, new, b"fresh", Duration::from_secs(30))
+            .await
+            .unwrap();
         match first.get(&key).await.unwrap() {
             Some(RecordState::Completed(rec)) => assert_eq!(&rec.value[..], b"fresh"),
             other => panic!("{other:?}"),
@@ -313,7 +438,10 @@ async fn a_mixed_fleet_fences_stale_holders() {
         first.claim(&req).await.unwrap();
         first.release(&key, token).await.unwrap();
         let (req, _) = claim_request(key, Duration::from_secs(30));
-        assert_eq!(second.claim(&req).await.unwrap(), Claim::Acquired { taken_over: false });
+        assert_eq!(
+            second.claim(&req).await.unwrap(),
+            Claim::Acquired { taken_over: false }
+        );
     }
 }
 
@@ -327,7 +455,9 @@ where
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         match f().await {
-            Err(StoreError::Backend { .. } | StoreError::Timeout(_)) if Instant::now() < deadline => {
+            Err(StoreError::Backend { .. } | StoreError::Timeout(_))
+                if Instant::now() < deadline =>
+            {
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
             r => return r,
@@ -341,8 +471,11 @@ where
 /// run again), a body in flight across it completes once, and a fresh key runs no script.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_upgrade_under_a_running_store_keeps_every_promise() {
-    let Some(valkey) = valkey81_binary() else { return };
-    let mut server = RedisServer::start_binary("redis-server", redis_server::spare_port(false), &[]);
+    let Some(valkey) = valkey81_binary() else {
+        return;
+    };
+    let mut server =
+        RedisServer::start_binary("redis-server", redis_server::spare_port(false), &[]);
     let store = connect(&server.url(), NativeCas::Auto).await;
     assert!(!store.native_cas_active(), "Redis 7.0: scripts");
     let ns = namespace("upgrade");
@@ -350,14 +483,39 @@ async fn an_upgrade_under_a_running_store_keeps_every_promise() {
 
     // Before: a completed key, a held claim, and a body that will be running during the
     // upgrade.
-    assert_eq!(counted(&store, ns, "done", &runs, 1, Duration::from_secs(30), Duration::ZERO).await.unwrap(), 1);
+    assert_eq!(
+        counted(
+            &store,
+            ns,
+            "done",
+            &runs,
+            1,
+            Duration::from_secs(30),
+            Duration::ZERO
+        )
+        .await
+        .unwrap(),
+        1
+    );
     let held = fresh_key();
     let (req, token) = claim_request(held, Duration::from_secs(30));
-    assert_eq!(store.claim(&req).await.unwrap(), Claim::Acquired { taken_over: false });
+    assert_eq!(
+        store.claim(&req).await.unwrap(),
+        Claim::Acquired { taken_over: false }
+    );
     let in_flight = {
         let (store, runs) = (store.clone(), runs.clone());
         tokio::spawn(async move {
-            counted(&store, ns, "flight", &runs, 2, Duration::from_secs(30), Duration::from_millis(1500)).await
+            counted(
+                &store,
+                ns,
+                "flight",
+                &runs,
+                2,
+                Duration::from_secs(30),
+                Duration::from_millis(1500),
+            )
+            .await
         })
     };
     tokio::time::sleep(Duration::from_millis(200)).await;
@@ -367,7 +525,10 @@ async fn an_upgrade_under_a_running_store_keeps_every_promise() {
     assert!(server.command("SAVE").unwrap().starts_with("+OK"));
     server.kill();
     server.restart_binary(&valkey);
-    assert!(server.command("INFO server").unwrap().contains("valkey_version:8.1"));
+    assert!(server
+        .command("INFO server")
+        .unwrap()
+        .contains("valkey_version:8.1"));
 
     // The held claim completes under its token (the store reconnects on its own).
     through_reconnect(|| store.complete(&held, token, b"held", Duration::from_secs(30)))
@@ -377,22 +538,68 @@ async fn an_upgrade_under_a_running_store_keeps_every_promise() {
     // error, or by the store's periodic check when no command of ours saw the server go).
     let deadline = Instant::now() + Duration::from_secs(8);
     while !store.native_cas_active() {
-        assert!(Instant::now() < deadline, "native after the reconnect to Valkey 8.1");
+        assert!(
+            Instant::now() < deadline,
+            "native after the reconnect to Valkey 8.1"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     // The body in flight completes once.
     assert_eq!(in_flight.await.unwrap().unwrap(), 2);
     // Every key replays; nothing runs again.
-    assert_eq!(counted(&store, ns, "done", &runs, 10, Duration::from_secs(30), Duration::ZERO).await.unwrap(), 1);
-    assert_eq!(counted(&store, ns, "flight", &runs, 10, Duration::from_secs(30), Duration::ZERO).await.unwrap(), 2);
-    match store.claim(&claim_request(held, Duration::from_secs(30)).0).await.unwrap() {
+    assert_eq!(
+        counted(
+            &store,
+            ns,
+            "done",
+            &runs,
+            10,
+            Duration::from_secs(30),
+            Duration::ZERO
+        )
+        .await
+        .unwrap(),
+        1
+    );
+    assert_eq!(
+        counted(
+            &store,
+            ns,
+            "flight",
+            &runs,
+            10,
+            Duration::from_secs(30),
+            Duration::ZERO
+        )
+        .await
+        .unwrap(),
+        2
+    );
+    match store
+        .claim(&claim_request(held, Duration::from_secs(30)).0)
+        .await
+        .unwrap()
+    {
         Claim::Completed(rec) => assert_eq!(&rec.value[..], b"held"),
         other => panic!("{other:?}"),
     }
     assert_eq!(runs.load(Ordering::SeqCst), 2);
     // A fresh key: native only.
     reset(&server);
-    assert_eq!(counted(&store, ns, "fresh", &runs, 3, Duration::from_secs(30), Duration::ZERO).await.unwrap(), 3);
+    assert_eq!(
+        counted(
+            &store,
+            ns,
+            "fresh",
+            &runs,
+            3,
+            Duration::from_secs(30),
+            Duration::ZERO
+        )
+        .await
+        .unwrap(),
+        3
+    );
     let stats = commandstats(&server);
     assert_eq!(scripts_run(&stats), 0, "{stats:?}");
     assert_eq!(runs.load(Ordering::SeqCst), 3);
@@ -439,7 +646,11 @@ async fn the_native_path_on_a_valkey_cluster() {
         assert_eq!(i, v);
     }
     assert_eq!(runs.load(Ordering::SeqCst), 32, "each key ran once");
-    let sets: u64 = cluster.nodes.iter().map(|n| commandstats(n).get("set").copied().unwrap_or(0)).sum();
+    let sets: u64 = cluster
+        .nodes
+        .iter()
+        .map(|n| commandstats(n).get("set").copied().unwrap_or(0))
+        .sum();
     assert!(sets >= 64, "claims and completions are SETs: {sets}");
     // Waiters (the concurrent callers above) mark claims, whose completions then publish
     // through the script; fresh calls without waiters run none.

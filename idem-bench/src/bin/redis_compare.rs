@@ -65,10 +65,8 @@ impl Server {
             .and_then(|l| l.local_addr())
             .map(|a| a.port())
             .expect("a spare port");
-        let dir = std::env::temp_dir().join(format!(
-            "idem-bench-redis-{}-{port}",
-            std::process::id()
-        ));
+        let dir =
+            std::env::temp_dir().join(format!("idem-bench-redis-{}-{port}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("server dir");
         let version = Command::new(binary)
             .arg("--version")

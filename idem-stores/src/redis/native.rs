@@ -385,8 +385,9 @@ mod tests {
         let redis70 = parse("# Server\r\nredis_version:7.0.15\r\nredis_mode:standalone\r\n");
         assert_eq!(redis70.describe(), "Redis 7.0.15");
         assert_eq!(redis70.caps(), Caps::SCRIPTS);
-        let valkey80 =
-            parse("# Server\r\nredis_version:7.2.4\r\nserver_name:valkey\r\nvalkey_version:8.0.1\r\n");
+        let valkey80 = parse(
+            "# Server\r\nredis_version:7.2.4\r\nserver_name:valkey\r\nvalkey_version:8.0.1\r\n",
+        );
         assert_eq!(valkey80.describe(), "Valkey 8.0.1");
         assert_eq!(valkey80.caps(), Caps::SCRIPTS);
         let valkey81 = parse("redis_version:7.2.4\r\nvalkey_version:8.1.1\r\n");
@@ -397,7 +398,8 @@ mod tests {
                 del: DelIfEq::Script
             }
         );
-        let valkey9 = parse("redis_version:7.2.4\r\nserver_name:valkey\r\nvalkey_version:9.0.0\r\n");
+        let valkey9 =
+            parse("redis_version:7.2.4\r\nserver_name:valkey\r\nvalkey_version:9.0.0\r\n");
         assert_eq!(valkey9.caps().del, DelIfEq::DelIfEq);
         let redis84 = parse("redis_version:8.4.0\r\n");
         assert_eq!(
