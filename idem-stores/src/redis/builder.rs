@@ -242,8 +242,7 @@ impl RedisStoreBuilder {
                 if let Err(e) = store.read_clock().await {
                     tracing::debug!(error = %e, "idem redis: could not read the server's clock");
                 }
-                // A reconnect that no command of ours saw fail (the server was replaced
-                // between two commands) is caught here too.
+                // A reconnect to an upgraded or downgraded server changes the path here.
                 if store.inner.native == NativeCas::Auto {
                     store.detect().await;
                 }

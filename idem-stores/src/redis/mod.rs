@@ -331,23 +331,16 @@ impl RedisStore {
         };
         match tokio::time::timeout(timeout, run).await {
             Ok(Ok(v)) => Ok(v),
-            Ok(Err(e)) => {
-                // The connection may come back to another server (an upgrade, a failover):
-                // detect it again before the next native command.
-                self.inner.detected.invalidate();
-                Err(backend(what, e, timeout))
-            }
-            Err(_) => {
-                self.inner.detected.invalidate();
-                Err(StoreError::Timeout(timeout))
-            }
+            Ok(Err(e)) => Err(backend(what, e, timeout)),
+            Err(_) => Err(StoreError::Timeout(timeout)),
         }
     }
 
     /// True when completions and renewals use native `SET … IFEQ` (forced, or detected on a
     /// Valkey ≥ 8.1 / Redis ≥ 8.4 server); false while they use the Lua scripts. Detection
-    /// runs at connect and again before the first completion, renewal or release after a
-    /// connection error.
+    /// runs at connect and then every 5 s, so a reconnect to an upgraded or downgraded server
+    /// changes the path within seconds; until then the path in use stays correct (a server
+    /// that refuses a native command gets the script instead).
     ///
     /// ```no_run
     /// # async fn demo() -> Result<(), idem_core::StoreError> {
@@ -363,32 +356,19 @@ impl RedisStore {
         }
     }
 
-    /// The commands to use now, detecting the server first if a connection error (or the
-    /// connect) left the detection stale. While detection fails, or runs in another task,
-    /// the scripts are used: they work on every server.
-    async fn caps(&self) -> Caps {
-        let (caps, stale) = self.inner.detected.get();
-        let caps = match self.inner.native {
-            NativeCas::Never => return Caps::SCRIPTS,
-            NativeCas::Always if !stale => {
-                return Caps {
-                    set_ifeq: true,
-                    ..caps
-                }
-            }
-            _ if !stale => caps,
-            _ => match self.detect().await {
-                Some(caps) => caps,
-                None => Caps::SCRIPTS,
-            },
-        };
-        if self.inner.native == NativeCas::Always {
-            Caps {
+    /// The commands to use now. A detection that is stale (a native command was refused) or
+    /// out of date (the server was replaced since) is still safe to use: a native command the
+    /// server refuses, or whose comparison fails, falls back to the script; the store's
+    /// periodic detection brings it up to date.
+    fn caps(&self) -> Caps {
+        let caps = self.inner.detected.get().0;
+        match self.inner.native {
+            NativeCas::Never => Caps::SCRIPTS,
+            NativeCas::Always => Caps {
                 set_ifeq: true,
                 ..caps
-            }
-        } else {
-            caps
+            },
+            NativeCas::Auto => caps,
         }
     }
 
@@ -437,13 +417,8 @@ impl RedisStore {
 
     /// The claimed record to compare with natively, when the native path is in use and this
     /// store holds the claim; `None`: use the script.
-    async fn native_target(&self, key: &Key, token: FencingToken) -> Option<(Caps, Vec<u8>)> {
-        if self.inner.native == NativeCas::Never {
-            return None;
-        }
-        // Detect first (when stale), even for a claim this store does not hold: the next
-        // claims then use the native path.
-        let caps = self.caps().await;
+    fn native_target(&self, key: &Key, token: FencingToken) -> Option<(Caps, Vec<u8>)> {
+        let caps = self.caps();
         if !caps.set_ifeq {
             return None;
         }
@@ -462,13 +437,7 @@ impl RedisStore {
 
     /// Remembers an acquired claim for the native commands (unless they cannot be used).
     fn hold(&self, req: &ClaimRequest, lives_ms: u64) {
-        let (caps, stale) = self.inner.detected.get();
-        let may_use = match self.inner.native {
-            NativeCas::Never => false,
-            NativeCas::Always => true,
-            NativeCas::Auto => caps.set_ifeq || stale,
-        };
-        if may_use {
+        if self.caps().set_ifeq {
             self.inner.held.insert(
                 &req.key,
                 req.token,
@@ -689,7 +658,7 @@ impl Store for RedisStore {
         let name = self.name(key);
         let ttl = millis(ttl).max(1);
         let head = reply::completed_head(token, self.inner.clock.stamp(ttl));
-        if let Some((_, claimed)) = self.native_target(key, token).await {
+        if let Some((_, claimed)) = self.native_target(key, token) {
             // One `SET … IFEQ <claimed record>`: the completed record is the head, the
             // fingerprint (the claimed record's tail) and the value.
             let mut rec = Vec::with_capacity(head.len() + claimed.len() - 19 + value.len());
@@ -746,7 +715,7 @@ impl Store for RedisStore {
 
     async fn release(&self, key: &Key, token: FencingToken) -> Result<(), StoreError> {
         let name = self.name(key);
-        if let Some((caps, claimed)) = self.native_target(key, token).await {
+        if let Some((caps, claimed)) = self.native_target(key, token) {
             let mut del = Cmd::with_capacity(4, name.len() + claimed.len() + 16);
             match caps.del {
                 DelIfEq::DelIfEq => {
@@ -790,7 +759,7 @@ impl Store for RedisStore {
     ) -> Result<(), StoreError> {
         let name = self.name(key);
         let lease = millis(lease).max(1);
-        if let Some((_, claimed)) = self.native_target(key, token).await {
+        if let Some((_, claimed)) = self.native_target(key, token) {
             // The claimed record written again over itself, with the new expiry (the lease
             // plus the grace, as the claim wrote it).
             let px = lease.saturating_add(millis(self.inner.lease_grace).max(1));

@@ -2,10 +2,12 @@
 //! and renewals, `DELIFEQ` (Valkey ≥ 9.0) or `DELEX … IFEQ` (Redis ≥ 8.4) for releases.
 //!
 //! - **Detection.** The server's name and version come from `INFO server`, at connect and
-//!   again before the first completion, renewal or release after any connection error (a
-//!   reconnect may have reached an upgraded or downgraded server). On a cluster, every node
-//!   is asked and the path is the one all of them support. A server that answers a native
-//!   command with an error reply makes the store fall back to the scripts and detect again.
+//!   then every 5 s with the clock reading (a reconnect may have reached an upgraded or
+//!   downgraded server). On a cluster, every node is asked and the path is the one all of
+//!   them support. A server that answers a native command with an error reply (a downgrade
+//!   not detected yet) gets the script instead, and is detected again. Detecting inline,
+//!   before the first settle after each connection error, was tried: under repeated
+//!   connection cuts the extra round trip on the settle path made waiters' claims fail.
 //! - **What is compared.** `IFEQ` compares the whole value, so the store keeps the in-progress
 //!   record each of its own claims wrote ([`Held`]): key → token and fingerprint. A claim not
 //!   found there (claimed before an upgrade, or by another instance of the store) completes
