@@ -419,7 +419,9 @@ impl RedisStore {
     /// store holds the claim; `None`: use the script.
     fn native_target(&self, key: &Key, token: FencingToken) -> Option<(Caps, Vec<u8>)> {
         let caps = self.caps();
-        if !caps.set_ifeq {
+        // A waiter of this store marked the record (so the native comparison would fail and
+        // the script would follow): the script at once, one round trip instead of two.
+        if !caps.set_ifeq || self.inner.waiters.waiting(key) {
             return None;
         }
         Some((caps, self.claimed_record(key, token)?))
@@ -771,11 +773,17 @@ impl Store for RedisStore {
                 .arg(&claimed[..])
                 .arg("PX")
                 .arg(px);
-            if self.native("redis renew", &set).await? == Some(true) {
-                self.inner
-                    .held
-                    .renewed(key, token, Duration::from_millis(px));
-                return Ok(());
+            match self.native("redis renew", &set).await? {
+                Some(true) => {
+                    self.inner
+                        .held
+                        .renewed(key, token, Duration::from_millis(px));
+                    return Ok(());
+                }
+                // Marked by a waiter elsewhere, or fenced: the script decides, now and for
+                // this claim's next renewals.
+                Some(false) => self.inner.held.mark(key, token),
+                None => {}
             }
         }
         let mut lease_buf = [0u8; 20];

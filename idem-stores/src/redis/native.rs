@@ -261,6 +261,9 @@ struct Entry {
     token: FencingToken,
     fingerprint: Option<Fingerprint>,
     until: Instant,
+    /// A native comparison failed (a waiter marked the record): the script from now on,
+    /// without trying the native command first.
+    marked: bool,
 }
 
 /// The claims this store holds, so that a native completion, renewal or release can send the
@@ -304,6 +307,7 @@ impl Held {
                 token,
                 fingerprint,
                 until: now + lives,
+                marked: false,
             },
         );
     }
@@ -313,8 +317,17 @@ impl Held {
     pub(crate) fn get(&self, key: &Key, token: FencingToken) -> Option<Option<Fingerprint>> {
         let map = self.shard(key).lock().unwrap_or_else(|p| p.into_inner());
         map.get(&MapKey(*key))
-            .filter(|e| e.token == token)
+            .filter(|e| e.token == token && !e.marked)
             .map(|e| e.fingerprint)
+    }
+
+    /// A native comparison of this claim failed: its record was marked by a waiter (or is no
+    /// longer ours); its next operations go to the script directly.
+    pub(crate) fn mark(&self, key: &Key, token: FencingToken) {
+        let mut map = self.shard(key).lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(e) = map.get_mut(&MapKey(*key)).filter(|e| e.token == token) {
+            e.marked = true;
+        }
     }
 
     /// Extends the entry after a renewal to `lives` from now.
@@ -468,6 +481,8 @@ mod tests {
         assert_eq!(held.get(&key, FencingToken(2)), None);
         held.remove(&key, FencingToken(2));
         assert!(held.get(&key, FencingToken(1)).is_some());
+        held.mark(&key, FencingToken(1));
+        assert_eq!(held.get(&key, FencingToken(1)), None, "marked: the script");
         held.remove(&key, FencingToken(1));
         assert_eq!(held.get(&key, FencingToken(1)), None);
     }
