@@ -58,7 +58,7 @@ use idem_core::{
 };
 
 use self::builder::Target;
-use self::native::{Caps, DelIfEq, Detected, Held, Recent};
+use self::native::{Caps, Detected, Held, Recent, Release};
 use self::notify::Waiters;
 use self::reply::{Looked, Record};
 use self::scripts::{Lua, Scripts};
@@ -403,9 +403,9 @@ impl RedisStore {
                 (_, false) => "Lua scripts",
             };
             let release = match caps.del {
-                DelIfEq::DelIfEq => "DELIFEQ",
-                DelIfEq::DelEx => "DELEX IFEQ",
-                DelIfEq::Script => "a Lua script",
+                Release::DelIfEq => "DELIFEQ",
+                Release::DelEx => "DELEX IFEQ",
+                Release::Script => "a Lua script",
             };
             tracing::info!(
                 server = %names.join(", "),
@@ -720,20 +720,20 @@ impl Store for RedisStore {
         if let Some((caps, claimed)) = self.native_target(key, token) {
             let mut del = Cmd::with_capacity(4, name.len() + claimed.len() + 16);
             match caps.del {
-                DelIfEq::DelIfEq => {
+                Release::DelIfEq => {
                     del.arg("DELIFEQ").arg(&name[..]).arg(&claimed[..]);
                 }
-                DelIfEq::DelEx => {
+                Release::DelEx => {
                     del.arg("DELEX")
                         .arg(&name[..])
                         .arg("IFEQ")
                         .arg(&claimed[..]);
                 }
-                DelIfEq::Script => {}
+                Release::Script => {}
             }
             // Deleted; or not (marked by a waiter: the script publishes) and the script
             // decides.
-            if caps.del != DelIfEq::Script
+            if caps.del != Release::Script
                 && self.native("redis release", &del).await? == Some(true)
             {
                 self.inner.held.remove(key, token);

@@ -61,7 +61,7 @@ pub enum NativeCas {
 
 /// The conditional delete a server has, if any.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum DelIfEq {
+pub(crate) enum Release {
     /// None: releases run the script.
     Script,
     /// `DELIFEQ key value` (Valkey ≥ 9.0).
@@ -74,21 +74,21 @@ pub(crate) enum DelIfEq {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct Caps {
     pub(crate) set_ifeq: bool,
-    pub(crate) del: DelIfEq,
+    pub(crate) del: Release,
 }
 
 impl Caps {
     pub(crate) const SCRIPTS: Caps = Caps {
         set_ifeq: false,
-        del: DelIfEq::Script,
+        del: Release::Script,
     };
 
     fn bits(self) -> u8 {
         u8::from(self.set_ifeq)
             | match self.del {
-                DelIfEq::Script => 0,
-                DelIfEq::DelIfEq => 2,
-                DelIfEq::DelEx => 4,
+                Release::Script => 0,
+                Release::DelIfEq => 2,
+                Release::DelEx => 4,
             }
     }
 
@@ -96,11 +96,11 @@ impl Caps {
         Caps {
             set_ifeq: b & 1 != 0,
             del: if b & 2 != 0 {
-                DelIfEq::DelIfEq
+                Release::DelIfEq
             } else if b & 4 != 0 {
-                DelIfEq::DelEx
+                Release::DelEx
             } else {
-                DelIfEq::Script
+                Release::Script
             },
         }
     }
@@ -112,7 +112,7 @@ impl Caps {
             del: if self.del == other.del {
                 self.del
             } else {
-                DelIfEq::Script
+                Release::Script
             },
         }
     }
@@ -162,16 +162,16 @@ impl ServerVersion {
             Caps {
                 set_ifeq: v >= (8, 1, 0),
                 del: if v >= (9, 0, 0) {
-                    DelIfEq::DelIfEq
+                    Release::DelIfEq
                 } else {
-                    DelIfEq::Script
+                    Release::Script
                 },
             }
         } else {
             let new = v >= (8, 4, 0);
             Caps {
                 set_ifeq: new,
-                del: if new { DelIfEq::DelEx } else { DelIfEq::Script },
+                del: if new { Release::DelEx } else { Release::Script },
             }
         }
     }
@@ -410,18 +410,18 @@ mod tests {
             valkey81.caps(),
             Caps {
                 set_ifeq: true,
-                del: DelIfEq::Script
+                del: Release::Script
             }
         );
         let valkey9 =
             parse("redis_version:7.2.4\r\nserver_name:valkey\r\nvalkey_version:9.0.0\r\n");
-        assert_eq!(valkey9.caps().del, DelIfEq::DelIfEq);
+        assert_eq!(valkey9.caps().del, Release::DelIfEq);
         let redis84 = parse("redis_version:8.4.0\r\n");
         assert_eq!(
             redis84.caps(),
             Caps {
                 set_ifeq: true,
-                del: DelIfEq::DelEx
+                del: Release::DelEx
             }
         );
         assert_eq!(parse("redis_version:8.2.1\r\n").caps(), Caps::SCRIPTS);
@@ -436,7 +436,7 @@ mod tests {
         let v9 = parse("valkey_version:9.0.0\r\n");
         let r70 = parse("redis_version:7.0.15\r\n");
         assert!(common(&[v81.clone(), v9.clone()]).set_ifeq);
-        assert_eq!(common(&[v81.clone(), v9.clone()]).del, DelIfEq::Script);
+        assert_eq!(common(&[v81.clone(), v9.clone()]).del, Release::Script);
         assert_eq!(common(&[v81, r70]), Caps::SCRIPTS);
         assert_eq!(common(&[]), Caps::SCRIPTS);
         let reply = Value::Map(vec![
@@ -453,7 +453,7 @@ mod tests {
             ),
         ]);
         assert_eq!(versions(&reply).len(), 2);
-        assert_eq!(common(&versions(&reply)).del, DelIfEq::DelIfEq);
+        assert_eq!(common(&versions(&reply)).del, Release::DelIfEq);
     }
 
     #[test]
@@ -462,7 +462,7 @@ mod tests {
         assert_eq!(d.get(), (Caps::SCRIPTS, true));
         let native = Caps {
             set_ifeq: true,
-            del: DelIfEq::DelEx,
+            del: Release::DelEx,
         };
         assert_eq!(d.set(native), Some(Caps::SCRIPTS));
         assert_eq!(d.get(), (native, false));
