@@ -52,7 +52,8 @@ macro_rules! conformance_tests {
             values_up_to_the_limit, fingerprints_round_trip, get_and_remove, release_detached,
             hostile_keys, runtime_exactly_once, claim_retry_is_ours, complete_retry_is_ours,
             release_is_idempotent, completed_reports_expiry, claim_reply_lost,
-            complete_reply_lost, release_reply_lost, renewal_failures_keep_the_lease,
+            complete_reply_lost, complete_reply_lost_after_expiry, release_reply_lost,
+            renewal_failures_keep_the_lease,
             cancelled_during_completion, cancelled_during_claim, invalid_durations);
     };
     (@cases $make:expr; $($case:ident),* $(,)?) => {$(
@@ -812,6 +813,41 @@ pub async fn complete_reply_lost(store: Arc<dyn Store>) {
     let v = counted_call(&faulty, ns, LONG, &runs, 2, Duration::ZERO).await;
     assert_eq!(v.expect("replay"), 1);
     assert_eq!(runs.load(Ordering::SeqCst), 1);
+}
+
+/// The completion applies with a ttl shorter than the pause before the runtime's retry, and
+/// its reply is lost: when the retry arrives, the record has expired. The caller still gets
+/// its value (the store recognises its own completion instead of answering `LeaseLost`), the
+/// body ran once, and once the ttl has passed the key runs again.
+pub async fn complete_reply_lost_after_expiry(store: Arc<dyn Store>) {
+    let faulty = FaultyStore::new(store);
+    let ns = namespace("complete_reply_lost_after_expiry");
+    let runs = Arc::new(AtomicUsize::new(0));
+    let ttl = Duration::from_millis(20);
+    faulty.plan(Fault::LoseReply(Op::Complete));
+    // The retry reaches the store well after the record's expiry.
+    faulty.plan(Fault::Delay(Op::Complete, Duration::from_millis(150)));
+    let call = |value: u32| {
+        let runs = runs.clone();
+        Call::new(ns)
+            .key("k")
+            .lease(LONG)
+            .ttl(ttl)
+            .run(&faulty, async move {
+                runs.fetch_add(1, Ordering::SeqCst);
+                Ok::<_, Error>(value)
+            })
+    };
+    let v = call(1).await;
+    assert_eq!(
+        v.expect("a stored completion that expired before the retry is the caller's value"),
+        1
+    );
+    assert_eq!(faulty.pending(), 0, "both planned faults struck");
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
+    let v = call(2).await;
+    assert_eq!(v.expect("the expired key runs again"), 2);
+    assert_eq!(runs.load(Ordering::SeqCst), 2);
 }
 
 /// The release after an `Err` applies and its reply is lost: the next call runs at once.

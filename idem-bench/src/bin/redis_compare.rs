@@ -1,6 +1,10 @@
 //! `idem-bench-redis`: raw Redis commands, idem's `RedisStore` and the `idempotent` crate's
 //! Valkey/Redis store (0.3, the peer), measured **in one run, round by round, alternating**, on a
-//! private `redis-server` this program starts on a spare loopback port (and stops).
+//! private `redis-server` this program starts on a spare loopback port (and stops). With several
+//! `--server BIN` (e.g. `redis-server` and a Valkey 8.1 `valkey-server`), every server gets its
+//! own private instance and the rounds alternate between servers too, so the figures of both
+//! servers come from one run; idem uses the path it detects on each (scripts on Redis 7.0,
+//! native `SET … IFEQ` on Valkey 8.1).
 //!
 //! Per workload it reports: throughput with 64 tasks on distinct keys; the server's CPU per call
 //! (its process CPU from `/proc/<pid>/stat`, and `INFO commandstats`); this process's CPU per
@@ -13,7 +17,8 @@
 //!
 //! ```text
 //! cargo run --release -p idem-bench --features redis --bin idem-bench-redis -- \
-//!     [--rounds 9] [--calls 1000] [--single 3000] [--out target/idem-bench/redis-compare.json]
+//!     [--rounds 9] [--calls 1000] [--single 3000] [--out target/idem-bench/redis-compare.json] \
+//!     [--server redis-server] [--server /var/cache/idem-ci/valkey-8.1.1/valkey-server]
 //! ```
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -50,17 +55,25 @@ struct Server {
     child: Child,
     port: u16,
     dir: std::path::PathBuf,
+    /// The binary's `--version` line.
+    version: String,
 }
 
 impl Server {
-    fn start() -> Server {
+    fn start(binary: &str) -> Server {
         let port = TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
             .map(|a| a.port())
             .expect("a spare port");
-        let dir = std::env::temp_dir().join(format!("idem-bench-redis-{}", std::process::id()));
+        let dir =
+            std::env::temp_dir().join(format!("idem-bench-redis-{}-{port}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("server dir");
-        let child = Command::new("redis-server")
+        let version = Command::new(binary)
+            .arg("--version")
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+            .unwrap_or_default();
+        let child = Command::new(binary)
             .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
             .args(["--save", "", "--appendonly", "no"])
             .arg("--dir")
@@ -68,13 +81,18 @@ impl Server {
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
-            .expect("redis-server is installed");
+            .expect("the server binary runs");
         let deadline = Instant::now() + Duration::from_secs(10);
         while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
             assert!(Instant::now() < deadline, "redis-server did not start");
             std::thread::sleep(Duration::from_millis(10));
         }
-        Server { child, port, dir }
+        Server {
+            child,
+            port,
+            dir,
+            version,
+        }
     }
 
     fn url(&self) -> String {
@@ -399,77 +417,115 @@ fn main() {
         || idem_bench::out_dir().join("redis-compare.json"),
         std::path::PathBuf::from,
     );
-    if Command::new("redis-server")
-        .arg("--version")
-        .stdout(Stdio::null())
-        .status()
-        .is_err()
-    {
-        println!("skipped: redis-server is not installed");
-        return;
+    let mut binaries: Vec<String> = args
+        .windows(2)
+        .filter(|w| w[0] == "--server")
+        .map(|w| w[1].clone())
+        .collect();
+    if binaries.is_empty() {
+        binaries.push("redis-server".into());
     }
-    let server = Server::start();
+    for bin in &binaries {
+        if Command::new(bin)
+            .arg("--version")
+            .stdout(Stdio::null())
+            .status()
+            .is_err()
+        {
+            println!("skipped: {bin} is not installed");
+            return;
+        }
+    }
     // 64 tasks on the multi-thread runtime, as a server would run them; one task on a
     // current-thread runtime with its own connections (see the module's documentation).
     let rt = idem_bench::multi_thread();
     let rt1 = idem_bench::current_thread();
-    let env = rt.block_on(connect(&server));
-    let env1 = rt1.block_on(connect(&server));
-    // Replay keys: one per task, completed before the first round; raw GET hits.
-    rt.block_on(async {
-        let mut env = env.clone();
-        for task in 0..TASKS {
-            idem_call(&env.idem, task).await;
-            peer_call(&env.peer, "bench:peer", task, false).await;
-            set_nx(&mut env.conn, format!("bench:hit:{task}")).await;
-        }
-        // Warm-up: every path once at full concurrency (scripts loaded, connections up).
-        for op in Op::ALL {
-            run(&env, op, TASKS, 20).await;
-        }
-    });
-    rt1.block_on(async {
-        for op in Op::ALL {
-            run(&env1, op, 1, 100).await;
-        }
-    });
+    struct Bench {
+        server: Server,
+        env: Env,
+        env1: Env,
+        native: bool,
+        many: BTreeMap<Op, Totals>,
+        one: BTreeMap<Op, Totals>,
+    }
+    let mut benches: Vec<Bench> = binaries
+        .iter()
+        .map(|bin| {
+            let server = Server::start(bin);
+            let env = rt.block_on(connect(&server));
+            let env1 = rt1.block_on(connect(&server));
+            let native = env.idem.native_cas_active();
+            Bench {
+                server,
+                env,
+                env1,
+                native,
+                many: BTreeMap::new(),
+                one: BTreeMap::new(),
+            }
+        })
+        .collect();
+    for b in &benches {
+        let (env, env1) = (&b.env, &b.env1);
+        // Replay keys: one per task, completed before the first round; raw GET hits.
+        rt.block_on(async {
+            let mut env = env.clone();
+            for task in 0..TASKS {
+                idem_call(&env.idem, task).await;
+                peer_call(&env.peer, "bench:peer", task, false).await;
+                set_nx(&mut env.conn, format!("bench:hit:{task}")).await;
+            }
+            // Warm-up: every path once at full concurrency (scripts loaded, connections up).
+            for op in Op::ALL {
+                run(&env, op, TASKS, 20).await;
+            }
+        });
+        rt1.block_on(async {
+            for op in Op::ALL {
+                run(env1, op, 1, 100).await;
+            }
+        });
+    }
 
-    let mut many: BTreeMap<Op, Totals> = BTreeMap::new();
-    let mut one: BTreeMap<Op, Totals> = BTreeMap::new();
     for round in 0..rounds {
         // Rotate the order each round, so that drift of the machine is spread evenly.
         let mut order = Op::ALL.to_vec();
         let len = order.len();
         order.rotate_left((round as usize) % len);
-        for (tasks, per_task, totals) in [(TASKS, calls, &mut many), (1, single, &mut one)] {
-            let (rt, env) = if tasks == 1 {
-                (&rt1, &env1)
-            } else {
-                (&rt, &env)
-            };
-            for &op in &order {
-                let mut conn = env.conn.clone();
-                let before = rt.block_on(commandstats(&mut conn));
-                let (s0, c0) = (server.cpu(), self_cpu());
-                let wall = rt.block_on(run(env, op, tasks, per_task));
-                let (s1, c1) = (server.cpu(), self_cpu());
-                let after = rt.block_on(commandstats(&mut conn));
-                let t = totals.entry(op).or_default();
-                let n = tasks * per_task;
-                t.calls += n;
-                t.wall_s += wall.as_secs_f64();
-                t.rounds.push(n as f64 / wall.as_secs_f64());
-                t.server_cpu_s += (s1.saturating_sub(s0)).as_secs_f64();
-                t.client_cpu_s += (c1.saturating_sub(c0)).as_secs_f64();
-                for (cmd, (c, us)) in after {
-                    if cmd == "info" {
-                        continue;
-                    }
-                    let (c_0, us_0) = before.get(&cmd).copied().unwrap_or((0, 0));
-                    if c > c_0 {
-                        let e = t.commands.entry(cmd).or_default();
-                        e.0 += c - c_0;
-                        e.1 += us.saturating_sub(us_0);
+        let servers = benches.len();
+        for i in 0..servers {
+            let b = &mut benches[(i + round as usize) % servers];
+            for (tasks, per_task, single) in [(TASKS, calls, false), (1, single, true)] {
+                let (rt, env) = if single {
+                    (&rt1, &b.env1)
+                } else {
+                    (&rt, &b.env)
+                };
+                let totals = if single { &mut b.one } else { &mut b.many };
+                for &op in &order {
+                    let mut conn = env.conn.clone();
+                    let before = rt.block_on(commandstats(&mut conn));
+                    let (s0, c0) = (b.server.cpu(), self_cpu());
+                    let wall = rt.block_on(run(env, op, tasks, per_task));
+                    let (s1, c1) = (b.server.cpu(), self_cpu());
+                    let after = rt.block_on(commandstats(&mut conn));
+                    let t = totals.entry(op).or_default();
+                    let n = tasks * per_task;
+                    t.calls += n;
+                    t.wall_s += wall.as_secs_f64();
+                    t.rounds.push(n as f64 / wall.as_secs_f64());
+                    t.server_cpu_s += (s1.saturating_sub(s0)).as_secs_f64();
+                    t.client_cpu_s += (c1.saturating_sub(c0)).as_secs_f64();
+                    for (cmd, (c, us)) in after {
+                        if cmd == "info" {
+                            continue;
+                        }
+                        let (c_0, us_0) = before.get(&cmd).copied().unwrap_or((0, 0));
+                        if c > c_0 {
+                            let e = t.commands.entry(cmd).or_default();
+                            e.0 += c - c_0;
+                            e.1 += us.saturating_sub(us_0);
+                        }
                     }
                 }
             }
@@ -480,25 +536,51 @@ fn main() {
     let fig = |m: &BTreeMap<Op, Totals>| -> BTreeMap<&'static str, Figures> {
         m.iter().map(|(op, t)| (op.name(), figures(t))).collect()
     };
-    let (many, one) = (fig(&many), fig(&one));
-    let get_latency = one.get("raw_get").map_or(f64::NAN, |f| f.latency_us);
-    let round_trips: BTreeMap<&str, f64> = one
+    #[derive(Serialize)]
+    struct ServerReport {
+        /// The server binary's `--version` line.
+        version: String,
+        /// Whether idem used native `SET … IFEQ` on it (else the scripts).
+        idem_native_cas: bool,
+        concurrent: BTreeMap<&'static str, Figures>,
+        single_task: BTreeMap<&'static str, Figures>,
+        /// Single-task latency per call divided by one raw `GET`'s.
+        round_trips: BTreeMap<&'static str, f64>,
+    }
+    let reports: Vec<ServerReport> = benches
         .iter()
-        .map(|(k, f)| (*k, f.latency_us / get_latency))
+        .map(|b| {
+            let (many, one) = (fig(&b.many), fig(&b.one));
+            let get_latency = one.get("raw_get").map_or(f64::NAN, |f| f.latency_us);
+            let round_trips: BTreeMap<&str, f64> = one
+                .iter()
+                .map(|(k, f)| (*k, f.latency_us / get_latency))
+                .collect();
+            ServerReport {
+                version: b.server.version.clone(),
+                idem_native_cas: b.native,
+                concurrent: many,
+                single_task: one,
+                round_trips,
+            }
+        })
         .collect();
-    println!(
-        "{:<20} {:>12} {:>12} {:>12} {:>12} {:>10}",
-        "64 tasks", "calls/s", "server µs", "cmdstat µs", "client µs", "1-task RT"
-    );
-    for (k, f) in &many {
+    for r in &reports {
+        println!("{} (idem native CAS: {})", r.version, r.idem_native_cas);
         println!(
-            "{k:<20} {:>12.0} {:>12.2} {:>12.2} {:>12.2} {:>10.2}",
-            f.calls_per_s,
-            f.server_process_us_per_call,
-            f.commandstats_us_per_call,
-            f.client_process_us_per_call,
-            round_trips.get(k).copied().unwrap_or(f64::NAN)
+            "{:<20} {:>12} {:>12} {:>12} {:>12} {:>10}",
+            "64 tasks", "calls/s", "server µs", "cmdstat µs", "client µs", "1-task RT"
         );
+        for (k, f) in &r.concurrent {
+            println!(
+                "{k:<20} {:>12.0} {:>12.2} {:>12.2} {:>12.2} {:>10.2}",
+                f.calls_per_s,
+                f.server_process_us_per_call,
+                f.commandstats_us_per_call,
+                f.client_process_us_per_call,
+                r.round_trips.get(k).copied().unwrap_or(f64::NAN)
+            );
+        }
     }
     #[derive(Serialize)]
     struct Report<'a> {
@@ -508,29 +590,29 @@ fn main() {
         single_task_calls: u64,
         /// Peer calls that failed (timeouts) and were sent again.
         peer_calls_retried: u64,
+        /// The first server's figures (`redis_version`, `concurrent`, `single_task`,
+        /// `round_trips`), as before several servers were measured.
         redis_version: String,
         concurrent: &'a BTreeMap<&'static str, Figures>,
         single_task: &'a BTreeMap<&'static str, Figures>,
-        /// Single-task latency per call divided by one raw `GET`'s.
         round_trips: &'a BTreeMap<&'static str, f64>,
+        /// Every server's figures, in `--server` order.
+        servers: &'a [ServerReport],
         /// The runtime the single-task workloads ran on.
         single_task_runtime: &'static str,
     }
-    let version = Command::new("redis-server")
-        .arg("--version")
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
-        .unwrap_or_default();
+    let first = &reports[0];
     let report = Report {
         rounds,
         tasks: TASKS,
         calls_per_task: calls,
         single_task_calls: single,
         peer_calls_retried: RETRIED.load(Ordering::Relaxed),
-        redis_version: version,
-        concurrent: &many,
-        single_task: &one,
-        round_trips: &round_trips,
+        redis_version: first.version.clone(),
+        concurrent: &first.concurrent,
+        single_task: &first.single_task,
+        round_trips: &first.round_trips,
+        servers: &reports,
         single_task_runtime: "tokio current-thread, own connections",
     };
     if let Some(dir) = out.parent() {
@@ -538,8 +620,7 @@ fn main() {
     }
     std::fs::write(&out, serde_json::to_string_pretty(&report).unwrap()).unwrap();
     println!("wrote {}", out.display());
-    drop(env1);
+    drop(benches);
     drop(rt1);
     drop(rt);
-    drop(server);
 }

@@ -9,6 +9,7 @@ use ::redis::cluster::ClusterClient;
 use ::redis::{Client, ConnectionInfo, IntoConnectionInfo, RedisError};
 use idem_core::{StoreError, DEFAULT_MAX_VALUE_SIZE};
 
+use super::native::{Detected, Held, NativeCas, Recent};
 use super::notify::{self, Waiters};
 use super::scripts::Scripts;
 use super::{backend, Conn, Inner, RedisStore, ServerClock, CLOCK_REFRESH};
@@ -48,6 +49,7 @@ pub struct RedisStoreBuilder {
     max_value_size: usize,
     lease_grace: Duration,
     replay_hints: usize,
+    native_cas: NativeCas,
 }
 
 impl fmt::Debug for RedisStoreBuilder {
@@ -59,6 +61,7 @@ impl fmt::Debug for RedisStoreBuilder {
             .field("max_value_size", &self.max_value_size)
             .field("lease_grace", &self.lease_grace)
             .field("replay_hints", &self.replay_hints)
+            .field("native_cas", &self.native_cas)
             .finish_non_exhaustive()
     }
 }
@@ -73,6 +76,7 @@ impl RedisStoreBuilder {
             max_value_size: DEFAULT_MAX_VALUE_SIZE,
             lease_grace: Duration::from_secs(60),
             replay_hints: DEFAULT_REPLAY_HINTS,
+            native_cas: NativeCas::Auto,
         }
     }
 
@@ -118,6 +122,29 @@ impl RedisStoreBuilder {
     /// table: under 2 MB at the default); `0` turns the hints off.
     pub fn replay_hints(mut self, keys: usize) -> Self {
         self.replay_hints = keys;
+        self
+    }
+
+    /// Which commands completions, renewals and releases use: [`NativeCas::Auto`] (the
+    /// default) detects the server at connect and after every reconnect and uses `SET …
+    /// IFEQ` on Valkey ≥ 8.1 and Redis ≥ 8.4 (and `DELIFEQ` on Valkey ≥ 9.0, `DELEX … IFEQ`
+    /// on Redis ≥ 8.4), the Lua scripts elsewhere; [`NativeCas::Never`] keeps the scripts;
+    /// [`NativeCas::Always`] uses `SET … IFEQ` without asking. The record format is the same
+    /// on both paths, so instances with different settings can share a server.
+    ///
+    /// ```no_run
+    /// use idem_stores::redis::NativeCas;
+    ///
+    /// # async fn demo() -> Result<(), idem_core::StoreError> {
+    /// let store = idem_stores::RedisStore::builder("redis://127.0.0.1:6379/")
+    ///     .native_cas(NativeCas::Never)
+    ///     .build()
+    ///     .await?;
+    /// # let _ = store;
+    /// # Ok(()) }
+    /// ```
+    pub fn native_cas(mut self, native: NativeCas) -> Self {
+        self.native_cas = native;
         self
     }
 
@@ -185,6 +212,12 @@ impl RedisStoreBuilder {
                 max_value_size: self.max_value_size,
                 lease_grace: self.lease_grace,
                 seen: super::seen::Seen::new(self.replay_hints),
+                native: self.native_cas,
+                detected: Detected::stale(),
+                detecting: std::sync::atomic::AtomicBool::new(false),
+                logged: std::sync::atomic::AtomicBool::new(false),
+                held: Held::new(),
+                recent: Recent::new(),
                 clock: ServerClock::new(),
                 waiters,
                 subscriber,
@@ -197,6 +230,9 @@ impl RedisStoreBuilder {
         if let Err(e) = store.read_clock().await {
             tracing::debug!(error = %e, "idem redis: could not read the server's clock");
         }
+        // Which commands completions use (logged once); a failure leaves it to the first
+        // completion.
+        store.detect().await;
         let weak = Arc::downgrade(&store.inner);
         let reader = tokio::spawn(async move {
             loop {
@@ -205,6 +241,10 @@ impl RedisStoreBuilder {
                 let store = RedisStore { inner };
                 if let Err(e) = store.read_clock().await {
                     tracing::debug!(error = %e, "idem redis: could not read the server's clock");
+                }
+                // A reconnect to an upgraded or downgraded server changes the path here.
+                if store.inner.native == NativeCas::Auto {
+                    store.detect().await;
                 }
             }
         });

@@ -5,7 +5,9 @@
 //! - **The claim is a native command**, `SET k <record> NX PX <lease + grace> GET`: nil means
 //!   acquired, a completed record is the replay (one round trip). Only an in-progress or
 //!   foreign record goes on to a short Lua script (conflict, own-token retry, takeover).
-//!   Complete, release and renew are one short script each, comparing the fencing token.
+//!   Complete, release and renew are one short script each, comparing the fencing token —
+//!   or, on Valkey ≥ 8.1 and Redis ≥ 8.4, native `SET … IFEQ` (and `DELIFEQ` / `DELEX … IFEQ`
+//!   where the server has them), detected at connect and after reconnects (`native.rs`).
 //! - **Replay hints**: a key this store saw completed is claimed with a native `GET` first
 //!   (`seen.rs`); anything but a live completed record drops the hint and claims as above.
 //! - **Expiry is Redis's own** (`PX`): a completed record lives for its ttl; an in-progress one
@@ -25,6 +27,7 @@
 
 mod admin;
 mod builder;
+mod native;
 mod notify;
 mod reply;
 mod scripts;
@@ -39,9 +42,10 @@ pub fn __fuzz_record(bytes: &[u8]) -> bool {
 }
 
 pub use self::builder::RedisStoreBuilder;
+pub use self::native::NativeCas;
 
 use std::fmt;
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -54,6 +58,7 @@ use idem_core::{
 };
 
 use self::builder::Target;
+use self::native::{Caps, Detected, Held, Recent, Release};
 use self::notify::Waiters;
 use self::reply::{Looked, Record};
 use self::scripts::{Lua, Scripts};
@@ -94,6 +99,17 @@ struct Inner {
     waiters: Arc<Waiters>,
     /// Keys seen completed: their next claim starts with a `GET` (see `seen.rs`).
     seen: seen::Seen,
+    /// Whether completions, renewals and releases use native commands (`native.rs`).
+    native: NativeCas,
+    detected: Detected,
+    /// True while one task detects the server (the others use the scripts meanwhile).
+    detecting: AtomicBool,
+    /// Whether the detected path was logged yet.
+    logged: AtomicBool,
+    /// The claims this store holds (what a native `IFEQ` compares with).
+    held: Held,
+    /// Short-ttl completions this store wrote, for a repeat that finds them expired.
+    recent: Recent,
     subscriber: tokio::task::JoinHandle<()>,
     /// Reads the server's clock every [`CLOCK_REFRESH`] (holds a weak handle to the store).
     clock_reader: std::sync::OnceLock<tokio::task::JoinHandle<()>>,
@@ -320,6 +336,152 @@ impl RedisStore {
         }
     }
 
+    /// True when completions and renewals use native `SET … IFEQ` (forced, or detected on a
+    /// Valkey ≥ 8.1 / Redis ≥ 8.4 server); false while they use the Lua scripts. Detection
+    /// runs at connect and then every 5 s, so a reconnect to an upgraded or downgraded server
+    /// changes the path within seconds; until then the path in use stays correct (a server
+    /// that refuses a native command gets the script instead).
+    ///
+    /// ```no_run
+    /// # async fn demo() -> Result<(), idem_core::StoreError> {
+    /// let store = idem_stores::RedisStore::connect("redis://127.0.0.1:6379/").await?;
+    /// println!("native compare-and-set: {}", store.native_cas_active());
+    /// # Ok(()) }
+    /// ```
+    pub fn native_cas_active(&self) -> bool {
+        match self.inner.native {
+            NativeCas::Never => false,
+            NativeCas::Always => true,
+            NativeCas::Auto => self.inner.detected.get().0.set_ifeq,
+        }
+    }
+
+    /// The commands to use now. A detection that is stale (a native command was refused) or
+    /// out of date (the server was replaced since) is still safe to use: a native command the
+    /// server refuses, or whose comparison fails, falls back to the script; the store's
+    /// periodic detection brings it up to date.
+    fn caps(&self) -> Caps {
+        let caps = self.inner.detected.get().0;
+        match self.inner.native {
+            NativeCas::Never => Caps::SCRIPTS,
+            NativeCas::Always => Caps {
+                set_ifeq: true,
+                ..caps
+            },
+            NativeCas::Auto => caps,
+        }
+    }
+
+    /// Asks the server (every node of a cluster) for its name and version with `INFO
+    /// server`, stores the capabilities, and logs them the first time and whenever they
+    /// change. `None` when the server could not be asked, or another task is asking.
+    pub(crate) async fn detect(&self) -> Option<Caps> {
+        if self.inner.native == NativeCas::Never
+            || self.inner.detecting.swap(true, Ordering::AcqRel)
+        {
+            return None;
+        }
+        let mut info = Cmd::with_capacity(2, 16);
+        info.arg("INFO").arg("server");
+        let reply = self.send("redis info", &info).await;
+        self.inner.detecting.store(false, Ordering::Release);
+        let versions = match reply {
+            Ok(v) => native::versions(&v),
+            Err(e) => {
+                tracing::debug!(error = %e, "idem redis: could not read the server's version");
+                return None;
+            }
+        };
+        let caps = native::common(&versions);
+        let names: Vec<String> = versions.iter().map(|v| v.describe()).collect();
+        let first = !self.inner.logged.swap(true, Ordering::AcqRel);
+        let changed = self.inner.detected.set(caps);
+        if first || changed.is_some() {
+            let path = match (self.inner.native, caps.set_ifeq) {
+                (NativeCas::Always, _) => "native SET IFEQ (forced)",
+                (_, true) => "native SET IFEQ",
+                (_, false) => "Lua scripts",
+            };
+            let release = match caps.del {
+                Release::DelIfEq => "DELIFEQ",
+                Release::DelEx => "DELEX IFEQ",
+                Release::Script => "a Lua script",
+            };
+            tracing::info!(
+                server = %names.join(", "),
+                "idem redis: completions and renewals use {path}; releases use {release}"
+            );
+        }
+        Some(caps)
+    }
+
+    /// The claimed record to compare with natively, when the native path is in use and this
+    /// store holds the claim; `None`: use the script.
+    fn native_target(&self, key: &Key, token: FencingToken) -> Option<(Caps, Vec<u8>)> {
+        let caps = self.caps();
+        // A waiter of this store marked the record (so the native comparison would fail and
+        // the script would follow): the script at once, one round trip instead of two.
+        if !caps.set_ifeq || self.inner.waiters.waiting(key) {
+            return None;
+        }
+        Some((caps, self.claimed_record(key, token)?))
+    }
+
+    /// After a completion was stored: forget the claim, and remember the key as completed.
+    fn completed(&self, key: &Key, token: FencingToken, ttl_ms: u64) {
+        self.inner.held.remove(key, token);
+        let ttl = Duration::from_millis(ttl_ms);
+        if ttl < native::RECENT_TTL {
+            self.inner.recent.completed(key, token);
+        }
+        self.inner.seen.completed(key, ttl);
+    }
+
+    /// Remembers an acquired claim for the native commands (unless they cannot be used).
+    fn hold(&self, req: &ClaimRequest, lives_ms: u64) {
+        if self.caps().set_ifeq {
+            self.inner.held.insert(
+                &req.key,
+                req.token,
+                req.fingerprint,
+                Duration::from_millis(lives_ms),
+            );
+        }
+    }
+
+    /// The in-progress record this store's claim of `key` under `token` wrote, if this store
+    /// holds that claim.
+    fn claimed_record(&self, key: &Key, token: FencingToken) -> Option<Vec<u8>> {
+        let fp = self.inner.held.get(key, token)?;
+        Some(reply::in_progress(
+            token,
+            millis(self.inner.lease_grace).max(1),
+            fp.as_ref(),
+        ))
+    }
+
+    /// Sends a native conditional command: `Some(true)` applied, `Some(false)` the value
+    /// differed (or the key is absent), `None` the server refused the command (it does not
+    /// know it: detect again, and use the script).
+    async fn native(&self, what: &'static str, cmd: &Cmd) -> Result<Option<bool>, StoreError> {
+        match self.send(what, cmd).await? {
+            Value::Okay | Value::Int(1) => Ok(Some(true)),
+            Value::SimpleString(s) if s == "OK" => Ok(Some(true)),
+            Value::Nil | Value::Int(0) => Ok(Some(false)),
+            Value::ServerError(e) => {
+                if self.inner.native == NativeCas::Always {
+                    return Err(server_error(what, e));
+                }
+                tracing::debug!(error = %e.details().unwrap_or_default(), "idem redis: native command refused; using the script");
+                self.inner.detected.invalidate();
+                Ok(None)
+            }
+            other => Err(StoreError::Corrupt(format!(
+                "unexpected reply {other:?} to a conditional command"
+            ))),
+        }
+    }
+
     /// Runs a script on one key by its hash (`EVALSHA`), or by its source (`EVAL`) when the
     /// server does not know it yet, which also loads it there.
     async fn eval(
@@ -442,7 +604,10 @@ impl Store for RedisStore {
             .arg(lease + grace)
             .arg("GET");
         match self.send("redis claim", &set).await? {
-            Value::Nil => return Ok(Claim::Acquired { taken_over: false }),
+            Value::Nil => {
+                self.hold(req, lease + grace);
+                return Ok(Claim::Acquired { taken_over: false });
+            }
             Value::BulkString(b) => {
                 if let rec @ Record::Completed { .. } = reply::record(b.into())? {
                     return self.replay(&req.key, rec);
@@ -472,7 +637,11 @@ impl Store for RedisStore {
                 ],
             )
             .await?;
-        reply::looked(v)?.into_claim()
+        let claim = reply::looked(v)?.into_claim()?;
+        if let Claim::Acquired { .. } = claim {
+            self.hold(req, lease + grace);
+        }
+        Ok(claim)
     }
 
     async fn complete(
@@ -490,6 +659,29 @@ impl Store for RedisStore {
         }
         let name = self.name(key);
         let ttl = millis(ttl).max(1);
+        let head = reply::completed_head(token, self.inner.clock.stamp(ttl));
+        if let Some((_, claimed)) = self.native_target(key, token) {
+            // One `SET … IFEQ <claimed record>`: the completed record is the head, the
+            // fingerprint (the claimed record's tail) and the value.
+            let mut rec = Vec::with_capacity(head.len() + claimed.len() - 19 + value.len());
+            rec.extend_from_slice(&head);
+            rec.extend_from_slice(&claimed[19..]);
+            rec.extend_from_slice(value);
+            let mut set = Cmd::with_capacity(7, name.len() + rec.len() + claimed.len() + 32);
+            set.arg("SET")
+                .arg(&name[..])
+                .arg(&rec[..])
+                .arg("IFEQ")
+                .arg(&claimed[..])
+                .arg("PX")
+                .arg(ttl);
+            if self.native("redis complete", &set).await? == Some(true) {
+                self.completed(key, token, ttl);
+                return Ok(());
+            }
+            // Marked by a waiter (the script publishes), a repeat, or fenced: the script
+            // tells which.
+        }
         let mut ttl_buf = [0u8; 20];
         let v = self
             .eval(
@@ -498,19 +690,56 @@ impl Store for RedisStore {
                 &name,
                 &[
                     &reply::held(token),
-                    &reply::completed_head(token, self.inner.clock.stamp(ttl)),
+                    &head,
                     value,
                     reply::decimal(ttl, &mut ttl_buf),
                 ],
             )
             .await?;
-        reply::fenced(&v)?;
-        self.inner.seen.completed(key, Duration::from_millis(ttl));
+        match reply::fenced(&v) {
+            // The record is gone: a completion of ours whose reply was lost and whose record
+            // has expired since is recognised; anything else is fenced.
+            Ok(2) if self.inner.recent.contains(key, token) => {}
+            Ok(2) => {
+                self.inner.held.remove(key, token);
+                return Err(StoreError::Fenced);
+            }
+            Ok(_) => self.completed(key, token, ttl),
+            Err(e) => {
+                if matches!(e, StoreError::Fenced) {
+                    self.inner.held.remove(key, token);
+                }
+                return Err(e);
+            }
+        }
         Ok(())
     }
 
     async fn release(&self, key: &Key, token: FencingToken) -> Result<(), StoreError> {
         let name = self.name(key);
+        if let Some((caps, claimed)) = self.native_target(key, token) {
+            let mut del = Cmd::with_capacity(4, name.len() + claimed.len() + 16);
+            match caps.del {
+                Release::DelIfEq => {
+                    del.arg("DELIFEQ").arg(&name[..]).arg(&claimed[..]);
+                }
+                Release::DelEx => {
+                    del.arg("DELEX")
+                        .arg(&name[..])
+                        .arg("IFEQ")
+                        .arg(&claimed[..]);
+                }
+                Release::Script => {}
+            }
+            // Deleted; or not (marked by a waiter: the script publishes) and the script
+            // decides.
+            if caps.del != Release::Script
+                && self.native("redis release", &del).await? == Some(true)
+            {
+                self.inner.held.remove(key, token);
+                return Ok(());
+            }
+        }
         let v = self
             .eval(
                 "redis release",
@@ -519,7 +748,9 @@ impl Store for RedisStore {
                 &[&reply::held(token)],
             )
             .await?;
-        reply::fenced(&v).map(drop)
+        reply::fenced(&v)?;
+        self.inner.held.remove(key, token);
+        Ok(())
     }
 
     async fn renew(
@@ -529,16 +760,39 @@ impl Store for RedisStore {
         lease: Duration,
     ) -> Result<(), StoreError> {
         let name = self.name(key);
+        let lease = millis(lease).max(1);
+        if let Some((_, claimed)) = self.native_target(key, token) {
+            // The claimed record written again over itself, with the new expiry (the lease
+            // plus the grace, as the claim wrote it).
+            let px = lease.saturating_add(millis(self.inner.lease_grace).max(1));
+            let mut set = Cmd::with_capacity(7, name.len() + 2 * claimed.len() + 32);
+            set.arg("SET")
+                .arg(&name[..])
+                .arg(&claimed[..])
+                .arg("IFEQ")
+                .arg(&claimed[..])
+                .arg("PX")
+                .arg(px);
+            match self.native("redis renew", &set).await? {
+                Some(true) => {
+                    self.inner
+                        .held
+                        .renewed(key, token, Duration::from_millis(px));
+                    return Ok(());
+                }
+                // Marked by a waiter elsewhere, or fenced: the script decides, now and for
+                // this claim's next renewals.
+                Some(false) => self.inner.held.mark(key, token),
+                None => {}
+            }
+        }
         let mut lease_buf = [0u8; 20];
         let v = self
             .eval(
                 "redis renew",
                 &self.inner.scripts.renew,
                 &name,
-                &[
-                    &reply::held(token),
-                    reply::decimal(millis(lease).max(1), &mut lease_buf),
-                ],
+                &[&reply::held(token), reply::decimal(lease, &mut lease_buf)],
             )
             .await?;
         reply::fenced(&v).map(drop)

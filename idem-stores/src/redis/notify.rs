@@ -75,6 +75,12 @@ impl Waiters {
     }
 
     /// True while notifications are being received.
+    /// Whether a local waiter is registered for the key `hex` (cheap when none is).
+    pub(crate) fn waiting(&self, key: &idem_core::Key) -> bool {
+        let map = self.map.lock().unwrap_or_else(PoisonError::into_inner);
+        !map.is_empty() && map.contains_key(&key.to_hex())
+    }
+
     pub(crate) fn live(&self) -> bool {
         self.live.load(Ordering::SeqCst)
     }

@@ -122,7 +122,8 @@ return {'acquired', taken}
 "#;
 
 /// `complete(KEYS[1]; held, head, value, ttl_ms)` → 1 (applied, or already completed under
-/// this token), or 0 when fenced. `held` is `i2p` and the token (the first 11 bytes of the
+/// this token), 0 when fenced, or 2 when the key is absent (fenced too, unless the client
+/// knows it completed this key under this token and the record has expired since). `held` is `i2p` and the token (the first 11 bytes of the
 /// record the claim wrote); `head` is the completed record's first 19 bytes, built by the
 /// client: `i2c`, the token, and the expiry (f64 ms), the client's estimate of the server's
 /// clock plus the ttl, never late (see `ServerClock`), so the script calls no `TIME`, which
@@ -136,6 +137,7 @@ return {'acquired', taken}
 pub(crate) const COMPLETE: &str = r#"
 local k = KEYS[1]
 local v = redis.pcall('GET', k)
+if v == false then return 2 end
 if type(v) ~= 'string' or #v < 20 then return 0 end
 local h = string.sub(v, 1, 11)
 if h == ARGV[1] then

@@ -1,6 +1,9 @@
 //! Private `redis-server` processes for tests: one server on a spare loopback port (that a
 //! test can kill and restart on the same port), or a three-master Redis Cluster.
 //!
+//! The server binary is `IDEM_TEST_REDIS_SERVER` when set (e.g. a `valkey-server`, to run the
+//! same tests on Valkey), else `redis-server` from `PATH`.
+//!
 //! Each server runs under a small `sh` watchdog that kills it when the test process exits,
 //! so a panicking test or a static that is never dropped leaves no server behind.
 
@@ -13,10 +16,18 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-/// True when `redis-server` and `redis-cli` can be run. When they cannot and `CI` is set,
+/// The server binary private servers run: `IDEM_TEST_REDIS_SERVER`, else `redis-server`.
+pub fn server_binary() -> String {
+    std::env::var("IDEM_TEST_REDIS_SERVER")
+        .ok()
+        .filter(|b| !b.is_empty())
+        .unwrap_or_else(|| "redis-server".into())
+}
+
+/// True when `redis-server` (or `IDEM_TEST_REDIS_SERVER`) and `redis-cli` can be run. When they cannot and `CI` is set,
 /// panics (backend tests must not skip in CI); otherwise prints why and returns false.
 pub fn available() -> bool {
-    let ok = ["redis-server", "redis-cli"].iter().all(|bin| {
+    let ok = [server_binary().as_str(), "redis-cli"].iter().all(|bin| {
         Command::new(bin)
             .arg("--version")
             .stdout(Stdio::null())
@@ -53,6 +64,7 @@ pub fn spare_port(bus: bool) -> u16 {
 
 /// One private `redis-server`.
 pub struct RedisServer {
+    binary: String,
     port: u16,
     dir: PathBuf,
     extra: Vec<String>,
@@ -67,6 +79,11 @@ impl RedisServer {
 
     /// Starts a server on `port` with extra `redis-server` arguments.
     pub fn start_with(port: u16, extra: &[&str]) -> Self {
+        Self::start_binary(&server_binary(), port, extra)
+    }
+
+    /// Starts `binary` (a `redis-server` or `valkey-server`) on `port` with extra arguments.
+    pub fn start_binary(binary: &str, port: u16, extra: &[&str]) -> Self {
         static NEXT: AtomicU64 = AtomicU64::new(0);
         let dir = std::env::temp_dir().join(format!(
             "idem-redis-test-{}-{port}-{}",
@@ -75,6 +92,7 @@ impl RedisServer {
         ));
         std::fs::create_dir_all(&dir).expect("create the server's directory");
         let mut s = RedisServer {
+            binary: binary.to_string(),
             port,
             dir,
             extra: extra.iter().map(|s| s.to_string()).collect(),
@@ -87,10 +105,11 @@ impl RedisServer {
     fn launch(&mut self) {
         // The watchdog: run the server, and kill it once the test process is gone.
         let script = format!(
-            "redis-server \"$@\" & S=$!; \
+            "'{binary}' \"$@\" & S=$!; \
              while kill -0 {parent} 2>/dev/null && kill -0 $S 2>/dev/null; do sleep 0.2; done; \
              kill -9 $S 2>/dev/null; \
              kill -0 {parent} 2>/dev/null || rm -rf '{dir}'",
+            binary = self.binary,
             parent = std::process::id(),
             dir = self.dir.display()
         );
@@ -195,6 +214,13 @@ impl RedisServer {
     pub fn restart(&mut self) {
         self.launch();
     }
+
+    /// Starts another server binary on the same port and directory (after
+    /// [`kill`](Self::kill)): an upgrade in place, loading the `dump.rdb` a `SAVE` left.
+    pub fn restart_binary(&mut self, binary: &str) {
+        self.binary = binary.to_string();
+        self.launch();
+    }
 }
 
 impl Drop for RedisServer {
@@ -215,11 +241,17 @@ impl RedisCluster {
     /// Starts three `--cluster-enabled` servers, joins them with `redis-cli --cluster create`,
     /// and waits until every node reports `cluster_state:ok`.
     pub fn start() -> Self {
+        Self::start_binary(&server_binary())
+    }
+
+    /// A cluster of `binary` servers (`redis-server` or `valkey-server`).
+    pub fn start_binary(binary: &str) -> Self {
         let mut nodes = Vec::new();
         for _ in 0..3 {
             let port = spare_port(true);
             let conf = format!("nodes-{port}.conf");
-            nodes.push(RedisServer::start_with(
+            nodes.push(RedisServer::start_binary(
+                binary,
                 port,
                 &[
                     "--cluster-enabled",
