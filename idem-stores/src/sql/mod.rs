@@ -163,6 +163,19 @@ impl<S: base::SqlBackend> SqlStoreBuilder<S> {
         self
     }
 
+    /// Connections kept apart for lease renewals and settles (completions, releases), so
+    /// that new claims and bodies' store traffic in a saturated pool cannot starve a live
+    /// holder's renewals. A renewal or settle takes an idle connection of the main pool if
+    /// there is one, else whichever frees first: a reserved one or one of the main pool.
+    /// The reserved connections are a small pool of their own, opened on first use with the
+    /// main pool's connect options (also beside a pool given with [`pool`](Self::pool)).
+    /// Default 2 on PostgreSQL and MySQL; 0 turns the lane off. SQLite has no lane (its
+    /// writers queue on the database's one write lock, not on the pool).
+    pub fn reserved_connections(mut self, n: u32) -> Self {
+        self.options.reserved_connections = n;
+        self
+    }
+
     /// How long an operation waits for a pooled connection (store-opened pools). Default 5 s.
     pub fn acquire_timeout(mut self, d: Duration) -> Self {
         self.options.acquire_timeout = d;
@@ -316,6 +329,7 @@ pub(crate) mod base {
     pub struct SqlOptions {
         pub(crate) table: String,
         pub(crate) max_connections: u32,
+        pub(crate) reserved_connections: u32,
         pub(crate) acquire_timeout: Duration,
         pub(crate) operation_timeout: Duration,
         pub(crate) max_value_size: usize,
@@ -331,6 +345,7 @@ pub(crate) mod base {
             SqlOptions {
                 table: DEFAULT_TABLE.to_owned(),
                 max_connections,
+                reserved_connections: 2,
                 acquire_timeout: Duration::from_secs(5),
                 operation_timeout: Duration::from_secs(10),
                 max_value_size: DEFAULT_MAX_VALUE_SIZE,
@@ -473,6 +488,10 @@ pub(crate) mod base {
             token: FencingToken,
             claim: impl Future<Output = Result<T, StoreError>> + Send + 'static,
         ) -> Result<T, StoreError> {
+            // A claim sent again under the same token (the runtime's retry after a timeout)
+            // starts once the earlier one ended: retries never hold more connections than
+            // the first attempt.
+            self.after_claim(token).await;
             let running = Arc::new(Semaphore::new(0));
             lock(&self.claims).insert(token, Arc::clone(&running));
             let done = ClaimDone {
@@ -548,18 +567,28 @@ pub(crate) mod base {
         }
     }
 
-    /// `Store::claim` of every SQL store: the claim's statements, as one operation under the
-    /// operation timeout, in a task of their own (see [`Core::claim_to_the_end`]).
+    /// `Store::claim` of every SQL store: the claim's statements, as one operation in a task
+    /// of their own (see [`Core::claim_to_the_end`]), under the operation timeout or the
+    /// claim's lease, whichever is shorter: the runtime gives up on a claim after its lease,
+    /// and a claim given up on stops there (its connection is closed, not left to finish a
+    /// statement for nobody).
     pub(crate) async fn claim<S: SqlBackend>(
         store: &S,
         req: &ClaimRequest,
     ) -> Result<Claim, StoreError> {
         let owned = store.clone();
         let req = req.clone();
+        let limit = store
+            .core()
+            .op_timeout
+            .min(req.lease.max(Duration::from_millis(1)));
         store
             .core()
             .claim_to_the_end(req.token, async move {
-                owned.core().bounded(owned.claim_inner(&req)).await
+                match tokio::time::timeout(limit, owned.claim_inner(&req)).await {
+                    Ok(r) => r,
+                    Err(_) => Err(StoreError::Timeout(limit)),
+                }
             })
             .await
     }
@@ -689,6 +718,94 @@ pub(crate) mod base {
                 if slot.1 == 0 {
                     slots.remove(&self.key);
                 }
+            }
+        }
+    }
+}
+
+/// Where operations get their connections: the main pool, and the reserved lane of lease
+/// renewals and settles. A connection in use by an operation that is dropped before it
+/// finished (the runtime gave up on it) is closed rather than returned to the pool, where it
+/// would stay busy until the database answered a statement nobody waits for.
+#[cfg(any(feature = "postgres", feature = "mysql"))]
+pub(crate) mod lanes {
+    use sqlx::pool::{Pool, PoolConnection, PoolOptions};
+    use sqlx::Database;
+
+    /// The main pool and the reserved lane.
+    pub(crate) struct Lanes<DB: Database> {
+        pub(crate) main: Pool<DB>,
+        reserved: Option<Pool<DB>>,
+    }
+
+    impl<DB: Database> Lanes<DB> {
+        /// `main`, and a lane of `reserved` connections opened lazily with its options.
+        pub(crate) fn new(main: Pool<DB>, reserved: u32, options: &super::SqlOptions) -> Self {
+            let reserved = (reserved > 0).then(|| {
+                PoolOptions::<DB>::new()
+                    .max_connections(reserved)
+                    .acquire_timeout(options.acquire_timeout)
+                    .test_before_acquire(false)
+                    .connect_lazy_with((*main.connect_options()).clone())
+            });
+            Lanes { main, reserved }
+        }
+
+        /// A connection of the main pool, for claims and reads.
+        pub(crate) async fn acquire(&self) -> Result<InUse<DB>, sqlx::Error> {
+            Ok(InUse::new(self.main.acquire().await?))
+        }
+
+        /// A connection for a renewal or a settle: an idle one of the main pool, else the
+        /// first to free up of the lane and the main pool.
+        pub(crate) async fn priority(&self) -> Result<InUse<DB>, sqlx::Error> {
+            if let Some(conn) = self.main.try_acquire() {
+                return Ok(InUse::new(conn));
+            }
+            let conn = match &self.reserved {
+                None => self.main.acquire().await?,
+                Some(lane) => tokio::select! {
+                    biased;
+                    c = lane.acquire() => c?,
+                    c = self.main.acquire() => c?,
+                },
+            };
+            Ok(InUse::new(conn))
+        }
+
+        /// The pool of the reserved lane (the main pool when there is none), for a statement
+        /// that must not queue behind the main pool's traffic.
+        pub(crate) fn priority_pool(&self) -> &Pool<DB> {
+            self.reserved.as_ref().unwrap_or(&self.main)
+        }
+    }
+
+    /// A pooled connection used by one operation; closed if dropped before [`done`](Self::done).
+    pub(crate) struct InUse<DB: Database> {
+        conn: PoolConnection<DB>,
+        armed: bool,
+    }
+
+    impl<DB: Database> InUse<DB> {
+        fn new(conn: PoolConnection<DB>) -> Self {
+            InUse { conn, armed: true }
+        }
+
+        /// The connection, to run statements on.
+        pub(crate) fn conn(&mut self) -> &mut DB::Connection {
+            &mut self.conn
+        }
+
+        /// The operation got its answer: the connection goes back to the pool.
+        pub(crate) fn done(mut self) {
+            self.armed = false;
+        }
+    }
+
+    impl<DB: Database> Drop for InUse<DB> {
+        fn drop(&mut self) {
+            if self.armed {
+                self.conn.close_on_drop();
             }
         }
     }
