@@ -725,10 +725,13 @@ pub(crate) mod base {
 
 /// Where operations get their connections: the main pool, and the reserved lane of lease
 /// renewals and settles. A connection in use by an operation that is dropped before it
-/// finished (the runtime gave up on it) is closed rather than returned to the pool, where it
-/// would stay busy until the database answered a statement nobody waits for.
+/// finished (the runtime gave up on it) is closed unless the database answers within a short
+/// drain, rather than returned to the pool, where it would stay busy until the database
+/// answered a statement nobody waits for.
 #[cfg(any(feature = "postgres", feature = "mysql"))]
 pub(crate) mod lanes {
+    use std::time::Duration;
+
     use sqlx::pool::{Pool, PoolConnection, PoolOptions};
     use sqlx::Database;
 
@@ -780,32 +783,53 @@ pub(crate) mod lanes {
         }
     }
 
-    /// A pooled connection used by one operation; closed if dropped before [`done`](Self::done).
+    /// A pooled connection used by one operation. Dropped before [`done`](Self::done) (the
+    /// operation was given up on mid-statement), it is given [`DRAIN`] to receive the answer
+    /// nobody waits for any more, then closed: it never stays busy in the pool for longer.
     pub(crate) struct InUse<DB: Database> {
-        conn: PoolConnection<DB>,
-        armed: bool,
+        /// Always `Some` until dropped.
+        conn: Option<PoolConnection<DB>>,
     }
+
+    /// How long a connection whose operation was given up on may take to receive the answer
+    /// that nobody waits for any more (a round trip, on a slow link) before it is closed.
+    const DRAIN: Duration = Duration::from_secs(1);
 
     impl<DB: Database> InUse<DB> {
         fn new(conn: PoolConnection<DB>) -> Self {
-            InUse { conn, armed: true }
+            InUse { conn: Some(conn) }
         }
 
         /// The connection, to run statements on.
         pub(crate) fn conn(&mut self) -> &mut DB::Connection {
-            &mut self.conn
+            match self.conn.as_mut() {
+                Some(conn) => conn,
+                None => unreachable!("the connection is taken only when the guard drops"),
+            }
         }
 
         /// The operation got its answer: the connection goes back to the pool.
         pub(crate) fn done(mut self) {
-            self.armed = false;
+            drop(self.conn.take());
         }
     }
 
     impl<DB: Database> Drop for InUse<DB> {
         fn drop(&mut self) {
-            if self.armed {
-                self.conn.close_on_drop();
+            let Some(mut conn) = self.conn.take() else {
+                return;
+            };
+            match tokio::runtime::Handle::try_current() {
+                Ok(rt) => {
+                    rt.spawn(async move {
+                        use sqlx::Connection;
+                        let drained = tokio::time::timeout(DRAIN, conn.ping()).await;
+                        if !matches!(drained, Ok(Ok(()))) {
+                            conn.close_on_drop();
+                        }
+                    });
+                }
+                Err(_) => conn.close_on_drop(),
             }
         }
     }
