@@ -406,6 +406,27 @@ pub(crate) mod base {
         pub(crate) waiters: Arc<Waiters>,
         /// Claims whose statement may still run, by token (see [`Core::claim_to_the_end`]).
         claims: Arc<Mutex<HashMap<FencingToken, Arc<Semaphore>>>>,
+        /// Renewals in flight, by claim (see [`Core::renewal_turn`]).
+        renewals: Arc<Mutex<HashMap<FencingToken, (Arc<Semaphore>, usize)>>>,
+    }
+
+    /// A claim's turn to renew; the next renewal of that claim waits until it is dropped.
+    pub(crate) struct RenewalTurn {
+        renewals: Arc<Mutex<HashMap<FencingToken, (Arc<Semaphore>, usize)>>>,
+        token: FencingToken,
+        _permit: Option<tokio::sync::OwnedSemaphorePermit>,
+    }
+
+    impl Drop for RenewalTurn {
+        fn drop(&mut self) {
+            let mut renewals = lock(&self.renewals);
+            if let Some(slot) = renewals.get_mut(&self.token) {
+                slot.1 -= 1;
+                if slot.1 == 0 {
+                    renewals.remove(&self.token);
+                }
+            }
+        }
     }
 
     impl Core {
@@ -418,6 +439,7 @@ pub(crate) mod base {
                 poll_interval: options.poll_interval,
                 poll_max: options.poll_max.max(options.poll_interval),
                 waiters: Arc::new(Waiters::default()),
+                renewals: Arc::default(),
                 claims: Arc::default(),
             }
         }
@@ -508,6 +530,30 @@ pub(crate) mod base {
                 Ok(r) => r,
                 Err(e) => Err(StoreError::backend("claim task failed", e)),
             }
+        }
+
+        /// Waits until no other renewal of the claim under `token` is in flight. The runtime
+        /// sends a second renewal beside a slow one (a hedge); on a pool, each would hold a
+        /// connection of its own, so under latency every holder would take two or three.
+        /// Here the hedge waits for the renewal in flight and then runs (it is never answered
+        /// by the earlier one's result: that one was sent earlier and covers less of the
+        /// lease), so a claim's renewals hold one connection at a time.
+        pub(crate) async fn renewal_turn(&self, token: FencingToken) -> RenewalTurn {
+            let turn = {
+                let mut renewals = lock(&self.renewals);
+                let slot = renewals
+                    .entry(token)
+                    .or_insert_with(|| (Arc::new(Semaphore::new(1)), 0));
+                slot.1 += 1;
+                Arc::clone(&slot.0)
+            };
+            let mut guard = RenewalTurn {
+                renewals: Arc::clone(&self.renewals),
+                token,
+                _permit: None,
+            };
+            guard._permit = turn.acquire_owned().await.ok();
+            guard
         }
 
         /// Waits (at most the operation timeout) until no claim under `token` is running.
@@ -756,7 +802,10 @@ pub(crate) mod lanes {
 
         /// A connection of the main pool, for claims and reads.
         pub(crate) async fn acquire(&self) -> Result<InUse<DB>, sqlx::Error> {
-            Ok(InUse::new(self.main.acquire().await?))
+            if let Some(conn) = self.main.try_acquire() {
+                return Ok(InUse::new(conn));
+            }
+            Ok(InUse::new(finish_anyway(&self.main).await?))
         }
 
         /// A connection for a renewal or a settle: an idle one of the main pool, else the
@@ -766,12 +815,17 @@ pub(crate) mod lanes {
                 return Ok(InUse::new(conn));
             }
             let conn = match &self.reserved {
-                None => self.main.acquire().await?,
-                Some(lane) => tokio::select! {
-                    biased;
-                    c = lane.acquire() => c?,
-                    c = self.main.acquire() => c?,
-                },
+                None => finish_anyway(&self.main).await?,
+                Some(lane) => {
+                    if let Some(conn) = lane.try_acquire() {
+                        return Ok(InUse::new(conn));
+                    }
+                    tokio::select! {
+                        biased;
+                        c = finish_anyway(lane) => c?,
+                        c = finish_anyway(&self.main) => c?,
+                    }
+                }
             };
             Ok(InUse::new(conn))
         }
@@ -780,6 +834,17 @@ pub(crate) mod lanes {
         /// that must not queue behind the main pool's traffic.
         pub(crate) fn priority_pool(&self) -> &Pool<DB> {
             self.reserved.as_ref().unwrap_or(&self.main)
+        }
+    }
+
+    /// Waits for a connection of `pool` in a task of its own: if the operation is given up on
+    /// while the connection is being opened (on a slow link that takes several round trips,
+    /// more than a short lease), the connection is still opened and goes back to the pool for
+    /// the next operation, instead of every attempt starting over and none ever getting one.
+    pub(crate) async fn finish_anyway<DB: Database>(pool: &Pool<DB>) -> Result<PoolConnection<DB>, sqlx::Error> {
+        match tokio::spawn(pool.acquire()).await {
+            Ok(r) => r,
+            Err(e) => Err(sqlx::Error::Io(std::io::Error::other(e))),
         }
     }
 

@@ -721,6 +721,8 @@ impl Store for MySqlStore {
         let lease = ms(lease);
         let until = lease.saturating_add(self.inner.core.lease_grace_ms);
         let inner = &*self.inner;
+        // One renewal of a claim at a time: a hedge waits for the one in flight.
+        let _turn = inner.core.renewal_turn(token).await;
         self.inner
             .core
             .bounded(async {

@@ -479,6 +479,8 @@ impl Store for PostgresStore {
         let extra = Extra::Renew {
             lease_ms: millis(lease),
         };
+        // One renewal of a claim at a time: a hedge waits for the one in flight.
+        let _turn = self.inner.core.renewal_turn(token).await;
         self.fenced("postgres: renew", &sql, key, token, extra)
             .await
     }

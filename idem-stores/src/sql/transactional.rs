@@ -267,6 +267,20 @@ impl<F: FnOnce()> Drop for EndSessionOnDrop<F> {
     }
 }
 
+/// `BEGIN` on a connection of `pool`. A connection being opened when the runtime gives up
+/// on the begin (a slow link: opening one takes several round trips) is opened anyway and
+/// goes back to the pool, so that the next call finds it rather than starting over.
+#[cfg(any(feature = "postgres", feature = "mysql"))]
+async fn begin_on<DB: sqlx::Database>(
+    pool: &sqlx::Pool<DB>,
+) -> Result<sqlx::Transaction<'static, DB>, sqlx::Error> {
+    let conn = match pool.try_acquire() {
+        Some(conn) => conn,
+        None => super::lanes::finish_anyway(pool).await?,
+    };
+    sqlx::Transaction::begin(conn, None).await
+}
+
 /// Commits `tx`; if the future is dropped before the commit answered, spawns `end(session)`.
 #[cfg(any(feature = "postgres", feature = "mysql"))]
 async fn commit_or_end<DB, E, Fut>(
@@ -301,8 +315,7 @@ impl TransactionalStore for PostgresStore {
 
     /// `BEGIN` on a connection of the store's pool.
     async fn begin(&self) -> Result<PgTx, StoreError> {
-        self.pool()
-            .begin()
+        begin_on(self.pool())
             .await
             .map(PgTx::from)
             .map_err(|e| StoreError::backend("postgres: begin", e))
@@ -411,8 +424,7 @@ impl TransactionalStore for MySqlStore {
 
     /// `BEGIN` on a connection of the store's pool (the server's isolation level).
     async fn begin(&self) -> Result<MySqlTx, StoreError> {
-        self.pool()
-            .begin()
+        begin_on(self.pool())
             .await
             .map(MySqlTx::from)
             .map_err(|e| StoreError::backend("mysql: begin", e))
@@ -449,11 +461,14 @@ impl TransactionalStore for MySqlStore {
         // sqlx counts rows matched (CLIENT_FOUND_ROWS).
         if done.rows_affected() > 0 {
             // The session, for a commit that is given up on (see `commit`).
-            let id: Option<u64> = sqlx::query_scalar("SELECT CONNECTION_ID()")
+            // (Unprepared: one round trip, where a prepared statement's first use on a
+            // connection costs two.)
+            let row = sqlx::raw_sql("SELECT CONNECTION_ID()")
                 .fetch_optional(&mut **tx)
                 .await
                 .map_err(|e| StoreError::backend("mysql: complete in transaction", e))?;
-            tx.1 = id
+            tx.1 = row
+                .and_then(|row| sqlx::Row::try_get::<u64, _>(&row, 0).ok())
                 .and_then(|id| i64::try_from(id).ok())
                 .map(|id| Session { id, xid: None });
             return Ok(());
