@@ -16,8 +16,8 @@ use crate::error::{Error, StoreError};
 use crate::key::Identity;
 use crate::observe::{emit, Outcome};
 use crate::runtime::{
-    bounded, budget, claim, execute, fail, keep_lease, release, replay, settle, CatchUnwind, Claimed, Held,
-    Op, Policy, Prepared, ReleaseErrors, Settle,
+    bounded, budget, claim, execute, fail, keep_lease, release, replay, settle, CatchUnwind,
+    Claimed, Held, Op, Policy, Prepared, ReleaseErrors, Settle,
 };
 use crate::store::{Claim, ClaimRequest, TransactionalStore};
 use crate::Call;

@@ -72,7 +72,11 @@ async fn overload<S: Side>(side: Arc<S>, ns: &'static str) -> Tally {
     let tally = Arc::new(Mutex::new(Tally::default()));
     let stop = Arc::new(AtomicBool::new(false));
     let spinners = busy_loops(3, &stop);
-    let run = format!("{}-{}", std::process::id(), idem_core::FencingToken::random().0);
+    let run = format!(
+        "{}-{}",
+        std::process::id(),
+        idem_core::FencingToken::random().0
+    );
     let until = Instant::now() + RUN;
     let next = Arc::new(AtomicU64::new(0));
 
@@ -158,12 +162,23 @@ async fn overload<S: Side>(side: Arc<S>, ns: &'static str) -> Tally {
             let mut lat = Vec::new();
             while Instant::now() < until {
                 let t = Instant::now();
-                let r = store.renew(&idem_core::Key([7; 32]), idem_core::FencingToken(5), LEASE).await;
-                lat.push((t.elapsed().as_millis(), r.is_ok() || matches!(r, Err(idem_core::StoreError::Fenced))));
+                let r = store
+                    .renew(&idem_core::Key([7; 32]), idem_core::FencingToken(5), LEASE)
+                    .await;
+                lat.push((
+                    t.elapsed().as_millis(),
+                    r.is_ok() || matches!(r, Err(idem_core::StoreError::Fenced)),
+                ));
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
             lat.sort();
-            eprintln!("probe renew latencies (ms): median {:?} p90 {:?} max {:?} fails {}", lat[lat.len()/2], lat[lat.len()*9/10], lat.last(), lat.iter().filter(|x| !x.1).count());
+            eprintln!(
+                "probe renew latencies (ms): median {:?} p90 {:?} max {:?} fails {}",
+                lat[lat.len() / 2],
+                lat[lat.len() * 9 / 10],
+                lat.last(),
+                lat.iter().filter(|x| !x.1).count()
+            );
         })
     };
     for t in tasks {

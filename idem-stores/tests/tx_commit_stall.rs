@@ -33,7 +33,9 @@ const SLACK: Duration = Duration::from_millis(700);
 
 /// Makes the next commit stall, from inside the body's transaction.
 type Arm<Tx> = Arc<
-    dyn for<'a> Fn(&'a mut Tx) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + 'a>>
+    dyn for<'a> Fn(
+            &'a mut Tx,
+        ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + 'a>>
         + Send
         + Sync,
 >;
@@ -145,8 +147,14 @@ fn check_common(seen: &Seen) {
     );
     // Exactly one execution's writes, and every later call replays that execution's value.
     assert_eq!(seen.rows.len(), 1, "business rows: {:?}", seen.rows);
-    let replay = seen.replay.as_ref().expect("the call after the stall replays");
-    assert_eq!(*replay, seen.rows[0], "the replay is the committed execution's value");
+    let replay = seen
+        .replay
+        .as_ref()
+        .expect("the call after the stall replays");
+    assert_eq!(
+        *replay, seen.rows[0],
+        "the replay is the committed execution's value"
+    );
     if let Ok(v) = &seen.first {
         assert_eq!(v, replay);
     }

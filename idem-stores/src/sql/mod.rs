@@ -535,9 +535,10 @@ pub(crate) mod base {
         /// Waits until no other renewal of the claim under `token` is in flight. The runtime
         /// sends a second renewal beside a slow one (a hedge); on a pool, each would hold a
         /// connection of its own, so under latency every holder would take two or three.
-        /// Here the hedge waits for the renewal in flight and then runs (it is never answered
-        /// by the earlier one's result: that one was sent earlier and covers less of the
-        /// lease), so a claim's renewals hold one connection at a time.
+        /// Here the hedge waits for the renewal in flight (the stores bound that wait by a
+        /// quarter of the lease, in case the one in flight is stuck opening a connection) and
+        /// then runs: it is never answered by the earlier one's result, which was sent
+        /// earlier and covers less of the lease.
         pub(crate) async fn renewal_turn(&self, token: FencingToken) -> RenewalTurn {
             let turn = {
                 let mut renewals = lock(&self.renewals);
@@ -791,10 +792,13 @@ pub(crate) mod lanes {
         /// `main`, and a lane of `reserved` connections opened lazily with its options.
         pub(crate) fn new(main: Pool<DB>, reserved: u32, options: &super::SqlOptions) -> Self {
             let reserved = (reserved > 0).then(|| {
+                // The main pool's acquire rules (a pool given by the user may test
+                // connections before handing them out; the store's own does not).
+                let _ = options;
                 PoolOptions::<DB>::new()
                     .max_connections(reserved)
-                    .acquire_timeout(options.acquire_timeout)
-                    .test_before_acquire(false)
+                    .acquire_timeout(main.options().get_acquire_timeout())
+                    .test_before_acquire(main.options().get_test_before_acquire())
                     .connect_lazy_with((*main.connect_options()).clone())
             });
             Lanes { main, reserved }
@@ -802,30 +806,27 @@ pub(crate) mod lanes {
 
         /// A connection of the main pool, for claims and reads.
         pub(crate) async fn acquire(&self) -> Result<InUse<DB>, sqlx::Error> {
-            if let Some(conn) = self.main.try_acquire() {
-                return Ok(InUse::new(conn));
-            }
             Ok(InUse::new(finish_anyway(&self.main).await?))
         }
 
         /// A connection for a renewal or a settle: an idle one of the main pool, else the
         /// first to free up of the lane and the main pool.
         pub(crate) async fn priority(&self) -> Result<InUse<DB>, sqlx::Error> {
-            if let Some(conn) = self.main.try_acquire() {
-                return Ok(InUse::new(conn));
-            }
+            // Plain acquires, raced: the loser is cancelled before it opens a connection that
+            // would then sit idle in its pool. (Never `try_acquire`: it skips the pool's test
+            // of an idle connection.)
             let conn = match &self.reserved {
-                None => finish_anyway(&self.main).await?,
-                Some(lane) => {
-                    if let Some(conn) = lane.try_acquire() {
-                        return Ok(InUse::new(conn));
-                    }
-                    tokio::select! {
-                        biased;
-                        c = finish_anyway(lane) => c?,
-                        c = finish_anyway(&self.main) => c?,
-                    }
-                }
+                None => self.main.acquire().await?,
+                Some(lane) if self.main.num_idle() > 0 => tokio::select! {
+                    biased;
+                    c = self.main.acquire() => c?,
+                    c = lane.acquire() => c?,
+                },
+                Some(lane) => tokio::select! {
+                    biased;
+                    c = lane.acquire() => c?,
+                    c = self.main.acquire() => c?,
+                },
             };
             Ok(InUse::new(conn))
         }
@@ -841,7 +842,9 @@ pub(crate) mod lanes {
     /// while the connection is being opened (on a slow link that takes several round trips,
     /// more than a short lease), the connection is still opened and goes back to the pool for
     /// the next operation, instead of every attempt starting over and none ever getting one.
-    pub(crate) async fn finish_anyway<DB: Database>(pool: &Pool<DB>) -> Result<PoolConnection<DB>, sqlx::Error> {
+    pub(crate) async fn finish_anyway<DB: Database>(
+        pool: &Pool<DB>,
+    ) -> Result<PoolConnection<DB>, sqlx::Error> {
         match tokio::spawn(pool.acquire()).await {
             Ok(r) => r,
             Err(e) => Err(sqlx::Error::Io(std::io::Error::other(e))),

@@ -718,11 +718,13 @@ impl Store for MySqlStore {
         token: FencingToken,
         lease: Duration,
     ) -> Result<(), StoreError> {
+        let lease_timeout = lease / 4;
         let lease = ms(lease);
         let until = lease.saturating_add(self.inner.core.lease_grace_ms);
         let inner = &*self.inner;
-        // One renewal of a claim at a time: a hedge waits for the one in flight.
-        let _turn = inner.core.renewal_turn(token).await;
+        // One renewal of a claim at a time: a hedge waits for the one in flight, for a
+        // quarter of the lease at most (that one may be stuck opening a connection).
+        let _turn = tokio::time::timeout(lease_timeout, inner.core.renewal_turn(token)).await;
         self.inner
             .core
             .bounded(async {

@@ -479,8 +479,9 @@ impl Store for PostgresStore {
         let extra = Extra::Renew {
             lease_ms: millis(lease),
         };
-        // One renewal of a claim at a time: a hedge waits for the one in flight.
-        let _turn = self.inner.core.renewal_turn(token).await;
+        // One renewal of a claim at a time: a hedge waits for the one in flight, for a
+        // quarter of the lease at most (that one may be stuck opening a connection).
+        let _turn = tokio::time::timeout(lease / 4, self.inner.core.renewal_turn(token)).await;
         self.fenced("postgres: renew", &sql, key, token, extra)
             .await
     }

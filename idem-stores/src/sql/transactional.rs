@@ -274,10 +274,7 @@ impl<F: FnOnce()> Drop for EndSessionOnDrop<F> {
 async fn begin_on<DB: sqlx::Database>(
     pool: &sqlx::Pool<DB>,
 ) -> Result<sqlx::Transaction<'static, DB>, sqlx::Error> {
-    let conn = match pool.try_acquire() {
-        Some(conn) => conn,
-        None => super::lanes::finish_anyway(pool).await?,
-    };
+    let conn = super::lanes::finish_anyway(pool).await?;
     sqlx::Transaction::begin(conn, None).await
 }
 
