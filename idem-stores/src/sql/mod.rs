@@ -407,12 +407,15 @@ pub(crate) mod base {
         /// Claims whose statement may still run, by token (see [`Core::claim_to_the_end`]).
         claims: Arc<Mutex<HashMap<FencingToken, Arc<Semaphore>>>>,
         /// Renewals in flight, by claim (see [`Core::renewal_turn`]).
-        renewals: Arc<Mutex<HashMap<FencingToken, (Arc<Semaphore>, usize)>>>,
+        renewals: Renewals,
     }
+
+    /// Per claim in renewal: its turn, and how many renewals hold or wait for it.
+    type Renewals = Arc<Mutex<HashMap<FencingToken, (Arc<Semaphore>, usize)>>>;
 
     /// A claim's turn to renew; the next renewal of that claim waits until it is dropped.
     pub(crate) struct RenewalTurn {
-        renewals: Arc<Mutex<HashMap<FencingToken, (Arc<Semaphore>, usize)>>>,
+        renewals: Renewals,
         token: FencingToken,
         _permit: Option<tokio::sync::OwnedSemaphorePermit>,
     }
