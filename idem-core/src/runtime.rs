@@ -604,6 +604,8 @@ pub(crate) enum Claimed {
 /// How many times a claim is sent when the store fails (same token each time, so a claim that
 /// applied but lost its reply is recognised as ours).
 const CLAIM_ATTEMPTS: u32 = 3;
+/// The least time a claim after a wait is given, however little of the wait is left.
+const MIN_CLAIM_BUDGET: Duration = Duration::from_millis(50);
 /// How many times a completion is sent (same token; a completion that applied but lost its
 /// reply answers `Ok` the second time).
 const COMPLETE_ATTEMPTS: u32 = 5;
@@ -697,8 +699,18 @@ pub(crate) async fn claim(
         #[cfg(feature = "metrics")]
         let claim_timer = Timer(since, |took| crate::telemetry::claim(ns, took));
         let answer = loop {
-            match bounded(Op("claim", store), opts.lease, store.claim(&req)).await {
-                Err(e) if transient(&e) && attempt < CLAIM_ATTEMPTS => {
+            // A caller that waited is answered within its wait_timeout: its claims get what
+            // is left of it (a claim may queue behind a stalled commit's lock).
+            let left = deadline
+                .filter(|_| waited)
+                .map(|d| d.saturating_duration_since(Instant::now()));
+            let limit = left.map_or(opts.lease, |l| opts.lease.min(l.max(MIN_CLAIM_BUDGET)));
+            match bounded(Op("claim", store), limit, store.claim(&req)).await {
+                Err(e)
+                    if transient(&e)
+                        && attempt < CLAIM_ATTEMPTS
+                        && left.is_none_or(|l| l > MIN_CLAIM_BUDGET) =>
+                {
                     tracing::debug!(target: "idem", %key, attempt, error = %e, "claim failed; retrying with the same token");
                     tokio::time::sleep(Duration::from_millis(10 << (2 * attempt))).await;
                     attempt += 1;

@@ -16,8 +16,8 @@ use crate::error::{Error, StoreError};
 use crate::key::Identity;
 use crate::observe::{emit, Outcome};
 use crate::runtime::{
-    bounded, claim, execute, fail, keep_lease, release, replay, settle, CatchUnwind, Claimed, Held,
-    Op, Policy, Prepared, ReleaseErrors, Settle,
+    bounded, budget, claim, execute, fail, keep_lease, release, replay, settle, CatchUnwind,
+    Claimed, Held, Op, Policy, Prepared, ReleaseErrors, Settle,
 };
 use crate::store::{Claim, ClaimRequest, TransactionalStore};
 use crate::Call;
@@ -34,6 +34,10 @@ impl<C: Codec> Call<C> {
     ///   runs again on a clean slate.
     /// - A crash before the commit leaves no writes; the claim lapses with its lease and the
     ///   takeover runs the body again, on a clean slate.
+    /// - The commit is bounded by half the lease, with the lease kept meanwhile; a commit that
+    ///   does not answer in time is given up on (the SQL stores end its session, so the
+    ///   database rolls it back unless it had landed) and resolved like a lost reply: the
+    ///   caller gets the stored value or [`Error::Store`] within the lease.
     ///
     /// A `None` key with `missing_key = run` runs the body in a plain transaction, committed
     /// without a record.
@@ -222,32 +226,44 @@ impl<C: Codec> Call<C> {
         }
 
         // Settle inside the transaction, keeping the lease until the commit is acknowledged.
-        // The lease is kept until the fenced completion is written. From then on the record's
-        // row is locked by this transaction (the database write lock on SQLite): a takeover
-        // waits for the commit, and a renewal would only wait on that lock too.
-        let written = {
+        // Once the fenced completion is written, the record's row is locked by this
+        // transaction (the database write lock on SQLite): a takeover waits for the commit,
+        // and a renewal waits on that lock too; if the commit does not land, the renewal goes
+        // through after the rollback and the claim is still ours to resolve. The commit is
+        // bounded by half the lease and its resolution by the other half, so the caller has
+        // its value or an error within the lease even when the commit stalls; a commit given
+        // up on is cancelled by the store (the SQL stores end its session, so the database
+        // rolls it back unless it had already committed) and resolved like a lost reply.
+        let committed = {
             let keeper = pin!(keep_lease(store, key, held.token, opts.lease, held.since));
-            let work = pin!(bounded(
-                Op("complete", store),
-                opts.lease,
-                store.complete_in(slot.tx(), &key, held.token, &envelope, opts.ttl),
-            ));
+            let work = pin!(async {
+                let written = bounded(
+                    Op("complete", store),
+                    opts.lease,
+                    store.complete_in(slot.tx(), &key, held.token, &envelope, opts.ttl),
+                )
+                .await;
+                match written {
+                    Err(StoreError::Fenced) => Committed::No(Error::LeaseLost),
+                    Err(e) => Committed::No(e.into()),
+                    Ok(()) => match slot.take_own() {
+                        None => Committed::Yes, // the caller commits
+                        Some(tx) => {
+                            let commit = store.commit(tx);
+                            match bounded(Op("commit", store), budget(opts.lease, 2), commit).await
+                            {
+                                Ok(()) => Committed::Yes,
+                                Err(e) => Committed::Unknown(e),
+                            }
+                        }
+                    },
+                }
+            });
             tokio::select! {
                 biased;
                 r = work => r,
                 never = keeper => match never {},
             }
-        };
-        let committed = match written {
-            Err(StoreError::Fenced) => Committed::No(Error::LeaseLost),
-            Err(e) => Committed::No(e.into()),
-            Ok(()) => match slot.take_own() {
-                None => Committed::Yes, // the caller commits
-                Some(tx) => match store.commit(tx).await {
-                    Ok(()) => Committed::Yes,
-                    Err(e) => Committed::Unknown(e),
-                },
-            },
         };
         // The transaction is rolled back (if the completion failed) before any release, which
         // would otherwise wait for its row lock (PostgreSQL, MariaDB) or write lock (SQLite).
@@ -304,10 +320,12 @@ enum Committed {
     Unknown(StoreError),
 }
 
-/// The commit's reply was lost: claim again under our own token to learn what happened.
-/// In progress under it → the transaction rolled back (release, report the store error);
-/// completed → it committed (replay the stored value, which is ours or the legitimate
-/// winner's); anything else → the store error.
+/// The commit's reply was lost, or the commit timed out and was cancelled: claim again under
+/// our own token (within the other half of the lease) to learn what happened. In progress
+/// under it → the transaction rolled back (release, report the store error); completed → it
+/// committed (replay the stored value, which is ours or the legitimate winner's); anything
+/// else (the record still locked by a commit that the database has not finished) → the store
+/// error: the outcome is unknown to this caller, and a retry replays or runs again.
 #[allow(clippy::too_many_arguments)]
 async fn resolve_commit<S, T, E, C>(
     store: &S,
@@ -332,7 +350,7 @@ where
         token: held.token,
         lease: opts.lease,
     };
-    match bounded(Op("claim", store), opts.lease, store.claim(&req)).await {
+    match bounded(Op("claim", store), budget(opts.lease, 2), store.claim(&req)).await {
         Ok(Claim::Completed(record)) => {
             replay::<ReleaseErrors, T, E, C>(codec, tag, &record, Outcome::Executed, ns, &key)
         }

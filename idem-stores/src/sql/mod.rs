@@ -164,6 +164,19 @@ impl<S: base::SqlBackend> SqlStoreBuilder<S> {
         self
     }
 
+    /// Connections kept apart for lease renewals and settles (completions, releases), so
+    /// that new claims and bodies' store traffic in a saturated pool cannot starve a live
+    /// holder's renewals. A renewal or settle takes an idle connection of the main pool if
+    /// there is one, else whichever frees first: a reserved one or one of the main pool.
+    /// The reserved connections are a small pool of their own, opened on first use with the
+    /// main pool's connect options (also beside a pool given with [`pool`](Self::pool)).
+    /// Default 2 on PostgreSQL and MySQL; 0 turns the lane off. SQLite has no lane (its
+    /// writers queue on the database's one write lock, not on the pool).
+    pub fn reserved_connections(mut self, n: u32) -> Self {
+        self.options.reserved_connections = n;
+        self
+    }
+
     /// How long an operation waits for a pooled connection (store-opened pools). Default 5 s.
     pub fn acquire_timeout(mut self, d: Duration) -> Self {
         self.options.acquire_timeout = d;
@@ -325,6 +338,7 @@ pub(crate) mod base {
     pub struct SqlOptions {
         pub(crate) table: String,
         pub(crate) max_connections: u32,
+        pub(crate) reserved_connections: u32,
         pub(crate) acquire_timeout: Duration,
         pub(crate) operation_timeout: Duration,
         pub(crate) max_value_size: usize,
@@ -340,6 +354,7 @@ pub(crate) mod base {
             SqlOptions {
                 table: DEFAULT_TABLE.to_owned(),
                 max_connections,
+                reserved_connections: 2,
                 acquire_timeout: Duration::from_secs(5),
                 operation_timeout: Duration::from_secs(10),
                 max_value_size: DEFAULT_MAX_VALUE_SIZE,
@@ -400,6 +415,30 @@ pub(crate) mod base {
         pub(crate) waiters: Arc<Waiters>,
         /// Claims whose statement may still run, by token (see [`Core::claim_to_the_end`]).
         claims: Arc<Mutex<HashMap<FencingToken, Arc<Semaphore>>>>,
+        /// Renewals in flight, by claim (see [`Core::renewal_turn`]).
+        renewals: Renewals,
+    }
+
+    /// Per claim in renewal: its turn, and how many renewals hold or wait for it.
+    type Renewals = Arc<Mutex<HashMap<FencingToken, (Arc<Semaphore>, usize)>>>;
+
+    /// A claim's turn to renew; the next renewal of that claim waits until it is dropped.
+    pub(crate) struct RenewalTurn {
+        renewals: Renewals,
+        token: FencingToken,
+        _permit: Option<tokio::sync::OwnedSemaphorePermit>,
+    }
+
+    impl Drop for RenewalTurn {
+        fn drop(&mut self) {
+            let mut renewals = lock(&self.renewals);
+            if let Some(slot) = renewals.get_mut(&self.token) {
+                slot.1 -= 1;
+                if slot.1 == 0 {
+                    renewals.remove(&self.token);
+                }
+            }
+        }
     }
 
     impl Core {
@@ -412,6 +451,7 @@ pub(crate) mod base {
                 poll_interval: options.poll_interval,
                 poll_max: options.poll_max.max(options.poll_interval),
                 waiters: Arc::new(Waiters::default()),
+                renewals: Arc::default(),
                 claims: Arc::default(),
             }
         }
@@ -482,6 +522,10 @@ pub(crate) mod base {
             token: FencingToken,
             claim: impl Future<Output = Result<T, StoreError>> + Send + 'static,
         ) -> Result<T, StoreError> {
+            // A claim sent again under the same token (the runtime's retry after a timeout)
+            // starts once the earlier one ended: retries never hold more connections than
+            // the first attempt.
+            self.after_claim(token).await;
             let running = Arc::new(Semaphore::new(0));
             lock(&self.claims).insert(token, Arc::clone(&running));
             let done = ClaimDone {
@@ -498,6 +542,31 @@ pub(crate) mod base {
                 Ok(r) => r,
                 Err(e) => Err(StoreError::backend("claim task failed", e)),
             }
+        }
+
+        /// Waits until no other renewal of the claim under `token` is in flight. The runtime
+        /// sends a second renewal beside a slow one (a hedge); on a pool, each would hold a
+        /// connection of its own, so under latency every holder would take two or three.
+        /// Here the hedge waits for the renewal in flight (the stores bound that wait by a
+        /// quarter of the lease, in case the one in flight is stuck opening a connection) and
+        /// then runs: it is never answered by the earlier one's result, which was sent
+        /// earlier and covers less of the lease.
+        pub(crate) async fn renewal_turn(&self, token: FencingToken) -> RenewalTurn {
+            let turn = {
+                let mut renewals = lock(&self.renewals);
+                let slot = renewals
+                    .entry(token)
+                    .or_insert_with(|| (Arc::new(Semaphore::new(1)), 0));
+                slot.1 += 1;
+                Arc::clone(&slot.0)
+            };
+            let mut guard = RenewalTurn {
+                renewals: Arc::clone(&self.renewals),
+                token,
+                _permit: None,
+            };
+            guard._permit = turn.acquire_owned().await.ok();
+            guard
         }
 
         /// Waits (at most the operation timeout) until no claim under `token` is running.
@@ -557,18 +626,28 @@ pub(crate) mod base {
         }
     }
 
-    /// `Store::claim` of every SQL store: the claim's statements, as one operation under the
-    /// operation timeout, in a task of their own (see [`Core::claim_to_the_end`]).
+    /// `Store::claim` of every SQL store: the claim's statements, as one operation in a task
+    /// of their own (see [`Core::claim_to_the_end`]), under the operation timeout or the
+    /// claim's lease, whichever is shorter: the runtime gives up on a claim after its lease,
+    /// and a claim given up on stops there (its connection is closed, not left to finish a
+    /// statement for nobody).
     pub(crate) async fn claim<S: SqlBackend>(
         store: &S,
         req: &ClaimRequest,
     ) -> Result<Claim, StoreError> {
         let owned = store.clone();
         let req = req.clone();
+        let limit = store
+            .core()
+            .op_timeout
+            .min(req.lease.max(Duration::from_millis(1)));
         store
             .core()
             .claim_to_the_end(req.token, async move {
-                owned.core().bounded(owned.claim_inner(&req)).await
+                match tokio::time::timeout(limit, owned.claim_inner(&req)).await {
+                    Ok(r) => r,
+                    Err(_) => Err(StoreError::Timeout(limit)),
+                }
             })
             .await
     }
@@ -698,6 +777,139 @@ pub(crate) mod base {
                 if slot.1 == 0 {
                     slots.remove(&self.key);
                 }
+            }
+        }
+    }
+}
+
+/// Where operations get their connections: the main pool, and the reserved lane of lease
+/// renewals and settles. A connection in use by an operation that is dropped before it
+/// finished (the runtime gave up on it) is closed unless the database answers within a short
+/// drain, rather than returned to the pool, where it would stay busy until the database
+/// answered a statement nobody waits for.
+#[cfg(any(feature = "postgres", feature = "mysql"))]
+pub(crate) mod lanes {
+    use std::time::Duration;
+
+    use sqlx::pool::{Pool, PoolConnection, PoolOptions};
+    use sqlx::Database;
+
+    /// The main pool and the reserved lane.
+    pub(crate) struct Lanes<DB: Database> {
+        pub(crate) main: Pool<DB>,
+        reserved: Option<Pool<DB>>,
+    }
+
+    impl<DB: Database> Lanes<DB> {
+        /// `main`, and a lane of `reserved` connections opened lazily with its options.
+        pub(crate) fn new(main: Pool<DB>, reserved: u32, options: &super::SqlOptions) -> Self {
+            let reserved = (reserved > 0).then(|| {
+                // The main pool's acquire rules (a pool given by the user may test
+                // connections before handing them out; the store's own does not).
+                let _ = options;
+                PoolOptions::<DB>::new()
+                    .max_connections(reserved)
+                    .acquire_timeout(main.options().get_acquire_timeout())
+                    .test_before_acquire(main.options().get_test_before_acquire())
+                    .connect_lazy_with((*main.connect_options()).clone())
+            });
+            Lanes { main, reserved }
+        }
+
+        /// A connection of the main pool, for claims and reads.
+        pub(crate) async fn acquire(&self) -> Result<InUse<DB>, sqlx::Error> {
+            Ok(InUse::new(finish_anyway(&self.main).await?))
+        }
+
+        /// A connection for a renewal or a settle: an idle one of the main pool, else the
+        /// first to free up of the lane and the main pool.
+        pub(crate) async fn priority(&self) -> Result<InUse<DB>, sqlx::Error> {
+            // Plain acquires, raced: the loser is cancelled before it opens a connection that
+            // would then sit idle in its pool. (Never `try_acquire`: it skips the pool's test
+            // of an idle connection.)
+            let conn = match &self.reserved {
+                None => self.main.acquire().await?,
+                Some(lane) if self.main.num_idle() > 0 => tokio::select! {
+                    biased;
+                    c = self.main.acquire() => c?,
+                    c = lane.acquire() => c?,
+                },
+                Some(lane) => tokio::select! {
+                    biased;
+                    c = lane.acquire() => c?,
+                    c = self.main.acquire() => c?,
+                },
+            };
+            Ok(InUse::new(conn))
+        }
+
+        /// The pool of the reserved lane (the main pool when there is none), for a statement
+        /// that must not queue behind the main pool's traffic.
+        pub(crate) fn priority_pool(&self) -> &Pool<DB> {
+            self.reserved.as_ref().unwrap_or(&self.main)
+        }
+    }
+
+    /// Waits for a connection of `pool` in a task of its own: if the operation is given up on
+    /// while the connection is being opened (on a slow link that takes several round trips,
+    /// more than a short lease), the connection is still opened and goes back to the pool for
+    /// the next operation, instead of every attempt starting over and none ever getting one.
+    pub(crate) async fn finish_anyway<DB: Database>(
+        pool: &Pool<DB>,
+    ) -> Result<PoolConnection<DB>, sqlx::Error> {
+        match tokio::spawn(pool.acquire()).await {
+            Ok(r) => r,
+            Err(e) => Err(sqlx::Error::Io(std::io::Error::other(e))),
+        }
+    }
+
+    /// A pooled connection used by one operation. Dropped before [`done`](Self::done) (the
+    /// operation was given up on mid-statement), it is given [`DRAIN`] to receive the answer
+    /// nobody waits for any more, then closed: it never stays busy in the pool for longer.
+    pub(crate) struct InUse<DB: Database> {
+        /// Always `Some` until dropped.
+        conn: Option<PoolConnection<DB>>,
+    }
+
+    /// How long a connection whose operation was given up on may take to receive the answer
+    /// that nobody waits for any more (a round trip, on a slow link) before it is closed.
+    const DRAIN: Duration = Duration::from_secs(1);
+
+    impl<DB: Database> InUse<DB> {
+        fn new(conn: PoolConnection<DB>) -> Self {
+            InUse { conn: Some(conn) }
+        }
+
+        /// The connection, to run statements on.
+        pub(crate) fn conn(&mut self) -> &mut DB::Connection {
+            match self.conn.as_mut() {
+                Some(conn) => conn,
+                None => unreachable!("the connection is taken only when the guard drops"),
+            }
+        }
+
+        /// The operation got its answer: the connection goes back to the pool.
+        pub(crate) fn done(mut self) {
+            drop(self.conn.take());
+        }
+    }
+
+    impl<DB: Database> Drop for InUse<DB> {
+        fn drop(&mut self) {
+            let Some(mut conn) = self.conn.take() else {
+                return;
+            };
+            match tokio::runtime::Handle::try_current() {
+                Ok(rt) => {
+                    rt.spawn(async move {
+                        use sqlx::Connection;
+                        let drained = tokio::time::timeout(DRAIN, conn.ping()).await;
+                        if !matches!(drained, Ok(Ok(()))) {
+                            conn.close_on_drop();
+                        }
+                    });
+                }
+                Err(_) => conn.close_on_drop(),
             }
         }
     }

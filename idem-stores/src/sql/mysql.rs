@@ -73,6 +73,7 @@ use sqlx::mysql::{MySqlConnectOptions, MySqlPool, MySqlPoolOptions};
 use sqlx::{AssertSqlSafe, Row};
 
 use super::base::{Core, Source, SqlBackend, SqlOptions};
+use super::lanes::Lanes;
 use super::{config_error, SqlStoreBuilder};
 
 pub use super::DEFAULT_TABLE;
@@ -218,6 +219,8 @@ impl Statements {
 pub struct Inner {
     core: Core,
     pool: MySqlPool,
+    /// The pool again, and the reserved lane of renewals and settles.
+    lanes: Lanes<sqlx::MySql>,
     sql: Statements,
 }
 
@@ -298,6 +301,7 @@ impl SqlBackend for MySqlStore {
             inner: Arc::new(Inner {
                 sql: Statements::new(&quoted),
                 core: Core::new(options.table.clone(), &options),
+                lanes: Lanes::new(pool.clone(), options.reserved_connections, &options),
                 pool,
             }),
         })
@@ -441,6 +445,16 @@ impl MySqlStore {
         Sweeper { task: Some(task) }
     }
 
+    /// The pool of the reserved lane (renewals, settles), or the main pool without one.
+    pub(crate) fn priority_pool(&self) -> &MySqlPool {
+        self.inner.lanes.priority_pool()
+    }
+
+    /// The bound on one store operation.
+    pub(crate) fn operation_timeout(&self) -> Duration {
+        self.inner.core.op_timeout
+    }
+
     /// Creates the table and its expiry index if they are missing (safe to run at every
     /// start, from several processes at once), and lowers the value limit to what the
     /// server's `max_allowed_packet` lets through.
@@ -504,8 +518,9 @@ impl MySqlStore {
         let until = lease.saturating_add(inner.core.lease_grace_ms);
         let fp = req.fingerprint.map(|f| f.0.to_vec());
         let token = req.token.as_i64();
-        let (r, lost) = run_retrying(|| {
-            sqlx::query(AssertSqlSafe(inner.sql.claim.clone()))
+        let (r, lost) = run_retrying(|| async {
+            let mut c = inner.lanes.acquire().await?;
+            let r = sqlx::query(AssertSqlSafe(inner.sql.claim.clone()))
                 .bind(&req.key.0[..])
                 .bind(token)
                 .bind(lease)
@@ -521,7 +536,10 @@ impl MySqlStore {
                 .bind(token)
                 .bind(token)
                 .bind(lease)
-                .execute(&inner.pool)
+                .execute(c.conn())
+                .await;
+            c.done();
+            r
         })
         .await?;
         Ok((r.last_insert_id(), lost))
@@ -531,10 +549,14 @@ impl MySqlStore {
     /// claim (a retry whose first reply was lost), or nothing live.
     async fn read_live(&self, req: &ClaimRequest) -> Result<Seen, StoreError> {
         let inner = &*self.inner;
-        let (row, _) = run_retrying(|| {
-            sqlx::query(AssertSqlSafe(inner.sql.read.clone()))
+        let (row, _) = run_retrying(|| async {
+            let mut c = inner.lanes.acquire().await?;
+            let r = sqlx::query(AssertSqlSafe(inner.sql.read.clone()))
                 .bind(&req.key.0[..])
-                .fetch_optional(&inner.pool)
+                .fetch_optional(c.conn())
+                .await;
+            c.done();
+            r
         })
         .await
         .map_err(|e| self.inner.core.fail("mysql: read record", e))?;
@@ -605,11 +627,16 @@ impl MySqlStore {
         key: &Key,
         token: FencingToken,
     ) -> Result<Option<bool>, StoreError> {
-        let (completed, _) = run_retrying(|| {
-            sqlx::query_scalar::<_, i64>(AssertSqlSafe(self.inner.sql.held.clone()))
+        let inner = &*self.inner;
+        let (completed, _) = run_retrying(|| async {
+            let mut c = inner.lanes.priority().await?;
+            let r = sqlx::query_scalar::<_, i64>(AssertSqlSafe(self.inner.sql.held.clone()))
                 .bind(&key.0[..])
                 .bind(token.as_i64())
-                .fetch_optional(&self.inner.pool)
+                .fetch_optional(c.conn())
+                .await;
+            c.done();
+            r
         })
         .await
         .map_err(|e| self.inner.core.fail("mysql: read claim", e))?;
@@ -657,14 +684,18 @@ impl Store for MySqlStore {
             .inner
             .core
             .bounded(async {
-                let (r, _) = run_retrying(|| {
-                    sqlx::query(AssertSqlSafe(inner.sql.complete.clone()))
+                let (r, _) = run_retrying(|| async {
+                    let mut c = inner.lanes.priority().await?;
+                    let r = sqlx::query(AssertSqlSafe(inner.sql.complete.clone()))
                         .bind(value)
                         .bind(ttl)
                         .bind(ttl)
                         .bind(&key.0[..])
                         .bind(token.as_i64())
-                        .execute(&inner.pool)
+                        .execute(c.conn())
+                        .await;
+                    c.done();
+                    r
                 })
                 .await
                 .map_err(|e| self.inner.core.fail("mysql: complete", e))?;
@@ -693,11 +724,15 @@ impl Store for MySqlStore {
             .bounded(async {
                 // Deletes only our own claim; a record that is gone, completed or someone
                 // else's is left as it is, and the release still succeeds.
-                run_retrying(|| {
-                    sqlx::query(AssertSqlSafe(inner.sql.release.clone()))
+                run_retrying(|| async {
+                    let mut c = inner.lanes.priority().await?;
+                    let r = sqlx::query(AssertSqlSafe(inner.sql.release.clone()))
                         .bind(&key.0[..])
                         .bind(token.as_i64())
-                        .execute(&inner.pool)
+                        .execute(c.conn())
+                        .await;
+                    c.done();
+                    r
                 })
                 .await
                 .map_err(|e| self.inner.core.fail("mysql: release", e))?;
@@ -714,19 +749,27 @@ impl Store for MySqlStore {
         token: FencingToken,
         lease: Duration,
     ) -> Result<(), StoreError> {
+        let lease_timeout = lease / 4;
         let lease = ms(lease);
         let until = lease.saturating_add(self.inner.core.lease_grace_ms);
         let inner = &*self.inner;
+        // One renewal of a claim at a time: a hedge waits for the one in flight, for a
+        // quarter of the lease at most (that one may be stuck opening a connection).
+        let _turn = tokio::time::timeout(lease_timeout, inner.core.renewal_turn(token)).await;
         self.inner
             .core
             .bounded(async {
-                let (r, _) = run_retrying(|| {
-                    sqlx::query(AssertSqlSafe(inner.sql.renew.clone()))
+                let (r, _) = run_retrying(|| async {
+                    let mut c = inner.lanes.priority().await?;
+                    let r = sqlx::query(AssertSqlSafe(inner.sql.renew.clone()))
                         .bind(lease)
                         .bind(until)
                         .bind(&key.0[..])
                         .bind(token.as_i64())
-                        .execute(&inner.pool)
+                        .execute(c.conn())
+                        .await;
+                    c.done();
+                    r
                 })
                 .await
                 .map_err(|e| self.inner.core.fail("mysql: renew", e))?;

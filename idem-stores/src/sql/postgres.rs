@@ -48,6 +48,7 @@ mod listener;
 mod schema;
 
 use super::base::{Core, Source, SqlBackend, SqlOptions};
+use super::lanes::Lanes;
 use super::{from_millis, millis, SqlStoreBuilder};
 use listener::run_listener;
 use schema::{Statements, Table};
@@ -87,6 +88,8 @@ pub struct PostgresStore {
 pub struct Inner {
     core: Core,
     pool: PgPool,
+    /// The pool again, and the reserved lane of renewals and settles.
+    lanes: Lanes<sqlx::Postgres>,
     channel: String,
     sql: Statements,
     listener: Option<AbortHandle>,
@@ -197,6 +200,7 @@ impl SqlBackend for PostgresStore {
             inner: Arc::new(Inner {
                 sql: Statements::new(&table),
                 core,
+                lanes: Lanes::new(pool.clone(), options.reserved_connections, &options),
                 pool,
                 channel,
                 listener,
@@ -236,6 +240,16 @@ impl PostgresStore {
     /// The table name as configured.
     pub fn table(&self) -> &str {
         &self.inner.core.table
+    }
+
+    /// The pool of the reserved lane (renewals, settles), or the main pool without one.
+    pub(crate) fn priority_pool(&self) -> &PgPool {
+        self.inner.lanes.priority_pool()
+    }
+
+    /// The bound on one store operation.
+    pub(crate) fn operation_timeout(&self) -> Duration {
+        self.inner.core.op_timeout
     }
 
     /// Whether the `LISTEN` connection is up (waiters are woken by notifications rather than
@@ -314,8 +328,7 @@ impl PostgresStore {
         token: FencingToken,
         extra: Extra<'_>,
     ) -> Result<(), StoreError> {
-        let pool = &self.inner.pool;
-        // A release answers `Ok` whether or not it deleted anything (SPEC §3.10).
+        // A release answers `Ok` whether or not it deleted anything.
         let extra_is_release = matches!(extra, Extra::Release);
         let mut q = sqlx::query(AssertSqlSafe(Arc::clone(sql)))
             .bind(&key.0[..])
@@ -329,7 +342,17 @@ impl PostgresStore {
             Extra::Release => q.bind(self.inner.channel.as_str()).bind(key.to_hex()),
             Extra::Renew { lease_ms } => q.bind(lease_ms).bind(self.inner.core.lease_grace_ms),
         };
-        let row = self.inner.core.timed(what, q.fetch_optional(pool)).await?;
+        // On the reserved lane: renewals and settles never queue behind claims and bodies.
+        let row = self
+            .inner
+            .core
+            .timed(what, async {
+                let mut conn = self.inner.lanes.priority().await?;
+                let row = q.fetch_optional(conn.conn()).await;
+                conn.done();
+                row
+            })
+            .await?;
         match (row, extra_is_release) {
             (Some(_), _) | (None, true) => Ok(()),
             (None, false) => Err(StoreError::Fenced),
@@ -379,7 +402,13 @@ impl PostgresStore {
                 .bind(fingerprint.as_deref())
                 .bind(millis(req.lease))
                 .bind(self.inner.core.lease_grace_ms);
-            let row = match q.fetch_optional(&self.inner.pool).await {
+            let fetched = async {
+                let mut conn = self.inner.lanes.acquire().await?;
+                let row = q.fetch_optional(conn.conn()).await;
+                conn.done();
+                row
+            };
+            let row = match fetched.await {
                 Ok(row) => row,
                 // A connection that died under the statement (server restart, killed backend):
                 // run the claim again on a fresh one. Safe: a claim that went through is
@@ -450,6 +479,9 @@ impl Store for PostgresStore {
         let extra = Extra::Renew {
             lease_ms: millis(lease),
         };
+        // One renewal of a claim at a time: a hedge waits for the one in flight, for a
+        // quarter of the lease at most (that one may be stuck opening a connection).
+        let _turn = tokio::time::timeout(lease / 4, self.inner.core.renewal_turn(token)).await;
         self.fenced("postgres: renew", &sql, key, token, extra)
             .await
     }

@@ -64,7 +64,7 @@ macro_rules! tx_type {
         #[cfg(feature = $feature)]
         #[cfg_attr(docsrs, doc(cfg(feature = $feature)))]
         #[derive(Debug)]
-        pub struct $name(sqlx::Transaction<'static, $db>);
+        pub struct $name(sqlx::Transaction<'static, $db>, #[allow(dead_code)] Option<Session>);
 
         #[cfg(feature = $feature)]
         impl $name {
@@ -94,7 +94,7 @@ macro_rules! tx_type {
         #[cfg(feature = $feature)]
         impl From<sqlx::Transaction<'static, $db>> for $name {
             fn from(tx: sqlx::Transaction<'static, $db>) -> Self {
-                $name(tx)
+                $name(tx, None)
             }
         }
 
@@ -240,6 +240,71 @@ fn check_size(store: &dyn Store, value: &[u8]) -> Result<(), StoreError> {
     Ok(())
 }
 
+/// The database session a transaction runs on, learned by its completion: what a commit that
+/// is given up on needs to end that session (and so roll the transaction back, unless the
+/// commit had already landed).
+#[derive(Clone, Copy, Debug)]
+#[cfg_attr(not(any(feature = "postgres", feature = "mysql")), allow(dead_code))]
+struct Session {
+    /// PostgreSQL's backend pid, MySQL's connection id.
+    id: i64,
+    /// PostgreSQL: the transaction's id (32 bits, as `pg_stat_activity` shows it), so that
+    /// only this transaction's session is ended, never a later one on a reused pid.
+    xid: Option<i64>,
+}
+
+/// Runs its action if dropped while armed: a commit future dropped before the database
+/// answered (the runtime gave up on it) ends the transaction's session from a task, so that
+/// the abandoned commit stops holding its connection and the record's row lock.
+#[cfg_attr(not(any(feature = "postgres", feature = "mysql")), allow(dead_code))]
+struct EndSessionOnDrop<F: FnOnce()>(Option<F>);
+
+impl<F: FnOnce()> Drop for EndSessionOnDrop<F> {
+    fn drop(&mut self) {
+        if let Some(end) = self.0.take() {
+            end();
+        }
+    }
+}
+
+/// `BEGIN` on a connection of `pool`. A connection being opened when the runtime gives up
+/// on the begin (a slow link: opening one takes several round trips) is opened anyway and
+/// goes back to the pool, so that the next call finds it rather than starting over.
+#[cfg(any(feature = "postgres", feature = "mysql"))]
+async fn begin_on<DB: sqlx::Database>(
+    pool: &sqlx::Pool<DB>,
+) -> Result<sqlx::Transaction<'static, DB>, sqlx::Error> {
+    let conn = super::lanes::finish_anyway(pool).await?;
+    sqlx::Transaction::begin(conn, None).await
+}
+
+/// Commits `tx`; if the future is dropped before the commit answered, spawns `end(session)`.
+#[cfg(any(feature = "postgres", feature = "mysql"))]
+async fn commit_or_end<DB, E, Fut>(
+    tx: sqlx::Transaction<'static, DB>,
+    session: Option<Session>,
+    what: &'static str,
+    end: E,
+) -> Result<(), StoreError>
+where
+    DB: sqlx::Database,
+    E: FnOnce(Session) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let guard = EndSessionOnDrop(session.map(|s| {
+        move || {
+            if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                tracing::warn!(target: "idem", session = s.id, "commit given up on: ending its database session");
+                rt.spawn(end(s));
+            }
+        }
+    }));
+    let r = tx.commit().await.map_err(|e| StoreError::backend(what, e));
+    let mut guard = guard;
+    guard.0 = None;
+    r
+}
+
 #[cfg(feature = "postgres")]
 #[async_trait]
 impl TransactionalStore for PostgresStore {
@@ -247,10 +312,9 @@ impl TransactionalStore for PostgresStore {
 
     /// `BEGIN` on a connection of the store's pool.
     async fn begin(&self) -> Result<PgTx, StoreError> {
-        self.pool()
-            .begin()
+        begin_on(self.pool())
             .await
-            .map(PgTx)
+            .map(PgTx::from)
             .map_err(|e| StoreError::backend("postgres: begin", e))
     }
 
@@ -279,9 +343,11 @@ impl TransactionalStore for PostgresStore {
                  WHERE key = $1 AND token = $2 AND state = 'in_progress'
                 RETURNING key
             )
-            SELECT 1 AS ok FROM done WHERE pg_notify($5, $6) IS NOT NULL
+            SELECT pg_backend_pid()::int8 AS pid, txid_current() % 4294967296 AS xid
+              FROM done WHERE pg_notify($5, $6) IS NOT NULL
             UNION ALL
-            SELECT 1 FROM {t} WHERE key = $1 AND token = $2 AND state = 'completed'"
+            SELECT pg_backend_pid()::int8, txid_current() % 4294967296
+              FROM {t} WHERE key = $1 AND token = $2 AND state = 'completed'"
         );
         let row = sqlx::query(AssertSqlSafe(sql))
             .bind(&key.0[..])
@@ -293,7 +359,11 @@ impl TransactionalStore for PostgresStore {
             .fetch_optional(&mut **tx)
             .await
             .map_err(|e| StoreError::backend("postgres: complete in transaction", e))?;
-        if row.is_some() {
+        if let Some(row) = row {
+            use sqlx::Row;
+            let id: i64 = row.try_get("pid").unwrap_or(0);
+            let xid: Option<i64> = row.try_get("xid").ok();
+            tx.1 = (id > 0).then_some(Session { id, xid });
             return Ok(());
         }
         // Under REPEATABLE READ or SERIALIZABLE the statement reads the transaction's
@@ -316,10 +386,25 @@ impl TransactionalStore for PostgresStore {
         Err(StoreError::Fenced)
     }
 
+    /// `COMMIT`. If the runtime gives up on it (its future is dropped before the answer),
+    /// the transaction's backend is terminated from another connection — only while it still
+    /// runs this transaction — so the database rolls it back unless the commit had landed.
     async fn commit(&self, tx: PgTx) -> Result<(), StoreError> {
-        tx.0.commit()
-            .await
-            .map_err(|e| StoreError::backend("postgres: commit", e))
+        let store = self.clone();
+        commit_or_end(tx.0, tx.1, "postgres: commit", move |s| async move {
+            let end = sqlx::query(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+                  WHERE pid::int8 = $1 AND backend_xid::text::int8 = $2",
+            )
+            .bind(s.id)
+            .bind(s.xid.unwrap_or(-1))
+            .execute(store.priority_pool());
+            let r = tokio::time::timeout(store.operation_timeout(), end).await;
+            if !matches!(r, Ok(Ok(_))) {
+                tracing::warn!(target: "idem", session = s.id, "postgres: could not end the session of an abandoned commit");
+            }
+        })
+        .await
     }
 }
 
@@ -336,10 +421,9 @@ impl TransactionalStore for MySqlStore {
 
     /// `BEGIN` on a connection of the store's pool (the server's isolation level).
     async fn begin(&self) -> Result<MySqlTx, StoreError> {
-        self.pool()
-            .begin()
+        begin_on(self.pool())
             .await
-            .map(MySqlTx)
+            .map(MySqlTx::from)
             .map_err(|e| StoreError::backend("mysql: begin", e))
     }
 
@@ -373,6 +457,17 @@ impl TransactionalStore for MySqlStore {
             .map_err(|e| StoreError::backend("mysql: complete in transaction", e))?;
         // sqlx counts rows matched (CLIENT_FOUND_ROWS).
         if done.rows_affected() > 0 {
+            // The session, for a commit that is given up on (see `commit`).
+            // (Unprepared: one round trip, where a prepared statement's first use on a
+            // connection costs two.)
+            let row = sqlx::raw_sql("SELECT CONNECTION_ID()")
+                .fetch_optional(&mut **tx)
+                .await
+                .map_err(|e| StoreError::backend("mysql: complete in transaction", e))?;
+            tx.1 = row
+                .and_then(|row| sqlx::Row::try_get::<u64, _>(&row, 0).ok())
+                .and_then(|id| i64::try_from(id).ok())
+                .map(|id| Session { id, xid: None });
             return Ok(());
         }
         // Already completed under this token (by an earlier statement of this transaction)?
@@ -392,10 +487,23 @@ impl TransactionalStore for MySqlStore {
         }
     }
 
+    /// `COMMIT`. If the runtime gives up on it (its future is dropped before the answer),
+    /// the transaction's connection is killed (`KILL CONNECTION`) from another one, so the
+    /// server rolls it back unless the commit had landed. (Should the commit land in the
+    /// few milliseconds before the kill, and its connection serve another operation
+    /// meanwhile, that operation sees a cut connection, which every operation survives.)
     async fn commit(&self, tx: MySqlTx) -> Result<(), StoreError> {
-        tx.0.commit()
-            .await
-            .map_err(|e| StoreError::backend("mysql: commit", e))
+        let store = self.clone();
+        commit_or_end(tx.0, tx.1, "mysql: commit", move |s| async move {
+            // An integer of ours: nothing from outside reaches this statement.
+            let kill = format!("KILL CONNECTION {}", s.id);
+            let end = sqlx::raw_sql(AssertSqlSafe(kill)).execute(store.priority_pool());
+            let r = tokio::time::timeout(store.operation_timeout(), end).await;
+            if !matches!(r, Ok(Ok(_))) {
+                tracing::warn!(target: "idem", session = s.id, "mysql: could not end the session of an abandoned commit");
+            }
+        })
+        .await
     }
 }
 
@@ -418,7 +526,7 @@ impl TransactionalStore for SqliteStore {
         self.pool()
             .begin_with("BEGIN IMMEDIATE")
             .await
-            .map(SqliteTx)
+            .map(SqliteTx::from)
             .map_err(|e| StoreError::backend("sqlite: begin", e))
     }
 

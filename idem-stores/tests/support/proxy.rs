@@ -17,6 +17,9 @@
 //!   retransmission would.
 //! - [`Proxy::set_down`]: the store is down: open connections are cut and new ones are closed
 //!   at once; `set_down(false)` brings it back.
+//! - [`Proxy::stall_request_to`]: the next request that contains one of the given byte
+//!   strings (a `COMMIT`, say) is held for a while before it reaches the server, and so is
+//!   everything its connection sends after it; other connections flow.
 
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
@@ -60,6 +63,9 @@ struct State {
     lose: Option<(Vec<Vec<u8>>, u32)>,
     /// Connections with an id below this are cut on their next server bytes.
     cut_below: u64,
+    /// Armed by `stall_request_to`: byte strings, how long to hold the request, and how many
+    /// more requests to hold.
+    stall: Option<(Vec<Vec<u8>>, Duration, u32)>,
 }
 
 /// One proxied connection.
@@ -135,6 +141,17 @@ impl Proxy {
     /// [`lose_reply_to`](Self::lose_reply_to) for whatever request comes next.
     pub fn lose_next_reply(&self) {
         self.lose_reply_to(Vec::new());
+    }
+
+    /// Arms a stall: the next request containing any of `patterns` reaches the server `d`
+    /// late (on top of any latency), and so does what its connection sends after it.
+    pub fn stall_request_to(&self, patterns: Vec<Vec<u8>>, d: Duration) {
+        self.state().stall = Some((patterns, d, 1));
+    }
+
+    /// Whether an armed stall is still waiting for its request.
+    pub fn stall_armed(&self) -> bool {
+        self.state().stall.is_some()
     }
 
     /// Whether an armed lost reply is still waiting for its request (or for more of them).
@@ -286,6 +303,8 @@ async fn pump(
     let reader = async move {
         let mut buf = vec![0u8; 64 * 1024];
         let mut tail: Vec<u8> = Vec::new();
+        // Once a request of this connection is stalled, what follows it waits behind it.
+        let mut held_until: Option<Instant> = None;
         loop {
             let n = match from.read(&mut buf).await {
                 Ok(0) | Err(_) => return,
@@ -296,6 +315,16 @@ async fn pump(
             let mut s = shared.state.lock().unwrap();
             match dir {
                 Dir::Up => {
+                    let latency = s.latency;
+                    if let Some((patterns, d, left)) = &mut s.stall {
+                        if patterns.iter().any(|p| contains(&bytes, p)) {
+                            held_until = Some(Instant::now() + latency + *d);
+                            *left -= 1;
+                            if *left == 0 {
+                                s.stall = None;
+                            }
+                        }
+                    }
                     if let Some((patterns, left)) = &mut s.lose {
                         let mut hay = std::mem::take(&mut tail);
                         hay.extend_from_slice(&bytes);
@@ -323,7 +352,10 @@ async fn pump(
                     }
                 }
             }
-            let at = Instant::now() + s.latency;
+            let mut at = Instant::now() + s.latency;
+            if let Some(held) = held_until {
+                at = at.max(held);
+            }
             drop(s);
             if tx.send(Chunk { at, bytes, dooms }).is_err() {
                 return;

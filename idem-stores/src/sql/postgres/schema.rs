@@ -166,9 +166,15 @@ impl Statements {
             )
             .into(),
             // $1 key, $2 token, $3 lease ms, $4 grace ms.
+            // A renewal commits without waiting for the WAL flush (`synchronous_commit`
+            // off for its own transaction only): it needs no durability — a server that
+            // crashes loses at most renewals that the holder, which cannot reach the store
+            // meanwhile anyway, sends again every lease/3 — and an fsync queued behind a busy
+            // disk would otherwise delay the renewal past a short lease.
             renew: format!(
                 "UPDATE {t} SET lease_until = now() + $3::float8 {ms},
                                 expires_at = now() + ($3 + $4)::float8 {ms}
+                  FROM (SELECT set_config('synchronous_commit', 'off', true)) AS async_commit
                   WHERE key = $1 AND token = $2 AND state = 'in_progress'
                 RETURNING 1"
             )

@@ -1,0 +1,203 @@
+//! Failures do not multiply under latency: transactional calls through a proxy that adds
+//! [`LATENCY`] each way — a round trip just above the sizing rule's `lease/4` for a
+//! [`LEASE`] lease — with 1, 2, 4 and 8 tasks per process, then again with the latency gone.
+//!
+//! An operation the runtime gives up on stops using its connection (a claim is bounded by its
+//! lease, a connection abandoned mid-statement is closed rather than left busy in the pool),
+//! and a claim sent again waits for the earlier one of its token; so more tasks mean more
+//! calls that finish, not a pool that fills with abandoned work. Checked: the successes per
+//! second with 8 tasks are at least those with 1 (degrading gradually, not collapsing), every
+//! call succeeds as soon as the latency drops, and no key runs twice. The success-rate curve
+//! is printed (`--nocapture`). About 25 s per store; runs when `IDEM_TEST_POSTGRES_URL` (and
+//! for MariaDB `IDEM_TEST_MYSQL_URL`) is set.
+#![cfg(any(feature = "postgres", feature = "mysql"))]
+#![allow(clippy::unwrap_used, clippy::expect_used, dead_code)]
+
+#[path = "support/proxy.rs"]
+mod proxy;
+#[path = "support/sql_common.rs"]
+mod sql_common;
+#[path = "support/tx_common.rs"]
+mod tx_common;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use idem_core::testkit::transactional::{TxHarness, TxOf};
+use idem_core::{Call, Error, TransactionalStore};
+
+const LEASE: Duration = Duration::from_millis(600);
+/// Each way: a round trip of 2 × 80 ms, just above `lease/4` = 150 ms.
+const LATENCY: Duration = Duration::from_millis(80);
+const PHASE: Duration = Duration::from_secs(4);
+const RECOVERY: Duration = Duration::from_secs(2);
+
+/// One phase's count.
+#[derive(Clone, Debug, Default)]
+struct Phase {
+    tasks: usize,
+    calls: u64,
+    ok: u64,
+    store_errors: u64,
+    lease_lost: u64,
+    in_progress: u64,
+    took: Duration,
+    /// The first error seen, for the report.
+    first_error: Option<&'static str>,
+}
+
+impl Phase {
+    fn rate(&self) -> f64 {
+        if self.calls == 0 {
+            0.0
+        } else {
+            self.ok as f64 / self.calls as f64
+        }
+    }
+    fn per_second(&self) -> f64 {
+        self.ok as f64 / self.took.as_secs_f64().max(1e-3)
+    }
+}
+
+/// `tasks` tasks calling fresh keys for `d`.
+async fn phase<H>(h: &Arc<H>, ns: &'static str, run: &str, tasks: usize, d: Duration) -> Phase
+where
+    H: TxHarness + 'static,
+    H::Store: TransactionalStore,
+{
+    let next = Arc::new(AtomicU64::new(0));
+    let started = Instant::now();
+    let until = started + d;
+    let mut handles = Vec::new();
+    for _ in 0..tasks {
+        let (h, next, prefix) = (Arc::clone(h), Arc::clone(&next), format!("{run}-{tasks}"));
+        handles.push(tokio::spawn(async move {
+            let mut p = Phase::default();
+            while Instant::now() < until {
+                let key = format!("{prefix}-{}", next.fetch_add(1, Ordering::Relaxed));
+                let got: Result<String, Error> = Call::new(ns)
+                    .key(&key)
+                    .lease(LEASE)
+                    .run_in_transaction(h.store(), async |tx: &mut TxOf<H>| {
+                        h.insert(tx, &key, "x").await.map_err(Error::Store)?;
+                        Ok::<_, Error>(key.clone())
+                    })
+                    .await;
+                p.calls += 1;
+                if let Err(e) = &got {
+                    if p.first_error.is_none() {
+                        eprintln!("{ns}: {tasks} tasks: {e:?}");
+                        p.first_error = Some("seen");
+                    }
+                }
+                match got {
+                    Ok(_) => p.ok += 1,
+                    Err(Error::LeaseLost) => p.lease_lost += 1,
+                    Err(Error::InProgress { .. }) => p.in_progress += 1,
+                    Err(_) => p.store_errors += 1,
+                }
+            }
+            p
+        }));
+    }
+    let mut total = Phase {
+        tasks,
+        ..Phase::default()
+    };
+    for handle in handles {
+        let p = handle.await.unwrap();
+        total.calls += p.calls;
+        total.ok += p.ok;
+        total.store_errors += p.store_errors;
+        total.lease_lost += p.lease_lost;
+        total.in_progress += p.in_progress;
+    }
+    total.took = started.elapsed();
+    total
+}
+
+/// The curve under latency, then the recovery phase without it.
+async fn curve<H>(h: Arc<H>, proxy: &proxy::Proxy, ns: &'static str) -> (Vec<Phase>, Phase)
+where
+    H: TxHarness + 'static,
+    H::Store: TransactionalStore,
+{
+    let run = format!("lat-{}", std::process::id());
+    proxy.set_latency(LATENCY);
+    let mut phases = Vec::new();
+    for tasks in [1, 2, 4, 8] {
+        phases.push(phase(&h, ns, &run, tasks, PHASE).await);
+    }
+    proxy.set_latency(Duration::ZERO);
+    let recovered = phase(&h, ns, &format!("{run}-after"), 8, RECOVERY).await;
+    eprintln!("{ns}: latency {LATENCY:?} each way, lease {LEASE:?}");
+    eprintln!("| tasks | calls | ok | success | ok/s | store errors | lease lost | in progress |");
+    for p in phases.iter().chain([&recovered]) {
+        eprintln!(
+            "| {} | {} | {} | {:.0}% | {:.1} | {} | {} | {} |",
+            p.tasks,
+            p.calls,
+            p.ok,
+            p.rate() * 100.0,
+            p.per_second(),
+            p.store_errors,
+            p.lease_lost,
+            p.in_progress
+        );
+    }
+    (phases, recovered)
+}
+
+/// The store tests run one at a time (they measure).
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+fn check(phases: &[Phase], recovered: &Phase, rows: &[(String, String)]) {
+    let (one, eight) = (&phases[0], &phases[3]);
+    assert!(
+        eight.per_second() >= one.per_second(),
+        "8 tasks finished fewer calls per second than 1: failures multiplied ({phases:?})"
+    );
+    assert!(recovered.calls > 0);
+    assert_eq!(
+        recovered.ok, recovered.calls,
+        "calls still fail once the latency is gone: {recovered:?}"
+    );
+    let mut per_key: HashMap<&str, u32> = HashMap::new();
+    for (k, _) in rows {
+        *per_key.entry(k.as_str()).or_default() += 1;
+    }
+    let twice: Vec<_> = per_key.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(twice.is_empty(), "keys that ran twice: {twice:?}");
+}
+
+#[cfg(feature = "postgres")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_degrades_gradually_and_recovers() {
+    let Some(url) = idem_core::testkit::env_url("IDEM_TEST_POSTGRES_URL") else {
+        return;
+    };
+    let _serial = SERIAL.lock().await;
+    let proxy = proxy::Proxy::for_url(&url).await;
+    let h = Arc::new(tx_common::pg::PgHarness::new(&proxy.url(&url), "lat", 10).await);
+    let (phases, recovered) = curve(Arc::clone(&h), &proxy, "overload_latency::pg").await;
+    let rows = h.all_rows().await;
+    h.cleanup().await;
+    check(&phases, &recovered, &rows);
+}
+
+#[cfg(feature = "mysql")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mysql_degrades_gradually_and_recovers() {
+    let Some(url) = idem_core::testkit::env_url("IDEM_TEST_MYSQL_URL") else {
+        return;
+    };
+    let _serial = SERIAL.lock().await;
+    let proxy = proxy::Proxy::for_url(&url).await;
+    let h = Arc::new(tx_common::my::MyHarness::new(&proxy.url(&url), "lat", 10).await);
+    let (phases, recovered) = curve(Arc::clone(&h), &proxy, "overload_latency::mysql").await;
+    let rows = h.all_rows().await;
+    h.cleanup().await;
+    check(&phases, &recovered, &rows);
+}
