@@ -61,7 +61,8 @@ const SHARDS: usize = 64;
 ///
 /// ```
 /// # async fn demo() {
-/// use idem_core::{testkit, Store, StoreError};
+/// use idem_core::{Store, StoreError};
+/// use idem_testkit as testkit;
 /// let store = idem_stores::MemoryStore::builder().max_in_progress(1).build();
 /// let lease = std::time::Duration::from_secs(30);
 /// store.claim(&testkit::claim_request(testkit::fresh_key(), lease).0).await.unwrap();

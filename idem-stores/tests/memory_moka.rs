@@ -13,7 +13,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Barrier};
 use std::time::Duration;
 
-use idem_core::{testkit, Call, Claim, ClaimRequest, Error, FencingToken, Key, RecordState, Store};
+use idem_core::{Call, Claim, ClaimRequest, Error, FencingToken, Key, RecordState, Store};
+use idem_testkit as testkit;
 use idem_stores::MemoryStore;
 
 const LEASE: Duration = Duration::from_secs(60);

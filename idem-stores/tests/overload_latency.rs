@@ -25,7 +25,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use idem_core::testkit::transactional::{TxHarness, TxOf};
+use idem_testkit::transactional::{TxHarness, TxOf};
 use idem_core::{Call, Error, TransactionalStore};
 
 const LEASE: Duration = Duration::from_millis(600);
@@ -175,7 +175,7 @@ fn check(phases: &[Phase], recovered: &Phase, rows: &[(String, String)]) {
 #[cfg(feature = "postgres")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_degrades_gradually_and_recovers() {
-    let Some(url) = idem_core::testkit::env_url("IDEM_TEST_POSTGRES_URL") else {
+    let Some(url) = idem_testkit::env_url("IDEM_TEST_POSTGRES_URL") else {
         return;
     };
     let _serial = SERIAL.lock().await;
@@ -190,7 +190,7 @@ async fn postgres_degrades_gradually_and_recovers() {
 #[cfg(feature = "mysql")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mysql_degrades_gradually_and_recovers() {
-    let Some(url) = idem_core::testkit::env_url("IDEM_TEST_MYSQL_URL") else {
+    let Some(url) = idem_testkit::env_url("IDEM_TEST_MYSQL_URL") else {
         return;
     };
     let _serial = SERIAL.lock().await;

@@ -341,7 +341,7 @@ static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 #[cfg(feature = "postgres")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_renewals_get_through_a_saturated_pool() {
-    let Some(url) = idem_core::testkit::env_url("IDEM_TEST_POSTGRES_URL") else {
+    let Some(url) = idem_testkit::env_url("IDEM_TEST_POSTGRES_URL") else {
         return;
     };
     let _serial = SERIAL.lock().await;
@@ -355,7 +355,7 @@ async fn postgres_renewals_get_through_a_saturated_pool() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "control run: the same load without the reserved lane (a measurement, not a check)"]
 async fn postgres_without_lane() {
-    let Some(url) = idem_core::testkit::env_url("IDEM_TEST_POSTGRES_URL") else {
+    let Some(url) = idem_testkit::env_url("IDEM_TEST_POSTGRES_URL") else {
         return;
     };
     let _serial = SERIAL.lock().await;
@@ -367,7 +367,7 @@ async fn postgres_without_lane() {
 #[cfg(feature = "mysql")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mysql_renewals_get_through_a_saturated_pool() {
-    let Some(url) = idem_core::testkit::env_url("IDEM_TEST_MYSQL_URL") else {
+    let Some(url) = idem_testkit::env_url("IDEM_TEST_MYSQL_URL") else {
         return;
     };
     let _serial = SERIAL.lock().await;
@@ -381,7 +381,7 @@ async fn mysql_renewals_get_through_a_saturated_pool() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "control run: the same load without the reserved lane (a measurement, not a check)"]
 async fn mysql_without_lane() {
-    let Some(url) = idem_core::testkit::env_url("IDEM_TEST_MYSQL_URL") else {
+    let Some(url) = idem_testkit::env_url("IDEM_TEST_MYSQL_URL") else {
         return;
     };
     let _serial = SERIAL.lock().await;

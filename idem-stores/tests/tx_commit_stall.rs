@@ -22,7 +22,7 @@ mod tx_common;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use idem_core::testkit::transactional::{TxHarness, TxOf};
+use idem_testkit::transactional::{TxHarness, TxOf};
 use idem_core::{Call, Error, TransactionalStore};
 
 const LEASE: Duration = Duration::from_secs(1);
@@ -166,7 +166,7 @@ fn check_common(seen: &Seen) {
 #[cfg(feature = "postgres")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_stalled_commit_is_bounded_by_the_lease() {
-    let Some(url) = idem_core::testkit::env_url("IDEM_TEST_POSTGRES_URL") else {
+    let Some(url) = idem_testkit::env_url("IDEM_TEST_POSTGRES_URL") else {
         return;
     };
     let proxy = Arc::new(proxy::Proxy::for_url(&url).await);
@@ -193,7 +193,7 @@ async fn postgres_stalled_commit_is_bounded_by_the_lease() {
 #[cfg(feature = "mysql")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mysql_stalled_commit_is_bounded_by_the_lease() {
-    let Some(url) = idem_core::testkit::env_url("IDEM_TEST_MYSQL_URL") else {
+    let Some(url) = idem_testkit::env_url("IDEM_TEST_MYSQL_URL") else {
         return;
     };
     let proxy = Arc::new(proxy::Proxy::for_url(&url).await);
