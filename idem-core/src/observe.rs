@@ -21,8 +21,8 @@ pub enum Outcome {
     WaitTimeout,
     /// The body ran after taking over a claim whose lease had passed.
     TakenOver,
-    /// The claim was released: the body returned `Err` (with `errors = release`), panicked,
-    /// or the caller's future was dropped.
+    /// The claim was released without a result: the body panicked, the caller's future was
+    /// dropped while the body ran, or (HTTP layer) a response was not stored.
     Released,
     /// The store failed; the body did not run.
     StoreError,
@@ -43,11 +43,15 @@ pub enum Outcome {
     /// The caller's future was dropped before the body started (during the claim or the
     /// wait); a claim that may have applied was released.
     Cancelled,
+    /// The body ran and returned `Err`; with `errors = release` the claim was released so
+    /// that a retry runs again. Counted apart from [`Released`](Outcome::Released) so that
+    /// failing bodies can be alerted on.
+    Failed,
 }
 
 impl Outcome {
     /// All outcomes, in counter order.
-    pub const ALL: [Outcome; 17] = [
+    pub const ALL: [Outcome; 18] = [
         Outcome::Executed,
         Outcome::Replayed,
         Outcome::ReplayedAfterWait,
@@ -65,6 +69,7 @@ impl Outcome {
         Outcome::LeaseLost,
         Outcome::InvalidOption,
         Outcome::Cancelled,
+        Outcome::Failed,
     ];
 
     /// The `outcome` field value, e.g. `"replayed_after_wait"`.
@@ -87,6 +92,7 @@ impl Outcome {
             Outcome::LeaseLost => "lease_lost",
             Outcome::InvalidOption => "invalid_option",
             Outcome::Cancelled => "cancelled",
+            Outcome::Failed => "failed",
         }
     }
 
@@ -181,12 +187,34 @@ pub async fn observe<F: std::future::Future>(fut: F) -> (F::Output, Observed) {
     (out, observed)
 }
 
+#[cfg(feature = "metrics")]
+tokio::task_local! {
+    /// The `store` label of the calls that end inside [`in_store`].
+    static STORE: &'static str;
+}
+
+/// Runs one call's future with its store's name at hand, for the `store` label of
+/// `idem_calls_total`. Without the `metrics` feature, the future itself.
+#[cfg(feature = "metrics")]
+pub(crate) async fn in_store<F: std::future::Future>(store: &'static str, fut: F) -> F::Output {
+    STORE.scope(store, fut).await
+}
+
+#[cfg(not(feature = "metrics"))]
+pub(crate) async fn in_store<F: std::future::Future>(_store: &'static str, fut: F) -> F::Output {
+    fut.await
+}
+
 /// Counts and logs the end of one call.
 pub(crate) fn emit(outcome: Outcome, namespace: &'static str, key: Option<&crate::Key>) {
     COUNTERS[outcome.index()].fetch_add(1, Ordering::Relaxed);
     let _ = OBSERVER.try_with(|o| o.lock().push(CallOutcome { namespace, outcome }));
     #[cfg(feature = "metrics")]
-    crate::telemetry::call(namespace, outcome);
+    crate::telemetry::call(
+        namespace,
+        STORE.try_with(|s| *s).unwrap_or("none"),
+        outcome,
+    );
     // Formatted only if a subscriber takes the event: no allocation on the hot path.
     let key = KeyField(key);
     let outcome = outcome.as_str();
@@ -197,7 +225,8 @@ pub(crate) fn emit(outcome: Outcome, namespace: &'static str, key: Option<&crate
     }
     match outcome {
         "executed" | "replayed" | "replayed_after_wait" | "released" => event!(debug),
-        "in_progress" | "key_reused" | "wait_timeout" | "taken_over" | "missing_key" => {
+        "in_progress" | "key_reused" | "wait_timeout" | "taken_over" | "missing_key"
+        | "failed" => {
             event!(info)
         }
         "lease_lost" => event!(error),
