@@ -71,7 +71,11 @@ fn count(samples: &[Sample], name: &str, labels: &[(&str, &str)]) -> f64 {
     samples
         .iter()
         .filter(|s| s.name == name)
-        .filter(|s| labels.iter().all(|(k, v)| s.labels.get(*k).map(String::as_str) == Some(*v)))
+        .filter(|s| {
+            labels
+                .iter()
+                .all(|(k, v)| s.labels.get(*k).map(String::as_str) == Some(*v))
+        })
         .map(|s| s.value)
         .sum()
 }
@@ -150,7 +154,12 @@ async fn every_outcome() -> Vec<(Outcome, Option<Outcome>)> {
     seen.push((Outcome::Released, Some(Outcome::Released)));
 
     // A record that is not an idem envelope.
-    let garbage = Call::new(NS).key("garbage").identity_for(s).unwrap().unwrap().key;
+    let garbage = Call::new(NS)
+        .key("garbage")
+        .identity_for(s)
+        .unwrap()
+        .unwrap()
+        .key;
     let token = FencingToken::random();
     let claim = |key, token, lease| ClaimRequest {
         key,
@@ -170,10 +179,19 @@ async fn every_outcome() -> Vec<(Outcome, Option<Outcome>)> {
     );
 
     // A claim held by someone else: rejected, waited out, then taken over.
-    let busy = Call::new(NS).key("busy").identity_for(s).unwrap().unwrap().key;
-    s.claim(&claim(busy, FencingToken::random(), Duration::from_millis(300)))
-        .await
-        .unwrap();
+    let busy = Call::new(NS)
+        .key("busy")
+        .identity_for(s)
+        .unwrap()
+        .unwrap()
+        .key;
+    s.claim(&claim(
+        busy,
+        FencingToken::random(),
+        Duration::from_millis(300),
+    ))
+    .await
+    .unwrap();
     expect!(
         Outcome::InProgress,
         Call::new(NS)
@@ -211,14 +229,23 @@ async fn every_outcome() -> Vec<(Outcome, Option<Outcome>)> {
     holder.await.unwrap().unwrap();
 
     // The lease is lost while the body runs.
-    let lost = Call::new(NS).key("lost").identity_for(s).unwrap().unwrap().key;
+    let lost = Call::new(NS)
+        .key("lost")
+        .identity_for(s)
+        .unwrap()
+        .unwrap()
+        .key;
     let thief = {
         let store = store.clone();
         async move {
             tokio::time::sleep(Duration::from_millis(30)).await;
             store.remove(&lost).await.unwrap();
             store
-                .claim(&claim(lost, FencingToken::random(), Duration::from_secs(30)))
+                .claim(&claim(
+                    lost,
+                    FencingToken::random(),
+                    Duration::from_secs(30),
+                ))
                 .await
                 .unwrap();
         }
@@ -285,7 +312,8 @@ async fn the_documented_exporter_shows_every_outcome_with_help_lines_and_finite_
         ("idem_store_operation_duration_seconds", "histogram"),
     ] {
         assert!(
-            text.lines().any(|l| l.starts_with(&format!("# HELP {name} ")) && l.len() > name.len() + 12),
+            text.lines()
+                .any(|l| l.starts_with(&format!("# HELP {name} ")) && l.len() > name.len() + 12),
             "no # HELP line for {name}:\n{text}"
         );
         assert!(
@@ -302,18 +330,29 @@ async fn the_documented_exporter_shows_every_outcome_with_help_lines_and_finite_
             "idem_calls_total",
             &[("namespace", NS), ("outcome", outcome.as_str())],
         );
-        assert!(n >= 1.0, "no idem_calls_total{{outcome=\"{}\"}}:\n{text}", outcome.as_str());
+        assert!(
+            n >= 1.0,
+            "no idem_calls_total{{outcome=\"{}\"}}:\n{text}",
+            outcome.as_str()
+        );
     }
     // Every call ends in exactly one outcome: the calls above, plus the slow holder.
     let total = count(&all, "idem_calls_total", &[("namespace", NS)]);
-    assert_eq!(total, (seen.len() + 1) as f64, "calls counted twice or not at all:\n{text}");
+    assert_eq!(
+        total,
+        (seen.len() + 1) as f64,
+        "calls counted twice or not at all:\n{text}"
+    );
     for outcome in ["replayed", "failed", "released", "key_reused", "too_large"] {
         let n = count(
             &all,
             "idem_calls_total",
             &[("namespace", NS), ("store", "memory"), ("outcome", outcome)],
         );
-        assert_eq!(n, 1.0, "idem_calls_total{{store=\"memory\",outcome=\"{outcome}\"}}:\n{text}");
+        assert_eq!(
+            n, 1.0,
+            "idem_calls_total{{store=\"memory\",outcome=\"{outcome}\"}}:\n{text}"
+        );
     }
     assert!(
         all.iter()
@@ -366,7 +405,10 @@ async fn store_label(store: &dyn Store, name: &str) {
     let ns = "tests::metrics_prometheus::stores";
     let key = format!("metrics-{}", FencingToken::random().0);
     let call = || Call::new(ns).key(key.as_str());
-    call().run(store, async { Ok::<_, Error>(1u8) }).await.unwrap();
+    call()
+        .run(store, async { Ok::<_, Error>(1u8) })
+        .await
+        .unwrap();
     let err_key = format!("{key}-err");
     let failed: Result<u8, Error> = Call::new(ns)
         .key(err_key.as_str())
@@ -432,7 +474,9 @@ async fn mysql_calls_carry_the_store_label() {
 #[cfg(feature = "sqlite")]
 #[tokio::test]
 async fn sqlite_calls_carry_the_store_label() {
-    let store = idem_stores::SqliteStore::connect("sqlite::memory:").await.unwrap();
+    let store = idem_stores::SqliteStore::connect("sqlite::memory:")
+        .await
+        .unwrap();
     store.migrate().await.unwrap();
     store_label(&store, "sqlite").await;
 }

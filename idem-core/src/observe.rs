@@ -210,11 +210,7 @@ pub(crate) fn emit(outcome: Outcome, namespace: &'static str, key: Option<&crate
     COUNTERS[outcome.index()].fetch_add(1, Ordering::Relaxed);
     let _ = OBSERVER.try_with(|o| o.lock().push(CallOutcome { namespace, outcome }));
     #[cfg(feature = "metrics")]
-    crate::telemetry::call(
-        namespace,
-        STORE.try_with(|s| *s).unwrap_or("none"),
-        outcome,
-    );
+    crate::telemetry::call(namespace, STORE.try_with(|s| *s).unwrap_or("none"), outcome);
     // Formatted only if a subscriber takes the event: no allocation on the hot path.
     let key = KeyField(key);
     let outcome = outcome.as_str();
@@ -225,8 +221,7 @@ pub(crate) fn emit(outcome: Outcome, namespace: &'static str, key: Option<&crate
     }
     match outcome {
         "executed" | "replayed" | "replayed_after_wait" | "released" => event!(debug),
-        "in_progress" | "key_reused" | "wait_timeout" | "taken_over" | "missing_key"
-        | "failed" => {
+        "in_progress" | "key_reused" | "wait_timeout" | "taken_over" | "missing_key" | "failed" => {
             event!(info)
         }
         "lease_lost" => event!(error),

@@ -317,8 +317,11 @@ impl<C: Codec> Call<C> {
         E: From<Error>,
         Fut: Future<Output = Result<T, E>>,
     {
-        crate::observe::in_store(store.name(), self.drive::<ReleaseErrors, T, E, Fut>(store, body))
-            .await
+        crate::observe::in_store(
+            store.name(),
+            self.drive::<ReleaseErrors, T, E, Fut>(store, body),
+        )
+        .await
     }
 
     /// Like [`run`](Self::run), but `Err` values are stored and replayed too
@@ -329,8 +332,11 @@ impl<C: Codec> Call<C> {
         E: From<Error> + Serialize + DeserializeOwned,
         Fut: Future<Output = Result<T, E>>,
     {
-        crate::observe::in_store(store.name(), self.drive::<StoreErrors, T, E, Fut>(store, body))
-            .await
+        crate::observe::in_store(
+            store.name(),
+            self.drive::<StoreErrors, T, E, Fut>(store, body),
+        )
+        .await
     }
 
     /// [`run`](Self::run) on the process default store ([`set_default_store`]); without one,

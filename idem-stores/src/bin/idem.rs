@@ -93,9 +93,11 @@ enum Command {
     },
 }
 
-const TARGET_USAGE_INSPECT: &str = "idem inspect --namespace NS (--key KEY | --key-json JSON) [--scope SCOPE | --scope-json JSON]
+const TARGET_USAGE_INSPECT: &str =
+    "idem inspect --namespace NS (--key KEY | --key-json JSON) [--scope SCOPE | --scope-json JSON]
        idem inspect --hashed-key HEX";
-const TARGET_USAGE_FORGET: &str = "idem forget --namespace NS (--key KEY | --key-json JSON) [--scope SCOPE | --scope-json JSON]
+const TARGET_USAGE_FORGET: &str =
+    "idem forget --namespace NS (--key KEY | --key-json JSON) [--scope SCOPE | --scope-json JSON]
        idem forget --hashed-key HEX";
 
 /// Which record: (namespace, scope, key) hashed as the runtime does, or the hashed key.
@@ -379,7 +381,6 @@ async fn open(url: &str, cli: &Cli, timeout: Duration) -> Result<Box<dyn StoreAd
             Box::new(store)
         }
         "postgres" | "postgresql" => {
-            probe_sql::<sqlx::PgConnection>(url, timeout).await?;
             let mut b = PostgresStore::builder()
                 .url(url)
                 .acquire_timeout(timeout)
@@ -388,20 +389,24 @@ async fn open(url: &str, cli: &Cli, timeout: Duration) -> Result<Box<dyn StoreAd
             if let Some(t) = &cli.table {
                 b = b.table(t.clone());
             }
-            Box::new(b.build().map_err(config)?)
+            // Build first: a malformed URL is a configuration error, not an outage.
+            let store = b.build().map_err(config)?;
+            probe_sql::<sqlx::PgConnection>(url, timeout).await?;
+            Box::new(store)
         }
         "mysql" | "mariadb" => {
             let url = url.replacen("mariadb:", "mysql:", 1);
-            probe_sql::<sqlx::MySqlConnection>(&url, timeout).await?;
             let mut b = MySqlStore::builder()
-                .url(url)
+                .url(url.clone())
                 .acquire_timeout(timeout)
                 .operation_timeout(timeout)
                 .max_connections(2);
             if let Some(t) = &cli.table {
                 b = b.table(t.clone());
             }
-            Box::new(b.build().map_err(config)?)
+            let store = b.build().map_err(config)?;
+            probe_sql::<sqlx::MySqlConnection>(&url, timeout).await?;
+            Box::new(store)
         }
         "sqlite" => {
             let path = url
