@@ -408,7 +408,12 @@ where
     }
     match read_limited(Box::pin(body), limit).await {
         Ok(Buffered::Complete(bytes)) => {
-            let stored = StoredResponse::capture(parts.status, &parts.headers, &bytes);
+            let stored = StoredResponse::capture(
+                parts.status,
+                &parts.headers,
+                &bytes,
+                &config.replay_headers,
+            );
             let status = parts.status;
             *live = Some(Response::from_parts(parts, full(bytes)));
             if stored.approximate_size() > store_limit {
