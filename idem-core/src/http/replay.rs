@@ -95,7 +95,10 @@ impl Default for ReplayHeaders {
     fn default() -> Self {
         ReplayHeaders {
             deny: DEFAULT_DENY.iter().map(|s| s.to_string()).collect(),
-            deny_prefixes: DEFAULT_DENY_PREFIXES.iter().map(|s| s.to_string()).collect(),
+            deny_prefixes: DEFAULT_DENY_PREFIXES
+                .iter()
+                .map(|s| s.to_string())
+                .collect(),
             allow: Vec::new(),
         }
     }
