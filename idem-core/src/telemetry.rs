@@ -33,8 +33,16 @@
 //! let handle = recorder.handle();
 //! // In a service: `.install_recorder()?` instead of `.build_recorder()`, once at start-up,
 //! // then `idem_core::telemetry::describe()`, and serve `handle.render()` on /metrics.
-//! metrics::with_local_recorder(&recorder, idem_core::telemetry::describe);
-//! assert!(handle.render().contains("# HELP idem_calls_total"));
+//! let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+//! metrics::with_local_recorder(&recorder, || {
+//!     idem_core::telemetry::describe();
+//!     let store = idem_stores::MemoryStore::new();
+//!     let call = idem_core::Call::new("docs::telemetry").key("k");
+//!     rt.block_on(call.run(&store, async { Ok::<_, idem_core::Error>(1) }))
+//! })?;
+//! let text = handle.render();
+//! assert!(text.contains("# HELP idem_calls_total"));
+//! assert!(text.contains("idem_record_bytes_bucket{namespace=\"docs::telemetry\",le=\"64\"}"));
 //! # Ok(())
 //! # }
 //! ```
