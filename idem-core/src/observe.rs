@@ -207,10 +207,27 @@ pub(crate) async fn in_store<F: std::future::Future>(_store: &'static str, fut: 
 
 /// Counts and logs the end of one call.
 pub(crate) fn emit(outcome: Outcome, namespace: &'static str, key: Option<&crate::Key>) {
+    #[cfg(feature = "metrics")]
+    let store = STORE.try_with(|s| *s).unwrap_or("none");
+    #[cfg(not(feature = "metrics"))]
+    let store = "none";
+    emit_for(store, outcome, namespace, key);
+}
+
+/// [`emit`] for a call that ends outside [`in_store`], on a store known by name (the HTTP
+/// layer's refusals).
+pub(crate) fn emit_for(
+    store: &'static str,
+    outcome: Outcome,
+    namespace: &'static str,
+    key: Option<&crate::Key>,
+) {
     COUNTERS[outcome.index()].fetch_add(1, Ordering::Relaxed);
     let _ = OBSERVER.try_with(|o| o.lock().push(CallOutcome { namespace, outcome }));
     #[cfg(feature = "metrics")]
-    crate::telemetry::call(namespace, STORE.try_with(|s| *s).unwrap_or("none"), outcome);
+    crate::telemetry::call(namespace, store, outcome);
+    #[cfg(not(feature = "metrics"))]
+    let _ = store;
     // Formatted only if a subscriber takes the event: no allocation on the hot path.
     let key = KeyField(key);
     let outcome = outcome.as_str();
