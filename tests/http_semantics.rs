@@ -495,7 +495,7 @@ async fn presets_per_layer_and_per_route() {
     };
     assert!(
         !twice("/stripe/500").await,
-        "stripe: a 500 releases the key"
+        "the default (retry_failures): a 500 releases the key"
     );
     assert!(
         twice("/everything/500").await,
@@ -549,7 +549,11 @@ async fn problem_types_are_configurable_and_400s_link_to_the_docs() {
     app.post("/plain", Some(&k)).body("a").send().await.unwrap();
     let reused = app.post("/plain", Some(&k)).body("b").send().await.unwrap();
     assert_eq!(reused.status(), 422);
-    assert!(!reused.headers().contains_key("link"), "Link on 400s only");
+    // Every problem response links to the docs, not only the 400s.
+    assert_eq!(
+        reused.headers()["link"],
+        "<https://api.example.com/docs/idempotency>; rel=\"describedby\""
+    );
     assert_eq!(
         problem(reused).await["type"],
         "https://api.example.com/problems/key-reused"

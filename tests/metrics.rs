@@ -51,7 +51,7 @@ async fn every_outcome() -> Vec<(Outcome, Option<Outcome>)> {
         call().version(7).run(s, async { Ok::<_, Error>(1u8) })
     );
     expect!(
-        Outcome::Released,
+        Outcome::Failed,
         Call::new(NS)
             .key("err")
             .run(s, async { Err::<u8, _>(Error::MissingKey) })

@@ -118,7 +118,7 @@ fn each_call_emits_exactly_one_outcome_event() {
             "executed",
             "replayed",
             "key_reused",
-            "released",
+            "failed",
             "missing_key"
         ]
     );

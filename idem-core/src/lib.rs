@@ -116,7 +116,7 @@ pub use idem_macros::idempotent;
 pub mod __private {
     /// The one outcome event of a call, for the sibling crates (`idem-http`) that end a call
     /// without running it through [`Call`].
-    pub use crate::observe::emit;
+    pub use crate::observe::{emit, emit_for};
     pub use crate::__idem_site as site;
     pub use crate::namespace::Site;
     pub use crate::options::{MissingKey, OnConflict};

@@ -21,8 +21,8 @@ pub enum Outcome {
     WaitTimeout,
     /// The body ran after taking over a claim whose lease had passed.
     TakenOver,
-    /// The claim was released: the body returned `Err` (with `errors = release`), panicked,
-    /// or the caller's future was dropped.
+    /// The claim was released without a result: the body panicked, the caller's future was
+    /// dropped while the body ran, or (HTTP layer) a response was not stored.
     Released,
     /// The store failed; the body did not run.
     StoreError,
@@ -45,6 +45,10 @@ pub enum Outcome {
     Cancelled,
     /// The process was draining (`idem_core::shutdown`): no claim was taken, nothing ran.
     ShuttingDown,
+    /// The body ran and returned `Err`; with `errors = release` the claim was released so
+    /// that a retry runs again. Counted apart from [`Released`](Outcome::Released) so that
+    /// failing bodies can be alerted on.
+    Failed,
 }
 
 impl Outcome {
@@ -68,6 +72,7 @@ impl Outcome {
         Outcome::InvalidOption,
         Outcome::Cancelled,
         Outcome::ShuttingDown,
+        Outcome::Failed,
     ];
 
     /// The `outcome` field value, e.g. `"replayed_after_wait"`.
@@ -91,6 +96,7 @@ impl Outcome {
             Outcome::InvalidOption => "invalid_option",
             Outcome::Cancelled => "cancelled",
             Outcome::ShuttingDown => "shutting_down",
+            Outcome::Failed => "failed",
         }
     }
 
@@ -185,12 +191,47 @@ pub async fn observe<F: std::future::Future>(fut: F) -> (F::Output, Observed) {
     (out, observed)
 }
 
+#[cfg(feature = "metrics")]
+tokio::task_local! {
+    /// The `store` label of the calls that end inside [`in_store`].
+    static STORE: &'static str;
+}
+
+/// Runs one call's future with its store's name at hand, for the `store` label of
+/// `idem_calls_total`. Without the `metrics` feature, the future itself.
+#[cfg(feature = "metrics")]
+pub(crate) async fn in_store<F: std::future::Future>(store: &'static str, fut: F) -> F::Output {
+    STORE.scope(store, fut).await
+}
+
+#[cfg(not(feature = "metrics"))]
+pub(crate) async fn in_store<F: std::future::Future>(_store: &'static str, fut: F) -> F::Output {
+    fut.await
+}
+
 /// Counts and logs the end of one call.
 pub fn emit(outcome: Outcome, namespace: &'static str, key: Option<&crate::Key>) {
+    #[cfg(feature = "metrics")]
+    let store = STORE.try_with(|s| *s).unwrap_or("none");
+    #[cfg(not(feature = "metrics"))]
+    let store = "none";
+    emit_for(store, outcome, namespace, key);
+}
+
+/// [`emit`] for a call that ends outside [`in_store`], on a store known by name (the HTTP
+/// layer's refusals).
+pub fn emit_for(
+    store: &'static str,
+    outcome: Outcome,
+    namespace: &'static str,
+    key: Option<&crate::Key>,
+) {
     COUNTERS[outcome.index()].fetch_add(1, Ordering::Relaxed);
     let _ = OBSERVER.try_with(|o| o.lock().push(CallOutcome { namespace, outcome }));
     #[cfg(feature = "metrics")]
-    crate::telemetry::call(namespace, outcome);
+    crate::telemetry::call(namespace, store, outcome);
+    #[cfg(not(feature = "metrics"))]
+    let _ = store;
     // Formatted only if a subscriber takes the event: no allocation on the hot path.
     let key = KeyField(key);
     let outcome = outcome.as_str();
@@ -201,7 +242,7 @@ pub fn emit(outcome: Outcome, namespace: &'static str, key: Option<&crate::Key>)
     }
     match outcome {
         "executed" | "replayed" | "replayed_after_wait" | "released" => event!(debug),
-        "in_progress" | "key_reused" | "wait_timeout" | "taken_over" | "missing_key" => {
+        "in_progress" | "key_reused" | "wait_timeout" | "taken_over" | "missing_key" | "failed" => {
             event!(info)
         }
         "lease_lost" => event!(error),

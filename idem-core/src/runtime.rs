@@ -349,7 +349,11 @@ impl<C: Codec> Call<C> {
         E: From<Error>,
         Fut: Future<Output = Result<T, E>>,
     {
-        self.drive::<ReleaseErrors, T, E, Fut>(store, body).await
+        crate::observe::in_store(
+            store.name(),
+            self.drive::<ReleaseErrors, T, E, Fut>(store, body),
+        )
+        .await
     }
 
     /// Like [`run`](Self::run), but `Err` values are stored and replayed too
@@ -360,7 +364,11 @@ impl<C: Codec> Call<C> {
         E: From<Error> + Serialize + DeserializeOwned,
         Fut: Future<Output = Result<T, E>>,
     {
-        self.drive::<StoreErrors, T, E, Fut>(store, body).await
+        crate::observe::in_store(
+            store.name(),
+            self.drive::<StoreErrors, T, E, Fut>(store, body),
+        )
+        .await
     }
 
     /// [`run`](Self::run) on the process default store ([`set_default_store`]); without one,
@@ -500,11 +508,11 @@ impl<C: Codec> Call<C> {
         // Settle: encode, then complete or release, to the end even if the caller goes away.
         let payload = match P::encode(&codec, &result) {
             None => {
-                settle(store, &held, &opts, ns, Settle::Release).await;
+                settle(store, &held, &opts, ns, Settle::Fail).await;
                 return result;
             }
             Some(Err(e)) => {
-                settle(store, &held, &opts, ns, Settle::Release).await;
+                settle(store, &held, &opts, ns, Settle::Discard).await;
                 return Err(fail(Error::Codec(e), ns, Some(&key)));
             }
             Some(Ok(payload)) => payload,
@@ -514,7 +522,7 @@ impl<C: Codec> Call<C> {
             .max_value_size
             .map_or(store.max_value_size(), |l| l.min(store.max_value_size()));
         if envelope.len() > limit {
-            settle(store, &held, &opts, ns, Settle::Release).await;
+            settle(store, &held, &opts, ns, Settle::Discard).await;
             return Err(fail(
                 Error::TooLarge {
                     size: envelope.len(),
@@ -897,6 +905,21 @@ pub(crate) enum Settle {
     Complete(crate::Bytes),
     /// Free the key so that a retry runs again.
     Release,
+    /// Free the key after the body returned `Err`: a release counted as `failed`.
+    Fail,
+    /// Free the key; the caller counts the call with its own outcome (`too_large`, ...).
+    Discard,
+}
+
+impl Settle {
+    /// The outcome a release counts, if it counts one.
+    fn released(&self) -> Option<Outcome> {
+        match self {
+            Settle::Fail => Some(Outcome::Failed),
+            Settle::Release => Some(Outcome::Released),
+            Settle::Discard | Settle::Complete(_) => None,
+        }
+    }
 }
 
 pub(crate) enum Settled {
@@ -958,9 +981,11 @@ async fn settle_once(
     action: &Settle,
 ) -> Settled {
     let envelope = match action {
-        Settle::Release => {
+        Settle::Release | Settle::Fail | Settle::Discard => {
             release(store, &key, token, opts.lease).await;
-            emit(Outcome::Released, ns, Some(&key));
+            if let Some(outcome) = action.released() {
+                emit(outcome, ns, Some(&key));
+            }
             return Settled::Done;
         }
         Settle::Complete(envelope) => envelope,
@@ -1070,9 +1095,11 @@ impl Drop for SettleOnDrop<'_> {
             .zip(tokio::runtime::Handle::try_current().ok());
         let Some((store, rt)) = detached else {
             match action {
-                Settle::Release => {
+                Settle::Release | Settle::Fail | Settle::Discard => {
                     self.store.release_detached(key, token);
-                    emit(Outcome::Released, ns, Some(&key));
+                    if let Some(outcome) = action.released() {
+                        emit(outcome, ns, Some(&key));
+                    }
                 }
                 Settle::Complete(_) => {
                     tracing::error!(target: "idem", %key, "caller dropped during the completion and the store cannot be detached: the result may be lost, the claim lapses with its lease");
@@ -1081,7 +1108,8 @@ impl Drop for SettleOnDrop<'_> {
             }
             return;
         };
-        rt.spawn(async move {
+        let name = store.name();
+        rt.spawn(crate::observe::in_store(name, async move {
             let store = &*store;
             // Renew at once: how much of the lease is left is not known here.
             let since = Instant::now()
@@ -1101,7 +1129,7 @@ impl Drop for SettleOnDrop<'_> {
                 emit(e.outcome(), ns, Some(&key));
             }
             drop(tracked);
-        });
+        }));
     }
 }
 

@@ -4,7 +4,7 @@
 //!
 //! | metric | kind | labels |
 //! |---|---|---|
-//! | `idem_calls_total` | counter | `namespace`, `outcome` |
+//! | `idem_calls_total` | counter | `namespace`, `store`, `outcome` |
 //! | `idem_claim_duration_seconds` | histogram | `namespace` — claim round trips until held or answered, waits excluded |
 //! | `idem_wait_duration_seconds` | histogram | `namespace` — time a duplicate spent waiting |
 //! | `idem_body_duration_seconds` | histogram | `namespace` |
@@ -13,19 +13,38 @@
 //! | `idem_store_evictions_total` | counter | `store`, `cause` (`size`: the store's byte bound, `expired`: its own expiry) — completed records a store dropped; recorded by stores that evict (the memory store, with `idem-stores`' feature `metrics`) |
 //!
 //! Labels never carry a key: cardinality is bounded by the number of namespaces (annotated
-//! functions) and outcomes. `docs/operations.md` has dashboard queries.
+//! functions), stores and outcomes. A body that returned `Err` ends as `outcome="failed"`,
+//! apart from `released` (a panic or a dropped caller). `docs/operations.md` has dashboard
+//! queries and alerts.
+//!
+//! Every metric has a description ([`describe`], so Prometheus output carries `# HELP`
+//! lines). Histograms need buckets fit for their unit: seconds for `*_seconds`
+//! ([`SECONDS_BUCKETS`]) and bytes for `idem_record_bytes` ([`BYTES_BUCKETS`]); one bucket
+//! list for all would put every byte count in `+Inf`. The Prometheus set-up:
 //!
 //! ```
-//! # #[tokio::main(flavor = "current_thread")]
-//! # async fn main() {
-//! use metrics_exporter_prometheus::PrometheusBuilder;
-//! let recorder = PrometheusBuilder::new().build_recorder();
+//! use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
+//! use idem_core::telemetry::{BYTES_BUCKETS, SECONDS_BUCKETS};
+//!
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let recorder = PrometheusBuilder::new()
+//!     .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), SECONDS_BUCKETS)?
+//!     .set_buckets_for_metric(Matcher::Full("idem_record_bytes".into()), BYTES_BUCKETS)?
+//!     .build_recorder();
 //! let handle = recorder.handle();
+//! // In a service: `.install_recorder()?` instead of `.build_recorder()`, once at start-up,
+//! // then `idem_core::telemetry::describe()`, and serve `handle.render()` on /metrics.
+//! let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
 //! metrics::with_local_recorder(&recorder, || {
-//!     // In a service: `PrometheusBuilder::new().install_recorder()` once at start-up,
-//!     // and serve `handle.render()` on /metrics.
-//! });
-//! # let _ = handle.render();
+//!     idem_core::telemetry::describe();
+//!     let store = idem_stores::MemoryStore::new();
+//!     let call = idem_core::Call::new("docs::telemetry").key("k");
+//!     rt.block_on(call.run(&store, async { Ok::<_, idem_core::Error>(1) }))
+//! })?;
+//! let text = handle.render();
+//! assert!(text.contains("# HELP idem_calls_total"));
+//! assert!(text.contains("idem_record_bytes_bucket{namespace=\"docs::telemetry\",le=\"64\"}"));
+//! # Ok(())
 //! # }
 //! ```
 
@@ -33,9 +52,85 @@ use std::time::Duration;
 
 use crate::Outcome;
 
-pub(crate) fn call(namespace: &'static str, outcome: Outcome) {
-    metrics::counter!("idem_calls_total", "namespace" => namespace, "outcome" => outcome.as_str())
-        .increment(1);
+/// Bucket bounds for idem's `*_seconds` histograms: 100 µs to 30 s, covering an in-process
+/// replay, a store round trip, a wait and a slow body.
+pub const SECONDS_BUCKETS: &[f64] = &[
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    5.0, 10.0, 30.0,
+];
+
+/// Bucket bounds for `idem_record_bytes`: 64 B to 4 MiB, by powers of four (every store's
+/// default value limit is 1 MiB).
+pub const BYTES_BUCKETS: &[f64] = &[
+    64.0,
+    256.0,
+    1024.0,
+    4096.0,
+    16384.0,
+    65536.0,
+    262_144.0,
+    1_048_576.0,
+    4_194_304.0,
+];
+
+/// Registers the unit and a description of every idem metric with the installed recorder
+/// (the `# HELP` lines of Prometheus output). Call it once after installing the recorder;
+/// calling it again is harmless. idem also calls it at its first recorded metric, which
+/// covers a recorder installed before the first call.
+///
+/// ```
+/// // After `PrometheusBuilder::new()...install_recorder()?`:
+/// idem_core::telemetry::describe();
+/// ```
+pub fn describe() {
+    use metrics::{describe_counter, describe_histogram, Unit};
+    describe_counter!(
+        "idem_calls_total",
+        Unit::Count,
+        "Idempotent calls by how they ended (outcome): executed, replayed, failed (the body returned Err), released, store_error, ..."
+    );
+    describe_histogram!(
+        "idem_claim_duration_seconds",
+        Unit::Seconds,
+        "Time to claim a key: store round trips until the key is held or answered, waits excluded."
+    );
+    describe_histogram!(
+        "idem_wait_duration_seconds",
+        Unit::Seconds,
+        "Time a duplicate call spent waiting for the call in progress."
+    );
+    describe_histogram!(
+        "idem_body_duration_seconds",
+        Unit::Seconds,
+        "Run time of the idempotent function's body."
+    );
+    describe_histogram!(
+        "idem_record_bytes",
+        Unit::Bytes,
+        "Size of the stored result envelope."
+    );
+    describe_histogram!(
+        "idem_store_operation_duration_seconds",
+        Unit::Seconds,
+        "Time of one store round trip, by operation and store."
+    );
+}
+
+/// Describes the metrics once per process, at the first one recorded.
+fn described() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(describe);
+}
+
+pub(crate) fn call(namespace: &'static str, store: &'static str, outcome: Outcome) {
+    described();
+    metrics::counter!(
+        "idem_calls_total",
+        "namespace" => namespace,
+        "store" => store,
+        "outcome" => outcome.as_str()
+    )
+    .increment(1);
 }
 
 pub(crate) fn claim(namespace: &'static str, took: Duration) {
@@ -55,6 +150,7 @@ pub(crate) fn record_size(namespace: &'static str, bytes: usize) {
 }
 
 pub(crate) fn store_op(operation: &'static str, store: &'static str, took: Duration) {
+    described();
     metrics::histogram!(
         "idem_store_operation_duration_seconds",
         "operation" => operation,

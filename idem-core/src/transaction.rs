@@ -76,9 +76,8 @@ impl<C: Codec> Call<C> {
             }
         };
         let span = tracing::debug_span!(target: "idem", "idem.call", namespace = ns, key = %ident.key, transactional = true);
-        self.drive_transaction(store, ident, None, body)
-            .instrument(span)
-            .await
+        let call = self.drive_transaction(store, ident, None, body);
+        crate::observe::in_store(store.name(), call.instrument(span)).await
     }
 
     /// Like [`run_in_transaction`](Self::run_in_transaction), inside a transaction the caller
@@ -109,9 +108,8 @@ impl<C: Codec> Call<C> {
             Prepared::Unprotected => return body(tx).await,
         };
         let span = tracing::debug_span!(target: "idem", "idem.call", namespace = ns, key = %ident.key, transactional = true);
-        self.drive_transaction(store, ident, Some(tx), body)
-            .instrument(span)
-            .await
+        let call = self.drive_transaction(store, ident, Some(tx), body);
+        crate::observe::in_store(store.name(), call.instrument(span)).await
     }
 
     /// Claim, execute in the transaction, complete in it, and commit it unless it is the
@@ -176,7 +174,7 @@ impl<C: Codec> Call<C> {
             None => match bounded(Op("begin", store), opts.lease, store.begin()).await {
                 Ok(tx) => Slot::Own(Some(tx)),
                 Err(e) => {
-                    settle(store, &held, &opts, ns, Settle::Release).await;
+                    settle(store, &held, &opts, ns, Settle::Discard).await;
                     return Err(fail(e.into(), ns, Some(&key)));
                 }
             },
@@ -195,7 +193,7 @@ impl<C: Codec> Call<C> {
             Ok(Ok(Ok(value))) => value,
             Ok(Ok(Err(e))) | Err(e) => {
                 drop(slot);
-                settle(store, &held, &opts, ns, Settle::Release).await;
+                settle(store, &held, &opts, ns, Settle::Fail).await;
                 return Err(e);
             }
             Ok(Err(panic)) => {
@@ -208,7 +206,7 @@ impl<C: Codec> Call<C> {
             Ok(payload) => codec::seal(&tag, &payload),
             Err(e) => {
                 drop(slot);
-                settle(store, &held, &opts, ns, Settle::Release).await;
+                settle(store, &held, &opts, ns, Settle::Discard).await;
                 return Err(fail(Error::Codec(e), ns, Some(&key)));
             }
         };
@@ -217,7 +215,7 @@ impl<C: Codec> Call<C> {
             .map_or(store.max_value_size(), |l| l.min(store.max_value_size()));
         if envelope.len() > limit {
             drop(slot);
-            settle(store, &held, &opts, ns, Settle::Release).await;
+            settle(store, &held, &opts, ns, Settle::Discard).await;
             let e = Error::TooLarge {
                 size: envelope.len(),
                 limit,

@@ -16,6 +16,7 @@ use super::fingerprint::{BodyFingerprint, FingerprintMode};
 use super::key_header::{KeyFormat, DEFAULT_MAX_KEY_LEN};
 use super::policy::StorePolicy;
 use super::problem::ProblemConfig;
+use super::replay::ReplayHeaders;
 use super::service::IdempotencyService;
 use idem_core::{OnConflict, Store};
 
@@ -168,6 +169,7 @@ pub(super) struct Config {
     pub(super) max_key_len: usize,
     pub(super) retry_after: Duration,
     pub(super) problems: ProblemConfig,
+    pub(super) replay_headers: ReplayHeaders,
 }
 
 impl IdempotencyLayer<ScopeUnset> {
@@ -199,6 +201,7 @@ impl IdempotencyLayer<ScopeUnset> {
                 max_key_len: DEFAULT_MAX_KEY_LEN,
                 retry_after: DEFAULT_RETRY_AFTER,
                 problems: ProblemConfig::default(),
+                replay_headers: ReplayHeaders::default(),
             }),
             state: PhantomData,
         }
@@ -412,8 +415,10 @@ impl<State> IdempotencyLayer<State> {
         self
     }
 
-    /// Which responses are stored and which release the key: [`StorePolicy::stripe`] (the
-    /// default), [`StorePolicy::everything`], [`StorePolicy::by_status`] or your own. For
+    /// Which responses are stored and which release the key:
+    /// [`StorePolicy::retry_failures`] (the default: failed work runs again on a retry),
+    /// [`StorePolicy::stripe`] (Stripe's API v1: every response once the handler started,
+    /// 500s included), [`StorePolicy::by_status`] or your own. For
     /// another policy on one route, install a clone of the layer with another policy on
     /// that route.
     pub fn policy(mut self, policy: StorePolicy) -> Self {
@@ -457,12 +462,20 @@ impl<State> IdempotencyLayer<State> {
         self
     }
 
-    /// A page documenting the `Idempotency-Key` header: every 400 of the layer links to it
-    /// with `Link: <url>; rel="describedby"`. A URL that is not a valid header value is
-    /// ignored.
+    /// A page documenting the `Idempotency-Key` header: every problem response of the layer
+    /// (400, 401, 409, 413, 422, 500, 503) links to it with `Link: <url>; rel="describedby"`.
+    /// A URL that is not a valid header value is ignored.
     pub fn problem_docs(mut self, url: &str) -> Self {
         self.config_mut().problems.docs =
             HeaderValue::from_str(&format!("<{url}>; rel=\"describedby\"")).ok();
+        self
+    }
+
+    /// Which response headers are stored and replayed: by default all but `set-cookie`,
+    /// rate-limit headers and request ids, which belong to one response
+    /// ([`ReplayHeaders`] lists them, and takes an allow and a deny list).
+    pub fn replay_headers(mut self, headers: ReplayHeaders) -> Self {
+        self.config_mut().replay_headers = headers;
         self
     }
 }

@@ -122,5 +122,5 @@ pub use layer::{
 };
 pub use policy::{mark_started, Execution, StorePolicy};
 pub use problem::{Problem, DEFAULT_PROBLEM_BASE, PROBLEM_JSON};
-pub use replay::IDEMPOTENT_REPLAYED;
+pub use replay::{ReplayHeaders, IDEMPOTENT_REPLAYED};
 pub use service::IdempotencyService;

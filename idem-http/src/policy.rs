@@ -82,16 +82,22 @@ pub(crate) fn handler_started(
 /// Decides whether a response is stored (and replayed to every retry with the same key) or
 /// releases the key (the next retry runs the handler again).
 ///
-/// The default, [`StorePolicy::stripe`], stores a response only once the handler started
-/// executing the request, as Stripe does: a request refused by routing (404, 405) or by an
-/// extractor (a malformed body's 400/415/422) is not saved, and the client may retry it with
-/// the same key. Of the responses of a started handler it stores 2xx, 3xx and 4xx except
-/// 408, 409 and 429, and releases those three, every 5xx and 1xx.
+/// Every preset stores a response only once the handler started executing the request, as
+/// Stripe does: a request refused by routing (404, 405) or by an extractor (a malformed
+/// body's 400/415/422) is not saved, and the client may retry it with the same key. They
+/// differ in what they do with a started handler's failures:
+///
+/// - [`retry_failures`](Self::retry_failures), the default ("retry failed work", as Stripe's
+///   API v2 does): 2xx, 3xx and 4xx are stored except 408, 409 and 429; those three, every
+///   5xx and 1xx release the key, so that a retry with the same key runs the handler again.
+/// - [`stripe`](Self::stripe) (Stripe's API v1): once execution started, the response is
+///   stored whatever it is, 500s included; a retry gets the same 500 and never runs the
+///   handler twice.
 ///
 /// | preset | rejections (handler not started) | 2xx–4xx | 408, 409, 429 | 5xx |
 /// |---|---|---|---|---|
-/// | [`stripe`](Self::stripe) (default) | released | stored | released | released |
-/// | [`everything`](Self::everything) | released | stored | stored | stored |
+/// | [`retry_failures`](Self::retry_failures) (default) | released | stored | released | released |
+/// | [`stripe`](Self::stripe), [`everything`](Self::everything) | released | stored | stored | stored |
 /// | [`by_status`](Self::by_status) (before 0.2) | stored | stored | released | released |
 ///
 /// ```
@@ -116,18 +122,52 @@ pub struct StorePolicy {
 }
 
 impl StorePolicy {
-    /// The default: responses of a started handler, 2xx–4xx except 408, 409, 429.
-    pub fn stripe() -> Self {
+    /// The default, "retry failed work" (Stripe's API v2): a started handler's 2xx–4xx
+    /// responses are stored except 408, 409 and 429; those, 5xx and 1xx release the key, so
+    /// that a retry with the same key runs the handler again.
+    ///
+    /// ```
+    /// use http::StatusCode;
+    /// use idem_http::StorePolicy;
+    ///
+    /// let p = StorePolicy::retry_failures();
+    /// assert!(p.stores(StatusCode::CREATED) && p.stores(StatusCode::BAD_REQUEST));
+    /// assert!(!p.stores(StatusCode::INTERNAL_SERVER_ERROR));
+    /// assert!(!p.stores(StatusCode::TOO_MANY_REQUESTS));
+    /// ```
+    pub fn retry_failures() -> Self {
         StorePolicy {
             decide: Arc::new(default_stores),
+            store_rejections: false,
+            name: "retry_failures",
+        }
+    }
+
+    /// As Stripe's API v1 documents it: once the handler started executing the request, its
+    /// response is stored whatever its status, 500s included, and every retry with the key
+    /// gets it back; the handler never runs twice. A request refused before it started
+    /// (routing, an extractor's rejection) releases the key. The same rule as
+    /// [`everything`](Self::everything).
+    ///
+    /// ```
+    /// use http::StatusCode;
+    /// use idem_http::StorePolicy;
+    ///
+    /// let p = StorePolicy::stripe();
+    /// assert!(p.stores(StatusCode::INTERNAL_SERVER_ERROR));
+    /// assert!(p.stores(StatusCode::CREATED));
+    /// ```
+    pub fn stripe() -> Self {
+        StorePolicy {
+            decide: Arc::new(|_| true),
             store_rejections: false,
             name: "stripe",
         }
     }
 
     /// Every response of a started handler, 5xx included: a retry never runs the handler
-    /// twice, even after it failed (Stripe's own choice for its 500s). Rejections still release
-    /// the key.
+    /// twice, even after it failed (what [`stripe`](Self::stripe) does). Rejections still
+    /// release the key.
     pub fn everything() -> Self {
         StorePolicy {
             decide: Arc::new(|_| true),
@@ -182,7 +222,7 @@ impl StorePolicy {
 
 impl Default for StorePolicy {
     fn default() -> Self {
-        StorePolicy::stripe()
+        StorePolicy::retry_failures()
     }
 }
 

@@ -5,8 +5,9 @@
 //! kind of refusal: `urn:idem:problem:<slug>` by default, or `<base><slug>` with
 //! [`problem_type_base`](super::IdempotencyLayer::problem_type_base) (a documentation site
 //! of your own, say `https://api.example.com/problems/`). With
-//! [`problem_docs`](super::IdempotencyLayer::problem_docs) every 400 also carries
-//! `Link: <url>; rel="describedby"`, as the IETF draft recommends.
+//! [`problem_docs`](super::IdempotencyLayer::problem_docs) every problem response (400, 401,
+//! 409, 413, 422, 500, 503) also carries `Link: <url>; rel="describedby"`, as the IETF draft
+//! recommends.
 //!
 //! | status | slug | when |
 //! |---|---|---|
@@ -52,9 +53,8 @@ impl ProblemConfig {
                 problem.kind = Cow::Owned(format!("{base}{slug}"));
             }
         }
-        let status = problem.status;
         let mut resp = problem.into_response();
-        if let (400, Some(docs)) = (status, &self.docs) {
+        if let Some(docs) = &self.docs {
             resp.headers_mut().insert(LINK, docs.clone());
         }
         resp

@@ -5,7 +5,9 @@
 //! Not stored: hop-by-hop headers (`connection`, `keep-alive`, `proxy-connection`,
 //! `proxy-authenticate`, `proxy-authorization`, `te`, `trailer`, `transfer-encoding`,
 //! `upgrade`, and any header the `connection` header names), `date` (a replay is sent now)
-//! and `content-length` (the server computes it again). Trailers are not stored.
+//! and `content-length` (the server computes it again). Trailers are not stored. Nor, by
+//! default, the headers that belong to one response and must not reach another client or a
+//! later request ([`ReplayHeaders`]): `set-cookie`, rate-limit headers and request ids.
 
 use std::fmt;
 
@@ -34,6 +36,118 @@ const NOT_STORED: [&str; 11] = [
     "content-length",
 ];
 
+/// Which of a response's end-to-end headers are stored and replayed. By default every header
+/// except those of one response only:
+///
+/// - `set-cookie` (a session or CSRF cookie must not be handed to a retry, or be replayed
+///   after the session changed);
+/// - rate-limit headers: `ratelimit`, `ratelimit-policy`, `ratelimit-limit`,
+///   `ratelimit-remaining`, `ratelimit-reset`, and every `x-ratelimit-*` and
+///   `x-rate-limit-*`;
+/// - request ids and trace context: `x-request-id`, `request-id`, `x-correlation-id`,
+///   `x-amzn-requestid`, `x-amz-request-id`, `traceparent`, `tracestate`.
+///
+/// [`allow`](Self::allow) keeps a header the defaults leave out; [`deny`](Self::deny) and
+/// [`deny_prefix`](Self::deny_prefix) leave out more. Hop-by-hop headers, `date` and
+/// `content-length` are never stored. Names are case-insensitive.
+///
+/// ```
+/// use idem_http::{IdempotencyLayer, ReplayHeaders};
+///
+/// let headers = ReplayHeaders::default()
+///     .allow("set-cookie") // this API's cookies are part of the result
+///     .deny("x-served-by")
+///     .deny_prefix("x-debug-");
+/// assert!(headers.keeps("Set-Cookie") && headers.keeps("location"));
+/// assert!(!headers.keeps("X-Served-By") && !headers.keeps("x-debug-sql"));
+/// assert!(!headers.keeps("x-ratelimit-remaining"));
+/// # let store: std::sync::Arc<dyn idem_core::Store> = std::sync::Arc::new(idem_stores::MemoryStore::new());
+/// let layer = IdempotencyLayer::new(store).unscoped().replay_headers(headers);
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReplayHeaders {
+    deny: Vec<String>,
+    deny_prefixes: Vec<String>,
+    allow: Vec<String>,
+}
+
+/// Left out of a stored response by default: one response's own headers.
+const DEFAULT_DENY: [&str; 14] = [
+    "set-cookie",
+    "set-cookie2",
+    "ratelimit",
+    "ratelimit-policy",
+    "ratelimit-limit",
+    "ratelimit-remaining",
+    "ratelimit-reset",
+    "x-request-id",
+    "request-id",
+    "x-correlation-id",
+    "x-amzn-requestid",
+    "x-amz-request-id",
+    "traceparent",
+    "tracestate",
+];
+
+const DEFAULT_DENY_PREFIXES: [&str; 2] = ["x-ratelimit-", "x-rate-limit-"];
+
+impl Default for ReplayHeaders {
+    fn default() -> Self {
+        ReplayHeaders {
+            deny: DEFAULT_DENY.iter().map(|s| s.to_string()).collect(),
+            deny_prefixes: DEFAULT_DENY_PREFIXES
+                .iter()
+                .map(|s| s.to_string())
+                .collect(),
+            allow: Vec::new(),
+        }
+    }
+}
+
+impl ReplayHeaders {
+    /// Every end-to-end header stored, none left out (the defaults cleared).
+    pub fn all() -> Self {
+        ReplayHeaders {
+            deny: Vec::new(),
+            deny_prefixes: Vec::new(),
+            allow: Vec::new(),
+        }
+    }
+
+    /// Stores and replays `name` even though a default or a prefix leaves it out.
+    pub fn allow(mut self, name: &str) -> Self {
+        let name = name.to_ascii_lowercase();
+        self.deny.retain(|d| *d != name);
+        self.allow.push(name);
+        self
+    }
+
+    /// Leaves `name` out of stored responses.
+    pub fn deny(mut self, name: &str) -> Self {
+        let name = name.to_ascii_lowercase();
+        self.allow.retain(|a| *a != name);
+        self.deny.push(name);
+        self
+    }
+
+    /// Leaves out every header whose name starts with `prefix` (unless
+    /// [`allow`](Self::allow)ed).
+    pub fn deny_prefix(mut self, prefix: &str) -> Self {
+        self.deny_prefixes.push(prefix.to_ascii_lowercase());
+        self
+    }
+
+    /// Whether a header named `name` is stored and replayed (hop-by-hop headers, `date` and
+    /// `content-length` never are, whatever this says).
+    pub fn keeps(&self, name: &str) -> bool {
+        let name = name.to_ascii_lowercase();
+        if self.allow.contains(&name) {
+            return true;
+        }
+        !self.deny.contains(&name) && !self.deny_prefixes.iter().any(|p| name.starts_with(p))
+    }
+}
+
 /// A response as it is kept in the store.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub(crate) struct StoredResponse {
@@ -43,8 +157,14 @@ pub(crate) struct StoredResponse {
 }
 
 impl StoredResponse {
-    /// The stored form of a response's status, headers and complete body.
-    pub(crate) fn capture(status: StatusCode, headers: &HeaderMap, body: &Bytes) -> Self {
+    /// The stored form of a response's status, the headers `keep` keeps, and its complete
+    /// body.
+    pub(crate) fn capture(
+        status: StatusCode,
+        headers: &HeaderMap,
+        body: &Bytes,
+        keep: &ReplayHeaders,
+    ) -> Self {
         let named_by_connection: Vec<String> = headers
             .get_all(CONNECTION)
             .iter()
@@ -57,7 +177,9 @@ impl StoredResponse {
             .iter()
             .filter(|(name, _)| {
                 let name = name.as_str();
-                !NOT_STORED.contains(&name) && !named_by_connection.iter().any(|n| n == name)
+                !NOT_STORED.contains(&name)
+                    && !named_by_connection.iter().any(|n| n == name)
+                    && keep.keeps(name)
             })
             .map(|(name, value)| (name.as_str().to_string(), Blob(value.as_bytes().to_vec())))
             .collect();
@@ -170,7 +292,12 @@ mod tests {
         h.append("x-secret", HeaderValue::from_static("hop"));
         h.append("transfer-encoding", HeaderValue::from_static("chunked"));
         h.append("content-length", HeaderValue::from_static("2"));
-        let s = StoredResponse::capture(StatusCode::CREATED, &h, &Bytes::from_static(b"{}"));
+        let s = StoredResponse::capture(
+            StatusCode::CREATED,
+            &h,
+            &Bytes::from_static(b"{}"),
+            &ReplayHeaders::all(),
+        );
         let names: Vec<&str> = s.headers.iter().map(|(n, _)| n.as_str()).collect();
         assert_eq!(names, ["set-cookie", "set-cookie", "content-type"]);
 
@@ -184,6 +311,7 @@ mod tests {
             StatusCode::OK,
             &HeaderMap::new(),
             &Bytes::from(vec![0xff; 1000]),
+            &ReplayHeaders::default(),
         );
         let encoded = MsgPack.encode(&high).unwrap();
         assert!(encoded.len() < 1050, "{} bytes", encoded.len());

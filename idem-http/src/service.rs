@@ -20,7 +20,7 @@ use super::layer::{Config, KeySource, ScopeRule};
 use super::policy::{handler_started, tracking_start, Execution};
 use super::problem::Problem;
 use super::replay::StoredResponse;
-use idem_core::__private::emit;
+use idem_core::__private::emit_for;
 use idem_core::{BoxError, Call, Error, Outcome, Store};
 
 /// The service [`IdempotencyLayer`](super::IdempotencyLayer) wraps around a handler.
@@ -93,7 +93,12 @@ where
         };
         if let Some(Err(KeyError::Missing)) = &header_key {
             if !config.required {
-                emit(Outcome::Unprotected, config.namespace, None);
+                emit_for(
+                    config.store.name(),
+                    Outcome::Unprotected,
+                    config.namespace,
+                    None,
+                );
                 return passthrough(self.inner.call(req));
             }
         }
@@ -174,7 +179,7 @@ where
         _ => match custom_key(&config, &parts, &bytes) {
             Ok(key) => key,
             Err(KeyError::Missing) if !config.required => {
-                emit(Outcome::Unprotected, ns, None);
+                emit_for(config.store.name(), Outcome::Unprotected, ns, None);
                 let req = Request::from_parts(parts, B::from(bytes));
                 return Ok(call_inner(inner, req).await?.map(boxed));
             }
@@ -235,7 +240,12 @@ fn custom_key(config: &Config, parts: &Parts, body: &Bytes) -> Result<String, Ke
 
 /// 400 for a missing or unusable key.
 fn refuse_key(config: &Config, e: &KeyError) -> Response<ResponseBody> {
-    emit(Outcome::MissingKey, config.namespace, None);
+    emit_for(
+        config.store.name(),
+        Outcome::MissingKey,
+        config.namespace,
+        None,
+    );
     let problem = match e {
         KeyError::Missing => Problem::missing_key(),
         e => Problem::malformed_key(e),
@@ -408,7 +418,12 @@ where
     }
     match read_limited(Box::pin(body), limit).await {
         Ok(Buffered::Complete(bytes)) => {
-            let stored = StoredResponse::capture(parts.status, &parts.headers, &bytes);
+            let stored = StoredResponse::capture(
+                parts.status,
+                &parts.headers,
+                &bytes,
+                &config.replay_headers,
+            );
             let status = parts.status;
             *live = Some(Response::from_parts(parts, full(bytes)));
             if stored.approximate_size() > store_limit {

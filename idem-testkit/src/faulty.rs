@@ -162,4 +162,8 @@ impl Store for FaultyStore {
     fn process_local(&self) -> bool {
         self.inner.process_local()
     }
+
+    fn name(&self) -> &'static str {
+        self.inner.name()
+    }
 }

@@ -6,6 +6,7 @@
 //! or configuration (unknown scheme, malformed URL, bad table name or prefix, missing SQLite
 //! file); 4 the store is unreachable or failed (connection refused, timeout, missing table).
 
+use std::io::IsTerminal;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -21,16 +22,45 @@ const USAGE: u8 = 2;
 const BAD_CONFIG: u8 = 3;
 const UNAVAILABLE: u8 = 4;
 
+const ABOUT: &str = "Inspect, forget, count and purge the idempotency records that idem keeps \
+in a Redis, PostgreSQL, MySQL/MariaDB or SQLite store.";
+
+const AFTER_HELP: &str = "\
+Exit codes:
+  0  done
+  1  no record for that (namespace, scope, key)
+  2  usage error (missing or conflicting arguments, malformed --key-json or --hashed-key)
+  3  bad URL or configuration (unknown scheme, malformed URL, bad table or prefix, no SQLite file)
+  4  the store is unreachable or failed (connection refused, timeout, table not found)
+
+Examples:
+  idem --url redis://127.0.0.1:6379 inspect --namespace shop::payments::charge --key order-7
+  idem --url redis://127.0.0.1:6379 --prefix app:idem: forget --hashed-key 4f9c...e1
+  idem --url postgres://ops@db/app --table payments_idempotency stats
+  idem --url postgres://ops@db/app purge-expired --batch 5000
+  idem --url mysql://ops@db/app --json inspect --namespace shop::orders::place --key-json 42
+  idem --url sqlite:/var/lib/app/idem.db forget --namespace shop::payments::charge --key order-7
+
+With --json every result and every error (usage errors included) is one JSON object on
+stdout; 64-bit numbers (tokens, sizes, counts, milliseconds) are JSON strings.";
+
 /// Inspect, forget, count and purge the records of an idem store.
 #[derive(Parser, Debug)]
-#[command(name = "idem", version, about, long_about = None)]
+#[command(
+    name = "idem",
+    version,
+    about = ABOUT,
+    long_about = None,
+    after_help = AFTER_HELP,
+    override_usage = "idem --url URL [--table TABLE | --prefix PREFIX] [--json] [--timeout SECS] <COMMAND>"
+)]
 struct Cli {
     /// The store: redis://host:port[/db], postgres://user@host/db, mysql://user@host/db,
     /// sqlite:path (or sqlite://path).
     #[arg(long, env = "IDEM_URL", global = true)]
     url: Option<String>,
     /// The SQL table (default idem_records).
-    #[arg(long, global = true)]
+    #[arg(long, global = true, conflicts_with = "prefix")]
     table: Option<String>,
     /// The Redis key prefix (default `idem:`).
     #[arg(long, global = true)]
@@ -38,8 +68,8 @@ struct Cli {
     /// Print JSON instead of a table.
     #[arg(long, global = true)]
     json: bool,
-    /// Seconds allowed to connect and for each store operation.
-    #[arg(long, default_value_t = 5, global = true)]
+    /// Seconds allowed to connect and for each store operation (at least 1).
+    #[arg(long, default_value_t = 5, global = true, value_parser = clap::value_parser!(u64).range(1..=3600))]
     timeout: u64,
     #[command(subcommand)]
     command: Command,
@@ -48,18 +78,27 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Show one record: state, TTL left, fingerprint, compatibility tag, size.
+    #[command(override_usage = TARGET_USAGE_INSPECT)]
     Inspect(Target),
     /// Remove one record, whatever its state: the next call runs the body again.
+    #[command(override_usage = TARGET_USAGE_FORGET)]
     Forget(Target),
     /// Count the store's records by state.
     Stats,
-    /// Remove expired records (SQL stores; Redis expires its own).
+    /// Remove every expired record, in batches (SQL stores; Redis expires its own).
     PurgeExpired {
-        /// The most records removed.
-        #[arg(long, default_value_t = 1000)]
+        /// Records removed per statement (each batch is one short transaction).
+        #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..))]
         batch: u32,
     },
 }
+
+const TARGET_USAGE_INSPECT: &str =
+    "idem inspect --namespace NS (--key KEY | --key-json JSON) [--scope SCOPE | --scope-json JSON]
+       idem inspect --hashed-key HEX";
+const TARGET_USAGE_FORGET: &str =
+    "idem forget --namespace NS (--key KEY | --key-json JSON) [--scope SCOPE | --scope-json JSON]
+       idem forget --hashed-key HEX";
 
 /// Which record: (namespace, scope, key) hashed as the runtime does, or the hashed key.
 #[derive(Args, Debug)]
@@ -70,7 +109,7 @@ struct Target {
     #[arg(long, required_unless_present = "hashed_key")]
     namespace: Option<String>,
     /// A string key (what `key = order_id` gives when `order_id` is a `String` or `&str`).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "key_json")]
     key: Option<String>,
     /// Any key as JSON, hashed with serde's shape of the JSON value (numbers, strings,
     /// arrays, bools; a JSON object is a map, not a struct: see docs/operations.md).
@@ -102,25 +141,82 @@ impl Failure {
     }
 }
 
-/// A store error with its chain of sources, as an exit code 4.
+/// A store error as an exit code 4: `what` was being done, then what happened, in the
+/// server's or the system's words.
 fn unavailable(what: &str, e: &StoreError) -> Failure {
-    let mut message = format!("{what}: {e}");
-    let mut source = std::error::Error::source(e);
-    while let Some(s) = source {
-        let text = s.to_string();
-        if !message.contains(&text) {
-            message.push_str(&format!(": {text}"));
+    Failure::new(UNAVAILABLE, format!("{what}: {}", cause(e)))
+}
+
+/// What happened, read from the error's chain: a refused connection, a missing table, a
+/// timeout, or the innermost error's own text (never the store's internal operation names).
+fn cause(e: &StoreError) -> String {
+    if let StoreError::Timeout(d) = e {
+        return format!(
+            "no answer within {d:?} (is the server running, and reachable at that address?)"
+        );
+    }
+    let mut innermost: &(dyn std::error::Error + 'static) = e;
+    let mut next: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = next {
+        if let Some(text) = known_cause(err) {
+            return text;
         }
-        source = s.source();
+        innermost = err;
+        next = err.source();
     }
-    if message.contains("timed out") {
-        message.push_str(" (is the server running, and reachable at that address?)");
+    if std::ptr::addr_eq(innermost, e as &dyn std::error::Error) {
+        return e.to_string();
     }
-    Failure::new(UNAVAILABLE, message)
+    innermost.to_string()
+}
+
+const TABLE_NOT_FOUND: &str = "table not found, pass --table or run migrate()";
+
+fn known_cause(err: &(dyn std::error::Error + 'static)) -> Option<String> {
+    if let Some(io) = err.downcast_ref::<std::io::Error>() {
+        return io_cause(io);
+    }
+    if let Some(e) = err.downcast_ref::<sqlx::Error>() {
+        return match e {
+            sqlx::Error::Io(io) => io_cause(io),
+            sqlx::Error::PoolTimedOut => Some(
+                "no connection within the timeout (is the server running, and reachable at \
+                 that address?)"
+                    .into(),
+            ),
+            sqlx::Error::Database(db) => {
+                let code = db.code();
+                let missing = matches!(code.as_deref(), Some("42P01" | "42S02" | "1146"))
+                    || db.message().contains("no such table");
+                missing.then(|| format!("{TABLE_NOT_FOUND} ({})", db.message()))
+            }
+            _ => None,
+        };
+    }
+    if let Some(e) = err.downcast_ref::<redis::RedisError>() {
+        if e.is_connection_refusal() {
+            return Some("connection refused".into());
+        }
+    }
+    None
+}
+
+fn io_cause(io: &std::io::Error) -> Option<String> {
+    match io.kind() {
+        std::io::ErrorKind::ConnectionRefused => Some("connection refused".into()),
+        std::io::ErrorKind::TimedOut => Some(
+            "connection timed out (is the server running, and reachable at that address?)".into(),
+        ),
+        _ => None,
+    }
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let json = std::env::args_os().skip(1).any(|a| a == "--json");
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => return usage_error(e, json),
+    };
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -144,12 +240,36 @@ fn main() -> ExitCode {
     }
 }
 
+/// A command line clap refused (or `--help`, `--version`): clap's text on a terminal, or with
+/// `--json` also one JSON object on stdout.
+fn usage_error(e: clap::Error, json: bool) -> ExitCode {
+    use clap::error::ErrorKind;
+    if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) {
+        let _ = e.print();
+        return ExitCode::SUCCESS;
+    }
+    if json {
+        // clap's message without its "error: " prefix and its usage and help hints.
+        let text = e.render().to_string();
+        let message = text
+            .split("\n\n")
+            .next()
+            .unwrap_or("")
+            .trim_start_matches("error: ")
+            .trim()
+            .to_string();
+        println!("{}", json!({ "error": message, "exit_code": USAGE }));
+    }
+    let _ = e.print();
+    ExitCode::from(USAGE)
+}
+
 async fn run(cli: Cli) -> Result<(), Failure> {
     let url = cli
         .url
         .clone()
         .ok_or_else(|| Failure::new(USAGE, "no store URL: pass --url or set IDEM_URL"))?;
-    let timeout = Duration::from_secs(cli.timeout.max(1));
+    let timeout = Duration::from_secs(cli.timeout);
     // A key that cannot be hashed is a usage error, found before connecting.
     let record = match &cli.command {
         Command::Inspect(target) | Command::Forget(target) => Some(record_key(target)?),
@@ -169,16 +289,60 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             print_stats(&stats, cli.json);
             Ok(())
         }
-        (Command::PurgeExpired { batch }, _) => {
-            let n = store
-                .purge_expired(*batch)
-                .await
-                .map_err(|e| unavailable("purge-expired", &e))?;
-            if cli.json {
-                println!("{}", json!({ "purged": n }));
-            } else {
-                println!("purged {n} expired record(s)");
-            }
+        (Command::PurgeExpired { batch }, _) => purge(&*store, *batch, cli.json).await,
+    }
+}
+
+/// Purges batch after batch until one comes back short: everything that was expired when
+/// the run started is gone. Progress goes to stderr on a terminal.
+async fn purge(store: &dyn StoreAdmin, batch: u32, json: bool) -> Result<(), Failure> {
+    let progress = std::io::stderr().is_terminal();
+    let mut total: u64 = 0;
+    let mut batches: u64 = 0;
+    loop {
+        let n = store.purge_expired(batch).await.map_err(|e| {
+            let f = unavailable("purge-expired", &e);
+            Failure::new(
+                f.code,
+                format!("{} (after {total} record(s) purged)", f.message),
+            )
+        })?;
+        total += n;
+        batches += 1;
+        if progress && n > 0 {
+            eprint!("\rpurged {total} expired record(s) in {batches} batch(es)...");
+        }
+        if n < u64::from(batch) {
+            break;
+        }
+    }
+    if progress && total > 0 {
+        eprintln!();
+    }
+    if json {
+        println!(
+            "{}",
+            json!({ "purged": total.to_string(), "batches": batches.to_string() })
+        );
+    } else {
+        println!("purged {total} expired record(s) in {batches} batch(es)");
+    }
+    Ok(())
+}
+
+/// One direct connection to a SQL server, before the pool: a refused connection or a failed
+/// login is reported at once in the server's words, where a pool would retry until its
+/// timeout and then say only that it timed out.
+async fn probe_sql<C>(url: &str, timeout: Duration) -> Result<(), Failure>
+where
+    C: sqlx::Connection,
+{
+    let what = format!("cannot connect to {}", redact(url));
+    match tokio::time::timeout(timeout, C::connect(url)).await {
+        Err(_) => Err(unavailable(&what, &StoreError::Timeout(timeout))),
+        Ok(Err(e)) => Err(unavailable(&what, &StoreError::backend("connect", e))),
+        Ok(Ok(conn)) => {
+            let _ = conn.close().await;
             Ok(())
         }
     }
@@ -225,19 +389,24 @@ async fn open(url: &str, cli: &Cli, timeout: Duration) -> Result<Box<dyn StoreAd
             if let Some(t) = &cli.table {
                 b = b.table(t.clone());
             }
-            Box::new(b.build().map_err(config)?)
+            // Build first: a malformed URL is a configuration error, not an outage.
+            let store = b.build().map_err(config)?;
+            probe_sql::<sqlx::PgConnection>(url, timeout).await?;
+            Box::new(store)
         }
         "mysql" | "mariadb" => {
             let url = url.replacen("mariadb:", "mysql:", 1);
             let mut b = MySqlStore::builder()
-                .url(url)
+                .url(url.clone())
                 .acquire_timeout(timeout)
                 .operation_timeout(timeout)
                 .max_connections(2);
             if let Some(t) = &cli.table {
                 b = b.table(t.clone());
             }
-            Box::new(b.build().map_err(config)?)
+            let store = b.build().map_err(config)?;
+            probe_sql::<sqlx::MySqlConnection>(&url, timeout).await?;
+            Box::new(store)
         }
         "sqlite" => {
             let path = url
@@ -283,7 +452,7 @@ async fn open(url: &str, cli: &Cli, timeout: Duration) -> Result<Box<dyn StoreAd
     store
         .get(&Key([0; 32]))
         .await
-        .map_err(|e| unavailable(&format!("the store at {} does not answer", redact(url)), &e))?;
+        .map_err(|e| unavailable(&format!("cannot read the store at {}", redact(url)), &e))?;
     Ok(store)
 }
 
@@ -453,20 +622,21 @@ fn runtime_failure(what: &str, e: Error) -> Failure {
 fn print_info(info: &RecordInfo, json: bool) {
     let fingerprint = info.fingerprint.map(|f| f.to_hex());
     if json {
+        // 64-bit numbers as strings: a JSON reader such as jq rounds numbers above 2^53.
         let mut v = json!({
             "key": info.key.to_hex(),
             "fingerprint": fingerprint,
             "tag": info.tag,
-            "size": info.size,
+            "size": info.size.map(|n| n.to_string()),
         });
         match &info.status {
             RecordStatus::InProgress { token } => {
                 v["status"] = json!("in_progress");
-                v["token"] = json!(token.0);
+                v["token"] = json!(token.0.to_string());
             }
             RecordStatus::Completed { expires_in } => {
                 v["status"] = json!("completed");
-                v["expires_in_ms"] = json!(expires_in.map(|d| d.as_millis() as u64));
+                v["expires_in_ms"] = json!(expires_in.map(|d| d.as_millis().to_string()));
             }
             _ => v["status"] = json!("unknown"),
         }
@@ -503,10 +673,10 @@ fn print_stats(stats: &StoreStats, json: bool) {
         println!(
             "{}",
             json!({
-                "in_progress": stats.in_progress,
-                "completed": stats.completed,
-                "expired": stats.expired,
-                "oldest_in_progress_ms": stats.oldest_in_progress.map(|d| d.as_millis() as u64),
+                "in_progress": stats.in_progress.to_string(),
+                "completed": stats.completed.to_string(),
+                "expired": stats.expired.map(|n| n.to_string()),
+                "oldest_in_progress_ms": stats.oldest_in_progress.map(|d| d.as_millis().to_string()),
             })
         );
         return;
