@@ -53,7 +53,7 @@ pub enum Outcome {
 
 impl Outcome {
     /// All outcomes, in counter order.
-    pub const ALL: [Outcome; 18] = [
+    pub const ALL: [Outcome; 19] = [
         Outcome::Executed,
         Outcome::Replayed,
         Outcome::ReplayedAfterWait,

@@ -92,7 +92,7 @@ pub struct OpenApiOptions {
 
 impl Default for OpenApiOptions {
     fn default() -> Self {
-        let defaults = crate::Options::default();
+        let defaults = idem_core::Options::default();
         OpenApiOptions {
             required: true,
             max_key_len: DEFAULT_MAX_KEY_LEN,
