@@ -7,6 +7,8 @@
 #![cfg(feature = "cli")]
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
+#[path = "support/backends.rs"]
+mod backends;
 #[path = "support/sql_common.rs"]
 #[allow(unused)]
 mod sql_common;
@@ -226,7 +228,6 @@ fn dead_port() -> u16 {
     port
 }
 
-#[test]
 fn bad_urls_exit_3() {
     for url in [
         "foo://localhost/x",
@@ -246,7 +247,6 @@ fn bad_urls_exit_3() {
     );
 }
 
-#[test]
 fn usage_errors_exit_2() {
     // No URL; no key; a malformed --key-json; a bad hashed key.
     let out = idem(&["stats"]);
@@ -271,7 +271,6 @@ fn usage_errors_exit_2() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-#[test]
 fn unreachable_servers_exit_4() {
     let port = dead_port();
     for url in [
@@ -291,7 +290,6 @@ fn tempdir(tag: &str) -> std::path::PathBuf {
     dir
 }
 
-#[tokio::test]
 async fn sqlite_end_to_end() {
     let dir = tempdir("sqlite");
     let path = dir.join("idem.db");
@@ -317,7 +315,6 @@ async fn sqlite_end_to_end() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-#[tokio::test]
 async fn redis_end_to_end() {
     let Some(url) = idem_core::testkit::env_url("IDEM_TEST_REDIS_URL") else {
         return;
@@ -332,7 +329,6 @@ async fn redis_end_to_end() {
     story(&store, &base).await;
 }
 
-#[tokio::test]
 async fn postgres_end_to_end() {
     let Some(url) = idem_core::testkit::env_url("IDEM_TEST_POSTGRES_URL") else {
         return;
@@ -353,7 +349,6 @@ async fn postgres_end_to_end() {
         .unwrap();
 }
 
-#[tokio::test]
 async fn mysql_end_to_end() {
     let Some(url) = idem_core::testkit::env_url("IDEM_TEST_MYSQL_URL") else {
         return;
@@ -375,7 +370,6 @@ async fn mysql_end_to_end() {
 }
 
 /// What docs/operations.md promises of `--key-json`: which Rust keys a JSON value finds.
-#[test]
 fn json_keys_hash_like_their_rust_values() {
     use std::collections::{BTreeSet, HashMap};
 
@@ -416,4 +410,17 @@ fn json_keys_hash_like_their_rust_values() {
     assert_ne!(json("\"x\""), key_of('x'));
     // The string "42" is not the number 42.
     assert_ne!(json("\"42\""), key_of(42u32));
+}
+
+fn main() -> std::process::ExitCode {
+    use backends::{MYSQL, POSTGRES, REDIS};
+    idem_core::testkit::harness::run([
+        idem_core::test_cases!([], sync;
+            bad_urls_exit_3, usage_errors_exit_2, unreachable_servers_exit_4,
+            json_keys_hash_like_their_rust_values),
+        idem_core::test_cases!([], current_thread; sqlite_end_to_end),
+        idem_core::test_cases!([REDIS], current_thread; redis_end_to_end),
+        idem_core::test_cases!([POSTGRES], current_thread; postgres_end_to_end),
+        idem_core::test_cases!([MYSQL], current_thread; mysql_end_to_end),
+    ])
 }

@@ -9,3 +9,7 @@ idem_core::conformance_tests!(async {
             .build(),
     ) as Arc<dyn idem_core::Store>)
 });
+
+fn main() -> std::process::ExitCode {
+    idem_core::testkit::harness::run([cases(&[])])
+}

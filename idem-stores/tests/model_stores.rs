@@ -16,6 +16,8 @@
 //! `IDEM_MODEL_SEED=123 cargo test -p idem-stores --features redis --test model_stores redis`.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+#[path = "support/backends.rs"]
+mod backends;
 #[cfg(any(feature = "postgres", feature = "sqlite"))]
 #[path = "support/sql_common.rs"]
 mod sql_common;
@@ -414,7 +416,6 @@ fn real_runtime() -> tokio::runtime::Runtime {
         .expect("runtime")
 }
 
-#[test]
 fn memory() {
     static P: Profile = Profile {
         name: "memory",
@@ -426,7 +427,6 @@ fn memory() {
     check_store(&P, &rt, Arc::new(store));
 }
 
-#[test]
 fn tiered() {
     static P: Profile = Profile {
         name: "tiered",
@@ -440,7 +440,6 @@ fn tiered() {
 }
 
 #[cfg(feature = "redis")]
-#[test]
 fn redis() {
     static P: Profile = Profile {
         name: "redis",
@@ -462,7 +461,6 @@ fn redis() {
 }
 
 #[cfg(feature = "postgres")]
-#[test]
 fn postgres() {
     static P: Profile = Profile {
         name: "postgres",
@@ -500,7 +498,6 @@ fn postgres() {
 }
 
 #[cfg(feature = "mysql")]
-#[test]
 fn mysql() {
     static P: Profile = Profile {
         name: "mysql",
@@ -537,7 +534,6 @@ fn mysql() {
 }
 
 #[cfg(feature = "sqlite")]
-#[test]
 fn sqlite() {
     static P: Profile = Profile {
         name: "sqlite",
@@ -579,8 +575,7 @@ mod found {
 
     /// Seed 3391856293444018084: claim, complete (ttl 200 ms), claim again → the local tier
     /// answers `Completed` with `expires_in: None` (the contract: every store fills it).
-    #[tokio::test]
-    async fn tiered_local_replay_reports_no_expiry() {
+    pub(super) async fn tiered_local_replay_reports_no_expiry() {
         let store = TieredStore::new(MemoryStore::new());
         let key = idem_core::testkit::fresh_key();
         let t = FencingToken::random();
@@ -600,8 +595,7 @@ mod found {
     /// A record that another process completed (learned from the shared store's `Completed`
     /// answer, with its remaining TTL) is cached for the whole `local_ttl`, ignoring
     /// `expires_in`: it is replayed after it expired in the shared store.
-    #[tokio::test]
-    async fn tiered_caches_a_replayed_record_past_its_expiry() {
+    pub(super) async fn tiered_caches_a_replayed_record_past_its_expiry() {
         let shared = MemoryStore::new();
         let tiered = TieredStore::new(shared.clone());
         let key = idem_core::testkit::fresh_key();
@@ -628,8 +622,7 @@ mod found {
     /// A completion whose reply was lost in the shared store, retried with another value:
     /// the shared store keeps the first value (Ok, nothing changes); the local tier used to
     /// cache the retry's value and replay it.
-    #[tokio::test]
-    async fn tiered_completion_retry_caches_the_retried_value() {
+    pub(super) async fn tiered_completion_retry_caches_the_retried_value() {
         let faulty = FaultyStore::new(Arc::new(MemoryStore::new()));
         let tiered = TieredStore::new(faulty.clone());
         let key = idem_core::testkit::fresh_key();
@@ -653,4 +646,24 @@ mod found {
         };
         assert_eq!(&r.value[..], b"first", "the stored value never changes");
     }
+}
+
+fn main() -> std::process::ExitCode {
+    #[allow(unused_mut)]
+    let mut cases = vec![
+        idem_core::test_cases!([], sync; memory, tiered),
+        idem_core::test_cases!([], current_thread;
+            found::tiered_local_replay_reports_no_expiry,
+            found::tiered_caches_a_replayed_record_past_its_expiry,
+            found::tiered_completion_retry_caches_the_retried_value),
+    ];
+    #[cfg(feature = "redis")]
+    cases.push(idem_core::test_cases!([backends::REDIS], sync; redis));
+    #[cfg(feature = "postgres")]
+    cases.push(idem_core::test_cases!([backends::POSTGRES], sync; postgres));
+    #[cfg(feature = "mysql")]
+    cases.push(idem_core::test_cases!([backends::MYSQL], sync; mysql));
+    #[cfg(feature = "sqlite")]
+    cases.push(idem_core::test_cases!([], sync; sqlite));
+    idem_core::testkit::harness::run(cases)
 }

@@ -46,3 +46,7 @@ mod file {
 
     idem_core::conformance_tests!(store());
 }
+
+fn main() -> std::process::ExitCode {
+    idem_core::testkit::harness::run([memory::cases(&[]), file::cases(&[])])
+}

@@ -18,3 +18,7 @@ async fn harness() -> Option<LiteHarness> {
 }
 
 idem_core::transactional_conformance_tests!(harness());
+
+fn main() -> std::process::ExitCode {
+    idem_core::testkit::harness::run([cases(&[])])
+}
