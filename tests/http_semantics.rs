@@ -1081,7 +1081,9 @@ fn main() -> std::process::ExitCode {
             a_broken_connection_is_retried_once_before_503,
             a_streamed_response_passes_through_unbuffered_and_releases_the_key)];
     #[cfg(feature = "redis")]
-    cases.push(idem_core::test_cases!([http_support::REDIS], multi_thread(2);
-        first_request_after_a_redis_restart_succeeds));
+    cases.push(
+        idem_core::test_cases!([http_support::REDIS], multi_thread(2);
+        first_request_after_a_redis_restart_succeeds),
+    );
     idem_core::testkit::harness::run(cases)
 }

@@ -235,11 +235,17 @@ fn main() -> std::process::ExitCode {
     let mut cases = vec![idem_core::test_cases!([], current_thread;
         memory_inspect_forget_stats, tiered_inspect_forget_stats)];
     #[cfg(feature = "redis")]
-    cases.push(idem_core::test_cases!([backends::REDIS], current_thread; redis_inspect_forget_stats));
+    cases.push(
+        idem_core::test_cases!([backends::REDIS], current_thread; redis_inspect_forget_stats),
+    );
     #[cfg(feature = "postgres")]
-    cases.push(idem_core::test_cases!([backends::POSTGRES], current_thread; postgres_inspect_forget_stats));
+    cases.push(
+        idem_core::test_cases!([backends::POSTGRES], current_thread; postgres_inspect_forget_stats),
+    );
     #[cfg(feature = "mysql")]
-    cases.push(idem_core::test_cases!([backends::MYSQL], current_thread; mysql_inspect_forget_stats));
+    cases.push(
+        idem_core::test_cases!([backends::MYSQL], current_thread; mysql_inspect_forget_stats),
+    );
     #[cfg(feature = "sqlite")]
     cases.push(idem_core::test_cases!([], current_thread; sqlite_inspect_forget_stats));
     idem_core::testkit::harness::run(cases)

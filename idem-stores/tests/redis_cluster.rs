@@ -134,6 +134,8 @@ async fn a_dead_master_fails_closed_and_heals() {
 }
 
 fn main() -> std::process::ExitCode {
-    idem_core::testkit::harness::run([idem_core::test_cases!([backends::REDIS_SERVER], multi_thread(2);
-        a_dead_master_fails_closed_and_heals)])
+    idem_core::testkit::harness::run([
+        idem_core::test_cases!([backends::REDIS_SERVER], multi_thread(2);
+        a_dead_master_fails_closed_and_heals),
+    ])
 }

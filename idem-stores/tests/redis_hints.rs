@@ -256,7 +256,9 @@ async fn a_stale_hint_never_changes_an_answer() {
 }
 
 fn main() -> std::process::ExitCode {
-    idem_core::testkit::harness::run([idem_core::test_cases!([backends::REDIS_SERVER], current_thread;
+    idem_core::testkit::harness::run([
+        idem_core::test_cases!([backends::REDIS_SERVER], current_thread;
         a_key_seen_completed_is_replayed_with_a_native_get,
-        a_stale_hint_never_changes_an_answer)])
+        a_stale_hint_never_changes_an_answer),
+    ])
 }

@@ -465,7 +465,8 @@ async fn lapsed_claims() {
 }
 
 fn main() -> std::process::ExitCode {
-    idem_core::testkit::harness::run([idem_core::test_cases!([backends::REDIS_SERVER], multi_thread(2);
+    idem_core::testkit::harness::run([
+        idem_core::test_cases!([backends::REDIS_SERVER], multi_thread(2);
         outage_fails_closed_and_heals,
         waiting_falls_back_to_polling_without_notifications,
         slow_commands_time_out,
@@ -473,5 +474,6 @@ fn main() -> std::process::ExitCode {
         prefixes_isolate_and_keys_expire,
         one_subscriber_connection_per_store,
         constructors_and_connect_errors,
-        lapsed_claims)])
+        lapsed_claims),
+    ])
 }

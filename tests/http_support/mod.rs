@@ -32,11 +32,10 @@ pub const REDIS: idem_core::testkit::harness::Need = idem_core::testkit::harness
 
 /// Without the `postgres` feature, the PostgreSQL variants are reported as ignored.
 #[cfg(not(feature = "postgres"))]
-pub const POSTGRES: idem_core::testkit::harness::Need =
-    idem_core::testkit::harness::Need::disabled(
-        "PostgreSQL",
-        "this build lacks `--features http,postgres`",
-    );
+pub const POSTGRES: idem_core::testkit::harness::Need = idem_core::testkit::harness::Need::disabled(
+    "PostgreSQL",
+    "this build lacks `--features http,postgres`",
+);
 
 pub use app::{AppOptions, Stats};
 

@@ -140,7 +140,9 @@ impl Need {
                 } else {
                     format!("from {var}")
                 };
-                match rt.block_on(async { tokio::time::timeout(PROBE_TIMEOUT, probe(url.clone())).await }) {
+                match rt.block_on(async {
+                    tokio::time::timeout(PROBE_TIMEOUT, probe(url.clone())).await
+                }) {
                     Ok(Ok(())) => Ok(()),
                     Ok(Err(e)) => Err(format!(
                         "{} unavailable at {} ({source}): {e}",
@@ -251,7 +253,11 @@ impl Case {
     }
 
     /// A plain (blocking) test.
-    pub fn new_sync(name: impl Into<String>, needs: &[Need], f: impl FnOnce() + Send + 'static) -> Self {
+    pub fn new_sync(
+        name: impl Into<String>,
+        needs: &[Need],
+        f: impl FnOnce() + Send + 'static,
+    ) -> Self {
         Case {
             name: name.into(),
             needs: needs.to_vec(),
@@ -378,7 +384,10 @@ pub fn run(groups: impl IntoIterator<Item = Vec<Case>>) -> ExitCode {
         .flat_map(|c| c.needs.iter().copied())
         .collect();
     if !needs.is_empty() {
-        let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        let rt = match tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        {
             Ok(rt) => rt,
             Err(e) => {
                 eprintln!("error: cannot build a Tokio runtime to check the test servers: {e}");
@@ -401,7 +410,10 @@ pub fn run(groups: impl IntoIterator<Item = Vec<Case>>) -> ExitCode {
                 .iter()
                 .filter_map(|n| verdicts.get(n.name).and_then(|v| v.clone().err()))
                 .collect();
-            let disabled = case.needs.iter().any(|n| matches!(n.what, What::Disabled(_)));
+            let disabled = case
+                .needs
+                .iter()
+                .any(|n| matches!(n.what, What::Disabled(_)));
             let name = case.name.clone();
             if reasons.is_empty() {
                 return Trial::test(name, case.into_runner());
