@@ -33,7 +33,10 @@ pub const POSTGRES: Need = Need::server("PostgreSQL", "IDEM_TEST_POSTGRES_URL", 
 #[cfg(feature = "mysql")]
 pub const MYSQL: Need = Need::server("MySQL", "IDEM_TEST_MYSQL_URL", |url| {
     Box::pin(async move {
-        idem_stores::MySqlStore::connect(&url)
+        // `MySqlStore::connect` is lazy; the builder's `connect` pings.
+        idem_stores::MySqlStore::builder()
+            .url(url)
+            .connect()
             .await
             .map(drop)
             .map_err(|e| reason(&e))
