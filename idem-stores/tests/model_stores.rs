@@ -119,6 +119,12 @@ const PAUSED: Profile = Profile {
     cases: 32,
 };
 
+#[cfg(any(
+    feature = "redis",
+    feature = "postgres",
+    feature = "mysql",
+    feature = "sqlite"
+))]
 const REAL: Profile = Profile {
     name: "",
     command: "",
@@ -408,6 +414,12 @@ fn paused_runtime() -> tokio::runtime::Runtime {
 }
 
 /// A multi-thread runtime on real time.
+#[cfg(any(
+    feature = "redis",
+    feature = "postgres",
+    feature = "mysql",
+    feature = "sqlite"
+))]
 fn real_runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
