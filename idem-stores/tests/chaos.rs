@@ -891,6 +891,7 @@ async fn chaos_mysql() {
 
 fn main() -> std::process::ExitCode {
     use backends::POSTGRES;
+    #[allow(unused_mut)]
     let mut cases = vec![
         idem_core::testkit::harness::child_cases(
             "IDEM_CHAOS_ROLE",
