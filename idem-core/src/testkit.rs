@@ -5,7 +5,7 @@
 //! [`conformance_tests!`](crate::conformance_tests) macro stamps one test per case, run by
 //! [`harness`], which reports a case whose server is missing as ignored with the reason:
 //!
-//! ```
+//! ```no_run
 //! // tests/conformance.rs of a backend crate, with `harness = false` in its `[[test]]` entry
 //! // (needs tokio with rt-multi-thread + macros)
 //! use std::sync::Arc;
