@@ -38,7 +38,6 @@ async fn store_for(kind: &str) -> Option<Arc<dyn Store>> {
 }
 
 /// In a normal run: nothing. In the child: serve the example until killed.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn child_process_entry_point() {
     let Ok(kind) = std::env::var(CHILD_VAR) else {
         return;
@@ -162,7 +161,6 @@ async fn killed_mid_handler_then_taken_over(kind: &str) {
     assert_eq!(survivor.stats().await.executions, 1);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_killed_mid_handler_then_taken_over() {
     if std::env::var(CHILD_VAR).is_ok() {
         return;
@@ -170,10 +168,22 @@ async fn redis_killed_mid_handler_then_taken_over() {
     killed_mid_handler_then_taken_over("redis").await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_killed_mid_handler_then_taken_over() {
     if std::env::var(CHILD_VAR).is_ok() {
         return;
     }
     killed_mid_handler_then_taken_over("postgres").await;
+}
+
+fn main() -> std::process::ExitCode {
+    use http_support::{POSTGRES, REDIS};
+    idem_testkit::harness::run([
+        idem_testkit::harness::child_cases(
+            CHILD_VAR,
+            idem_testkit::test_cases!([], multi_thread(2); child_process_entry_point),
+        ),
+        idem_testkit::test_cases!([REDIS], multi_thread(2); redis_killed_mid_handler_then_taken_over),
+        idem_testkit::test_cases!([POSTGRES], multi_thread(2);
+            postgres_killed_mid_handler_then_taken_over),
+    ])
 }

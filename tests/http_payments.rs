@@ -513,14 +513,12 @@ async fn duplicates_across_two_instances_run_once(a: Arc<dyn Store>, b: Arc<dyn 
 mod two_instances {
     use super::*;
 
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn memory() {
+    pub(super) async fn memory() {
         let store = http_support::memory_store().unwrap();
         duplicates_across_two_instances_run_once(store.clone(), store).await;
     }
 
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn redis() {
+    pub(super) async fn redis() {
         // Two connections, as two processes would have.
         let Some(a) = http_support::redis_store().await else {
             return;
@@ -531,8 +529,7 @@ mod two_instances {
         duplicates_across_two_instances_run_once(a, b).await;
     }
 
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn postgres() {
+    pub(super) async fn postgres() {
         let Some(a) = http_support::postgres_store().await else {
             return;
         };
@@ -541,4 +538,16 @@ mod two_instances {
         };
         duplicates_across_two_instances_run_once(a, b).await;
     }
+}
+
+fn main() -> std::process::ExitCode {
+    use http_support::{POSTGRES, REDIS};
+    idem_testkit::harness::run([
+        memory::cases(),
+        redis::cases(),
+        postgres::cases(),
+        idem_testkit::test_cases!([], multi_thread(2); two_instances::memory),
+        idem_testkit::test_cases!([REDIS], multi_thread(2); two_instances::redis),
+        idem_testkit::test_cases!([POSTGRES], multi_thread(2); two_instances::postgres),
+    ])
 }

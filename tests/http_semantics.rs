@@ -242,7 +242,6 @@ async fn auth(mut req: Request, next: Next) -> Response {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn layer_outside_the_auth_layer_never_replays_across_tenants() {
     // The mistake of issue 15: the idempotency layer outside authentication, so the principal
     // is not in the extensions yet when the scope function runs.
@@ -304,7 +303,6 @@ async fn layer_outside_the_auth_layer_never_replays_across_tenants() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unscoped_requests_share_a_space_only_when_allowed() {
     let layer = IdempotencyLayer::new(memory())
         .scope(|parts| parts.extensions.get::<Tenant>().map(|t| t.0.clone()))
@@ -332,7 +330,6 @@ async fn unscoped_requests_share_a_space_only_when_allowed() {
 
 // ---- 1. routing responses pass through -------------------------------------------------------
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_example_answers_405_to_a_patch_key_or_not() {
     let server = Server::start(memory(), options(idem_core::OnConflict::Reject)).await;
     let k = fresh_key("patch");
@@ -354,7 +351,6 @@ async fn the_example_answers_405_to_a_patch_key_or_not() {
     assert_eq!(server.stats().await.executions, 0);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn routing_404_and_405_pass_through_untouched_whatever_the_placement() {
     // `Router::layer`: the layer sees the router's own 404 and 405.
     let app = App::start(IdempotencyLayer::new(memory()).unscoped()).await;
@@ -383,7 +379,6 @@ async fn routing_404_and_405_pass_through_untouched_whatever_the_placement() {
 
 // ---- 2. validation failures release the key ---------------------------------------------------
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn extractor_rejections_release_the_key_so_the_fixed_request_runs() {
     // Against the example: a 422 from `Json` (a wrong type), then the corrected body.
     let server = Server::start(memory(), options(idem_core::OnConflict::Reject)).await;
@@ -452,7 +447,6 @@ async fn extractor_rejections_release_the_key_so_the_fixed_request_runs() {
     assert_eq!(app.runs(), 2);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn presets_per_layer_and_per_route() {
     let runs: Runs = Arc::default();
     let store = memory();
@@ -517,7 +511,6 @@ async fn presets_per_layer_and_per_route() {
 
 // ---- 3 and 4. problem documents -------------------------------------------------------------
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn problem_types_are_configurable_and_400s_link_to_the_docs() {
     let layer = IdempotencyLayer::new(memory())
         .unscoped()
@@ -560,7 +553,6 @@ async fn problem_types_are_configurable_and_400s_link_to_the_docs() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_key_reused_422_is_told_apart_from_a_handlers_422() {
     let app = App::start(IdempotencyLayer::new(memory()).unscoped()).await;
     let k = key();
@@ -603,7 +595,6 @@ async fn detail(resp: reqwest::Response) -> String {
     problem(resp).await["detail"].as_str().unwrap().to_owned()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lists_parameters_and_strict_mode_get_precise_messages() {
     let lenient = App::start(IdempotencyLayer::new(memory()).unscoped()).await;
     let list = detail(
@@ -662,7 +653,6 @@ async fn lists_parameters_and_strict_mode_get_precise_messages() {
     assert_eq!(strict.runs(), 1);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_validation_hook_and_custom_key_sources() {
     let uuids = App::start(
         IdempotencyLayer::new(memory())
@@ -777,7 +767,6 @@ async fn same_request(app: &App, a: (&str, &str), b: (&str, &str)) -> bool {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fingerprint_options() {
     const J: &str = "application/json";
     let exact = App::start(
@@ -906,7 +895,6 @@ impl Store for Flaky {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_broken_connection_is_retried_once_before_503() {
     let flaky = Arc::new(Flaky {
         inner: MemoryStore::new(),
@@ -956,7 +944,6 @@ async fn a_broken_connection_is_retried_once_before_503() {
 /// The first request after Redis dropped every connection (a restart, as the store sees it):
 /// a TCP proxy in front of Redis is cut, and the next request still succeeds.
 #[cfg(feature = "redis")]
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn first_request_after_a_redis_restart_succeeds() {
     let Ok(url) = std::env::var("IDEM_TEST_REDIS_URL") else {
         println!("skipped: IDEM_TEST_REDIS_URL is not set");
@@ -1036,7 +1023,6 @@ impl Drop for Proxy {
 
 // ---- 8. streamed and large responses ---------------------------------------------------------------
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_streamed_response_passes_through_unbuffered_and_releases_the_key() {
     let gate = Gate(Arc::new(tokio::sync::Semaphore::new(0)));
     let runs: Runs = Arc::default();
@@ -1078,4 +1064,28 @@ async fn a_streamed_response_passes_through_unbuffered_and_releases_the_key() {
     assert!(is_replayed(&again));
     assert_eq!(again.text().await.unwrap(), "first;second");
     assert_eq!(app.runs(), 1);
+}
+
+fn main() -> std::process::ExitCode {
+    #[allow(unused_mut)]
+    let mut cases = vec![idem_testkit::test_cases!([], multi_thread(2);
+            layer_outside_the_auth_layer_never_replays_across_tenants,
+            unscoped_requests_share_a_space_only_when_allowed,
+            the_example_answers_405_to_a_patch_key_or_not,
+            routing_404_and_405_pass_through_untouched_whatever_the_placement,
+            extractor_rejections_release_the_key_so_the_fixed_request_runs,
+            presets_per_layer_and_per_route,
+            problem_types_are_configurable_and_400s_link_to_the_docs,
+            a_key_reused_422_is_told_apart_from_a_handlers_422,
+            lists_parameters_and_strict_mode_get_precise_messages,
+            a_validation_hook_and_custom_key_sources,
+            fingerprint_options,
+            a_broken_connection_is_retried_once_before_503,
+            a_streamed_response_passes_through_unbuffered_and_releases_the_key)];
+    #[cfg(feature = "redis")]
+    cases.push(
+        idem_testkit::test_cases!([http_support::REDIS], multi_thread(2);
+        first_request_after_a_redis_restart_succeeds),
+    );
+    idem_testkit::harness::run(cases)
 }

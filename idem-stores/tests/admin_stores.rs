@@ -7,6 +7,8 @@
 #![cfg(feature = "memory")]
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
+#[path = "support/backends.rs"]
+mod backends;
 #[path = "support/sql_common.rs"]
 #[allow(unused)]
 mod sql_common;
@@ -146,19 +148,16 @@ async fn scenario(store: &dyn StoreAdmin, expired_known: bool, tiered: bool) {
     store.remove(&key).await.unwrap();
 }
 
-#[tokio::test]
 async fn memory_inspect_forget_stats() {
     scenario(&MemoryStore::new(), true, false).await;
 }
 
-#[tokio::test]
 async fn tiered_inspect_forget_stats() {
     // The tiered store reports its shared store's counts; forget goes through to it.
     scenario(&TieredStore::new(MemoryStore::new()), true, true).await;
 }
 
 #[cfg(feature = "redis")]
-#[tokio::test]
 async fn redis_inspect_forget_stats() {
     let Some(url) = idem_testkit::env_url("IDEM_TEST_REDIS_URL") else {
         return;
@@ -175,7 +174,6 @@ async fn redis_inspect_forget_stats() {
 }
 
 #[cfg(feature = "postgres")]
-#[tokio::test]
 async fn postgres_inspect_forget_stats() {
     let Some(url) = idem_testkit::env_url("IDEM_TEST_POSTGRES_URL") else {
         return;
@@ -196,7 +194,6 @@ async fn postgres_inspect_forget_stats() {
 }
 
 #[cfg(feature = "mysql")]
-#[tokio::test]
 async fn mysql_inspect_forget_stats() {
     let Some(url) = idem_testkit::env_url("IDEM_TEST_MYSQL_URL") else {
         return;
@@ -217,7 +214,6 @@ async fn mysql_inspect_forget_stats() {
 }
 
 #[cfg(feature = "sqlite")]
-#[tokio::test]
 async fn sqlite_inspect_forget_stats() {
     let dir = std::env::temp_dir().join(format!("idem-admin-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
@@ -232,4 +228,25 @@ async fn sqlite_inspect_forget_stats() {
     scenario(&store, true, false).await;
     drop(store);
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+fn main() -> std::process::ExitCode {
+    #[allow(unused_mut)]
+    let mut cases = vec![idem_testkit::test_cases!([], current_thread;
+        memory_inspect_forget_stats, tiered_inspect_forget_stats)];
+    #[cfg(feature = "redis")]
+    cases.push(
+        idem_testkit::test_cases!([backends::REDIS], current_thread; redis_inspect_forget_stats),
+    );
+    #[cfg(feature = "postgres")]
+    cases.push(
+        idem_testkit::test_cases!([backends::POSTGRES], current_thread; postgres_inspect_forget_stats),
+    );
+    #[cfg(feature = "mysql")]
+    cases.push(
+        idem_testkit::test_cases!([backends::MYSQL], current_thread; mysql_inspect_forget_stats),
+    );
+    #[cfg(feature = "sqlite")]
+    cases.push(idem_testkit::test_cases!([], current_thread; sqlite_inspect_forget_stats));
+    idem_testkit::harness::run(cases)
 }

@@ -19,6 +19,8 @@
 #![cfg(feature = "postgres")]
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+#[path = "support/backends.rs"]
+mod backends;
 #[path = "support/sql_common.rs"]
 mod sql_common;
 
@@ -414,7 +416,6 @@ async fn ctx(
 }
 
 /// The worker side: does nothing unless `IDEM_CHAOS_ROLE` is set by the driver.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chaos_worker() {
     if std::env::var_os("IDEM_CHAOS_ROLE").is_none() {
         return;
@@ -875,18 +876,32 @@ async fn chaos(kind: Kind) {
 }
 
 #[cfg(feature = "redis")]
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chaos_redis() {
     chaos(Kind::Redis).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chaos_postgres() {
     chaos(Kind::Postgres).await;
 }
 
 #[cfg(feature = "mysql")]
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chaos_mysql() {
     chaos(Kind::Mysql).await;
+}
+
+fn main() -> std::process::ExitCode {
+    use backends::POSTGRES;
+    #[allow(unused_mut)]
+    let mut cases = vec![
+        idem_testkit::harness::child_cases(
+            "IDEM_CHAOS_ROLE",
+            idem_testkit::test_cases!([], multi_thread(2); chaos_worker),
+        ),
+        idem_testkit::test_cases!([POSTGRES], multi_thread(2); chaos_postgres),
+    ];
+    #[cfg(feature = "redis")]
+    cases.push(idem_testkit::test_cases!([backends::REDIS, POSTGRES], multi_thread(2); chaos_redis));
+    #[cfg(feature = "mysql")]
+    cases.push(idem_testkit::test_cases!([backends::MYSQL, POSTGRES], multi_thread(2); chaos_mysql));
+    idem_testkit::harness::run(cases)
 }

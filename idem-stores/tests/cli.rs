@@ -7,6 +7,8 @@
 #![cfg(feature = "cli")]
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
+#[path = "support/backends.rs"]
+mod backends;
 #[path = "support/sql_common.rs"]
 #[allow(unused)]
 mod sql_common;
@@ -227,7 +229,6 @@ fn dead_port() -> u16 {
     port
 }
 
-#[test]
 fn bad_urls_exit_3() {
     for url in [
         "foo://localhost/x",
@@ -247,7 +248,6 @@ fn bad_urls_exit_3() {
     );
 }
 
-#[test]
 fn usage_errors_exit_2() {
     // No URL; no key; a malformed --key-json; a bad hashed key.
     let out = idem(&["stats"]);
@@ -272,7 +272,6 @@ fn usage_errors_exit_2() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-#[test]
 fn unreachable_servers_exit_4() {
     let port = dead_port();
     for url in [
@@ -292,7 +291,6 @@ fn tempdir(tag: &str) -> std::path::PathBuf {
     dir
 }
 
-#[tokio::test]
 async fn sqlite_end_to_end() {
     let dir = tempdir("sqlite");
     let path = dir.join("idem.db");
@@ -318,7 +316,6 @@ async fn sqlite_end_to_end() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-#[tokio::test]
 async fn redis_end_to_end() {
     let Some(url) = idem_testkit::env_url("IDEM_TEST_REDIS_URL") else {
         return;
@@ -333,7 +330,6 @@ async fn redis_end_to_end() {
     story(&store, &base).await;
 }
 
-#[tokio::test]
 async fn postgres_end_to_end() {
     let Some(url) = idem_testkit::env_url("IDEM_TEST_POSTGRES_URL") else {
         return;
@@ -354,7 +350,6 @@ async fn postgres_end_to_end() {
         .unwrap();
 }
 
-#[tokio::test]
 async fn mysql_end_to_end() {
     let Some(url) = idem_testkit::env_url("IDEM_TEST_MYSQL_URL") else {
         return;
@@ -376,7 +371,6 @@ async fn mysql_end_to_end() {
 }
 
 /// What docs/operations.md promises of `--key-json`: which Rust keys a JSON value finds.
-#[test]
 fn json_keys_hash_like_their_rust_values() {
     use std::collections::{BTreeSet, HashMap};
 
@@ -417,4 +411,17 @@ fn json_keys_hash_like_their_rust_values() {
     assert_ne!(json("\"x\""), key_of('x'));
     // The string "42" is not the number 42.
     assert_ne!(json("\"42\""), key_of(42u32));
+}
+
+fn main() -> std::process::ExitCode {
+    use backends::{MYSQL, POSTGRES, REDIS};
+    idem_testkit::harness::run([
+        idem_testkit::test_cases!([], sync;
+            bad_urls_exit_3, usage_errors_exit_2, unreachable_servers_exit_4,
+            json_keys_hash_like_their_rust_values),
+        idem_testkit::test_cases!([], current_thread; sqlite_end_to_end),
+        idem_testkit::test_cases!([REDIS], current_thread; redis_end_to_end),
+        idem_testkit::test_cases!([POSTGRES], current_thread; postgres_end_to_end),
+        idem_testkit::test_cases!([MYSQL], current_thread; mysql_end_to_end),
+    ])
 }

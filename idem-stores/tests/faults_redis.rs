@@ -3,6 +3,8 @@
 #![cfg(feature = "redis")]
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+#[path = "support/backends.rs"]
+mod backends;
 #[path = "support/fault_scenarios.rs"]
 mod fault_scenarios;
 #[path = "support/proxy.rs"]
@@ -57,3 +59,7 @@ async fn rig() -> Option<Rig> {
 }
 
 fault_scenarios!(rig);
+
+fn main() -> std::process::ExitCode {
+    idem_testkit::harness::run([cases(&[backends::REDIS])])
+}

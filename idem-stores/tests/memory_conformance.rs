@@ -9,3 +9,7 @@ idem_testkit::conformance_tests!(async {
             .build(),
     ) as Arc<dyn idem_core::Store>)
 });
+
+fn main() -> std::process::ExitCode {
+    idem_testkit::harness::run([cases(&[])])
+}

@@ -16,6 +16,8 @@
 //! `IDEM_MODEL_SEED=123 cargo test -p idem-stores --features redis --test model_stores redis`.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+#[path = "support/backends.rs"]
+mod backends;
 #[cfg(any(feature = "postgres", feature = "sqlite"))]
 #[path = "support/sql_common.rs"]
 mod sql_common;
@@ -117,6 +119,12 @@ const PAUSED: Profile = Profile {
     cases: 32,
 };
 
+#[cfg(any(
+    feature = "redis",
+    feature = "postgres",
+    feature = "mysql",
+    feature = "sqlite"
+))]
 const REAL: Profile = Profile {
     name: "",
     command: "",
@@ -406,6 +414,12 @@ fn paused_runtime() -> tokio::runtime::Runtime {
 }
 
 /// A multi-thread runtime on real time.
+#[cfg(any(
+    feature = "redis",
+    feature = "postgres",
+    feature = "mysql",
+    feature = "sqlite"
+))]
 fn real_runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -414,7 +428,6 @@ fn real_runtime() -> tokio::runtime::Runtime {
         .expect("runtime")
 }
 
-#[test]
 fn memory() {
     static P: Profile = Profile {
         name: "memory",
@@ -426,7 +439,6 @@ fn memory() {
     check_store(&P, &rt, Arc::new(store));
 }
 
-#[test]
 fn tiered() {
     static P: Profile = Profile {
         name: "tiered",
@@ -440,7 +452,6 @@ fn tiered() {
 }
 
 #[cfg(feature = "redis")]
-#[test]
 fn redis() {
     static P: Profile = Profile {
         name: "redis",
@@ -462,7 +473,6 @@ fn redis() {
 }
 
 #[cfg(feature = "postgres")]
-#[test]
 fn postgres() {
     static P: Profile = Profile {
         name: "postgres",
@@ -500,7 +510,6 @@ fn postgres() {
 }
 
 #[cfg(feature = "mysql")]
-#[test]
 fn mysql() {
     static P: Profile = Profile {
         name: "mysql",
@@ -537,7 +546,6 @@ fn mysql() {
 }
 
 #[cfg(feature = "sqlite")]
-#[test]
 fn sqlite() {
     static P: Profile = Profile {
         name: "sqlite",
@@ -579,8 +587,7 @@ mod found {
 
     /// Seed 3391856293444018084: claim, complete (ttl 200 ms), claim again → the local tier
     /// answers `Completed` with `expires_in: None` (the contract: every store fills it).
-    #[tokio::test]
-    async fn tiered_local_replay_reports_no_expiry() {
+    pub(super) async fn tiered_local_replay_reports_no_expiry() {
         let store = TieredStore::new(MemoryStore::new());
         let key = idem_testkit::fresh_key();
         let t = FencingToken::random();
@@ -600,8 +607,7 @@ mod found {
     /// A record that another process completed (learned from the shared store's `Completed`
     /// answer, with its remaining TTL) is cached for the whole `local_ttl`, ignoring
     /// `expires_in`: it is replayed after it expired in the shared store.
-    #[tokio::test]
-    async fn tiered_caches_a_replayed_record_past_its_expiry() {
+    pub(super) async fn tiered_caches_a_replayed_record_past_its_expiry() {
         let shared = MemoryStore::new();
         let tiered = TieredStore::new(shared.clone());
         let key = idem_testkit::fresh_key();
@@ -628,8 +634,7 @@ mod found {
     /// A completion whose reply was lost in the shared store, retried with another value:
     /// the shared store keeps the first value (Ok, nothing changes); the local tier used to
     /// cache the retry's value and replay it.
-    #[tokio::test]
-    async fn tiered_completion_retry_caches_the_retried_value() {
+    pub(super) async fn tiered_completion_retry_caches_the_retried_value() {
         let faulty = FaultyStore::new(Arc::new(MemoryStore::new()));
         let tiered = TieredStore::new(faulty.clone());
         let key = idem_testkit::fresh_key();
@@ -653,4 +658,24 @@ mod found {
         };
         assert_eq!(&r.value[..], b"first", "the stored value never changes");
     }
+}
+
+fn main() -> std::process::ExitCode {
+    #[allow(unused_mut)]
+    let mut cases = vec![
+        idem_testkit::test_cases!([], sync; memory, tiered),
+        idem_testkit::test_cases!([], current_thread;
+            found::tiered_local_replay_reports_no_expiry,
+            found::tiered_caches_a_replayed_record_past_its_expiry,
+            found::tiered_completion_retry_caches_the_retried_value),
+    ];
+    #[cfg(feature = "redis")]
+    cases.push(idem_testkit::test_cases!([backends::REDIS], sync; redis));
+    #[cfg(feature = "postgres")]
+    cases.push(idem_testkit::test_cases!([backends::POSTGRES], sync; postgres));
+    #[cfg(feature = "mysql")]
+    cases.push(idem_testkit::test_cases!([backends::MYSQL], sync; mysql));
+    #[cfg(feature = "sqlite")]
+    cases.push(idem_testkit::test_cases!([], sync; sqlite));
+    idem_testkit::harness::run(cases)
 }

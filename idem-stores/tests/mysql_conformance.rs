@@ -6,6 +6,9 @@
 #![cfg(feature = "mysql")]
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+#[path = "support/backends.rs"]
+mod backends;
+
 use std::sync::{Arc, OnceLock};
 
 use idem_core::Store;
@@ -61,3 +64,7 @@ async fn drop_stale_tables(pool: &sqlx::MySqlPool) {
 }
 
 idem_testkit::conformance_tests!(store());
+
+fn main() -> std::process::ExitCode {
+    idem_testkit::harness::run([cases(&[backends::MYSQL])])
+}

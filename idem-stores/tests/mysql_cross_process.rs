@@ -12,6 +12,9 @@
 #![cfg(feature = "mysql")]
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+#[path = "support/backends.rs"]
+mod backends;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -36,7 +39,6 @@ async fn pool(url: &str, max: u32) -> MySqlPool {
         .expect("connect to IDEM_TEST_MYSQL_URL")
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cross_process_exactly_once() {
     if std::env::var_os(ROLE).is_some() {
         return child().await;
@@ -294,7 +296,6 @@ async fn stepper(url: &str, table: &str, effects: &str) -> Stepper {
 /// SIGKILL mid-body. Another process calling the same key waits, takes the claim over once
 /// the lease has passed, runs the body and records its result; the dead process's token can
 /// no longer complete anything.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn crash_takeover_after_sigkill() {
     if std::env::var_os(CRASH_ROLE).is_some() {
         let var = |name: &str| std::env::var(name).unwrap();
@@ -383,4 +384,9 @@ async fn crash_takeover_after_sigkill() {
     );
     assert!(took < Duration::from_secs(5), "takeover took {took:?}");
     println!("SIGKILLed holder taken over after {took:?}");
+}
+
+fn main() -> std::process::ExitCode {
+    idem_testkit::harness::run([idem_testkit::test_cases!([backends::MYSQL], multi_thread(2);
+        cross_process_exactly_once, crash_takeover_after_sigkill)])
 }

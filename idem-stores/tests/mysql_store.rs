@@ -8,6 +8,8 @@
 #![cfg(feature = "mysql")]
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+#[path = "support/backends.rs"]
+mod backends;
 #[path = "support/sql_common.rs"]
 mod sql_common;
 
@@ -111,7 +113,6 @@ fn req(key: Key, lease: Duration) -> ClaimRequest {
 /// The claim learns what it found from `LAST_INSERT_ID(...)` in the OK packet. On one pooled
 /// connection, a conflict (which sets it) followed by a plain insert (which does not) must
 /// still read as an insert: the value is the statement's, not the connection's.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn outcome_codes_do_not_leak_between_statements_on_one_connection() {
     let Some(url) = env_url("IDEM_TEST_MYSQL_URL") else {
         return;
@@ -150,7 +151,6 @@ async fn outcome_codes_do_not_leak_between_statements_on_one_connection() {
 
 /// A completed record past its ttl is claimed afresh (not a takeover); a lapsed claim is a
 /// takeover with a lease remaining reported while it was live.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn expired_record_is_reclaimed_and_lapsed_claim_taken_over() {
     let Some(url) = env_url("IDEM_TEST_MYSQL_URL") else {
         return;
@@ -205,7 +205,6 @@ async fn expired_record_is_reclaimed_and_lapsed_claim_taken_over() {
 
 /// MySQL reports rows *changed*: renewing twice within one millisecond writes the same
 /// deadline. That must not read as a lost claim.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn back_to_back_renewals_are_not_fenced() {
     let Some(url) = env_url("IDEM_TEST_MYSQL_URL") else {
         return;
@@ -232,7 +231,6 @@ async fn back_to_back_renewals_are_not_fenced() {
 
 /// `purge_expired` deletes expired completed records and lapsed claims (past the grace),
 /// `batch` at a time, and leaves every live record alone.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sweep_removes_expired_rows_only_in_batches() {
     let Some(url) = env_url("IDEM_TEST_MYSQL_URL") else {
         return;
@@ -309,7 +307,6 @@ async fn sweep_removes_expired_rows_only_in_batches() {
 
 /// Keys and scopes full of quotes, semicolons, backslashes and NUL bytes are hashed and bound:
 /// each call makes exactly its own row, a sentinel record is untouched, the table survives.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hostile_keys_and_scopes_touch_only_their_own_record() {
     let Some(url) = env_url("IDEM_TEST_MYSQL_URL") else {
         return;
@@ -370,7 +367,6 @@ async fn hostile_keys_and_scopes_touch_only_their_own_record() {
 }
 
 /// Table names are validated; nothing but a plain identifier reaches SQL.
-#[tokio::test]
 async fn hostile_table_names_are_refused() {
     let pool = MySqlPoolOptions::new()
         .connect_lazy("mysql://root@127.0.0.1:1/none")
@@ -399,7 +395,6 @@ async fn hostile_table_names_are_refused() {
 
 /// With the server unreachable (nothing listens on the port), a call fails with
 /// `Error::Store` promptly and its body never runs.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unreachable_server_fails_closed() {
     let port = {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -436,7 +431,6 @@ async fn unreachable_server_fails_closed() {
 
 /// KILL every connection of the store's pool from another session: the same store (no
 /// rebuild) serves the next calls, and no call runs its body twice.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killed_connections_are_replaced() {
     let Some(url) = env_url("IDEM_TEST_MYSQL_URL") else {
         return;
@@ -526,7 +520,6 @@ async fn killed_connections_are_replaced() {
 
 /// The value limit is lowered to fit `max_allowed_packet`, and a value at the lowered limit
 /// still round-trips.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn value_limit_fits_max_allowed_packet() {
     let Some(url) = env_url("IDEM_TEST_MYSQL_URL") else {
         return;
@@ -557,7 +550,6 @@ async fn value_limit_fits_max_allowed_packet() {
 }
 
 /// Several processes start at once: `migrate` is safe to run concurrently and repeatedly.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_migrations_are_idempotent() {
     let Some(url) = env_url("IDEM_TEST_MYSQL_URL") else {
         return;
@@ -588,7 +580,6 @@ async fn concurrent_migrations_are_idempotent() {
 
 /// A claim under a token that already holds the key is that holder's own claim (a run of the
 /// statement whose answer was lost with its connection): it is acquired, not a conflict.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_claim_under_its_own_token_is_acquired() {
     let Some(url) = env_url("IDEM_TEST_MYSQL_URL") else {
         return;
@@ -615,7 +606,6 @@ async fn a_claim_under_its_own_token_is_acquired() {
 /// The connection running a claim is killed while the claim waits for a row lock: the store
 /// runs the statement again on a fresh connection and the caller gets its answer, not an
 /// error.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_claim_whose_connection_is_killed_mid_statement_is_retried() {
     let Some(url) = env_url("IDEM_TEST_MYSQL_URL") else {
         return;
@@ -768,7 +758,6 @@ impl Drop for Proxy {
 /// The server goes away (every pooled connection cut, the port closed): calls fail with
 /// `Error::Store` within the store's bounds and never run their body. When it is back on the
 /// same address the same store serves again, and each key runs exactly once.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn outage_and_recovery_through_a_stopped_proxy() {
     let Some(url) = env_url("IDEM_TEST_MYSQL_URL") else {
         return;
@@ -833,7 +822,6 @@ async fn outage_and_recovery_through_a_stopped_proxy() {
 
 /// Contract v2 at the row level: a retried claim restarts its lease, a retried completion
 /// keeps the first value, foreign releases change nothing, failed renewals keep the lease.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn contract_v2_retries_are_recognised() {
     let Some(url) = env_url("IDEM_TEST_MYSQL_URL") else {
         return;
@@ -843,7 +831,6 @@ async fn contract_v2_retries_are_recognised() {
 }
 
 /// A table that was never migrated: every operation says to call `migrate()`.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_missing_table_says_to_migrate() {
     let Some(url) = env_url("IDEM_TEST_MYSQL_URL") else {
         return;
@@ -857,4 +844,26 @@ async fn a_missing_table_says_to_migrate() {
         .await
         .expect("connect");
     sql_common::contract::missing_table_says_to_migrate(&store, &table).await;
+}
+
+fn main() -> std::process::ExitCode {
+    use backends::MYSQL;
+    idem_testkit::harness::run([
+        idem_testkit::test_cases!([], current_thread; hostile_table_names_are_refused),
+        idem_testkit::test_cases!([], multi_thread(2); unreachable_server_fails_closed),
+        idem_testkit::test_cases!([MYSQL], multi_thread(2);
+            outcome_codes_do_not_leak_between_statements_on_one_connection,
+            expired_record_is_reclaimed_and_lapsed_claim_taken_over,
+            back_to_back_renewals_are_not_fenced,
+            sweep_removes_expired_rows_only_in_batches,
+            hostile_keys_and_scopes_touch_only_their_own_record,
+            killed_connections_are_replaced,
+            value_limit_fits_max_allowed_packet,
+            concurrent_migrations_are_idempotent,
+            a_claim_under_its_own_token_is_acquired,
+            a_claim_whose_connection_is_killed_mid_statement_is_retried,
+            outage_and_recovery_through_a_stopped_proxy,
+            a_missing_table_says_to_migrate),
+        idem_testkit::test_cases!([MYSQL], multi_thread(4); contract_v2_retries_are_recognised),
+    ])
 }

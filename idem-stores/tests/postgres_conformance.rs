@@ -2,6 +2,8 @@
 #![cfg(feature = "postgres")]
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+#[path = "support/backends.rs"]
+mod backends;
 #[path = "support/sql_common.rs"]
 mod sql_common;
 
@@ -55,4 +57,9 @@ mod polling {
     }
 
     idem_testkit::conformance_tests!(store());
+}
+
+fn main() -> std::process::ExitCode {
+    use backends::POSTGRES;
+    idem_testkit::harness::run([cases(&[POSTGRES]), polling::cases(&[POSTGRES])])
 }

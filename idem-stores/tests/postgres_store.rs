@@ -4,6 +4,8 @@
 #![cfg(feature = "postgres")]
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
+#[path = "support/backends.rs"]
+mod backends;
 #[path = "support/sql_common.rs"]
 mod sql_common;
 
@@ -129,7 +131,6 @@ impl Worker {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cross_process_exactly_once() {
     if std::env::var_os(ROLE).is_some() {
         return;
@@ -184,7 +185,6 @@ async fn cross_process_exactly_once() {
 }
 
 /// One of the processes of `cross_process_exactly_once`.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn child_exactly_once() {
     if !role_is("exactly_once") {
         return;
@@ -258,7 +258,6 @@ fn crash_call(ns: &'static str) -> Call {
     Call::new(ns).key("the-order").lease(CRASH_LEASE)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn crash_takeover_after_sigkill() {
     if std::env::var_os(ROLE).is_some() {
         return;
@@ -353,7 +352,6 @@ async fn crash_takeover_after_sigkill() {
 }
 
 /// The process killed by `crash_takeover_after_sigkill`.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn child_crash() {
     if !role_is("crash") {
         return;
@@ -384,7 +382,6 @@ async fn child_crash() {
 // ---------------------------------------------------------------------------------------------
 // Outages.
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unreachable_server_fails_closed() {
     if std::env::var_os(ROLE).is_some() {
         return;
@@ -420,7 +417,6 @@ async fn unreachable_server_fails_closed() {
     assert!(matches!(e, Err(StoreError::Backend { .. })), "{e:?}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn terminated_connections_recover() {
     if std::env::var_os(ROLE).is_some() {
         return;
@@ -578,7 +574,6 @@ async fn snapshot(pool: &PgPool, table: &str) -> HashMap<Vec<u8>, (String, Optio
     .collect()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hostile_keys_touch_only_their_own_record() {
     if std::env::var_os(ROLE).is_some() {
         return;
@@ -638,7 +633,6 @@ async fn hostile_keys_touch_only_their_own_record() {
 
 use idem_testkit::{claim_request as claim_req, completed};
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sweep_removes_expired_rows_only_in_batches() {
     if std::env::var_os(ROLE).is_some() {
         return;
@@ -716,7 +710,6 @@ async fn sweep_removes_expired_rows_only_in_batches() {
     exec(&admin, format!("DROP TABLE \"{table}\"")).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn notifications_wake_waiters_of_another_store() {
     if std::env::var_os(ROLE).is_some() {
         return;
@@ -774,7 +767,6 @@ async fn notifications_wake_waiters_of_another_store() {
     exec(&admin, format!("DROP TABLE \"{table}\"")).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn claims_report_takeovers_and_migrate_is_concurrent_safe() {
     if std::env::var_os(ROLE).is_some() {
         return;
@@ -842,7 +834,6 @@ async fn claims_report_takeovers_and_migrate_is_concurrent_safe() {
 /// Many concurrent claims of a record that has just lapsed (an in-progress lease passed, or a
 /// completed record expired): exactly one takes it, the others see the winner's claim. In READ
 /// COMMITTED the losers' reads may show the old row; the claim must re-run, never misreport.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn racing_takeovers_have_one_winner() {
     if std::env::var_os(ROLE).is_some() {
         return;
@@ -945,7 +936,6 @@ impl Proxy {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn database_outage_and_recovery_through_a_proxy() {
     if std::env::var_os(ROLE).is_some() {
         return;
@@ -1048,7 +1038,6 @@ async fn database_outage_and_recovery_through_a_proxy() {
 
 /// Contract v2 at the row level: a retried claim restarts its lease, a retried completion
 /// keeps the first value, foreign releases change nothing, failed renewals keep the lease.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn contract_v2_retries_are_recognised() {
     let Some(url) = url() else { return };
     let table = sql_common::unique_table("v2");
@@ -1058,7 +1047,6 @@ async fn contract_v2_retries_are_recognised() {
 }
 
 /// A table that was never migrated: every operation says to call `migrate()`.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_missing_table_says_to_migrate() {
     let Some(url) = url() else { return };
     let table = sql_common::unique_table("nomigrate");
@@ -1070,4 +1058,27 @@ async fn a_missing_table_says_to_migrate() {
         .await
         .expect("connect");
     sql_common::contract::missing_table_says_to_migrate(&store, &table).await;
+}
+
+fn main() -> std::process::ExitCode {
+    use backends::POSTGRES;
+    idem_testkit::harness::run([
+        idem_testkit::harness::child_cases(
+            ROLE,
+            idem_testkit::test_cases!([], multi_thread(2); child_exactly_once, child_crash),
+        ),
+        idem_testkit::test_cases!([], multi_thread(2); unreachable_server_fails_closed),
+        idem_testkit::test_cases!([POSTGRES], multi_thread(2);
+            cross_process_exactly_once,
+            crash_takeover_after_sigkill,
+            terminated_connections_recover,
+            hostile_keys_touch_only_their_own_record,
+            sweep_removes_expired_rows_only_in_batches,
+            notifications_wake_waiters_of_another_store,
+            claims_report_takeovers_and_migrate_is_concurrent_safe,
+            racing_takeovers_have_one_winner,
+            database_outage_and_recovery_through_a_proxy,
+            a_missing_table_says_to_migrate),
+        idem_testkit::test_cases!([POSTGRES], multi_thread(4); contract_v2_retries_are_recognised),
+    ])
 }

@@ -4,6 +4,8 @@
 #![cfg(feature = "redis")]
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+#[path = "support/backends.rs"]
+mod backends;
 #[path = "support/redis_server.rs"]
 mod redis_server;
 
@@ -37,7 +39,6 @@ fn slot_of(node: &RedisServer, redis_key: &str) -> u16 {
         .unwrap()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_master_fails_closed_and_heals() {
     if !available() {
         return;
@@ -130,4 +131,11 @@ async fn a_dead_master_fails_closed_and_heals() {
     assert_eq!(call(dead_key.clone()).await.unwrap(), dead_key, "replayed");
     assert_eq!(call(live_key.clone()).await.unwrap(), live_key, "replayed");
     assert_eq!(ran.load(Ordering::SeqCst), 2);
+}
+
+fn main() -> std::process::ExitCode {
+    idem_testkit::harness::run([
+        idem_testkit::test_cases!([backends::REDIS_SERVER], multi_thread(2);
+        a_dead_master_fails_closed_and_heals),
+    ])
 }

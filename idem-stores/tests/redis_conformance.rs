@@ -3,6 +3,8 @@
 #![cfg(feature = "redis")]
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+#[path = "support/backends.rs"]
+mod backends;
 #[path = "support/redis_server.rs"]
 mod redis_server;
 
@@ -50,4 +52,9 @@ mod cluster {
         );
         Some(Arc::new(store) as Arc<dyn Store>)
     });
+}
+
+fn main() -> std::process::ExitCode {
+    use backends::{REDIS, REDIS_SERVER};
+    idem_testkit::harness::run([single::cases(&[REDIS]), cluster::cases(&[REDIS_SERVER])])
 }

@@ -4,6 +4,9 @@
 #![cfg(feature = "redis")]
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+#[path = "support/backends.rs"]
+mod backends;
+
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -109,7 +112,6 @@ async fn vandalize(raw: &mut redis::aio::ConnectionManager, key: &str, how: Vand
 
 /// A completed record overwritten in each way: the next call is `Error::Codec`, the body does
 /// not run, and the foreign data is left as it was.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn garbage_records_are_codec_errors() {
     let Some((store, mut raw)) = setup().await else {
         return;
@@ -199,7 +201,6 @@ async fn garbage_records_are_codec_errors() {
 }
 
 /// A claim over a wrong-type key is `StoreError::Corrupt` at the trait level.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn claim_over_foreign_key_is_corrupt() {
     let Some((store, mut raw)) = setup().await else {
         return;
@@ -217,4 +218,9 @@ async fn claim_over_foreign_key_is_corrupt() {
         other => panic!("expected Corrupt, got {other:?}"),
     }
     store.remove(&key).await.unwrap();
+}
+
+fn main() -> std::process::ExitCode {
+    idem_testkit::harness::run([idem_testkit::test_cases!([backends::REDIS], multi_thread(2);
+        garbage_records_are_codec_errors, claim_over_foreign_key_is_corrupt)])
 }

@@ -6,6 +6,8 @@
 #![cfg(feature = "redis")]
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+#[path = "support/backends.rs"]
+mod backends;
 #[path = "support/redis_server.rs"]
 mod redis_server;
 
@@ -83,7 +85,6 @@ impl Counted {
 /// A replay of a key this store completed, or replayed before, is one `GET`: no `SET`, no
 /// script. With the hints off it is the claim's `SET … NX PX … GET`, as for a store that has
 /// never seen the key.
-#[tokio::test]
 async fn a_key_seen_completed_is_replayed_with_a_native_get() {
     if !available() {
         return;
@@ -132,7 +133,6 @@ async fn a_key_seen_completed_is_replayed_with_a_native_get() {
 /// Stale hints: the record expired, another process removed it, another process holds a new
 /// claim on it, or someone wrote foreign data over it. Each time the call does what it would
 /// have done without the hint.
-#[tokio::test]
 async fn a_stale_hint_never_changes_an_answer() {
     if !available() {
         return;
@@ -253,4 +253,12 @@ async fn a_stale_hint_never_changes_an_answer() {
         6,
         "no body ran for the stale hints but the ones said"
     );
+}
+
+fn main() -> std::process::ExitCode {
+    idem_testkit::harness::run([
+        idem_testkit::test_cases!([backends::REDIS_SERVER], current_thread;
+        a_key_seen_completed_is_replayed_with_a_native_get,
+        a_stale_hint_never_changes_an_answer),
+    ])
 }

@@ -4,6 +4,8 @@
 #![cfg(feature = "redis")]
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+#[path = "support/backends.rs"]
+mod backends;
 #[path = "support/redis_server.rs"]
 mod redis_server;
 
@@ -36,7 +38,6 @@ fn claim_req(lease: Duration) -> ClaimRequest {
 
 /// Calls fail with `Error::Store` and do not run the body while the server is down; once it
 /// is back on the same port the same store object works again, notifications included.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn outage_fails_closed_and_heals() {
     if !available() {
         return;
@@ -138,7 +139,6 @@ async fn outage_fails_closed_and_heals() {
 
 /// Without notifications (here: a server on which SUBSCRIBE is disabled) waiters fall back to
 /// bounded polling: they still see a completion promptly, and still respect their timeout.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn waiting_falls_back_to_polling_without_notifications() {
     if !available() {
         return;
@@ -186,7 +186,6 @@ async fn waiting_falls_back_to_polling_without_notifications() {
 }
 
 /// A command that does not finish within the command timeout is `StoreError::Timeout`.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_commands_time_out() {
     if !available() {
         return;
@@ -229,7 +228,6 @@ async fn slow_commands_time_out() {
 
 /// After `SCRIPT FLUSH` the scripts are loaded again transparently (EVALSHA → NOSCRIPT →
 /// SCRIPT LOAD → EVALSHA).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn scripts_reload_after_flush() {
     if !available() {
         return;
@@ -255,7 +253,6 @@ async fn scripts_reload_after_flush() {
 
 /// Stores with different prefixes on one server never see each other's records, and records
 /// expire through Redis's own PEXPIRE (nothing is left behind).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn prefixes_isolate_and_keys_expire() {
     if !available() {
         return;
@@ -312,7 +309,6 @@ async fn prefixes_isolate_and_keys_expire() {
 
 /// However many callers wait, a store holds one subscriber connection (plus its command
 /// connection), and each waiter is woken by its own key's completion.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_subscriber_connection_per_store() {
     if !available() {
         return;
@@ -382,7 +378,6 @@ async fn one_subscriber_connection_per_store() {
 
 /// Every way of connecting works, and a bad URL or an unreachable server is an error, not a
 /// panic or a hang.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn constructors_and_connect_errors() {
     if !available() {
         return;
@@ -424,7 +419,6 @@ async fn constructors_and_connect_errors() {
 
 /// A claim whose lease passed reads as absent and does not hold waiters; until someone takes
 /// it over, its holder may still complete it; a later claim reports the takeover.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lapsed_claims() {
     if !available() {
         return;
@@ -468,4 +462,18 @@ async fn lapsed_claims() {
             .await,
         Err(StoreError::Fenced)
     ));
+}
+
+fn main() -> std::process::ExitCode {
+    idem_testkit::harness::run([
+        idem_testkit::test_cases!([backends::REDIS_SERVER], multi_thread(2);
+        outage_fails_closed_and_heals,
+        waiting_falls_back_to_polling_without_notifications,
+        slow_commands_time_out,
+        scripts_reload_after_flush,
+        prefixes_isolate_and_keys_expire,
+        one_subscriber_connection_per_store,
+        constructors_and_connect_errors,
+        lapsed_claims),
+    ])
 }

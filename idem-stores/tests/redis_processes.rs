@@ -11,6 +11,8 @@
 #![cfg(feature = "redis")]
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+#[path = "support/backends.rs"]
+mod backends;
 #[path = "support/redis_server.rs"]
 mod redis_server;
 
@@ -209,7 +211,6 @@ where
 }
 
 /// The child side: does nothing unless `IDEM_REDIS_CHILD` is set by a parent test.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn child_entry() {
     let Ok(role) = std::env::var("IDEM_REDIS_CHILD") else {
         return;
@@ -356,7 +357,6 @@ where
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cross_process_exactly_once() {
     let Some(url) = idem_testkit::env_url("IDEM_TEST_REDIS_URL") else {
         return;
@@ -365,7 +365,6 @@ async fn cross_process_exactly_once() {
 }
 
 /// The same against a three-master Redis Cluster started for this test.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cross_process_exactly_once_on_a_cluster() {
     if !redis_server::available() {
         return;
@@ -376,7 +375,6 @@ async fn cross_process_exactly_once_on_a_cluster() {
     exactly_once_across_processes(&urls[0], Some(urls.join(",")), counters).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn crash_takeover() {
     let Some(url) = idem_testkit::env_url("IDEM_TEST_REDIS_URL") else {
         return;
@@ -448,4 +446,16 @@ async fn crash_takeover() {
     assert_eq!(n, 2);
     let _: () = counters.del(&[&runs, &marker]).await.unwrap();
     println!("took over {waited:?} after SIGKILL (lease 500 ms)");
+}
+
+fn main() -> std::process::ExitCode {
+    use backends::{REDIS, REDIS_SERVER};
+    idem_testkit::harness::run([
+        idem_testkit::harness::child_cases(
+            "IDEM_REDIS_CHILD",
+            idem_testkit::test_cases!([], multi_thread(4); child_entry),
+        ),
+        idem_testkit::test_cases!([REDIS], multi_thread(2); cross_process_exactly_once, crash_takeover),
+        idem_testkit::test_cases!([REDIS_SERVER], multi_thread(2); cross_process_exactly_once_on_a_cluster),
+    ])
 }

@@ -10,6 +10,9 @@
 #![cfg(feature = "redis")]
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+#[path = "support/backends.rs"]
+mod backends;
+
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -130,7 +133,6 @@ fn counted(
 }
 
 /// A v1 completed record is replayed by v2, with its remaining ttl; the body does not run.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn v2_replays_a_v1_completed_record() {
     let Some((store, mut raw)) = setup().await else {
         return;
@@ -178,7 +180,6 @@ async fn v2_replays_a_v1_completed_record() {
 
 /// A v1 claim under a live lease holds off v2 callers; a v2 waiter wakes on the v1 holder's
 /// completion notice and replays the v1 value.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn v2_respects_a_live_v1_claim_and_wakes_on_its_completion() {
     let Some((store, mut raw)) = setup().await else {
         return;
@@ -271,7 +272,6 @@ async fn v2_respects_a_live_v1_claim_and_wakes_on_its_completion() {
 
 /// A v1 claim whose lease has passed is taken over by v2 (reported as a takeover), and from
 /// then on the v1 holder is fenced: its completion is refused and a v1 claim fails closed.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn v2_takes_over_a_lapsed_v1_claim_and_v1_fails_closed_on_v2() {
     let Some((store, mut raw)) = setup().await else {
         return;
@@ -348,4 +348,11 @@ async fn v2_takes_over_a_lapsed_v1_claim_and_v1_fails_closed_on_v2() {
         other => panic!("{other:?}"),
     }
     store.remove(&key).await.unwrap();
+}
+
+fn main() -> std::process::ExitCode {
+    idem_testkit::harness::run([idem_testkit::test_cases!([backends::REDIS], multi_thread(2);
+        v2_replays_a_v1_completed_record,
+        v2_respects_a_live_v1_claim_and_wakes_on_its_completion,
+        v2_takes_over_a_lapsed_v1_claim_and_v1_fails_closed_on_v2)])
 }

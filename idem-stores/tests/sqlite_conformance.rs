@@ -46,3 +46,7 @@ mod file {
 
     idem_testkit::conformance_tests!(store());
 }
+
+fn main() -> std::process::ExitCode {
+    idem_testkit::harness::run([memory::cases(&[]), file::cases(&[])])
+}

@@ -64,7 +64,6 @@ impl Store for Counting {
     }
 }
 
-#[tokio::test]
 async fn replays_are_served_locally_and_fingerprints_still_checked() {
     let store = TieredStore::new(Counting::default());
     let call = |amount: u32| {
@@ -86,7 +85,6 @@ async fn replays_are_served_locally_and_fingerprints_still_checked() {
     assert!(matches!(call(11).await, Err(Error::KeyReused)));
 }
 
-#[tokio::test]
 async fn a_record_completed_elsewhere_is_cached_after_its_first_replay() {
     let shared = Arc::new(Counting::default());
     let other_process = TieredStore::new(shared.clone());
@@ -103,4 +101,13 @@ async fn a_record_completed_elsewhere_is_cached_after_its_first_replay() {
     let after_first = shared.claims.load(Ordering::SeqCst);
     assert_eq!(run(this).await.unwrap(), 7);
     assert_eq!(shared.claims.load(Ordering::SeqCst), after_first);
+}
+
+fn main() -> std::process::ExitCode {
+    idem_testkit::harness::run([
+        cases(&[]),
+        idem_testkit::test_cases!([], current_thread;
+            replays_are_served_locally_and_fingerprints_still_checked,
+            a_record_completed_elsewhere_is_cached_after_its_first_replay),
+    ])
 }

@@ -6,6 +6,9 @@
 #![cfg(feature = "sqlite")]
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+#[path = "support/backends.rs"]
+mod backends;
+
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
@@ -130,7 +133,6 @@ fn orders(db: &Db) -> Arc<Orders> {
     })
 }
 
-#[tokio::test]
 async fn transaction_commits_the_row_and_the_record_together_and_replays() {
     let db = db("own").await;
     let svc = orders(&db);
@@ -145,7 +147,6 @@ async fn transaction_commits_the_row_and_the_record_together_and_replays() {
     assert_eq!(rows(&db.store, "o-1").await, 1);
 }
 
-#[tokio::test]
 async fn the_future_is_send_and_spawnable() {
     let db = db("send").await;
     let svc = orders(&db);
@@ -158,7 +159,6 @@ async fn the_future_is_send_and_spawnable() {
     assert_eq!(rows(&db.store, "o-send").await, 1);
 }
 
-#[tokio::test]
 async fn err_rolls_the_row_back_and_releases_the_key() {
     let db = db("err").await;
     let svc = orders(&db);
@@ -181,7 +181,6 @@ async fn err_rolls_the_row_back_and_releases_the_key() {
     assert_eq!(rows(&db.store, "o-2").await, 0);
 }
 
-#[tokio::test]
 async fn in_transaction_completes_with_the_callers_commit() {
     let db = db("within").await;
     let store = &*db.store;
@@ -206,7 +205,6 @@ async fn in_transaction_completes_with_the_callers_commit() {
     assert_eq!(rows(store, "o-3").await, 1);
 }
 
-#[tokio::test]
 async fn the_callers_rollback_leaves_no_row_and_no_completed_record() {
     let db = db("rollback").await;
     let store = &*db.store;
@@ -257,7 +255,6 @@ impl Place for Orders {
     }
 }
 
-#[tokio::test]
 async fn async_trait_methods_and_moved_arguments() {
     let db = db("trait").await;
     let svc = orders(&db);
@@ -355,8 +352,7 @@ mod postgres {
         Ok(id)
     }
 
-    #[tokio::test]
-    async fn both_forms_commit_and_replay() {
+    pub(super) async fn both_forms_commit_and_replay() {
         let Some(pg) = pg().await else { return };
         let runs = AtomicUsize::new(0);
         let a = place(&pg, "p-1".into(), &runs).await.unwrap();
@@ -374,4 +370,19 @@ mod postgres {
         assert_eq!(count(&pg, "p-2").await, 1);
         drop_tables(&pg).await;
     }
+}
+
+fn main() -> std::process::ExitCode {
+    #[allow(unused_mut)]
+    let mut cases = vec![idem_testkit::test_cases!([], current_thread;
+        transaction_commits_the_row_and_the_record_together_and_replays,
+        the_future_is_send_and_spawnable,
+        err_rolls_the_row_back_and_releases_the_key,
+        in_transaction_completes_with_the_callers_commit,
+        the_callers_rollback_leaves_no_row_and_no_completed_record,
+        async_trait_methods_and_moved_arguments)];
+    #[cfg(feature = "postgres")]
+    cases.push(idem_testkit::test_cases!([backends::POSTGRES], current_thread;
+        postgres::both_forms_commit_and_replay));
+    idem_testkit::harness::run(cases)
 }

@@ -29,6 +29,8 @@
 #![cfg(any(feature = "postgres", feature = "mysql", feature = "sqlite"))]
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+#[path = "support/backends.rs"]
+mod backends;
 #[path = "support/sql_common.rs"]
 mod sql_common;
 #[path = "support/tx_common.rs"]
@@ -446,7 +448,6 @@ fn print(store: &str, mode: Mode, r: &Report) {
 }
 
 /// The worker role: does nothing unless the driver started this process.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tx_crash_worker() {
     if std::env::var_os(ROLE).is_none() {
         return;
@@ -503,7 +504,6 @@ fn check(store: &str, tx: &Report, plain: &Report) {
 }
 
 #[cfg(feature = "postgres")]
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_postgres() {
     if std::env::var_os(ROLE).is_some() {
         return;
@@ -524,7 +524,6 @@ async fn sigkill_postgres() {
 }
 
 #[cfg(feature = "mysql")]
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_mariadb() {
     if std::env::var_os(ROLE).is_some() {
         return;
@@ -545,7 +544,6 @@ async fn sigkill_mariadb() {
 }
 
 #[cfg(feature = "sqlite")]
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_sqlite() {
     if std::env::var_os(ROLE).is_some() {
         return;
@@ -561,4 +559,18 @@ async fn sigkill_sqlite() {
         reports.push(run_mode(h, e, mode, lease, chaos).await);
     }
     check("sqlite", &reports[0], &reports[1]);
+}
+
+fn main() -> std::process::ExitCode {
+    let mut cases = vec![idem_testkit::harness::child_cases(
+        ROLE,
+        idem_testkit::test_cases!([], multi_thread(2); tx_crash_worker),
+    )];
+    #[cfg(feature = "postgres")]
+    cases.push(idem_testkit::test_cases!([backends::POSTGRES], multi_thread(2); sigkill_postgres));
+    #[cfg(feature = "mysql")]
+    cases.push(idem_testkit::test_cases!([backends::MYSQL], multi_thread(2); sigkill_mariadb));
+    #[cfg(feature = "sqlite")]
+    cases.push(idem_testkit::test_cases!([], multi_thread(2); sigkill_sqlite));
+    idem_testkit::harness::run(cases)
 }

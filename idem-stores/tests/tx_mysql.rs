@@ -4,6 +4,8 @@
 #![cfg(feature = "mysql")]
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+#[path = "support/backends.rs"]
+mod backends;
 #[path = "support/sql_common.rs"]
 mod sql_common;
 #[path = "support/tx_common.rs"]
@@ -17,3 +19,7 @@ async fn harness() -> Option<MyHarness> {
 }
 
 idem_testkit::transactional_conformance_tests!(harness());
+
+fn main() -> std::process::ExitCode {
+    idem_testkit::harness::run([cases(&[backends::MYSQL])])
+}

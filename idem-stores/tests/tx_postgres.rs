@@ -5,6 +5,8 @@
 #![cfg(feature = "postgres")]
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+#[path = "support/backends.rs"]
+mod backends;
 #[path = "support/sql_common.rs"]
 mod sql_common;
 #[path = "support/tx_common.rs"]
@@ -22,7 +24,6 @@ idem_testkit::transactional_conformance_tests!(harness());
 /// A caller's REPEATABLE READ transaction that took its snapshot before the claim cannot see
 /// it: the completion says so (an error naming READ COMMITTED, and the claim is released),
 /// rather than reporting a lost lease; nothing of the body stays.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn within_repeatable_read_names_the_fix() {
     use idem_core::{Call, Error, StoreError};
     use idem_testkit::transactional::TxHarness;
@@ -59,7 +60,6 @@ async fn within_repeatable_read_names_the_fix() {
 /// turned down to once a minute is woken by the `NOTIFY` that the transactional completion
 /// queued, delivered at the commit: it replays the committed value well inside its 10 s
 /// wait, under a holder's 30 s lease.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn waiters_wake_at_commit_by_notify() {
     use std::sync::Arc;
     use std::time::{Duration, Instant};
@@ -129,4 +129,13 @@ async fn waiters_wake_at_commit_by_notify() {
         waited < Duration::from_secs(5),
         "the waiter was not woken by the commit's NOTIFY (it waited {waited:?})"
     );
+}
+
+fn main() -> std::process::ExitCode {
+    use backends::POSTGRES;
+    idem_testkit::harness::run([
+        cases(&[POSTGRES]),
+        idem_testkit::test_cases!([POSTGRES], multi_thread(2);
+            within_repeatable_read_names_the_fix, waiters_wake_at_commit_by_notify),
+    ])
 }

@@ -18,3 +18,7 @@ async fn harness() -> Option<LiteHarness> {
 }
 
 idem_testkit::transactional_conformance_tests!(harness());
+
+fn main() -> std::process::ExitCode {
+    idem_testkit::harness::run([cases(&[])])
+}

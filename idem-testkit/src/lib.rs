@@ -2,18 +2,26 @@
 //!
 //! Every backend — ours and third parties' — proves itself by passing these cases. Each case is
 //! a `pub async fn case(store: Arc<dyn Store>)` that panics on a violation; the
-//! [`conformance_tests!`](crate::conformance_tests) macro stamps one `#[tokio::test]` per case:
+//! [`conformance_tests!`](crate::conformance_tests) macro stamps one test per case, run by
+//! [`harness`], which reports a case whose server is missing as ignored with the reason:
 //!
-//! ```
-//! // tests/conformance.rs of a backend crate (needs tokio with rt-multi-thread + macros)
+//! ```no_run
+//! // tests/conformance.rs of a backend crate, with `harness = false` in its `[[test]]` entry
+//! // (needs tokio with rt-multi-thread + macros)
 //! use std::sync::Arc;
 //!
-//! idem_testkit::conformance_tests!(async {
-//!     // For a remote store: `let url = idem_testkit::env_url("MY_STORE_URL")?;`
-//!     // (None, with one "skipped:" line, when the variable is unset outside CI).
-//!     Some(Arc::new(idem_stores::MemoryStore::new()) as Arc<dyn idem_core::Store>)
-//! });
-//! # fn main() {}
+//! mod memory {
+//!     use std::sync::Arc;
+//!     idem_testkit::conformance_tests!(async {
+//!         // For a remote store: `let url = idem_testkit::env_url("MY_STORE_URL")?;`
+//!         Some(Arc::new(idem_stores::MemoryStore::new()) as Arc<dyn idem_core::Store>)
+//!     });
+//! }
+//!
+//! fn main() -> std::process::ExitCode {
+//!     // A remote store passes its `Need` (a probe of its server): `memory::cases(&[MY_STORE])`.
+//!     idem_testkit::harness::run([memory::cases(&[])])
+//! }
 //! ```
 //!
 //! Cases use fresh random keys, so they can run in parallel against a shared server, and short
@@ -35,13 +43,16 @@ use idem_core::{
 pub use idem_core as __core;
 
 mod faulty;
+pub mod harness;
 pub mod model;
 pub mod transactional;
 pub use faulty::{Fault, FaultyStore, Op};
 
-/// Stamps one `#[tokio::test]` per conformance case. The argument is an expression (usually
-/// an `async` block) evaluating to a future of `Option<Arc<dyn Store>>`; `None` skips (the
-/// block should print why, as [`testkit::env_url`](crate::env_url) does).
+/// Stamps one test per conformance case, for [`harness::run`]: an `async fn` per case and a
+/// `pub fn cases(needs: &[harness::Need]) -> Vec<harness::Case>` in the calling module. The
+/// argument is an expression (usually an `async` block) evaluating to a future of
+/// `Option<Arc<dyn Store>>`; `None` fails the case (a missing server is a [`harness::Need`] of
+/// the cases, checked before they run).
 #[macro_export]
 macro_rules! conformance_tests {
     ($make:expr) => {
@@ -56,26 +67,37 @@ macro_rules! conformance_tests {
             renewal_failures_keep_the_lease,
             cancelled_during_completion, cancelled_during_claim, invalid_durations);
     };
-    (@cases $make:expr; $($case:ident),* $(,)?) => {$(
-        #[::tokio::test(flavor = "multi_thread", worker_threads = 4)]
-        async fn $case() {
-            let store: ::std::option::Option<::std::sync::Arc<dyn $crate::__core::Store>> = $make.await;
-            if let ::std::option::Option::Some(store) = store {
+    (@cases $make:expr; $($case:ident),* $(,)?) => {
+        $(
+            async fn $case() {
+                let store: ::std::option::Option<::std::sync::Arc<dyn $crate::__core::Store>> = $make.await;
+                let ::std::option::Option::Some(store) = store else {
+                    ::std::panic!("the conformance store factory returned None");
+                };
                 $crate::$case(store).await;
             }
+        )*
+
+        /// One test per conformance case, each with `needs`.
+        pub fn cases(
+            needs: &[$crate::harness::Need],
+        ) -> ::std::vec::Vec<$crate::harness::Case> {
+            $crate::test_cases!(needs, multi_thread(4); $($case),*)
         }
-    )*};
+    };
 }
 
-/// Reads a test server URL from `var`. Unset: prints `skipped: ...` and returns `None` — unless
-/// the `CI` variable is set, where a backend test must never skip, and it panics.
+/// The test server URL in `var` or, when `var` is unset, the local address `.ci/run` starts for
+/// it (see [`harness::DEFAULT_URLS`]); the test runner checks that it answers before the test
+/// runs. `None` only for a variable that is unset and has no default: outside CI, with one
+/// `skipped:` line; with `CI` set, this panics (backend tests must not skip in CI).
 pub fn env_url(var: &str) -> Option<String> {
-    match std::env::var(var) {
-        Ok(url) if !url.is_empty() => Some(url),
-        _ if std::env::var_os("CI").is_some() => {
+    match harness::url_of(var) {
+        Some(url) => Some(url),
+        None if harness::in_ci() => {
             panic!("{var} is not set, and CI is: backend tests must not skip in CI")
         }
-        _ => {
+        None => {
             println!("skipped: {var} is not set");
             None
         }

@@ -5,14 +5,18 @@
 //! A backend proves itself with a [`TxHarness`] — its store, a business table the bodies
 //! write to inside the transaction, and a way to read that table's committed rows — and the
 //! [`transactional_conformance_tests!`](crate::transactional_conformance_tests) macro, which
-//! stamps one `#[tokio::test]` per case:
+//! stamps one test per case for [`harness::run`](crate::harness::run):
 //!
 //! ```ignore
-//! // tests/tx_conformance.rs of a SQL backend
+//! // tests/tx_conformance.rs of a SQL backend (`harness = false` in its `[[test]]` entry)
 //! idem_testkit::transactional_conformance_tests!(async {
 //!     let url = idem_testkit::env_url("MY_DB_URL")?;
 //!     Some(MyHarness::new(&url).await) // creates its tables
 //! });
+//!
+//! fn main() -> std::process::ExitCode {
+//!     idem_testkit::harness::run([cases(&[MY_DB])]) // MY_DB: a harness::Need
+//! }
 //! ```
 //!
 //! Every case uses fresh keys, so cases run in parallel against one server, and checks the
@@ -69,8 +73,11 @@ pub trait TxHarness: Send + Sync + 'static {
     async fn cleanup(&self) {}
 }
 
-/// Stamps one `#[tokio::test]` per transactional conformance case. The argument is an
-/// expression evaluating to a future of `Option<H>` where `H: TxHarness`; `None` skips.
+/// Stamps one test per transactional conformance case, for
+/// [`harness::run`](crate::harness::run): an `async fn` per case and a
+/// `pub fn cases(needs: &[Need]) -> Vec<Case>` in the calling module. The argument is an
+/// expression evaluating to a future of `Option<H>` where `H: TxHarness`; `None` fails the case
+/// (a missing server is a [`Need`](crate::harness::Need) of the cases).
 #[macro_export]
 macro_rules! transactional_conformance_tests {
     ($make:expr) => {
@@ -82,17 +89,26 @@ macro_rules! transactional_conformance_tests {
             tx_within_caller_commits, tx_within_caller_rolls_back,
             tx_within_held_past_the_lease);
     };
-    (@cases $make:expr; $($case:ident),* $(,)?) => {$(
-        #[::tokio::test(flavor = "multi_thread", worker_threads = 4)]
-        async fn $case() {
-            if let ::std::option::Option::Some(h) = $make.await {
+    (@cases $make:expr; $($case:ident),* $(,)?) => {
+        $(
+            async fn $case() {
+                let ::std::option::Option::Some(h) = $make.await else {
+                    ::std::panic!("the transactional harness factory returned None");
+                };
                 $crate::transactional::run_case(h, |h| {
                     $crate::transactional::$case(h)
                 })
                 .await;
             }
+        )*
+
+        /// One test per transactional conformance case, each with `needs`.
+        pub fn cases(
+            needs: &[$crate::harness::Need],
+        ) -> ::std::vec::Vec<$crate::harness::Case> {
+            $crate::test_cases!(needs, multi_thread(4); $($case),*)
         }
-    )*};
+    };
 }
 
 /// Runs one case on its own task, then the harness's cleanup, then re-raises the case's

@@ -11,6 +11,32 @@ use idem_core::Store;
 #[path = "../../examples/payments/app.rs"]
 pub mod app;
 
+// What the backend tests need (`idem_testkit::harness`): the probes of the stores'
+// servers, shared with idem-stores' tests.
+#[path = "../../idem-stores/tests/support/backends.rs"]
+mod backends;
+
+#[cfg(feature = "postgres")]
+#[allow(unused_imports)]
+pub use backends::POSTGRES;
+#[cfg(feature = "redis")]
+#[allow(unused_imports)]
+pub use backends::REDIS;
+
+/// Without the `redis` feature, the Redis variants are reported as ignored.
+#[cfg(not(feature = "redis"))]
+pub const REDIS: idem_testkit::harness::Need = idem_testkit::harness::Need::disabled(
+    "Redis",
+    "this build lacks `--features http,redis`",
+);
+
+/// Without the `postgres` feature, the PostgreSQL variants are reported as ignored.
+#[cfg(not(feature = "postgres"))]
+pub const POSTGRES: idem_testkit::harness::Need = idem_testkit::harness::Need::disabled(
+    "PostgreSQL",
+    "this build lacks `--features http,postgres`",
+);
+
 pub use app::{AppOptions, Stats};
 
 /// The example service, running on 127.0.0.1 on a port of its own.
@@ -162,40 +188,55 @@ pub async fn postgres_store() -> Option<Arc<dyn Store>> {
     url_from_env("IDEM_TEST_POSTGRES_URL", false, "postgres").and(None)
 }
 
-/// One `#[tokio::test]` per case and store: `mod memory`, `mod redis`, `mod postgres`. A
-/// case is `async fn case(store: Arc<dyn Store>)` in the calling module.
+/// One test per case and store, for `idem_testkit::harness::run`: `mod memory`,
+/// `mod redis`, `mod postgres`, each with `cases()`. A case is
+/// `async fn case(store: Arc<dyn Store>)` in the calling module.
 #[allow(unused_macros)]
 macro_rules! per_store {
     ($($case:ident),* $(,)?) => {
         mod memory {
             $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $case() {
-                    if let Some(store) = super::http_support::memory_store() {
-                        super::$case(store).await;
-                    }
+                    let Some(store) = super::http_support::memory_store() else {
+                        panic!("no memory store");
+                    };
+                    super::$case(store).await;
                 }
             )*
+
+            pub fn cases() -> Vec<idem_testkit::harness::Case> {
+                idem_testkit::test_cases!([], multi_thread(2); $($case),*)
+            }
         }
         mod redis {
             $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $case() {
-                    if let Some(store) = super::http_support::redis_store().await {
-                        super::$case(store).await;
-                    }
+                    let Some(store) = super::http_support::redis_store().await else {
+                        panic!("no Redis store");
+                    };
+                    super::$case(store).await;
                 }
             )*
+
+            pub fn cases() -> Vec<idem_testkit::harness::Case> {
+                idem_testkit::test_cases!([super::http_support::REDIS], multi_thread(2); $($case),*)
+            }
         }
         mod postgres {
             $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $case() {
-                    if let Some(store) = super::http_support::postgres_store().await {
-                        super::$case(store).await;
-                    }
+                    let Some(store) = super::http_support::postgres_store().await else {
+                        panic!("no PostgreSQL store");
+                    };
+                    super::$case(store).await;
                 }
             )*
+
+            pub fn cases() -> Vec<idem_testkit::harness::Case> {
+                idem_testkit::test_cases!(
+                    [super::http_support::POSTGRES], multi_thread(2); $($case),*
+                )
+            }
         }
     };
 }

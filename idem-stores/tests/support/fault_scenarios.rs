@@ -105,8 +105,9 @@ where
     }
 }
 
-/// Stamps one `#[tokio::test]` per scenario. `$rig` is an `async fn() -> Option<Rig>` of the
-/// test file (None: the server's URL is not set, the test is skipped).
+/// Stamps one test per scenario, for `idem_testkit::harness::run`: an `async fn` per
+/// scenario and a `fn cases(needs) -> Vec<Case>`. `$rig` is an `async fn() -> Option<Rig>` of
+/// the test file (its server is the `Need` passed to `cases`).
 #[macro_export]
 macro_rules! fault_scenarios {
     ($rig:path) => {
@@ -127,11 +128,16 @@ macro_rules! fault_scenarios {
     };
     (@stamp $rig:path; $($name:ident),* $(,)?) => {
         $(
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn $name() {
                 fault_scenarios::run($rig().await, fault_scenarios::$name).await;
             }
         )*
+
+        fn cases(
+            needs: &[idem_testkit::harness::Need],
+        ) -> Vec<idem_testkit::harness::Case> {
+            idem_testkit::test_cases!(needs, multi_thread(2); $($name),*)
+        }
     };
 }
 
