@@ -22,10 +22,10 @@ use axum::http::{HeaderMap, Request, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::Router;
-use idem_http::{IdempotencyLayer, ReplayHeaders, StorePolicy};
-use idem_testkit::{Fault, FaultyStore, Op};
 use idem_core::Store;
+use idem_http::{IdempotencyLayer, ReplayHeaders, StorePolicy};
 use idem_stores::MemoryStore;
+use idem_testkit::{Fault, FaultyStore, Op};
 use tower::ServiceExt;
 
 type Runs = Arc<AtomicU64>;

@@ -5,14 +5,17 @@
 #![cfg(feature = "metrics")]
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+#[path = "backends/mod.rs"]
+mod backends;
+
 use std::collections::BTreeMap;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use idem_core::telemetry::{BYTES_BUCKETS, SECONDS_BUCKETS};
-use idem_testkit::{Fault, FaultyStore, Op};
 use idem_core::{observe, Call, ClaimRequest, Error, FencingToken, OnConflict, Outcome, Store};
 use idem_stores::MemoryStore;
+use idem_testkit::{Fault, FaultyStore, Op};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 const NS: &str = "tests::metrics_prometheus";
@@ -287,7 +290,6 @@ async fn every_outcome() -> Vec<(Outcome, Option<Outcome>)> {
     seen
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_documented_exporter_shows_every_outcome_with_help_lines_and_finite_buckets() {
     let handle = handle();
     let seen = every_outcome().await;
@@ -440,7 +442,6 @@ async fn store_label(store: &dyn Store, name: &str) {
 }
 
 #[cfg(feature = "redis")]
-#[tokio::test]
 async fn redis_calls_carry_the_store_label() {
     let Some(url) = idem_testkit::env_url("IDEM_TEST_REDIS_URL") else {
         return;
@@ -450,7 +451,6 @@ async fn redis_calls_carry_the_store_label() {
 }
 
 #[cfg(feature = "postgres")]
-#[tokio::test]
 async fn postgres_calls_carry_the_store_label() {
     let Some(url) = idem_testkit::env_url("IDEM_TEST_POSTGRES_URL") else {
         return;
@@ -461,7 +461,6 @@ async fn postgres_calls_carry_the_store_label() {
 }
 
 #[cfg(feature = "mysql")]
-#[tokio::test]
 async fn mysql_calls_carry_the_store_label() {
     let Some(url) = idem_testkit::env_url("IDEM_TEST_MYSQL_URL") else {
         return;
@@ -472,11 +471,29 @@ async fn mysql_calls_carry_the_store_label() {
 }
 
 #[cfg(feature = "sqlite")]
-#[tokio::test]
 async fn sqlite_calls_carry_the_store_label() {
     let store = idem_stores::SqliteStore::connect("sqlite::memory:")
         .await
         .unwrap();
     store.migrate().await.unwrap();
     store_label(&store, "sqlite").await;
+}
+
+fn main() -> std::process::ExitCode {
+    let mut cases = vec![idem_testkit::test_cases!([], multi_thread(2);
+        the_documented_exporter_shows_every_outcome_with_help_lines_and_finite_buckets)];
+    #[cfg(feature = "redis")]
+    cases.push(idem_testkit::test_cases!([backends::REDIS], current_thread;
+        redis_calls_carry_the_store_label));
+    #[cfg(feature = "postgres")]
+    cases.push(
+        idem_testkit::test_cases!([backends::POSTGRES], current_thread;
+        postgres_calls_carry_the_store_label),
+    );
+    #[cfg(feature = "mysql")]
+    cases.push(idem_testkit::test_cases!([backends::MYSQL], current_thread;
+        mysql_calls_carry_the_store_label));
+    #[cfg(feature = "sqlite")]
+    cases.push(idem_testkit::test_cases!([], current_thread; sqlite_calls_carry_the_store_label));
+    idem_testkit::harness::run(cases)
 }

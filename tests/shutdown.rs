@@ -16,14 +16,17 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+#[path = "backends/mod.rs"]
+mod backends;
+
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use idem_core::shutdown::Stage;
-use idem_testkit::{Fault, FaultyStore, Op};
 use idem_core::{Call, Error, RecordState, ShutdownError, Store};
 use idem_stores::MemoryStore;
+use idem_testkit::{Fault, FaultyStore, Op};
 
 static SERIAL: Mutex<()> = Mutex::new(());
 
@@ -189,39 +192,32 @@ fn dropped_mid_completion_then_runtime_dropped(kind: &str, drain: bool) {
     });
 }
 
-#[test]
 fn memory_runtime_dropped_after_a_drain_keeps_the_completion() {
     dropped_mid_completion_then_runtime_dropped("memory", true);
 }
 
-#[test]
 fn memory_runtime_dropped_without_a_drain_loses_the_completion() {
     dropped_mid_completion_then_runtime_dropped("memory", false);
 }
 
-#[test]
 fn redis_runtime_dropped_after_a_drain_keeps_the_completion() {
     dropped_mid_completion_then_runtime_dropped("redis", true);
 }
 
-#[test]
 fn redis_runtime_dropped_without_a_drain_loses_the_completion() {
     dropped_mid_completion_then_runtime_dropped("redis", false);
 }
 
-#[test]
 fn postgres_runtime_dropped_after_a_drain_keeps_the_completion() {
     dropped_mid_completion_then_runtime_dropped("postgres", true);
 }
 
-#[test]
 fn postgres_runtime_dropped_without_a_drain_loses_the_completion() {
     dropped_mid_completion_then_runtime_dropped("postgres", false);
 }
 
 /// While the drain waits for a running body, a new call is refused with `ShuttingDown` (503)
 /// and its body does not run; the drain ends when the body's completion is stored.
-#[test]
 fn new_calls_are_refused_and_running_bodies_finish() {
     let _serial = serial();
     runtime().block_on(async {
@@ -276,7 +272,6 @@ fn new_calls_are_refused_and_running_bodies_finish() {
 
 /// A duplicate waiting for the holder when the drain starts gets the holder's result, which is
 /// completed during the drain, instead of a refusal.
-#[test]
 fn a_waiter_gets_the_result_completed_during_the_drain() {
     let _serial = serial();
     runtime().block_on(async {
@@ -309,7 +304,6 @@ fn a_waiter_gets_the_result_completed_during_the_drain() {
 }
 
 /// A body that outlives the deadline is reported, with its key and stage, and keeps its claim.
-#[test]
 fn the_deadline_reports_what_is_still_held() {
     let _serial = serial();
     runtime().block_on(async {
@@ -395,17 +389,36 @@ fn a_finished_call_is_answered_during_the_drain(kind: &str) {
     });
 }
 
-#[test]
 fn memory_a_finished_call_is_answered_during_the_drain() {
     a_finished_call_is_answered_during_the_drain("memory");
 }
 
-#[test]
 fn redis_a_finished_call_is_answered_during_the_drain() {
     a_finished_call_is_answered_during_the_drain("redis");
 }
 
-#[test]
 fn postgres_a_finished_call_is_answered_during_the_drain() {
     a_finished_call_is_answered_during_the_drain("postgres");
+}
+
+fn main() -> std::process::ExitCode {
+    use backends::{POSTGRES, REDIS};
+    use idem_testkit::test_cases;
+    idem_testkit::harness::run([
+        test_cases!([], sync;
+            memory_runtime_dropped_after_a_drain_keeps_the_completion,
+            memory_runtime_dropped_without_a_drain_loses_the_completion,
+            new_calls_are_refused_and_running_bodies_finish,
+            a_waiter_gets_the_result_completed_during_the_drain,
+            the_deadline_reports_what_is_still_held,
+            memory_a_finished_call_is_answered_during_the_drain),
+        test_cases!([REDIS], sync;
+            redis_runtime_dropped_after_a_drain_keeps_the_completion,
+            redis_runtime_dropped_without_a_drain_loses_the_completion,
+            redis_a_finished_call_is_answered_during_the_drain),
+        test_cases!([POSTGRES], sync;
+            postgres_runtime_dropped_after_a_drain_keeps_the_completion,
+            postgres_runtime_dropped_without_a_drain_loses_the_completion,
+            postgres_a_finished_call_is_answered_during_the_drain),
+    ])
 }

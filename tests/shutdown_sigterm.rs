@@ -16,6 +16,9 @@
 #![cfg(unix)]
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+#[path = "backends/mod.rs"]
+mod backends;
+
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -65,7 +68,6 @@ fn call(ns: &'static str, i: usize) -> Call {
 }
 
 /// In a normal run: nothing. In the child: start 32 bodies, wait for SIGTERM, drain, report.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn child_process_entry_point() {
     let Ok(kind) = std::env::var(CHILD_VAR) else {
         return;
@@ -260,23 +262,34 @@ async fn sigterm_with_bodies_in_flight(kind: &str) {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn memory_sigterm_drains_32_bodies() {
     if std::env::var_os(CHILD_VAR).is_none() {
         sigterm_with_bodies_in_flight("memory").await;
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_sigterm_drains_32_bodies() {
     if std::env::var_os(CHILD_VAR).is_none() {
         sigterm_with_bodies_in_flight("redis").await;
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_sigterm_drains_32_bodies() {
     if std::env::var_os(CHILD_VAR).is_none() {
         sigterm_with_bodies_in_flight("postgres").await;
     }
+}
+
+fn main() -> std::process::ExitCode {
+    use backends::{POSTGRES, REDIS};
+    use idem_testkit::{harness, test_cases};
+    harness::run([
+        harness::child_cases(
+            CHILD_VAR,
+            test_cases!([], multi_thread(2); child_process_entry_point),
+        ),
+        test_cases!([], multi_thread(2); memory_sigterm_drains_32_bodies),
+        test_cases!([REDIS], multi_thread(2); redis_sigterm_drains_32_bodies),
+        test_cases!([POSTGRES], multi_thread(2); postgres_sigterm_drains_32_bodies),
+    ])
 }

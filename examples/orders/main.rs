@@ -20,8 +20,8 @@
 
 use std::sync::Arc;
 
-use idempo::Call;
 use idempo::sqlx::{self, AssertSqlSafe};
+use idempo::Call;
 use idempo::{PgTx, PostgresStore};
 use serde::{Deserialize, Serialize};
 

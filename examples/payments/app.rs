@@ -14,8 +14,8 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
-use idempo::{idempotent, OnConflict, Store};
 use idempo::http::{mark_started, IdempotencyLayer, Problem};
+use idempo::{idempotent, OnConflict, Store};
 use serde::{Deserialize, Serialize};
 
 /// How the idempotency layer treats a duplicate that arrives while the first request runs,

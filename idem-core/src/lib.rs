@@ -114,11 +114,11 @@ pub use idem_macros::idempotent;
 /// Not a stable API: anything in this module may change in any release.
 #[doc(hidden)]
 pub mod __private {
+    pub use crate::__idem_site as site;
+    pub use crate::namespace::Site;
     /// The one outcome event of a call, for the sibling crates (`idem-http`) that end a call
     /// without running it through [`Call`].
     pub use crate::observe::{emit, emit_for};
-    pub use crate::__idem_site as site;
-    pub use crate::namespace::Site;
     pub use crate::options::{MissingKey, OnConflict};
     pub use crate::private::*;
     pub use crate::runtime::Call;

@@ -900,8 +900,10 @@ fn main() -> std::process::ExitCode {
         idem_testkit::test_cases!([POSTGRES], multi_thread(2); chaos_postgres),
     ];
     #[cfg(feature = "redis")]
-    cases.push(idem_testkit::test_cases!([backends::REDIS, POSTGRES], multi_thread(2); chaos_redis));
+    cases
+        .push(idem_testkit::test_cases!([backends::REDIS, POSTGRES], multi_thread(2); chaos_redis));
     #[cfg(feature = "mysql")]
-    cases.push(idem_testkit::test_cases!([backends::MYSQL, POSTGRES], multi_thread(2); chaos_mysql));
+    cases
+        .push(idem_testkit::test_cases!([backends::MYSQL, POSTGRES], multi_thread(2); chaos_mysql));
     idem_testkit::harness::run(cases)
 }

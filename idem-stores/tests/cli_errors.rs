@@ -9,6 +9,9 @@
 #![cfg(feature = "cli")]
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
+#[path = "support/backends.rs"]
+mod backends;
+
 #[path = "support/sql_common.rs"]
 #[allow(unused)]
 mod sql_common;
@@ -98,7 +101,6 @@ fn no_internal_prefix(run: &Run) {
     }
 }
 
-#[test]
 fn a_refused_sql_or_redis_connection_is_reported_at_once() {
     let port = dead_port();
     for url in [
@@ -161,7 +163,6 @@ fn tempdir(tag: &str) -> std::path::PathBuf {
     dir
 }
 
-#[test]
 fn a_missing_table_names_the_fix_sqlite() {
     let dir = tempdir("table");
     let db = dir.join("empty.db");
@@ -170,21 +171,18 @@ fn a_missing_table_names_the_fix_sqlite() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-#[test]
 fn a_missing_table_names_the_fix_postgres() {
     if let Some(url) = idem_testkit::env_url("IDEM_TEST_POSTGRES_URL") {
         missing_table(&url);
     }
 }
 
-#[test]
 fn a_missing_table_names_the_fix_mysql() {
     if let Some(url) = idem_testkit::env_url("IDEM_TEST_MYSQL_URL") {
         missing_table(&url);
     }
 }
 
-#[test]
 fn json_mode_prints_usage_errors_as_json() {
     for args in [
         &["--json", "stats"][..],                 // no URL
@@ -221,14 +219,12 @@ fn json_mode_prints_usage_errors_as_json() {
     }
 }
 
-#[test]
 fn a_zero_timeout_is_refused() {
     let out = idem(&["--url", "sqlite:x.db", "--timeout", "0", "stats"]);
     assert_eq!(out.code, 2, "{out:?}");
     assert!(out.stderr.contains("--timeout"), "{out:?}");
 }
 
-#[test]
 fn help_describes_the_tool_with_exit_codes_and_examples_per_store() {
     let out = idem(&["--help"]);
     assert_eq!(out.code, 0, "{out:?}");
@@ -340,7 +336,6 @@ async fn purge_removes_everything(store: &dyn StoreAdmin, base: &[String]) {
     assert!(out.stdout.contains("purged 0 expired record(s)"), "{out:?}");
 }
 
-#[tokio::test]
 async fn sqlite_tokens_are_strings_and_purge_removes_everything() {
     let dir = tempdir("sqlite");
     let path = dir.join("idem.db");
@@ -357,7 +352,6 @@ async fn sqlite_tokens_are_strings_and_purge_removes_everything() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-#[tokio::test]
 async fn postgres_tokens_are_strings_and_purge_removes_everything() {
     let Some(url) = idem_testkit::env_url("IDEM_TEST_POSTGRES_URL") else {
         return;
@@ -379,7 +373,6 @@ async fn postgres_tokens_are_strings_and_purge_removes_everything() {
         .unwrap();
 }
 
-#[tokio::test]
 async fn mysql_tokens_are_strings_and_purge_removes_everything() {
     let Some(url) = idem_testkit::env_url("IDEM_TEST_MYSQL_URL") else {
         return;
@@ -401,7 +394,6 @@ async fn mysql_tokens_are_strings_and_purge_removes_everything() {
         .unwrap();
 }
 
-#[tokio::test]
 async fn redis_tokens_are_strings() {
     let Some(url) = idem_testkit::env_url("IDEM_TEST_REDIS_URL") else {
         return;
@@ -420,4 +412,23 @@ async fn redis_tokens_are_strings() {
     let out = idem(&args);
     assert_eq!(out.code, 0, "{out:?}");
     assert_eq!(json_of(&out)["purged"], "0");
+}
+
+fn main() -> std::process::ExitCode {
+    use backends::{MYSQL, POSTGRES, REDIS};
+    use idem_testkit::test_cases;
+    idem_testkit::harness::run([
+        test_cases!([], sync;
+            a_refused_sql_or_redis_connection_is_reported_at_once,
+            a_missing_table_names_the_fix_sqlite,
+            json_mode_prints_usage_errors_as_json,
+            a_zero_timeout_is_refused,
+            help_describes_the_tool_with_exit_codes_and_examples_per_store),
+        test_cases!([POSTGRES], sync; a_missing_table_names_the_fix_postgres),
+        test_cases!([MYSQL], sync; a_missing_table_names_the_fix_mysql),
+        test_cases!([], current_thread; sqlite_tokens_are_strings_and_purge_removes_everything),
+        test_cases!([POSTGRES], current_thread; postgres_tokens_are_strings_and_purge_removes_everything),
+        test_cases!([MYSQL], current_thread; mysql_tokens_are_strings_and_purge_removes_everything),
+        test_cases!([REDIS], current_thread; redis_tokens_are_strings),
+    ])
 }

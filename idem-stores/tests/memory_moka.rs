@@ -14,8 +14,8 @@ use std::sync::{Arc, Barrier};
 use std::time::Duration;
 
 use idem_core::{Call, Claim, ClaimRequest, Error, FencingToken, Key, RecordState, Store};
-use idem_testkit as testkit;
 use idem_stores::MemoryStore;
+use idem_testkit as testkit;
 
 const LEASE: Duration = Duration::from_secs(60);
 const TTL: Duration = Duration::from_secs(3600);

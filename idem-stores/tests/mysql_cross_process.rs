@@ -387,6 +387,8 @@ async fn crash_takeover_after_sigkill() {
 }
 
 fn main() -> std::process::ExitCode {
-    idem_testkit::harness::run([idem_testkit::test_cases!([backends::MYSQL], multi_thread(2);
-        cross_process_exactly_once, crash_takeover_after_sigkill)])
+    idem_testkit::harness::run([
+        idem_testkit::test_cases!([backends::MYSQL], multi_thread(2);
+        cross_process_exactly_once, crash_takeover_after_sigkill),
+    ])
 }

@@ -8,16 +8,18 @@
 #![cfg(feature = "mysql")]
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+#[path = "support/backends.rs"]
+mod backends;
+
 use std::error::Error as _;
 use std::time::Duration;
 
-use idem_testkit::{env_url, fresh_key};
 use idem_core::{Claim, ClaimRequest, FencingToken, Store};
 use idem_stores::MySqlStore;
+use idem_testkit::{env_url, fresh_key};
 use sqlx::mysql::MySqlPoolOptions;
 use sqlx::AssertSqlSafe;
 
-#[tokio::test]
 async fn a_builder_without_a_database_names_the_new_form() {
     let err = MySqlStore::builder().build().unwrap_err();
     let message = err.to_string();
@@ -32,7 +34,6 @@ async fn a_builder_without_a_database_names_the_new_form() {
     assert!(err.source().is_some(), "a typed source: {err:?}");
 }
 
-#[tokio::test]
 async fn other_sql_builders_without_a_database_do_not_mention_mysql() {
     #[cfg(feature = "sqlite")]
     {
@@ -43,7 +44,6 @@ async fn other_sql_builders_without_a_database_do_not_mention_mysql() {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[allow(deprecated)]
 async fn deprecated_spawn_sweeper_still_purges_expired_rows() {
     let Some(url) = env_url("IDEM_TEST_MYSQL_URL") else {
@@ -110,4 +110,15 @@ async fn deprecated_spawn_sweeper_still_purges_expired_rows() {
         .await
         .unwrap();
     assert_eq!(result, 1, "the sweeper removed the three expired rows only");
+}
+
+fn main() -> std::process::ExitCode {
+    use backends::MYSQL;
+    use idem_testkit::test_cases;
+    idem_testkit::harness::run([
+        test_cases!([MYSQL], current_thread;
+            a_builder_without_a_database_names_the_new_form,
+            other_sql_builders_without_a_database_do_not_mention_mysql),
+        test_cases!([MYSQL], multi_thread(2); deprecated_spawn_sweeper_still_purges_expired_rows),
+    ])
 }

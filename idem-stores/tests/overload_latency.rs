@@ -13,6 +13,9 @@
 #![cfg(any(feature = "postgres", feature = "mysql"))]
 #![allow(clippy::unwrap_used, clippy::expect_used, dead_code)]
 
+#[path = "support/backends.rs"]
+mod backends;
+
 #[path = "support/proxy.rs"]
 mod proxy;
 #[path = "support/sql_common.rs"]
@@ -25,8 +28,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use idem_testkit::transactional::{TxHarness, TxOf};
 use idem_core::{Call, Error, TransactionalStore};
+use idem_testkit::transactional::{TxHarness, TxOf};
 
 const LEASE: Duration = Duration::from_millis(600);
 /// Each way: a round trip of 2 × 80 ms, just above `lease/4` = 150 ms.
@@ -173,7 +176,6 @@ fn check(phases: &[Phase], recovered: &Phase, rows: &[(String, String)]) {
 }
 
 #[cfg(feature = "postgres")]
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_degrades_gradually_and_recovers() {
     let Some(url) = idem_testkit::env_url("IDEM_TEST_POSTGRES_URL") else {
         return;
@@ -188,7 +190,6 @@ async fn postgres_degrades_gradually_and_recovers() {
 }
 
 #[cfg(feature = "mysql")]
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mysql_degrades_gradually_and_recovers() {
     let Some(url) = idem_testkit::env_url("IDEM_TEST_MYSQL_URL") else {
         return;
@@ -200,4 +201,19 @@ async fn mysql_degrades_gradually_and_recovers() {
     let rows = h.all_rows().await;
     h.cleanup().await;
     check(&phases, &recovered, &rows);
+}
+
+fn main() -> std::process::ExitCode {
+    let mut cases = Vec::new();
+    #[cfg(feature = "postgres")]
+    cases.push(
+        idem_testkit::test_cases!([backends::POSTGRES], multi_thread(2);
+        postgres_degrades_gradually_and_recovers),
+    );
+    #[cfg(feature = "mysql")]
+    cases.push(
+        idem_testkit::test_cases!([backends::MYSQL], multi_thread(2);
+        mysql_degrades_gradually_and_recovers),
+    );
+    idem_testkit::harness::run(cases)
 }

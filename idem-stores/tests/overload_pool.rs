@@ -13,6 +13,9 @@
 #![cfg(any(feature = "postgres", feature = "mysql"))]
 #![allow(clippy::unwrap_used, clippy::expect_used, dead_code)]
 
+#[path = "support/backends.rs"]
+mod backends;
+
 #[path = "support/sql_common.rs"]
 mod sql_common;
 
@@ -339,7 +342,6 @@ mod my {
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 #[cfg(feature = "postgres")]
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_renewals_get_through_a_saturated_pool() {
     let Some(url) = idem_testkit::env_url("IDEM_TEST_POSTGRES_URL") else {
         return;
@@ -352,8 +354,6 @@ async fn postgres_renewals_get_through_a_saturated_pool() {
 }
 
 #[cfg(feature = "postgres")]
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "control run: the same load without the reserved lane (a measurement, not a check)"]
 async fn postgres_without_lane() {
     let Some(url) = idem_testkit::env_url("IDEM_TEST_POSTGRES_URL") else {
         return;
@@ -365,7 +365,6 @@ async fn postgres_without_lane() {
 }
 
 #[cfg(feature = "mysql")]
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mysql_renewals_get_through_a_saturated_pool() {
     let Some(url) = idem_testkit::env_url("IDEM_TEST_MYSQL_URL") else {
         return;
@@ -378,8 +377,6 @@ async fn mysql_renewals_get_through_a_saturated_pool() {
 }
 
 #[cfg(feature = "mysql")]
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "control run: the same load without the reserved lane (a measurement, not a check)"]
 async fn mysql_without_lane() {
     let Some(url) = idem_testkit::env_url("IDEM_TEST_MYSQL_URL") else {
         return;
@@ -388,4 +385,38 @@ async fn mysql_without_lane() {
     let side = Arc::new(my::side(&url, 0).await);
     overload(Arc::clone(&side), "overload_pool::mysql_control").await;
     my::cleanup(&side).await;
+}
+
+/// The control runs: ignored (in CI too), run with `--ignored` to measure the same load without
+/// the reserved lane.
+const CONTROL: idem_testkit::harness::Need = idem_testkit::harness::Need::disabled(
+    "control run",
+    "the same load without the reserved lane, a measurement and not a check (run with --ignored)",
+);
+
+fn main() -> std::process::ExitCode {
+    let mut cases = Vec::new();
+    #[cfg(feature = "postgres")]
+    {
+        cases.push(
+            idem_testkit::test_cases!([backends::POSTGRES], multi_thread(2);
+            postgres_renewals_get_through_a_saturated_pool),
+        );
+        cases.push(
+            idem_testkit::test_cases!([backends::POSTGRES, CONTROL], multi_thread(2);
+            postgres_without_lane),
+        );
+    }
+    #[cfg(feature = "mysql")]
+    {
+        cases.push(
+            idem_testkit::test_cases!([backends::MYSQL], multi_thread(2);
+            mysql_renewals_get_through_a_saturated_pool),
+        );
+        cases.push(
+            idem_testkit::test_cases!([backends::MYSQL, CONTROL], multi_thread(2);
+            mysql_without_lane),
+        );
+    }
+    idem_testkit::harness::run(cases)
 }

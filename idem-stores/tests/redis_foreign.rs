@@ -221,6 +221,8 @@ async fn claim_over_foreign_key_is_corrupt() {
 }
 
 fn main() -> std::process::ExitCode {
-    idem_testkit::harness::run([idem_testkit::test_cases!([backends::REDIS], multi_thread(2);
-        garbage_records_are_codec_errors, claim_over_foreign_key_is_corrupt)])
+    idem_testkit::harness::run([
+        idem_testkit::test_cases!([backends::REDIS], multi_thread(2);
+        garbage_records_are_codec_errors, claim_over_foreign_key_is_corrupt),
+    ])
 }

@@ -351,8 +351,10 @@ async fn v2_takes_over_a_lapsed_v1_claim_and_v1_fails_closed_on_v2() {
 }
 
 fn main() -> std::process::ExitCode {
-    idem_testkit::harness::run([idem_testkit::test_cases!([backends::REDIS], multi_thread(2);
+    idem_testkit::harness::run([
+        idem_testkit::test_cases!([backends::REDIS], multi_thread(2);
         v2_replays_a_v1_completed_record,
         v2_respects_a_live_v1_claim_and_wakes_on_its_completion,
-        v2_takes_over_a_lapsed_v1_claim_and_v1_fails_closed_on_v2)])
+        v2_takes_over_a_lapsed_v1_claim_and_v1_fails_closed_on_v2),
+    ])
 }

@@ -6,11 +6,11 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use idem_testkit::{wrapper_keeps_identity, FaultyStore};
 use idem_core::{
     async_trait, Claim, ClaimRequest, FencingToken, Key, RecordState, Store, StoreError,
 };
 use idem_stores::{MemoryStore, TieredStore};
+use idem_testkit::{wrapper_keeps_identity, FaultyStore};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tiered_over_memory_keeps_the_memory_key() {

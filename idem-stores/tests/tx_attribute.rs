@@ -382,7 +382,9 @@ fn main() -> std::process::ExitCode {
         the_callers_rollback_leaves_no_row_and_no_completed_record,
         async_trait_methods_and_moved_arguments)];
     #[cfg(feature = "postgres")]
-    cases.push(idem_testkit::test_cases!([backends::POSTGRES], current_thread;
-        postgres::both_forms_commit_and_replay));
+    cases.push(
+        idem_testkit::test_cases!([backends::POSTGRES], current_thread;
+        postgres::both_forms_commit_and_replay),
+    );
     idem_testkit::harness::run(cases)
 }

@@ -12,6 +12,9 @@
 #![cfg(any(feature = "postgres", feature = "mysql", feature = "sqlite"))]
 #![allow(clippy::unwrap_used, clippy::expect_used, dead_code)]
 
+#[path = "support/backends.rs"]
+mod backends;
+
 #[path = "support/proxy.rs"]
 mod proxy;
 #[path = "support/sql_common.rs"]
@@ -22,8 +25,8 @@ mod tx_common;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use idem_testkit::transactional::{TxHarness, TxOf};
 use idem_core::{Call, Error, TransactionalStore};
+use idem_testkit::transactional::{TxHarness, TxOf};
 
 const LEASE: Duration = Duration::from_secs(1);
 const STALL: Duration = Duration::from_secs(4);
@@ -164,7 +167,6 @@ fn check_common(seen: &Seen) {
 }
 
 #[cfg(feature = "postgres")]
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_stalled_commit_is_bounded_by_the_lease() {
     let Some(url) = idem_testkit::env_url("IDEM_TEST_POSTGRES_URL") else {
         return;
@@ -191,7 +193,6 @@ async fn postgres_stalled_commit_is_bounded_by_the_lease() {
 }
 
 #[cfg(feature = "mysql")]
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mysql_stalled_commit_is_bounded_by_the_lease() {
     let Some(url) = idem_testkit::env_url("IDEM_TEST_MYSQL_URL") else {
         return;
@@ -216,7 +217,6 @@ async fn mysql_stalled_commit_is_bounded_by_the_lease() {
 }
 
 #[cfg(feature = "sqlite")]
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sqlite_stalled_commit_is_bounded_by_the_lease() {
     use std::sync::atomic::{AtomicBool, Ordering};
     let path = sql_common::sqlite_file("stall");
@@ -241,4 +241,22 @@ async fn sqlite_stalled_commit_is_bounded_by_the_lease() {
     // SQLite's commit cannot be cancelled in its driver: it lands when the hook returns, so
     // the first execution is the one that stays.
     assert_eq!(seen.rows, vec!["first".to_owned()]);
+}
+
+fn main() -> std::process::ExitCode {
+    let mut cases = Vec::new();
+    #[cfg(feature = "postgres")]
+    cases.push(
+        idem_testkit::test_cases!([backends::POSTGRES], multi_thread(2);
+        postgres_stalled_commit_is_bounded_by_the_lease),
+    );
+    #[cfg(feature = "mysql")]
+    cases.push(
+        idem_testkit::test_cases!([backends::MYSQL], multi_thread(2);
+        mysql_stalled_commit_is_bounded_by_the_lease),
+    );
+    #[cfg(feature = "sqlite")]
+    cases.push(idem_testkit::test_cases!([], multi_thread(2);
+        sqlite_stalled_commit_is_bounded_by_the_lease));
+    idem_testkit::harness::run(cases)
 }

@@ -5,6 +5,9 @@
 #![cfg(feature = "redis")]
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+#[path = "support/backends.rs"]
+mod backends;
+
 use std::sync::Arc;
 
 use idem_core::Store;
@@ -43,4 +46,13 @@ mod valkey81_native {
 mod valkey81_scripts {
     use super::*;
     idem_testkit::conformance_tests!(store("IDEM_TEST_VALKEY81_URL", NativeCas::Never, false));
+}
+
+fn main() -> std::process::ExitCode {
+    use backends::{VALKEY80, VALKEY81};
+    idem_testkit::harness::run([
+        valkey80::cases(&[VALKEY80]),
+        valkey81_native::cases(&[VALKEY81]),
+        valkey81_scripts::cases(&[VALKEY81]),
+    ])
 }

@@ -16,6 +16,9 @@
 #![cfg(feature = "redis")]
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+#[path = "support/backends.rs"]
+mod backends;
+
 #[path = "support/redis_server.rs"]
 mod redis_server;
 
@@ -24,10 +27,10 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use idem_testkit::{claim_request, env_url, fresh_key};
 use idem_core::{Call, Claim, Error, RecordState, Store, StoreError};
 use idem_stores::redis::NativeCas;
 use idem_stores::RedisStore;
+use idem_testkit::{claim_request, env_url, fresh_key};
 use redis_server::{available, RedisCluster, RedisServer};
 
 async fn connect(url: &str, native: NativeCas) -> RedisStore {
@@ -113,7 +116,6 @@ fn namespace(what: &str) -> &'static str {
     Box::leak(format!("valkey_native::{what}::{}", fresh_key()).into_boxed_str())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_path_is_detected_per_server_and_the_option_forces_it() {
     if let Some(url) = env_url("IDEM_TEST_VALKEY81_URL") {
         assert!(connect(&url, NativeCas::Auto).await.native_cas_active());
@@ -161,7 +163,6 @@ fn raw_command(port: u16, cmd: &str) -> String {
 /// A private Valkey 8.1: a fresh call (claim + completion) and a renewal run no script, only
 /// `SET`s; the same calls through a store forced onto the scripts do run scripts (the count
 /// is live).
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_fresh_call_and_a_renewal_run_no_script_on_valkey_8_1() {
     let Some(bin) = valkey81_binary() else { return };
     let server = RedisServer::start_binary(&bin, redis_server::spare_port(false), &[]);
@@ -246,7 +247,6 @@ async fn a_fresh_call_and_a_renewal_run_no_script_on_valkey_8_1() {
 }
 
 /// A renewal on the native path really extends the lease (the record lives lease + grace).
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_native_renewal_extends_the_lease_and_is_fenced_for_others() {
     let Some(url) = env_url("IDEM_TEST_VALKEY81_URL") else {
         return;
@@ -286,7 +286,6 @@ async fn a_native_renewal_extends_the_lease_and_is_fenced_for_others() {
 }
 
 /// Instances on the scripts and instances on the native commands share one Valkey 8.1.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_mixed_fleet_runs_every_key_once() {
     let Some(url) = env_url("IDEM_TEST_VALKEY81_URL") else {
         return;
@@ -338,7 +337,6 @@ async fn a_mixed_fleet_runs_every_key_once() {
 
 /// Each kind of instance wakes the other's waiters: a waiter marks the claim, so a native
 /// completion finds the value changed and completes through the script, which publishes.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_mixed_fleet_wakes_each_others_waiters() {
     let Some(url) = env_url("IDEM_TEST_VALKEY81_URL") else {
         return;
@@ -389,7 +387,6 @@ async fn a_mixed_fleet_wakes_each_others_waiters() {
 }
 
 /// A lapsed holder on one path is fenced by a taker on the other, both ways.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_mixed_fleet_fences_stale_holders() {
     let Some(url) = env_url("IDEM_TEST_VALKEY81_URL") else {
         return;
@@ -469,7 +466,6 @@ where
 /// store: after the reconnect the store uses the native path, and every key keeps its
 /// promise — a completed key replays, a claim held across the upgrade completes (and is not
 /// run again), a body in flight across it completes once, and a fresh key runs no script.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_upgrade_under_a_running_store_keeps_every_promise() {
     let Some(valkey) = valkey81_binary() else {
         return;
@@ -607,7 +603,6 @@ async fn an_upgrade_under_a_running_store_keeps_every_promise() {
 
 /// A three-master Valkey 8.1 cluster: the native path is detected on every node, calls run
 /// once, waiters are woken, stale holders fenced, and fresh calls run no script on any node.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_native_path_on_a_valkey_cluster() {
     let Some(bin) = valkey81_binary() else { return };
     let cluster = RedisCluster::start_binary(&bin);
@@ -677,4 +672,22 @@ async fn the_native_path_on_a_valkey_cluster() {
     idem_testkit::lease_takeover(store.clone()).await;
     idem_testkit::wait_wakes_on_complete(store.clone()).await;
     idem_testkit::complete_reply_lost_after_expiry(store.clone()).await;
+}
+
+fn main() -> std::process::ExitCode {
+    use backends::{REDIS_SERVER, VALKEY80, VALKEY81, VALKEY81_SERVER};
+    use idem_testkit::test_cases;
+    idem_testkit::harness::run([
+        test_cases!([VALKEY80, VALKEY81], multi_thread(4);
+            the_path_is_detected_per_server_and_the_option_forces_it),
+        test_cases!([VALKEY81], multi_thread(4);
+            a_native_renewal_extends_the_lease_and_is_fenced_for_others,
+            a_mixed_fleet_runs_every_key_once,
+            a_mixed_fleet_wakes_each_others_waiters,
+            a_mixed_fleet_fences_stale_holders),
+        test_cases!([VALKEY81_SERVER, REDIS_SERVER], multi_thread(4);
+            a_fresh_call_and_a_renewal_run_no_script_on_valkey_8_1,
+            an_upgrade_under_a_running_store_keeps_every_promise,
+            the_native_path_on_a_valkey_cluster),
+    ])
 }

@@ -25,10 +25,8 @@ pub use backends::REDIS;
 
 /// Without the `redis` feature, the Redis variants are reported as ignored.
 #[cfg(not(feature = "redis"))]
-pub const REDIS: idem_testkit::harness::Need = idem_testkit::harness::Need::disabled(
-    "Redis",
-    "this build lacks `--features http,redis`",
-);
+pub const REDIS: idem_testkit::harness::Need =
+    idem_testkit::harness::Need::disabled("Redis", "this build lacks `--features http,redis`");
 
 /// Without the `postgres` feature, the PostgreSQL variants are reported as ignored.
 #[cfg(not(feature = "postgres"))]

@@ -43,6 +43,47 @@ pub const MYSQL: Need = Need::server("MySQL", "IDEM_TEST_MYSQL_URL", |url| {
     })
 });
 
+/// A Valkey 8.0 server at `IDEM_TEST_VALKEY80_URL` (no default: `.ci/valkey` starts one).
+#[cfg(feature = "redis")]
+pub const VALKEY80: Need = Need::server("Valkey 8.0", "IDEM_TEST_VALKEY80_URL", |url| {
+    Box::pin(async move {
+        idem_stores::RedisStore::connect(&url)
+            .await
+            .map(drop)
+            .map_err(|e| reason(&e))
+    })
+});
+
+/// A Valkey 8.1 server at `IDEM_TEST_VALKEY81_URL` (no default: `.ci/valkey` starts one).
+#[cfg(feature = "redis")]
+pub const VALKEY81: Need = Need::server("Valkey 8.1", "IDEM_TEST_VALKEY81_URL", |url| {
+    Box::pin(async move {
+        idem_stores::RedisStore::connect(&url)
+            .await
+            .map(drop)
+            .map_err(|e| reason(&e))
+    })
+});
+
+/// The `valkey-server` 8.1 program named by `IDEM_TEST_VALKEY81_SERVER`, for tests that start
+/// (and kill) Valkey servers of their own.
+pub const VALKEY81_SERVER: Need = Need::server(
+    "valkey-server 8.1",
+    "IDEM_TEST_VALKEY81_SERVER",
+    |program| {
+        Box::pin(async move {
+            match std::process::Command::new(&program)
+                .arg("--version")
+                .output()
+            {
+                Ok(out) if out.status.success() => Ok(()),
+                Ok(out) => Err(format!("`{program} --version` exited with {}", out.status)),
+                Err(e) => Err(format!("`{program}` does not run: {e}")),
+            }
+        })
+    },
+);
+
 /// `redis-server` and `redis-cli`, for tests that start (and kill) servers of their own.
 pub const REDIS_SERVER: Need = Need::programs("redis-server", &["redis-server", "redis-cli"]);
 
