@@ -204,16 +204,10 @@ async fn mysql_degrades_gradually_and_recovers() {
 }
 
 fn main() -> std::process::ExitCode {
-    let mut cases = Vec::new();
-    #[cfg(feature = "postgres")]
-    cases.push(
-        idem_testkit::test_cases!([backends::POSTGRES], multi_thread(2);
-        postgres_degrades_gradually_and_recovers),
-    );
-    #[cfg(feature = "mysql")]
-    cases.push(
-        idem_testkit::test_cases!([backends::MYSQL], multi_thread(2);
-        mysql_degrades_gradually_and_recovers),
-    );
-    idem_testkit::harness::run(cases)
+    use backends::{MYSQL, POSTGRES};
+    use idem_testkit::test_cases;
+    idem_testkit::harness::run([
+        test_cases!([POSTGRES], multi_thread(2); postgres_degrades_gradually_and_recovers),
+        test_cases!([MYSQL], multi_thread(2); mysql_degrades_gradually_and_recovers),
+    ])
 }

@@ -395,28 +395,12 @@ const CONTROL: idem_testkit::harness::Need = idem_testkit::harness::Need::disabl
 );
 
 fn main() -> std::process::ExitCode {
-    let mut cases = Vec::new();
-    #[cfg(feature = "postgres")]
-    {
-        cases.push(
-            idem_testkit::test_cases!([backends::POSTGRES], multi_thread(2);
-            postgres_renewals_get_through_a_saturated_pool),
-        );
-        cases.push(
-            idem_testkit::test_cases!([backends::POSTGRES, CONTROL], multi_thread(2);
-            postgres_without_lane),
-        );
-    }
-    #[cfg(feature = "mysql")]
-    {
-        cases.push(
-            idem_testkit::test_cases!([backends::MYSQL], multi_thread(2);
-            mysql_renewals_get_through_a_saturated_pool),
-        );
-        cases.push(
-            idem_testkit::test_cases!([backends::MYSQL, CONTROL], multi_thread(2);
-            mysql_without_lane),
-        );
-    }
-    idem_testkit::harness::run(cases)
+    use backends::{MYSQL, POSTGRES};
+    use idem_testkit::test_cases;
+    idem_testkit::harness::run([
+        test_cases!([POSTGRES], multi_thread(2); postgres_renewals_get_through_a_saturated_pool),
+        test_cases!([POSTGRES, CONTROL], multi_thread(2); postgres_without_lane),
+        test_cases!([MYSQL], multi_thread(2); mysql_renewals_get_through_a_saturated_pool),
+        test_cases!([MYSQL, CONTROL], multi_thread(2); mysql_without_lane),
+    ])
 }

@@ -244,19 +244,11 @@ async fn sqlite_stalled_commit_is_bounded_by_the_lease() {
 }
 
 fn main() -> std::process::ExitCode {
-    let mut cases = Vec::new();
-    #[cfg(feature = "postgres")]
-    cases.push(
-        idem_testkit::test_cases!([backends::POSTGRES], multi_thread(2);
-        postgres_stalled_commit_is_bounded_by_the_lease),
-    );
-    #[cfg(feature = "mysql")]
-    cases.push(
-        idem_testkit::test_cases!([backends::MYSQL], multi_thread(2);
-        mysql_stalled_commit_is_bounded_by_the_lease),
-    );
-    #[cfg(feature = "sqlite")]
-    cases.push(idem_testkit::test_cases!([], multi_thread(2);
-        sqlite_stalled_commit_is_bounded_by_the_lease));
-    idem_testkit::harness::run(cases)
+    use backends::{MYSQL, POSTGRES};
+    use idem_testkit::test_cases;
+    idem_testkit::harness::run([
+        test_cases!([POSTGRES], multi_thread(2); postgres_stalled_commit_is_bounded_by_the_lease),
+        test_cases!([MYSQL], multi_thread(2); mysql_stalled_commit_is_bounded_by_the_lease),
+        test_cases!([], multi_thread(2); sqlite_stalled_commit_is_bounded_by_the_lease),
+    ])
 }
