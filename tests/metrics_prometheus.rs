@@ -287,10 +287,25 @@ async fn every_outcome() -> Vec<(Outcome, Option<Outcome>)> {
     })
     .await;
     seen.push((Outcome::Cancelled, observed.last()));
+
+    // The process drains: a new call is refused. (Every test of this binary holds `SERIAL`,
+    // so no other test's call meets the drain.)
+    idem_core::shutdown(Duration::ZERO)
+        .await
+        .expect("nothing is held");
+    expect!(
+        Outcome::ShuttingDown,
+        Call::new(NS).key("late").run(s, one())
+    );
+    idem_core::shutdown::resume();
     seen
 }
 
+/// Held by each test: the drain in [`every_outcome`] is process-wide.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 async fn the_documented_exporter_shows_every_outcome_with_help_lines_and_finite_buckets() {
+    let _serial = SERIAL.lock().await;
     let handle = handle();
     let seen = every_outcome().await;
     for (want, got) in &seen {
@@ -443,6 +458,7 @@ async fn store_label(store: &dyn Store, name: &str) {
 
 #[cfg(feature = "redis")]
 async fn redis_calls_carry_the_store_label() {
+    let _serial = SERIAL.lock().await;
     let Some(url) = idem_testkit::env_url("IDEM_TEST_REDIS_URL") else {
         return;
     };
@@ -452,6 +468,7 @@ async fn redis_calls_carry_the_store_label() {
 
 #[cfg(feature = "postgres")]
 async fn postgres_calls_carry_the_store_label() {
+    let _serial = SERIAL.lock().await;
     let Some(url) = idem_testkit::env_url("IDEM_TEST_POSTGRES_URL") else {
         return;
     };
@@ -462,6 +479,7 @@ async fn postgres_calls_carry_the_store_label() {
 
 #[cfg(feature = "mysql")]
 async fn mysql_calls_carry_the_store_label() {
+    let _serial = SERIAL.lock().await;
     let Some(url) = idem_testkit::env_url("IDEM_TEST_MYSQL_URL") else {
         return;
     };
@@ -472,6 +490,7 @@ async fn mysql_calls_carry_the_store_label() {
 
 #[cfg(feature = "sqlite")]
 async fn sqlite_calls_carry_the_store_label() {
+    let _serial = SERIAL.lock().await;
     let store = idem_stores::SqliteStore::connect("sqlite::memory:")
         .await
         .unwrap();

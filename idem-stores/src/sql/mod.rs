@@ -626,11 +626,16 @@ pub(crate) mod base {
         }
     }
 
+    /// The least time one claim is given, whatever its lease.
+    pub(crate) const CLAIM_BOUND_FLOOR: Duration = Duration::from_millis(250);
+
     /// `Store::claim` of every SQL store: the claim's statements, as one operation in a task
     /// of their own (see [`Core::claim_to_the_end`]), under the operation timeout or the
-    /// claim's lease, whichever is shorter: the runtime gives up on a claim after its lease,
-    /// and a claim given up on stops there (its connection is closed, not left to finish a
-    /// statement for nobody).
+    /// claim's lease (at least [`CLAIM_BOUND_FLOOR`]), whichever is shorter: the runtime gives
+    /// up on a claim after its lease, and a claim given up on stops there (its connection is
+    /// closed, not left to finish a statement for nobody). The floor keeps a claim with a
+    /// lease of a few milliseconds (a test's lapsed claim) from timing out before one round
+    /// trip can answer.
     pub(crate) async fn claim<S: SqlBackend>(
         store: &S,
         req: &ClaimRequest,
@@ -640,7 +645,7 @@ pub(crate) mod base {
         let limit = store
             .core()
             .op_timeout
-            .min(req.lease.max(Duration::from_millis(1)));
+            .min(req.lease.max(CLAIM_BOUND_FLOOR));
         store
             .core()
             .claim_to_the_end(req.token, async move {
