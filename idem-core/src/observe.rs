@@ -218,7 +218,7 @@ pub fn emit(outcome: Outcome, namespace: &'static str, key: Option<&crate::Key>)
     emit_for(store, outcome, namespace, key);
 }
 
-/// [`emit`] for a call that ends outside [`in_store`], on a store known by name (the HTTP
+/// [`emit`] for a call that ends outside a store's scope, on a store known by name (the HTTP
 /// layer's refusals).
 pub fn emit_for(
     store: &'static str,
