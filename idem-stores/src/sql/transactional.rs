@@ -250,6 +250,7 @@ struct Session {
     id: i64,
     /// PostgreSQL: the transaction's id (32 bits, as `pg_stat_activity` shows it), so that
     /// only this transaction's session is ended, never a later one on a reused pid.
+    #[cfg_attr(not(feature = "postgres"), allow(dead_code))]
     xid: Option<i64>,
 }
 
