@@ -416,6 +416,7 @@ pub(crate) mod base {
         /// Claims whose statement may still run, by token (see [`Core::claim_to_the_end`]).
         claims: Arc<Mutex<HashMap<FencingToken, Arc<Semaphore>>>>,
         /// Renewals in flight, by claim (see [`Core::renewal_turn`]).
+        #[cfg_attr(not(any(feature = "postgres", feature = "mysql")), allow(dead_code))]
         renewals: Renewals,
     }
 
@@ -423,6 +424,8 @@ pub(crate) mod base {
     type Renewals = Arc<Mutex<HashMap<FencingToken, (Arc<Semaphore>, usize)>>>;
 
     /// A claim's turn to renew; the next renewal of that claim waits until it is dropped.
+    /// (PostgreSQL and MySQL; SQLite's renewals are serialised by its single writer.)
+    #[cfg_attr(not(any(feature = "postgres", feature = "mysql")), allow(dead_code))]
     pub(crate) struct RenewalTurn {
         renewals: Renewals,
         token: FencingToken,
@@ -553,6 +556,7 @@ pub(crate) mod base {
         /// quarter of the lease, in case the one in flight is stuck opening a connection) and
         /// then runs: it is never answered by the earlier one's result, which was sent
         /// earlier and covers less of the lease.
+        #[cfg_attr(not(any(feature = "postgres", feature = "mysql")), allow(dead_code))]
         pub(crate) async fn renewal_turn(&self, token: FencingToken) -> RenewalTurn {
             let turn = {
                 let mut renewals = lock(&self.renewals);
