@@ -215,6 +215,11 @@ pub enum StoreError {
     /// The operation did not finish in time.
     #[error("store operation timed out after {0:?}")]
     Timeout(Duration),
+    /// The store does not implement this operation (a third-party store that predates
+    /// durable steps, for example). The runtime turns it into a clear error for the caller;
+    /// nothing is run in its place.
+    #[error("this store does not support `{0}`")]
+    Unsupported(&'static str),
     /// The backend failed: connection, protocol, server error.
     #[error("store backend error: {message}")]
     Backend {

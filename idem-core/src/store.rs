@@ -198,6 +198,106 @@ pub enum RecordState {
     Completed(CompletedRecord),
 }
 
+/// One durable step's place in a call: its name, and its occurrence among the steps of that
+/// name in one execution (0 for the first `step("line", ..)`, 1 for the second, ...).
+///
+/// ```
+/// let id = idem_core::StepId::new("charge", 0);
+/// assert_eq!(id.to_string(), "charge#0");
+/// ```
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct StepId {
+    /// The step's name, as the body gives it.
+    pub name: String,
+    /// Its occurrence number among the steps of that name, from 0.
+    pub occurrence: u32,
+}
+
+impl StepId {
+    /// A step id from its parts.
+    pub fn new(name: impl Into<String>, occurrence: u32) -> Self {
+        StepId {
+            name: name.into(),
+            occurrence,
+        }
+    }
+}
+
+impl fmt::Display for StepId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}#{}", self.name, self.occurrence)
+    }
+}
+
+/// What a step record says about its step.
+///
+/// ```
+/// use idem_core::StepStatus;
+/// for s in [StepStatus::Started, StepStatus::Done, StepStatus::Failed] {
+///     assert_eq!(StepStatus::from_code(s.code()), Some(s));
+/// }
+/// assert_eq!(StepStatus::from_code(9), None);
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum StepStatus {
+    /// An at-most-once step was started and has not (yet) finished: its outcome is unknown.
+    Started,
+    /// The step finished with `Ok`; the record's value is its encoded result.
+    Done,
+    /// The step finished with an `Err` that the body chose to store (a terminal error); the
+    /// record's value is the encoded error.
+    Failed,
+}
+
+impl StepStatus {
+    /// A small number for stores that keep the status in a column or a field: 1, 2, 3.
+    pub fn code(self) -> u8 {
+        match self {
+            StepStatus::Started => 1,
+            StepStatus::Done => 2,
+            StepStatus::Failed => 3,
+        }
+    }
+
+    /// The inverse of [`code`](Self::code); `None` for a number that is none of them.
+    pub fn from_code(code: u8) -> Option<Self> {
+        match code {
+            1 => Some(StepStatus::Started),
+            2 => Some(StepStatus::Done),
+            3 => Some(StepStatus::Failed),
+            _ => None,
+        }
+    }
+}
+
+/// One durable step's record, as a store keeps it beside its call's record.
+///
+/// ```
+/// use idem_core::{StepId, StepRecord, StepStatus};
+/// let r = StepRecord::new(StepId::new("charge", 0), StepStatus::Done, b"..".to_vec());
+/// assert_eq!(r.status, StepStatus::Done);
+/// ```
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StepRecord {
+    /// Which step.
+    pub id: StepId,
+    /// Started, done or failed.
+    pub status: StepStatus,
+    /// The encoded step envelope (opaque to the store; written by the runtime).
+    pub value: Bytes,
+}
+
+impl StepRecord {
+    /// A step record from its parts.
+    pub fn new(id: StepId, status: StepStatus, value: impl Into<Bytes>) -> Self {
+        StepRecord {
+            id,
+            status,
+            value: value.into(),
+        }
+    }
+}
+
 /// Where idempotency records live. Object safe: use it as `Arc<dyn Store>`.
 ///
 /// A store keeps one record per [`Key`], in one of three states: absent, *in progress* (claimed
@@ -380,6 +480,58 @@ pub trait Store: Send + Sync + fmt::Debug {
     fn process_local(&self) -> bool {
         false
     }
+
+    /// Whether this store keeps durable steps ([`load_steps`](Self::load_steps),
+    /// [`put_step`](Self::put_step), [`clear_step`](Self::clear_step)). Default: `false`, and
+    /// a call whose body uses a step on such a store gets a clear error instead of a silent
+    /// re-run. A wrapper forwards its inner store's answer.
+    fn supports_steps(&self) -> bool {
+        false
+    }
+
+    /// Reads every live (unexpired) step record of the call `key`, in one step (one round
+    /// trip for a remote store), whatever the state of the call's own record: a call that
+    /// was released (its body returned `Err`, or its holder died) keeps its finished steps, so
+    /// that the next execution resumes after them. Any order. An empty list when there are
+    /// none.
+    async fn load_steps(&self, key: &Key) -> Result<Vec<StepRecord>, StoreError> {
+        let _ = key;
+        Err(StoreError::Unsupported("durable steps"))
+    }
+
+    /// Writes one step record of the call `key`, atomically and fenced like
+    /// [`complete`](Self::complete): only while the call's record is in progress under `token`
+    /// — otherwise [`StoreError::Fenced`] and nothing is written (a holder that lost its lease
+    /// cannot write a step). A record with the same [`StepId`] is replaced (an at-most-once
+    /// step's `Started` becomes `Done`). The step record expires `ttl` from now (the call's
+    /// TTL), and is removed with the call's record by [`remove`](Self::remove); completing or
+    /// releasing the call leaves it as it is. A value over
+    /// [`max_value_size`](Self::max_value_size) is refused with [`StoreError::TooLarge`].
+    /// Repeatable: writing the same record twice leaves one. A remote store keeps the step
+    /// records where the call's record is (one Redis cluster slot, one database).
+    async fn put_step(
+        &self,
+        key: &Key,
+        token: FencingToken,
+        step: &StepRecord,
+        ttl: Duration,
+    ) -> Result<(), StoreError> {
+        let _ = (key, token, step, ttl);
+        Err(StoreError::Unsupported("durable steps"))
+    }
+
+    /// Removes one step record of the call `key`, fenced like [`put_step`](Self::put_step)
+    /// (an at-most-once step whose body returned an `Err` it did not store: it is known not
+    /// to have finished, so the next execution may run it again). Absent → `Ok`.
+    async fn clear_step(
+        &self,
+        key: &Key,
+        token: FencingToken,
+        id: &StepId,
+    ) -> Result<(), StoreError> {
+        let _ = (key, token, id);
+        Err(StoreError::Unsupported("durable steps"))
+    }
 }
 
 /// A store whose records live in a database that can also hold the body's own writes, so that
@@ -423,6 +575,22 @@ pub trait TransactionalStore: Store {
     /// Commits `tx`. If the reply is lost, the runtime finds out what happened by claiming
     /// again with its own token (in progress under it: rolled back; completed: committed).
     async fn commit(&self, tx: Self::Tx) -> Result<(), StoreError>;
+
+    /// Writes a step record inside `tx`, fenced by `token` like [`Store::put_step`]: the step's
+    /// own statements and its record commit together (a transactional step runs exactly
+    /// once). [`StoreError::Fenced`] when the call's record is not in progress under
+    /// `token`; the caller then rolls back. Default: unsupported.
+    async fn put_step_in(
+        &self,
+        tx: &mut Self::Tx,
+        key: &Key,
+        token: FencingToken,
+        step: &StepRecord,
+        ttl: Duration,
+    ) -> Result<(), StoreError> {
+        let _ = (tx, key, token, step, ttl);
+        Err(StoreError::Unsupported("transactional steps"))
+    }
 }
 
 // `store = self.db` with an `Arc<PostgresStore>` field (or a `&` or `Box` of one) works in
@@ -447,6 +615,16 @@ macro_rules! forward_transactional_store {
             }
             async fn commit(&self, tx: Self::Tx) -> Result<(), StoreError> {
                 (**self).commit(tx).await
+            }
+            async fn put_step_in(
+                &self,
+                tx: &mut Self::Tx,
+                key: &Key,
+                token: FencingToken,
+                step: &StepRecord,
+                ttl: Duration,
+            ) -> Result<(), StoreError> {
+                (**self).put_step_in(tx, key, token, step, ttl).await
             }
         }
     )*};
@@ -551,6 +729,46 @@ macro_rules! forward_store {
             }
             fn process_local(&self) -> bool {
                 (**self).process_local()
+            }
+            fn supports_steps(&self) -> bool {
+                (**self).supports_steps()
+            }
+            fn load_steps<'a, 'b, 'f>(&'a self, key: &'b Key) -> StoreFuture<'f, Vec<StepRecord>>
+            where
+                'a: 'f,
+                'b: 'f,
+                Self: 'f,
+            {
+                (**self).load_steps(key)
+            }
+            fn put_step<'a, 'b, 'c, 'f>(
+                &'a self,
+                key: &'b Key,
+                token: FencingToken,
+                step: &'c StepRecord,
+                ttl: Duration,
+            ) -> StoreFuture<'f, ()>
+            where
+                'a: 'f,
+                'b: 'f,
+                'c: 'f,
+                Self: 'f,
+            {
+                (**self).put_step(key, token, step, ttl)
+            }
+            fn clear_step<'a, 'b, 'c, 'f>(
+                &'a self,
+                key: &'b Key,
+                token: FencingToken,
+                id: &'c StepId,
+            ) -> StoreFuture<'f, ()>
+            where
+                'a: 'f,
+                'b: 'f,
+                'c: 'f,
+                Self: 'f,
+            {
+                (**self).clear_step(key, token, id)
             }
         }
     )*};
