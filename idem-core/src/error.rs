@@ -107,6 +107,78 @@ pub enum Error {
         /// The function that was refused.
         second: &'static str,
     },
+    /// [`step`](crate::step) was called outside the body of an idempotent call (no
+    /// `#[idempotent]` or [`Call`](crate::Call) around it, or in a task the body spawned): a
+    /// step records its result beside the call's record, so there is nowhere to record it.
+    /// The step's future was not run (HTTP 500).
+    #[error(
+        "durable step `{step}` ran outside an idempotent call: call step() in the body of an \
+         #[idempotent] function or Call::run, in the body's own task (not a spawned one)"
+    )]
+    StepOutsideCall {
+        /// The step's name.
+        step: String,
+    },
+    /// A step was started inside another step's future: steps do not nest. The inner step's
+    /// future was not run (HTTP 500).
+    #[error(
+        "durable step `{step}` was started inside another step: steps do not nest; run it \
+         after the enclosing step, or make its work part of that step"
+    )]
+    StepNested {
+        /// The inner step's name.
+        step: String,
+    },
+    /// A step in a transactional call (`transaction = tx`, `in_transaction = tx`): the whole
+    /// body already commits once, with its result, so a step inside it would be half
+    /// durable. The step's future was not run (HTTP 500).
+    #[error(
+        "durable step `{step}` in a transactional call: the body already commits once with its \
+         result; remove the step, or drop `transaction` and use step_in() for the parts that \
+         write to the database"
+    )]
+    StepInTransaction {
+        /// The step's name.
+        step: String,
+    },
+    /// An at-most-once step was started by an earlier execution of this call that did not
+    /// record how it ended (it crashed, or lost its lease, inside the step): it may or may not
+    /// have happened, so it is not run again (HTTP 409). Find out from the downstream system
+    /// (the step's [`step_key`](crate::step_key) is the key it saw), give the step an
+    /// [`on_in_doubt`](crate::Step::on_in_doubt) hook that does, or
+    /// [`forget`](crate::Call::forget) the call to start it over.
+    #[error(
+        "at-most-once step `{step}` was started by an earlier execution that did not finish \
+         it: its outcome is unknown, so it is not run again; check the downstream system \
+         (step_key() is the key it saw), add an on_in_doubt hook, or forget the call"
+    )]
+    StepInDoubt {
+        /// The step.
+        step: crate::StepId,
+    },
+    /// The call's store does not keep durable steps (a third-party store that predates them,
+    /// or one that cannot be detached): the step's future was not run, rather than run again
+    /// on every retry (HTTP 500).
+    #[error(
+        "the `{store}` store does not keep durable steps: use a store that does (memory, \
+         tiered, Redis, PostgreSQL, MySQL, SQLite), or implement Store::supports_steps, \
+         load_steps, put_step and clear_step (and detached)"
+    )]
+    StepsUnsupported {
+        /// The store's name ([`Store::name`](crate::Store::name)).
+        store: &'static str,
+    },
+    /// The call started more steps than its `max_steps` (HTTP 500). The step past the limit
+    /// was not run.
+    #[error(
+        "the call started more than {limit} durable steps, its max_steps: raise max_steps \
+         (Call::max_steps, Options::max_steps, #[idempotent(max_steps = ..)]) or do more in \
+         each step"
+    )]
+    TooManySteps {
+        /// The limit.
+        limit: u32,
+    },
 }
 
 /// The message of [`Error::IncompatibleRecord`]: a tag mismatch names both tags; a payload
@@ -149,7 +221,7 @@ impl Error {
             .clamp(Duration::from_millis(10), MAX_RETRY_HINT)
     }
 
-    /// The HTTP status this error maps to: 409 `InProgress`, 422 `KeyReused`, 400 `MissingKey`,
+    /// The HTTP status this error maps to: 409 `InProgress` and `StepInDoubt`, 422 `KeyReused`, 400 `MissingKey`,
     /// 503 `Store` and `ShuttingDown`, 500 for the rest.
     ///
     /// ```
@@ -158,7 +230,7 @@ impl Error {
     /// ```
     pub fn http_status(&self) -> u16 {
         match self {
-            Error::InProgress { .. } => 409,
+            Error::InProgress { .. } | Error::StepInDoubt { .. } => 409,
             Error::KeyReused => 422,
             Error::MissingKey => 400,
             Error::Store(_) | Error::ShuttingDown => 503,
@@ -168,7 +240,12 @@ impl Error {
             | Error::TooLarge { .. }
             | Error::InvalidOption { .. }
             | Error::NoStore
-            | Error::NamespaceCollision { .. } => 500,
+            | Error::NamespaceCollision { .. }
+            | Error::StepOutsideCall { .. }
+            | Error::StepNested { .. }
+            | Error::StepInTransaction { .. }
+            | Error::StepsUnsupported { .. }
+            | Error::TooManySteps { .. } => 500,
         }
     }
 
@@ -181,9 +258,15 @@ impl Error {
             Error::MissingKey => Outcome::MissingKey,
             Error::IncompatibleRecord { .. } => Outcome::IncompatibleRecord,
             Error::Store(_) | Error::NoStore => Outcome::StoreError,
-            Error::InvalidOption { .. } | Error::NamespaceCollision { .. } => {
-                Outcome::InvalidOption
-            }
+            Error::InvalidOption { .. }
+            | Error::NamespaceCollision { .. }
+            | Error::StepOutsideCall { .. }
+            | Error::StepNested { .. }
+            | Error::StepInTransaction { .. }
+            | Error::StepsUnsupported { .. }
+            | Error::TooManySteps { .. } => Outcome::InvalidOption,
+            // The body returned it: the call ends as failed.
+            Error::StepInDoubt { .. } => Outcome::Failed,
             Error::Codec(_) => Outcome::CodecError,
             Error::LeaseLost => Outcome::LeaseLost,
             Error::TooLarge { .. } => Outcome::TooLarge,

@@ -26,7 +26,9 @@ use std::time::Duration;
 
 use crate::codec::Codec;
 use crate::error::{Error, StoreError};
-use crate::store::{FencingToken, Fingerprint, Key, RecordState, Store};
+use crate::store::{
+    FencingToken, Fingerprint, Key, RecordState, StepId, StepRecord, StepStatus, Store,
+};
 use crate::Call;
 
 /// What [`Call::inspect`] reports of one record.
@@ -45,6 +47,32 @@ pub struct RecordInfo {
     pub tag: Option<String>,
     /// For a completed record: the size of the stored envelope in bytes.
     pub size: Option<usize>,
+    /// The call's recorded durable steps ([`step`](crate::step)), by name and occurrence;
+    /// empty when it has none or the store keeps no steps.
+    pub steps: Vec<StepInfo>,
+}
+
+/// One recorded durable step of a call, as [`Call::inspect`] reports it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct StepInfo {
+    /// The step's name and occurrence.
+    pub id: StepId,
+    /// Started (an at-most-once step in flight, or in doubt), done or failed.
+    pub status: StepStatus,
+    /// The size of its stored envelope in bytes.
+    pub size: usize,
+}
+
+impl StepInfo {
+    /// What a step record reports.
+    pub fn from_record(record: &StepRecord) -> Self {
+        StepInfo {
+            id: record.id.clone(),
+            status: record.status,
+            size: record.value.len(),
+        }
+    }
 }
 
 /// The state part of a [`RecordInfo`].
@@ -74,6 +102,7 @@ impl RecordInfo {
                 fingerprint,
                 tag: None,
                 size: None,
+                steps: Vec::new(),
             },
             RecordState::Completed(record) => RecordInfo {
                 key,
@@ -83,6 +112,7 @@ impl RecordInfo {
                 fingerprint: record.fingerprint,
                 tag: crate::codec::peek_tag(&record.value),
                 size: Some(record.value.len()),
+                steps: Vec::new(),
             },
         }
     }
@@ -90,14 +120,27 @@ impl RecordInfo {
 
 impl<C: Codec> Call<C> {
     /// Finds this call's record — the same (namespace, scope, key) that [`run`](Call::run)
-    /// would use — and reports its state, TTL left, fingerprint, compatibility tag and size.
-    /// `Ok(None)` when there is none (never claimed, expired, released, or forgotten).
+    /// would use — and reports its state, TTL left, fingerprint, compatibility tag, size, and
+    /// its recorded durable steps (read with one more store operation when the store keeps
+    /// steps). `Ok(None)` when there is none (never claimed, expired, released, or
+    /// forgotten; a released call's steps are kept for its retry, but not reported here).
     pub async fn inspect(&self, store: &dyn Store) -> Result<Option<RecordInfo>, Error> {
         let key = self.record_key(store)?;
-        Ok(store
-            .get(&key)
-            .await?
-            .map(|state| RecordInfo::from_state(key, state)))
+        let Some(state) = store.get(&key).await? else {
+            return Ok(None);
+        };
+        let mut info = RecordInfo::from_state(key, state);
+        if store.supports_steps() {
+            let mut steps: Vec<StepInfo> = store
+                .load_steps(&key)
+                .await?
+                .iter()
+                .map(StepInfo::from_record)
+                .collect();
+            steps.sort_by(|a, b| a.id.cmp(&b.id));
+            info.steps = steps;
+        }
+        Ok(Some(info))
     }
 
     /// Removes this call's record, whatever its state, so that the next call runs the body

@@ -56,6 +56,7 @@
 //!
 //! - [`idempotent`] (feature `macros`, default) — the attribute;
 //! - [`Call`] — the runtime: claim, replay, wait, execute, complete, release;
+//! - [`step`] — durable steps: a retried call resumes at its first unfinished step;
 //! - [`Store`] — the trait every backend implements (memory, Redis, SQL in `idem-stores`);
 //! - [`key`] and [`fingerprint`] — hashed identities and argument fingerprints;
 //! - [`codec`] — the `Codec` trait, the MessagePack default and the record envelope;
@@ -76,6 +77,7 @@ mod namespace;
 mod observe;
 mod private;
 mod runtime;
+pub mod step;
 mod store;
 mod transaction;
 
@@ -94,11 +96,12 @@ pub mod options;
 pub use async_trait::async_trait;
 pub use bytes::Bytes;
 pub use error::{BoxError, CodecError, Error, StoreError, MAX_RETRY_HINT};
-pub use inspect::{RecordInfo, RecordStatus, StoreAdmin, StoreStats};
+pub use inspect::{RecordInfo, RecordStatus, StepInfo, StoreAdmin, StoreStats};
 pub use observe::{count, counters, observe, CallOutcome, Observed, Outcome};
-pub use options::{MissingKey, OnConflict, Options};
+pub use options::{MissingKey, OnConflict, Options, DEFAULT_MAX_STEPS};
 pub use runtime::{current_key, default_store, set_default_store, with_default_store, Call};
 pub use shutdown::{shutdown, ShutdownError};
+pub use step::{step, step_in, step_key, Step};
 pub use store::{
     Claim, ClaimRequest, CompletedRecord, FencingToken, Fingerprint, Key, RecordState, StepId,
     StepRecord, StepStatus, Store, TransactionalStore, DEFAULT_MAX_VALUE_SIZE,

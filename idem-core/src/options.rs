@@ -47,9 +47,17 @@ pub struct Options {
     pub missing_key: MissingKey,
     /// Run unprotected when the store fails to claim. Default: false (fail closed).
     pub fail_open: bool,
-    /// A limit on encoded results below the store's own. Default: the store's.
+    /// A limit on encoded results below the store's own. Default: the store's. It bounds
+    /// each durable step's stored value too.
     pub max_value_size: Option<usize>,
+    /// The most durable steps ([`step`](crate::step)) one execution of the call may start;
+    /// the next one fails with [`Error::TooManySteps`](crate::Error::TooManySteps). Default
+    /// [`DEFAULT_MAX_STEPS`] (1,000).
+    pub max_steps: u32,
 }
+
+/// The default [`Options::max_steps`]: 1,000 steps per call.
+pub const DEFAULT_MAX_STEPS: u32 = 1_000;
 
 impl Default for Options {
     fn default() -> Self {
@@ -62,6 +70,7 @@ impl Default for Options {
             missing_key: MissingKey::Error,
             fail_open: false,
             max_value_size: None,
+            max_steps: DEFAULT_MAX_STEPS,
         }
     }
 }

@@ -293,6 +293,13 @@ impl<C: Codec> Call<C> {
         self
     }
 
+    /// The most durable steps ([`step`](crate::step)) one execution may start (default
+    /// 1,000); the next fails with [`Error::TooManySteps`].
+    pub fn max_steps(mut self, limit: u32) -> Self {
+        self.options.max_steps = limit;
+        self
+    }
+
     /// Encode records with another codec.
     pub fn codec<C2: Codec>(self, codec: C2) -> Call<C2> {
         Call {
@@ -452,7 +459,7 @@ impl<C: Codec> Call<C> {
         let ident = match self.prepare::<P, T, E>(store) {
             Prepared::Claim(ident) => ident,
             Prepared::Done(result) => return result,
-            Prepared::Unprotected => return body.await,
+            Prepared::Unprotected => return unprotected(body).await,
         };
         let span =
             tracing::debug_span!(target: "idem", "idem.call", namespace = ns, key = %ident.key);
@@ -493,7 +500,7 @@ impl<C: Codec> Call<C> {
                 };
                 return replay::<P, T, E, C>(&codec, &tag, &record, outcome, ns, &key);
             }
-            Claimed::Unprotected => return body.await,
+            Claimed::Unprotected => return unprotected(body).await,
             Claimed::Failed(e, outcome) => {
                 emit(outcome, ns, Some(&key));
                 return Err(E::from(e));
@@ -503,7 +510,7 @@ impl<C: Codec> Call<C> {
             tracing::info!(target: "idem", %key, "took over a claim whose lease had passed");
         }
 
-        let result = execute(store, &held, &opts, ns, body).await;
+        let result = execute(store, &held, &opts, ns, false, body).await;
 
         // Settle: encode, then complete or release, to the end even if the caller goes away.
         let payload = match P::encode(&codec, &result) {
@@ -595,6 +602,8 @@ pub(crate) struct Held {
     pub(crate) since: Instant,
     /// Counted for the drain until the settle is acknowledged.
     pub(crate) tracked: Tracked,
+    /// The call's fingerprint: durable steps are recorded under it.
+    pub(crate) fingerprint: Option<crate::Fingerprint>,
 }
 
 pub(crate) enum Claimed {
@@ -755,6 +764,7 @@ pub(crate) async fn claim(
                     taken_over,
                     since,
                     tracked,
+                    fingerprint: ident.fingerprint,
                 });
             }
             Claim::Completed(record) => {
@@ -848,13 +858,21 @@ async fn refused_while_draining(
     Claimed::Failed(e, outcome)
 }
 
+/// A body run without protection (`fail_open`, `missing_key = run`): its durable steps run
+/// their futures and record nothing.
+pub(crate) async fn unprotected<Fut: Future>(body: Fut) -> Fut::Output {
+    crate::step::scope(crate::step::Calls::Unprotected, body).await
+}
+
 /// Step 2: run the body once, keeping the lease; a panic releases the claim and continues,
-/// a dropped caller releases it from a detached task.
+/// a dropped caller releases it from a detached task. The body's durable steps are recorded
+/// under the claim (refused in a transactional call, `in_transaction`).
 pub(crate) async fn execute<T, E, Fut>(
     store: &dyn Store,
     held: &Held,
     opts: &Options,
     ns: &'static str,
+    in_transaction: bool,
     body: Fut,
 ) -> Result<T, E>
 where
@@ -871,7 +889,18 @@ where
     #[cfg(feature = "metrics")]
     let _timer = Timer(Instant::now(), |took| crate::telemetry::body(ns, took));
     let outcome = {
-        let body = pin!(CURRENT_KEY.scope(held.key, body));
+        let steps = if in_transaction {
+            crate::step::Calls::InTransaction
+        } else {
+            crate::step::Calls::Held(crate::step::StepCtx::new(
+                store,
+                held.key,
+                held.token,
+                held.fingerprint,
+                opts,
+            ))
+        };
+        let body = pin!(crate::step::scope(steps, CURRENT_KEY.scope(held.key, body)));
         let mut body = CatchUnwind(body);
         // A body that finishes in its first poll needs no renewal timer.
         match std::future::poll_fn(|cx| Poll::Ready(Pin::new(&mut body).poll(cx))).await {

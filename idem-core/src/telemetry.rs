@@ -10,6 +10,7 @@
 //! | `idem_body_duration_seconds` | histogram | `namespace` |
 //! | `idem_record_bytes` | histogram | `namespace` — the stored envelope's size |
 //! | `idem_store_operation_duration_seconds` | histogram | `operation` (`claim`, `renew`, `complete`, `release`; `get` when a failed completion looks at the record; `begin` for transactional mode's transaction), `store` |
+//! | `idem_steps_total` | counter | `store`, `outcome` (`ran`, `replayed`, `failed`: the step returned `Err`, `in_doubt`, `reconciled`, `lease_lost`, `too_large`, `store_error`) — durable steps by how they ended |
 //! | `idem_store_evictions_total` | counter | `store`, `cause` (`size`: the store's byte bound, `expired`: its own expiry) — completed records a store dropped; recorded by stores that evict (the memory store, with `idem-stores`' feature `metrics`) |
 //!
 //! Labels never carry a key: cardinality is bounded by the number of namespaces (annotated
@@ -109,6 +110,11 @@ pub fn describe() {
         Unit::Bytes,
         "Size of the stored result envelope."
     );
+    describe_counter!(
+        "idem_steps_total",
+        Unit::Count,
+        "Durable steps by how they ended (outcome): ran, replayed, failed, in_doubt, reconciled, lease_lost, too_large, store_error."
+    );
     describe_histogram!(
         "idem_store_operation_duration_seconds",
         Unit::Seconds,
@@ -131,6 +137,11 @@ pub(crate) fn call(namespace: &'static str, store: &'static str, outcome: Outcom
         "outcome" => outcome.as_str()
     )
     .increment(1);
+}
+
+pub(crate) fn step(store: &'static str, outcome: &'static str) {
+    described();
+    metrics::counter!("idem_steps_total", "store" => store, "outcome" => outcome).increment(1);
 }
 
 pub(crate) fn claim(namespace: &'static str, took: Duration) {

@@ -67,7 +67,8 @@ impl<C: Codec> Call<C> {
             Prepared::Done(result) => return result,
             Prepared::Unprotected => {
                 let mut tx = store.begin().await.map_err(|e| fail(e.into(), ns, None))?;
-                let result = body(&mut tx).await?;
+                let in_tx = crate::step::Calls::InTransaction;
+                let result = crate::step::scope(in_tx, body(&mut tx)).await?;
                 store
                     .commit(tx)
                     .await
@@ -105,7 +106,9 @@ impl<C: Codec> Call<C> {
         let ident = match self.prepare::<ReleaseErrors, T, E>(store) {
             Prepared::Claim(ident) => ident,
             Prepared::Done(result) => return result,
-            Prepared::Unprotected => return body(tx).await,
+            Prepared::Unprotected => {
+                return crate::step::scope(crate::step::Calls::InTransaction, body(tx)).await
+            }
         };
         let span = tracing::debug_span!(target: "idem", "idem.call", namespace = ns, key = %ident.key, transactional = true);
         let call = self.drive_transaction(store, ident, Some(tx), body);
@@ -147,7 +150,9 @@ impl<C: Codec> Call<C> {
             }
             Claimed::Unprotected => {
                 return match outer {
-                    Some(tx) => body(tx).await,
+                    Some(tx) => {
+                        crate::step::scope(crate::step::Calls::InTransaction, body(tx)).await
+                    }
                     // The body's transaction lives on the store's database, which is the
                     // one that cannot be reached: there is nothing to run unprotected on.
                     None => Err(fail(
@@ -184,7 +189,7 @@ impl<C: Codec> Call<C> {
         // caught here rather than in `execute`, so that the transaction is rolled back BEFORE
         // the claim is released: on SQLite the open transaction holds the write lock that the
         // release needs (released first, it would wait for its own transaction).
-        let result = execute(store, &held, &opts, ns, async {
+        let result = execute(store, &held, &opts, ns, true, async {
             let body = pin!(body(slot.tx()));
             Ok::<_, E>(CatchUnwind(body).await)
         })
