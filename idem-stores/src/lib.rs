@@ -20,7 +20,9 @@ mod key_map;
 mod memory;
 #[cfg(feature = "memory")]
 #[cfg_attr(docsrs, doc(cfg(feature = "memory")))]
-pub use memory::{CapacityError, Evictions, MemoryStore, MemoryStoreBuilder};
+pub use memory::{
+    CapacityError, Evictions, MemoryStore, MemoryStoreBuilder, StepCapacityError, STEP_OVERHEAD,
+};
 #[cfg(feature = "memory")]
 mod tiered;
 #[cfg(feature = "memory")]

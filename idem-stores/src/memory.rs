@@ -37,14 +37,15 @@
 mod admin;
 mod claims;
 mod records;
+mod steps;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use idem_core::{
-    async_trait, Claim, ClaimRequest, CompletedRecord, FencingToken, Key, RecordState, Store,
-    StoreError, DEFAULT_MAX_VALUE_SIZE,
+    async_trait, Claim, ClaimRequest, CompletedRecord, FencingToken, Key, RecordState, StepId,
+    StepRecord, Store, StoreError, DEFAULT_MAX_VALUE_SIZE,
 };
 use tokio::time::Instant;
 
@@ -52,6 +53,7 @@ use crate::key_map::{KeyHashing, MapKey};
 use claims::{ClaimMap, Held, Lane};
 pub use records::Evictions;
 use records::{Clock, EvictionCounts, Record, Records};
+pub use steps::{StepCapacityError, STEP_OVERHEAD};
 
 /// The number of claim shards.
 const SHARDS: usize = 64;
@@ -95,6 +97,8 @@ struct Inner {
     max_in_progress: usize,
     /// In-progress claims in all shards (live or lapsed).
     claims: AtomicUsize,
+    /// Durable step records (`steps.rs`).
+    steps: steps::Steps,
 }
 
 /// An in-process store: completed records in moka, in-progress claims in a map that never
@@ -204,6 +208,7 @@ impl MemoryStoreBuilder {
                 max_value_size: self.max_value_size.min(fits),
                 max_in_progress: self.max_in_progress,
                 claims: AtomicUsize::new(0),
+                steps: steps::Steps::new(self.max_bytes, hashing),
             }),
         }
     }
@@ -557,10 +562,42 @@ impl Store for MemoryStore {
     }
 
     async fn remove(&self, key: &Key) -> Result<(), StoreError> {
-        if self.forget(key) {
+        let waiters = self.forget(key);
+        // After the claim is gone: a step write from now on is fenced.
+        self.inner.steps.remove(key);
+        if waiters {
             self.lane(key).notify.notify_waiters();
         }
         Ok(())
+    }
+
+    /// `true`: steps live beside the claims, fenced under the claim's lock
+    /// (see the `steps` module).
+    fn supports_steps(&self) -> bool {
+        true
+    }
+
+    async fn load_steps(&self, key: &Key) -> Result<Vec<StepRecord>, StoreError> {
+        Ok(self.load_steps_now(key))
+    }
+
+    async fn put_step(
+        &self,
+        key: &Key,
+        token: FencingToken,
+        step: &StepRecord,
+        ttl: Duration,
+    ) -> Result<(), StoreError> {
+        self.put_step_now(key, token, step, ttl)
+    }
+
+    async fn clear_step(
+        &self,
+        key: &Key,
+        token: FencingToken,
+        id: &StepId,
+    ) -> Result<(), StoreError> {
+        self.clear_step_now(key, token, id)
     }
 
     /// Releases at once: the store's release takes a lock for a map removal and never waits

@@ -27,7 +27,7 @@ use std::time::Duration;
 
 use idem_core::{
     async_trait, Claim, ClaimRequest, CompletedRecord, FencingToken, Fingerprint, Key, RecordState,
-    Store, StoreError,
+    StepId, StepRecord, Store, StoreError,
 };
 
 use crate::MemoryStore;
@@ -217,6 +217,34 @@ impl<S: Store> Store for TieredStore<S> {
 
     fn name(&self) -> &'static str {
         "tiered"
+    }
+
+    /// Steps are the shared store's: they go there and never into the local tier.
+    fn supports_steps(&self) -> bool {
+        self.shared.supports_steps()
+    }
+
+    async fn load_steps(&self, key: &Key) -> Result<Vec<StepRecord>, StoreError> {
+        self.shared.load_steps(key).await
+    }
+
+    async fn put_step(
+        &self,
+        key: &Key,
+        token: FencingToken,
+        step: &StepRecord,
+        ttl: Duration,
+    ) -> Result<(), StoreError> {
+        self.shared.put_step(key, token, step, ttl).await
+    }
+
+    async fn clear_step(
+        &self,
+        key: &Key,
+        token: FencingToken,
+        id: &StepId,
+    ) -> Result<(), StoreError> {
+        self.shared.clear_step(key, token, id).await
     }
 
     fn max_value_size(&self) -> usize {

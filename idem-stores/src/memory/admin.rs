@@ -35,7 +35,8 @@ impl StoreAdmin for MemoryStore {
         Ok(StoreStats::new(in_progress, completed, Some(expired), None))
     }
 
-    /// Removes up to `batch` expired records and lapsed claims; returns how many.
+    /// Removes up to `batch` expired records, lapsed claims and expired durable steps;
+    /// returns how many.
     async fn purge_expired(&self, batch: u32) -> Result<u64, StoreError> {
         let now = Instant::now();
         let mut left = batch as usize;
@@ -79,6 +80,9 @@ impl StoreAdmin for MemoryStore {
                 removed += 1;
             }
         }
+        // Expired durable steps (of calls completed, released or gone).
+        let left = (batch as usize).saturating_sub(removed as usize);
+        removed += self.inner.steps.purge(left, now) as u64;
         Ok(removed)
     }
 }
