@@ -24,6 +24,9 @@
 //! }
 //! ```
 //!
+//! Stores that keep durable steps also pass the step cases of [`steps`], stamped by
+//! [`step_conformance_tests!`](crate::step_conformance_tests) in a module of their own.
+//!
 //! Cases use fresh random keys, so they can run in parallel against a shared server, and short
 //! real durations (leases of a few hundred milliseconds), so the whole suite takes seconds.
 
@@ -45,6 +48,7 @@ pub use idem_core as __core;
 mod faulty;
 pub mod harness;
 pub mod model;
+pub mod steps;
 pub mod transactional;
 pub use faulty::{Fault, FaultyStore, Op};
 
