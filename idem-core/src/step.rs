@@ -192,7 +192,8 @@ fn derive_step_key(key: &Key, id: &StepId) -> Key {
 /// let store = idem_stores::MemoryStore::new();
 /// let runs = std::sync::atomic::AtomicU32::new(0);
 /// let call = |fail: bool| {
-///     Call::new("docs::step").key("k").run(&store, async {
+///     let runs = &runs;
+///     Call::new("docs::step").key("k").run(&store, async move {
 ///         let a = step("a", async {
 ///             runs.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
 ///             Ok::<_, Error>(1u32)

@@ -173,7 +173,16 @@ impl Problem {
         )
     }
 
-    /// The problem for an error of the runtime.
+    /// The problem for an error of the runtime. A durable step in doubt
+    /// ([`Error::StepInDoubt`]) is a 409, like a request still in progress.
+    ///
+    /// ```
+    /// use idem_core::{Error, StepId};
+    /// let p = idem_http::Problem::from_error(&Error::StepInDoubt { step: StepId::new("email", 0) });
+    /// let v: serde_json::Value = serde_json::from_slice(&p.to_json()).unwrap();
+    /// assert_eq!(v["status"], 409);
+    /// assert_eq!(v["type"], "urn:idem:problem:step-in-doubt");
+    /// ```
     pub fn from_error(e: &Error) -> Self {
         match e {
             Error::InProgress { retry_after } => Problem {
@@ -196,6 +205,18 @@ impl Problem {
                     .to_string(),
             ),
             Error::MissingKey => Problem::missing_key(),
+            // A handler that returns its step's error through this gets 409, like a
+            // conflict with the first request: the work is neither done nor safely redoable.
+            Error::StepInDoubt { step } => Problem::new(
+                409,
+                "urn:idem:problem:step-in-doubt",
+                "A step of this request is in doubt",
+                format!(
+                    "An earlier attempt of this request started step `{step}` and did not \
+                     finish it; whether it took effect is unknown, so it is not run again. \
+                     The service must reconcile it before this request can complete."
+                ),
+            ),
             Error::Store(_) => Problem {
                 retry_after: Some(Duration::from_secs(1)),
                 ..Problem::new(

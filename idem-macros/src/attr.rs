@@ -28,6 +28,7 @@ const ARGUMENTS: &[&str] = &[
     "version",
     "missing_key",
     "fail_open",
+    "max_steps",
     "crate",
     "transaction",
     "in_transaction",
@@ -112,6 +113,19 @@ fn argument(
                 _ => errors.push(syn::Error::new(
                     lit.span(),
                     "`version` takes a whole number that fits a u32, e.g. `version = 2`",
+                )),
+            }
+        }
+        "max_steps" => {
+            eq(input, name, "a whole number, e.g. `max_steps = 50`")?;
+            let lit: LitInt = input.parse()?;
+            match lit.base10_parse::<u32>() {
+                Ok(_) if lit.suffix().is_empty() || lit.suffix() == "u32" => {
+                    args.max_steps = Some(lit)
+                }
+                _ => errors.push(syn::Error::new(
+                    lit.span(),
+                    "`max_steps` takes a whole number that fits a u32, e.g. `max_steps = 50`",
                 )),
             }
         }

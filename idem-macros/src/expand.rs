@@ -350,6 +350,10 @@ fn call(p: &TokenStream, func: &ItemFn, args: &Args, model: &Func) -> TokenStrea
         let n = Literal::u32_unsuffixed(v.base10_parse::<u32>().unwrap_or_default());
         out.extend(quote!(.version(#n)));
     }
+    if let Some(v) = &args.max_steps {
+        let n = Literal::u32_unsuffixed(v.base10_parse::<u32>().unwrap_or_default());
+        out.extend(quote!(.max_steps(#n)));
+    }
     if let Some(m) = &args.missing_key {
         let v = if m == "run" {
             quote!(Run)

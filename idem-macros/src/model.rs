@@ -22,6 +22,7 @@ pub(crate) struct Args {
     /// `release` or `store`.
     pub errors: Option<Ident>,
     pub version: Option<LitInt>,
+    pub max_steps: Option<LitInt>,
     /// `error` or `run`.
     pub missing_key: Option<Ident>,
     pub fail_open: Option<bool>,

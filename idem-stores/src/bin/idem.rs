@@ -12,7 +12,8 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 use idem_core::{
-    Call, Error, Key, RecordInfo, RecordStatus, Store, StoreAdmin, StoreError, StoreStats,
+    Call, Error, Key, RecordInfo, RecordStatus, StepInfo, StepStatus, Store, StoreAdmin,
+    StoreError, StoreStats,
 };
 use idem_stores::{MySqlStore, PostgresStore, RedisStore, SqliteStore};
 use serde_json::{json, Value};
@@ -77,7 +78,7 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Show one record: state, TTL left, fingerprint, compatibility tag, size.
+    /// Show one record: state, TTL left, fingerprint, compatibility tag, size, durable steps.
     #[command(override_usage = TARGET_USAGE_INSPECT)]
     Inspect(Target),
     /// Remove one record, whatever its state: the next call runs the body again.
@@ -564,11 +565,30 @@ async fn inspect(
             .inspect(store)
             .await
             .map_err(|e| runtime_failure("inspect", e))?,
-        None => store
-            .get(&key)
-            .await
-            .map_err(|e| unavailable("inspect", &e))?
-            .map(|state| RecordInfo::from_state(key, state)),
+        None => {
+            let state = store
+                .get(&key)
+                .await
+                .map_err(|e| unavailable("inspect", &e))?;
+            match state {
+                Some(state) => {
+                    let mut info = RecordInfo::from_state(key, state);
+                    if store.supports_steps() {
+                        let mut steps: Vec<StepInfo> = store
+                            .load_steps(&key)
+                            .await
+                            .map_err(|e| unavailable("inspect", &e))?
+                            .iter()
+                            .map(StepInfo::from_record)
+                            .collect();
+                        steps.sort_by(|a, b| a.id.cmp(&b.id));
+                        info.steps = steps;
+                    }
+                    Some(info)
+                }
+                None => None,
+            }
+        }
     };
     let Some(shown) = shown else {
         return Err(not_found(&what, target));
@@ -628,6 +648,12 @@ fn print_info(info: &RecordInfo, json: bool) {
             "fingerprint": fingerprint,
             "tag": info.tag,
             "size": info.size.map(|n| n.to_string()),
+            "steps": info.steps.iter().map(|s| json!({
+                "name": s.id.name,
+                "occurrence": s.id.occurrence,
+                "status": step_status(s.status),
+                "size": s.size.to_string(),
+            })).collect::<Vec<_>>(),
         });
         match &info.status {
             RecordStatus::InProgress { token } => {
@@ -665,7 +691,22 @@ fn print_info(info: &RecordInfo, json: bool) {
     if let Some(size) = info.size {
         rows.push(("size", format!("{size} bytes")));
     }
+    for s in &info.steps {
+        rows.push((
+            "step",
+            format!("{} {} ({} bytes)", s.id, step_status(s.status), s.size),
+        ));
+    }
     table(&rows);
+}
+
+/// A durable step's status, as `inspect` prints it.
+fn step_status(status: StepStatus) -> &'static str {
+    match status {
+        StepStatus::Started => "started",
+        StepStatus::Done => "done",
+        StepStatus::Failed => "failed",
+    }
 }
 
 fn print_stats(stats: &StoreStats, json: bool) {
