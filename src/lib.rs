@@ -31,6 +31,9 @@ mod pages {
     #[doc = include_str!("../docs/testing.md")]
     struct Testing;
 
+    #[doc = include_str!("../docs/steps.md")]
+    struct Steps;
+
     #[cfg(feature = "metrics")]
     #[doc = include_str!("../docs/operations.md")]
     struct Operations;
