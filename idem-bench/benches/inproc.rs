@@ -8,7 +8,9 @@
 //! so that start-up cancels out): `moka_get`, `moka_insert_get`, `idem_macro_replay`,
 //! `idem_macro_fresh`, `idempotent_replay`, `idempotent_fresh`, `cached_hit`, and
 //! `moka_sync_get`, `moka_sync_insert_get` (moka's synchronous cache, the one `MemoryStore`
-//! keeps its records in, with moka's defaults).
+//! keeps its records in, with moka's defaults), and for durable steps `idem_10_steps_fresh`,
+//! `idem_no_steps_fresh` (one step = their difference / 10) and `moka_sync_insert` (a raw
+//! insert of the step's value).
 //!
 //! All on one current-thread tokio runtime. "Fresh" benches use a key never seen before on
 //! every iteration and a new store (or cache) per criterion sample, built and dropped outside
@@ -51,6 +53,42 @@ async fn work_call(store: &MemoryStore, n: u64) -> Result<u64, Error> {
         .fingerprint((&n,))
         .ttl(TTL)
         .run(store, work(n))
+        .await
+}
+
+/// How many steps a call of [`work_steps`] makes.
+const STEPS: u64 = 10;
+
+/// A fresh call whose body is [`STEPS`] durable steps, each returning the same 32-byte value
+/// as the raw moka baselines insert (a 32-character string: 33 bytes of MessagePack). One
+/// step costs (this − `idem_macro_fresh`) / `STEPS`: the step's bookkeeping, its envelope, its
+/// fenced write, and a tenth of the one read of recorded steps at the first step.
+async fn work_steps(store: &MemoryStore, n: u64) -> Result<u64, Error> {
+    Call::new("idem_bench::work_steps")
+        .key(n)
+        .fingerprint((&n,))
+        .ttl(TTL)
+        .run(store, async {
+            for _ in 0..STEPS {
+                black_box(
+                    idem_core::step("s", async { Ok::<_, Error>(STEP_VALUE.to_string()) }).await?,
+                );
+            }
+            Ok(n.wrapping_mul(2))
+        })
+        .await
+}
+
+/// The value every step returns.
+const STEP_VALUE: &str = "0123456789abcdef0123456789abcdef";
+
+/// The same call without steps, for the difference.
+async fn work_no_steps(store: &MemoryStore, n: u64) -> Result<u64, Error> {
+    Call::new("idem_bench::work_steps")
+        .key(n)
+        .fingerprint((&n,))
+        .ttl(TTL)
+        .run(store, async { Ok(n.wrapping_mul(2)) })
         .await
 }
 
@@ -200,6 +238,43 @@ fn inproc(c: &mut Criterion) {
             .iter(|| async { work_call(&store, black_box(REPLAY_N)).await.unwrap() })
     });
 
+    // Durable steps: a fresh call of ten steps beside the same call without steps, and the
+    // raw baseline of one step, a moka `insert` of the same value.
+    g.bench_function("moka_sync_insert", |b| {
+        b.iter_custom(|iters| {
+            let cache: moka::sync::Cache<Key, Arc<[u8]>> = moka::sync::Cache::new(u64::MAX);
+            let v: Arc<[u8]> = Arc::from(STEP_VALUE.as_bytes());
+            let start = Instant::now();
+            for _ in 0..iters {
+                cache.insert(black_box(raw_key(next())), v.clone());
+            }
+            start.elapsed()
+        })
+    });
+    for (name, steps) in [
+        ("idem_call_no_steps_fresh", false),
+        ("idem_call_10_steps_fresh", true),
+    ] {
+        g.bench_function(name, |b| {
+            b.to_async(&rt).iter_custom(|iters| async move {
+                let store = big_store();
+                let start = Instant::now();
+                for _ in 0..iters {
+                    let n = next();
+                    let r = if steps {
+                        work_steps(&store, n).await
+                    } else {
+                        work_no_steps(&store, n).await
+                    };
+                    black_box(r.unwrap());
+                }
+                let elapsed = start.elapsed();
+                drop(store);
+                elapsed
+            })
+        });
+    }
+
     // idem through `#[idempotent]`.
     rt.block_on(work_idem(&store, REPLAY_N)).unwrap();
     g.bench_function("idem_macro_fresh", |b| {
@@ -325,6 +400,7 @@ fn profile(spec: &str) {
         let value: Arc<[u8]> = Arc::from(&[0xa5u8; 32][..]);
         let cache: Cache<Key, Arc<[u8]>> = Cache::new(u64::MAX);
         let sync_cache: moka::sync::Cache<Key, Arc<[u8]>> = moka::sync::Cache::new(u64::MAX);
+        let step_value: Arc<[u8]> = Arc::from(STEP_VALUE.as_bytes());
         let peer = peer_store();
         // Every case's replay key exists before the loop.
         cache.insert(raw_key(REPLAY_N), value.clone()).await;
@@ -344,6 +420,15 @@ fn profile(spec: &str) {
                 }
                 "moka_sync_get" => {
                     black_box(sync_cache.get(black_box(&raw_key(REPLAY_N))));
+                }
+                "moka_sync_insert" => {
+                    sync_cache.insert(raw_key(next()), step_value.clone());
+                }
+                "idem_no_steps_fresh" => {
+                    black_box(work_no_steps(&store, next()).await.unwrap());
+                }
+                "idem_10_steps_fresh" => {
+                    black_box(work_steps(&store, next()).await.unwrap());
                 }
                 "moka_sync_insert_get" => {
                     let k = raw_key(next());
