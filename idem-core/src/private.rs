@@ -487,10 +487,10 @@ pub struct NotStoringErrors<E>(Never, PhantomData<fn() -> E>);
 /// [`NotStoringErrors`] (which asks none, so that a failing `E` gets no second error).
 pub trait StoresErrors<E> {
     /// [`run_storing_errors`](crate::__private::run_storing_errors).
-    fn run<'s, T, Fut>(
+    fn run<T, Fut>(
         self,
         call: crate::Call,
-        store: &'s dyn crate::Store,
+        store: &dyn crate::Store,
         body: Fut,
     ) -> impl Future<Output = Result<T, E>>
     where
@@ -510,10 +510,10 @@ pub trait StoresErrors<E> {
 
 impl<E: Serialize + DeserializeOwned + From<crate::Error>> StoresErrors<E> for StoringErrors<E> {
     #[inline(always)]
-    fn run<'s, T, Fut>(
+    fn run<T, Fut>(
         self,
         call: crate::Call,
-        store: &'s dyn crate::Store,
+        store: &dyn crate::Store,
         body: Fut,
     ) -> impl Future<Output = Result<T, E>>
     where
@@ -538,10 +538,10 @@ impl<E: Serialize + DeserializeOwned + From<crate::Error>> StoresErrors<E> for S
 }
 
 impl<E> StoresErrors<E> for NotStoringErrors<E> {
-    fn run<'s, T, Fut>(
+    fn run<T, Fut>(
         self,
         _: crate::Call,
-        _: &'s dyn crate::Store,
+        _: &dyn crate::Store,
         _: Fut,
     ) -> impl Future<Output = Result<T, E>>
     where

@@ -10,6 +10,8 @@
 //! dependencies are built once; the workspace's `Cargo.lock` is copied in and the build is
 //! `--offline`.
 
+#![allow(missing_docs, clippy::unwrap_used, clippy::expect_used)]
+
 use std::collections::BTreeMap;
 use std::fs;
 use std::path::Path;
