@@ -9,9 +9,16 @@
 //! - Inherent-method dispatch through `Deref` ([`arg`], [`ok_type`], [`err_type`]): the
 //!   method of the first type applies when the bounds hold; otherwise method lookup derefs
 //!   to a fallback type whose method asks for a trait that nothing implements, which is the
-//!   one error. Its supertraits are the bounds that the runtime asks for under the same
-//!   span, so rustc drops those repeats as implied by the first report.
+//!   one error. The trait takes the checked type as a parameter of `()` (`(): Storable<T>`),
+//!   so that rustc never suggests it as a bound on the user's type parameter.
+//!
+//! The runtime's entry points are methods of what the `Ok` check returns ([`Storing`] when
+//! `T` can be stored, [`NotStoring`] otherwise) and, under `errors = store`, take what the
+//! `Err` check returns: a type that fails its check meets no second bound, so each mistake is
+//! one error in every build (rustc drops a repeated error only at an identical span, and
+//! incremental builds give each span an owner, so repeats would not match).
 
+use core::future::Future;
 use core::marker::PhantomData;
 use core::ops::Deref;
 
@@ -118,7 +125,9 @@ pub trait Fingerprinted<T: ?Sized> {}
 
 impl<T: ?Sized> Fingerprinted<T> for Unserializable {}
 
-/// The `Ok` type, checked: `ok_type::<T>().storable()`.
+/// The `Ok` type, checked: `ok_type::<T>().storable()` is [`Storing<T>`], through which the
+/// expansion runs the call, when `T` can be stored, and one error that names the derives
+/// otherwise.
 pub fn ok_type<T>() -> OkType<T> {
     OkType(UncheckedOk(PhantomData))
 }
@@ -131,7 +140,9 @@ pub struct UncheckedOk<T>(PhantomData<T>);
 
 impl<T: Serialize + DeserializeOwned> OkType<T> {
     /// `T` can be stored and replayed.
-    pub fn storable(&self) {}
+    pub fn storable(&self) -> Storing<T> {
+        Storing(PhantomData)
+    }
 }
 
 impl<T> Deref for OkType<T> {
@@ -143,22 +154,266 @@ impl<T> Deref for OkType<T> {
 
 impl<T> UncheckedOk<T> {
     /// Never compiles: `T` is not `Serialize + DeserializeOwned`.
-    pub fn storable(&self)
+    pub fn storable(&self) -> NotStoring<T>
     where
-        T: Storable,
+        (): Storable<T>,
     {
+        unreachable!("`(): Storable<T>` has no impl")
     }
 }
 
-/// Asked of an `Ok` type that is not `Serialize + DeserializeOwned`; implemented by none.
+/// Asked of `()` for an `Ok` type that is not `Serialize + DeserializeOwned`; implemented by
+/// no type that the expansion uses (the parameter, rather than `Self`, keeps rustc from
+/// suggesting this trait as a bound on a type parameter of an impl).
 #[diagnostic::on_unimplemented(
-    message = "`{Self}` is stored and replayed: add `#[derive(serde::Serialize, serde::Deserialize)]` to it",
+    message = "`{T}` is stored and replayed: add `#[derive(serde::Serialize, serde::Deserialize)]` to it",
     label = "the `Ok` type of an idempotent function",
-    note = "for a `Vec`, `Option` or other container, derive them on the type inside it"
+    note = "for a `Vec`, `Option` or other container, derive them on the type inside it; for a type parameter `T`, add the bound `T: serde::Serialize + serde::de::DeserializeOwned`"
 )]
-pub trait Storable: Serialize + DeserializeOwned {}
+pub trait Storable<T> {}
 
-/// The `Err` type under `errors = store`, checked: `err_type::<E>().storable()`.
+impl<T> Storable<T> for Unserializable {}
+
+/// [`ok_type`] for an `Ok` type that is a type parameter of the function: the fix is a
+/// bound, not a derive.
+pub fn ok_param<T>() -> OkParam<T> {
+    OkParam(UncheckedOkParam(PhantomData))
+}
+
+/// See [`ok_param`].
+pub struct OkParam<T>(UncheckedOkParam<T>);
+
+/// See [`ok_param`]: reached only when the type parameter is not bound by serde's traits.
+pub struct UncheckedOkParam<T>(PhantomData<T>);
+
+impl<T: Serialize + DeserializeOwned> OkParam<T> {
+    /// `T` can be stored and replayed.
+    pub fn storable(&self) -> Storing<T> {
+        Storing(PhantomData)
+    }
+}
+
+impl<T> Deref for OkParam<T> {
+    type Target = UncheckedOkParam<T>;
+    fn deref(&self) -> &UncheckedOkParam<T> {
+        &self.0
+    }
+}
+
+impl<T> UncheckedOkParam<T> {
+    /// Never compiles: the type parameter `T` is not bound by `Serialize + DeserializeOwned`.
+    pub fn storable(&self) -> NotStoring<T>
+    where
+        (): BoundedOk<T>,
+    {
+        unreachable!("`(): BoundedOk<T>` has no impl")
+    }
+}
+
+/// Asked of `()` for an `Ok` type that is a type parameter without serde's bounds;
+/// implemented by no type that the expansion uses (the parameter, rather than `Self`, keeps
+/// rustc from suggesting this trait as the bound to add).
+#[diagnostic::on_unimplemented(
+    message = "the type parameter `{T}` is stored and replayed: add the bound `{T}: serde::Serialize + serde::de::DeserializeOwned`",
+    label = "`{T}` is not `Serialize + DeserializeOwned`",
+    note = "the `Ok` value of an idempotent function is stored, and a retry replays it"
+)]
+pub trait BoundedOk<T> {}
+
+impl<T> BoundedOk<T> for Unserializable {}
+
+/// An `Ok` type without `impl Trait` in it cannot be named in a turbofish: `storing()` is
+/// [`Storing<T>`] with `T` inferred, and rustc's own error when it cannot be stored.
+pub fn storing<T: Serialize + DeserializeOwned>() -> Storing<T> {
+    Storing(PhantomData)
+}
+
+/// What `ok_type::<T>().storable()` is when `T` can be stored: the runtime's entry points
+/// are its methods, so that the expansion names the bound `T: Serialize + DeserializeOwned`
+/// in one place only (the check). A `T` that fails it gets [`NotStoring`] instead, whose
+/// methods ask nothing of `T`: one error per mistake, in incremental builds too (rustc drops
+/// a repeated error only at an identical span, which incremental builds do not keep).
+///
+/// Each method returns the free function's future itself (`run`, `run_on_default`, ..): the
+/// call's future is the same type as without this value, which has no size.
+pub struct Storing<T>(PhantomData<fn() -> T>);
+
+impl<T: Serialize + DeserializeOwned> Storing<T> {
+    /// [`run`](crate::__private::run).
+    #[inline(always)]
+    pub fn run<'s, E, Fut>(
+        self,
+        call: crate::Call,
+        store: &'s dyn crate::Store,
+        from_error: fn(crate::Error) -> E,
+        body: Fut,
+    ) -> impl Future<Output = Result<T, E>> + use<'s, T, E, Fut>
+    where
+        Fut: Future<Output = Result<T, E>>,
+    {
+        crate::__private::run(call, store, from_error, body)
+    }
+
+    /// [`run_on_default`](crate::__private::run_on_default).
+    #[inline(always)]
+    pub fn run_on_default<E, Fut>(
+        self,
+        call: crate::Call,
+        from_error: fn(crate::Error) -> E,
+        body: Fut,
+    ) -> impl Future<Output = Result<T, E>> + use<T, E, Fut>
+    where
+        Fut: Future<Output = Result<T, E>>,
+    {
+        crate::__private::run_on_default(call, from_error, body)
+    }
+
+    /// [`run_in_transaction`](crate::__private::run_in_transaction).
+    #[inline(always)]
+    pub fn run_in_transaction<'s, E, S, F>(
+        self,
+        call: crate::Call,
+        store: &'s S,
+        from_error: fn(crate::Error) -> E,
+        body: F,
+    ) -> impl Future<Output = Result<T, E>> + use<'s, T, E, S, F>
+    where
+        S: crate::TransactionalStore,
+        F: AsyncFnOnce(&mut S::Tx) -> Result<T, E>,
+    {
+        crate::__private::run_in_transaction(call, store, from_error, body)
+    }
+
+    /// [`run_within`](crate::__private::run_within).
+    #[inline(always)]
+    pub fn run_within<'s, 't, E, S, F>(
+        self,
+        call: crate::Call,
+        store: &'s S,
+        from_error: fn(crate::Error) -> E,
+        tx: &'t mut S::Tx,
+        body: F,
+    ) -> impl Future<Output = Result<T, E>> + use<'s, 't, T, E, S, F>
+    where
+        S: crate::TransactionalStore,
+        F: AsyncFnOnce(&mut S::Tx) -> Result<T, E>,
+    {
+        crate::__private::run_within(call, store, from_error, tx, body)
+    }
+
+    /// [`run_storing_errors`](crate::__private::run_storing_errors): `errors` is what
+    /// `err_type::<E>().storable()` is.
+    #[inline(always)]
+    pub fn run_storing_errors<'s, E, P, Fut>(
+        self,
+        errors: P,
+        call: crate::Call,
+        store: &'s dyn crate::Store,
+        body: Fut,
+    ) -> impl Future<Output = Result<T, E>> + use<'s, T, E, P, Fut>
+    where
+        P: StoresErrors<E>,
+        Fut: Future<Output = Result<T, E>>,
+    {
+        errors.run(call, store, body)
+    }
+
+    /// [`run_storing_errors_on_default`](crate::__private::run_storing_errors_on_default):
+    /// `errors` is what `err_type::<E>().storable()` is.
+    #[inline(always)]
+    pub fn run_storing_errors_on_default<E, P, Fut>(
+        self,
+        errors: P,
+        call: crate::Call,
+        body: Fut,
+    ) -> impl Future<Output = Result<T, E>> + use<T, E, P, Fut>
+    where
+        P: StoresErrors<E>,
+        Fut: Future<Output = Result<T, E>>,
+    {
+        errors.run_on_default(call, body)
+    }
+}
+
+/// What `ok_type::<T>().storable()` is after its compile error: the methods of [`Storing`],
+/// asking nothing of `T`, so that no second error follows. No value of it exists.
+pub struct NotStoring<T>(Never, PhantomData<fn() -> T>);
+
+impl<T> NotStoring<T> {
+    /// Never runs.
+    pub fn run<'s, E, Fut>(
+        self,
+        _: crate::Call,
+        _: &'s dyn crate::Store,
+        _: fn(crate::Error) -> E,
+        _: Fut,
+    ) -> impl Future<Output = Result<T, E>> + use<'s, T, E, Fut> {
+        never(self.0)
+    }
+
+    /// Never runs.
+    pub fn run_on_default<E, Fut>(
+        self,
+        _: crate::Call,
+        _: fn(crate::Error) -> E,
+        _: Fut,
+    ) -> impl Future<Output = Result<T, E>> + use<T, E, Fut> {
+        never(self.0)
+    }
+
+    /// Never runs.
+    pub fn run_in_transaction<'s, E, S, F>(
+        self,
+        _: crate::Call,
+        _: &'s S,
+        _: fn(crate::Error) -> E,
+        _: F,
+    ) -> impl Future<Output = Result<T, E>> + use<'s, T, E, S, F> {
+        never(self.0)
+    }
+
+    /// Never runs.
+    pub fn run_within<'s, 't, E, S: crate::TransactionalStore, F>(
+        self,
+        _: crate::Call,
+        _: &'s S,
+        _: fn(crate::Error) -> E,
+        _: &'t mut S::Tx,
+        _: F,
+    ) -> impl Future<Output = Result<T, E>> + use<'s, 't, T, E, S, F> {
+        never(self.0)
+    }
+
+    /// Never runs.
+    pub fn run_storing_errors<'s, E, P, Fut>(
+        self,
+        _: P,
+        _: crate::Call,
+        _: &'s dyn crate::Store,
+        _: Fut,
+    ) -> impl Future<Output = Result<T, E>> + use<'s, T, E, P, Fut> {
+        never(self.0)
+    }
+
+    /// Never runs.
+    pub fn run_storing_errors_on_default<E, P, Fut>(
+        self,
+        _: P,
+        _: crate::Call,
+        _: Fut,
+    ) -> impl Future<Output = Result<T, E>> + use<T, E, P, Fut> {
+        never(self.0)
+    }
+}
+
+/// The future of a call that cannot exist.
+async fn never<R>(never: Never) -> R {
+    match never {}
+}
+
+/// The `Err` type under `errors = store`, checked: `err_type::<E>().storable()` is
+/// [`StoringErrors<E>`] when `E` can be stored, and one error that says what it lacks
+/// otherwise.
 pub fn err_type<E>() -> ErrType<E> {
     ErrType(IdemErrType(UncheckedErr(PhantomData)))
 }
@@ -175,7 +430,9 @@ pub struct UncheckedErr<E>(PhantomData<E>);
 
 impl<E: Serialize + DeserializeOwned + From<crate::Error>> ErrType<E> {
     /// `E` can be stored and replayed.
-    pub fn storable(&self) {}
+    pub fn storable(&self) -> StoringErrors<E> {
+        StoringErrors(PhantomData)
+    }
 }
 
 impl<E> Deref for ErrType<E> {
@@ -187,10 +444,11 @@ impl<E> Deref for ErrType<E> {
 
 impl<E: IsIdemError> IdemErrType<E> {
     /// Never compiles: `idem_core::Error` is not stored.
-    pub fn storable(&self)
+    pub fn storable(&self) -> NotStoringErrors<E>
     where
         E: IdemErrorNotStored,
     {
+        unreachable!("`E: IdemErrorNotStored` has no impl")
     }
 }
 
@@ -203,10 +461,102 @@ impl<E> Deref for IdemErrType<E> {
 
 impl<E> UncheckedErr<E> {
     /// Never compiles: `E` is not `Serialize + DeserializeOwned + From<idem_core::Error>`.
-    pub fn storable(&self)
+    pub fn storable(&self) -> NotStoringErrors<E>
     where
-        E: StorableError,
+        (): StorableError<E>,
     {
+        unreachable!("`(): StorableError<E>` has no impl")
+    }
+}
+
+/// An `Err` type with `impl Trait` in it: [`StoringErrors<E>`] with `E` inferred.
+pub fn storing_errors<E>() -> StoringErrors<E>
+where
+    E: Serialize + DeserializeOwned + From<crate::Error>,
+{
+    StoringErrors(PhantomData)
+}
+
+/// What `err_type::<E>().storable()` is when `E` can be stored (see [`Storing`]).
+pub struct StoringErrors<E>(PhantomData<fn() -> E>);
+
+/// What `err_type::<E>().storable()` is after its compile error. No value of it exists.
+pub struct NotStoringErrors<E>(Never, PhantomData<fn() -> E>);
+
+/// The runs with errors stored, of [`StoringErrors`] (which asks `E`'s bounds) and of
+/// [`NotStoringErrors`] (which asks none, so that a failing `E` gets no second error).
+pub trait StoresErrors<E> {
+    /// [`run_storing_errors`](crate::__private::run_storing_errors).
+    fn run<T, Fut>(
+        self,
+        call: crate::Call,
+        store: &dyn crate::Store,
+        body: Fut,
+    ) -> impl Future<Output = Result<T, E>>
+    where
+        T: Serialize + DeserializeOwned,
+        Fut: Future<Output = Result<T, E>>;
+
+    /// [`run_storing_errors_on_default`](crate::__private::run_storing_errors_on_default).
+    fn run_on_default<T, Fut>(
+        self,
+        call: crate::Call,
+        body: Fut,
+    ) -> impl Future<Output = Result<T, E>>
+    where
+        T: Serialize + DeserializeOwned,
+        Fut: Future<Output = Result<T, E>>;
+}
+
+impl<E: Serialize + DeserializeOwned + From<crate::Error>> StoresErrors<E> for StoringErrors<E> {
+    #[inline(always)]
+    fn run<T, Fut>(
+        self,
+        call: crate::Call,
+        store: &dyn crate::Store,
+        body: Fut,
+    ) -> impl Future<Output = Result<T, E>>
+    where
+        T: Serialize + DeserializeOwned,
+        Fut: Future<Output = Result<T, E>>,
+    {
+        crate::__private::run_storing_errors(call, store, body)
+    }
+
+    #[inline(always)]
+    fn run_on_default<T, Fut>(
+        self,
+        call: crate::Call,
+        body: Fut,
+    ) -> impl Future<Output = Result<T, E>>
+    where
+        T: Serialize + DeserializeOwned,
+        Fut: Future<Output = Result<T, E>>,
+    {
+        crate::__private::run_storing_errors_on_default(call, body)
+    }
+}
+
+impl<E> StoresErrors<E> for NotStoringErrors<E> {
+    fn run<T, Fut>(
+        self,
+        _: crate::Call,
+        _: &dyn crate::Store,
+        _: Fut,
+    ) -> impl Future<Output = Result<T, E>>
+    where
+        T: Serialize + DeserializeOwned,
+        Fut: Future<Output = Result<T, E>>,
+    {
+        never(self.0)
+    }
+
+    fn run_on_default<T, Fut>(self, _: crate::Call, _: Fut) -> impl Future<Output = Result<T, E>>
+    where
+        T: Serialize + DeserializeOwned,
+        Fut: Future<Output = Result<T, E>>,
+    {
+        never(self.0)
     }
 }
 
@@ -223,13 +573,17 @@ impl IsIdemError for crate::Error {}
 )]
 pub trait IdemErrorNotStored: Serialize + DeserializeOwned {}
 
-/// Asked of an `Err` type under `errors = store` that cannot be stored; implemented by none.
+/// Asked of `()` for an `Err` type under `errors = store` that cannot be stored; implemented
+/// by no type that the expansion uses (see [`Storable`]).
 #[diagnostic::on_unimplemented(
-    message = "with `errors = store`, `{Self}` is stored and replayed: derive `serde::Serialize` and `serde::Deserialize` on it and implement `From<idem_core::Error>`, or remove `errors = store`",
+    message = "with `errors = store`, `{E}` is stored and replayed: derive `serde::Serialize` and `serde::Deserialize` on it and implement `From<idem_core::Error>`, or remove `errors = store`",
     label = "the `Err` type of a function with `errors = store`",
-    note = "the default `errors = release` stores no error, so a retry runs again"
+    note = "the default `errors = release` stores no error, so a retry runs again",
+    note = "for a type parameter `E`, add the bound `E: serde::Serialize + serde::de::DeserializeOwned + From<idem_core::Error>`"
 )]
-pub trait StorableError: Serialize + DeserializeOwned + From<crate::Error> {}
+pub trait StorableError<E> {}
+
+impl<E> StorableError<E> for Unserializable {}
 
 /// `E: From<idem_core::Error>`, asked of the `Err` type so that idem can report a duplicate
 /// in progress, a reused key or a store outage through it.

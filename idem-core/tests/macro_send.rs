@@ -20,6 +20,14 @@ mod impl_trait_send_argument;
 #[path = "../../idem-macros/tests/pass/key_borrows_parts.rs"]
 mod key_borrows_parts;
 
+#[path = "../../idem-macros/tests/pass/errors_store_spawned.rs"]
+mod errors_store_spawned;
+
+#[test]
+fn spawn_a_call_storing_errors_and_a_generic_one() {
+    errors_store_spawned::main();
+}
+
 #[test]
 fn a_tuple_key_borrows_its_parts() {
     key_borrows_parts::main();

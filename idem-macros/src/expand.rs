@@ -7,13 +7,12 @@
 //!     async fn charge(&self, req: Req) -> Result<Receipt, PayError> { BODY }
 //! Output:
 //!     async fn charge(&self, req: Req) -> Result<Receipt, PayError> {
-//!         ::idem_core::__private::ok_type::<Receipt>().storable();
+//!         let __idem_ok = ::idem_core::__private::ok_type::<Receipt>().storable();
 //!         let __idem_call = ::idem_core::__private::call(::idem_core::__private::site!())
 //!             .key(&(req.id.clone()))
 //!             .fingerprint((::idem_core::__private::arg(&req).checked(),))
 //!             .ttl(::idem_core::__private::Duration::from_secs(86400));
-//!         let __idem_run = ::idem_core::__private::run::<Receipt, PayError, _>;
-//!         __idem_run(
+//!         __idem_ok.run::<PayError, _>(
 //!             __idem_call,
 //!             ::idem_core::__private::store_arg(&(self.store)).checked(),
 //!             ::idem_core::__private::from_error::<PayError>,
@@ -25,13 +24,16 @@
 //!
 //! Transactional mode (`transaction = tx` / `in_transaction = tx`): the store is
 //! `tx_store(&(store)).checked()` (a store with transactions, or one error saying so), the
-//! body becomes `async |tx| BODY`, run by `run_in_transaction(call, store, from_error, ..)` or
-//! `run_within(call, store, from_error, tx_arg(store, tx), ..)` (see `transaction.expanded.rs`
-//! in `tests/expand/`).
+//! body becomes `async |tx| BODY`, run by `__idem_ok.run_in_transaction(call, store,
+//! from_error, ..)` or `__idem_ok.run_within(call, store, from_error, tx_arg(store, tx), ..)`
+//! (see `transaction.expanded.rs` in `tests/expand/`).
 //!
-//! `ok_type`, `arg`, `store_arg` (and `err_type` with `errors = store`) only check types: a
-//! `Receipt` that cannot be stored, an argument that is not `Serialize` or a store that is not
-//! one is a single error under the user's token that names the fix (`idem_core/src/private.rs`).
+//! `ok_type` (`ok_param` for a type parameter), `arg`, `store_arg` (and `err_type` with
+//! `errors = store`) check types: a `Receipt` that cannot be stored, an argument that is not
+//! `Serialize` or a store that is not one is a single error under the user's token that names
+//! the fix (`idem_core/src/private.rs`). The run is a method of the `Ok` check's value (and
+//! takes the `Err` check's), so that a type failing its check meets no second bound: one
+//! error per mistake, in incremental builds too.
 
 use proc_macro2::{Literal, Span, TokenStream};
 use quote::{quote, quote_spanned, ToTokens};
@@ -134,7 +136,7 @@ fn wrap(mut func: ItemFn, args: &Args, model: &Func) -> TokenStream {
                 let moves = move_arguments(&mut func.sig, args, model);
                 body.stmts.splice(0..0, moves);
             }
-            let run = run(&p, call, args, model, &body);
+            let run = run(&p, call, args, model, &func.sig.generics, &body);
             let braces = func.block.brace_token;
             *func.block = syn::parse_quote!({ #run });
             // The user's braces keep the item's span theirs: `dead_code` and other lints
@@ -144,7 +146,7 @@ fn wrap(mut func: ItemFn, args: &Args, model: &Func) -> TokenStream {
         Shape::AsyncTrait => {
             if let Some(body) = async_trait_body_mut(&mut func.block) {
                 allow_unused_moves(&mut body.block, args, model);
-                let run = run(&p, call, args, model, &body.block);
+                let run = run(&p, call, args, model, &func.sig.generics, &body.block);
                 let braces = body.block.brace_token;
                 body.block = syn::parse_quote!({ #run });
                 body.block.brace_token = braces;
@@ -397,7 +399,7 @@ fn checked_arg(p: &TokenStream, b: &syn::Ident, func: &ItemFn, model: &Func) -> 
         .inputs
         .iter()
         .find(|i| i.bindings.contains(b))
-        .is_some_and(|i| type_param(&i.ty, func));
+        .is_some_and(|i| type_param(&i.ty, &func.sig.generics));
     if is_param {
         quote_spanned!(at(b)=> #p::param(&#b).#checked())
     } else {
@@ -406,13 +408,13 @@ fn checked_arg(p: &TokenStream, b: &syn::Ident, func: &ItemFn, model: &Func) -> 
 }
 
 /// `T` (or `&T`), a type parameter of the function.
-fn type_param(ty: &syn::Type, func: &ItemFn) -> bool {
+fn type_param(ty: &syn::Type, generics: &syn::Generics) -> bool {
     match ty {
-        syn::Type::Reference(r) => type_param(&r.elem, func),
+        syn::Type::Reference(r) => type_param(&r.elem, generics),
         syn::Type::Path(tp) if tp.qself.is_none() => tp
             .path
             .get_ident()
-            .is_some_and(|id| func.sig.generics.type_params().any(|t| &t.ident == id)),
+            .is_some_and(|id| generics.type_params().any(|t| &t.ident == id)),
         _ => false,
     }
 }
@@ -431,65 +433,71 @@ fn duration(p: &TokenStream, dur: &Dur) -> TokenStream {
     }
 }
 
-/// `run::<T, E, _>(call, &(store), async BODY).await`, or the default-store / stored-errors
-/// variants.
+/// `__idem_ok.run::<E, _>(call, &(store), from_error::<E>, async BODY).await`, or the
+/// default-store / stored-errors / transactional variants, where `__idem_ok` is the check of
+/// `T` (`ok_type::<T>().storable()`).
 ///
-/// The turbofish repeats the user's `T` and `E` tokens: a missing `Serialize` or
-/// `From<idem_core::Error>` is reported under the return type's `T` or `E`, not the attribute.
-fn run(p: &TokenStream, call: TokenStream, args: &Args, model: &Func, body: &Block) -> TokenStream {
+/// The runtime's entry points are methods of the check's value: when `T` cannot be stored,
+/// the check is the one error and its value's methods ask nothing more of `T`. Were the
+/// entry point to repeat the bound, rustc would report it again wherever the span differs
+/// from the check's, which in an incremental build is everywhere. The same holds for `E`
+/// under `errors = store` (`err_type::<E>().storable()`, passed to the run).
+fn run(
+    p: &TokenStream,
+    call: TokenStream,
+    args: &Args,
+    model: &Func,
+    generics: &syn::Generics,
+    body: &Block,
+) -> TokenStream {
     let tx = args.tx();
-    let (method, storing) = match (tx, args.store.is_some(), args.stores_errors()) {
-        (Some(Tx::Own(_)), _, _) => (quote!(run_in_transaction), false),
-        (Some(Tx::Caller(_)), _, _) => (quote!(run_within), false),
-        (None, true, false) => (quote!(run), false),
-        (None, true, true) => (quote!(run_storing_errors), true),
-        (None, false, false) => (quote!(run_on_default), false),
-        (None, false, true) => (quote!(run_storing_errors_on_default), true),
+    // The method, and how many inferred type parameters follow `E` in its turbofish.
+    let (method, rest, storing) = match (tx, args.store.is_some(), args.stores_errors()) {
+        (Some(Tx::Own(_)), _, _) => (quote!(run_in_transaction), 2, false),
+        (Some(Tx::Caller(_)), _, _) => (quote!(run_within), 2, false),
+        (None, true, false) => (quote!(run), 1, false),
+        (None, true, true) => (quote!(run_storing_errors), 2, true),
+        (None, false, false) => (quote!(run_on_default), 1, false),
+        (None, false, true) => (quote!(run_storing_errors_on_default), 2, true),
     };
-    // `T` and `E` are re-spanned to one mixed-site span at their first token, and so is the
-    // call below: rustc repeats the run function's bounds at the awaited call (the future's
-    // well-formedness), and a repeat at the very same span as the first report is dropped.
+    // `T` and `E` are re-spanned to one mixed-site span at their first token: their checks
+    // report there, under the user's return type.
     let ok_at = Span::mixed_site().located_at(first_span(&model.ok));
     let ok = respan(model.ok.to_token_stream(), ok_at);
     let err = model.err.as_ref().filter(|e| !contains_impl(e));
-    let err_tokens = err.map(|e| {
-        respan(
-            e.to_token_stream(),
-            Span::mixed_site().located_at(first_span(e)),
-        )
-    });
-    // The transactional entry points take the store's type and the body's closure type.
-    let rest = if tx.is_some() {
-        quote!(_, _)
-    } else {
-        quote!(_)
-    };
-    let types = match &err_tokens {
-        _ if contains_impl(&model.ok) => TokenStream::new(),
-        Some(err) => quote!(::<#ok, #err, #rest>),
-        None => quote!(::<#ok, _, #rest>),
-    };
+    let err_at = err.map(|e| Span::mixed_site().located_at(first_span(e)));
+    let err_tokens = err
+        .zip(err_at)
+        .map(|(e, at)| respan(e.to_token_stream(), at));
+    let e = err_tokens.clone().unwrap_or_else(|| quote!(_));
+    let rest = (0..rest).map(|_| quote!(_));
+    let types = quote!(::<#e, #(#rest),*>);
     // Without `errors = store`, `E: From<idem_core::Error>` is asked of this argument alone.
-    let from_error = if storing {
-        None
+    let from_error = (!storing).then(|| quote!(#p::from_error::<#e>,));
+    // The checks: one error, naming the fix, for a `T` (or with `errors = store`, an `E`)
+    // that cannot be stored. A `T` that is a type parameter of the function is asked for
+    // the serde bounds rather than derives.
+    let ok_var = syn::Ident::new("__idem_ok", Span::mixed_site());
+    let err_var = syn::Ident::new("__idem_err", Span::mixed_site());
+    let mut checks = if contains_impl(&model.ok) {
+        quote!(let #ok_var = #p::storing();)
     } else {
-        let e = err_tokens.clone().unwrap_or_else(|| quote!(_));
-        Some(quote!(#p::from_error::<#e>,))
+        let check = if type_param(&model.ok, generics) {
+            quote!(ok_param)
+        } else {
+            quote!(ok_type)
+        };
+        let value = respan(quote!(#p::#check::<#ok>().storable()), ok_at);
+        quote!(let #ok_var = #value;)
     };
-    // One error, naming the derives, for a `T` (or with `errors = store`, an `E`) that
-    // cannot be stored; the run function's own bounds, at the same span, are then dropped
-    // as implied.
-    let mut checks = TokenStream::new();
-    if !contains_impl(&model.ok) {
-        checks.extend(respan(quote!(#p::ok_type::<#ok>().storable();), ok_at));
-    }
-    if let (true, Some(err), Some(err_tokens)) = (storing, err, &err_tokens) {
-        let err_at = Span::mixed_site().located_at(first_span(err));
-        checks.extend(respan(
-            quote!(#p::err_type::<#err_tokens>().storable();),
-            err_at,
-        ));
-    }
+    let err_arg = storing.then(|| {
+        let value = match (&err_tokens, err_at) {
+            (Some(err), Some(at)) => respan(quote!(#p::err_type::<#err>().storable()), at),
+            _ => quote!(#p::storing_errors()),
+        };
+        checks.extend(quote!(let #err_var = #value;));
+        quote!(#err_var,)
+    });
     let store_var = syn::Ident::new("__idem_store", Span::mixed_site());
     let tx_var = syn::Ident::new("__idem_tx", Span::mixed_site());
     let mut prelude = TokenStream::new();
@@ -511,15 +519,15 @@ fn run(p: &TokenStream, call: TokenStream, args: &Args, model: &Func, body: &Blo
         }
         quote!(#store_var,)
     });
-    // With `errors = store` the likelier mistake is an `E` without serde: repeats go there.
-    let repeat_at = match (storing, err) {
-        (true, Some(e)) => Span::mixed_site().located_at(first_span(e)),
+    // The run itself is placed under `E` with `errors = store`, else under `T`.
+    let run_at = match (storing, err_at) {
+        (true, Some(at)) => at,
         _ => ok_at,
     };
     // Mixed-site: a user variable of the same name neither shadows nor is shadowed by these.
     let call_var = syn::Ident::new("__idem_call", Span::mixed_site());
-    let run_var = syn::Ident::new("__idem_run", repeat_at);
-    let call_var_at = syn::Ident::new("__idem_call", repeat_at);
+    let ok_var_at = syn::Ident::new("__idem_ok", run_at);
+    let call_var_at = syn::Ident::new("__idem_call", run_at);
     // Transactional mode: the body becomes an async closure of the transaction, bound to the
     // user's name (`transaction = tx`), or shadowing the caller's argument (`in_transaction`).
     let (tx_arg, closure) = match tx {
@@ -527,13 +535,13 @@ fn run(p: &TokenStream, call: TokenStream, args: &Args, model: &Func, body: &Blo
         Some(Tx::Own(name)) => (None, quote!(|#name|)),
         Some(Tx::Caller(name)) => (Some(quote!(#tx_var,)), quote!(|#name|)),
     };
-    let run_call = quote_spanned!(repeat_at=>
-        #run_var(#call_var_at, #store #from_error #tx_arg async #closure #body).await);
+    let run_call = quote_spanned!(run_at=>
+        #ok_var_at.#method #types(#err_arg #call_var_at, #store #from_error #tx_arg
+            async #closure #body).await);
     quote! {
         #checks
         #prelude
         let #call_var = #call;
-        let #run_var = #p::#method #types;
         #run_call
     }
 }

@@ -14,14 +14,17 @@ impl Billing for Biller {
         Self: 'async_trait,
     {
         Box::pin(async move {
-            ::idem_core::__private::ok_type::<Receipt>().storable();
+            let __idem_ok = ::idem_core::__private::ok_type::<Receipt>().storable();
             let __idem_call = ::idem_core::__private::call(
                     ::idem_core::__private::site!(),
                 )
                 .key(&(order.clone()))
                 .fingerprint((::idem_core::__private::arg(&order).checked(),));
-            let __idem_run = ::idem_core::__private::run::<Receipt, Error, _>;
-            __idem_run(
+            __idem_ok
+                .run::<
+                    Error,
+                    _,
+                >(
                     __idem_call,
                     ::idem_core::__private::store_arg(&(self.store)).checked(),
                     ::idem_core::__private::from_error::<Error>,

@@ -1,5 +1,5 @@
 async fn run_job<'a>(job_id: &'a str, payload: &'a [u8]) -> std::io::Result<usize> {
-    ::idem_core::__private::ok_type::<usize>().storable();
+    let __idem_ok = ::idem_core::__private::ok_type::<usize>().storable();
     let __idem_call = ::idem_core::__private::call(::idem_core::__private::site!())
         .key(&(job_id))
         .fingerprint((
@@ -7,8 +7,11 @@ async fn run_job<'a>(job_id: &'a str, payload: &'a [u8]) -> std::io::Result<usiz
             ::idem_core::__private::arg(&payload).checked(),
         ))
         .on_conflict(::idem_core::__private::OnConflict::Reject);
-    let __idem_run = ::idem_core::__private::run_on_default::<usize, _, _>;
-    __idem_run(
+    __idem_ok
+        .run_on_default::<
+            _,
+            _,
+        >(
             __idem_call,
             ::idem_core::__private::from_error::<_>,
             async {

@@ -4,14 +4,17 @@ async fn send_email(
     to: String,
     template: u32,
 ) -> Result<(), Error> {
-    ::idem_core::__private::ok_type::<()>().storable();
+    let __idem_ok = ::idem_core::__private::ok_type::<()>().storable();
     let __idem_call = ::idem_core::__private::call(::idem_core::__private::site!())
         .key((
             ::idem_core::__private::arg(&to).checked(),
             ::idem_core::__private::arg(&template).checked(),
         ));
-    let __idem_run = ::idem_core::__private::run::<(), Error, _>;
-    __idem_run(
+    __idem_ok
+        .run::<
+            Error,
+            _,
+        >(
             __idem_call,
             ::idem_core::__private::store_arg(&(store)).checked(),
             ::idem_core::__private::from_error::<Error>,

@@ -3,8 +3,8 @@ pub(crate) async fn charge(
     tenant: &str,
     order: Order,
 ) -> Result<Receipt, Declined> {
-    my_app::idem::__private::ok_type::<Receipt>().storable();
-    my_app::idem::__private::err_type::<Declined>().storable();
+    let __idem_ok = my_app::idem::__private::ok_type::<Receipt>().storable();
+    let __idem_err = my_app::idem::__private::err_type::<Declined>().storable();
     let __idem_call = my_app::idem::__private::call(
             my_app::idem::__private::site!("billing::charge"),
         )
@@ -21,8 +21,13 @@ pub(crate) async fn charge(
         .version(2)
         .missing_key(my_app::idem::__private::MissingKey::Run)
         .fail_open(true);
-    let __idem_run = my_app::idem::__private::run_storing_errors::<Receipt, Declined, _>;
-    __idem_run(
+    __idem_ok
+        .run_storing_errors::<
+            Declined,
+            _,
+            _,
+        >(
+            __idem_err,
             __idem_call,
             my_app::idem::__private::store_arg(&(STORE.clone())).checked(),
             async {

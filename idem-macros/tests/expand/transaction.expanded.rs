@@ -1,12 +1,16 @@
 impl Orders {
     async fn place(&self, order: Order) -> Result<i64, Error> {
-        ::idem_core::__private::ok_type::<i64>().storable();
+        let __idem_ok = ::idem_core::__private::ok_type::<i64>().storable();
         let __idem_store = ::idem_core::__private::tx_store(&(self.db)).checked();
         let __idem_call = ::idem_core::__private::call(::idem_core::__private::site!())
             .key(&(order.id))
             .fingerprint((::idem_core::__private::arg(&order).checked(),));
-        let __idem_run = ::idem_core::__private::run_in_transaction::<i64, Error, _, _>;
-        __idem_run(
+        __idem_ok
+            .run_in_transaction::<
+                Error,
+                _,
+                _,
+            >(
                 __idem_call,
                 __idem_store,
                 ::idem_core::__private::from_error::<Error>,
@@ -23,14 +27,18 @@ async fn debit(
     tx: &mut SqliteTx,
     order: Order,
 ) -> Result<i64, Error> {
-    ::idem_core::__private::ok_type::<i64>().storable();
+    let __idem_ok = ::idem_core::__private::ok_type::<i64>().storable();
     let __idem_store = ::idem_core::__private::tx_store(&(store)).checked();
     let __idem_tx = ::idem_core::__private::tx_arg(__idem_store, tx);
     let __idem_call = ::idem_core::__private::call(::idem_core::__private::site!())
         .key(&(order.id))
         .fingerprint((::idem_core::__private::arg(&order).checked(),));
-    let __idem_run = ::idem_core::__private::run_within::<i64, Error, _, _>;
-    __idem_run(
+    __idem_ok
+        .run_within::<
+            Error,
+            _,
+            _,
+        >(
             __idem_call,
             __idem_store,
             ::idem_core::__private::from_error::<Error>,
