@@ -67,19 +67,19 @@ impl Payments {
             .key(&(req.idempotency_key.clone()))
             .fingerprint((&req,))
             .ttl(::idem_core::__private::Duration::from_secs(86400));
-        // 2. The runtime function for the chosen store and error policy (`run`,
-        //    `run_storing_errors`, `run_on_default`, `run_storing_errors_on_default`), with
-        //    the return type's `T` and `E` repeated from the signature: a missing `Serialize`
-        //    is reported once, under `T` in the signature (the call below is placed there
-        //    too, so that rustc's repeat of the same bound is dropped).
-        let __idem_run = ::idem_core::__private::run::<Receipt, Error, _>;
+        // 2. The check of the return type's `T`, whose value carries the runtime entry points
+        //    for the chosen store and error policy (`run`, `run_storing_errors`,
+        //    `run_on_default`, `run_storing_errors_on_default`): a missing `Serialize` is
+        //    reported once, under `T` in the signature, and a failing `T` meets no second
+        //    bound.
+        let __idem_ok = ::idem_core::__private::ok_type::<Receipt>().storable();
         // 3. The body becomes the future the runtime drives: claim, then replay, wait, reject
         //    or run it; complete or release. It is a plain (not `move`) async block, so it
         //    borrows or moves each variable as the body needs, like a closure; `return` and
         //    `?` inside it behave as in the original function. `from_error::<E>` turns the
         //    runtime's errors into `E`; a missing `From<idem_core::Error>` is reported under
         //    `E`.
-        __idem_run(
+        __idem_ok.run::<Error, _>(
             __idem_call,
             &(self.store),
             ::idem_core::__private::from_error::<Error>,
