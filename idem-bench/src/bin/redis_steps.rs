@@ -8,8 +8,10 @@
 //! - `raw_set`: `SET <new key> <value> PX <ttl>`;
 //! - `raw_hset`: `HSET <task's hash> <new field> <value>`;
 //! - `step_put`: `RedisStore::put_step` of a new step (a new field) of a call the task holds:
-//!   the fenced step script (`GET` of the record, `PTTL`, `HSET`, `PEXPIRE` on a hash's first
-//!   write).
+//!   the fenced step script (`GET` of the record, `HSET`, `PEXPIRE … GT`);
+//! - two floors for a script, with the same keys and arguments as `step_put`, to show what any
+//!   script costs: `script_empty` (`EVALSHA` of `return 1`) and `script_fenced_hset` (the
+//!   record's `GET` and comparison, then `HSET`: no expiry).
 //!
 //! Per workload: throughput with 64 tasks (multi-thread runtime) and with one task (a
 //! current-thread runtime of its own, so one round trip costs the same for every workload),
@@ -130,16 +132,26 @@ enum Op {
     RawSet,
     RawHset,
     StepPut,
+    ScriptEmpty,
+    ScriptFencedHset,
 }
 
 impl Op {
-    const ALL: [Op; 3] = [Op::RawSet, Op::RawHset, Op::StepPut];
+    const ALL: [Op; 5] = [
+        Op::RawSet,
+        Op::RawHset,
+        Op::StepPut,
+        Op::ScriptEmpty,
+        Op::ScriptFencedHset,
+    ];
 
     fn name(self) -> &'static str {
         match self {
             Op::RawSet => "raw_set",
             Op::RawHset => "raw_hset",
             Op::StepPut => "step_put",
+            Op::ScriptEmpty => "script_empty",
+            Op::ScriptFencedHset => "script_fenced_hset",
         }
     }
 
@@ -148,7 +160,7 @@ impl Op {
         match self {
             Op::RawSet => "set",
             Op::RawHset => "hset",
-            Op::StepPut => "evalsha",
+            Op::StepPut | Op::ScriptEmpty | Op::ScriptFencedHset => "evalsha",
         }
     }
 }
@@ -158,6 +170,28 @@ struct Env {
     conn: ConnectionManager,
     store: RedisStore,
     value: Arc<[u8]>,
+    /// SHA1s of [`EMPTY`] and [`FENCED_HSET`].
+    empty: Arc<str>,
+    fenced_hset: Arc<str>,
+}
+
+/// The cheapest script: what `EVALSHA` itself costs.
+const EMPTY: &str = "return 1";
+/// The step script without its expiry: the fenced write alone.
+const FENCED_HSET: &str = r#"
+local v = redis.pcall('GET', KEYS[1])
+if type(v) ~= 'string' or #v < 20 then return 0 end
+local h = string.sub(v, 1, 11)
+if h ~= ARGV[1] and h ~= 'i2w' .. string.sub(ARGV[1], 4) then return 0 end
+redis.pcall('HSET', KEYS[2], ARGV[2], ARGV[3])
+return 1
+"#;
+
+/// The claim's header as the store's scripts compare it: `i2p` and the token.
+fn held(token: FencingToken) -> Vec<u8> {
+    let mut h = b"i2p".to_vec();
+    h.extend_from_slice(&token.0.to_be_bytes());
+    h
 }
 
 /// One task's state: the call it holds (a fresh claim per round) and its hash.
@@ -216,6 +250,27 @@ impl Task {
                     .await
                     .unwrap();
             }
+            Op::ScriptEmpty | Op::ScriptFencedHset => {
+                let sha = if op == Op::ScriptEmpty {
+                    &self.env.empty
+                } else {
+                    &self.env.fenced_hset
+                };
+                let record = self.env.store.redis_key(&self.key);
+                let r: i64 = redis::cmd("EVALSHA")
+                    .arg(&**sha)
+                    .arg(2)
+                    .arg(&record)
+                    .arg(format!("{record}:ref"))
+                    .arg(held(self.token))
+                    .arg(format!("step#{i}"))
+                    .arg(value)
+                    .arg(TTL.as_millis() as u64)
+                    .query_async(&mut self.env.conn)
+                    .await
+                    .unwrap();
+                assert_eq!(r, 1);
+            }
             Op::StepPut => {
                 let step = StepRecord::new(
                     StepId::new("step", i as u32),
@@ -262,7 +317,13 @@ async fn run(held: Vec<Task>, op: Op, calls: u64) -> (Duration, Vec<Task>) {
 
 /// Removes the calls and their steps (not measured).
 async fn cleanup(held: Vec<Task>) {
-    for t in held {
+    for mut t in held {
+        let record = t.env.store.redis_key(&t.key);
+        let _: i64 = redis::cmd("DEL")
+            .arg(format!("{record}:ref"))
+            .query_async(&mut t.env.conn)
+            .await
+            .unwrap();
         t.env.store.remove(&t.key).await.unwrap();
     }
 }
@@ -280,10 +341,26 @@ async fn connect(server: &Server, size: usize) -> Env {
         .build()
         .await
         .unwrap();
+    let sha = |src: &'static str| {
+        let mut load = conn.clone();
+        async move {
+            let sha: String = redis::cmd("SCRIPT")
+                .arg("LOAD")
+                .arg(src)
+                .query_async(&mut load)
+                .await
+                .unwrap();
+            Arc::<str>::from(sha)
+        }
+    };
+    let empty = sha(EMPTY).await;
+    let fenced_hset = sha(FENCED_HSET).await;
     Env {
         conn,
         store,
         value: vec![0x5au8; size].into(),
+        empty,
+        fenced_hset,
     }
 }
 

@@ -21,7 +21,7 @@
 //!
 //! - **put_step**: [`PUT_STEP`], one script over both keys: the record must be in progress
 //!   under the caller's token (the comparison the completion script makes, a waiter's mark
-//!   included), then `HSET` and, when it extends the hash's expiry, `PEXPIRE`. Otherwise
+//!   included), then `HSET` and `PEXPIRE … GT` (`NX` for a new hash). Otherwise
 //!   nothing is written and the answer is fenced. A replace, so a retry is harmless.
 //! - **clear_step**: [`CLEAR_STEP`], the same comparison, then `HDEL`.
 //! - **load_steps**: one `HGETALL`, whatever the record's state.
@@ -46,17 +46,19 @@ const SUFFIX: &[u8] = b":steps";
 /// steps key holds something other than a hash. `held` is `i2p` and the token, as for the
 /// completion script, which this comparison copies: the record's first 11 bytes are `held`,
 /// or `held` with its third byte `w` (a waiter marked the claim; it is still the caller's).
-/// The hash's expiry is only ever extended (a `PTTL` below the new ttl, or none: -1, -2).
+/// The hash's expiry is only ever extended: `PEXPIRE … GT` (one command in the common case,
+/// a later write of the call's same ttl), then `PEXPIRE … NX` when that changed nothing (a
+/// hash this write created has no expiry yet, which `GT` counts as infinite; one with a longer
+/// expiry keeps it). `GT`/`NX` need Redis ≥ 7.0 (Valkey ≥ 7.2), as the claim does.
 pub(crate) const PUT_STEP: &str = r#"
 local v = redis.pcall('GET', KEYS[1])
 if type(v) ~= 'string' or #v < 20 then return 0 end
 local h = string.sub(v, 1, 11)
 if h ~= ARGV[1] and h ~= 'i2w' .. string.sub(ARGV[1], 4) then return 0 end
 local s = KEYS[2]
-local left = redis.call('PTTL', s)
 local r = redis.pcall('HSET', s, ARGV[2], ARGV[3])
 if type(r) == 'table' then return -1 end
-if left < tonumber(ARGV[4]) then redis.call('PEXPIRE', s, ARGV[4]) end
+if redis.call('PEXPIRE', s, ARGV[4], 'GT') == 0 then redis.call('PEXPIRE', s, ARGV[4], 'NX') end
 return 1
 "#;
 
