@@ -79,19 +79,20 @@ impl Payments {
         //    `?` inside it behave as in the original function. `from_error::<E>` turns the
         //    runtime's errors into `E`; a missing `From<idem_core::Error>` is reported under
         //    `E`.
-        __idem_ok.run::<Error, _>(
-            __idem_call,
-            &(self.store),
-            ::idem_core::__private::from_error::<Error>,
-            async {
-                let charge_number = self.charges.fetch_add(1, Ordering::SeqCst) + 1;
-                Ok(Receipt {
-                    charge_number,
-                    amount: req.amount,
-                })
-            },
-        )
-        .await
+        __idem_ok
+            .run::<Error, _>(
+                __idem_call,
+                &(self.store),
+                ::idem_core::__private::from_error::<Error>,
+                async {
+                    let charge_number = self.charges.fetch_add(1, Ordering::SeqCst) + 1;
+                    Ok(Receipt {
+                        charge_number,
+                        amount: req.amount,
+                    })
+                },
+            )
+            .await
     }
 }
 

@@ -12,20 +12,22 @@ use metrics_util::MetricKind;
 
 async fn steps(store: &MemoryStore) {
     let call = |fail: bool| {
-        Call::new("tests::metrics_steps").key("k").run(store, async move {
-            step("a", async { Ok::<_, Error>(1u8) }).await?;
-            step("b", async move {
-                if fail {
-                    return Err(Error::MissingKey);
-                }
-                Ok::<_, Error>(2u8)
+        Call::new("tests::metrics_steps")
+            .key("k")
+            .run(store, async move {
+                step("a", async { Ok::<_, Error>(1u8) }).await?;
+                step("b", async move {
+                    if fail {
+                        return Err(Error::MissingKey);
+                    }
+                    Ok::<_, Error>(2u8)
+                })
+                .await
             })
-            .await
-        })
     };
     assert!(call(true).await.is_err()); // a: ran, b: failed
     assert_eq!(call(false).await.unwrap(), 2); // a: replayed, b: ran
-    // An at-most-once step interrupted inside, then found in doubt.
+                                               // An at-most-once step interrupted inside, then found in doubt.
     let interrupted = Call::new("tests::metrics_steps::doubt")
         .key("k")
         .run(store, async {
@@ -71,11 +73,17 @@ fn step_outcomes_are_counted_by_store() {
                         .map(|l| l.value().to_string())
                         .unwrap()
                 };
-                *counts.entry((label("store"), label("outcome"))).or_default() += n;
+                *counts
+                    .entry((label("store"), label("outcome")))
+                    .or_default() += n;
             }
         }
     }
-    let get = |outcome: &str| counts.get(&("memory".to_string(), outcome.to_string())).copied();
+    let get = |outcome: &str| {
+        counts
+            .get(&("memory".to_string(), outcome.to_string()))
+            .copied()
+    };
     assert_eq!(get("ran"), Some(2), "{counts:?}");
     assert_eq!(get("failed"), Some(1), "{counts:?}");
     assert_eq!(get("replayed"), Some(1), "{counts:?}");

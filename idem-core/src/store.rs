@@ -503,8 +503,10 @@ pub trait Store: Send + Sync + fmt::Debug {
     /// [`complete`](Self::complete): only while the call's record is in progress under `token`
     /// — otherwise [`StoreError::Fenced`] and nothing is written (a holder that lost its lease
     /// cannot write a step). A record with the same [`StepId`] is replaced (an at-most-once
-    /// step's `Started` becomes `Done`). The step record expires `ttl` from now (the call's
-    /// TTL), and is removed with the call's record by [`remove`](Self::remove); completing or
+    /// step's `Started` becomes `Done`). The step record lives at least `ttl` from now (the
+    /// call's TTL); a store may keep a call's step records together until the latest one's
+    /// expiry (the runtime writes every step of a call with the same TTL). It is removed with
+    /// the call's record by [`remove`](Self::remove); completing or
     /// releasing the call leaves it as it is. A value over
     /// [`max_value_size`](Self::max_value_size) is refused with [`StoreError::TooLarge`].
     /// Repeatable: writing the same record twice leaves one. A remote store keeps the step

@@ -36,7 +36,7 @@ mod cluster {
 
     use crate::redis_server::{available, RedisCluster};
 
-    static CLUSTER: OnceLock<Option<RedisCluster>> = OnceLock::new();
+    pub(super) static CLUSTER: OnceLock<Option<RedisCluster>> = OnceLock::new();
 
     idem_testkit::conformance_tests!(async {
         let cluster = CLUSTER
@@ -54,7 +54,52 @@ mod cluster {
     });
 }
 
+/// The durable-steps cases against the same server.
+mod single_steps {
+    use std::sync::Arc;
+
+    use idem_core::Store;
+    use idem_stores::RedisStore;
+
+    idem_testkit::step_conformance_tests!(async {
+        let url = idem_testkit::env_url("IDEM_TEST_REDIS_URL")?;
+        let store = RedisStore::builder(url)
+            .prefix("idem-test:")
+            .build()
+            .await
+            .expect("connect to IDEM_TEST_REDIS_URL");
+        Some(Arc::new(store) as Arc<dyn Store>)
+    });
+}
+
+/// The durable-steps cases against the three-master cluster: a call's steps live in its
+/// record's slot.
+mod cluster_steps {
+    use std::sync::Arc;
+
+    use idem_core::Store;
+    use idem_stores::RedisStore;
+
+    use crate::redis_server::{available, RedisCluster};
+
+    idem_testkit::step_conformance_tests!(async {
+        let cluster = super::cluster::CLUSTER
+            .get_or_init(|| available().then(RedisCluster::start))
+            .as_ref()?;
+        let store = RedisStore::cluster_builder(cluster.urls())
+            .build()
+            .await
+            .expect("connect to the test cluster");
+        Some(Arc::new(store) as Arc<dyn Store>)
+    });
+}
+
 fn main() -> std::process::ExitCode {
     use backends::{REDIS, REDIS_SERVER};
-    idem_testkit::harness::run([single::cases(&[REDIS]), cluster::cases(&[REDIS_SERVER])])
+    idem_testkit::harness::run([
+        single::cases(&[REDIS]),
+        cluster::cases(&[REDIS_SERVER]),
+        single_steps::cases(&[REDIS]),
+        cluster_steps::cases(&[REDIS_SERVER]),
+    ])
 }
