@@ -23,7 +23,7 @@ use crate::key::{self, Identity};
 use crate::namespace::{Collision, Site};
 use crate::observe::{emit, Outcome};
 use crate::options::{MissingKey, OnConflict, Options};
-use crate::shutdown::{Stage, Tracked};
+use crate::shutdown::{Claiming, Stage, Tracked};
 use crate::store::{Claim, ClaimRequest, FencingToken, Key, RecordState, Store};
 
 tokio::task_local! {
@@ -680,9 +680,10 @@ pub(crate) async fn claim(
     let deadline = Instant::now().checked_add(opts.wait_timeout);
     let mut waited = false;
     loop {
-        // Counted for the drain from before the claim is sent; refused once it has started.
-        let tracked = match Tracked::claim(ns, key) {
-            Ok(tracked) => tracked,
+        // Counted for the drain from before the claim is sent (listed only if it acquires);
+        // refused once the drain has started.
+        let claiming = match Claiming::start(ns, key) {
+            Ok(claiming) => claiming,
             Err(e) => return refused_while_draining(store, ident, opts, e, waited).await,
         };
         let token = next_token();
@@ -702,7 +703,7 @@ pub(crate) async fn claim(
             outcome: Outcome::Cancelled,
             armed: true,
         };
-        let since = Instant::now();
+        let since = claiming.since();
         let mut attempt = 1;
         #[cfg(feature = "metrics")]
         let claim_timer = Timer(since, |took| crate::telemetry::claim(ns, took));
@@ -748,13 +749,12 @@ pub(crate) async fn claim(
         guard.armed = false;
         match claim {
             Claim::Acquired { taken_over } => {
-                tracked.set(Stage::Running);
                 return Claimed::Held(Held {
                     key,
                     token,
                     taken_over,
                     since,
-                    tracked,
+                    tracked: claiming.acquired(),
                 });
             }
             Claim::Completed(record) => {
@@ -768,7 +768,7 @@ pub(crate) async fn claim(
                 lease_remaining,
             } => {
                 // A waiter holds nothing: the drain does not wait for it.
-                drop(tracked);
+                drop(claiming);
                 if mismatch(ident.fingerprint, fingerprint) {
                     return Claimed::Failed(Error::KeyReused, Outcome::KeyReused);
                 }
