@@ -618,6 +618,27 @@ const MIN_CLAIM_BUDGET: Duration = Duration::from_millis(50);
 /// reply answers `Ok` the second time).
 const COMPLETE_ATTEMPTS: u32 = 5;
 
+/// The longest pause between two claim attempts of a caller that waited.
+const WAITER_CLAIM_PAUSE: Duration = Duration::from_millis(200);
+
+/// The pause before claim attempt `attempt + 1` after a transient failure, or `None` when
+/// the failure is the answer. A caller that has not waited gets [`CLAIM_ATTEMPTS`] attempts:
+/// it fails fast with the store's error. A caller that waited (`left`: what is left of its
+/// `wait_timeout`) was granted that long to get its answer, and a store that fails now and
+/// then (a connection cut and re-opened) must not cut it short: it tries again, pausing up
+/// to [`WAITER_CLAIM_PAUSE`], as long as a claim still fits in what is left (a wait with no
+/// end gets [`CLAIM_ATTEMPTS`] attempts, like a caller that has not waited).
+fn claim_retry_pause(attempt: u32, left: Option<Duration>) -> Option<Duration> {
+    let pause = Duration::from_millis(10 << (2 * attempt.min(4)));
+    match left {
+        None => (attempt < CLAIM_ATTEMPTS).then_some(pause),
+        Some(left) => {
+            let pause = pause.min(WAITER_CLAIM_PAUSE);
+            (left > pause + MIN_CLAIM_BUDGET).then_some(pause)
+        }
+    }
+}
+
 /// A share of the lease, never below 5 ms: half of it bounds a release, a quarter is how
 /// long the lease keeper waits on a renewal before it sends another beside it. A claim, a
 /// completion and a renewal are each bounded by the whole lease: on a slow link they may
@@ -715,15 +736,14 @@ pub(crate) async fn claim(
                 .map(|d| d.saturating_duration_since(Instant::now()));
             let limit = left.map_or(opts.lease, |l| opts.lease.min(l.max(MIN_CLAIM_BUDGET)));
             match bounded(Op("claim", store), limit, store.claim(&req)).await {
-                Err(e)
-                    if transient(&e)
-                        && attempt < CLAIM_ATTEMPTS
-                        && left.is_none_or(|l| l > MIN_CLAIM_BUDGET) =>
-                {
-                    tracing::debug!(target: "idem", %key, attempt, error = %e, "claim failed; retrying with the same token");
-                    tokio::time::sleep(Duration::from_millis(10 << (2 * attempt))).await;
-                    attempt += 1;
-                }
+                Err(e) if transient(&e) => match claim_retry_pause(attempt, left) {
+                    Some(pause) => {
+                        tracing::debug!(target: "idem", %key, attempt, error = %e, "claim failed; retrying with the same token");
+                        tokio::time::sleep(pause).await;
+                        attempt += 1;
+                    }
+                    None => break Err(e),
+                },
                 other => break other,
             }
         };
