@@ -412,10 +412,11 @@ async fn holder_under_fault(
         );
     }
     let mut tasks = vec![holder];
-    // The waiters go through a store that counts the conflicts its claims were answered: the
-    // fault starts once each waiter is waiting. A caller's first claim is not a wait: one
-    // that meets the fault fails closed (`Error::Store`, body not run), as the contract
-    // says of any store failure; a caller that is waiting keeps its `wait_timeout`.
+    // The waiters go through a store that counts the conflicts its claims were answered.
+    // Waiters that must get the value are waiting before the fault starts: a caller's first
+    // claim is not a wait, and one that meets the fault fails closed (`Error::Store`, body
+    // not run), as the contract says of any store failure; a caller that is waiting keeps
+    // its `wait_timeout`. (Where waiters may fail, the fault starts at once, as before.)
     let watched = Arc::new(Watched {
         inner: rig.holder.clone(),
         conflicts: AtomicUsize::new(0),
@@ -438,7 +439,7 @@ async fn holder_under_fault(
         )));
     }
     let deadline = Instant::now() + Duration::from_secs(10);
-    while watched.conflicts.load(Ordering::SeqCst) < waiters {
+    while !waiters_may_fail && watched.conflicts.load(Ordering::SeqCst) < waiters {
         assert!(
             Instant::now() < deadline,
             "{}: {name}: the waiters never started waiting",
