@@ -783,3 +783,53 @@ async fn a_call_on_the_default_store_without_one_is_no_store() {
         .await;
     assert_eq!(got.unwrap(), 1);
 }
+
+/// A caller that waited for a holder keeps its `wait_timeout` through a store that fails now
+/// and then (connections cut and re-opened): its claims are retried while its wait lasts,
+/// and it gets the holder's value. A caller that has not waited still fails fast, after
+/// three attempts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiter_rides_out_transient_claim_failures_within_its_wait() {
+    use idem_testkit::{Fault, FaultyStore, Op};
+    let store = Arc::new(FaultyStore::new(Arc::new(MemoryStore::new())));
+    let ns = ns("waiter_transient");
+    let runs = counter();
+    let call = |key: &'static str, runs: Arc<AtomicUsize>, value: u32| {
+        let store = store.clone();
+        async move {
+            Call::new(ns)
+                .key(key)
+                .lease(Duration::from_secs(2))
+                .wait_timeout(Duration::from_secs(10))
+                .run(&*store, async move {
+                    runs.fetch_add(1, Ordering::SeqCst);
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                    Ok::<_, Error>(value)
+                })
+                .await
+        }
+    };
+    let holder = tokio::spawn(call("k", runs.clone(), 1));
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let waiter = tokio::spawn(call("k", runs.clone(), 2));
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    // The waiter is waiting: its next claims fail, more times than a fresh caller tries.
+    for _ in 0..6 {
+        store.plan(Fault::FailBefore(Op::Claim));
+    }
+    assert_eq!(holder.await.unwrap().unwrap(), 1);
+    assert_eq!(
+        waiter.await.unwrap().unwrap(),
+        1,
+        "the waiter gets the holder's value"
+    );
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
+
+    // A fresh caller: three attempts, then the store's error; its body does not run.
+    for _ in 0..3 {
+        store.plan(Fault::FailBefore(Op::Claim));
+    }
+    let fresh = call("fresh", runs.clone(), 3).await;
+    assert!(matches!(fresh, Err(Error::Store(_))), "{fresh:?}");
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
+}

@@ -323,7 +323,7 @@ fn the_deadline_reports_what_is_still_held() {
             .expect_err("the body outlives the deadline");
         assert!(started.elapsed() >= Duration::from_millis(300));
         assert!(started.elapsed() < Duration::from_secs(3));
-        let ShutdownError::Unfinished { calls } = &e else {
+        let ShutdownError::Unfinished { calls, .. } = &e else {
             panic!("{e:?}")
         };
         let key = Call::new(ns)
@@ -338,6 +338,7 @@ fn the_deadline_reports_what_is_still_held() {
         assert_eq!(calls[0].stage, Stage::Running);
         assert_eq!(e.calls(), &calls[..]);
         assert!(e.to_string().contains("1 idempotent call"), "{e}");
+        assert_eq!(e.claims_in_flight(), 0);
         assert!(
             matches!(
                 store.get(&key).await.unwrap(),
@@ -349,6 +350,87 @@ fn the_deadline_reports_what_is_still_held() {
         slow.abort();
         let _ = slow.await;
         assert!(store.get(&key).await.unwrap().is_none());
+    });
+}
+
+/// A claim in flight is counted, not listed (a replay or a conflict, which holds nothing once
+/// its claim answers, costs no entry): the drain waits for it, and for the body it acquires;
+/// one still in flight at the deadline is reported by count.
+fn a_claim_in_flight_is_waited_for_and_reported() {
+    let _serial = serial();
+    runtime().block_on(async {
+        let memory = Arc::new(MemoryStore::new());
+        let store = Arc::new(FaultyStore::new(memory.clone()));
+        let ns = namespace("claim_in_flight");
+        let runs = Arc::new(AtomicUsize::new(0));
+        let listed = |ns: &str| {
+            idem_core::shutdown::held_calls()
+                .iter()
+                .filter(|c| c.namespace == ns)
+                .count()
+        };
+
+        // Sent before the drain, answered during it: the drain waits for the claim, then for
+        // the body it acquired.
+        store.plan(Fault::Delay(Op::Claim, Duration::from_millis(400)));
+        let first = {
+            let (store, runs) = (store.clone(), runs.clone());
+            tokio::spawn(async move {
+                counted(&*store, ns, "k", &runs, 1, Duration::from_millis(100)).await
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(idem_core::shutdown::claims_in_flight(), 1);
+        assert_eq!(listed(ns), 0, "a claim in flight is not listed");
+        idem_core::shutdown(Duration::from_secs(5))
+            .await
+            .expect("the claim and its body finish within the deadline");
+        assert_eq!(
+            runs.load(Ordering::SeqCst),
+            1,
+            "the body ran before the drain returned"
+        );
+        assert_eq!(first.await.unwrap().unwrap(), 1);
+        idem_core::shutdown::resume();
+
+        // A replay through the claim: counted while in flight, never listed.
+        store.plan(Fault::Delay(Op::Claim, Duration::from_millis(300)));
+        let replay = {
+            let (store, runs) = (store.clone(), runs.clone());
+            tokio::spawn(async move { counted(&*store, ns, "k", &runs, 2, Duration::ZERO).await })
+        };
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(idem_core::shutdown::claims_in_flight(), 1);
+        assert_eq!(listed(ns), 0, "a replay is not listed");
+        assert_eq!(replay.await.unwrap().unwrap(), 1, "the replay");
+        assert_eq!(idem_core::shutdown::claims_in_flight(), 0);
+
+        // Still in flight at the deadline: reported by count, nothing listed.
+        store.plan(Fault::Delay(Op::Claim, Duration::from_secs(2)));
+        let late = {
+            let (store, runs) = (store.clone(), runs.clone());
+            tokio::spawn(
+                async move { counted(&*store, ns, "late", &runs, 3, Duration::ZERO).await },
+            )
+        };
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let e = idem_core::shutdown(Duration::from_millis(300))
+            .await
+            .expect_err("the claim outlives the deadline");
+        assert!(e.calls().iter().all(|c| c.namespace != ns), "{e:?}");
+        assert_eq!(e.claims_in_flight(), 1, "{e:?}");
+        assert!(e.to_string().contains("1 claim(s) still in flight"), "{e}");
+        late.abort();
+        let _ = late.await;
+        for k in ["k", "late"] {
+            let key = Call::new(ns)
+                .key(k)
+                .identity_for(&*store)
+                .unwrap()
+                .unwrap()
+                .key;
+            memory.remove(&key).await.unwrap();
+        }
     });
 }
 
@@ -411,6 +493,7 @@ fn main() -> std::process::ExitCode {
             new_calls_are_refused_and_running_bodies_finish,
             a_waiter_gets_the_result_completed_during_the_drain,
             the_deadline_reports_what_is_still_held,
+            a_claim_in_flight_is_waited_for_and_reported,
             memory_a_finished_call_is_answered_during_the_drain),
         test_cases!([REDIS], sync;
             redis_runtime_dropped_after_a_drain_keeps_the_completion,

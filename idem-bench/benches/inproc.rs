@@ -6,7 +6,9 @@
 //! `IDEM_INPROC_PROFILE=<case>:<iterations>` runs one case that many times and exits, for
 //! callgrind (`bench/report` runs each case at two iteration counts and takes the difference,
 //! so that start-up cancels out): `moka_get`, `moka_insert_get`, `idem_macro_replay`,
-//! `idem_macro_fresh`, `idempotent_replay`, `idempotent_fresh`, `cached_hit`, and
+//! `idem_macro_fresh`, `idempotent_replay`, `idempotent_fresh`, `cached_hit`,
+//! `idem_claim_replay` (a replay that goes through the store's claim, as on Redis and SQL: a
+//! `MemoryStore` behind a wrapper without the synchronous replay path), and
 //! `moka_sync_get`, `moka_sync_insert_get` (moka's synchronous cache, the one `MemoryStore`
 //! keeps its records in, with moka's defaults), and for durable steps `idem_10_steps_fresh`,
 //! `idem_no_steps_fresh` (one step = their difference / 10) and `moka_sync_insert` (a raw
@@ -152,6 +154,66 @@ fn raw_key(n: u64) -> Key {
     let mut k = [0u8; 32];
     k[..8].copy_from_slice(&n.to_le_bytes());
     Key(k)
+}
+
+/// A `MemoryStore` without its synchronous replay path ([`Store::completed_now`]): its
+/// replays go through [`Store::claim`], as every replay does on Redis and SQL.
+#[derive(Debug)]
+struct ThroughClaim(MemoryStore);
+
+#[idem_core::async_trait]
+impl Store for ThroughClaim {
+    async fn claim(&self, req: &ClaimRequest) -> Result<idem_core::Claim, idem_core::StoreError> {
+        self.0.claim(req).await
+    }
+    async fn complete(
+        &self,
+        key: &Key,
+        token: FencingToken,
+        value: &[u8],
+        ttl: Duration,
+    ) -> Result<(), idem_core::StoreError> {
+        self.0.complete(key, token, value, ttl).await
+    }
+    async fn release(&self, key: &Key, token: FencingToken) -> Result<(), idem_core::StoreError> {
+        self.0.release(key, token).await
+    }
+    async fn renew(
+        &self,
+        key: &Key,
+        token: FencingToken,
+        lease: Duration,
+    ) -> Result<(), idem_core::StoreError> {
+        self.0.renew(key, token, lease).await
+    }
+    async fn get(
+        &self,
+        key: &Key,
+    ) -> Result<Option<idem_core::RecordState>, idem_core::StoreError> {
+        self.0.get(key).await
+    }
+    async fn wait(&self, key: &Key, timeout: Duration) -> Result<(), idem_core::StoreError> {
+        self.0.wait(key, timeout).await
+    }
+    async fn remove(&self, key: &Key) -> Result<(), idem_core::StoreError> {
+        self.0.remove(key).await
+    }
+    fn release_detached(&self, key: Key, token: FencingToken) {
+        self.0.release_detached(key, token)
+    }
+    fn process_local(&self) -> bool {
+        self.0.process_local()
+    }
+}
+
+/// `work` through `Call` on a store whose replays go through its claim.
+async fn work_through_claim(store: &ThroughClaim, n: u64) -> Result<u64, Error> {
+    Call::new("idem_bench::work_through_claim")
+        .key(n)
+        .fingerprint((&n,))
+        .ttl(TTL)
+        .run(store, work(n))
+        .await
 }
 
 /// A store big enough that no sample evicts.
@@ -408,6 +470,8 @@ fn profile(spec: &str) {
         work_idem(&store, REPLAY_N).await.unwrap();
         work_peer(&peer, REPLAY_N).await.unwrap();
         work_cached(REPLAY_N).await.unwrap();
+        let through_claim = ThroughClaim(big_store());
+        work_through_claim(&through_claim, REPLAY_N).await.unwrap();
         for _ in 0..iters {
             match case {
                 "moka_get" => {
@@ -449,6 +513,13 @@ fn profile(spec: &str) {
                 }
                 "cached_hit" => {
                     black_box(work_cached(black_box(REPLAY_N)).await.unwrap());
+                }
+                "idem_claim_replay" => {
+                    black_box(
+                        work_through_claim(&through_claim, black_box(REPLAY_N))
+                            .await
+                            .unwrap(),
+                    );
                 }
                 other => panic!("unknown case {other}"),
             }

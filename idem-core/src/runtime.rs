@@ -23,7 +23,7 @@ use crate::key::{self, Identity};
 use crate::namespace::{Collision, Site};
 use crate::observe::{emit, Outcome};
 use crate::options::{MissingKey, OnConflict, Options};
-use crate::shutdown::{Stage, Tracked};
+use crate::shutdown::{Claiming, Stage, Tracked};
 use crate::store::{Claim, ClaimRequest, FencingToken, Key, RecordState, Store};
 
 tokio::task_local! {
@@ -627,6 +627,27 @@ const MIN_CLAIM_BUDGET: Duration = Duration::from_millis(50);
 /// reply answers `Ok` the second time).
 const COMPLETE_ATTEMPTS: u32 = 5;
 
+/// The longest pause between two claim attempts of a caller that waited.
+const WAITER_CLAIM_PAUSE: Duration = Duration::from_millis(200);
+
+/// The pause before claim attempt `attempt + 1` after a transient failure, or `None` when
+/// the failure is the answer. A caller that has not waited gets [`CLAIM_ATTEMPTS`] attempts:
+/// it fails fast with the store's error. A caller that waited (`left`: what is left of its
+/// `wait_timeout`) was granted that long to get its answer, and a store that fails now and
+/// then (a connection cut and re-opened) must not cut it short: it tries again, pausing up
+/// to [`WAITER_CLAIM_PAUSE`], as long as a claim still fits in what is left (a wait with no
+/// end gets [`CLAIM_ATTEMPTS`] attempts, like a caller that has not waited).
+fn claim_retry_pause(attempt: u32, left: Option<Duration>) -> Option<Duration> {
+    let pause = Duration::from_millis(10 << (2 * attempt.min(4)));
+    match left {
+        None => (attempt < CLAIM_ATTEMPTS).then_some(pause),
+        Some(left) => {
+            let pause = pause.min(WAITER_CLAIM_PAUSE);
+            (left > pause + MIN_CLAIM_BUDGET).then_some(pause)
+        }
+    }
+}
+
 /// A share of the lease, never below 5 ms: half of it bounds a release, a quarter is how
 /// long the lease keeper waits on a renewal before it sends another beside it. A claim, a
 /// completion and a renewal are each bounded by the whole lease: on a slow link they may
@@ -689,9 +710,10 @@ pub(crate) async fn claim(
     let deadline = Instant::now().checked_add(opts.wait_timeout);
     let mut waited = false;
     loop {
-        // Counted for the drain from before the claim is sent; refused once it has started.
-        let tracked = match Tracked::claim(ns, key) {
-            Ok(tracked) => tracked,
+        // Counted for the drain from before the claim is sent (listed only if it acquires);
+        // refused once the drain has started.
+        let claiming = match Claiming::start(ns, key) {
+            Ok(claiming) => claiming,
             Err(e) => return refused_while_draining(store, ident, opts, e, waited).await,
         };
         let token = next_token();
@@ -711,7 +733,7 @@ pub(crate) async fn claim(
             outcome: Outcome::Cancelled,
             armed: true,
         };
-        let since = Instant::now();
+        let since = claiming.since();
         let mut attempt = 1;
         #[cfg(feature = "metrics")]
         let claim_timer = Timer(since, |took| crate::telemetry::claim(ns, took));
@@ -723,15 +745,14 @@ pub(crate) async fn claim(
                 .map(|d| d.saturating_duration_since(Instant::now()));
             let limit = left.map_or(opts.lease, |l| opts.lease.min(l.max(MIN_CLAIM_BUDGET)));
             match bounded(Op("claim", store), limit, store.claim(&req)).await {
-                Err(e)
-                    if transient(&e)
-                        && attempt < CLAIM_ATTEMPTS
-                        && left.is_none_or(|l| l > MIN_CLAIM_BUDGET) =>
-                {
-                    tracing::debug!(target: "idem", %key, attempt, error = %e, "claim failed; retrying with the same token");
-                    tokio::time::sleep(Duration::from_millis(10 << (2 * attempt))).await;
-                    attempt += 1;
-                }
+                Err(e) if transient(&e) => match claim_retry_pause(attempt, left) {
+                    Some(pause) => {
+                        tracing::debug!(target: "idem", %key, attempt, error = %e, "claim failed; retrying with the same token");
+                        tokio::time::sleep(pause).await;
+                        attempt += 1;
+                    }
+                    None => break Err(e),
+                },
                 other => break other,
             }
         };
@@ -757,13 +778,12 @@ pub(crate) async fn claim(
         guard.armed = false;
         match claim {
             Claim::Acquired { taken_over } => {
-                tracked.set(Stage::Running);
                 return Claimed::Held(Held {
                     key,
                     token,
                     taken_over,
                     since,
-                    tracked,
+                    tracked: claiming.acquired(),
                     fingerprint: ident.fingerprint,
                 });
             }
@@ -778,7 +798,7 @@ pub(crate) async fn claim(
                 lease_remaining,
             } => {
                 // A waiter holds nothing: the drain does not wait for it.
-                drop(tracked);
+                drop(claiming);
                 if mismatch(ident.fingerprint, fingerprint) {
                     return Claimed::Failed(Error::KeyReused, Outcome::KeyReused);
                 }

@@ -44,7 +44,7 @@ use crate::{Error, Key};
 /// started and whose holder completed by then. Others get [`Error::ShuttingDown`].
 ///
 /// Returns `Ok(())` when nothing is held any more, or [`ShutdownError::Unfinished`] with each
-/// call still held at the deadline. A body still running then keeps its claim: releasing it
+/// call still held at the deadline (and how many claims were still in flight). A body still running then keeps its claim: releasing it
 /// would let a retry run the body a second time while it may still make its side effect. It
 /// ends with the process; its claim is taken over once its lease passes.
 ///
@@ -71,13 +71,20 @@ pub async fn shutdown(within: Duration) -> Result<(), ShutdownError> {
         }
     }
     let calls = held_calls();
-    if calls.is_empty() {
+    let claims_in_flight = claims_in_flight();
+    if calls.is_empty() && claims_in_flight == 0 {
         return Ok(());
     }
     for call in &calls {
         tracing::error!(target: "idem", namespace = call.namespace, key = %call.key, stage = %call.stage, "still held at the shutdown deadline");
     }
-    Err(ShutdownError::Unfinished { calls })
+    if claims_in_flight > 0 {
+        tracing::error!(target: "idem", claims_in_flight, "claims still in flight at the shutdown deadline");
+    }
+    Err(ShutdownError::Unfinished {
+        calls,
+        claims_in_flight,
+    })
 }
 
 /// Whether a drain has started: new claims are refused.
@@ -95,7 +102,9 @@ pub fn resume() {
     REGISTRY.draining.store(false, Ordering::SeqCst);
 }
 
-/// The calls this process holds a claim for (or is claiming) right now.
+/// The calls this process holds a claim for right now. A claim still in flight is not
+/// listed (it holds nothing yet: listing every claim would cost every replay an allocation
+/// and two locks); [`claims_in_flight`] counts those.
 pub fn held_calls() -> Vec<HeldCall> {
     let mut calls: Vec<HeldCall> = REGISTRY
         .shards
@@ -112,23 +121,58 @@ pub fn held_calls() -> Vec<HeldCall> {
     calls
 }
 
+/// How many claims of this process are in flight right now: sent (or about to be), not yet
+/// answered. A drain waits for them too; one that acquires is then listed by [`held_calls`].
+///
+/// ```
+/// assert_eq!(idem_core::shutdown::claims_in_flight(), 0);
+/// ```
+pub fn claims_in_flight() -> usize {
+    REGISTRY.claiming.load(Ordering::SeqCst)
+}
+
 /// What a drain could not finish by its deadline.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum ShutdownError {
-    /// These calls were still held at the deadline.
-    #[error("{} idempotent call(s) still held at the shutdown deadline", calls.len())]
+    /// These calls were still held, and this many claims in flight, at the deadline.
+    #[error(
+        "{} idempotent call(s) still held at the shutdown deadline{}",
+        calls.len(),
+        in_flight_note(*claims_in_flight)
+    )]
+    #[non_exhaustive]
     Unfinished {
         /// Each call still held, oldest first.
         calls: Vec<HeldCall>,
+        /// Claims still in flight (sent, not answered): each may still acquire its key,
+        /// which then stays blocked until its lease passes.
+        claims_in_flight: usize,
     },
+}
+
+fn in_flight_note(n: usize) -> String {
+    if n == 0 {
+        String::new()
+    } else {
+        format!(", and {n} claim(s) still in flight")
+    }
 }
 
 impl ShutdownError {
     /// The calls still held at the deadline, oldest first.
     pub fn calls(&self) -> &[HeldCall] {
         match self {
-            ShutdownError::Unfinished { calls } => calls,
+            ShutdownError::Unfinished { calls, .. } => calls,
+        }
+    }
+
+    /// How many claims were still in flight at the deadline (not in [`calls`](Self::calls)).
+    pub fn claims_in_flight(&self) -> usize {
+        match self {
+            ShutdownError::Unfinished {
+                claims_in_flight, ..
+            } => *claims_in_flight,
         }
     }
 }
@@ -151,8 +195,6 @@ pub struct HeldCall {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum Stage {
-    /// The claim is in flight: it may or may not apply.
-    Claiming,
     /// The body is running.
     Running,
     /// The body returned; its completion or release is in flight (possibly in a detached
@@ -163,42 +205,84 @@ pub enum Stage {
 impl fmt::Display for Stage {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
-            Stage::Claiming => "claiming",
             Stage::Running => "running",
             Stage::Settling => "settling",
         })
     }
 }
 
-/// One claim of this process, counted from before its claim is sent until its settle is
+/// A claim of this process about to be sent or in flight: counted for the drain (atomics
+/// only), not listed. A replay or a conflict ends here, having cost no allocation and no lock;
+/// a claim that acquires becomes a listed [`Tracked`].
+pub(crate) struct Claiming {
+    namespace: &'static str,
+    key: Key,
+    since: Instant,
+}
+
+impl Claiming {
+    /// Counts a claim about to be sent, unless a drain has started.
+    pub(crate) fn start(namespace: &'static str, key: Key) -> Result<Claiming, Error> {
+        let registry = &*REGISTRY;
+        // Counted first, then checked: a drain that starts meanwhile sees the count, or this
+        // sees the drain.
+        registry.in_flight.fetch_add(1, Ordering::SeqCst);
+        registry.claiming.fetch_add(1, Ordering::SeqCst);
+        if registry.draining.load(Ordering::SeqCst) {
+            drop(Claiming {
+                namespace,
+                key,
+                since: Instant::now(),
+            });
+            return Err(Error::ShuttingDown);
+        }
+        Ok(Claiming {
+            namespace,
+            key,
+            since: Instant::now(),
+        })
+    }
+
+    /// When the claim was sent (as good as: counted right before).
+    pub(crate) fn since(&self) -> Instant {
+        self.since
+    }
+
+    /// The claim acquired the key: listed as running from now on, its count handed over to
+    /// the returned handle (the drain never sees it uncounted).
+    pub(crate) fn acquired(self) -> Tracked {
+        let registry = &*REGISTRY;
+        let id = registry.next_id.fetch_add(1, Ordering::Relaxed);
+        let entry = Arc::new(Entry {
+            id,
+            namespace: self.namespace,
+            key: self.key,
+            stage: AtomicU8::new(Stage::Running as u8),
+            since: self.since,
+        });
+        lock(registry.shard(id)).insert(id, Arc::downgrade(&entry));
+        registry.claiming.fetch_sub(1, Ordering::SeqCst);
+        // The in-flight count goes with the entry, which gives it back when dropped.
+        std::mem::forget(self);
+        Tracked(entry)
+    }
+}
+
+impl Drop for Claiming {
+    fn drop(&mut self) {
+        let registry = &*REGISTRY;
+        registry.claiming.fetch_sub(1, Ordering::SeqCst);
+        registry.leave();
+    }
+}
+
+/// One claim of this process that acquired its key, listed from then until its settle is
 /// acknowledged; a clone goes with a settle handed to a detached task. The last clone to drop
 /// takes it off the books.
 #[derive(Clone)]
 pub(crate) struct Tracked(Arc<Entry>);
 
 impl Tracked {
-    /// Counts a claim about to be sent, unless a drain has started.
-    pub(crate) fn claim(namespace: &'static str, key: Key) -> Result<Tracked, Error> {
-        let registry = &*REGISTRY;
-        // Counted first, then checked: a drain that starts meanwhile sees the count, or this
-        // sees the drain.
-        registry.in_flight.fetch_add(1, Ordering::SeqCst);
-        if registry.draining.load(Ordering::SeqCst) {
-            registry.leave();
-            return Err(Error::ShuttingDown);
-        }
-        let id = registry.next_id.fetch_add(1, Ordering::Relaxed);
-        let entry = Arc::new(Entry {
-            id,
-            namespace,
-            key,
-            stage: AtomicU8::new(Stage::Claiming as u8),
-            since: Instant::now(),
-        });
-        lock(registry.shard(id)).insert(id, Arc::downgrade(&entry));
-        Ok(Tracked(entry))
-    }
-
     pub(crate) fn set(&self, stage: Stage) {
         self.0.stage.store(stage as u8, Ordering::Relaxed);
     }
@@ -215,7 +299,6 @@ struct Entry {
 impl Entry {
     fn describe(&self) -> HeldCall {
         let stage = match self.stage.load(Ordering::Relaxed) {
-            s if s == Stage::Claiming as u8 => Stage::Claiming,
             s if s == Stage::Running as u8 => Stage::Running,
             _ => Stage::Settling,
         };
@@ -240,9 +323,12 @@ const SHARDS: usize = 16;
 
 struct Registry {
     draining: AtomicBool,
+    /// Claims in flight and listed calls: what the drain waits for.
     in_flight: AtomicUsize,
+    /// Of those, the claims in flight (not listed).
+    claiming: AtomicUsize,
     next_id: AtomicU64,
-    /// Where each counted claim is, for the report (sharded: every claim passes here).
+    /// Where each listed call is, for the report (sharded: every acquired claim passes here).
     shards: [Mutex<HashMap<u64, Weak<Entry>>>; SHARDS],
     /// Woken when the count reaches zero.
     idle: Notify,
@@ -263,6 +349,7 @@ impl Registry {
 static REGISTRY: LazyLock<Registry> = LazyLock::new(|| Registry {
     draining: AtomicBool::new(false),
     in_flight: AtomicUsize::new(0),
+    claiming: AtomicUsize::new(0),
     next_id: AtomicU64::new(0),
     shards: std::array::from_fn(|_| Mutex::new(HashMap::new())),
     idle: Notify::new(),

@@ -510,114 +510,113 @@ impl MySqlStore {
             .await
     }
 
-    /// One run of the claim statement: what it found (`FOUND_*`), and whether a broken
-    /// connection was retried.
-    async fn claim_once(&self, req: &ClaimRequest) -> Result<(u64, bool), sqlx::Error> {
+    /// One run of the claim statement on `conn`: what it found (`FOUND_*`).
+    async fn claim_once(
+        &self,
+        conn: &mut sqlx::MySqlConnection,
+        req: &ClaimRequest,
+    ) -> Result<u64, sqlx::Error> {
         let inner = &*self.inner;
         let lease = ms(req.lease);
         let until = lease.saturating_add(inner.core.lease_grace_ms);
         let fp = req.fingerprint.map(|f| f.0.to_vec());
         let token = req.token.as_i64();
-        let (r, lost) = run_retrying(|| async {
-            let mut c = inner.lanes.acquire().await?;
-            let r = sqlx::query(AssertSqlSafe(inner.sql.claim.clone()))
-                .bind(&req.key.0[..])
-                .bind(token)
-                .bind(lease)
-                .bind(until)
-                .bind(fp.clone())
-                .bind(token) // own claim?
-                .bind(token) // the new token
-                .bind(token)
-                .bind(fp.clone())
-                .bind(token)
-                .bind(token)
-                .bind(until)
-                .bind(token)
-                .bind(token)
-                .bind(lease)
-                .execute(c.conn())
-                .await;
-            c.done();
-            r
-        })
-        .await?;
-        Ok((r.last_insert_id(), lost))
+        let r = sqlx::query(AssertSqlSafe(inner.sql.claim.clone()))
+            .bind(&req.key.0[..])
+            .bind(token)
+            .bind(lease)
+            .bind(until)
+            .bind(fp.clone())
+            .bind(token) // own claim?
+            .bind(token) // the new token
+            .bind(token)
+            .bind(fp.clone())
+            .bind(token)
+            .bind(token)
+            .bind(until)
+            .bind(token)
+            .bind(token)
+            .bind(lease)
+            .execute(conn)
+            .await?;
+        Ok(r.last_insert_id())
     }
 
-    /// What a claim finds before it writes: a live record that answers it, our own live
-    /// claim (a retry whose first reply was lost), or nothing live.
-    async fn read_live(&self, req: &ClaimRequest) -> Result<Seen, StoreError> {
-        let inner = &*self.inner;
-        let (row, _) = run_retrying(|| async {
-            let mut c = inner.lanes.acquire().await?;
-            let r = sqlx::query(AssertSqlSafe(inner.sql.read.clone()))
-                .bind(&req.key.0[..])
-                .fetch_optional(c.conn())
-                .await;
-            c.done();
-            r
-        })
-        .await
-        .map_err(|e| self.inner.core.fail("mysql: read record", e))?;
-        let Some(row) = row else {
-            return Ok(Seen::Nothing);
-        };
-        let remaining: i64 = row.try_get("remaining").map_err(corrupt)?;
-        if remaining <= 0 {
-            return Ok(Seen::Nothing);
-        }
-        let completed: i64 = row.try_get("completed").map_err(corrupt)?;
-        let token: i64 = row.try_get("token").map_err(corrupt)?;
-        let fingerprint = fingerprint(row.try_get("fingerprint").map_err(corrupt)?)?;
-        let remaining = Duration::from_millis(remaining.unsigned_abs());
-        Ok(if completed != 0 {
-            let value: Option<Vec<u8>> = row.try_get("value").map_err(corrupt)?;
-            Seen::Other(Claim::Completed(completed_record(
-                fingerprint,
-                value,
-                remaining,
-            )?))
-        } else if token == req.token.as_i64() {
-            // Our own claim: an earlier run of the upsert was applied but its answer was lost.
-            // Tokens are fresh per claim, so the holder is us; the upsert restarts the lease.
-            Seen::Ours
-        } else {
-            Seen::Other(Claim::InProgress {
-                fingerprint,
-                lease_remaining: Some(remaining),
-            })
-        })
+    /// What a claim finds before it writes, read on `conn`: a live record that answers it,
+    /// our own live claim (a retry whose first reply was lost), or nothing live.
+    async fn read_live(
+        &self,
+        conn: &mut sqlx::MySqlConnection,
+        req: &ClaimRequest,
+    ) -> Result<Result<Seen, StoreError>, sqlx::Error> {
+        let row = sqlx::query(AssertSqlSafe(self.inner.sql.read.clone()))
+            .bind(&req.key.0[..])
+            .fetch_optional(conn)
+            .await?;
+        Ok(seen(row, req))
     }
 
-    async fn claim_statements(&self, req: &ClaimRequest) -> Result<Claim, StoreError> {
+    /// The claim's statements on one connection, until one answers: read first — a live
+    /// record is the answer as it stands (a completed record only expires or is deleted, a
+    /// live claim is a true conflict at the time of the read), so replays and conflicts cost
+    /// one SELECT and take no lock — then the upsert. An error of the database ends the run
+    /// (`Err`); a run that answered, or failed for a reason of its own, is `Ok`.
+    async fn claim_on(
+        &self,
+        conn: &mut sqlx::MySqlConnection,
+        req: &ClaimRequest,
+    ) -> Result<Result<Claim, StoreError>, sqlx::Error> {
         for _ in 0..CLAIM_ATTEMPTS {
-            // Read first: a live record is the answer as it stands (a completed record only
-            // expires or is deleted, a live claim is a true conflict at the time of the read),
-            // so replays and conflicts cost one SELECT and take no lock.
-            if let Seen::Other(answer) = self.read_live(req).await? {
-                return Ok(answer);
+            match self.read_live(conn, req).await? {
+                Ok(Seen::Other(answer)) => return Ok(Ok(answer)),
+                Ok(Seen::Nothing | Seen::Ours) => {}
+                Err(e) => return Ok(Err(e)),
             }
-            let (found, _) = self
-                .claim_once(req)
-                .await
-                .map_err(|e| self.inner.core.fail("mysql: claim", e))?;
-            match found {
+            match self.claim_once(conn, req).await? {
                 FOUND_NOTHING | FOUND_EXPIRED_RECORD | FOUND_OWN_CLAIM => {
-                    return Ok(Claim::Acquired { taken_over: false })
+                    return Ok(Ok(Claim::Acquired { taken_over: false }))
                 }
-                FOUND_LAPSED_CLAIM => return Ok(Claim::Acquired { taken_over: true }),
+                FOUND_LAPSED_CLAIM => return Ok(Ok(Claim::Acquired { taken_over: true })),
                 // Someone else's record became live between the read and the upsert: read
                 // it on the next turn.
                 FOUND_LIVE_CLAIM | FOUND_LIVE_RECORD => {}
                 other => {
-                    return Err(StoreError::Corrupt(format!(
+                    return Ok(Err(StoreError::Corrupt(format!(
                         "mysql claim reported an unknown outcome {other}"
-                    )))
+                    ))))
                 }
             }
         }
-        Err(super::base::unsettled("mysql", CLAIM_ATTEMPTS))
+        Ok(Err(super::base::unsettled("mysql", CLAIM_ATTEMPTS)))
+    }
+
+    /// The claim (see [`claim_on`](Self::claim_on)). Both statements run on one connection:
+    /// one acquire per claim — and one test of the connection, on a pool that tests a
+    /// connection before it hands it out — rather than one per statement, which on a slow
+    /// link is a round trip each. Run again like [`run_retrying`] runs a statement: when
+    /// InnoDB rolled a statement back, and once on a fresh connection when the connection
+    /// broke (safe: a claim that went through is recognised by its token).
+    async fn claim_statements(&self, req: &ClaimRequest) -> Result<Claim, StoreError> {
+        let inner = &*self.inner;
+        let mut attempt = 0;
+        let mut lost = false;
+        loop {
+            attempt += 1;
+            let run = async {
+                let mut c = inner.lanes.acquire().await?;
+                let r = self.claim_on(c.conn(), req).await;
+                c.done();
+                r
+            };
+            match run.await {
+                Ok(answer) => return answer,
+                Err(e) if rolled_back(&e) && attempt < CLAIM_ATTEMPTS => {
+                    tokio::time::sleep(Duration::from_millis(attempt as u64)).await;
+                }
+                Err(e) if !lost && connection_lost(&e) => lost = true,
+                Err(e) => return Err(inner.core.fail("mysql: claim", e)),
+            }
+        }
     }
 
     /// The state of the row on `key` if `token` is its token: `Some(true)` completed,
@@ -649,6 +648,38 @@ enum Seen {
     Nothing,
     Ours,
     Other(Claim),
+}
+
+/// What the claim's read found, from its row.
+fn seen(row: Option<sqlx::mysql::MySqlRow>, req: &ClaimRequest) -> Result<Seen, StoreError> {
+    let Some(row) = row else {
+        return Ok(Seen::Nothing);
+    };
+    let remaining: i64 = row.try_get("remaining").map_err(corrupt)?;
+    if remaining <= 0 {
+        return Ok(Seen::Nothing);
+    }
+    let completed: i64 = row.try_get("completed").map_err(corrupt)?;
+    let token: i64 = row.try_get("token").map_err(corrupt)?;
+    let fingerprint = fingerprint(row.try_get("fingerprint").map_err(corrupt)?)?;
+    let remaining = Duration::from_millis(remaining.unsigned_abs());
+    Ok(if completed != 0 {
+        let value: Option<Vec<u8>> = row.try_get("value").map_err(corrupt)?;
+        Seen::Other(Claim::Completed(completed_record(
+            fingerprint,
+            value,
+            remaining,
+        )?))
+    } else if token == req.token.as_i64() {
+        // Our own claim: an earlier run of the upsert was applied but its answer was lost.
+        // Tokens are fresh per claim, so the holder is us; the upsert restarts the lease.
+        Seen::Ours
+    } else {
+        Seen::Other(Claim::InProgress {
+            fingerprint,
+            lease_remaining: Some(remaining),
+        })
+    })
 }
 
 /// A completed record read back, with its remaining TTL (server clock).

@@ -268,15 +268,29 @@ impl<F: FnOnce()> Drop for EndSessionOnDrop<F> {
     }
 }
 
-/// `BEGIN` on a connection of `pool`. A connection being opened when the runtime gives up
-/// on the begin (a slow link: opening one takes several round trips) is opened anyway and
-/// goes back to the pool, so that the next call finds it rather than starting over.
+/// `BEGIN` on a connection of `pool`, in a task of its own that runs to the end even when
+/// the runtime gives up on the begin (a slow link):
+/// - a connection being opened (several round trips) is opened anyway and goes back to the
+///   pool, so that the next call finds it rather than starting over;
+/// - a `BEGIN` already sent is answered, and the transaction it opened is dropped in the task,
+///   which rolls it back before the connection goes back to the pool. Cancelled in between,
+///   sqlx would return the connection with the server's transaction still open (it queues a
+///   rollback only for a transaction whose `BEGIN` it saw answered): the next statement on
+///   that connection — another call's claim — would run inside it, uncommitted, and the
+///   claim's row would be invisible to its own completion (a lease "lost" with no competitor).
 #[cfg(any(feature = "postgres", feature = "mysql"))]
 async fn begin_on<DB: sqlx::Database>(
     pool: &sqlx::Pool<DB>,
 ) -> Result<sqlx::Transaction<'static, DB>, sqlx::Error> {
-    let conn = super::lanes::finish_anyway(pool).await?;
-    sqlx::Transaction::begin(conn, None).await
+    let pool = pool.clone();
+    let begin = tokio::spawn(async move {
+        let conn = pool.acquire().await?;
+        sqlx::Transaction::begin(conn, None).await
+    });
+    match begin.await {
+        Ok(r) => r,
+        Err(e) => Err(sqlx::Error::Io(std::io::Error::other(e))),
+    }
 }
 
 /// Commits `tx`; if the future is dropped before the commit answered, spawns `end(session)`.

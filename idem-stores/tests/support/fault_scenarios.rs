@@ -22,7 +22,10 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use idem_core::{Call, Error, Store};
+use idem_core::{
+    async_trait, Call, Claim, ClaimRequest, Error, FencingToken, Key, RecordState, Store,
+    StoreError,
+};
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
@@ -409,6 +412,16 @@ async fn holder_under_fault(
         );
     }
     let mut tasks = vec![holder];
+    // The waiters go through a store that counts the conflicts its claims were answered.
+    // Waiters that must get the value are waiting before the fault starts: a caller's first
+    // claim is not a wait, and one that meets the fault fails closed (`Error::Store`, body
+    // not run), as the contract says of any store failure; a caller that is waiting keeps
+    // its `wait_timeout`. (Where waiters may fail, the fault starts at once, as before.)
+    let watched = Arc::new(Watched {
+        inner: rig.holder.clone(),
+        conflicts: AtomicUsize::new(0),
+    });
+    let waiting: Arc<dyn Store> = watched.clone();
     for _ in 0..rivals {
         tasks.push(tokio::spawn(s.run(
             &rig.rival,
@@ -419,11 +432,20 @@ async fn holder_under_fault(
     }
     for _ in 0..waiters {
         tasks.push(tokio::spawn(s.run(
-            &rig.holder,
+            &waiting,
             body,
             Duration::from_secs(20),
             false,
         )));
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !waiters_may_fail && watched.conflicts.load(Ordering::SeqCst) < waiters {
+        assert!(
+            Instant::now() < deadline,
+            "{}: {name}: the waiters never started waiting",
+            rig.server
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
     }
     fault.await;
     let answers = join_all(tasks).await;
@@ -466,6 +488,66 @@ async fn holder_under_fault(
     );
 }
 
+/// A store that counts the claims it answered [`Claim::InProgress`]: a caller answered so is
+/// waiting.
+#[derive(Debug)]
+struct Watched {
+    inner: Arc<dyn Store>,
+    conflicts: AtomicUsize,
+}
+
+#[async_trait]
+impl Store for Watched {
+    async fn claim(&self, req: &ClaimRequest) -> Result<Claim, StoreError> {
+        let claim = self.inner.claim(req).await?;
+        if matches!(claim, Claim::InProgress { .. }) {
+            self.conflicts.fetch_add(1, Ordering::SeqCst);
+        }
+        Ok(claim)
+    }
+    async fn complete(
+        &self,
+        key: &Key,
+        token: FencingToken,
+        value: &[u8],
+        ttl: Duration,
+    ) -> Result<(), StoreError> {
+        self.inner.complete(key, token, value, ttl).await
+    }
+    async fn release(&self, key: &Key, token: FencingToken) -> Result<(), StoreError> {
+        self.inner.release(key, token).await
+    }
+    async fn renew(
+        &self,
+        key: &Key,
+        token: FencingToken,
+        lease: Duration,
+    ) -> Result<(), StoreError> {
+        self.inner.renew(key, token, lease).await
+    }
+    async fn get(&self, key: &Key) -> Result<Option<RecordState>, StoreError> {
+        self.inner.get(key).await
+    }
+    async fn wait(&self, key: &Key, timeout: Duration) -> Result<(), StoreError> {
+        self.inner.wait(key, timeout).await
+    }
+    async fn remove(&self, key: &Key) -> Result<(), StoreError> {
+        self.inner.remove(key).await
+    }
+    fn release_detached(&self, key: Key, token: FencingToken) {
+        self.inner.release_detached(key, token)
+    }
+    fn detached(&self) -> Option<Arc<dyn Store>> {
+        self.inner.detached()
+    }
+    fn name(&self) -> &'static str {
+        self.inner.name()
+    }
+    fn process_local(&self) -> bool {
+        self.inner.process_local()
+    }
+}
+
 /// Every connection is cut right after the claim, while the body runs for 3 leases.
 pub async fn cut_after_claim(rig: Arc<Rig>) {
     let lease = Duration::from_millis(600);
@@ -486,7 +568,8 @@ pub async fn cut_after_claim(rig: Arc<Rig>) {
 }
 
 /// Every connection is cut every 100 ms while the holder runs and 8 waiters wait on the
-/// holder's side of the proxy.
+/// holder's side of the proxy: every waiter gets the holder's value (a waiter's claims that
+/// fail on a cut connection are retried within its `wait_timeout`).
 pub async fn repeated_cuts_with_waiters(rig: Arc<Rig>) {
     let lease = Duration::from_millis(600);
     let proxy = &rig.proxy;
