@@ -10,9 +10,11 @@
 //! `idem_claim_replay` (a replay that goes through the store's claim, as on Redis and SQL: a
 //! `MemoryStore` behind a wrapper without the synchronous replay path), and
 //! `moka_sync_get`, `moka_sync_insert_get` (moka's synchronous cache, the one `MemoryStore`
-//! keeps its records in, with moka's defaults), and for durable steps `idem_10_steps_fresh`,
-//! `idem_no_steps_fresh` (one step = their difference / 10) and `moka_sync_insert` (a raw
-//! insert of the step's value).
+//! keeps its records in, with moka's defaults), `moka_store_get`, `moka_store_insert_get`
+//! (that cache configured as `MemoryStore` configures it: a weigher, a per-entry expiry, the
+//! LRU policy and an eviction listener; see [`store_like_cache`]), and for durable steps
+//! `idem_10_steps_fresh`, `idem_no_steps_fresh` (one step = their difference / 10) and
+//! `moka_sync_insert` (a raw insert of the step's value).
 //!
 //! All on one current-thread tokio runtime. "Fresh" benches use a key never seen before on
 //! every iteration and a new store (or cache) per criterion sample, built and dropped outside
@@ -216,6 +218,36 @@ async fn work_through_claim(store: &ThroughClaim, n: u64) -> Result<u64, Error> 
         .await
 }
 
+/// moka's synchronous cache configured as `MemoryStore` configures its records' cache
+/// (`idem-stores/src/memory/records.rs`): a weigher, a per-entry expiry read from the value,
+/// the LRU policy (every new entry admitted) and an eviction listener that counts — the fair
+/// raw baseline of the store, beside moka's defaults.
+fn store_like_cache() -> moka::sync::Cache<Key, Arc<[u8]>> {
+    use moka::policy::EvictionPolicy;
+    struct PerEntry;
+    impl moka::Expiry<Key, Arc<[u8]>> for PerEntry {
+        fn expire_after_create(
+            &self,
+            _: &Key,
+            value: &Arc<[u8]>,
+            _: std::time::Instant,
+        ) -> Option<Duration> {
+            // Like the store, the TTL comes from the value (here: its first byte, in hours).
+            Some(TTL * u32::from(value.first().copied().unwrap_or(1)).max(1))
+        }
+    }
+    static EVICTED: AtomicU64 = AtomicU64::new(0);
+    moka::sync::Cache::builder()
+        .max_capacity(8 << 30)
+        .weigher(|_: &Key, v: &Arc<[u8]>| u32::try_from(v.len() + 400).unwrap_or(u32::MAX))
+        .eviction_policy(EvictionPolicy::lru())
+        .expire_after(PerEntry)
+        .eviction_listener(|_, _, _| {
+            EVICTED.fetch_add(1, Ordering::Relaxed);
+        })
+        .build()
+}
+
 /// A store big enough that no sample evicts.
 fn big_store() -> MemoryStore {
     MemoryStore::builder().max_bytes(8 << 30).build()
@@ -260,6 +292,12 @@ fn inproc(c: &mut Criterion) {
     sync_cache.insert(raw_key(REPLAY_N), value.clone());
     g.bench_function("moka_sync_get", |b| {
         b.iter(|| sync_cache.get(black_box(&hit)))
+    });
+    // The same cache configured as `MemoryStore` configures it.
+    let store_cache = store_like_cache();
+    store_cache.insert(raw_key(REPLAY_N), value.clone());
+    g.bench_function("moka_store_get", |b| {
+        b.iter(|| store_cache.get(black_box(&hit)))
     });
 
     g.bench_function("moka_insert_get", |b| {
@@ -463,10 +501,12 @@ fn profile(spec: &str) {
         let cache: Cache<Key, Arc<[u8]>> = Cache::new(u64::MAX);
         let sync_cache: moka::sync::Cache<Key, Arc<[u8]>> = moka::sync::Cache::new(u64::MAX);
         let step_value: Arc<[u8]> = Arc::from(STEP_VALUE.as_bytes());
+        let store_cache = store_like_cache();
         let peer = peer_store();
         // Every case's replay key exists before the loop.
         cache.insert(raw_key(REPLAY_N), value.clone()).await;
         sync_cache.insert(raw_key(REPLAY_N), value.clone());
+        store_cache.insert(raw_key(REPLAY_N), value.clone());
         work_idem(&store, REPLAY_N).await.unwrap();
         work_peer(&peer, REPLAY_N).await.unwrap();
         work_cached(REPLAY_N).await.unwrap();
@@ -498,6 +538,14 @@ fn profile(spec: &str) {
                     let k = raw_key(next());
                     sync_cache.insert(k, value.clone());
                     black_box(sync_cache.get(&k));
+                }
+                "moka_store_get" => {
+                    black_box(store_cache.get(black_box(&raw_key(REPLAY_N))));
+                }
+                "moka_store_insert_get" => {
+                    let k = raw_key(next());
+                    store_cache.insert(k, value.clone());
+                    black_box(store_cache.get(&k));
                 }
                 "idem_macro_replay" => {
                     black_box(work_idem(&store, black_box(REPLAY_N)).await.unwrap());

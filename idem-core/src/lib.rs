@@ -151,8 +151,18 @@ pub mod __private {
         T: serde::Serialize + serde::de::DeserializeOwned,
         Fut: core::future::Future<Output = Result<T, E>>,
     {
+        use crate::runtime::{Prepared, ReleaseErrors};
+        // A replay is answered here, before the body's wrapper and the runtime's futures are
+        // built (each would move the `Call` once more).
+        let ident = match call.prepare_in::<ReleaseErrors, T, Either<E>>(store) {
+            Prepared::Claim(ident) => ident,
+            Prepared::Done(result) => return result.map_err(|e| e.into(from_error)),
+            Prepared::Unprotected => return body.await,
+        };
         let body = async { body.await.map_err(Either::Body) };
-        call.run(store, body).await.map_err(|e| e.into(from_error))
+        call.drive::<ReleaseErrors, T, Either<E>, _>(store, ident, body)
+            .await
+            .map_err(|e| e.into(from_error))
     }
 
     /// `E::from`, as a function pointer.

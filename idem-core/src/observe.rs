@@ -209,6 +209,19 @@ pub(crate) async fn in_store<F: std::future::Future>(_store: &'static str, fut: 
     fut.await
 }
 
+/// Runs `f` with the store's name at hand, like [`in_store`], without a future.
+#[cfg(feature = "metrics")]
+#[inline]
+pub(crate) fn in_store_now<R>(store: &'static str, f: impl FnOnce() -> R) -> R {
+    STORE.sync_scope(store, f)
+}
+
+#[cfg(not(feature = "metrics"))]
+#[inline]
+pub(crate) fn in_store_now<R>(_store: &'static str, f: impl FnOnce() -> R) -> R {
+    f()
+}
+
 /// Counts and logs the end of one call.
 pub fn emit(outcome: Outcome, namespace: &'static str, key: Option<&crate::Key>) {
     #[cfg(feature = "metrics")]

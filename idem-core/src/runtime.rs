@@ -356,11 +356,16 @@ impl<C: Codec> Call<C> {
         E: From<Error>,
         Fut: Future<Output = Result<T, E>>,
     {
-        crate::observe::in_store(
-            store.name(),
-            self.drive::<ReleaseErrors, T, E, Fut>(store, body),
-        )
-        .await
+        // A replay is answered here, before any inner future is built (each would move the
+        // `Call` once more).
+        match self.prepare_in::<ReleaseErrors, T, E>(store) {
+            Prepared::Claim(ident) => {
+                self.drive::<ReleaseErrors, T, E, Fut>(store, ident, body)
+                    .await
+            }
+            Prepared::Done(result) => result,
+            Prepared::Unprotected => unprotected(body).await,
+        }
     }
 
     /// Like [`run`](Self::run), but `Err` values are stored and replayed too
@@ -371,11 +376,14 @@ impl<C: Codec> Call<C> {
         E: From<Error> + Serialize + DeserializeOwned,
         Fut: Future<Output = Result<T, E>>,
     {
-        crate::observe::in_store(
-            store.name(),
-            self.drive::<StoreErrors, T, E, Fut>(store, body),
-        )
-        .await
+        match self.prepare_in::<StoreErrors, T, E>(store) {
+            Prepared::Claim(ident) => {
+                self.drive::<StoreErrors, T, E, Fut>(store, ident, body)
+                    .await
+            }
+            Prepared::Done(result) => result,
+            Prepared::Unprotected => unprotected(body).await,
+        }
     }
 
     /// [`run`](Self::run) on the process default store ([`set_default_store`]); without one,
@@ -449,23 +457,37 @@ impl<C: Codec> Call<C> {
         Prepared::Claim(ident)
     }
 
-    async fn drive<P, T, E, Fut>(self, store: &dyn Store, body: Fut) -> Result<T, E>
+    /// [`prepare`](Self::prepare) with the store's name at hand for the outcome's `store`
+    /// label (what [`drive`](Self::drive) gets from `in_store`).
+    #[inline]
+    pub(crate) fn prepare_in<P, T, E>(&self, store: &dyn Store) -> Prepared<Result<T, E>>
+    where
+        P: Policy<T, E>,
+        E: From<Error>,
+    {
+        crate::observe::in_store_now(store.name(), || self.prepare::<P, T, E>(store))
+    }
+
+    /// A prepared call that claims: its span, its store label, and the steps.
+    pub(crate) async fn drive<P, T, E, Fut>(
+        self,
+        store: &dyn Store,
+        ident: Identity,
+        body: Fut,
+    ) -> Result<T, E>
     where
         P: Policy<T, E>,
         E: From<Error>,
         Fut: Future<Output = Result<T, E>>,
     {
-        let ns = self.namespace;
-        let ident = match self.prepare::<P, T, E>(store) {
-            Prepared::Claim(ident) => ident,
-            Prepared::Done(result) => return result,
-            Prepared::Unprotected => return unprotected(body).await,
-        };
-        let span =
-            tracing::debug_span!(target: "idem", "idem.call", namespace = ns, key = %ident.key);
-        self.drive_claimed::<P, T, E, Fut>(store, ident, body)
-            .instrument(span)
-            .await
+        let span = tracing::debug_span!(target: "idem", "idem.call", namespace = self.namespace, key = %ident.key);
+        let steps = self
+            .drive_claimed::<P, T, E, Fut>(store, ident, body)
+            .instrument(span);
+        #[cfg(feature = "metrics")]
+        return crate::observe::in_store(store.name(), steps).await;
+        #[cfg(not(feature = "metrics"))]
+        steps.await
     }
 
     /// The state machine's steps, one function each: claim (and wait), execute (with the
@@ -679,6 +701,21 @@ pub(crate) async fn bounded<T>(
     r
 }
 
+/// A store's synchronous answer ([`Store::claim_now`], [`Store::complete_now`]), timed for
+/// the metrics like [`bounded`] when there is one.
+#[inline]
+fn now<T>(op: Op<'_>, f: impl FnOnce() -> Option<T>) -> Option<T> {
+    #[cfg(feature = "metrics")]
+    let started = Instant::now();
+    let r = f();
+    #[cfg(feature = "metrics")]
+    if r.is_some() {
+        crate::telemetry::store_op(op.0, op.1.name(), started.elapsed());
+    }
+    let _ = op;
+    r
+}
+
 /// Reports the time since its start when dropped (metrics).
 #[cfg(feature = "metrics")]
 struct Timer<F: FnMut(Duration)>(Instant, F);
@@ -744,7 +781,12 @@ pub(crate) async fn claim(
                 .filter(|_| waited)
                 .map(|d| d.saturating_duration_since(Instant::now()));
             let limit = left.map_or(opts.lease, |l| opts.lease.min(l.max(MIN_CLAIM_BUDGET)));
-            match bounded(Op("claim", store), limit, store.claim(&req)).await {
+            // A store that answers at once does, without a future.
+            let answer = match now(Op("claim", store), || store.claim_now(&req)) {
+                Some(answer) => answer,
+                None => bounded(Op("claim", store), limit, store.claim(&req)).await,
+            };
+            match answer {
                 Err(e) if transient(&e) => match claim_retry_pause(attempt, left) {
                     Some(pause) => {
                         tracing::debug!(target: "idem", %key, attempt, error = %e, "claim failed; retrying with the same token");
@@ -989,6 +1031,28 @@ pub(crate) async fn settle(
     action: Settle,
 ) -> Settled {
     held.tracked.set(Stage::Settling);
+    // A store that completes at once: no lease keeper, no guard, no future. Anything but
+    // success or fencing goes the whole way below (which asks again, with the same token).
+    if let Settle::Complete(envelope) = &action {
+        let answer = now(Op("complete", store), || {
+            store.complete_now(&held.key, held.token, envelope, opts.ttl)
+        });
+        match answer {
+            Some(Ok(())) => {
+                #[cfg(feature = "metrics")]
+                crate::telemetry::record_size(ns, envelope.len());
+                let outcome = if held.taken_over {
+                    Outcome::TakenOver
+                } else {
+                    Outcome::Executed
+                };
+                emit(outcome, ns, Some(&held.key));
+                return Settled::Done;
+            }
+            Some(Err(StoreError::Fenced)) => return Settled::Failed(Error::LeaseLost),
+            _ => {}
+        }
+    }
     // Borrows only: the options and the envelope are copied for a detached task only if the
     // caller is dropped, not on every call.
     let mut guard = SettleOnDrop {
@@ -1043,13 +1107,21 @@ async fn settle_once(
     crate::telemetry::record_size(ns, envelope.len());
     let mut backoff = Duration::from_millis(20);
     for attempt in 1..=COMPLETE_ATTEMPTS {
-        match bounded(
-            Op("complete", store),
-            opts.lease,
-            store.complete(&key, token, envelope, opts.ttl),
-        )
-        .await
-        {
+        // A store that answers at once does, without a future.
+        let answer = match now(Op("complete", store), || {
+            store.complete_now(&key, token, envelope, opts.ttl)
+        }) {
+            Some(answer) => answer,
+            None => {
+                bounded(
+                    Op("complete", store),
+                    opts.lease,
+                    store.complete(&key, token, envelope, opts.ttl),
+                )
+                .await
+            }
+        };
+        match answer {
             Ok(()) => {
                 let outcome = if taken_over {
                     Outcome::TakenOver

@@ -321,6 +321,38 @@ impl Drop for Entry {
 
 const SHARDS: usize = 16;
 
+/// The hash of the registry's ids: they are a counter of this process (no one picks them), so
+/// a multiply spreads them enough; SipHash on every claim and every settle cost more than
+/// the rest of the bookkeeping.
+#[derive(Clone, Copy, Default)]
+struct Ids;
+
+impl std::hash::BuildHasher for Ids {
+    type Hasher = IdHasher;
+    fn build_hasher(&self) -> IdHasher {
+        IdHasher(0)
+    }
+}
+
+#[derive(Default)]
+struct IdHasher(u64);
+
+impl std::hash::Hasher for IdHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0 ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01B3);
+        }
+    }
+    fn write_u64(&mut self, id: u64) {
+        // The high half folded down: a shard's ids share their low bits (`id % SHARDS`).
+        let p = id.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        self.0 = p ^ (p >> 29);
+    }
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
 struct Registry {
     draining: AtomicBool,
     /// Claims in flight and listed calls: what the drain waits for.
@@ -329,13 +361,13 @@ struct Registry {
     claiming: AtomicUsize,
     next_id: AtomicU64,
     /// Where each listed call is, for the report (sharded: every acquired claim passes here).
-    shards: [Mutex<HashMap<u64, Weak<Entry>>>; SHARDS],
+    shards: [Mutex<HashMap<u64, Weak<Entry>, Ids>>; SHARDS],
     /// Woken when the count reaches zero.
     idle: Notify,
 }
 
 impl Registry {
-    fn shard(&self, id: u64) -> &Mutex<HashMap<u64, Weak<Entry>>> {
+    fn shard(&self, id: u64) -> &Mutex<HashMap<u64, Weak<Entry>, Ids>> {
         &self.shards[(id % SHARDS as u64) as usize]
     }
 
@@ -351,7 +383,7 @@ static REGISTRY: LazyLock<Registry> = LazyLock::new(|| Registry {
     in_flight: AtomicUsize::new(0),
     claiming: AtomicUsize::new(0),
     next_id: AtomicU64::new(0),
-    shards: std::array::from_fn(|_| Mutex::new(HashMap::new())),
+    shards: std::array::from_fn(|_| Mutex::new(HashMap::with_hasher(Ids))),
     idle: Notify::new(),
 });
 

@@ -456,6 +456,29 @@ pub trait Store: Send + Sync + fmt::Debug {
         None
     }
 
+    /// A synchronous [`claim`](Self::claim), for a store that answers at once without I/O
+    /// (the memory store): the runtime tries it first, so that such a claim costs no boxed
+    /// future and no timer. `Some` is the claim's answer, with `claim`'s whole contract;
+    /// `None` asks `claim`. Never blocks or does I/O. Default: `None`.
+    fn claim_now(&self, req: &ClaimRequest) -> Option<Result<Claim, StoreError>> {
+        let _ = req;
+        None
+    }
+
+    /// A synchronous [`complete`](Self::complete), like [`claim_now`](Self::claim_now): `Some`
+    /// is the completion's answer, with `complete`'s whole contract; `None` asks `complete`.
+    /// Default: `None`.
+    fn complete_now(
+        &self,
+        key: &Key,
+        token: FencingToken,
+        value: &[u8],
+        ttl: Duration,
+    ) -> Option<Result<(), StoreError>> {
+        let _ = (key, token, value, ttl);
+        None
+    }
+
     /// A short name of the backend (`"memory"`, `"redis"`, `"postgres"`, ...), the `store`
     /// label of idem's metrics. Default: `"custom"`.
     fn name(&self) -> &'static str {
@@ -725,6 +748,18 @@ macro_rules! forward_store {
             }
             fn completed_now(&self, key: &Key) -> Option<CompletedRecord> {
                 (**self).completed_now(key)
+            }
+            fn claim_now(&self, req: &ClaimRequest) -> Option<Result<Claim, StoreError>> {
+                (**self).claim_now(req)
+            }
+            fn complete_now(
+                &self,
+                key: &Key,
+                token: FencingToken,
+                value: &[u8],
+                ttl: Duration,
+            ) -> Option<Result<(), StoreError>> {
+                (**self).complete_now(key, token, value, ttl)
             }
             fn name(&self) -> &'static str {
                 (**self).name()

@@ -62,7 +62,7 @@ impl<C: Codec> Call<C> {
         F: AsyncFnOnce(&mut S::Tx) -> Result<T, E>,
     {
         let ns = self.namespace;
-        let ident = match self.prepare::<ReleaseErrors, T, E>(store) {
+        let ident = match self.prepare_in::<ReleaseErrors, T, E>(store) {
             Prepared::Claim(ident) => ident,
             Prepared::Done(result) => return result,
             Prepared::Unprotected => {
@@ -103,7 +103,7 @@ impl<C: Codec> Call<C> {
         F: AsyncFnOnce(&mut S::Tx) -> Result<T, E>,
     {
         let ns = self.namespace;
-        let ident = match self.prepare::<ReleaseErrors, T, E>(store) {
+        let ident = match self.prepare_in::<ReleaseErrors, T, E>(store) {
             Prepared::Claim(ident) => ident,
             Prepared::Done(result) => return result,
             Prepared::Unprotected => {

@@ -22,8 +22,8 @@
 //!   without the lock: it can only miss a record that is being written, and then the runtime
 //!   claims, under the lock.
 //! - **Replays share the stored bytes**: a replay gets a [`Bytes`](idem_core::Bytes) handle on
-//!   the stored value (a reference count), and [`Store::completed_now`] answers it without a
-//!   future, before the runtime claims.
+//!   the stored value (a reference count, no allocation), and [`Store::completed_now`]
+//!   answers it without a future or a lock, before the runtime claims.
 //! - **Time is tokio's clock** ([`tokio::time::Instant`]): every deadline (leases, and each
 //!   record's expiry) is checked against it on read, so `tokio::time::pause()` and `advance()`
 //!   move TTLs and leases in tests. moka's own expiry, on the real clock, only frees memory
@@ -314,6 +314,23 @@ impl MemoryStore {
         }
     }
 
+    /// Claims synchronously (the body of [`Store::claim`] and [`Store::claim_now`]).
+    fn claim_sync(&self, req: &ClaimRequest) -> Result<Claim, StoreError> {
+        if let Claimed::Answer(claim) = self.claim_once(req) {
+            return Ok(claim);
+        }
+        self.sweep_all();
+        match self.claim_once(req) {
+            Claimed::Answer(claim) => Ok(claim),
+            Claimed::Full => Err(StoreError::backend(
+                "claim",
+                CapacityError {
+                    limit: self.inner.max_in_progress,
+                },
+            )),
+        }
+    }
+
     fn claim_once(&self, req: &ClaimRequest) -> Claimed {
         let key = MapKey(req.key);
         let mut claims = self.lane(&req.key).lock();
@@ -362,8 +379,8 @@ impl MemoryStore {
         Claimed::Answer(Claim::Acquired { taken_over: false })
     }
 
-    /// Completes synchronously (the body of [`Store::complete`]).
-    fn complete_now(
+    /// Completes synchronously (the body of [`Store::complete`] and [`Store::complete_now`]).
+    fn complete_sync(
         &self,
         key: &Key,
         token: FencingToken,
@@ -479,19 +496,7 @@ impl MemoryStore {
 #[async_trait]
 impl Store for MemoryStore {
     async fn claim(&self, req: &ClaimRequest) -> Result<Claim, StoreError> {
-        if let Claimed::Answer(claim) = self.claim_once(req) {
-            return Ok(claim);
-        }
-        self.sweep_all();
-        match self.claim_once(req) {
-            Claimed::Answer(claim) => Ok(claim),
-            Claimed::Full => Err(StoreError::backend(
-                "claim",
-                CapacityError {
-                    limit: self.inner.max_in_progress,
-                },
-            )),
-        }
+        self.claim_sync(req)
     }
 
     async fn complete(
@@ -501,7 +506,7 @@ impl Store for MemoryStore {
         value: &[u8],
         ttl: Duration,
     ) -> Result<(), StoreError> {
-        self.complete_now(key, token, value, ttl)
+        self.complete_sync(key, token, value, ttl)
     }
 
     async fn release(&self, key: &Key, token: FencingToken) -> Result<(), StoreError> {
@@ -624,13 +629,29 @@ impl Store for MemoryStore {
         self.inner.max_value_size
     }
 
+    /// The claim, at once: it takes a lock for a map look-up and never waits on anything else.
+    fn claim_now(&self, req: &ClaimRequest) -> Option<Result<Claim, StoreError>> {
+        Some(self.claim_sync(req))
+    }
+
+    /// The completion, at once (the value is copied outside the lock).
+    fn complete_now(
+        &self,
+        key: &Key,
+        token: FencingToken,
+        value: &[u8],
+        ttl: Duration,
+    ) -> Option<Result<(), StoreError>> {
+        Some(self.complete_sync(key, token, value, ttl))
+    }
+
     /// One moka read, without the lane lock: a record being written is at worst missed, and
     /// the runtime then claims under the lock. A record that tokio's clock calls expired is
     /// not answered (and is removed by the next look under the lock).
     fn completed_now(&self, key: &Key) -> Option<CompletedRecord> {
         let record = self.inner.records.get(&MapKey(*key))?;
-        let now = Instant::now();
-        let clock = &self.inner.clock;
-        record.live(clock, now).then(|| record.answer(clock, now))
+        // One clock read, turned into ticks once: for the check and the remaining TTL.
+        let now = self.inner.clock.ticks(Instant::now());
+        record.live_at(now).then(|| record.answer_at(now))
     }
 }

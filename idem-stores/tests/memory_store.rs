@@ -318,3 +318,67 @@ async fn memory_store_records_use_process_local_keys_through_every_handle() {
     assert!(matches!(reused, Err(Error::KeyReused)), "{reused:?}");
     assert_eq!(runs.load(Ordering::SeqCst), 1);
 }
+
+/// The synchronous claim and completion the runtime tries first answer what `claim` and
+/// `complete` answer: acquired, in progress for another token, fenced, completed.
+#[tokio::test]
+async fn claim_now_and_complete_now_answer_like_claim_and_complete() {
+    let store = MemoryStore::new();
+    let lease = Duration::from_secs(30);
+    let (req, _) = claim_request(fresh_key(), lease);
+    assert!(matches!(
+        store.claim_now(&req),
+        Some(Ok(Claim::Acquired { taken_over: false }))
+    ));
+    let other = idem_core::ClaimRequest {
+        token: idem_core::FencingToken(req.token.0 ^ 1),
+        ..req.clone()
+    };
+    assert!(matches!(
+        store.claim_now(&other),
+        Some(Ok(Claim::InProgress { .. }))
+    ));
+    let ttl = Duration::from_secs(60);
+    assert!(matches!(
+        store.complete_now(&req.key, other.token, b"v", ttl),
+        Some(Err(StoreError::Fenced))
+    ));
+    assert!(matches!(
+        store.complete_now(&req.key, req.token, b"v", ttl),
+        Some(Ok(()))
+    ));
+    // A retried completion under the same token is recognised.
+    assert!(matches!(
+        store.complete_now(&req.key, req.token, b"v", ttl),
+        Some(Ok(()))
+    ));
+    match store.claim_now(&other) {
+        Some(Ok(Claim::Completed(record))) => {
+            assert_eq!(&record.value[..], b"v");
+            assert_eq!(record.fingerprint, req.fingerprint);
+        }
+        other => panic!("expected the completed record, got {other:?}"),
+    }
+}
+
+/// A record keeps its fingerprint whole, whether it is a process-local one (16 significant
+/// bytes, the rest zero: only those 16 are stored) or a portable 32-byte digest.
+#[tokio::test]
+async fn both_forms_of_fingerprint_come_back_whole() {
+    let store = MemoryStore::new();
+    let lease = Duration::from_secs(30);
+    let mut local = [0u8; 32];
+    local[..16].copy_from_slice(&[7u8; 16]);
+    for fp in [None, Some(local), Some([9u8; 32])] {
+        let (mut req, _) = claim_request(fresh_key(), lease);
+        req.fingerprint = fp.map(idem_core::Fingerprint);
+        store.claim(&req).await.unwrap();
+        store
+            .complete(&req.key, req.token, b"value", Duration::from_secs(60))
+            .await
+            .unwrap();
+        let record = store.completed_now(&req.key).expect("a live record");
+        assert_eq!(record.fingerprint, req.fingerprint);
+        assert_eq!(&record.value[..], b"value");
+    }
+}
