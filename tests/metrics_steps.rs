@@ -12,20 +12,22 @@ use metrics_util::MetricKind;
 
 async fn steps(store: &MemoryStore) {
     let call = |fail: bool| {
-        Call::new("tests::metrics_steps").key("k").run(store, async move {
-            step("a", async { Ok::<_, Error>(1u8) }).await?;
-            step("b", async move {
-                if fail {
-                    return Err(Error::MissingKey);
-                }
-                Ok::<_, Error>(2u8)
+        Call::new("tests::metrics_steps")
+            .key("k")
+            .run(store, async move {
+                step("a", async { Ok::<_, Error>(1u8) }).await?;
+                step("b", async move {
+                    if fail {
+                        return Err(Error::MissingKey);
+                    }
+                    Ok::<_, Error>(2u8)
+                })
+                .await
             })
-            .await
-        })
     };
     assert!(call(true).await.is_err()); // a: ran, b: failed
     assert_eq!(call(false).await.unwrap(), 2); // a: replayed, b: ran
-    // An at-most-once step interrupted inside, then found in doubt.
+                                               // An at-most-once step interrupted inside, then found in doubt.
     let interrupted = Call::new("tests::metrics_steps::doubt")
         .key("k")
         .run(store, async {
@@ -48,6 +50,17 @@ async fn steps(store: &MemoryStore) {
         })
         .await;
     assert!(matches!(retry, Err(Error::StepInDoubt { .. })));
+    // The same step, decided by a reconcile hook: counted as reconciled (not ran).
+    let reconciled = Call::new("tests::metrics_steps::doubt")
+        .key("k")
+        .run(store, async {
+            step("email", async { Ok::<_, Error>(()) })
+                .at_most_once()
+                .on_in_doubt(|| async { Ok(()) })
+                .await
+        })
+        .await;
+    assert!(reconciled.is_ok());
 }
 
 #[test]
@@ -71,13 +84,20 @@ fn step_outcomes_are_counted_by_store() {
                         .map(|l| l.value().to_string())
                         .unwrap()
                 };
-                *counts.entry((label("store"), label("outcome"))).or_default() += n;
+                *counts
+                    .entry((label("store"), label("outcome")))
+                    .or_default() += n;
             }
         }
     }
-    let get = |outcome: &str| counts.get(&("memory".to_string(), outcome.to_string())).copied();
+    let get = |outcome: &str| {
+        counts
+            .get(&("memory".to_string(), outcome.to_string()))
+            .copied()
+    };
     assert_eq!(get("ran"), Some(2), "{counts:?}");
     assert_eq!(get("failed"), Some(1), "{counts:?}");
     assert_eq!(get("replayed"), Some(1), "{counts:?}");
     assert_eq!(get("in_doubt"), Some(1), "{counts:?}");
+    assert_eq!(get("reconciled"), Some(1), "{counts:?}");
 }

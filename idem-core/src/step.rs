@@ -143,6 +143,8 @@ struct InStep {
 }
 
 impl InStep {
+    // A `&Cow`, not a `&str`: cloning it keeps a `'static` name borrowed (no allocation).
+    #[allow(clippy::ptr_arg)]
     fn of(call: Key, id: &StepId, name: &Cow<'static, str>) -> Self {
         InStep {
             call,
@@ -408,6 +410,9 @@ pub struct StepFuture<F, T, E, P, H: InDoubt<T, E>> {
 // where they are: the step future itself may move.
 impl<F, T, E, P, H: InDoubt<T, E>> Unpin for StepFuture<F, T, E, P, H> {}
 
+/// The next state of a step, or its answer.
+type Next<F, T, E, R> = Result<State<F, T, E, R>, Result<T, E>>;
+
 enum State<F, T, E, R> {
     Start,
     Loading(Work<Result<Arc<Loaded>, Error>>, Running),
@@ -429,6 +434,8 @@ struct Running {
     id: StepId,
     handle: Handle,
     span: tracing::Span,
+    /// The outcome counted when its record is written: `ran`, or `reconciled`.
+    recorded: &'static str,
 }
 
 /// What the store work of a step needs of its call (owned).
@@ -458,6 +465,9 @@ struct Admitted {
 /// The checks every step makes before it touches the store, in order: in a call, not nested,
 /// not in a transactional call, a store that keeps steps, under `max_steps`. `Ok(None)`: an
 /// unprotected run (the future runs, nothing is recorded).
+// A `&Cow`, not a `&str`: the occurrence list keeps a clone (no allocation for a `'static`
+// name).
+#[allow(clippy::ptr_arg)]
 fn admit(name: &Cow<'static, str>) -> Result<Option<Admitted>, Error> {
     let outside = || Error::StepOutsideCall {
         step: name.to_string(),
@@ -512,6 +522,7 @@ fn admit(name: &Cow<'static, str>) -> Result<Option<Admitted>, Error> {
                             max_value_size: ctx.max_value_size,
                         },
                         span,
+                        recorded: "ran",
                     },
                     loaded: state.loaded.clone(),
                 }))
@@ -861,7 +872,8 @@ where
                     drop(_e);
                     match result {
                         Ok(value) => {
-                            count(running.handle.store_name(), "reconciled");
+                            let mut running = running;
+                            running.recorded = "reconciled";
                             match this.record_done(value, running) {
                                 Ok(state) => this.state = state,
                                 Err(result) => return Poll::Ready(result),
@@ -887,7 +899,14 @@ where
                     let store = running.handle.store_name();
                     return Poll::Ready(match (written, result) {
                         (Ok(()), result) => {
-                            count(store, if result.is_ok() { "ran" } else { "failed" });
+                            count(
+                                store,
+                                if result.is_ok() {
+                                    running.recorded
+                                } else {
+                                    "failed"
+                                },
+                            );
                             result
                         }
                         (Err(StoreError::Fenced), _) => {
@@ -1002,11 +1021,7 @@ where
     }
 
     /// The step's future returned: record how it ended.
-    fn ran(
-        &mut self,
-        result: Result<T, E>,
-        running: Running,
-    ) -> Result<State<F, T, E, H::Future>, Result<T, E>> {
+    fn ran(&mut self, result: Result<T, E>, running: Running) -> Next<F, T, E, H::Future> {
         match result {
             Ok(value) => self.record_done(value, running),
             Err(e) => {
@@ -1036,11 +1051,7 @@ where
         }
     }
 
-    fn record_done(
-        &mut self,
-        value: T,
-        running: Running,
-    ) -> Result<State<F, T, E, H::Future>, Result<T, E>> {
+    fn record_done(&mut self, value: T, running: Running) -> Next<F, T, E, H::Future> {
         let done = match done_record(&running.handle, &running.id, &value) {
             Ok(r) => r,
             Err(e) => {
