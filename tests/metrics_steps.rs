@@ -50,6 +50,17 @@ async fn steps(store: &MemoryStore) {
         })
         .await;
     assert!(matches!(retry, Err(Error::StepInDoubt { .. })));
+    // The same step, decided by a reconcile hook: counted as reconciled (not ran).
+    let reconciled = Call::new("tests::metrics_steps::doubt")
+        .key("k")
+        .run(store, async {
+            step("email", async { Ok::<_, Error>(()) })
+                .at_most_once()
+                .on_in_doubt(|| async { Ok(()) })
+                .await
+        })
+        .await;
+    assert!(reconciled.is_ok());
 }
 
 #[test]
@@ -88,4 +99,5 @@ fn step_outcomes_are_counted_by_store() {
     assert_eq!(get("failed"), Some(1), "{counts:?}");
     assert_eq!(get("replayed"), Some(1), "{counts:?}");
     assert_eq!(get("in_doubt"), Some(1), "{counts:?}");
+    assert_eq!(get("reconciled"), Some(1), "{counts:?}");
 }

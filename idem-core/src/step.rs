@@ -86,8 +86,8 @@ pub(crate) struct StepCtx {
 /// The mutable part of a [`StepCtx`].
 #[derive(Default)]
 struct ExecState {
-    /// The next occurrence number of each step name.
-    occurrences: HashMap<Cow<'static, str>, u32>,
+    /// The next occurrence number of each step name (a short list: a body has few names).
+    occurrences: Vec<(Cow<'static, str>, u32)>,
     /// Steps started in this execution.
     started: u32,
     /// The call's recorded steps, read once, by the first step that needs them.
@@ -135,10 +135,23 @@ pub(crate) fn scope<F: Future>(calls: Calls, body: F) -> TaskLocalFuture<Calls, 
     STEPS.scope(calls, body)
 }
 
-/// The step whose future is running.
-#[derive(Clone, Copy)]
+/// The step whose future is running: its key is derived only if asked for.
 struct InStep {
-    key: Key,
+    call: Key,
+    name: Cow<'static, str>,
+    occurrence: u32,
+}
+
+impl InStep {
+    // A `&Cow`, not a `&str`: cloning it keeps a `'static` name borrowed (no allocation).
+    #[allow(clippy::ptr_arg)]
+    fn of(call: Key, id: &StepId, name: &Cow<'static, str>) -> Self {
+        InStep {
+            call,
+            name: name.clone(),
+            occurrence: id.occurrence,
+        }
+    }
 }
 
 /// A stable key for the step whose future is running: derived from the call's record key, the
@@ -152,16 +165,18 @@ struct InStep {
 /// assert!(idem_core::step_key().is_none());
 /// ```
 pub fn step_key() -> Option<Key> {
-    IN_STEP.try_with(|s| s.key).ok()
+    IN_STEP
+        .try_with(|s| derive_step_key(&s.call, &s.name, s.occurrence))
+        .ok()
 }
 
-/// The key of step `id` of the call `key`.
-fn derive_step_key(key: &Key, id: &StepId) -> Key {
+/// The key of step `name#occurrence` of the call `key`.
+fn derive_step_key(key: &Key, name: &str, occurrence: u32) -> Key {
     let mut h = blake3::Hasher::new_derive_key("idem step key v1");
     h.update(&key.0);
-    h.update(&(id.name.len() as u64).to_le_bytes());
-    h.update(id.name.as_bytes());
-    h.update(&id.occurrence.to_le_bytes());
+    h.update(&(name.len() as u64).to_le_bytes());
+    h.update(name.as_bytes());
+    h.update(&occurrence.to_le_bytes());
     Key(*h.finalize().as_bytes())
 }
 
@@ -395,6 +410,9 @@ pub struct StepFuture<F, T, E, P, H: InDoubt<T, E>> {
 // where they are: the step future itself may move.
 impl<F, T, E, P, H: InDoubt<T, E>> Unpin for StepFuture<F, T, E, P, H> {}
 
+/// The next state of a step, or its answer.
+type Next<F, T, E, R> = Result<State<F, T, E, R>, Result<T, E>>;
+
 enum State<F, T, E, R> {
     Start,
     Loading(Work<Result<Arc<Loaded>, Error>>, Running),
@@ -416,6 +434,8 @@ struct Running {
     id: StepId,
     handle: Handle,
     span: tracing::Span,
+    /// The outcome counted when its record is written: `ran`, or `reconciled`.
+    recorded: &'static str,
 }
 
 /// What the store work of a step needs of its call (owned).
@@ -445,6 +465,9 @@ struct Admitted {
 /// The checks every step makes before it touches the store, in order: in a call, not nested,
 /// not in a transactional call, a store that keeps steps, under `max_steps`. `Ok(None)`: an
 /// unprotected run (the future runs, nothing is recorded).
+// A `&Cow`, not a `&str`: the occurrence list keeps a clone (no allocation for a `'static`
+// name).
+#[allow(clippy::ptr_arg)]
 fn admit(name: &Cow<'static, str>) -> Result<Option<Admitted>, Error> {
     let outside = || Error::StepOutsideCall {
         step: name.to_string(),
@@ -473,14 +496,14 @@ fn admit(name: &Cow<'static, str>) -> Result<Option<Admitted>, Error> {
                     });
                 }
                 state.started += 1;
-                let occurrence = match state.occurrences.get_mut(name) {
-                    Some(n) => {
+                let occurrence = match state.occurrences.iter_mut().find(|(n, _)| n == name) {
+                    Some((_, n)) => {
                         let o = *n;
                         *n += 1;
                         o
                     }
                     None => {
-                        state.occurrences.insert(name.clone(), 1);
+                        state.occurrences.push((name.clone(), 1));
                         0
                     }
                 };
@@ -499,6 +522,7 @@ fn admit(name: &Cow<'static, str>) -> Result<Option<Admitted>, Error> {
                             max_value_size: ctx.max_value_size,
                         },
                         span,
+                        recorded: "ran",
                     },
                     loaded: state.loaded.clone(),
                 }))
@@ -690,6 +714,42 @@ fn record(
     Ok(StepRecord::new(id.clone(), status, envelope))
 }
 
+/// The `Done` record of a step whose value is `value`, encoded straight into its envelope
+/// (one buffer: the payload is a `bin 32` whose length is filled in after encoding), or
+/// `TooLarge`.
+fn done_record<V: Serialize>(h: &Handle, id: &StepId, value: &V) -> Result<StepRecord, Error> {
+    // Room for the head (40 bytes) and a small value without growing.
+    let mut out = Vec::with_capacity(128);
+    out.push(0x92);
+    match h.fingerprint {
+        Some(fp) => {
+            out.extend_from_slice(&[0xc4, 32]);
+            out.extend_from_slice(&fp.0);
+        }
+        None => out.push(0xc0),
+    }
+    out.extend_from_slice(&[0xc6, 0, 0, 0, 0]);
+    let at = out.len();
+    // The default codec's encoding (`MsgPack`: structs as maps).
+    value
+        .serialize(&mut rmp_serde::Serializer::new(&mut out).with_struct_map())
+        .map_err(|e| {
+            Error::Codec(CodecError::Encode {
+                codec: MsgPack::NAME,
+                source: Box::new(e),
+            })
+        })?;
+    let len = u32::try_from(out.len() - at).unwrap_or(u32::MAX);
+    if out.len() > h.max_value_size || len == u32::MAX {
+        return Err(Error::TooLarge {
+            size: out.len(),
+            limit: h.max_value_size,
+        });
+    }
+    out[at - 4..at].copy_from_slice(&len.to_be_bytes());
+    Ok(StepRecord::new(id.clone(), StepStatus::Done, out))
+}
+
 /// Counts one step outcome (`idem_steps_total`, feature `metrics`).
 #[cfg_attr(not(feature = "metrics"), allow(unused_variables))]
 fn count(store: &'static str, outcome: &'static str) {
@@ -724,7 +784,9 @@ where
                             })));
                         };
                         let scope = InStep {
-                            key: crate::current_key().unwrap_or(Key([0; 32])),
+                            call: crate::current_key().unwrap_or(Key([0; 32])),
+                            name: this.name.clone(),
+                            occurrence: 0,
                         };
                         this.state = State::Unprotected(Box::pin(IN_STEP.scope(scope, fut)));
                     }
@@ -810,7 +872,8 @@ where
                     drop(_e);
                     match result {
                         Ok(value) => {
-                            count(running.handle.store_name(), "reconciled");
+                            let mut running = running;
+                            running.recorded = "reconciled";
                             match this.record_done(value, running) {
                                 Ok(state) => this.state = state,
                                 Err(result) => return Poll::Ready(result),
@@ -836,7 +899,14 @@ where
                     let store = running.handle.store_name();
                     return Poll::Ready(match (written, result) {
                         (Ok(()), result) => {
-                            count(store, if result.is_ok() { "ran" } else { "failed" });
+                            count(
+                                store,
+                                if result.is_ok() {
+                                    running.recorded
+                                } else {
+                                    "failed"
+                                },
+                            );
                             result
                         }
                         (Err(StoreError::Fenced), _) => {
@@ -907,9 +977,7 @@ where
                 let hook = self.hook.take().and_then(InDoubt::reconcile);
                 match hook {
                     Some(fut) => {
-                        let scope = InStep {
-                            key: derive_step_key(&running.handle.key, &running.id),
-                        };
+                        let scope = InStep::of(running.handle.key, &running.id, &self.name);
                         State::Reconciling(Box::pin(IN_STEP.scope(scope, fut)), running)
                     }
                     None => {
@@ -948,18 +1016,12 @@ where
                 step: self.name.to_string(),
             })));
         };
-        let scope = InStep {
-            key: derive_step_key(&running.handle.key, &running.id),
-        };
+        let scope = InStep::of(running.handle.key, &running.id, &self.name);
         State::Running(Box::pin(IN_STEP.scope(scope, fut)), running)
     }
 
     /// The step's future returned: record how it ended.
-    fn ran(
-        &mut self,
-        result: Result<T, E>,
-        running: Running,
-    ) -> Result<State<F, T, E, H::Future>, Result<T, E>> {
+    fn ran(&mut self, result: Result<T, E>, running: Running) -> Next<F, T, E, H::Future> {
         match result {
             Ok(value) => self.record_done(value, running),
             Err(e) => {
@@ -989,19 +1051,13 @@ where
         }
     }
 
-    fn record_done(
-        &mut self,
-        value: T,
-        running: Running,
-    ) -> Result<State<F, T, E, H::Future>, Result<T, E>> {
-        let payload = match MsgPack.encode(&value) {
-            Ok(p) => p,
-            Err(e) => return Err(Err(E::from(Error::Codec(e)))),
-        };
-        let done = match record(&running.handle, &running.id, StepStatus::Done, &payload) {
+    fn record_done(&mut self, value: T, running: Running) -> Next<F, T, E, H::Future> {
+        let done = match done_record(&running.handle, &running.id, &value) {
             Ok(r) => r,
             Err(e) => {
-                count(running.handle.store_name(), "too_large");
+                if matches!(e, Error::TooLarge { .. }) {
+                    count(running.handle.store_name(), "too_large");
+                }
                 return Err(Err(E::from(e)));
             }
         };
@@ -1118,7 +1174,9 @@ where
         .await
         .map_err(|e| E::from(store_error(e, h)))?;
     let scope = InStep {
-        key: derive_step_key(&h.key, &running.id),
+        call: h.key,
+        name: Cow::Owned(running.id.name.clone()),
+        occurrence: running.id.occurrence,
     };
     let value = match IN_STEP.scope(scope, body(&mut tx)).await {
         Ok(value) => value,
@@ -1128,10 +1186,7 @@ where
             return Err(e);
         }
     };
-    let payload = MsgPack
-        .encode(&value)
-        .map_err(|e| E::from(Error::Codec(e)))?;
-    let done = record(h, &running.id, StepStatus::Done, &payload).map_err(E::from)?;
+    let done = done_record(h, &running.id, &value).map_err(E::from)?;
     let written = bounded(
         Op("put_step", store),
         h.lease,
@@ -1209,12 +1264,72 @@ mod tests {
     }
 
     #[test]
+    fn done_records_are_step_envelopes() {
+        let h = Handle {
+            store: Arc::new(NoStore),
+            key: Key([1; 32]),
+            token: FencingToken(1),
+            fingerprint: Some(Fingerprint([9; 32])),
+            ttl: Duration::from_secs(1),
+            lease: Duration::from_secs(1),
+            max_value_size: 1 << 20,
+        };
+        let r = done_record(&h, &StepId::new("s", 0), &"abc".repeat(100)).unwrap();
+        let (fp, at) = open_envelope(&r.value).unwrap();
+        assert_eq!(fp, h.fingerprint);
+        let back: String = MsgPack.decode(&r.value[at..]).unwrap();
+        assert_eq!(back, "abc".repeat(100));
+        let small = Handle {
+            max_value_size: 50,
+            ..h
+        };
+        assert!(matches!(
+            done_record(&small, &StepId::new("s", 0), &"abc".repeat(100)),
+            Err(Error::TooLarge { limit: 50, .. })
+        ));
+    }
+
+    #[derive(Debug)]
+    struct NoStore;
+
+    #[async_trait::async_trait]
+    impl Store for NoStore {
+        async fn claim(&self, _: &crate::ClaimRequest) -> Result<crate::Claim, StoreError> {
+            Err(StoreError::Fenced)
+        }
+        async fn complete(
+            &self,
+            _: &Key,
+            _: FencingToken,
+            _: &[u8],
+            _: Duration,
+        ) -> Result<(), StoreError> {
+            Err(StoreError::Fenced)
+        }
+        async fn release(&self, _: &Key, _: FencingToken) -> Result<(), StoreError> {
+            Ok(())
+        }
+        async fn renew(&self, _: &Key, _: FencingToken, _: Duration) -> Result<(), StoreError> {
+            Err(StoreError::Fenced)
+        }
+        async fn get(&self, _: &Key) -> Result<Option<crate::RecordState>, StoreError> {
+            Ok(None)
+        }
+        async fn wait(&self, _: &Key, _: Duration) -> Result<(), StoreError> {
+            Ok(())
+        }
+        async fn remove(&self, _: &Key) -> Result<(), StoreError> {
+            Ok(())
+        }
+    }
+
+    #[test]
     fn step_keys_are_stable_and_distinct() {
         let k = Key([1; 32]);
-        let a = derive_step_key(&k, &StepId::new("charge", 0));
-        assert_eq!(a, derive_step_key(&k, &StepId::new("charge", 0)));
-        assert_ne!(a, derive_step_key(&k, &StepId::new("charge", 1)));
-        assert_ne!(a, derive_step_key(&k, &StepId::new("charg", 0)));
-        assert_ne!(a, derive_step_key(&Key([2; 32]), &StepId::new("charge", 0)));
+        let a = derive_step_key(&k, "charge", 0);
+        assert_eq!(a, derive_step_key(&k, "charge", 0));
+        assert_ne!(a, derive_step_key(&k, "charge", 1));
+        assert_ne!(a, derive_step_key(&k, "charg", 0));
+        assert_ne!(a, derive_step_key(&Key([2; 32]), "charge", 0));
     }
 }

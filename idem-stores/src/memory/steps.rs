@@ -18,6 +18,7 @@
 //!   of its call, a sweep).
 
 use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
@@ -63,7 +64,36 @@ impl Entry {
     }
 }
 
-type CallSteps = HashMap<StepId, Entry>;
+/// A call's steps. Step ids are chosen by the program (its step names), not by its callers,
+/// so they are hashed with a fast unkeyed hash (FNV-1a) instead of SipHash.
+type CallSteps = HashMap<StepId, Entry, BuildHasherDefault<Fnv>>;
+
+/// FNV-1a, 64 bits.
+struct Fnv(u64);
+
+impl Default for Fnv {
+    fn default() -> Self {
+        Fnv(0xcbf2_9ce4_8422_2325)
+    }
+}
+
+impl Hasher for Fnv {
+    fn write(&mut self, bytes: &[u8]) {
+        let mut h = self.0;
+        for b in bytes {
+            h ^= u64::from(*b);
+            h = h.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+        self.0 = h;
+    }
+
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
+/// The capacity a call's step map starts with (grown past it).
+const CALL_STEPS: usize = 8;
 type Shard = HashMap<MapKey, CallSteps, KeyHashing>;
 
 /// The step records of every call.
@@ -233,7 +263,9 @@ impl MemoryStore {
             }
         }
         let mut shard = steps.shard(key);
-        let calls = shard.entry(MapKey(*key)).or_default();
+        let calls = shard.entry(MapKey(*key)).or_insert_with(|| {
+            HashMap::with_capacity_and_hasher(CALL_STEPS, BuildHasherDefault::default())
+        });
         let mut freed = Steps::drop_expired(calls, now);
         let entry = Entry {
             status: step.status,
