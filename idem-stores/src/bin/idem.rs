@@ -630,9 +630,12 @@ fn print_info(info: &RecordInfo, json: bool) {
             "size": info.size.map(|n| n.to_string()),
         });
         match &info.status {
-            RecordStatus::InProgress { token } => {
+            RecordStatus::InProgress { token, times } => {
                 v["status"] = json!("in_progress");
                 v["token"] = json!(token.0.to_string());
+                v["age_ms"] = json!(times.age.map(|d| d.as_millis().to_string()));
+                v["lease_left_ms"] = json!(times.lease_left.map(|d| d.as_millis().to_string()));
+                v["renewals"] = json!(times.renewals.map(|n| n.to_string()));
             }
             RecordStatus::Completed { expires_in } => {
                 v["status"] = json!("completed");
@@ -645,9 +648,20 @@ fn print_info(info: &RecordInfo, json: bool) {
     }
     let mut rows: Vec<(&str, String)> = vec![("key", info.key.to_hex())];
     match &info.status {
-        RecordStatus::InProgress { token } => {
+        RecordStatus::InProgress { token, times } => {
             rows.push(("status", "in progress".into()));
             rows.push(("token", token.0.to_string()));
+            rows.push(("age", times.age.map_or_else(|| "unknown".into(), human)));
+            rows.push((
+                "lease left",
+                times.lease_left.map_or_else(|| "unknown".into(), human),
+            ));
+            rows.push((
+                "renewals",
+                times
+                    .renewals
+                    .map_or_else(|| "unknown".into(), |n| n.to_string()),
+            ));
         }
         RecordStatus::Completed { expires_in } => {
             rows.push(("status", "completed".into()));
@@ -677,6 +691,7 @@ fn print_stats(stats: &StoreStats, json: bool) {
                 "completed": stats.completed.to_string(),
                 "expired": stats.expired.map(|n| n.to_string()),
                 "oldest_in_progress_ms": stats.oldest_in_progress.map(|d| d.as_millis().to_string()),
+                "expired_unclaimed": stats.expired_unclaimed.map(|n| n.to_string()),
             })
         );
         return;
@@ -692,6 +707,12 @@ fn print_stats(stats: &StoreStats, json: bool) {
         (
             "oldest claim",
             stats.oldest_in_progress.map_or_else(unknown, human),
+        ),
+        (
+            "expired unclaimed",
+            stats
+                .expired_unclaimed
+                .map_or_else(unknown, |n| n.to_string()),
         ),
     ]);
 }
