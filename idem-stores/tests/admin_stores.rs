@@ -16,7 +16,7 @@ mod sql_common;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
-use idem_core::{Call, Claim, Error, RecordStatus, Store, StoreAdmin};
+use idem_core::{Call, Claim, ClaimTimes, Error, FencingToken, RecordStatus, Store, StoreAdmin};
 use idem_stores::{MemoryStore, TieredStore};
 use idem_testkit::{claim_request, fresh_key};
 
@@ -88,12 +88,53 @@ async fn scenario(store: &dyn StoreAdmin, expired_known: bool, tiered: bool) {
         Claim::Acquired { .. }
     ));
     let info = charge("order-2").inspect(dyn_store).await.unwrap().unwrap();
-    assert_eq!(info.status, RecordStatus::InProgress { token });
+    let fresh = in_progress_times(&info.status, token);
+    assert_eq!(fresh.renewals, Some(0), "{fresh:?}");
+    let age = fresh.age.expect("every store keeps the claim's start");
+    assert!(age < Duration::from_secs(10), "{fresh:?}");
+    let left = fresh.lease_left.expect("every store reports the lease left");
+    assert!(left <= Duration::from_secs(60) && left > Duration::from_secs(50), "{fresh:?}");
     assert_eq!(info.fingerprint, held.fingerprint);
     assert_eq!((info.tag, info.size), (None, None));
 
+    // A live holder renews: its renewals grow and its lease moves; its age keeps counting
+    // from the claim.
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    store
+        .renew(&held.key, token, Duration::from_secs(120))
+        .await
+        .unwrap();
+    store
+        .renew(&held.key, token, Duration::from_secs(120))
+        .await
+        .unwrap();
+    let info = charge("order-2").inspect(dyn_store).await.unwrap().unwrap();
+    let renewed = in_progress_times(&info.status, token);
+    assert_eq!(renewed.renewals, Some(2), "{renewed:?}");
+    let moved = renewed.lease_left.unwrap();
+    assert!(moved > Duration::from_secs(100), "the lease moved: {renewed:?}");
+    assert!(renewed.age.unwrap() >= Duration::from_millis(25), "{renewed:?}");
+    // A retried claim (its first reply lost) is neither a new claim nor a renewal.
+    assert!(matches!(
+        store.claim(&req).await.unwrap(),
+        Claim::Acquired { taken_over: false }
+    ));
+    let retried = in_progress_times(
+        &charge("order-2")
+            .inspect(dyn_store)
+            .await
+            .unwrap()
+            .unwrap()
+            .status,
+        token,
+    );
+    assert!(retried.renewals.unwrap() <= 2, "{retried:?}");
+
     let stats = store.stats().await.unwrap();
     assert_eq!((stats.in_progress, stats.completed), (1, 1), "{stats:?}");
+    let oldest = stats.oldest_in_progress.expect("the oldest claim's age");
+    assert!(oldest < Duration::from_secs(10), "{stats:?}");
+    assert_eq!(stats.expired_unclaimed, Some(0), "{stats:?}");
 
     // Forget: the next call runs the body again.
     charge("order-1").forget(dyn_store).await.unwrap();
@@ -141,11 +182,44 @@ async fn scenario(store: &dyn StoreAdmin, expired_known: bool, tiered: bool) {
         assert_eq!(store.purge_expired(100).await.unwrap(), 0);
     }
 
+    // A holder that died: its lease passes with nobody renewing it or taking it over.
+    let dead = fresh_key();
+    let (req, _) = claim_request(dead, Duration::from_millis(200));
+    assert!(matches!(
+        store.claim(&req).await.unwrap(),
+        Claim::Acquired { .. }
+    ));
+    let stats = store.stats().await.unwrap();
+    assert_eq!((stats.in_progress, stats.expired_unclaimed), (1, Some(0)), "{stats:?}");
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let stats = store.stats().await.unwrap();
+    assert_eq!(stats.in_progress, 0, "{stats:?}");
+    assert_eq!(stats.expired_unclaimed, Some(1), "{stats:?}");
+    assert_eq!(stats.oldest_in_progress, None, "{stats:?}");
+    assert!(store.get(&dead).await.unwrap().is_none());
+    // Taken over, it is live again.
+    let (req, _) = claim_request(dead, Duration::from_secs(60));
+    assert_eq!(
+        store.claim(&req).await.unwrap(),
+        Claim::Acquired { taken_over: true }
+    );
+    let stats = store.stats().await.unwrap();
+    assert_eq!((stats.in_progress, stats.expired_unclaimed), (1, Some(0)), "{stats:?}");
+    store.remove(&dead).await.unwrap();
+
     // Clean up what this scenario left.
     for order in ["order-1", "order-2"] {
         charge(order).forget(dyn_store).await.unwrap();
     }
     store.remove(&key).await.unwrap();
+}
+
+/// The claim times of an in-progress status under `token`.
+fn in_progress_times(status: &RecordStatus, token: FencingToken) -> ClaimTimes {
+    match status {
+        RecordStatus::InProgress { token: t, times } if *t == token => *times,
+        other => panic!("expected in progress under {token:?}, got {other:?}"),
+    }
 }
 
 async fn memory_inspect_forget_stats() {
