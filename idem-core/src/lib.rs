@@ -100,8 +100,8 @@ pub use options::{MissingKey, OnConflict, Options};
 pub use runtime::{current_key, default_store, set_default_store, with_default_store, Call};
 pub use shutdown::{shutdown, ShutdownError};
 pub use store::{
-    Claim, ClaimRequest, ClaimTimes, CompletedRecord, FencingToken, Fingerprint, Key, RecordState, StepId,
-    StepRecord, StepStatus, Store, TransactionalStore, DEFAULT_MAX_VALUE_SIZE,
+    Claim, ClaimRequest, ClaimTimes, CompletedRecord, FencingToken, Fingerprint, Key, RecordState,
+    StepId, StepRecord, StepStatus, Store, TransactionalStore, DEFAULT_MAX_VALUE_SIZE,
 };
 
 #[cfg(feature = "macros")]

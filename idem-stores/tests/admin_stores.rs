@@ -92,8 +92,13 @@ async fn scenario(store: &dyn StoreAdmin, expired_known: bool, tiered: bool) {
     assert_eq!(fresh.renewals, Some(0), "{fresh:?}");
     let age = fresh.age.expect("every store keeps the claim's start");
     assert!(age < Duration::from_secs(10), "{fresh:?}");
-    let left = fresh.lease_left.expect("every store reports the lease left");
-    assert!(left <= Duration::from_secs(60) && left > Duration::from_secs(50), "{fresh:?}");
+    let left = fresh
+        .lease_left
+        .expect("every store reports the lease left");
+    assert!(
+        left <= Duration::from_secs(60) && left > Duration::from_secs(50),
+        "{fresh:?}"
+    );
     assert_eq!(info.fingerprint, held.fingerprint);
     assert_eq!((info.tag, info.size), (None, None));
 
@@ -112,8 +117,14 @@ async fn scenario(store: &dyn StoreAdmin, expired_known: bool, tiered: bool) {
     let renewed = in_progress_times(&info.status, token);
     assert_eq!(renewed.renewals, Some(2), "{renewed:?}");
     let moved = renewed.lease_left.unwrap();
-    assert!(moved > Duration::from_secs(100), "the lease moved: {renewed:?}");
-    assert!(renewed.age.unwrap() >= Duration::from_millis(25), "{renewed:?}");
+    assert!(
+        moved > Duration::from_secs(100),
+        "the lease moved: {renewed:?}"
+    );
+    assert!(
+        renewed.age.unwrap() >= Duration::from_millis(25),
+        "{renewed:?}"
+    );
     // A retried claim (its first reply lost) is neither a new claim nor a renewal.
     assert!(matches!(
         store.claim(&req).await.unwrap(),
@@ -190,7 +201,11 @@ async fn scenario(store: &dyn StoreAdmin, expired_known: bool, tiered: bool) {
         Claim::Acquired { .. }
     ));
     let stats = store.stats().await.unwrap();
-    assert_eq!((stats.in_progress, stats.expired_unclaimed), (1, Some(0)), "{stats:?}");
+    assert_eq!(
+        (stats.in_progress, stats.expired_unclaimed),
+        (1, Some(0)),
+        "{stats:?}"
+    );
     tokio::time::sleep(Duration::from_millis(400)).await;
     let stats = store.stats().await.unwrap();
     assert_eq!(stats.in_progress, 0, "{stats:?}");
@@ -204,7 +219,11 @@ async fn scenario(store: &dyn StoreAdmin, expired_known: bool, tiered: bool) {
         Claim::Acquired { taken_over: true }
     );
     let stats = store.stats().await.unwrap();
-    assert_eq!((stats.in_progress, stats.expired_unclaimed), (1, Some(0)), "{stats:?}");
+    assert_eq!(
+        (stats.in_progress, stats.expired_unclaimed),
+        (1, Some(0)),
+        "{stats:?}"
+    );
     store.remove(&dead).await.unwrap();
 
     // Clean up what this scenario left.

@@ -34,14 +34,20 @@ async fn old_claim_still_works(store: &dyn Store, key: Key, token: FencingToken)
     let old = times(store, &key, token).await;
     assert_eq!((old.age, old.renewals), (None, None), "{old:?}");
     let left = old.lease_left.expect("the lease left is known");
-    assert!(left > Duration::from_secs(30) && left <= Duration::from_secs(60), "{old:?}");
+    assert!(
+        left > Duration::from_secs(30) && left <= Duration::from_secs(60),
+        "{old:?}"
+    );
 
     store
         .renew(&key, token, Duration::from_secs(120))
         .await
         .unwrap();
     let renewed = times(store, &key, token).await;
-    assert!(renewed.lease_left.unwrap() > Duration::from_secs(100), "{renewed:?}");
+    assert!(
+        renewed.lease_left.unwrap() > Duration::from_secs(100),
+        "{renewed:?}"
+    );
     assert_eq!((renewed.age, renewed.renewals), (None, None), "{renewed:?}");
 
     // A duplicate still sees the old claim as live.

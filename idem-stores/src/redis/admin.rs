@@ -166,7 +166,8 @@ impl StoreAdmin for RedisStore {
             (Some(at), Some(now)) => Some(Duration::from_millis((now - at).max(0.0) as u64)),
             _ => None,
         };
-        Ok(StoreStats::new(in_progress, completed, None, oldest).with_expired_unclaimed(Some(lapsed)))
+        Ok(StoreStats::new(in_progress, completed, None, oldest)
+            .with_expired_unclaimed(Some(lapsed)))
     }
 
     /// Redis expires records itself (`PX`): always `Ok(0)`.

@@ -53,8 +53,8 @@ use ::redis::aio::{ConnectionLike, ConnectionManager};
 use ::redis::cluster_async::ClusterConnection;
 use ::redis::{Client, Cmd, RedisError, ServerError, Value};
 use idem_core::{
-    async_trait, Claim, ClaimRequest, CompletedRecord, FencingToken, Fingerprint, Key, RecordState, Store,
-    StoreError,
+    async_trait, Claim, ClaimRequest, CompletedRecord, FencingToken, Fingerprint, Key, RecordState,
+    Store, StoreError,
 };
 
 use self::builder::Target;

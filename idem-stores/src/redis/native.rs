@@ -322,7 +322,11 @@ impl Held {
 
     /// The fingerprint `key` was claimed with under `token`, and the start and renewals its
     /// record holds, if this store holds that claim.
-    pub(crate) fn get(&self, key: &Key, token: FencingToken) -> Option<(Option<Fingerprint>, Life)> {
+    pub(crate) fn get(
+        &self,
+        key: &Key,
+        token: FencingToken,
+    ) -> Option<(Option<Fingerprint>, Life)> {
         let map = self.shard(key).lock().unwrap_or_else(|p| p.into_inner());
         map.get(&MapKey(*key))
             .filter(|e| e.token == token && !e.marked)

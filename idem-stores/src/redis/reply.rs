@@ -57,9 +57,9 @@ pub(crate) fn in_progress(
 /// The part of an in-progress record that a completion keeps: the fingerprint's length and
 /// the fingerprint (what follows the first 19 bytes, without the claim's start and renewals).
 pub(crate) fn kept_on_completion(claimed: &[u8]) -> &[u8] {
-    let end = claimed
-        .get(FIXED - 1)
-        .map_or(claimed.len(), |&n| (FIXED + usize::from(n)).min(claimed.len()));
+    let end = claimed.get(FIXED - 1).map_or(claimed.len(), |&n| {
+        (FIXED + usize::from(n)).min(claimed.len())
+    });
     &claimed[(FIXED - 1).min(end)..end]
 }
 
@@ -402,7 +402,10 @@ mod tests {
         let mut c = completed(None, b"");
         c[3..11].copy_from_slice(&t.0.to_be_bytes());
         assert_eq!(&completed_head(t, 1e12)[..], &c[..19]);
-        assert_eq!(&held(t)[..], &in_progress(t, 5, None, Life::default())[..11]);
+        assert_eq!(
+            &held(t)[..],
+            &in_progress(t, 5, None, Life::default())[..11]
+        );
         let mut buf = [0u8; 20];
         for n in [0, 7, 10, 300_000, u64::MAX] {
             assert_eq!(decimal(n, &mut buf), n.to_string().as_bytes());

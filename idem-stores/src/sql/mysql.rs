@@ -488,15 +488,17 @@ impl MySqlStore {
                     .await
                     .map_err(|e| self.inner.core.fail("mysql: create table", e))?;
                 for add in &inner.sql.add_columns {
-                    match sqlx::query(AssertSqlSafe(add.clone())).execute(&inner.pool).await {
+                    match sqlx::query(AssertSqlSafe(add.clone()))
+                        .execute(&inner.pool)
+                        .await
+                    {
                         // ER_DUP_FIELDNAME: the table has it (or a concurrent migrate added it).
                         Err(sqlx::Error::Database(e))
-                            if e
-                                .try_downcast_ref::<sqlx::mysql::MySqlDatabaseError>()
+                            if e.try_downcast_ref::<sqlx::mysql::MySqlDatabaseError>()
                                 .is_some_and(|e| e.number() == 1060) => {}
-                        other => drop(
-                            other.map_err(|e| self.inner.core.fail("mysql: add column", e))?,
-                        ),
+                        other => {
+                            drop(other.map_err(|e| self.inner.core.fail("mysql: add column", e))?)
+                        }
                     }
                 }
                 let packet: u64 =

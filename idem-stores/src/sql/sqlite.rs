@@ -495,7 +495,8 @@ impl Store for SqliteStore {
                 fingerprint,
                 times: super::claim_times(
                     col::<Option<i64>>(&row, "claimed_at")?.map(|at| now.saturating_sub(at).max(0)),
-                    col::<Option<i64>>(&row, "lease_until")?.map(|until| until.saturating_sub(now).max(0)),
+                    col::<Option<i64>>(&row, "lease_until")?
+                        .map(|until| until.saturating_sub(now).max(0)),
                     col(&row, "renewals")?,
                 ),
             })),

@@ -45,10 +45,13 @@ impl StoreAdmin for PostgresStore {
         let oldest: Option<i64> = row
             .try_get(3)
             .map_err(|e| StoreError::Corrupt(format!("postgres: stats: {e}")))?;
-        Ok(
-            StoreStats::new(count(0)?, count(1)?, Some(count(2)?), oldest.map(from_millis))
-                .with_expired_unclaimed(Some(count(4)?)),
+        Ok(StoreStats::new(
+            count(0)?,
+            count(1)?,
+            Some(count(2)?),
+            oldest.map(from_millis),
         )
+        .with_expired_unclaimed(Some(count(4)?)))
     }
 
     /// [`PostgresStore::purge_expired`].
