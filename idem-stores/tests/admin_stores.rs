@@ -266,6 +266,76 @@ async fn redis_inspect_forget_stats() {
     scenario(&TieredStore::new(store), false, true).await;
 }
 
+/// Valkey 8.1: claims renewed and settled with the native `SET … IFEQ` (the holder keeps its
+/// record, renewals included, to compare), inspected by a store on the scripts.
+#[cfg(feature = "redis")]
+async fn valkey_native_inspect_forget_stats() {
+    use idem_stores::redis::NativeCas;
+    let Some(url) = idem_testkit::env_url("IDEM_TEST_VALKEY81_URL") else {
+        return;
+    };
+    let prefix = format!(
+        "idem-admin-native-{}-{}:",
+        std::process::id(),
+        fresh_key().0[0]
+    );
+    let native = idem_stores::RedisStore::builder(url.clone())
+        .prefix(prefix.clone())
+        .native_cas(NativeCas::Always)
+        .build()
+        .await
+        .unwrap();
+    scenario(&native, false, false).await;
+    // A mixed fleet: what a native holder's renewals wrote, a script instance reads.
+    let scripts = idem_stores::RedisStore::builder(url)
+        .prefix(prefix)
+        .native_cas(NativeCas::Never)
+        .build()
+        .await
+        .unwrap();
+    let key = fresh_key();
+    let (req, token) = claim_request(key, Duration::from_secs(60));
+    assert!(matches!(
+        native.claim(&req).await.unwrap(),
+        Claim::Acquired { .. }
+    ));
+    for _ in 0..3 {
+        native
+            .renew(&key, token, Duration::from_secs(60))
+            .await
+            .unwrap();
+    }
+    match scripts.get(&key).await.unwrap() {
+        Some(idem_core::RecordState::InProgress { times, .. }) => {
+            assert_eq!(times.renewals, Some(3), "{times:?}")
+        }
+        other => panic!("{other:?}"),
+    }
+    // The script instance marks it as waited on (its look), so the native holder's next
+    // renewal goes to the script, which keeps counting; the completion lands.
+    let waiter = scripts.wait(&key, Duration::from_millis(50)).await;
+    assert!(waiter.is_ok());
+    native
+        .renew(&key, token, Duration::from_secs(60))
+        .await
+        .unwrap();
+    match scripts.get(&key).await.unwrap() {
+        Some(idem_core::RecordState::InProgress { times, .. }) => {
+            assert_eq!(times.renewals, Some(4), "{times:?}")
+        }
+        other => panic!("{other:?}"),
+    }
+    native
+        .complete(&key, token, b"v", Duration::from_secs(60))
+        .await
+        .unwrap();
+    match scripts.get(&key).await.unwrap() {
+        Some(idem_core::RecordState::Completed(rec)) => assert_eq!(&rec.value[..], b"v"),
+        other => panic!("{other:?}"),
+    }
+    scripts.remove(&key).await.unwrap();
+}
+
 #[cfg(feature = "postgres")]
 async fn postgres_inspect_forget_stats() {
     let Some(url) = idem_testkit::env_url("IDEM_TEST_POSTGRES_URL") else {
@@ -331,6 +401,9 @@ fn main() -> std::process::ExitCode {
     cases.push(
         idem_testkit::test_cases!([backends::REDIS], current_thread; redis_inspect_forget_stats),
     );
+    #[cfg(feature = "redis")]
+    cases.push(idem_testkit::test_cases!(
+        [backends::VALKEY81], current_thread; valkey_native_inspect_forget_stats));
     #[cfg(feature = "postgres")]
     cases.push(
         idem_testkit::test_cases!([backends::POSTGRES], current_thread; postgres_inspect_forget_stats),
