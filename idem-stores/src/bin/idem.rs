@@ -77,13 +77,16 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Show one record: state, TTL left, fingerprint, compatibility tag, size.
+    /// Show one record: state, fingerprint; a completed one's TTL left, compatibility tag and
+    /// size; a claim's holder token, age, lease left and renewals (a live holder's renewals
+    /// grow and its lease keeps moving; a dead holder's lease runs out).
     #[command(override_usage = TARGET_USAGE_INSPECT)]
     Inspect(Target),
     /// Remove one record, whatever its state: the next call runs the body again.
     #[command(override_usage = TARGET_USAGE_FORGET)]
     Forget(Target),
-    /// Count the store's records by state.
+    /// Count the store's records by state, with the age of the oldest claim and the claims
+    /// whose lease passed with nobody taking them over (dead holders).
     Stats,
     /// Remove every expired record, in batches (SQL stores; Redis expires its own).
     PurgeExpired {
