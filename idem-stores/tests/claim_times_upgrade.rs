@@ -269,6 +269,8 @@ async fn redis_record_without_start_and_renewals() {
     old_claim_still_works(&store, key, TOKEN).await;
 }
 
+// Each store's cases only with its feature: pushed one by one.
+#[allow(clippy::vec_init_then_push)]
 fn main() -> std::process::ExitCode {
     #[allow(unused_mut)]
     let mut cases: Vec<Vec<idem_testkit::harness::Case>> = Vec::new();

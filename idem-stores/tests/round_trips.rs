@@ -391,6 +391,8 @@ async fn sql_statements() {
     mysql().await;
 }
 
+// Each store's cases only with its feature: pushed one by one.
+#[allow(clippy::vec_init_then_push)]
 fn main() -> std::process::ExitCode {
     #[allow(unused_mut)]
     let mut cases: Vec<Vec<idem_testkit::harness::Case>> = Vec::new();

@@ -496,9 +496,8 @@ impl MySqlStore {
                         Err(sqlx::Error::Database(e))
                             if e.try_downcast_ref::<sqlx::mysql::MySqlDatabaseError>()
                                 .is_some_and(|e| e.number() == 1060) => {}
-                        other => {
-                            drop(other.map_err(|e| self.inner.core.fail("mysql: add column", e))?)
-                        }
+                        Err(e) => return Err(self.inner.core.fail("mysql: add column", e)),
+                        Ok(_) => {}
                     }
                 }
                 let packet: u64 =

@@ -321,9 +321,11 @@ impl SqliteStore {
                     .await?;
                 for add in &sql.add_columns {
                     match sqlx::query(AssertSqlSafe(add.clone())).execute(&pool).await {
+                        // The table has it (a column SQLite cannot add twice).
                         Err(sqlx::Error::Database(e))
                             if e.message().contains("duplicate column name") => {}
-                        other => drop(other?),
+                        Err(e) => return Err(e),
+                        Ok(_) => {}
                     }
                 }
                 sqlx::query(AssertSqlSafe(sql.create_index.clone()))
