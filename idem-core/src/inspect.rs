@@ -27,7 +27,7 @@ use std::time::Duration;
 use crate::codec::Codec;
 use crate::error::{Error, StoreError};
 use crate::store::{
-    FencingToken, Fingerprint, Key, RecordState, StepId, StepRecord, StepStatus, Store,
+    ClaimTimes, FencingToken, Fingerprint, Key, RecordState, StepId, StepRecord, StepStatus, Store,
 };
 use crate::Call;
 
@@ -83,6 +83,10 @@ pub enum RecordStatus {
     InProgress {
         /// The holder's fencing token.
         token: FencingToken,
+        /// The claim's age, the lease left and the holder's renewals, as far as the store
+        /// knows them: a live holder renews (its renewals grow and its lease keeps moving), a
+        /// dead one does not.
+        times: ClaimTimes,
     },
     /// Completed and unexpired.
     Completed {
@@ -96,9 +100,13 @@ impl RecordInfo {
     /// by its hashed key (from a log line) rather than through its [`Call`].
     pub fn from_state(key: Key, state: RecordState) -> Self {
         match state {
-            RecordState::InProgress { token, fingerprint } => RecordInfo {
+            RecordState::InProgress {
+                token,
+                fingerprint,
+                times,
+            } => RecordInfo {
                 key,
-                status: RecordStatus::InProgress { token },
+                status: RecordStatus::InProgress { token, times },
                 fingerprint,
                 tag: None,
                 size: None,
@@ -120,10 +128,12 @@ impl RecordInfo {
 
 impl<C: Codec> Call<C> {
     /// Finds this call's record — the same (namespace, scope, key) that [`run`](Call::run)
-    /// would use — and reports its state, TTL left, fingerprint, compatibility tag, size, and
-    /// its recorded durable steps (read with one more store operation when the store keeps
-    /// steps). `Ok(None)` when there is none (never claimed, expired, released, or
-    /// forgotten; a released call's steps are kept for its retry, but not reported here).
+    /// would use — and reports its state, fingerprint, for a completed record its TTL left,
+    /// compatibility tag and size, for a claim in progress its age, lease left and renewals
+    /// ([`ClaimTimes`]), and its recorded durable steps (read with one more store operation
+    /// when the store keeps steps). `Ok(None)` when there is none (never claimed, expired,
+    /// released, or forgotten; a released call's steps are kept for its retry, but not
+    /// reported here).
     pub async fn inspect(&self, store: &dyn Store) -> Result<Option<RecordInfo>, Error> {
         let key = self.record_key(store)?;
         let Some(state) = store.get(&key).await? else {
@@ -173,6 +183,11 @@ pub struct StoreStats {
     pub expired: Option<u64>,
     /// How long the oldest live claim has been held, if the store can tell.
     pub oldest_in_progress: Option<Duration>,
+    /// Claims whose lease has passed and that nobody has taken over yet (their holders died
+    /// or stopped renewing), if the store can tell. They are not in `in_progress`; a store
+    /// that deletes them on its own (Redis, after the lease grace) only counts those it
+    /// still holds.
+    pub expired_unclaimed: Option<u64>,
 }
 
 impl StoreStats {
@@ -188,7 +203,19 @@ impl StoreStats {
             completed,
             expired,
             oldest_in_progress,
+            expired_unclaimed: None,
         }
+    }
+
+    /// The same stats, with the count of claims whose lease has passed unclaimed.
+    ///
+    /// ```
+    /// let s = idem_core::StoreStats::new(1, 2, Some(0), None).with_expired_unclaimed(Some(4));
+    /// assert_eq!(s.expired_unclaimed, Some(4));
+    /// ```
+    pub fn with_expired_unclaimed(mut self, n: Option<u64>) -> Self {
+        self.expired_unclaimed = n;
+        self
     }
 }
 

@@ -184,6 +184,48 @@ pub enum Claim {
     },
 }
 
+/// What a store knows of a claim's life, on its own clock: set by the claim, kept current by
+/// renewals, so that an operator can tell a live holder (its lease keeps moving) from a dead
+/// one (its lease runs out). Each part is `None` when the store cannot tell (a record written
+/// before the store kept them, or a store that does not keep them).
+///
+/// ```
+/// use std::time::Duration;
+/// use idem_core::ClaimTimes;
+/// let t = ClaimTimes::new(Some(Duration::from_secs(40)), Some(Duration::from_secs(20)), Some(3));
+/// assert_eq!(t.renewals, Some(3));
+/// assert_eq!(ClaimTimes::UNKNOWN.age, None);
+/// ```
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ClaimTimes {
+    /// How long ago the claim was made (a takeover is a new claim).
+    pub age: Option<Duration>,
+    /// How long the holder's lease still runs.
+    pub lease_left: Option<Duration>,
+    /// How many times the holder has renewed its lease (0 for a fresh claim; a claim repeated
+    /// after a lost reply is not a renewal).
+    pub renewals: Option<u64>,
+}
+
+impl ClaimTimes {
+    /// Nothing known.
+    pub const UNKNOWN: ClaimTimes = ClaimTimes {
+        age: None,
+        lease_left: None,
+        renewals: None,
+    };
+
+    /// Claim times from their parts.
+    pub fn new(age: Option<Duration>, lease_left: Option<Duration>, renewals: Option<u64>) -> Self {
+        ClaimTimes {
+            age,
+            lease_left,
+            renewals,
+        }
+    }
+}
+
 /// The state of a record, as [`Store::get`] reports it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum RecordState {
@@ -193,6 +235,8 @@ pub enum RecordState {
         token: FencingToken,
         /// The holder's fingerprint.
         fingerprint: Option<Fingerprint>,
+        /// The claim's age, lease left and renewals, as far as the store knows them.
+        times: ClaimTimes,
     },
     /// Completed and unexpired.
     Completed(CompletedRecord),
@@ -356,7 +400,8 @@ pub trait Store: Send + Sync + fmt::Debug {
     /// Claims `req.key`, atomically, in one step (one round trip for a remote store):
     ///
     /// - absent, or completed but past its expiry → store an in-progress record with
-    ///   `req.token`, `req.fingerprint` and a lease ending `req.lease` from now; return
+    ///   `req.token`, `req.fingerprint`, a lease ending `req.lease` from now, the claim's
+    ///   start (now) and no renewals yet ([`ClaimTimes`]); return
     ///   `Acquired { taken_over: false }`;
     /// - in progress under `req.token` itself (a retried claim whose first reply was lost) →
     ///   restart the lease; return `Acquired { taken_over: false }`;
@@ -392,7 +437,8 @@ pub trait Store: Send + Sync + fmt::Debug {
     /// or a completed record, and never fails for that.
     async fn release(&self, key: &Key, token: FencingToken) -> Result<(), StoreError>;
 
-    /// Extends the lease of the claim held under `token` to `lease` from now. Refused with
+    /// Extends the lease of the claim held under `token` to `lease` from now, and counts the
+    /// renewal (for [`ClaimTimes::renewals`], written by the same step). Refused with
     /// [`StoreError::Fenced`] if the record is not in progress under `token`.
     async fn renew(
         &self,
@@ -402,7 +448,9 @@ pub trait Store: Send + Sync + fmt::Debug {
     ) -> Result<(), StoreError>;
 
     /// Reads the record: `None` when absent or expired (an in-progress record whose lease
-    /// has passed also reads as `None`).
+    /// has passed also reads as `None`). An in-progress record reports its [`ClaimTimes`]
+    /// (the claim's age, the lease left and the renewals), read in the same step; a store that
+    /// keeps none of them answers [`ClaimTimes::UNKNOWN`].
     async fn get(&self, key: &Key) -> Result<Option<RecordState>, StoreError>;
 
     /// Waits until the record is not in progress under a live lease (completed, released,

@@ -339,6 +339,8 @@ impl MemoryStore {
             token: req.token,
             fingerprint: req.fingerprint,
             lease_until: after(now, req.lease),
+            since: now,
+            renewals: 0,
             waiters,
         };
         // Claims first, then records: under this lock a key is in at most one of them.
@@ -523,6 +525,7 @@ impl Store for MemoryStore {
         match self.lane(key).lock().get_mut(&MapKey(*key)) {
             Some(held) if held.token == token => {
                 held.lease_until = after(Instant::now(), lease);
+                held.renewals = held.renewals.saturating_add(1);
                 Ok(())
             }
             _ => Err(StoreError::Fenced),
@@ -534,9 +537,10 @@ impl Store for MemoryStore {
         let claims = self.lane(key).lock();
         let now = Instant::now();
         if let Some(held) = claims.get(&map_key) {
-            return Ok((held.lease_until > now).then_some(RecordState::InProgress {
+            return Ok((held.lease_until > now).then(|| RecordState::InProgress {
                 token: held.token,
                 fingerprint: held.fingerprint,
+                times: held.times(now),
             }));
         }
         Ok(self

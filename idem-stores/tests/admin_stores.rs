@@ -16,7 +16,7 @@ mod sql_common;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
-use idem_core::{Call, Claim, Error, RecordStatus, Store, StoreAdmin};
+use idem_core::{Call, Claim, ClaimTimes, Error, FencingToken, RecordStatus, Store, StoreAdmin};
 use idem_stores::{MemoryStore, TieredStore};
 use idem_testkit::{claim_request, fresh_key};
 
@@ -88,12 +88,64 @@ async fn scenario(store: &dyn StoreAdmin, expired_known: bool, tiered: bool) {
         Claim::Acquired { .. }
     ));
     let info = charge("order-2").inspect(dyn_store).await.unwrap().unwrap();
-    assert_eq!(info.status, RecordStatus::InProgress { token });
+    let fresh = in_progress_times(&info.status, token);
+    assert_eq!(fresh.renewals, Some(0), "{fresh:?}");
+    let age = fresh.age.expect("every store keeps the claim's start");
+    assert!(age < Duration::from_secs(10), "{fresh:?}");
+    let left = fresh
+        .lease_left
+        .expect("every store reports the lease left");
+    assert!(
+        left <= Duration::from_secs(60) && left > Duration::from_secs(50),
+        "{fresh:?}"
+    );
     assert_eq!(info.fingerprint, held.fingerprint);
     assert_eq!((info.tag, info.size), (None, None));
 
+    // A live holder renews: its renewals grow and its lease moves; its age keeps counting
+    // from the claim.
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    store
+        .renew(&held.key, token, Duration::from_secs(120))
+        .await
+        .unwrap();
+    store
+        .renew(&held.key, token, Duration::from_secs(120))
+        .await
+        .unwrap();
+    let info = charge("order-2").inspect(dyn_store).await.unwrap().unwrap();
+    let renewed = in_progress_times(&info.status, token);
+    assert_eq!(renewed.renewals, Some(2), "{renewed:?}");
+    let moved = renewed.lease_left.unwrap();
+    assert!(
+        moved > Duration::from_secs(100),
+        "the lease moved: {renewed:?}"
+    );
+    assert!(
+        renewed.age.unwrap() >= Duration::from_millis(25),
+        "{renewed:?}"
+    );
+    // A retried claim (its first reply lost) is neither a new claim nor a renewal.
+    assert!(matches!(
+        store.claim(&req).await.unwrap(),
+        Claim::Acquired { taken_over: false }
+    ));
+    let retried = in_progress_times(
+        &charge("order-2")
+            .inspect(dyn_store)
+            .await
+            .unwrap()
+            .unwrap()
+            .status,
+        token,
+    );
+    assert!(retried.renewals.unwrap() <= 2, "{retried:?}");
+
     let stats = store.stats().await.unwrap();
     assert_eq!((stats.in_progress, stats.completed), (1, 1), "{stats:?}");
+    let oldest = stats.oldest_in_progress.expect("the oldest claim's age");
+    assert!(oldest < Duration::from_secs(10), "{stats:?}");
+    assert_eq!(stats.expired_unclaimed, Some(0), "{stats:?}");
 
     // Forget: the next call runs the body again.
     charge("order-1").forget(dyn_store).await.unwrap();
@@ -141,11 +193,52 @@ async fn scenario(store: &dyn StoreAdmin, expired_known: bool, tiered: bool) {
         assert_eq!(store.purge_expired(100).await.unwrap(), 0);
     }
 
+    // A holder that died: its lease passes with nobody renewing it or taking it over.
+    let dead = fresh_key();
+    let (req, _) = claim_request(dead, Duration::from_millis(200));
+    assert!(matches!(
+        store.claim(&req).await.unwrap(),
+        Claim::Acquired { .. }
+    ));
+    let stats = store.stats().await.unwrap();
+    assert_eq!(
+        (stats.in_progress, stats.expired_unclaimed),
+        (1, Some(0)),
+        "{stats:?}"
+    );
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let stats = store.stats().await.unwrap();
+    assert_eq!(stats.in_progress, 0, "{stats:?}");
+    assert_eq!(stats.expired_unclaimed, Some(1), "{stats:?}");
+    assert_eq!(stats.oldest_in_progress, None, "{stats:?}");
+    assert!(store.get(&dead).await.unwrap().is_none());
+    // Taken over, it is live again.
+    let (req, _) = claim_request(dead, Duration::from_secs(60));
+    assert_eq!(
+        store.claim(&req).await.unwrap(),
+        Claim::Acquired { taken_over: true }
+    );
+    let stats = store.stats().await.unwrap();
+    assert_eq!(
+        (stats.in_progress, stats.expired_unclaimed),
+        (1, Some(0)),
+        "{stats:?}"
+    );
+    store.remove(&dead).await.unwrap();
+
     // Clean up what this scenario left.
     for order in ["order-1", "order-2"] {
         charge(order).forget(dyn_store).await.unwrap();
     }
     store.remove(&key).await.unwrap();
+}
+
+/// The claim times of an in-progress status under `token`.
+fn in_progress_times(status: &RecordStatus, token: FencingToken) -> ClaimTimes {
+    match status {
+        RecordStatus::InProgress { token: t, times } if *t == token => *times,
+        other => panic!("expected in progress under {token:?}, got {other:?}"),
+    }
 }
 
 async fn memory_inspect_forget_stats() {
@@ -171,6 +264,76 @@ async fn redis_inspect_forget_stats() {
     scenario(&store, false, false).await;
     // And behind a tiered store.
     scenario(&TieredStore::new(store), false, true).await;
+}
+
+/// Valkey 8.1: claims renewed and settled with the native `SET … IFEQ` (the holder keeps its
+/// record, renewals included, to compare), inspected by a store on the scripts.
+#[cfg(feature = "redis")]
+async fn valkey_native_inspect_forget_stats() {
+    use idem_stores::redis::NativeCas;
+    let Some(url) = idem_testkit::env_url("IDEM_TEST_VALKEY81_URL") else {
+        return;
+    };
+    let prefix = format!(
+        "idem-admin-native-{}-{}:",
+        std::process::id(),
+        fresh_key().0[0]
+    );
+    let native = idem_stores::RedisStore::builder(url.clone())
+        .prefix(prefix.clone())
+        .native_cas(NativeCas::Always)
+        .build()
+        .await
+        .unwrap();
+    scenario(&native, false, false).await;
+    // A mixed fleet: what a native holder's renewals wrote, a script instance reads.
+    let scripts = idem_stores::RedisStore::builder(url)
+        .prefix(prefix)
+        .native_cas(NativeCas::Never)
+        .build()
+        .await
+        .unwrap();
+    let key = fresh_key();
+    let (req, token) = claim_request(key, Duration::from_secs(60));
+    assert!(matches!(
+        native.claim(&req).await.unwrap(),
+        Claim::Acquired { .. }
+    ));
+    for _ in 0..3 {
+        native
+            .renew(&key, token, Duration::from_secs(60))
+            .await
+            .unwrap();
+    }
+    match scripts.get(&key).await.unwrap() {
+        Some(idem_core::RecordState::InProgress { times, .. }) => {
+            assert_eq!(times.renewals, Some(3), "{times:?}")
+        }
+        other => panic!("{other:?}"),
+    }
+    // The script instance marks it as waited on (its look), so the native holder's next
+    // renewal goes to the script, which keeps counting; the completion lands.
+    let waiter = scripts.wait(&key, Duration::from_millis(50)).await;
+    assert!(waiter.is_ok());
+    native
+        .renew(&key, token, Duration::from_secs(60))
+        .await
+        .unwrap();
+    match scripts.get(&key).await.unwrap() {
+        Some(idem_core::RecordState::InProgress { times, .. }) => {
+            assert_eq!(times.renewals, Some(4), "{times:?}")
+        }
+        other => panic!("{other:?}"),
+    }
+    native
+        .complete(&key, token, b"v", Duration::from_secs(60))
+        .await
+        .unwrap();
+    match scripts.get(&key).await.unwrap() {
+        Some(idem_core::RecordState::Completed(rec)) => assert_eq!(&rec.value[..], b"v"),
+        other => panic!("{other:?}"),
+    }
+    scripts.remove(&key).await.unwrap();
 }
 
 #[cfg(feature = "postgres")]
@@ -238,6 +401,9 @@ fn main() -> std::process::ExitCode {
     cases.push(
         idem_testkit::test_cases!([backends::REDIS], current_thread; redis_inspect_forget_stats),
     );
+    #[cfg(feature = "redis")]
+    cases.push(idem_testkit::test_cases!(
+        [backends::VALKEY81], current_thread; valkey_native_inspect_forget_stats));
     #[cfg(feature = "postgres")]
     cases.push(
         idem_testkit::test_cases!([backends::POSTGRES], current_thread; postgres_inspect_forget_stats),

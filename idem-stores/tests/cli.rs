@@ -17,7 +17,8 @@ use std::io::Read;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use idem_core::{Call, Error, Store};
+use idem_core::{Call, Claim, Error, Store};
+use idem_testkit::{claim_request, fresh_key};
 use serde_json::Value;
 
 const NS: &str = "cli_tests::charge";
@@ -165,6 +166,8 @@ async fn story(store: &dyn Store, base: &[String]) {
     assert_eq!(out.code, 0, "{out:?}");
     assert!(out.stdout.contains("completed"), "{out:?}");
 
+    claims(store, base).await;
+
     // An unknown namespace: exit 1 and a message that says why a store cannot tell.
     let out = run_args(&with(
         base,
@@ -219,6 +222,88 @@ async fn story(store: &dyn Store, base: &[String]) {
     for call in [by_order("order-7"), by_number(42)] {
         call.forget(store).await.unwrap();
     }
+}
+
+/// A live holder (renewed once) and a dead one (its lease passed): what `inspect` and `stats`
+/// show of them, as a table and as JSON.
+async fn claims(store: &dyn Store, base: &[String]) {
+    let live = by_order("order-9").identity_for(store).unwrap().unwrap();
+    let (mut req, token) = claim_request(live.key, Duration::from_secs(60));
+    req.fingerprint = live.fingerprint;
+    assert!(matches!(
+        store.claim(&req).await.unwrap(),
+        Claim::Acquired { .. }
+    ));
+    store
+        .renew(&live.key, token, Duration::from_secs(60))
+        .await
+        .unwrap();
+    let dead = fresh_key();
+    let (req, _) = claim_request(dead, Duration::from_millis(200));
+    assert!(matches!(
+        store.claim(&req).await.unwrap(),
+        Claim::Acquired { .. }
+    ));
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let target = ["--namespace", NS, "--key", "order-9", "--scope", "tenant-1"];
+
+    let out = run_args(&with(base, &[&["inspect"][..], &target[..]].concat()));
+    println!(
+        "$ idem {} inspect {}\n{}",
+        base.join(" "),
+        target.join(" "),
+        out.stdout
+    );
+    assert_eq!(out.code, 0, "{out:?}");
+    for needle in [
+        "in progress",
+        &token.0.to_string(),
+        "age ",
+        "lease left",
+        "renewals     1",
+    ] {
+        assert!(out.stdout.contains(needle), "{needle:?} in {out:?}");
+    }
+    let out = run_args(&with(
+        base,
+        &[&["--json", "inspect"][..], &target[..]].concat(),
+    ));
+    println!(
+        "$ idem {} --json inspect {}\n{}",
+        base.join(" "),
+        target.join(" "),
+        out.stdout
+    );
+    assert_eq!(out.code, 0, "{out:?}");
+    let v: Value = serde_json::from_str(out.stdout.trim()).expect("one JSON object");
+    assert_eq!(v["status"], "in_progress");
+    assert_eq!(v["token"], token.0.to_string());
+    assert_eq!(v["renewals"], "1");
+    let age: u64 = v["age_ms"].as_str().unwrap().parse().unwrap();
+    assert!((400..60_000).contains(&age), "{v}");
+    let left: u64 = v["lease_left_ms"].as_str().unwrap().parse().unwrap();
+    assert!(left > 50_000 && left <= 60_000, "{v}");
+
+    let out = run_args(&with(base, &["stats"]));
+    println!("$ idem {} stats\n{}", base.join(" "), out.stdout);
+    assert_eq!(out.code, 0, "{out:?}");
+    assert!(out.stdout.contains("expired unclaimed  1"), "{out:?}");
+    assert!(out.stdout.contains("oldest claim"), "{out:?}");
+    let out = run_args(&with(base, &["--json", "stats"]));
+    println!("$ idem {} --json stats\n{}", base.join(" "), out.stdout);
+    assert_eq!(out.code, 0, "{out:?}");
+    let v: Value = serde_json::from_str(out.stdout.trim()).unwrap();
+    assert_eq!(v["in_progress"], "1", "{v}");
+    assert_eq!(v["expired_unclaimed"], "1", "{v}");
+    let oldest: u64 = v["oldest_in_progress_ms"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((400..60_000).contains(&oldest), "{v}");
+
+    by_order("order-9").forget(store).await.unwrap();
+    store.remove(&dead).await.unwrap();
 }
 
 /// A loopback port nothing listens on.

@@ -585,6 +585,7 @@ impl Model {
                 Answer::Got(Some(RecordState::InProgress {
                     token: t,
                     fingerprint: fp,
+                    ..
                 })),
             ) => t == token && fp == fingerprint,
             _ => false,

@@ -78,13 +78,16 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Show one record: state, TTL left, fingerprint, compatibility tag, size, durable steps.
+    /// Show one record: state, fingerprint; a completed one's TTL left, compatibility tag and
+    /// size; a claim's holder token, age, lease left and renewals (a live holder's renewals
+    /// grow and its lease keeps moving; a dead holder's lease runs out); its durable steps.
     #[command(override_usage = TARGET_USAGE_INSPECT)]
     Inspect(Target),
     /// Remove one record, whatever its state: the next call runs the body again.
     #[command(override_usage = TARGET_USAGE_FORGET)]
     Forget(Target),
-    /// Count the store's records by state.
+    /// Count the store's records by state, with the age of the oldest claim and the claims
+    /// whose lease passed with nobody taking them over (dead holders).
     Stats,
     /// Remove every expired record, in batches (SQL stores; Redis expires its own).
     PurgeExpired {
@@ -656,9 +659,12 @@ fn print_info(info: &RecordInfo, json: bool) {
             })).collect::<Vec<_>>(),
         });
         match &info.status {
-            RecordStatus::InProgress { token } => {
+            RecordStatus::InProgress { token, times } => {
                 v["status"] = json!("in_progress");
                 v["token"] = json!(token.0.to_string());
+                v["age_ms"] = json!(times.age.map(|d| d.as_millis().to_string()));
+                v["lease_left_ms"] = json!(times.lease_left.map(|d| d.as_millis().to_string()));
+                v["renewals"] = json!(times.renewals.map(|n| n.to_string()));
             }
             RecordStatus::Completed { expires_in } => {
                 v["status"] = json!("completed");
@@ -671,9 +677,20 @@ fn print_info(info: &RecordInfo, json: bool) {
     }
     let mut rows: Vec<(&str, String)> = vec![("key", info.key.to_hex())];
     match &info.status {
-        RecordStatus::InProgress { token } => {
+        RecordStatus::InProgress { token, times } => {
             rows.push(("status", "in progress".into()));
             rows.push(("token", token.0.to_string()));
+            rows.push(("age", times.age.map_or_else(|| "unknown".into(), human)));
+            rows.push((
+                "lease left",
+                times.lease_left.map_or_else(|| "unknown".into(), human),
+            ));
+            rows.push((
+                "renewals",
+                times
+                    .renewals
+                    .map_or_else(|| "unknown".into(), |n| n.to_string()),
+            ));
         }
         RecordStatus::Completed { expires_in } => {
             rows.push(("status", "completed".into()));
@@ -718,6 +735,7 @@ fn print_stats(stats: &StoreStats, json: bool) {
                 "completed": stats.completed.to_string(),
                 "expired": stats.expired.map(|n| n.to_string()),
                 "oldest_in_progress_ms": stats.oldest_in_progress.map(|d| d.as_millis().to_string()),
+                "expired_unclaimed": stats.expired_unclaimed.map(|n| n.to_string()),
             })
         );
         return;
@@ -733,6 +751,12 @@ fn print_stats(stats: &StoreStats, json: bool) {
         (
             "oldest claim",
             stats.oldest_in_progress.map_or_else(unknown, human),
+        ),
+        (
+            "expired unclaimed",
+            stats
+                .expired_unclaimed
+                .map_or_else(unknown, |n| n.to_string()),
         ),
     ]);
 }

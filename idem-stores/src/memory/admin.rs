@@ -11,17 +11,20 @@ use crate::key_map::MapKey;
 #[async_trait]
 impl StoreAdmin for MemoryStore {
     /// Counts records by state, one claim shard at a time and then the record cache (so the
-    /// counts are not one snapshot). The store does not keep claim times:
-    /// `oldest_in_progress` is `None`.
+    /// counts are not one snapshot). Claims whose lease passed (nobody took them over yet)
+    /// count as `expired_unclaimed` and as `expired`.
     async fn stats(&self) -> Result<StoreStats, StoreError> {
         let now = Instant::now();
         let (mut in_progress, mut completed, mut expired) = (0u64, 0u64, 0u64);
+        let (mut unclaimed, mut oldest) = (0u64, None::<Instant>);
         for lane in self.inner.lanes.iter() {
             for held in lane.lock().values() {
                 if held.lease_until > now {
                     in_progress += 1;
+                    oldest = Some(oldest.map_or(held.since, |o| o.min(held.since)));
                 } else {
                     expired += 1;
+                    unclaimed += 1;
                 }
             }
         }
@@ -32,7 +35,11 @@ impl StoreAdmin for MemoryStore {
                 expired += 1;
             }
         }
-        Ok(StoreStats::new(in_progress, completed, Some(expired), None))
+        let oldest = oldest.map(|since| now.saturating_duration_since(since));
+        Ok(
+            StoreStats::new(in_progress, completed, Some(expired), oldest)
+                .with_expired_unclaimed(Some(unclaimed)),
+        )
     }
 
     /// Removes up to `batch` expired records, lapsed claims and expired durable steps;

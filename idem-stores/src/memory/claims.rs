@@ -8,7 +8,7 @@
 use std::collections::HashMap;
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
-use idem_core::{FencingToken, Fingerprint};
+use idem_core::{ClaimTimes, FencingToken, Fingerprint};
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
@@ -20,8 +20,23 @@ pub(super) struct Held {
     pub(super) token: FencingToken,
     pub(super) fingerprint: Option<Fingerprint>,
     pub(super) lease_until: Instant,
+    /// When the claim was made (a takeover or a new claim; not a retried one).
+    pub(super) since: Instant,
+    /// How many times its holder renewed it.
+    pub(super) renewals: u32,
     /// A caller waits on it: completing or releasing it must notify.
     pub(super) waiters: bool,
+}
+
+impl Held {
+    /// Its age, lease left and renewals at `now`.
+    pub(super) fn times(&self, now: Instant) -> ClaimTimes {
+        ClaimTimes::new(
+            Some(now.saturating_duration_since(self.since)),
+            Some(self.lease_until.saturating_duration_since(now)),
+            Some(u64::from(self.renewals)),
+        )
+    }
 }
 
 pub(super) type ClaimMap = HashMap<MapKey, Held, KeyHashing>;

@@ -1,12 +1,16 @@
 //! [`StoreAdmin`] for [`RedisStore`]: `SCAN` over the store's prefix, reading each record's
-//! header (`GETRANGE 0 18`) and `PTTL` in one pipeline per batch. Redis expires records
-//! itself (`PX`), so there is nothing to purge and no expired record to count.
+//! first 64 bytes (`GETRANGE 0 63`: a whole in-progress record, a completed one's header) and
+//! `PTTL` in one pipeline per batch. Redis expires records itself (`PX`), so there is nothing
+//! to purge; a claim whose lease passed stays for the lease grace, and is counted as
+//! expired-unclaimed meanwhile.
 
 use ::redis::aio::ConnectionLike;
 use ::redis::{Pipeline, Value};
+use std::time::Duration;
+
 use idem_core::{async_trait, StoreAdmin, StoreError, StoreStats};
 
-use super::reply::{COMPLETED, IN_PROGRESS, WAITED_ON};
+use super::reply::{self, Record, COMPLETED, IN_PROGRESS, WAITED_ON};
 use super::{backend, Conn, RedisStore};
 
 /// Keys asked of each `SCAN` step.
@@ -27,7 +31,8 @@ fn pattern(prefix: &str) -> String {
 
 /// What one record's header and `PTTL` say.
 enum Seen {
-    InProgress,
+    /// Live, with its start (ms, server clock) when its record keeps it.
+    InProgress(Option<f64>),
     Completed,
     /// An in-progress record past its lease, inside its grace period.
     Lapsed,
@@ -51,7 +56,13 @@ fn classify(header: &Value, pttl: &Value) -> Seen {
         let grace_ms = f64::from_be_bytes(grace);
         // A record without an expiry (PTTL -1) was not written by idem: count it as live.
         return if *pttl < 0 || (*pttl as f64) > grace_ms {
-            Seen::InProgress
+            let started = match reply::record(idem_core::Bytes::copy_from_slice(h)) {
+                Ok(Record::InProgress {
+                    life: Some(life), ..
+                }) if life.started_ms > 0.0 => Some(life.started_ms),
+                _ => None,
+            };
+            Seen::InProgress(started)
         } else {
             Seen::Lapsed
         };
@@ -93,7 +104,7 @@ impl RedisStore {
         let mut pipe = Pipeline::new();
         for k in keys {
             let Value::BulkString(name) = k else { continue };
-            pipe.cmd("GETRANGE").arg(name.as_slice()).arg(0).arg(18);
+            pipe.cmd("GETRANGE").arg(name.as_slice()).arg(0).arg(63);
             pipe.cmd("PTTL").arg(name.as_slice());
         }
         let n = pipe.len();
@@ -117,12 +128,16 @@ impl RedisStore {
 
 #[async_trait]
 impl StoreAdmin for RedisStore {
-    /// Counts this store's records (its prefix) by state with `SCAN`. Redis does not keep
-    /// claim times nor expired keys: `expired` and `oldest_in_progress` are `None`. On a
-    /// Redis Cluster, a `SCAN` reaches one node only: the counts are that node's.
+    /// Counts this store's records (its prefix) by state with `SCAN`, with the age of the
+    /// oldest live claim (on the server's clock as this client estimates it; claims written
+    /// before records kept their start have none) and the claims whose lease passed that
+    /// nobody took over (kept by Redis for the lease grace, then deleted). Redis keeps no
+    /// expired record: `expired` is `None`. On a Redis Cluster, a `SCAN` reaches one node
+    /// only: the counts are that node's.
     async fn stats(&self) -> Result<StoreStats, StoreError> {
         let pattern = pattern(&self.inner.prefix);
-        let (mut in_progress, mut completed) = (0u64, 0u64);
+        let (mut in_progress, mut completed, mut lapsed) = (0u64, 0u64, 0u64);
+        let mut oldest: Option<f64> = None;
         let mut cursor = 0u64;
         loop {
             let (next, keys) = self.scan_step(cursor, &pattern).await?;
@@ -130,9 +145,15 @@ impl StoreAdmin for RedisStore {
             for pair in replies.chunks(2) {
                 if let [header, pttl] = pair {
                     match classify(header, pttl) {
-                        Seen::InProgress => in_progress += 1,
+                        Seen::InProgress(started) => {
+                            in_progress += 1;
+                            if let Some(at) = started {
+                                oldest = Some(oldest.map_or(at, |o| o.min(at)));
+                            }
+                        }
                         Seen::Completed => completed += 1,
-                        Seen::Lapsed | Seen::Other => {}
+                        Seen::Lapsed => lapsed += 1,
+                        Seen::Other => {}
                     }
                 }
             }
@@ -141,7 +162,12 @@ impl StoreAdmin for RedisStore {
             }
             cursor = next;
         }
-        Ok(StoreStats::new(in_progress, completed, None, None))
+        let oldest = match (oldest, self.inner.clock.now_late()) {
+            (Some(at), Some(now)) => Some(Duration::from_millis((now - at).max(0.0) as u64)),
+            _ => None,
+        };
+        Ok(StoreStats::new(in_progress, completed, None, oldest)
+            .with_expired_unclaimed(Some(lapsed)))
     }
 
     /// Redis expires records itself (`PX`): always `Ok(0)`.

@@ -57,14 +57,14 @@ use ::redis::aio::{ConnectionLike, ConnectionManager};
 use ::redis::cluster_async::ClusterConnection;
 use ::redis::{Client, Cmd, RedisError, ServerError, Value};
 use idem_core::{
-    async_trait, Claim, ClaimRequest, CompletedRecord, FencingToken, Key, RecordState, StepId,
-    StepRecord, Store, StoreError,
+    async_trait, Claim, ClaimRequest, CompletedRecord, FencingToken, Fingerprint, Key, RecordState,
+    StepId, StepRecord, Store, StoreError,
 };
 
 use self::builder::Target;
 use self::native::{Caps, Detected, Held, Recent, Release};
 use self::notify::Waiters;
-use self::reply::{Looked, Record};
+use self::reply::{Life, Looked, Record};
 use self::scripts::{Lua, Scripts};
 
 /// The longest ttl or lease honoured (100 years); longer ones are clamped.
@@ -187,6 +187,23 @@ impl ServerClock {
             return 0.0;
         }
         (early.saturating_add(self.since_base(Instant::now())) as f64) + ttl_ms as f64
+    }
+
+    /// The server's clock now, never ahead of it: a claim's start (0 before the first
+    /// reading: the claim then shows no age).
+    fn start_stamp(&self) -> f64 {
+        let early = self.early.load(Ordering::Relaxed);
+        if early == i64::MIN {
+            return 0.0;
+        }
+        early.saturating_add(self.since_base(Instant::now())) as f64
+    }
+
+    /// The server's clock now, never behind it (`None` before the first reading): a claim's
+    /// age is never understated.
+    fn now_late(&self) -> Option<f64> {
+        let late = self.late.load(Ordering::Relaxed);
+        (late != i64::MIN).then(|| late.saturating_add(self.since_base(Instant::now())) as f64)
     }
 
     /// How long a record stamped with `expiry_ms` still lives, never more than it does.
@@ -419,16 +436,17 @@ impl RedisStore {
         Some(caps)
     }
 
-    /// The claimed record to compare with natively, when the native path is in use and this
-    /// store holds the claim; `None`: use the script.
-    fn native_target(&self, key: &Key, token: FencingToken) -> Option<(Caps, Vec<u8>)> {
+    /// The claimed record to compare with natively (and the start and renewals it holds),
+    /// when the native path is in use and this store holds the claim; `None`: use the script.
+    fn native_target(&self, key: &Key, token: FencingToken) -> Option<(Caps, Vec<u8>, Life)> {
         let caps = self.caps();
         // A waiter of this store marked the record (so the native comparison would fail and
         // the script would follow): the script at once, one round trip instead of two.
         if !caps.set_ifeq || self.inner.waiters.waiting(key) {
             return None;
         }
-        Some((caps, self.claimed_record(key, token)?))
+        let (fp, life) = self.inner.held.get(key, token)?;
+        Some((caps, self.claimed_record(token, fp.as_ref(), life), life))
     }
 
     /// After a completion was stored: forget the claim, and remember the key as completed.
@@ -442,26 +460,22 @@ impl RedisStore {
     }
 
     /// Remembers an acquired claim for the native commands (unless they cannot be used).
-    fn hold(&self, req: &ClaimRequest, lives_ms: u64) {
+    fn hold(&self, req: &ClaimRequest, life: Life, lives_ms: u64) {
         if self.caps().set_ifeq {
             self.inner.held.insert(
                 &req.key,
                 req.token,
                 req.fingerprint,
+                life,
                 Duration::from_millis(lives_ms),
             );
         }
     }
 
-    /// The in-progress record this store's claim of `key` under `token` wrote, if this store
-    /// holds that claim.
-    fn claimed_record(&self, key: &Key, token: FencingToken) -> Option<Vec<u8>> {
-        let fp = self.inner.held.get(key, token)?;
-        Some(reply::in_progress(
-            token,
-            millis(self.inner.lease_grace).max(1),
-            fp.as_ref(),
-        ))
+    /// The in-progress record of a claim under `token` with `fp`, at the start and renewals
+    /// of `life`.
+    fn claimed_record(&self, token: FencingToken, fp: Option<&Fingerprint>, life: Life) -> Vec<u8> {
+        reply::in_progress(token, millis(self.inner.lease_grace).max(1), fp, life)
     }
 
     /// Sends a native conditional command: `Some(true)` applied, `Some(false)` the value
@@ -598,7 +612,13 @@ impl Store for RedisStore {
             }
             self.inner.seen.forget(&req.key);
         }
-        let rec = reply::in_progress(req.token, grace, req.fingerprint.as_ref());
+        // The claim's start, on the server's clock as estimated here: written by the claim
+        // itself, so keeping it costs no round trip.
+        let life = Life {
+            started_ms: self.inner.clock.start_stamp(),
+            renewals: 0,
+        };
+        let rec = reply::in_progress(req.token, grace, req.fingerprint.as_ref(), life);
         let mut set = Cmd::with_capacity(7, name.len() + rec.len() + 32);
         set.arg("SET")
             .arg(&name[..])
@@ -609,7 +629,7 @@ impl Store for RedisStore {
             .arg("GET");
         match self.send("redis claim", &set).await? {
             Value::Nil => {
-                self.hold(req, lease + grace);
+                self.hold(req, life, lease + grace);
                 return Ok(Claim::Acquired { taken_over: false });
             }
             Value::BulkString(b) => {
@@ -643,7 +663,7 @@ impl Store for RedisStore {
             .await?;
         let claim = reply::looked(v)?.into_claim()?;
         if let Claim::Acquired { .. } = claim {
-            self.hold(req, lease + grace);
+            self.hold(req, life, lease + grace);
         }
         Ok(claim)
     }
@@ -664,12 +684,13 @@ impl Store for RedisStore {
         let name = self.name(key);
         let ttl = millis(ttl).max(1);
         let head = reply::completed_head(token, self.inner.clock.stamp(ttl));
-        if let Some((_, claimed)) = self.native_target(key, token) {
+        if let Some((_, claimed, _)) = self.native_target(key, token) {
             // One `SET … IFEQ <claimed record>`: the completed record is the head, the
-            // fingerprint (the claimed record's tail) and the value.
-            let mut rec = Vec::with_capacity(head.len() + claimed.len() - 19 + value.len());
+            // fingerprint (from the claimed record) and the value.
+            let kept = reply::kept_on_completion(&claimed);
+            let mut rec = Vec::with_capacity(head.len() + kept.len() + value.len());
             rec.extend_from_slice(&head);
-            rec.extend_from_slice(&claimed[19..]);
+            rec.extend_from_slice(kept);
             rec.extend_from_slice(value);
             let mut set = Cmd::with_capacity(7, name.len() + rec.len() + claimed.len() + 32);
             set.arg("SET")
@@ -721,7 +742,7 @@ impl Store for RedisStore {
 
     async fn release(&self, key: &Key, token: FencingToken) -> Result<(), StoreError> {
         let name = self.name(key);
-        if let Some((caps, claimed)) = self.native_target(key, token) {
+        if let Some((caps, claimed, _)) = self.native_target(key, token) {
             let mut del = Cmd::with_capacity(4, name.len() + claimed.len() + 16);
             match caps.del {
                 Release::DelIfEq => {
@@ -765,14 +786,21 @@ impl Store for RedisStore {
     ) -> Result<(), StoreError> {
         let name = self.name(key);
         let lease = millis(lease).max(1);
-        if let Some((_, claimed)) = self.native_target(key, token) {
-            // The claimed record written again over itself, with the new expiry (the lease
-            // plus the grace, as the claim wrote it).
+        if let Some((_, claimed, life)) = self.native_target(key, token) {
+            // The claimed record written again over itself with one more renewal, and the new
+            // expiry (the lease plus the grace, as the claim wrote it).
             let px = lease.saturating_add(millis(self.inner.lease_grace).max(1));
+            let life = Life {
+                renewals: life.renewals.saturating_add(1),
+                ..life
+            };
+            let mut renewed = claimed.clone();
+            let at = renewed.len() - 4;
+            renewed[at..].copy_from_slice(&life.renewals.to_be_bytes());
             let mut set = Cmd::with_capacity(7, name.len() + 2 * claimed.len() + 32);
             set.arg("SET")
                 .arg(&name[..])
-                .arg(&claimed[..])
+                .arg(&renewed[..])
                 .arg("IFEQ")
                 .arg(&claimed[..])
                 .arg("PX")
@@ -781,7 +809,7 @@ impl Store for RedisStore {
                 Some(true) => {
                     self.inner
                         .held
-                        .renewed(key, token, Duration::from_millis(px));
+                        .renewed(key, token, life, Duration::from_millis(px));
                     return Ok(());
                 }
                 // Marked by a waiter elsewhere, or fenced: the script decides, now and for
@@ -803,7 +831,9 @@ impl Store for RedisStore {
     }
 
     async fn get(&self, key: &Key) -> Result<Option<RecordState>, StoreError> {
-        self.look(key, false).await?.into_state()
+        self.look(key, false)
+            .await?
+            .into_state(self.inner.clock.now_late())
     }
 
     async fn wait(&self, key: &Key, timeout: Duration) -> Result<(), StoreError> {

@@ -9,7 +9,10 @@
 //!   before the first settle after each connection error, was tried: under repeated
 //!   connection cuts the extra round trip on the settle path made waiters' claims fail.
 //! - **What is compared.** `IFEQ` compares the whole value, so the store keeps the in-progress
-//!   record each of its own claims wrote ([`Held`]): key → token and fingerprint. A claim not
+//!   record each of its own claims wrote ([`Held`]): key → token, fingerprint, the claim's
+//!   start and its renewals (a native renewal writes the record with one more renewal, and
+//!   the entry follows it; a renewal whose reply was lost leaves the entry behind the record,
+//!   so the next comparison fails and the script takes over, as for a marked record). A claim not
 //!   found there (claimed before an upgrade, or by another instance of the store) completes
 //!   with the script. A value that differs (a waiter marked the claim `i2w`, so the
 //!   completion must publish; a repeat after a lost reply; a fenced token) also goes to the
@@ -25,6 +28,7 @@ use std::time::{Duration, Instant};
 use ::redis::Value;
 use idem_core::{FencingToken, Fingerprint, Key};
 
+use super::reply::Life;
 use crate::key_map::{KeyHashing, MapKey};
 
 /// Which commands a [`RedisStore`](crate::RedisStore) completes, renews and releases with.
@@ -260,6 +264,8 @@ const SHARDS: usize = 16;
 struct Entry {
     token: FencingToken,
     fingerprint: Option<Fingerprint>,
+    /// The start and renewals its record holds now.
+    life: Life,
     until: Instant,
     /// A native comparison failed (a waiter marked the record): the script from now on,
     /// without trying the native command first.
@@ -294,6 +300,7 @@ impl Held {
         key: &Key,
         token: FencingToken,
         fingerprint: Option<Fingerprint>,
+        life: Life,
         lives: Duration,
     ) {
         let now = Instant::now();
@@ -306,19 +313,24 @@ impl Held {
             Entry {
                 token,
                 fingerprint,
+                life,
                 until: now + lives,
                 marked: false,
             },
         );
     }
 
-    /// The fingerprint `key` was claimed with under `token`, if this store holds that claim
-    /// (the outer `Option`).
-    pub(crate) fn get(&self, key: &Key, token: FencingToken) -> Option<Option<Fingerprint>> {
+    /// The fingerprint `key` was claimed with under `token`, and the start and renewals its
+    /// record holds, if this store holds that claim.
+    pub(crate) fn get(
+        &self,
+        key: &Key,
+        token: FencingToken,
+    ) -> Option<(Option<Fingerprint>, Life)> {
         let map = self.shard(key).lock().unwrap_or_else(|p| p.into_inner());
         map.get(&MapKey(*key))
             .filter(|e| e.token == token && !e.marked)
-            .map(|e| e.fingerprint)
+            .map(|e| (e.fingerprint, e.life))
     }
 
     /// A native comparison of this claim failed: its record was marked by a waiter (or is no
@@ -330,10 +342,12 @@ impl Held {
         }
     }
 
-    /// Extends the entry after a renewal to `lives` from now.
-    pub(crate) fn renewed(&self, key: &Key, token: FencingToken, lives: Duration) {
+    /// After a native renewal wrote `life` into the record: the entry holds it, and lives
+    /// `lives` from now.
+    pub(crate) fn renewed(&self, key: &Key, token: FencingToken, life: Life, lives: Duration) {
         let mut map = self.shard(key).lock().unwrap_or_else(|p| p.into_inner());
         if let Some(e) = map.get_mut(&MapKey(*key)).filter(|e| e.token == token) {
+            e.life = life;
             e.until = Instant::now() + lives;
         }
     }
@@ -476,8 +490,18 @@ mod tests {
         let held = Held::new();
         let key = Key([3; 32]);
         let fp = Some(Fingerprint([1; 32]));
-        held.insert(&key, FencingToken(1), fp, Duration::from_secs(1));
-        assert_eq!(held.get(&key, FencingToken(1)), Some(fp));
+        let life = Life {
+            started_ms: 5.0,
+            renewals: 0,
+        };
+        held.insert(&key, FencingToken(1), fp, life, Duration::from_secs(1));
+        assert_eq!(held.get(&key, FencingToken(1)), Some((fp, life)));
+        let renewed = Life {
+            renewals: 1,
+            ..life
+        };
+        held.renewed(&key, FencingToken(1), renewed, Duration::from_secs(1));
+        assert_eq!(held.get(&key, FencingToken(1)), Some((fp, renewed)));
         assert_eq!(held.get(&key, FencingToken(2)), None);
         held.remove(&key, FencingToken(2));
         assert!(held.get(&key, FencingToken(1)).is_some());

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use ::redis::Value;
 use idem_core::{
-    Bytes, Claim, CompletedRecord, FencingToken, Fingerprint, RecordState, StoreError,
+    Bytes, Claim, ClaimTimes, CompletedRecord, FencingToken, Fingerprint, RecordState, StoreError,
 };
 
 /// The header of an in-progress record.
@@ -17,10 +17,28 @@ pub(crate) const WAITED_ON: &[u8; 3] = b"i2w";
 pub(crate) const COMPLETED: &[u8; 3] = b"i2c";
 /// Bytes before the fingerprint: header, token, grace or expiry, fingerprint length.
 const FIXED: usize = 20;
+/// Bytes after an in-progress record's fingerprint: the claim's start (f64 ms, the server's
+/// clock as the claiming client estimated it, never late) and the renewals (u32). A record
+/// written before they were kept ends with its fingerprint.
+pub(crate) const TAIL: usize = 12;
 
-/// An in-progress record, as the claim writes it.
-pub(crate) fn in_progress(token: FencingToken, grace_ms: u64, fp: Option<&Fingerprint>) -> Vec<u8> {
-    let mut r = Vec::with_capacity(FIXED + 32);
+/// What an in-progress record says of its claim beyond the token and the fingerprint.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub(crate) struct Life {
+    /// When the claim was made, in ms of the server's clock (0: the client had no reading).
+    pub(crate) started_ms: f64,
+    /// How many times its holder renewed it.
+    pub(crate) renewals: u32,
+}
+
+/// An in-progress record, as the claim writes it (and a renewal rewrites it).
+pub(crate) fn in_progress(
+    token: FencingToken,
+    grace_ms: u64,
+    fp: Option<&Fingerprint>,
+    life: Life,
+) -> Vec<u8> {
+    let mut r = Vec::with_capacity(FIXED + 32 + TAIL);
     r.extend_from_slice(IN_PROGRESS);
     r.extend_from_slice(&token.0.to_be_bytes());
     r.extend_from_slice(&(grace_ms as f64).to_be_bytes());
@@ -31,7 +49,18 @@ pub(crate) fn in_progress(token: FencingToken, grace_ms: u64, fp: Option<&Finger
         }
         None => r.push(0),
     }
+    r.extend_from_slice(&life.started_ms.to_be_bytes());
+    r.extend_from_slice(&life.renewals.to_be_bytes());
     r
+}
+
+/// The part of an in-progress record that a completion keeps: the fingerprint's length and
+/// the fingerprint (what follows the first 19 bytes, without the claim's start and renewals).
+pub(crate) fn kept_on_completion(claimed: &[u8]) -> &[u8] {
+    let end = claimed.get(FIXED - 1).map_or(claimed.len(), |&n| {
+        (FIXED + usize::from(n)).min(claimed.len())
+    });
+    &claimed[(FIXED - 1).min(end)..end]
 }
 
 /// The first 11 bytes of the in-progress record a claim under `token` wrote (`i2p`, token):
@@ -73,6 +102,8 @@ pub(crate) enum Record {
     InProgress {
         token: FencingToken,
         fingerprint: Option<Fingerprint>,
+        /// `None` for a record written before claims kept their start and renewals.
+        life: Option<Life>,
     },
     Completed {
         fingerprint: Option<Fingerprint>,
@@ -116,12 +147,32 @@ pub(crate) fn record(b: Bytes) -> Result<Record, StoreError> {
     }
     match header {
         h if h == IN_PROGRESS || h == WAITED_ON => {
-            if b.len() != FIXED + fp_len {
-                return Err(corrupt(
-                    "redis record: an in-progress record has trailing bytes",
-                ));
-            }
-            Ok(Record::InProgress { token, fingerprint })
+            let at = FIXED + fp_len;
+            let life = match b.len() - at {
+                0 => None,
+                TAIL => {
+                    let started_ms = f64::from_be_bytes(word(at));
+                    if !started_ms.is_finite() {
+                        return Err(corrupt("redis record: its start is not a number"));
+                    }
+                    let mut n = [0u8; 4];
+                    n.copy_from_slice(&b[at + 8..at + TAIL]);
+                    Some(Life {
+                        started_ms,
+                        renewals: u32::from_be_bytes(n),
+                    })
+                }
+                _ => {
+                    return Err(corrupt(
+                        "redis record: an in-progress record has trailing bytes",
+                    ))
+                }
+            };
+            Ok(Record::InProgress {
+                token,
+                fingerprint,
+                life,
+            })
         }
         h if h == COMPLETED => Ok(Record::Completed {
             fingerprint,
@@ -186,7 +237,7 @@ fn token_decimal(b: &[u8]) -> Result<FencingToken, StoreError> {
 }
 
 /// What the claim and look scripts saw.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Debug, PartialEq)]
 pub(crate) enum Looked {
     /// Absent or lapsed.
     None,
@@ -198,20 +249,41 @@ pub(crate) enum Looked {
         token: Option<FencingToken>,
         fingerprint: Option<Fingerprint>,
         remaining: Duration,
+        /// The claim's start and renewals, when its record keeps them.
+        life: Option<Life>,
     },
     /// Completed and unexpired.
     Completed(CompletedRecord),
 }
 
 impl Looked {
-    pub(crate) fn into_state(self) -> Result<Option<RecordState>, StoreError> {
+    /// The record's state; `now_ms`, the server's clock as this client estimates it (never
+    /// behind), gives a claim its age.
+    pub(crate) fn into_state(self, now_ms: Option<f64>) -> Result<Option<RecordState>, StoreError> {
         Ok(match self {
             Looked::None => None,
             Looked::InProgress {
                 token: Some(token),
                 fingerprint,
-                ..
-            } => Some(RecordState::InProgress { token, fingerprint }),
+                remaining,
+                life,
+            } => {
+                let age = match (life, now_ms) {
+                    (Some(l), Some(now)) if l.started_ms > 0.0 => {
+                        Some(Duration::from_millis((now - l.started_ms).max(0.0) as u64))
+                    }
+                    _ => None,
+                };
+                Some(RecordState::InProgress {
+                    token,
+                    fingerprint,
+                    times: ClaimTimes::new(
+                        age,
+                        Some(remaining),
+                        life.map(|l| u64::from(l.renewals)),
+                    ),
+                })
+            }
             Looked::Completed(rec) => Some(RecordState::Completed(rec)),
             other => return Err(corrupt(format!("unexpected look {other:?}"))),
         })
@@ -249,10 +321,15 @@ pub(crate) fn looked(v: Value) -> Result<Looked, StoreError> {
         b"v2" => {
             let left = ms(items.get(2))?;
             match record(take(&mut items, 1)?)? {
-                Record::InProgress { token, fingerprint } => Ok(Looked::InProgress {
+                Record::InProgress {
+                    token,
+                    fingerprint,
+                    life,
+                } => Ok(Looked::InProgress {
                     token: Some(token),
                     fingerprint,
                     remaining: left,
+                    life,
                 }),
                 Record::Completed {
                     fingerprint, value, ..
@@ -277,6 +354,7 @@ pub(crate) fn looked(v: Value) -> Result<Looked, StoreError> {
                 token,
                 fingerprint: fingerprint(&take(&mut items, 1)?)?,
                 remaining: ms(items.get(2))?,
+                life: None,
             })
         }
         b"corrupt" => {
@@ -310,7 +388,8 @@ mod tests {
     }
 
     fn completed(fp: Option<&Fingerprint>, value: &[u8]) -> Vec<u8> {
-        let mut r = in_progress(FencingToken(7), 0, fp);
+        let mut r = in_progress(FencingToken(7), 0, fp, Life::default());
+        r.truncate(r.len() - TAIL);
         r[..3].copy_from_slice(COMPLETED);
         r[11..19].copy_from_slice(&1e12f64.to_be_bytes());
         r.extend_from_slice(value);
@@ -323,7 +402,10 @@ mod tests {
         let mut c = completed(None, b"");
         c[3..11].copy_from_slice(&t.0.to_be_bytes());
         assert_eq!(&completed_head(t, 1e12)[..], &c[..19]);
-        assert_eq!(&held(t)[..], &in_progress(t, 5, None)[..11]);
+        assert_eq!(
+            &held(t)[..],
+            &in_progress(t, 5, None, Life::default())[..11]
+        );
         let mut buf = [0u8; 20];
         for n in [0, 7, 10, 300_000, u64::MAX] {
             assert_eq!(decimal(n, &mut buf), n.to_string().as_bytes());
@@ -333,14 +415,33 @@ mod tests {
     #[test]
     fn records_round_trip() {
         let fp = Fingerprint([9; 32]);
-        let r = in_progress(FencingToken(u64::MAX >> 1), 60_000, Some(&fp));
+        let life = Life {
+            started_ms: 1.7e12,
+            renewals: 3,
+        };
+        let r = in_progress(FencingToken(u64::MAX >> 1), 60_000, Some(&fp), life);
+        assert_eq!(kept_on_completion(&r), &r[19..52]);
         assert_eq!(
-            record(Bytes::from(r)).ok(),
+            record(Bytes::from(r.clone())).ok(),
             Some(Record::InProgress {
                 token: FencingToken(u64::MAX >> 1),
-                fingerprint: Some(fp)
+                fingerprint: Some(fp),
+                life: Some(life),
             })
         );
+        // A record written before claims kept their start and renewals: still read, with
+        // those unknown.
+        let old = Bytes::copy_from_slice(&r[..r.len() - TAIL]);
+        assert_eq!(
+            record(old).ok(),
+            Some(Record::InProgress {
+                token: FencingToken(u64::MAX >> 1),
+                fingerprint: Some(fp),
+                life: None,
+            })
+        );
+        let bare = in_progress(FencingToken(1), 1, None, life);
+        assert_eq!(kept_on_completion(&bare), &[0u8][..]);
         let c = completed(None, b"value");
         match record(Bytes::from(c)) {
             Ok(Record::Completed {
@@ -401,8 +502,12 @@ mod tests {
         short_fp[19] = 3;
         let mut nan = completed(None, b"v");
         nan[11..19].copy_from_slice(&f64::NAN.to_be_bytes());
-        let mut trailing = in_progress(FencingToken(1), 1, None);
+        let mut trailing = in_progress(FencingToken(1), 1, None, Life::default());
         trailing.push(0);
+        let mut cut = in_progress(FencingToken(1), 1, None, Life::default());
+        cut.pop();
+        let mut nan_start = in_progress(FencingToken(1), 1, None, Life::default());
+        nan_start[20..28].copy_from_slice(&f64::NAN.to_be_bytes());
         for b in [
             &b""[..],
             b"i2p",
@@ -411,6 +516,8 @@ mod tests {
             &short_fp,
             &nan,
             &trailing,
+            &cut,
+            &nan_start,
         ] {
             assert!(
                 matches!(

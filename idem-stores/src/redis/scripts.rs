@@ -12,6 +12,13 @@
 //! | 11..19 | the grace (f64 ms) the record outlives its lease by | the expiry (f64 ms, server clock, as the completing client estimated it, never late) |
 //! | 19 | fingerprint length: 0 or 32 | same |
 //! | 20.. | the fingerprint | the fingerprint, then the encoded value |
+//! | then 8 | the claim's start (f64 ms, server clock, as the claiming client estimated it, never late) | — |
+//! | then 4 | the holder's renewals (u32) | — |
+//!
+//! The start and the renewals are written by the claim's own `SET` and counted by the
+//! renewal's own command, so they cost no round trip. A record written before they were kept
+//! ends with its fingerprint; it still reads, with its age and renewals unknown, and its
+//! renewals are not counted.
 //!
 //! **Leases are Redis's own expiry.** An in-progress record is written with
 //! `PX lease + grace`, so the holder's lease has `PTTL - grace` left, on the server's clock and
@@ -141,13 +148,13 @@ if v == false then return 2 end
 if type(v) ~= 'string' or #v < 20 then return 0 end
 local h = string.sub(v, 1, 11)
 if h == ARGV[1] then
-  redis.call('SET', k, ARGV[2] .. string.sub(v, 20) .. ARGV[3], 'PX', ARGV[4])
+  redis.call('SET', k, ARGV[2] .. string.sub(v, 20, 20 + string.byte(v, 20)) .. ARGV[3], 'PX', ARGV[4])
   return 1
 end
 local t = string.sub(ARGV[1], 4)
 if h == 'i2c' .. t then return 1 end
 if h ~= 'i2w' .. t then return 0 end
-redis.call('SET', k, ARGV[2] .. string.sub(v, 20) .. ARGV[3], 'PX', ARGV[4])
+redis.call('SET', k, ARGV[2] .. string.sub(v, 20, 20 + string.byte(v, 20)) .. ARGV[3], 'PX', ARGV[4])
 redis.call('PUBLISH', string.sub(k, 1, -67) .. 'notify', string.sub(k, -65, -2))
 return 1
 "#;
@@ -169,13 +176,19 @@ return 1
 "#;
 
 /// `renew(KEYS[1]; held, lease_ms)` → 1, or 0 when fenced. `held` as for [`COMPLETE`]; the
-/// grace comes from the record.
+/// grace comes from the record. Counts the renewal in the record's last 4 bytes
+/// (`SETRANGE`, which keeps the expiry), when the record keeps them.
 pub(crate) const RENEW: &str = r#"
 local k = KEYS[1]
 local v = redis.pcall('GET', k)
 if type(v) ~= 'string' or #v < 20 then return 0 end
 local h = string.sub(v, 1, 11)
 if h ~= ARGV[1] and h ~= 'i2w' .. string.sub(ARGV[1], 4) then return 0 end
+local n = #v
+if n == 32 + string.byte(v, 20) then
+  local r = struct.unpack('>I4', v, n - 3)
+  if r < 4294967295 then redis.call('SETRANGE', k, n - 4, struct.pack('>I4', r + 1)) end
+end
 redis.call('PEXPIRE', k, string.format('%d', tonumber(ARGV[2]) + struct.unpack('>d', v, 12)))
 return 1
 "#;

@@ -47,7 +47,7 @@ use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use idem_core::{
-    Claim, ClaimRequest, CompletedRecord, FencingToken, Fingerprint, Key, StoreError,
+    Claim, ClaimRequest, ClaimTimes, CompletedRecord, FencingToken, Fingerprint, Key, StoreError,
     DEFAULT_MAX_VALUE_SIZE,
 };
 use tokio::sync::{Notify, Semaphore};
@@ -962,7 +962,6 @@ pub(crate) fn millis(d: Duration) -> i64 {
 }
 
 /// A count of milliseconds read back from SQL (never negative) as a duration.
-#[cfg_attr(not(any(feature = "postgres", feature = "mysql")), allow(dead_code))]
 pub(crate) fn from_millis(ms: i64) -> Duration {
     Duration::from_millis(u64::try_from(ms).unwrap_or(0))
 }
@@ -990,6 +989,21 @@ pub(crate) fn completed(
     let value = value
         .ok_or_else(|| StoreError::Corrupt(format!("{name}: completed record without a value")))?;
     Ok(CompletedRecord::new(fingerprint, value, Some(expires_in)))
+}
+
+/// A claim's times as its row tells them, in milliseconds on the database's clock: its age
+/// (from `claimed_at`), its lease left (from `lease_until`) and its renewals. NULL (a row
+/// written before the table had `claimed_at` and `renewals`) is unknown.
+pub(crate) fn claim_times(
+    age_ms: Option<i64>,
+    lease_ms: Option<i64>,
+    renewals: Option<i64>,
+) -> ClaimTimes {
+    ClaimTimes::new(
+        age_ms.map(from_millis),
+        lease_ms.map(from_millis),
+        renewals.and_then(|n| u64::try_from(n).ok()),
+    )
 }
 
 #[cfg(test)]

@@ -15,6 +15,8 @@
 //!                                        -- = live_until; in progress: lease end + grace)
 //!     fingerprint BINARY(32)  NULL,
 //!     value       MEDIUMBLOB  NULL,      -- the encoded envelope (type tag, version, value)
+//!     claimed_at  BIGINT      NULL,      -- ms: when the current claim was made
+//!     renewals    INT         NULL,      -- how many times its holder renewed it
 //!     PRIMARY KEY (k),
 //!     KEY idem_expires_at (expires_at)
 //! ) ENGINE=InnoDB
@@ -114,8 +116,9 @@ fn claim_sql(table: &str) -> String {
     let live = format!("live_until > {NOW_MS}");
     let keep = format!("({live} AND NOT (state = 'in_progress' AND token = ?))");
     format!(
-        "INSERT INTO {table} (k, state, token, live_until, expires_at, fingerprint, value) \
-         VALUES (?, 'in_progress', ?, {NOW_MS} + ?, {NOW_MS} + ?, ?, NULL) \
+        "INSERT INTO {table} (k, state, token, live_until, expires_at, fingerprint, value, \
+                              claimed_at, renewals) \
+         VALUES (?, 'in_progress', ?, {NOW_MS} + ?, {NOW_MS} + ?, ?, NULL, {NOW_MS}, 0) \
          ON DUPLICATE KEY UPDATE \
            token = IF(LAST_INSERT_ID(CASE \
                         WHEN {live} AND state = 'in_progress' AND token = ? \
@@ -128,6 +131,8 @@ fn claim_sql(table: &str) -> String {
            value = IF({keep}, value, NULL), \
            expires_at = IF({keep}, expires_at, {NOW_MS} + ?), \
            state = IF({keep}, state, 'in_progress'), \
+           claimed_at = IF({live}, claimed_at, {NOW_MS}), \
+           renewals = IF({live}, renewals, 0), \
            live_until = IF({keep}, live_until, {NOW_MS} + ?)"
     )
 }
@@ -139,6 +144,9 @@ type Sql = Arc<str>;
 #[derive(Debug)]
 struct Statements {
     create: Sql,
+    /// Adds the claim-time columns to a table of the first layout (each answers "duplicate
+    /// column" when it has them).
+    add_columns: [Sql; 2],
     claim: Sql,
     read: Sql,
     complete: Sql,
@@ -163,11 +171,17 @@ impl Statements {
                    expires_at BIGINT NOT NULL, \
                    fingerprint BINARY(32) NULL, \
                    value MEDIUMBLOB NULL, \
+                   claimed_at BIGINT NULL, \
+                   renewals INT NULL, \
                    PRIMARY KEY (k), \
                    KEY idem_expires_at (expires_at) \
                  ) ENGINE=InnoDB"
             )
             .into(),
+            add_columns: [
+                format!("ALTER TABLE {table} ADD COLUMN claimed_at BIGINT NULL").into(),
+                format!("ALTER TABLE {table} ADD COLUMN renewals INT NULL").into(),
+            ],
             claim: claim_sql(table).into(),
             read: format!(
                 "SELECT CAST(state = 'completed' AS SIGNED) AS completed, token, fingerprint, \
@@ -186,7 +200,8 @@ impl Statements {
             )
             .into(),
             renew: format!(
-                "UPDATE {table} SET live_until = {NOW_MS} + ?, expires_at = {NOW_MS} + ? \
+                "UPDATE {table} SET live_until = {NOW_MS} + ?, expires_at = {NOW_MS} + ?, \
+                   renewals = renewals + 1 \
                  WHERE k = ? AND token = ? AND state = 'in_progress'"
             )
             .into(),
@@ -196,7 +211,9 @@ impl Statements {
             .into(),
             get: format!(
                 "SELECT CAST(state = 'completed' AS SIGNED) AS completed, token, fingerprint, \
-                        value, CAST(live_until - {NOW_MS} AS SIGNED) AS remaining \
+                        value, CAST(live_until - {NOW_MS} AS SIGNED) AS remaining, \
+                        CAST({NOW_MS} - claimed_at AS SIGNED) AS age, \
+                        CAST(renewals AS SIGNED) AS renewals \
                  FROM {table} WHERE k = ? AND live_until > {NOW_MS}"
             )
             .into(),
@@ -458,6 +475,9 @@ impl MySqlStore {
     /// Creates the table and its expiry index if they are missing (safe to run at every
     /// start, from several processes at once), and lowers the value limit to what the
     /// server's `max_allowed_packet` lets through.
+    ///
+    /// On a table of the first layout (without `claimed_at` and `renewals`) it adds the two
+    /// columns; its rows keep NULL there, which `inspect` shows as unknown.
     pub async fn migrate(&self) -> Result<(), StoreError> {
         let inner = &*self.inner;
         inner
@@ -467,6 +487,19 @@ impl MySqlStore {
                     .execute(&inner.pool)
                     .await
                     .map_err(|e| self.inner.core.fail("mysql: create table", e))?;
+                for add in &inner.sql.add_columns {
+                    match sqlx::query(AssertSqlSafe(add.clone()))
+                        .execute(&inner.pool)
+                        .await
+                    {
+                        // ER_DUP_FIELDNAME: the table has it (or a concurrent migrate added it).
+                        Err(sqlx::Error::Database(e))
+                            if e.try_downcast_ref::<sqlx::mysql::MySqlDatabaseError>()
+                                .is_some_and(|e| e.number() == 1060) => {}
+                        Err(e) => return Err(self.inner.core.fail("mysql: add column", e)),
+                        Ok(_) => {}
+                    }
+                }
                 let packet: u64 =
                     sqlx::query_scalar("SELECT CAST(@@max_allowed_packet AS UNSIGNED)")
                         .fetch_one(&inner.pool)
@@ -848,6 +881,11 @@ impl Store for MySqlStore {
             RecordState::InProgress {
                 token: FencingToken::from_i64(token),
                 fingerprint,
+                times: super::claim_times(
+                    row.try_get("age").map_err(corrupt)?,
+                    row.try_get("remaining").map_err(corrupt)?,
+                    row.try_get("renewals").map_err(corrupt)?,
+                ),
             }
         }))
     }

@@ -269,11 +269,17 @@ impl PostgresStore {
     ///     attempt     INTEGER     NOT NULL DEFAULT 1, -- claims in a row; > 1 after a takeover
     ///     fingerprint BYTEA,                  -- 32-byte argument fingerprint, or NULL
     ///     value       BYTEA,                  -- the encoded record (type tag inside); NULL while in progress
-    ///     lease_until TIMESTAMPTZ,            -- in progress: the lease's end
-    ///     expires_at  TIMESTAMPTZ NOT NULL    -- when the sweep may delete the row
+    ///     lease_until TIMESTAMPTZ,            -- in progress: the lease's end (kept current by renewals)
+    ///     expires_at  TIMESTAMPTZ NOT NULL,   -- when the sweep may delete the row
+    ///     claimed_at  TIMESTAMPTZ,            -- when the current claim was made
+    ///     renewals    INTEGER                 -- how many times its holder renewed it
     /// );
     /// CREATE INDEX IF NOT EXISTS idem_records_expires_at ON idem_records (expires_at);
     /// ```
+    ///
+    /// On a table of the first layout (without `claimed_at` and `renewals`) it adds the two
+    /// columns (`ALTER TABLE .. ADD COLUMN IF NOT EXISTS`, no rewrite); its rows keep NULL
+    /// there, which `inspect` shows as unknown.
     pub async fn migrate(&self) -> Result<(), StoreError> {
         let pool = self.inner.pool.clone();
         let sql = self.inner.sql.clone();
@@ -287,6 +293,9 @@ impl PostgresStore {
                     .execute(&mut *tx)
                     .await?;
                 sqlx::query(AssertSqlSafe(sql.create_table.clone()))
+                    .execute(&mut *tx)
+                    .await?;
+                sqlx::query(AssertSqlSafe(sql.add_columns.clone()))
                     .execute(&mut *tx)
                     .await?;
                 sqlx::query(AssertSqlSafe(sql.create_index.clone()))
@@ -500,6 +509,11 @@ impl Store for PostgresStore {
             "in_progress" => Ok(Some(RecordState::InProgress {
                 token: FencingToken::from_i64(col(&row, "token")?),
                 fingerprint,
+                times: super::claim_times(
+                    col(&row, "age_ms")?,
+                    col(&row, "lease_ms")?,
+                    col(&row, "renewals")?,
+                ),
             })),
             "completed" => Ok(Some(RecordState::Completed(completed(&row, fingerprint)?))),
             other => Err(StoreError::Corrupt(format!(

@@ -300,11 +300,16 @@ impl SqliteStore {
     ///     attempt     INTEGER NOT NULL DEFAULT 1, -- claims in a row; > 1 after a takeover
     ///     fingerprint BLOB,               -- 32-byte argument fingerprint, or NULL
     ///     value       BLOB,               -- the encoded record (type tag inside); NULL while in progress
-    ///     lease_until INTEGER,            -- in progress: the lease's end
-    ///     expires_at  INTEGER NOT NULL    -- when the sweep may delete the row
+    ///     lease_until INTEGER,            -- in progress: the lease's end (kept current by renewals)
+    ///     expires_at  INTEGER NOT NULL,   -- when the sweep may delete the row
+    ///     claimed_at  INTEGER,            -- when the current claim was made
+    ///     renewals    INTEGER             -- how many times its holder renewed it
     /// );
     /// CREATE INDEX IF NOT EXISTS idem_records_expires_at ON idem_records (expires_at);
     /// ```
+    ///
+    /// On a table of the first layout (without `claimed_at` and `renewals`) it adds the two
+    /// columns; its rows keep NULL there, which `inspect` shows as unknown.
     pub async fn migrate(&self) -> Result<(), StoreError> {
         let pool = self.inner.pool.clone();
         let sql = self.inner.sql.clone();
@@ -314,6 +319,15 @@ impl SqliteStore {
                 sqlx::query(AssertSqlSafe(sql.create_table.clone()))
                     .execute(&pool)
                     .await?;
+                for add in &sql.add_columns {
+                    match sqlx::query(AssertSqlSafe(add.clone())).execute(&pool).await {
+                        // The table has it (a column SQLite cannot add twice).
+                        Err(sqlx::Error::Database(e))
+                            if e.message().contains("duplicate column name") => {}
+                        Err(e) => return Err(e),
+                        Ok(_) => {}
+                    }
+                }
                 sqlx::query(AssertSqlSafe(sql.create_index.clone()))
                     .execute(&pool)
                     .await
@@ -481,6 +495,12 @@ impl Store for SqliteStore {
             "in_progress" => Ok(Some(RecordState::InProgress {
                 token: FencingToken::from_i64(col(&row, "token")?),
                 fingerprint,
+                times: super::claim_times(
+                    col::<Option<i64>>(&row, "claimed_at")?.map(|at| now.saturating_sub(at).max(0)),
+                    col::<Option<i64>>(&row, "lease_until")?
+                        .map(|until| until.saturating_sub(now).max(0)),
+                    col(&row, "renewals")?,
+                ),
             })),
             "completed" => Ok(Some(RecordState::Completed(completed(
                 &row,

@@ -53,6 +53,8 @@ impl Table {
 pub(super) struct Statements {
     pub(super) create_table: String,
     pub(super) create_index: String,
+    /// Adds the claim-time columns to a table of the first layout.
+    pub(super) add_columns: String,
     pub(super) claim: Arc<str>,
     pub(super) complete: Arc<str>,
     pub(super) release: Arc<str>,
@@ -79,8 +81,14 @@ impl Statements {
                     fingerprint BYTEA,
                     value BYTEA,
                     lease_until TIMESTAMPTZ,
-                    expires_at TIMESTAMPTZ NOT NULL
+                    expires_at TIMESTAMPTZ NOT NULL,
+                    claimed_at TIMESTAMPTZ,
+                    renewals INTEGER
                 )"
+            ),
+            add_columns: format!(
+                "ALTER TABLE {t} ADD COLUMN IF NOT EXISTS claimed_at TIMESTAMPTZ,
+                                 ADD COLUMN IF NOT EXISTS renewals INTEGER"
             ),
             create_index: format!(
                 "CREATE INDEX IF NOT EXISTS \"{}_expires_at\" ON {t} (expires_at)",
@@ -107,9 +115,10 @@ impl Statements {
                 ),
                 claimed AS (
                     INSERT INTO {t} AS r
-                        (key, state, token, attempt, fingerprint, value, lease_until, expires_at)
+                        (key, state, token, attempt, fingerprint, value, lease_until, expires_at,
+                         claimed_at, renewals)
                     SELECT $1, 'in_progress', $2, 1, $3, NULL,
-                           now() + $4::float8 {ms}, now() + ($4 + $5)::float8 {ms}
+                           now() + $4::float8 {ms}, now() + ($4 + $5)::float8 {ms}, now(), 0
                      WHERE NOT EXISTS (SELECT 1 FROM existing WHERE NOT own)
                     ON CONFLICT (key) DO UPDATE SET
                         state = 'in_progress',
@@ -121,7 +130,11 @@ impl Statements {
                         fingerprint = EXCLUDED.fingerprint,
                         value = NULL,
                         lease_until = EXCLUDED.lease_until,
-                        expires_at = EXCLUDED.expires_at
+                        expires_at = EXCLUDED.expires_at,
+                        claimed_at = CASE WHEN r.state = 'in_progress' AND r.token = EXCLUDED.token
+                                              THEN r.claimed_at ELSE EXCLUDED.claimed_at END,
+                        renewals = CASE WHEN r.state = 'in_progress' AND r.token = EXCLUDED.token
+                                            THEN r.renewals ELSE 0 END
                     WHERE (r.state = 'in_progress'
                            AND (r.lease_until <= now() OR r.token = EXCLUDED.token))
                        OR (r.state = 'completed' AND r.expires_at <= now())
@@ -173,14 +186,19 @@ impl Statements {
             // disk would otherwise delay the renewal past a short lease.
             renew: format!(
                 "UPDATE {t} SET lease_until = now() + $3::float8 {ms},
-                                expires_at = now() + ($3 + $4)::float8 {ms}
+                                expires_at = now() + ($3 + $4)::float8 {ms},
+                                renewals = renewals + 1
                   FROM (SELECT set_config('synchronous_commit', 'off', true)) AS async_commit
                   WHERE key = $1 AND token = $2 AND state = 'in_progress'
                 RETURNING 1"
             )
             .into(),
             get: format!(
-                "SELECT state, token, fingerprint, value, {expires_ms} AS expires_ms FROM {t}
+                "SELECT state, token, fingerprint, value, {expires_ms} AS expires_ms,
+                        {lease_ms} AS lease_ms,
+                        FLOOR(EXTRACT(EPOCH FROM (now() - claimed_at)) * 1000)::bigint AS age_ms,
+                        renewals::bigint AS renewals
+                   FROM {t}
                   WHERE key = $1
                     AND CASE WHEN state = 'in_progress' THEN lease_until > now()
                              ELSE expires_at > now() END"

@@ -26,6 +26,9 @@ pub(super) fn parse_table(s: &str) -> Result<String, StoreError> {
 pub(super) struct Statements {
     pub(super) create_table: String,
     pub(super) create_index: String,
+    /// Adds the claim-time columns to a table of the first layout (each answers "duplicate
+    /// column" when it has them).
+    pub(super) add_columns: [String; 2],
     pub(super) claim: Arc<str>,
     pub(super) live: Arc<str>,
     pub(super) complete: Arc<str>,
@@ -54,9 +57,15 @@ impl Statements {
                     fingerprint BLOB,
                     value BLOB,
                     lease_until INTEGER,
-                    expires_at INTEGER NOT NULL
+                    expires_at INTEGER NOT NULL,
+                    claimed_at INTEGER,
+                    renewals INTEGER
                 )"
             ),
+            add_columns: [
+                format!("ALTER TABLE {t} ADD COLUMN claimed_at INTEGER"),
+                format!("ALTER TABLE {t} ADD COLUMN renewals INTEGER"),
+            ],
             create_index: format!(
                 "CREATE INDEX IF NOT EXISTS \"{name}_expires_at\" ON {t} (expires_at)"
             ),
@@ -69,8 +78,9 @@ impl Statements {
             // written (no page is dirtied, no sync).
             claim: format!(
                 "INSERT INTO {t} AS r
-                    (key, state, token, attempt, fingerprint, value, lease_until, expires_at)
-                 SELECT ?1, 'in_progress', ?2, 1, ?3, NULL, ?5, ?6
+                    (key, state, token, attempt, fingerprint, value, lease_until, expires_at,
+                     claimed_at, renewals)
+                 SELECT ?1, 'in_progress', ?2, 1, ?3, NULL, ?5, ?6, ?4, 0
                   WHERE NOT EXISTS (
                       SELECT 1 FROM {t} WHERE key = ?1 AND {live}
                          AND NOT (state = 'in_progress' AND token = ?2)
@@ -85,7 +95,11 @@ impl Statements {
                     fingerprint = excluded.fingerprint,
                     value = NULL,
                     lease_until = excluded.lease_until,
-                    expires_at = excluded.expires_at
+                    expires_at = excluded.expires_at,
+                    claimed_at = CASE WHEN r.state = 'in_progress' AND r.token = excluded.token
+                                          THEN r.claimed_at ELSE excluded.claimed_at END,
+                    renewals = CASE WHEN r.state = 'in_progress' AND r.token = excluded.token
+                                        THEN r.renewals ELSE 0 END
                   WHERE NOT ({live_r})
                      OR (r.state = 'in_progress' AND r.token = excluded.token)
                  RETURNING attempt"
@@ -118,13 +132,14 @@ impl Statements {
             .into(),
             // ?1 key, ?2 token, ?3 lease until, ?4 expires at.
             renew: format!(
-                "UPDATE {t} SET lease_until = ?3, expires_at = ?4
+                "UPDATE {t} SET lease_until = ?3, expires_at = ?4, renewals = renewals + 1
                   WHERE key = ?1 AND token = ?2 AND state = 'in_progress'"
             )
             .into(),
             // ?1 key, ?2 now.
             get: format!(
-                "SELECT state, token, fingerprint, value, expires_at FROM {t}
+                "SELECT state, token, fingerprint, value, expires_at,
+                        claimed_at, lease_until, renewals FROM {t}
                   WHERE key = ?1
                     AND CASE WHEN state = 'in_progress' THEN lease_until > ?2
                              ELSE expires_at > ?2 END"
