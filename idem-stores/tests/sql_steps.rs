@@ -1032,7 +1032,9 @@ macro_rules! listed {
     };
 }
 
+#[allow(clippy::vec_init_then_push)]
 fn main() -> std::process::ExitCode {
+    // One list per store whose feature is on.
     #[allow(unused_mut)]
     let mut cases: Vec<Vec<idem_testkit::harness::Case>> = Vec::new();
     #[cfg(feature = "postgres")]

@@ -27,6 +27,12 @@
 //! | MySQL / MariaDB | `BEGIN` (InnoDB, the server's isolation) | fenced `UPDATE`, server clock | poll; they read committed rows only |
 //! | SQLite | `BEGIN IMMEDIATE` (the write lock is taken up front, see below) | fenced `UPDATE` | poll; they read committed rows only |
 //!
+//! A transactional step's record is written the same way, by
+//! [`put_step_in`](TransactionalStore::put_step_in): the store's own fenced step statement
+//! (one `INSERT ... SELECT` from the call's record, locked for share on PostgreSQL and MySQL,
+//! upserting the step row), run in the transaction, so that the step's writes and its record
+//! commit together, and a takeover waits for the commit and then finds the step.
+//!
 //! On SQLite a transaction that reads first and writes later fails with `SQLITE_BUSY` if
 //! another connection (the lease keeper's renewal, for one) wrote in between, so the
 //! transactions idem opens begin `IMMEDIATE`: the body then owns SQLite's single write lock
