@@ -1021,7 +1021,8 @@ cases_on!(
 );
 cases_on!(sqlite, "sqlite", super::lite::open);
 
-/// The case list of one database module.
+/// The case list of one database module (unused in a build without a SQL store).
+#[allow(unused_macros)]
 macro_rules! listed {
     ($needs:expr, $m:ident) => {
         idem_testkit::test_cases!($needs, multi_thread(4);
