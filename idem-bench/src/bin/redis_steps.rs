@@ -1,4 +1,4 @@
-//! `idem-bench-steps`: what one durable step write costs on Redis, against a raw write of the
+//! `idem-bench-steps-redis`: what one durable step write costs on Redis, against a raw write of the
 //! same size, **in one run, round by round, alternating**, on private servers this program
 //! starts on spare loopback ports (one per `--server BIN`, e.g. `redis-server` and a Valkey
 //! 8.1 `valkey-server`; the rounds alternate between servers too).
@@ -21,7 +21,7 @@
 //! next to it), then the median.
 //!
 //! ```text
-//! cargo run --release -p idem-bench --features redis --bin idem-bench-steps -- \
+//! cargo run --release -p idem-bench --features redis --bin idem-bench-steps-redis -- \
 //!     [--rounds 9] [--calls 1000] [--single 3000] [--size 100] \
 //!     [--out target/idem-bench/redis-steps.json] \
 //!     [--server redis-server] [--server /var/cache/idem-ci/valkey-8.1.1/valkey-server]

@@ -27,6 +27,12 @@
 //! | MySQL / MariaDB | `BEGIN` (InnoDB, the server's isolation) | fenced `UPDATE`, server clock | poll; they read committed rows only |
 //! | SQLite | `BEGIN IMMEDIATE` (the write lock is taken up front, see below) | fenced `UPDATE` | poll; they read committed rows only |
 //!
+//! A transactional step's record is written the same way, by
+//! [`put_step_in`](TransactionalStore::put_step_in): the store's own fenced step statement
+//! (one `INSERT ... SELECT` from the call's record, locked for share on PostgreSQL and MySQL,
+//! upserting the step row), run in the transaction, so that the step's writes and its record
+//! commit together, and a takeover waits for the commit and then finds the step.
+//!
 //! On SQLite a transaction that reads first and writes later fails with `SQLITE_BUSY` if
 //! another connection (the lease keeper's renewal, for one) wrote in between, so the
 //! transactions idem opens begin `IMMEDIATE`: the body then owns SQLite's single write lock
@@ -41,7 +47,9 @@
 
 use std::time::Duration;
 
-use idem_core::{async_trait, FencingToken, Key, Store, StoreError, TransactionalStore};
+use idem_core::{
+    async_trait, FencingToken, Key, StepRecord, Store, StoreError, TransactionalStore,
+};
 use sqlx::AssertSqlSafe;
 
 #[cfg(feature = "mysql")]
@@ -401,6 +409,40 @@ impl TransactionalStore for PostgresStore {
         Err(StoreError::Fenced)
     }
 
+    /// The store's fenced step write (`INSERT ... SELECT ... FOR SHARE ... ON CONFLICT DO
+    /// UPDATE`), run in `tx`: the step row commits with the transaction's other writes, and
+    /// the record row stays locked for share until then, so a takeover waits for the commit
+    /// (and then sees the step) or the write finds the record taken over (fenced).
+    async fn put_step_in(
+        &self,
+        tx: &mut PgTx,
+        key: &Key,
+        token: FencingToken,
+        step: &StepRecord,
+        ttl: Duration,
+    ) -> Result<(), StoreError> {
+        if self.put_step_on(&mut tx.0, key, token, step, ttl).await? > 0 {
+            return Ok(());
+        }
+        // As for the completion: a REPEATABLE READ or SERIALIZABLE snapshot may predate the
+        // claim, which it then cannot see.
+        let level: String = sqlx::query_scalar("SELECT current_setting('transaction_isolation')")
+            .fetch_one(&mut **tx)
+            .await
+            .map_err(|e| StoreError::backend("postgres: put step in transaction", e))?;
+        if level != "read committed" {
+            let message = format!(
+                "postgres: the step cannot see the claim from a {level} transaction; \
+                 transactional steps need READ COMMITTED (PostgreSQL's default)"
+            );
+            return Err(StoreError::backend(
+                message.clone(),
+                std::io::Error::new(std::io::ErrorKind::Unsupported, message),
+            ));
+        }
+        Err(StoreError::Fenced)
+    }
+
     /// `COMMIT`. If the runtime gives up on it (its future is dropped before the answer),
     /// the transaction's backend is terminated from another connection — only while it still
     /// runs this transaction — so the database rolls it back unless the commit had landed.
@@ -502,6 +544,25 @@ impl TransactionalStore for MySqlStore {
         }
     }
 
+    /// The store's fenced step write (`INSERT ... SELECT ... LOCK IN SHARE MODE ON DUPLICATE
+    /// KEY UPDATE`), run in `tx`: the step row commits with the transaction's other writes,
+    /// and the record row stays locked for share until then. The locking read sees the newest
+    /// committed record whatever the isolation level.
+    async fn put_step_in(
+        &self,
+        tx: &mut MySqlTx,
+        key: &Key,
+        token: FencingToken,
+        step: &StepRecord,
+        ttl: Duration,
+    ) -> Result<(), StoreError> {
+        if self.put_step_on(&mut tx.0, key, token, step, ttl).await? {
+            Ok(())
+        } else {
+            Err(StoreError::Fenced)
+        }
+    }
+
     /// `COMMIT`. If the runtime gives up on it (its future is dropped before the answer),
     /// the transaction's connection is killed (`KILL CONNECTION`) from another one, so the
     /// server rolls it back unless the commit had landed. (Should the commit land in the
@@ -578,6 +639,24 @@ impl TransactionalStore for SqliteStore {
             Err(StoreError::Fenced)
         } else {
             Ok(())
+        }
+    }
+
+    /// The store's fenced step write (`INSERT ... SELECT ... WHERE EXISTS (...) ON CONFLICT
+    /// DO UPDATE`), run in `tx` (which holds SQLite's write lock from its start): the step row
+    /// commits with the transaction's other writes.
+    async fn put_step_in(
+        &self,
+        tx: &mut SqliteTx,
+        key: &Key,
+        token: FencingToken,
+        step: &StepRecord,
+        ttl: Duration,
+    ) -> Result<(), StoreError> {
+        if self.put_step_on(&mut tx.0, key, token, step, ttl).await? > 0 {
+            Ok(())
+        } else {
+            Err(StoreError::Fenced)
         }
     }
 
