@@ -17,6 +17,9 @@
 //!   store-wide channel; one subscriber connection per store wakes the local waiters
 //!   (`notify.rs`). While that connection is down, waiters poll with a bounded backoff, and a
 //!   waiter whose look fails on a connection error looks again until its wait is over.
+//! - **Durable steps**: one hash per call at `{prefix}{<key hex>}:steps` (the record's slot),
+//!   written by one fenced script, read by one `HGETALL`, removed with the record
+//!   (`steps.rs`).
 //! - **Connections**: a `ConnectionManager` (single server) or an async cluster connection,
 //!   both reconnecting on their own: the store survives a server restart without being
 //!   rebuilt. Every command is bounded by the command timeout ([`StoreError::Timeout`]).
@@ -32,6 +35,7 @@ mod notify;
 mod reply;
 mod scripts;
 mod seen;
+mod steps;
 
 /// Parses `bytes` as a record string read from Redis (the parser every claim, replay and
 /// look goes through) — the entry point of the `redis_record` fuzz target in `fuzz/`. Not an
@@ -53,8 +57,8 @@ use ::redis::aio::{ConnectionLike, ConnectionManager};
 use ::redis::cluster_async::ClusterConnection;
 use ::redis::{Client, Cmd, RedisError, ServerError, Value};
 use idem_core::{
-    async_trait, Claim, ClaimRequest, CompletedRecord, FencingToken, Key, RecordState, Store,
-    StoreError,
+    async_trait, Claim, ClaimRequest, CompletedRecord, FencingToken, Key, RecordState, StepId,
+    StepRecord, Store, StoreError,
 };
 
 use self::builder::Target;
@@ -861,14 +865,47 @@ impl Store for RedisStore {
     async fn remove(&self, key: &Key) -> Result<(), StoreError> {
         self.inner.seen.forget(key);
         let name = self.name(key);
-        self.eval(
+        // The record and its steps, in one `DEL` (one slot: the steps key shares the tag).
+        let steps = steps::steps_name(&name);
+        let channel = self.inner.channel.as_bytes();
+        self.eval_keys(
             "redis remove",
             &self.inner.scripts.remove,
-            &name,
-            &[self.inner.channel.as_bytes()],
+            &[&name, &steps],
+            (1, channel.len()),
+            |cmd| {
+                cmd.arg(channel);
+            },
         )
         .await
         .map(drop)
+    }
+
+    fn supports_steps(&self) -> bool {
+        true
+    }
+
+    async fn load_steps(&self, key: &Key) -> Result<Vec<StepRecord>, StoreError> {
+        self.steps_load(key).await
+    }
+
+    async fn put_step(
+        &self,
+        key: &Key,
+        token: FencingToken,
+        step: &StepRecord,
+        ttl: Duration,
+    ) -> Result<(), StoreError> {
+        self.steps_put(key, token, step, ttl).await
+    }
+
+    async fn clear_step(
+        &self,
+        key: &Key,
+        token: FencingToken,
+        id: &StepId,
+    ) -> Result<(), StoreError> {
+        self.steps_clear(key, token, id).await
     }
 
     fn detached(&self) -> Option<Arc<dyn Store>> {

@@ -201,9 +201,10 @@ if s == 'c' then return {'v1c', f, val, left} end
 return {'v1p', f, left, t}
 "#;
 
-/// `remove(KEYS[1]; channel)` → 1. Always publishes (an administrator's removal is rare).
+/// `remove(KEYS[1] record, KEYS[2] its steps; channel)` → 1: one `DEL` of both. Always
+/// publishes (an administrator's removal is rare).
 pub(crate) const REMOVE: &str = r#"
-redis.call('DEL', KEYS[1])
+redis.call('DEL', KEYS[1], KEYS[2])
 redis.call('PUBLISH', ARGV[1], string.sub(KEYS[1], -65, -2))
 return 1
 "#;

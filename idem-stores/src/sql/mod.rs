@@ -60,6 +60,7 @@ pub mod mysql;
 pub mod postgres;
 #[cfg(feature = "sqlite")]
 pub mod sqlite;
+mod steps;
 // Its documentation is its own inner doc only: an outer doc here would make rustdoc resolve
 // the module's links from this scope, where its imports are not.
 pub mod transactional;

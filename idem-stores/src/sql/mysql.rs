@@ -54,12 +54,24 @@
 //! task of [`SqlStoreBuilder::sweep_every`]) deletes them in batches, through the
 //! `expires_at` index.
 //!
+//! # Durable steps
+//!
+//! A second table, `<table>_steps` (created by [`MySqlStore::migrate`], see there), keeps the
+//! calls' step records, one row per (key, step name, occurrence). A step write is ONE
+//! statement, `INSERT INTO <steps> ... SELECT ... FROM <table> WHERE k = ? AND token = ? AND
+//! state = 'in_progress' LOCK IN SHARE MODE ON DUPLICATE KEY UPDATE ...`: it writes only while
+//! the call is in progress under the writer's token, and its shared lock on the record row
+//! makes a takeover wait for it (or it for the takeover, and then it selects nothing:
+//! fenced). [`Store::remove`] deletes the record and its steps in one multi-table `DELETE`;
+//! the sweep deletes expired steps too.
+//!
 //! # Missing table
 //!
 //! The store never creates its table by itself: an operation on a missing table fails with a
 //! [`StoreError::Backend`] that says to call [`MySqlStore::migrate`].
 
 mod admin;
+mod steps;
 
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Weak};
@@ -67,7 +79,7 @@ use std::time::Duration;
 
 use idem_core::{
     async_trait, Claim, ClaimRequest, CompletedRecord, FencingToken, Fingerprint, Key, RecordState,
-    Store, StoreError,
+    StepId, StepRecord, Store, StoreError,
 };
 use sqlx::mysql::{MySqlConnectOptions, MySqlPool, MySqlPoolOptions};
 use sqlx::{AssertSqlSafe, Row};
@@ -75,6 +87,7 @@ use sqlx::{AssertSqlSafe, Row};
 use super::base::{Core, Source, SqlBackend, SqlOptions};
 use super::lanes::Lanes;
 use super::{config_error, SqlStoreBuilder};
+use steps::StepStatements;
 
 pub use super::DEFAULT_TABLE;
 
@@ -222,6 +235,8 @@ pub struct Inner {
     /// The pool again, and the reserved lane of renewals and settles.
     lanes: Lanes<sqlx::MySql>,
     sql: Statements,
+    /// The steps table's statements.
+    steps: StepStatements,
 }
 
 /// A [`Store`] on a MySQL or MariaDB table (InnoDB), through a sqlx connection pool. Cheap to
@@ -300,6 +315,7 @@ impl SqlBackend for MySqlStore {
         Ok(MySqlStore {
             inner: Arc::new(Inner {
                 sql: Statements::new(&quoted),
+                steps: StepStatements::new(&options.table, &quoted),
                 core: Core::new(options.table.clone(), &options),
                 lanes: Lanes::new(pool.clone(), options.reserved_connections, &options),
                 pool,
@@ -458,6 +474,23 @@ impl MySqlStore {
     /// Creates the table and its expiry index if they are missing (safe to run at every
     /// start, from several processes at once), and lowers the value limit to what the
     /// server's `max_allowed_packet` lets through.
+    ///
+    /// It also creates the steps table of durable steps beside it (on a database of an
+    /// earlier version too), named `<table>_steps` (a table name over 58 bytes keeps its
+    /// first 41 and a hash of the whole name):
+    ///
+    /// ```sql
+    /// CREATE TABLE IF NOT EXISTS `idem_records_steps` (
+    ///     k           BINARY(32)       NOT NULL,  -- the call's key
+    ///     name        VARBINARY(512)   NOT NULL,  -- the step's name (bytes: compared exactly)
+    ///     occurrence  INT UNSIGNED     NOT NULL,  -- among steps of that name
+    ///     status      TINYINT UNSIGNED NOT NULL,  -- 1 started, 2 done, 3 failed
+    ///     value       MEDIUMBLOB       NOT NULL,  -- the step's envelope (opaque to the store)
+    ///     expires_at  BIGINT           NOT NULL,  -- ms (server clock): when the sweep may delete it
+    ///     PRIMARY KEY (k, name, occurrence),
+    ///     KEY idem_steps_expires_at (expires_at)
+    /// ) ENGINE=InnoDB
+    /// ```
     pub async fn migrate(&self) -> Result<(), StoreError> {
         let inner = &*self.inner;
         inner
@@ -467,6 +500,10 @@ impl MySqlStore {
                     .execute(&inner.pool)
                     .await
                     .map_err(|e| self.inner.core.fail("mysql: create table", e))?;
+                sqlx::query(AssertSqlSafe(inner.steps.create.clone()))
+                    .execute(&inner.pool)
+                    .await
+                    .map_err(|e| inner.steps.fail("mysql: create the steps table", e))?;
                 let packet: u64 =
                     sqlx::query_scalar("SELECT CAST(@@max_allowed_packet AS UNSIGNED)")
                         .fetch_one(&inner.pool)
@@ -491,8 +528,9 @@ impl MySqlStore {
     }
 
     /// Deletes up to `batch` rows whose expiry has passed (completed records past their ttl,
-    /// claims past their lease and the grace period) and returns how many it deleted. Never
-    /// deletes a live record: a row that a claim revives meanwhile no longer matches.
+    /// claims past their lease and the grace period) and up to `batch` expired step records,
+    /// and returns how many it deleted. Never deletes a live record: a row that a claim
+    /// revives meanwhile no longer matches.
     pub async fn purge_expired(&self, batch: u32) -> Result<u64, StoreError> {
         let inner = &*self.inner;
         self.inner
@@ -505,7 +543,20 @@ impl MySqlStore {
                 })
                 .await
                 .map_err(|e| self.inner.core.fail("mysql: purge expired rows", e))?;
-                Ok(r.rows_affected())
+                // A database whose steps table was never created (an earlier version's, not
+                // migrated again yet) has no steps to delete.
+                let steps = match run_retrying(|| {
+                    sqlx::query(AssertSqlSafe(inner.steps.purge.clone()))
+                        .bind(batch)
+                        .execute(&inner.pool)
+                })
+                .await
+                {
+                    Ok((s, _)) => s.rows_affected(),
+                    Err(e) if super::is_missing_table(&e) => 0,
+                    Err(e) => return Err(inner.steps.fail("mysql: purge expired steps", e)),
+                };
+                Ok(r.rows_affected() + steps)
             })
             .await
     }
@@ -843,23 +894,139 @@ impl Store for MySqlStore {
         inner.core.wait(key, timeout, look).await
     }
 
+    /// Deletes the record and its step records in one multi-table statement. (On a database
+    /// whose steps table was never created, the record alone.)
     async fn remove(&self, key: &Key) -> Result<(), StoreError> {
         let inner = &*self.inner;
+        let run = |sql: &Sql| {
+            let sql = sql.clone();
+            run_retrying(move || {
+                sqlx::query(AssertSqlSafe(sql.clone()))
+                    .bind(&key.0[..])
+                    .execute(&inner.pool)
+            })
+        };
         self.inner
             .core
             .bounded(async {
-                run_retrying(|| {
-                    sqlx::query(AssertSqlSafe(inner.sql.remove.clone()))
-                        .bind(&key.0[..])
-                        .execute(&inner.pool)
-                })
-                .await
-                .map_err(|e| self.inner.core.fail("mysql: remove", e))?;
-                Ok(())
+                match run(&inner.steps.remove).await {
+                    Ok(_) => Ok(()),
+                    Err(e) if super::is_missing_table(&e) => run(&inner.sql.remove)
+                        .await
+                        .map(drop)
+                        .map_err(|e| self.inner.core.fail("mysql: remove", e)),
+                    Err(e) => Err(self.inner.core.fail("mysql: remove", e)),
+                }
             })
             .await?;
         inner.core.waiters.wake(key);
         Ok(())
+    }
+
+    fn supports_steps(&self) -> bool {
+        true
+    }
+
+    /// One `SELECT` of the call's unexpired step rows.
+    async fn load_steps(&self, key: &Key) -> Result<Vec<StepRecord>, StoreError> {
+        let inner = &*self.inner;
+        let rows = inner
+            .core
+            .bounded(async {
+                run_retrying(|| {
+                    sqlx::query(AssertSqlSafe(inner.steps.load.clone()))
+                        .bind(&key.0[..])
+                        .fetch_all(&inner.pool)
+                })
+                .await
+                .map(|(rows, _)| rows)
+                .map_err(|e| inner.steps.fail("mysql: load steps", e))
+            })
+            .await?;
+        rows.iter()
+            .map(|row| {
+                let name: Vec<u8> = row.try_get("name").map_err(corrupt)?;
+                let name = String::from_utf8(name)
+                    .map_err(|e| StoreError::Corrupt(format!("mysql: step name: {e}")))?;
+                super::steps::record(
+                    "mysql",
+                    name,
+                    row.try_get("occurrence").map_err(corrupt)?,
+                    row.try_get("status").map_err(corrupt)?,
+                    row.try_get("value").map_err(corrupt)?,
+                )
+            })
+            .collect()
+    }
+
+    /// The fenced upsert (see the module docs), on the reserved lane like a completion.
+    async fn put_step(
+        &self,
+        key: &Key,
+        token: FencingToken,
+        step: &StepRecord,
+        ttl: Duration,
+    ) -> Result<(), StoreError> {
+        self.inner.core.check_size(&step.value)?;
+        super::steps::check_name("mysql", &step.id)?;
+        let inner = &*self.inner;
+        inner
+            .core
+            .bounded(async {
+                let (written, _) = run_retrying(|| async {
+                    let mut c = inner.lanes.priority().await?;
+                    let r = inner.steps.put_on(c.conn(), key, token, step, ttl).await;
+                    c.done();
+                    r
+                })
+                .await
+                .map_err(|e| inner.steps.fail("mysql: put step", e))?;
+                // 0 rows: fenced, or (on a connection without CLIENT_FOUND_ROWS) a row
+                // replaced by an identical one. A record in progress under our token now
+                // was so when the statement ran (a token, once gone, never comes back).
+                if written > 0 || self.state_under(key, token).await? == Some(false) {
+                    Ok(())
+                } else {
+                    Err(StoreError::Fenced)
+                }
+            })
+            .await
+    }
+
+    /// One fenced `DELETE` of the step row.
+    async fn clear_step(
+        &self,
+        key: &Key,
+        token: FencingToken,
+        id: &StepId,
+    ) -> Result<(), StoreError> {
+        super::steps::check_name("mysql", id)?;
+        let inner = &*self.inner;
+        inner
+            .core
+            .bounded(async {
+                let (r, _) = run_retrying(|| async {
+                    let mut c = inner.lanes.priority().await?;
+                    let r = sqlx::query(AssertSqlSafe(inner.steps.clear.clone()))
+                        .bind(&key.0[..])
+                        .bind(id.name.as_bytes())
+                        .bind(id.occurrence)
+                        .bind(token.as_i64())
+                        .execute(c.conn())
+                        .await;
+                    c.done();
+                    r
+                })
+                .await
+                .map_err(|e| inner.steps.fail("mysql: clear step", e))?;
+                // 0 rows: fenced, or no such step (Ok while the record is held).
+                if r.rows_affected() > 0 || self.state_under(key, token).await? == Some(false) {
+                    Ok(())
+                } else {
+                    Err(StoreError::Fenced)
+                }
+            })
+            .await
     }
 
     fn detached(&self) -> Option<Arc<dyn Store>> {

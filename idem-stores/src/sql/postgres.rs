@@ -26,6 +26,13 @@
 //!   with a bounded backoff.
 //! - **Expiry**: [`PostgresStore::purge_expired`] deletes expired rows in batches (index on
 //!   `expires_at`); [`SqlStoreBuilder::sweep_every`] runs it in the background.
+//! - **Durable steps** live in a second table, `<table>_steps` (created by
+//!   [`PostgresStore::migrate`]), one row per (key, step name, occurrence). A step write is one
+//!   statement: `INSERT ... SELECT ... FROM (<the record in progress under the token> FOR SHARE)
+//!   ON CONFLICT DO UPDATE`, so it writes only while the call is held under its token, and a
+//!   takeover waits for it (or it for the takeover, and then writes nothing: fenced).
+//!   [`Store::remove`] deletes the record and its steps in one statement; the sweep deletes
+//!   expired steps too.
 //! - **Missing table**: every operation on a table that does not exist fails with a
 //!   [`StoreError::Backend`] that says to call [`PostgresStore::migrate`]; the store never
 //!   creates it by itself.
@@ -37,7 +44,7 @@ use std::time::Duration;
 
 use idem_core::{
     async_trait, Claim, ClaimRequest, CompletedRecord, FencingToken, Fingerprint, Key, RecordState,
-    Store, StoreError,
+    StepId, StepRecord, Store, StoreError,
 };
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
 use sqlx::{AssertSqlSafe, Row};
@@ -46,12 +53,14 @@ use tokio::task::AbortHandle;
 mod admin;
 mod listener;
 mod schema;
+mod steps;
 
 use super::base::{Core, Source, SqlBackend, SqlOptions};
 use super::lanes::Lanes;
 use super::{from_millis, millis, SqlStoreBuilder};
 use listener::run_listener;
 use schema::{Statements, Table};
+use steps::StepStatements;
 
 pub use super::DEFAULT_TABLE;
 
@@ -92,6 +101,8 @@ pub struct Inner {
     lanes: Lanes<sqlx::Postgres>,
     channel: String,
     sql: Statements,
+    /// The steps table's statements.
+    steps: StepStatements,
     listener: Option<AbortHandle>,
 }
 
@@ -199,6 +210,7 @@ impl SqlBackend for PostgresStore {
         Ok(PostgresStore {
             inner: Arc::new(Inner {
                 sql: Statements::new(&table),
+                steps: StepStatements::new(&table),
                 core,
                 lanes: Lanes::new(pool.clone(), options.reserved_connections, &options),
                 pool,
@@ -273,10 +285,24 @@ impl PostgresStore {
     ///     expires_at  TIMESTAMPTZ NOT NULL    -- when the sweep may delete the row
     /// );
     /// CREATE INDEX IF NOT EXISTS idem_records_expires_at ON idem_records (expires_at);
+    ///
+    /// -- Durable steps: one row per step record of a call, beside the records table
+    /// -- (added to a database of an earlier version by the same call).
+    /// CREATE TABLE IF NOT EXISTS idem_records_steps (
+    ///     key         BYTEA       NOT NULL CHECK (octet_length(key) = 32), -- the call's key
+    ///     name        TEXT        NOT NULL,   -- the step's name
+    ///     occurrence  BIGINT      NOT NULL CHECK (occurrence >= 0), -- among steps of that name
+    ///     status      SMALLINT    NOT NULL,   -- 1 started, 2 done, 3 failed
+    ///     value       BYTEA       NOT NULL,   -- the step's envelope (opaque to the store)
+    ///     expires_at  TIMESTAMPTZ NOT NULL,   -- when the sweep may delete the row
+    ///     PRIMARY KEY (key, name, occurrence)
+    /// );
+    /// CREATE INDEX IF NOT EXISTS idem_records_steps_expires ON idem_records_steps (expires_at);
     /// ```
     pub async fn migrate(&self) -> Result<(), StoreError> {
         let pool = self.inner.pool.clone();
         let sql = self.inner.sql.clone();
+        let steps = self.inner.steps.clone();
         let lock_name = self.inner.core.table.clone();
         self.inner
             .core
@@ -292,16 +318,41 @@ impl PostgresStore {
                 sqlx::query(AssertSqlSafe(sql.create_index.clone()))
                     .execute(&mut *tx)
                     .await?;
+                sqlx::query(AssertSqlSafe(steps.create_table.clone()))
+                    .execute(&mut *tx)
+                    .await?;
+                sqlx::query(AssertSqlSafe(steps.create_index.clone()))
+                    .execute(&mut *tx)
+                    .await?;
                 tx.commit().await
             })
             .await
     }
 
     /// Deletes up to `batch` expired rows (completed past their TTL, in progress past their
-    /// lease plus the grace period) and returns how many it deleted. Rows locked by a
-    /// concurrent claim are skipped. Call it until it returns less than `batch` to empty the
-    /// backlog.
+    /// lease plus the grace period) and up to `batch` expired step records, and returns how
+    /// many it deleted. Rows locked by a concurrent claim or step write are skipped. Call it
+    /// until it returns less than `batch` to empty the backlog.
     pub async fn purge_expired(&self, batch: u32) -> Result<u64, StoreError> {
+        let records = self.purge_expired_records(batch).await?;
+        Ok(records + self.purge_expired_steps(batch).await?)
+    }
+
+    /// The sweep of the steps table. A database whose steps table was never created (an
+    /// earlier version's, not migrated again yet) has none to delete.
+    async fn purge_expired_steps(&self, batch: u32) -> Result<u64, StoreError> {
+        let q =
+            sqlx::query(AssertSqlSafe(Arc::clone(&self.inner.steps.purge))).bind(i64::from(batch));
+        match tokio::time::timeout(self.inner.core.op_timeout, q.execute(&self.inner.pool)).await {
+            Ok(Ok(done)) => Ok(done.rows_affected()),
+            Ok(Err(e)) if super::is_missing_table(&e) => Ok(0),
+            Ok(Err(e)) => Err(self.inner.steps.fail("postgres: purge expired steps", e)),
+            Err(_) => Err(StoreError::Timeout(self.inner.core.op_timeout)),
+        }
+    }
+
+    /// The sweep of the records table.
+    async fn purge_expired_records(&self, batch: u32) -> Result<u64, StoreError> {
         let pool = self.inner.pool.clone();
         let sql = Arc::clone(&self.inner.sql.purge);
         let done = self
@@ -515,17 +566,109 @@ impl Store for PostgresStore {
             .await
     }
 
+    /// Deletes the record and its step records in one statement. (On a database whose steps
+    /// table was never created, the record alone.)
     async fn remove(&self, key: &Key) -> Result<(), StoreError> {
-        let q = sqlx::query(AssertSqlSafe(Arc::clone(&self.inner.sql.remove)))
-            .bind(&key.0[..])
-            .bind(self.inner.channel.as_str())
-            .bind(key.to_hex());
-        self.inner
-            .core
-            .timed("postgres: remove", q.fetch_all(&self.inner.pool))
-            .await?;
+        let run = |sql: &Arc<str>| {
+            sqlx::query(AssertSqlSafe(Arc::clone(sql)))
+                .bind(&key.0[..])
+                .bind(self.inner.channel.as_str())
+                .bind(key.to_hex())
+                .fetch_all(&self.inner.pool)
+        };
+        let op_timeout = self.inner.core.op_timeout;
+        match tokio::time::timeout(op_timeout, run(&self.inner.steps.remove)).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) if super::is_missing_table(&e) => {
+                self.inner
+                    .core
+                    .timed("postgres: remove", run(&self.inner.sql.remove))
+                    .await?;
+            }
+            Ok(Err(e)) => return Err(self.inner.core.fail("postgres: remove", e)),
+            Err(_) => return Err(StoreError::Timeout(op_timeout)),
+        }
         self.inner.core.waiters.wake(key);
         Ok(())
+    }
+
+    fn supports_steps(&self) -> bool {
+        true
+    }
+
+    /// One `SELECT` of the call's unexpired step rows.
+    async fn load_steps(&self, key: &Key) -> Result<Vec<StepRecord>, StoreError> {
+        let steps = &self.inner.steps;
+        let q = sqlx::query(AssertSqlSafe(Arc::clone(&steps.load))).bind(&key.0[..]);
+        let rows =
+            match tokio::time::timeout(self.inner.core.op_timeout, q.fetch_all(&self.inner.pool))
+                .await
+            {
+                Ok(Ok(rows)) => rows,
+                Ok(Err(e)) => return Err(steps.fail("postgres: load steps", e)),
+                Err(_) => return Err(StoreError::Timeout(self.inner.core.op_timeout)),
+            };
+        rows.iter()
+            .map(|row| {
+                super::steps::record(
+                    "postgres",
+                    col(row, "name")?,
+                    col(row, "occurrence")?,
+                    col(row, "status")?,
+                    col(row, "value")?,
+                )
+            })
+            .collect()
+    }
+
+    /// The fenced upsert (see the module docs), on the reserved lane like a completion.
+    async fn put_step(
+        &self,
+        key: &Key,
+        token: FencingToken,
+        step: &StepRecord,
+        ttl: Duration,
+    ) -> Result<(), StoreError> {
+        self.inner.core.check_size(&step.value)?;
+        super::steps::check_name("postgres", &step.id)?;
+        let steps = &self.inner.steps;
+        let written = tokio::time::timeout(self.inner.core.op_timeout, async {
+            let mut conn = self.inner.lanes.priority().await?;
+            let n = steps.put_on(conn.conn(), key, token, step, ttl).await;
+            conn.done();
+            n
+        })
+        .await;
+        match written {
+            Ok(Ok(0)) => Err(StoreError::Fenced),
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err(steps.fail("postgres: put step", e)),
+            Err(_) => Err(StoreError::Timeout(self.inner.core.op_timeout)),
+        }
+    }
+
+    /// One fenced `DELETE` of the step row.
+    async fn clear_step(
+        &self,
+        key: &Key,
+        token: FencingToken,
+        id: &StepId,
+    ) -> Result<(), StoreError> {
+        super::steps::check_name("postgres", id)?;
+        let steps = &self.inner.steps;
+        let held = tokio::time::timeout(self.inner.core.op_timeout, async {
+            let mut conn = self.inner.lanes.priority().await?;
+            let held = steps.clear_on(conn.conn(), key, token, id).await;
+            conn.done();
+            held
+        })
+        .await;
+        match held {
+            Ok(Ok(true)) => Ok(()),
+            Ok(Ok(false)) => Err(StoreError::Fenced),
+            Ok(Err(e)) => Err(steps.fail("postgres: clear step", e)),
+            Err(_) => Err(StoreError::Timeout(self.inner.core.op_timeout)),
+        }
     }
 
     fn detached(&self) -> Option<Arc<dyn Store>> {

@@ -21,6 +21,12 @@
 //!   store.
 //! - **Expiry**: [`SqliteStore::purge_expired`] deletes expired rows in batches (index on
 //!   `expires_at`); [`SqlStoreBuilder::sweep_every`] runs it in the background.
+//! - **Durable steps** live in a second table, `<table>_steps` (created by
+//!   [`SqliteStore::migrate`]), one row per (key, step name, occurrence). A step write is one
+//!   statement under the write lock: `INSERT ... SELECT ... WHERE EXISTS (<the record in
+//!   progress under the token>) ON CONFLICT DO UPDATE`; no row written is
+//!   [`StoreError::Fenced`]. [`Store::remove`] deletes the record and its steps in one
+//!   transaction; the sweep deletes expired steps too.
 //! - **Missing table**: like the other SQL stores, this one never creates its table by
 //!   itself: an operation on a missing table fails with a [`StoreError::Backend`] that says to
 //!   call [`SqliteStore::migrate`].
@@ -37,7 +43,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use idem_core::{
     async_trait, Claim, ClaimRequest, CompletedRecord, FencingToken, Fingerprint, Key, RecordState,
-    Store, StoreError,
+    StepId, StepRecord, Store, StoreError,
 };
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
@@ -47,10 +53,12 @@ use sqlx::{AssertSqlSafe, Row};
 
 mod admin;
 mod schema;
+mod steps;
 
 use super::base::{Core, Source, SqlBackend, SqlOptions};
 use super::{millis, SqlStoreBuilder};
 use schema::{parse_table, Statements};
+use steps::StepStatements;
 
 pub use super::DEFAULT_TABLE;
 
@@ -81,6 +89,8 @@ pub struct Inner {
     core: Core,
     pool: SqlitePool,
     sql: Statements,
+    /// The steps table's statements.
+    steps: StepStatements,
 }
 
 impl fmt::Debug for SqliteStore {
@@ -182,6 +192,7 @@ impl SqlBackend for SqliteStore {
         Ok(SqliteStore {
             inner: Arc::new(Inner {
                 sql: Statements::new(&table),
+                steps: StepStatements::new(&table),
                 core: Core::new(table, &options),
                 pool,
             }),
@@ -304,26 +315,45 @@ impl SqliteStore {
     ///     expires_at  INTEGER NOT NULL    -- when the sweep may delete the row
     /// );
     /// CREATE INDEX IF NOT EXISTS idem_records_expires_at ON idem_records (expires_at);
+    ///
+    /// -- Durable steps: one row per step record of a call, beside the records table
+    /// -- (added to a database of an earlier version by the same call).
+    /// CREATE TABLE IF NOT EXISTS idem_records_steps (
+    ///     key         BLOB    NOT NULL CHECK (length(key) = 32), -- the call's key
+    ///     name        TEXT    NOT NULL,   -- the step's name
+    ///     occurrence  INTEGER NOT NULL CHECK (occurrence >= 0), -- among steps of that name
+    ///     status      INTEGER NOT NULL,   -- 1 started, 2 done, 3 failed
+    ///     value       BLOB    NOT NULL,   -- the step's envelope (opaque to the store)
+    ///     expires_at  INTEGER NOT NULL,   -- when the sweep may delete the row
+    ///     PRIMARY KEY (key, name, occurrence)
+    /// ) WITHOUT ROWID;
+    /// CREATE INDEX IF NOT EXISTS idem_records_steps_expires ON idem_records_steps (expires_at);
     /// ```
     pub async fn migrate(&self) -> Result<(), StoreError> {
         let pool = self.inner.pool.clone();
         let sql = self.inner.sql.clone();
+        let steps = self.inner.steps.clone();
         self.inner
             .core
             .timed("sqlite: migrate", async move {
-                sqlx::query(AssertSqlSafe(sql.create_table.clone()))
-                    .execute(&pool)
-                    .await?;
-                sqlx::query(AssertSqlSafe(sql.create_index.clone()))
-                    .execute(&pool)
-                    .await
+                for ddl in [
+                    &sql.create_table,
+                    &sql.create_index,
+                    &steps.create_table,
+                    &steps.create_index,
+                ] {
+                    sqlx::query(AssertSqlSafe(ddl.clone()))
+                        .execute(&pool)
+                        .await?;
+                }
+                Ok(())
             })
             .await
-            .map(drop)
     }
 
     /// Deletes up to `batch` expired rows (completed past their TTL, in progress past their
-    /// lease plus the grace period) and returns how many it deleted.
+    /// lease plus the grace period) and up to `batch` expired step records, and returns how
+    /// many it deleted.
     pub async fn purge_expired(&self, batch: u32) -> Result<u64, StoreError> {
         let q = sqlx::query(AssertSqlSafe(Arc::clone(&self.inner.sql.purge)))
             .bind(now_ms())
@@ -333,7 +363,31 @@ impl SqliteStore {
             .core
             .timed("sqlite: purge expired", q.execute(&self.inner.pool))
             .await?;
-        Ok(done.rows_affected())
+        let q = sqlx::query(AssertSqlSafe(Arc::clone(&self.inner.steps.purge)))
+            .bind(now_ms())
+            .bind(i64::from(batch));
+        let op_timeout = self.inner.core.op_timeout;
+        let steps = match tokio::time::timeout(op_timeout, q.execute(&self.inner.pool)).await {
+            Ok(Ok(steps)) => steps.rows_affected(),
+            // A database whose steps table was never created (an earlier version's, not
+            // migrated again yet) has no steps to delete.
+            Ok(Err(e)) if super::is_missing_table(&e) => 0,
+            Ok(Err(e)) => return Err(self.inner.steps.fail("sqlite: purge expired steps", e)),
+            Err(_) => return Err(StoreError::Timeout(op_timeout)),
+        };
+        Ok(done.rows_affected() + steps)
+    }
+
+    /// The record and its steps, in one transaction.
+    async fn remove_with_steps(&self, key: &Key) -> Result<(), sqlx::Error> {
+        let mut tx = self.inner.pool.begin_with("BEGIN IMMEDIATE").await?;
+        for sql in [&self.inner.sql.remove, &self.inner.steps.remove] {
+            sqlx::query(AssertSqlSafe(Arc::clone(sql)))
+                .bind(&key.0[..])
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await
     }
 
     async fn lease_remaining(&self, key: &Key) -> Result<Option<Duration>, StoreError> {
@@ -502,14 +556,119 @@ impl Store for SqliteStore {
             .await
     }
 
+    /// Deletes the record and its step records in one transaction. (On a database whose
+    /// steps table was never created, the record alone.)
     async fn remove(&self, key: &Key) -> Result<(), StoreError> {
-        let q = sqlx::query(AssertSqlSafe(Arc::clone(&self.inner.sql.remove))).bind(&key.0[..]);
-        self.inner
-            .core
-            .timed("sqlite: remove", q.execute(&self.inner.pool))
-            .await?;
+        let op_timeout = self.inner.core.op_timeout;
+        match tokio::time::timeout(op_timeout, self.remove_with_steps(key)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) if super::is_missing_table(&e) => {
+                let q =
+                    sqlx::query(AssertSqlSafe(Arc::clone(&self.inner.sql.remove))).bind(&key.0[..]);
+                self.inner
+                    .core
+                    .timed("sqlite: remove", q.execute(&self.inner.pool))
+                    .await?;
+            }
+            Ok(Err(e)) => return Err(self.inner.core.fail("sqlite: remove", e)),
+            Err(_) => return Err(StoreError::Timeout(op_timeout)),
+        }
         self.inner.core.waiters.wake(key);
         Ok(())
+    }
+
+    fn supports_steps(&self) -> bool {
+        true
+    }
+
+    /// One `SELECT` of the call's unexpired step rows.
+    async fn load_steps(&self, key: &Key) -> Result<Vec<StepRecord>, StoreError> {
+        let steps = &self.inner.steps;
+        let q = sqlx::query(AssertSqlSafe(Arc::clone(&steps.load)))
+            .bind(&key.0[..])
+            .bind(now_ms());
+        let op_timeout = self.inner.core.op_timeout;
+        let rows = match tokio::time::timeout(op_timeout, q.fetch_all(&self.inner.pool)).await {
+            Ok(Ok(rows)) => rows,
+            Ok(Err(e)) => return Err(steps.fail("sqlite: load steps", e)),
+            Err(_) => return Err(StoreError::Timeout(op_timeout)),
+        };
+        rows.iter()
+            .map(|row| {
+                super::steps::record(
+                    "sqlite",
+                    col(row, "name")?,
+                    col(row, "occurrence")?,
+                    col(row, "status")?,
+                    col(row, "value")?,
+                )
+            })
+            .collect()
+    }
+
+    /// The fenced upsert (see the module docs).
+    async fn put_step(
+        &self,
+        key: &Key,
+        token: FencingToken,
+        step: &StepRecord,
+        ttl: Duration,
+    ) -> Result<(), StoreError> {
+        self.inner.core.check_size(&step.value)?;
+        super::steps::check_name("sqlite", &step.id)?;
+        let steps = &self.inner.steps;
+        let op_timeout = self.inner.core.op_timeout;
+        let written = tokio::time::timeout(op_timeout, async {
+            let mut conn = self.inner.pool.acquire().await?;
+            steps.put_on(&mut conn, key, token, step, ttl).await
+        })
+        .await;
+        match written {
+            Ok(Ok(0)) => Err(StoreError::Fenced),
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err(steps.fail("sqlite: put step", e)),
+            Err(_) => Err(StoreError::Timeout(op_timeout)),
+        }
+    }
+
+    /// One fenced `DELETE` of the step row; when it deletes nothing, a read tells a step that
+    /// was not there (`Ok`) from a record that is not held (fenced).
+    async fn clear_step(
+        &self,
+        key: &Key,
+        token: FencingToken,
+        id: &StepId,
+    ) -> Result<(), StoreError> {
+        super::steps::check_name("sqlite", id)?;
+        let steps = &self.inner.steps;
+        let op_timeout = self.inner.core.op_timeout;
+        let cleared = tokio::time::timeout(op_timeout, async {
+            let done = sqlx::query(AssertSqlSafe(Arc::clone(&steps.clear)))
+                .bind(&key.0[..])
+                .bind(token.as_i64())
+                .bind(id.name.as_str())
+                .bind(i64::from(id.occurrence))
+                .execute(&self.inner.pool)
+                .await?;
+            if done.rows_affected() > 0 {
+                return Ok(true);
+            }
+            // A record held under our token now was held when the delete ran (a token,
+            // once gone, never comes back).
+            let held = sqlx::query(AssertSqlSafe(Arc::clone(&steps.held)))
+                .bind(&key.0[..])
+                .bind(token.as_i64())
+                .fetch_optional(&self.inner.pool)
+                .await?;
+            Ok(held.is_some())
+        })
+        .await;
+        match cleared {
+            Ok(Ok(true)) => Ok(()),
+            Ok(Ok(false)) => Err(StoreError::Fenced),
+            Ok(Err(e)) => Err(steps.fail("sqlite: clear step", e)),
+            Err(_) => Err(StoreError::Timeout(op_timeout)),
+        }
     }
 
     fn detached(&self) -> Option<Arc<dyn Store>> {

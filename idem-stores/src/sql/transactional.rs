@@ -41,7 +41,9 @@
 
 use std::time::Duration;
 
-use idem_core::{async_trait, FencingToken, Key, Store, StoreError, TransactionalStore};
+use idem_core::{
+    async_trait, FencingToken, Key, StepRecord, Store, StoreError, TransactionalStore,
+};
 use sqlx::AssertSqlSafe;
 
 #[cfg(feature = "mysql")]
@@ -387,6 +389,40 @@ impl TransactionalStore for PostgresStore {
         Err(StoreError::Fenced)
     }
 
+    /// The store's fenced step write (`INSERT ... SELECT ... FOR SHARE ... ON CONFLICT DO
+    /// UPDATE`), run in `tx`: the step row commits with the transaction's other writes, and
+    /// the record row stays locked for share until then, so a takeover waits for the commit
+    /// (and then sees the step) or the write finds the record taken over (fenced).
+    async fn put_step_in(
+        &self,
+        tx: &mut PgTx,
+        key: &Key,
+        token: FencingToken,
+        step: &StepRecord,
+        ttl: Duration,
+    ) -> Result<(), StoreError> {
+        if self.put_step_on(&mut tx.0, key, token, step, ttl).await? > 0 {
+            return Ok(());
+        }
+        // As for the completion: a REPEATABLE READ or SERIALIZABLE snapshot may predate the
+        // claim, which it then cannot see.
+        let level: String = sqlx::query_scalar("SELECT current_setting('transaction_isolation')")
+            .fetch_one(&mut **tx)
+            .await
+            .map_err(|e| StoreError::backend("postgres: put step in transaction", e))?;
+        if level != "read committed" {
+            let message = format!(
+                "postgres: the step cannot see the claim from a {level} transaction; \
+                 transactional steps need READ COMMITTED (PostgreSQL's default)"
+            );
+            return Err(StoreError::backend(
+                message.clone(),
+                std::io::Error::new(std::io::ErrorKind::Unsupported, message),
+            ));
+        }
+        Err(StoreError::Fenced)
+    }
+
     /// `COMMIT`. If the runtime gives up on it (its future is dropped before the answer),
     /// the transaction's backend is terminated from another connection — only while it still
     /// runs this transaction — so the database rolls it back unless the commit had landed.
@@ -488,6 +524,25 @@ impl TransactionalStore for MySqlStore {
         }
     }
 
+    /// The store's fenced step write (`INSERT ... SELECT ... LOCK IN SHARE MODE ON DUPLICATE
+    /// KEY UPDATE`), run in `tx`: the step row commits with the transaction's other writes,
+    /// and the record row stays locked for share until then. The locking read sees the newest
+    /// committed record whatever the isolation level.
+    async fn put_step_in(
+        &self,
+        tx: &mut MySqlTx,
+        key: &Key,
+        token: FencingToken,
+        step: &StepRecord,
+        ttl: Duration,
+    ) -> Result<(), StoreError> {
+        if self.put_step_on(&mut tx.0, key, token, step, ttl).await? {
+            Ok(())
+        } else {
+            Err(StoreError::Fenced)
+        }
+    }
+
     /// `COMMIT`. If the runtime gives up on it (its future is dropped before the answer),
     /// the transaction's connection is killed (`KILL CONNECTION`) from another one, so the
     /// server rolls it back unless the commit had landed. (Should the commit land in the
@@ -564,6 +619,24 @@ impl TransactionalStore for SqliteStore {
             Err(StoreError::Fenced)
         } else {
             Ok(())
+        }
+    }
+
+    /// The store's fenced step write (`INSERT ... SELECT ... WHERE EXISTS (...) ON CONFLICT
+    /// DO UPDATE`), run in `tx` (which holds SQLite's write lock from its start): the step row
+    /// commits with the transaction's other writes.
+    async fn put_step_in(
+        &self,
+        tx: &mut SqliteTx,
+        key: &Key,
+        token: FencingToken,
+        step: &StepRecord,
+        ttl: Duration,
+    ) -> Result<(), StoreError> {
+        if self.put_step_on(&mut tx.0, key, token, step, ttl).await? > 0 {
+            Ok(())
+        } else {
+            Err(StoreError::Fenced)
         }
     }
 
