@@ -272,6 +272,26 @@ type Hook = Arc<dyn Fn(Point) -> Pin<Box<dyn Future<Output = ()> + Send>> + Send
 /// A forwarding store that stops once at its [`Point`]: it awaits its hook there (which
 /// prints a marker and hangs in a child process, or wakes the driver and waits for it).
 /// Without a point it only forwards.
+///
+/// ```
+/// use idem_core::{step, Call, Error};
+/// use idem_testkit::steps_crash::{Point, Stop};
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() {
+/// let reached = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+/// let seen = reached.clone();
+/// let store = Stop::new(idem_stores::MemoryStore::new(), Some(Point::ChargeAfter), move |_| {
+///     seen.store(true, std::sync::atomic::Ordering::SeqCst);
+///     async {} // go on at once
+/// });
+/// let got = Call::new("docs::stop")
+///     .key("k")
+///     .run(&store, async { step("charge", async { Ok::<_, Error>(7) }).await })
+///     .await;
+/// assert_eq!(got.unwrap(), 7);
+/// assert!(reached.load(std::sync::atomic::Ordering::SeqCst));
+/// # }
+/// ```
 pub struct Stop<S> {
     inner: S,
     point: Option<Point>,
