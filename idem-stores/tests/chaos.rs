@@ -57,6 +57,7 @@ const ROUND_MS: u64 = 3000;
 const LEASE: Duration = Duration::from_millis(500);
 const CHAOS: Duration = Duration::from_secs(30);
 /// The steps mode's run on a third store (PostgreSQL and Redis run `CHAOS`).
+#[cfg_attr(not(feature = "mysql"), allow(dead_code))]
 const CHAOS_STEPS_SHORT: Duration = Duration::from_secs(10);
 /// The steps of a body in steps mode.
 const STEPS: u64 = 3;
