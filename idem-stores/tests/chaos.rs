@@ -14,8 +14,19 @@
 //!   its body, or completing it, or done with it), callers of one key got different values,
 //!   or a key did not answer in the final pass.
 //!
+//! **Steps mode** (`chaos_steps_*`): each body is three durable steps (`s0`, `s1`, `s2`), each
+//! committing its own `start` and `finish` rows, and a `rec` row once `step(..).await` returned
+//! (its record is written). Every execution of a step after the first is classified like a
+//! call's: legitimate when every earlier execution's process had been killed before it
+//! started — mid-step (before its `finish`), or after its effect and before its record — and a
+//! failure when an earlier execution of that step had been recorded (a finished step ran
+//! again). A re-execution beside a live holder that had lost its lease (it stalled past it, and
+//! its step write was refused) is counted, not asserted here: the call mode asserts that
+//! property. The run reports the re-executions per step: they are only ever of the step that
+//! was interrupted. 30 s on PostgreSQL and Redis, 10 s on MariaDB.
+//!
 //! The parent re-executes this test binary (`--exact chaos_worker`) with `IDEM_CHAOS_ROLE`
-//! set; without it `chaos_worker` does nothing. The three store tests run one at a time.
+//! set; without it `chaos_worker` does nothing. The store tests run one at a time.
 #![cfg(feature = "postgres")]
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -32,8 +43,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use idem_core::{
-    Call, Claim, ClaimRequest, CompletedRecord, Error, FencingToken, Key, RecordState, Store,
-    StoreError,
+    step, Call, Claim, ClaimRequest, CompletedRecord, Error, FencingToken, Key, RecordState,
+    StepId, StepRecord, StepStatus, Store, StoreError,
 };
 use sqlx::postgres::{PgPool, PgPoolOptions};
 use sqlx::AssertSqlSafe;
@@ -45,10 +56,20 @@ const KEYS: u64 = 200;
 const ROUND_MS: u64 = 3000;
 const LEASE: Duration = Duration::from_millis(500);
 const CHAOS: Duration = Duration::from_secs(30);
+/// The steps mode's run on a third store (PostgreSQL and Redis run `CHAOS`).
+#[cfg_attr(not(feature = "mysql"), allow(dead_code))]
+const CHAOS_STEPS_SHORT: Duration = Duration::from_secs(10);
+/// The steps of a body in steps mode.
+const STEPS: u64 = 3;
 /// How long after its lease a key may still be blocked in the final pass.
 const MARGIN: Duration = Duration::from_secs(3);
 
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// Steps mode: the (call, step) pairs whose `Done` record this process's store wrapper saw
+/// written (`put_step` answered `Ok`). A step that returned without it (its write failed or
+/// timed out: the step is then at least once) is not logged as recorded.
+static RECORDED: Mutex<Option<HashSet<(Key, String)>>> = Mutex::new(None);
 
 fn unix_us() -> i64 {
     SystemTime::now()
@@ -186,8 +207,10 @@ async fn cleanup(kind: Kind, url: &str, target: &str) {
         }
         Kind::Postgres => {
             if let Ok(pool) = ledger_pool(url, 1).await {
-                let sql = format!("DROP TABLE IF EXISTS \"{target}\"");
-                let _ = sqlx::query(AssertSqlSafe(sql)).execute(&pool).await;
+                for t in [target.to_owned(), format!("{target}_steps")] {
+                    let sql = format!("DROP TABLE IF EXISTS \"{t}\"");
+                    let _ = sqlx::query(AssertSqlSafe(sql)).execute(&pool).await;
+                }
                 pool.close().await;
             }
         }
@@ -198,8 +221,10 @@ async fn cleanup(kind: Kind, url: &str, target: &str) {
                 .connect(url)
                 .await
             {
-                let sql = format!("DROP TABLE IF EXISTS `{target}`");
-                let _ = sqlx::query(AssertSqlSafe(sql)).execute(&pool).await;
+                for t in [target.to_owned(), format!("{target}_steps")] {
+                    let sql = format!("DROP TABLE IF EXISTS `{t}`");
+                    let _ = sqlx::query(AssertSqlSafe(sql)).execute(&pool).await;
+                }
                 pool.close().await;
             }
         }
@@ -327,6 +352,42 @@ impl Store for Timed {
     fn name(&self) -> &'static str {
         self.0.name()
     }
+    fn supports_steps(&self) -> bool {
+        self.0.supports_steps()
+    }
+    async fn load_steps(&self, key: &Key) -> Result<Vec<StepRecord>, StoreError> {
+        let p = Probe::new("load_steps");
+        let r = self.0.load_steps(key).await;
+        p.finish(&r);
+        r
+    }
+    async fn put_step(
+        &self,
+        key: &Key,
+        token: FencingToken,
+        step: &StepRecord,
+        ttl: Duration,
+    ) -> Result<(), StoreError> {
+        let p = Probe::new("put_step");
+        let r = self.0.put_step(key, token, step, ttl).await;
+        p.finish(&r);
+        if r.is_ok() && step.status == StepStatus::Done {
+            RECORDED
+                .lock()
+                .unwrap()
+                .get_or_insert_with(HashSet::new)
+                .insert((*key, step.id.name.clone()));
+        }
+        r
+    }
+    async fn clear_step(
+        &self,
+        key: &Key,
+        token: FencingToken,
+        id: &StepId,
+    ) -> Result<(), StoreError> {
+        self.0.clear_step(key, token, id).await
+    }
 }
 
 /// The body's error: the runtime's, or a ledger write that failed.
@@ -350,12 +411,16 @@ struct Ctx {
     insert: String,
     run: String,
     seq: AtomicU64,
+    steps: bool,
 }
 
 impl Ctx {
     /// One idempotent call of key `id`: the body writes `start`, sleeps, writes `finish`,
     /// and returns its execution id (`pid-task-seq`), distinct per execution.
     async fn call(&self, id: u64, task: usize, rng: &mut Rng) -> Result<String, ChaosError> {
+        if self.steps {
+            return self.call_steps(id, task, rng).await;
+        }
         let pid = std::process::id();
         let sleep = if rng.below(10) == 0 {
             300 + rng.below(600)
@@ -378,6 +443,58 @@ impl Ctx {
             .await
     }
 
+    /// Steps mode: the body runs steps `s0`..`s2`; each step's execution writes
+    /// `s<n>.start`, sleeps, writes `s<n>.finish` and returns its execution id
+    /// (`<exec>.s<n>`); once the step returned (recorded or replayed), the body writes
+    /// `s<n>.rec` with the id it got. The call's value is the three ids.
+    async fn call_steps(&self, id: u64, task: usize, rng: &mut Rng) -> Result<String, ChaosError> {
+        let pid = std::process::id();
+        let exec = format!("{pid}-{task}-{}", self.seq.fetch_add(1, Ordering::Relaxed));
+        let sleeps: Vec<u64> = (0..STEPS)
+            .map(|_| {
+                if rng.below(10) == 0 {
+                    300 + rng.below(600)
+                } else {
+                    5 + rng.below(75)
+                }
+            })
+            .collect();
+        Call::new("idem_chaos_steps")
+            .scope(&self.run)
+            .key(id)
+            .lease(LEASE)
+            .ttl(Duration::from_secs(600))
+            .wait_timeout(Duration::from_secs(10))
+            .run(&*self.store, async {
+                let mut got = Vec::new();
+                for (n, sleep) in sleeps.iter().enumerate() {
+                    let step_exec = format!("{exec}.s{n}");
+                    let value = step(format!("s{n}"), async {
+                        self.log(id, &step_exec, pid, &format!("s{n}.start"))
+                            .await?;
+                        tokio::time::sleep(Duration::from_millis(*sleep)).await;
+                        self.log(id, &step_exec, pid, &format!("s{n}.finish"))
+                            .await?;
+                        Ok::<_, ChaosError>(step_exec.clone())
+                    })
+                    .await?;
+                    let recorded = idem_core::current_key().is_some_and(|k| {
+                        RECORDED
+                            .lock()
+                            .unwrap()
+                            .get_or_insert_with(HashSet::new)
+                            .remove(&(k, format!("s{n}")))
+                    });
+                    if recorded {
+                        self.log(id, &value, pid, &format!("s{n}.rec")).await?;
+                    }
+                    got.push(value);
+                }
+                Ok(got.join(" "))
+            })
+            .await
+    }
+
     async fn log(&self, id: u64, exec: &str, pid: u32, kind: &str) -> Result<(), ChaosError> {
         sqlx::query(AssertSqlSafe(self.insert.clone()))
             .bind(id as i64)
@@ -391,7 +508,9 @@ impl Ctx {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn ctx(
+    steps: bool,
     timed: bool,
     kind: Kind,
     url: &str,
@@ -412,6 +531,7 @@ async fn ctx(
         ),
         run: run.to_owned(),
         seq: AtomicU64::new(0),
+        steps,
     }
 }
 
@@ -424,6 +544,7 @@ async fn chaos_worker() {
     let kind = Kind::parse(&var("IDEM_CHAOS_STORE"));
     let ctx = Arc::new(
         ctx(
+            var("IDEM_CHAOS_MODE") == "steps",
             true,
             kind,
             &var("IDEM_CHAOS_URL"),
@@ -685,6 +806,171 @@ async fn read_ledger(pool: &PgPool, ledger: &str) -> BTreeMap<u64, Vec<Exec>> {
     out
 }
 
+/// Steps mode: per step, its executions by key (from `s<n>.start` and `s<n>.finish` rows) and
+/// the execution ids each key's `s<n>.rec` rows name (the step's recorded values).
+#[allow(clippy::type_complexity)]
+async fn read_steps_ledger(
+    pool: &PgPool,
+    ledger: &str,
+) -> (
+    Vec<BTreeMap<u64, Vec<Exec>>>,
+    Vec<BTreeMap<u64, BTreeSet<String>>>,
+) {
+    let rows: Vec<(i64, String, i64, String, i64)> = sqlx::query_as(AssertSqlSafe(format!(
+        "SELECT k, exec, pid, kind, at_us FROM \"{ledger}\" ORDER BY at_us, id"
+    )))
+    .fetch_all(pool)
+    .await
+    .unwrap();
+    let mut by_exec: Vec<HashMap<String, (u64, Exec)>> = vec![HashMap::new(); STEPS as usize];
+    let mut recorded: Vec<BTreeMap<u64, BTreeSet<String>>> = vec![BTreeMap::new(); STEPS as usize];
+    for (k, exec, pid, kind, at) in rows {
+        let Some((n, what)) = kind
+            .strip_prefix('s')
+            .and_then(|r| r.split_once('.'))
+            .and_then(|(n, w)| Some((n.parse::<usize>().ok()?, w)))
+        else {
+            continue;
+        };
+        if n >= STEPS as usize {
+            continue;
+        }
+        if what == "rec" {
+            recorded[n].entry(k as u64).or_default().insert(exec);
+            continue;
+        }
+        let e = by_exec[n].entry(exec.clone()).or_insert_with(|| {
+            (
+                k as u64,
+                Exec {
+                    exec,
+                    pid: pid as u32,
+                    start: at,
+                    finish: None,
+                },
+            )
+        });
+        if what == "start" {
+            e.1.start = at;
+        } else {
+            e.1.finish = Some(at);
+        }
+    }
+    let per_step = by_exec
+        .into_iter()
+        .map(|m| {
+            let mut out: BTreeMap<u64, Vec<Exec>> = BTreeMap::new();
+            for (k, e) in m.into_values() {
+                out.entry(k).or_default().push(e);
+            }
+            for execs in out.values_mut() {
+                execs.sort_by_key(|e| e.start);
+            }
+            out
+        })
+        .collect();
+    (per_step, recorded)
+}
+
+/// Steps mode: prints the re-executions per step and asserts that none was of a finished
+/// step (or ran beside a live one), that callers agree and no key is stuck.
+fn check_steps(
+    kind: Kind,
+    duration: Duration,
+    kills: usize,
+    reports: &Reports,
+    verdicts: &[Verdict],
+    stuck: &[String],
+) {
+    let disagreeing: Vec<String> = reports
+        .got
+        .iter()
+        .filter(|(_, v)| v.len() > 1)
+        .map(|(id, v)| format!("key {id}: {v:?}"))
+        .collect();
+    // A re-execution of a recorded step is a failure; one beside a live holder that lost its
+    // lease (it stalled past it under load: the call-mode run asserts those) is counted.
+    let finished_reruns: Vec<Vec<String>> = verdicts
+        .iter()
+        .map(|v| {
+            v.alive_duplicates
+                .iter()
+                .filter(|d| d.contains("was completed"))
+                .cloned()
+                .collect()
+        })
+        .collect();
+    let per_step: Vec<String> = verdicts
+        .iter()
+        .zip(&finished_reruns)
+        .enumerate()
+        .map(|(n, (v, finished))| {
+            format!(
+                "s{n}: {} keys, {} executions, {} re-executions ({} killed mid-step, {} killed \
+                 between its effect and its record, {} after a lost lease), {} of a finished \
+                 step",
+                v.keys,
+                v.executions,
+                v.legit_reruns + v.reruns_after_finish + v.alive_duplicates.len(),
+                v.legit_reruns,
+                v.reruns_after_finish,
+                v.alive_duplicates.len() - finished.len(),
+                finished.len()
+            )
+        })
+        .collect();
+    println!(
+        "chaos steps {}: {WORKERS} workers x {TASKS} tasks, lease {LEASE:?}, {duration:?}: {} \
+         calls, {kills} SIGKILLs, {} keys answered; {}; disagreeing keys: {}, stuck keys: {}; \
+         caller errors: {:?}; store operations past their bound (count, longest ms): {:?}",
+        kind.name(),
+        reports.calls,
+        reports.got.len(),
+        per_step.join("; "),
+        disagreeing.len(),
+        stuck.len(),
+        reports.errors,
+        reports.ops,
+    );
+    let show = |v: &[String]| v.iter().take(10).cloned().collect::<Vec<_>>();
+    for (n, (v, finished)) in verdicts.iter().zip(&finished_reruns).enumerate() {
+        assert!(
+            finished.is_empty(),
+            "{}: step s{n} ran again after it was recorded: {:?}",
+            kind.name(),
+            show(finished)
+        );
+        assert!(
+            v.disagreeing.is_empty(),
+            "{}: step s{n} recorded two values: {:?}",
+            kind.name(),
+            show(&v.disagreeing)
+        );
+        assert!(
+            v.phantom.is_empty(),
+            "{}: step s{n} returned values no execution finished: {:?}",
+            kind.name(),
+            show(&v.phantom)
+        );
+    }
+    assert!(
+        disagreeing.is_empty(),
+        "{}: callers of one key got different values: {:?}",
+        kind.name(),
+        show(&disagreeing)
+    );
+    assert!(
+        stuck.is_empty(),
+        "{}: keys blocked past lease + {MARGIN:?}: {:?}",
+        kind.name(),
+        show(stuck)
+    );
+    assert!(
+        verdicts[STEPS as usize - 1].executions >= KEYS as usize,
+        "the run did too little"
+    );
+}
+
 /// SIGKILLs a worker and notes when: the process was alive until just before the signal.
 fn kill(c: &mut Child, killed: &mut HashMap<u32, i64>) {
     killed.insert(c.id(), unix_us());
@@ -711,7 +997,7 @@ fn spawn_worker(envs: &[(&str, String)]) -> Child {
     cmd.spawn().expect("start a worker")
 }
 
-async fn chaos(kind: Kind) {
+async fn chaos(kind: Kind, steps: bool, duration: Duration) {
     let _serial = SERIAL.lock().await;
     let Some(url) = idem_testkit::env_url(kind.url_var()) else {
         return;
@@ -737,7 +1023,7 @@ async fn chaos(kind: Kind) {
     .unwrap();
 
     let start_us = unix_us() + 1_500_000;
-    let until_us = start_us + CHAOS.as_micros() as i64;
+    let until_us = start_us + duration.as_micros() as i64;
     let envs: Vec<(&str, String)> = vec![
         ("IDEM_CHAOS_STORE", kind.name().to_owned()),
         ("IDEM_CHAOS_URL", url.clone()),
@@ -747,6 +1033,10 @@ async fn chaos(kind: Kind) {
         ("IDEM_CHAOS_RUN", run.clone()),
         ("IDEM_CHAOS_START", start_us.to_string()),
         ("IDEM_CHAOS_UNTIL", until_us.to_string()),
+        (
+            "IDEM_CHAOS_MODE",
+            if steps { "steps" } else { "call" }.to_owned(),
+        ),
     ];
     let reports = Arc::new(Mutex::new(Reports::default()));
     let mut readers = Vec::new();
@@ -785,7 +1075,19 @@ async fn chaos(kind: Kind) {
     // Final pass: every key answers within lease + margin.
     let mut ids: BTreeSet<u64> = read_ledger(&admin, &ledger).await.into_keys().collect();
     ids.extend(reports.lock().unwrap().got.keys().copied());
-    let ctx = Arc::new(ctx(false, kind, &url, &target, &ledger_url, &ledger, &run).await);
+    let ctx = Arc::new(
+        ctx(
+            steps,
+            false,
+            kind,
+            &url,
+            &target,
+            &ledger_url,
+            &ledger,
+            &run,
+        )
+        .await,
+    );
     let ids: Vec<u64> = ids.into_iter().collect();
     let stuck = Arc::new(Mutex::new(Vec::new()));
     let passes: Vec<_> = (0..16)
@@ -811,6 +1113,22 @@ async fn chaos(kind: Kind) {
         p.await.unwrap();
     }
 
+    if steps {
+        let stuck = std::mem::take(&mut *stuck.lock().unwrap());
+        let reports = std::mem::take(&mut *reports.lock().unwrap());
+        let (per_step, recorded) = read_steps_ledger(&admin, &ledger).await;
+        let verdicts: Vec<Verdict> = per_step
+            .iter()
+            .zip(&recorded)
+            .map(|(l, r)| classify(l, &killed, r))
+            .collect();
+        let _ = sqlx::query(AssertSqlSafe(format!("DROP TABLE IF EXISTS \"{ledger}\"")))
+            .execute(&admin)
+            .await;
+        cleanup(kind, &url, &target).await;
+        check_steps(kind, duration, kills, &reports, &verdicts, &stuck);
+        return;
+    }
     let executions = read_ledger(&admin, &ledger).await;
     let reports = std::mem::take(&mut *reports.lock().unwrap());
     let mut verdict = classify(&executions, &killed, &reports.got);
@@ -830,7 +1148,7 @@ async fn chaos(kind: Kind) {
          without a finish: {}; caller errors: {:?}; store operations past their bound \
          (count, longest ms): {:?}",
         kind.name(),
-        CHAOS,
+        duration,
         reports.calls,
         verdict.keys,
         verdict.executions,
@@ -877,16 +1195,30 @@ async fn chaos(kind: Kind) {
 
 #[cfg(feature = "redis")]
 async fn chaos_redis() {
-    chaos(Kind::Redis).await;
+    chaos(Kind::Redis, false, CHAOS).await;
 }
 
 async fn chaos_postgres() {
-    chaos(Kind::Postgres).await;
+    chaos(Kind::Postgres, false, CHAOS).await;
 }
 
 #[cfg(feature = "mysql")]
 async fn chaos_mysql() {
-    chaos(Kind::Mysql).await;
+    chaos(Kind::Mysql, false, CHAOS).await;
+}
+
+#[cfg(feature = "redis")]
+async fn chaos_steps_redis() {
+    chaos(Kind::Redis, true, CHAOS).await;
+}
+
+async fn chaos_steps_postgres() {
+    chaos(Kind::Postgres, true, CHAOS).await;
+}
+
+#[cfg(feature = "mysql")]
+async fn chaos_steps_mysql() {
+    chaos(Kind::Mysql, true, CHAOS_STEPS_SHORT).await;
 }
 
 fn main() -> std::process::ExitCode {
@@ -897,13 +1229,15 @@ fn main() -> std::process::ExitCode {
             "IDEM_CHAOS_ROLE",
             idem_testkit::test_cases!([], multi_thread(2); chaos_worker),
         ),
-        idem_testkit::test_cases!([POSTGRES], multi_thread(2); chaos_postgres),
+        idem_testkit::test_cases!([POSTGRES], multi_thread(2); chaos_postgres, chaos_steps_postgres),
     ];
     #[cfg(feature = "redis")]
-    cases
-        .push(idem_testkit::test_cases!([backends::REDIS, POSTGRES], multi_thread(2); chaos_redis));
+    cases.push(idem_testkit::test_cases!(
+        [backends::REDIS, POSTGRES], multi_thread(2); chaos_redis, chaos_steps_redis
+    ));
     #[cfg(feature = "mysql")]
-    cases
-        .push(idem_testkit::test_cases!([backends::MYSQL, POSTGRES], multi_thread(2); chaos_mysql));
+    cases.push(idem_testkit::test_cases!(
+        [backends::MYSQL, POSTGRES], multi_thread(2); chaos_mysql, chaos_steps_mysql
+    ));
     idem_testkit::harness::run(cases)
 }

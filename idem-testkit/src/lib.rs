@@ -49,6 +49,7 @@ mod faulty;
 pub mod harness;
 pub mod model;
 pub mod steps;
+pub mod steps_crash;
 pub mod transactional;
 pub use faulty::{Fault, FaultyStore, Op};
 
