@@ -65,6 +65,13 @@ async fn drop_stale_tables(pool: &sqlx::MySqlPool) {
 
 idem_testkit::conformance_tests!(store());
 
+/// The durable-steps cases on the same table (and its `_steps` table).
+mod steps {
+    use super::*;
+
+    idem_testkit::step_conformance_tests!(store());
+}
+
 fn main() -> std::process::ExitCode {
-    idem_testkit::harness::run([cases(&[backends::MYSQL])])
+    idem_testkit::harness::run([cases(&[backends::MYSQL]), steps::cases(&[backends::MYSQL])])
 }

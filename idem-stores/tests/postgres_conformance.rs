@@ -59,7 +59,18 @@ mod polling {
     idem_testkit::conformance_tests!(store());
 }
 
+/// The durable-steps cases on the same table (and its `_steps` table).
+mod steps {
+    use super::*;
+
+    idem_testkit::step_conformance_tests!(store());
+}
+
 fn main() -> std::process::ExitCode {
     use backends::POSTGRES;
-    idem_testkit::harness::run([cases(&[POSTGRES]), polling::cases(&[POSTGRES])])
+    idem_testkit::harness::run([
+        cases(&[POSTGRES]),
+        polling::cases(&[POSTGRES]),
+        steps::cases(&[POSTGRES]),
+    ])
 }

@@ -45,8 +45,17 @@ mod file {
     }
 
     idem_testkit::conformance_tests!(store());
+
+    /// The durable-steps cases on a database file.
+    pub mod steps {
+        idem_testkit::step_conformance_tests!(super::store());
+    }
 }
 
 fn main() -> std::process::ExitCode {
-    idem_testkit::harness::run([memory::cases(&[]), file::cases(&[])])
+    idem_testkit::harness::run([
+        memory::cases(&[]),
+        file::cases(&[]),
+        file::steps::cases(&[]),
+    ])
 }
