@@ -350,10 +350,12 @@ async fn postgres_inspect_forget_stats() {
         .unwrap();
     store.migrate().await.unwrap();
     scenario(&store, true, false).await;
-    sqlx::query(sqlx::AssertSqlSafe(format!("DROP TABLE \"{table}\"")))
-        .execute(store.pool())
-        .await
-        .unwrap();
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "DROP TABLE IF EXISTS \"{table}\", \"{table}_steps\""
+    )))
+    .execute(store.pool())
+    .await
+    .unwrap();
 }
 
 #[cfg(feature = "mysql")]
@@ -370,10 +372,12 @@ async fn mysql_inspect_forget_stats() {
         .unwrap();
     store.migrate().await.unwrap();
     scenario(&store, true, false).await;
-    sqlx::query(sqlx::AssertSqlSafe(format!("DROP TABLE `{table}`")))
-        .execute(store.pool())
-        .await
-        .unwrap();
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "DROP TABLE IF EXISTS `{table}`, `{table}_steps`"
+    )))
+    .execute(store.pool())
+    .await
+    .unwrap();
 }
 
 #[cfg(feature = "sqlite")]

@@ -208,7 +208,7 @@ async fn cleanup(kind: Kind, url: &str, target: &str) {
         Kind::Postgres => {
             if let Ok(pool) = ledger_pool(url, 1).await {
                 for t in [target.to_owned(), format!("{target}_steps")] {
-                    let sql = format!("DROP TABLE IF EXISTS \"{t}\"");
+                    let sql = format!("DROP TABLE IF EXISTS \"{t}\", \"{t}_steps\"");
                     let _ = sqlx::query(AssertSqlSafe(sql)).execute(&pool).await;
                 }
                 pool.close().await;
@@ -222,7 +222,7 @@ async fn cleanup(kind: Kind, url: &str, target: &str) {
                 .await
             {
                 for t in [target.to_owned(), format!("{target}_steps")] {
-                    let sql = format!("DROP TABLE IF EXISTS `{t}`");
+                    let sql = format!("DROP TABLE IF EXISTS `{t}`, `{t}_steps`");
                     let _ = sqlx::query(AssertSqlSafe(sql)).execute(&pool).await;
                 }
                 pool.close().await;
@@ -1122,9 +1122,11 @@ async fn chaos(kind: Kind, steps: bool, duration: Duration) {
             .zip(&recorded)
             .map(|(l, r)| classify(l, &killed, r))
             .collect();
-        let _ = sqlx::query(AssertSqlSafe(format!("DROP TABLE IF EXISTS \"{ledger}\"")))
-            .execute(&admin)
-            .await;
+        let _ = sqlx::query(AssertSqlSafe(format!(
+            "DROP TABLE IF EXISTS \"{ledger}\", \"{ledger}_steps\""
+        )))
+        .execute(&admin)
+        .await;
         cleanup(kind, &url, &target).await;
         check_steps(kind, duration, kills, &reports, &verdicts, &stuck);
         return;
@@ -1135,9 +1137,11 @@ async fn chaos(kind: Kind, steps: bool, duration: Duration) {
     verdict.stuck = std::mem::take(&mut *stuck.lock().unwrap());
 
     // Clean up before any assertion can fail.
-    let _ = sqlx::query(AssertSqlSafe(format!("DROP TABLE IF EXISTS \"{ledger}\"")))
-        .execute(&admin)
-        .await;
+    let _ = sqlx::query(AssertSqlSafe(format!(
+        "DROP TABLE IF EXISTS \"{ledger}\", \"{ledger}_steps\""
+    )))
+    .execute(&admin)
+    .await;
     cleanup(kind, &url, &target).await;
 
     println!(

@@ -181,10 +181,12 @@ async fn postgres_table_of_the_first_layout() {
     store.migrate().await.unwrap();
     store.migrate().await.unwrap();
     old_claim_still_works(&store, key, TOKEN).await;
-    sqlx::query(AssertSqlSafe(format!("DROP TABLE \"{table}\"")))
-        .execute(store.pool())
-        .await
-        .unwrap();
+    sqlx::query(AssertSqlSafe(format!(
+        "DROP TABLE IF EXISTS \"{table}\", \"{table}_steps\""
+    )))
+    .execute(store.pool())
+    .await
+    .unwrap();
 }
 
 #[cfg(feature = "mysql")]
@@ -230,10 +232,12 @@ async fn mysql_table_of_the_first_layout() {
     store.migrate().await.unwrap();
     store.migrate().await.unwrap();
     old_claim_still_works(&store, key, TOKEN).await;
-    sqlx::query(AssertSqlSafe(format!("DROP TABLE `{table}`")))
-        .execute(store.pool())
-        .await
-        .unwrap();
+    sqlx::query(AssertSqlSafe(format!(
+        "DROP TABLE IF EXISTS `{table}`, `{table}_steps`"
+    )))
+    .execute(store.pool())
+    .await
+    .unwrap();
 }
 
 /// A v2 in-progress record as stores wrote it before they kept the claim's start and

@@ -429,10 +429,12 @@ async fn postgres_end_to_end() {
     store.migrate().await.unwrap();
     let base = vec!["--url".to_string(), url, "--table".into(), table.clone()];
     story(&store, &base).await;
-    sqlx::query(sqlx::AssertSqlSafe(format!("DROP TABLE \"{table}\"")))
-        .execute(store.pool())
-        .await
-        .unwrap();
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "DROP TABLE IF EXISTS \"{table}\", \"{table}_steps\""
+    )))
+    .execute(store.pool())
+    .await
+    .unwrap();
 }
 
 async fn mysql_end_to_end() {
@@ -449,10 +451,12 @@ async fn mysql_end_to_end() {
     store.migrate().await.unwrap();
     let base = vec!["--url".to_string(), url, "--table".into(), table.clone()];
     story(&store, &base).await;
-    sqlx::query(sqlx::AssertSqlSafe(format!("DROP TABLE `{table}`")))
-        .execute(store.pool())
-        .await
-        .unwrap();
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "DROP TABLE IF EXISTS `{table}`, `{table}_steps`"
+    )))
+    .execute(store.pool())
+    .await
+    .unwrap();
 }
 
 /// What docs/operations.md promises of `--key-json`: which Rust keys a JSON value finds.

@@ -367,10 +367,12 @@ async fn postgres_tokens_are_strings_and_purge_removes_everything() {
     let base = vec!["--url".to_string(), url, "--table".into(), table.clone()];
     token_is_a_string(&store, &base).await;
     purge_removes_everything(&store, &base).await;
-    sqlx::query(sqlx::AssertSqlSafe(format!("DROP TABLE \"{table}\"")))
-        .execute(store.pool())
-        .await
-        .unwrap();
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "DROP TABLE IF EXISTS \"{table}\", \"{table}_steps\""
+    )))
+    .execute(store.pool())
+    .await
+    .unwrap();
 }
 
 async fn mysql_tokens_are_strings_and_purge_removes_everything() {
@@ -388,10 +390,12 @@ async fn mysql_tokens_are_strings_and_purge_removes_everything() {
     let base = vec!["--url".to_string(), url, "--table".into(), table.clone()];
     token_is_a_string(&store, &base).await;
     purge_removes_everything(&store, &base).await;
-    sqlx::query(sqlx::AssertSqlSafe(format!("DROP TABLE `{table}`")))
-        .execute(store.pool())
-        .await
-        .unwrap();
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "DROP TABLE IF EXISTS `{table}`, `{table}_steps`"
+    )))
+    .execute(store.pool())
+    .await
+    .unwrap();
 }
 
 async fn redis_tokens_are_strings() {

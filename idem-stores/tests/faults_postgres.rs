@@ -39,7 +39,7 @@ async fn rig() -> Option<Rig> {
     let holder = store(&proxy.url(&url), &table);
     let admin = rival.clone();
     let teardown = async move {
-        let sql = format!("DROP TABLE IF EXISTS \"{table}\"");
+        let sql = format!("DROP TABLE IF EXISTS \"{table}\", \"{table}_steps\"");
         let _ = sqlx::query(sqlx::AssertSqlSafe(sql))
             .execute(admin.pool())
             .await;

@@ -501,7 +501,7 @@ fn postgres() {
         check_store(&P, &rt, Arc::new(store))
     }));
     rt.block_on(async {
-        let sql = format!("DROP TABLE IF EXISTS \"{table}\"");
+        let sql = format!("DROP TABLE IF EXISTS \"{table}\", \"{table}_steps\"");
         let _ = sqlx::query(sqlx::AssertSqlSafe(sql)).execute(&pool).await;
     });
     if let Err(p) = result {
@@ -537,7 +537,7 @@ fn mysql() {
         check_store(&P, &rt, Arc::new(store))
     }));
     rt.block_on(async {
-        let sql = format!("DROP TABLE IF EXISTS `{table}`");
+        let sql = format!("DROP TABLE IF EXISTS `{table}`, `{table}_steps`");
         let _ = sqlx::query(sqlx::AssertSqlSafe(sql)).execute(&pool).await;
     });
     if let Err(p) = result {

@@ -56,9 +56,11 @@ async fn drop_stale_tables(pool: &sqlx::MySqlPool) {
     .unwrap_or_default();
     for t in stale {
         if t.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
-            let _ = sqlx::query(sqlx::AssertSqlSafe(format!("DROP TABLE IF EXISTS `{t}`")))
-                .execute(pool)
-                .await;
+            let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
+                "DROP TABLE IF EXISTS `{t}`, `{t}_steps`"
+            )))
+            .execute(pool)
+            .await;
         }
     }
 }

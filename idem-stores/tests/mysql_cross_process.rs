@@ -124,10 +124,12 @@ async fn cross_process_exactly_once() {
     .unwrap();
     // Drop the tables before any assertion can fail.
     for t in [&table, &effects] {
-        sqlx::query(AssertSqlSafe(format!("DROP TABLE IF EXISTS `{t}`")))
-            .execute(&admin)
-            .await
-            .unwrap();
+        sqlx::query(AssertSqlSafe(format!(
+            "DROP TABLE IF EXISTS `{t}`, `{t}_steps`"
+        )))
+        .execute(&admin)
+        .await
+        .unwrap();
     }
     assert!(
         errors.is_empty(),
@@ -368,10 +370,12 @@ async fn crash_takeover_after_sigkill() {
     let took = killed_at.elapsed();
     let rows = effect_rows().await;
     for t in [&table, &effects] {
-        sqlx::query(AssertSqlSafe(format!("DROP TABLE IF EXISTS `{t}`")))
-            .execute(&s.side)
-            .await
-            .unwrap();
+        sqlx::query(AssertSqlSafe(format!(
+            "DROP TABLE IF EXISTS `{t}`, `{t}_steps`"
+        )))
+        .execute(&s.side)
+        .await
+        .unwrap();
     }
     let mine = format!("pid{}", std::process::id());
     assert_eq!(got.unwrap(), mine);

@@ -56,7 +56,7 @@ impl Drop for Table {
         let Ok(url) = std::env::var("IDEM_TEST_MYSQL_URL") else {
             return;
         };
-        let sql = format!("DROP TABLE IF EXISTS `{}`", self.0);
+        let sql = format!("DROP TABLE IF EXISTS `{0}`, `{0}_steps`", self.0);
         // A thread with its own runtime: this may run while a test runtime unwinds.
         let _ = std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread()

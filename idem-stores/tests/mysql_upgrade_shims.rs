@@ -105,10 +105,12 @@ async fn deprecated_spawn_sweeper_still_purges_expired_rows() {
     drop(sweeper);
     let result = count().await;
 
-    sqlx::query(AssertSqlSafe(format!("DROP TABLE IF EXISTS `{table}`")))
-        .execute(&pool)
-        .await
-        .unwrap();
+    sqlx::query(AssertSqlSafe(format!(
+        "DROP TABLE IF EXISTS `{table}`, `{table}_steps`"
+    )))
+    .execute(&pool)
+    .await
+    .unwrap();
     assert_eq!(result, 1, "the sweeper removed the three expired rows only");
 }
 

@@ -299,7 +299,7 @@ async fn postgres_abandoned_begin_leaves_no_open_transaction() {
         }
     })
     .await;
-    let drop_table = format!("DROP TABLE IF EXISTS \"{table}\"");
+    let drop_table = format!("DROP TABLE IF EXISTS \"{table}\", \"{table}_steps\"");
     let _ = sqlx::query(sqlx::AssertSqlSafe(drop_table))
         .execute(direct.pool())
         .await;
@@ -340,7 +340,7 @@ async fn mysql_abandoned_begin_leaves_no_open_transaction() {
         }
     })
     .await;
-    let drop_table = format!("DROP TABLE IF EXISTS `{table}`");
+    let drop_table = format!("DROP TABLE IF EXISTS `{table}`, `{table}_steps`");
     let _ = sqlx::query(sqlx::AssertSqlSafe(drop_table))
         .execute(direct.pool())
         .await;

@@ -271,7 +271,7 @@ mod pg {
     }
 
     pub async fn cleanup(side: &Pg) {
-        let sql = format!("DROP TABLE IF EXISTS \"{}\"", side.table);
+        let sql = format!("DROP TABLE IF EXISTS \"{0}\", \"{0}_steps\"", side.table);
         let _ = sqlx::query(AssertSqlSafe(sql))
             .execute(side.competitor.pool())
             .await;
@@ -332,7 +332,7 @@ mod my {
     }
 
     pub async fn cleanup(side: &My) {
-        let sql = format!("DROP TABLE IF EXISTS `{}`", side.table);
+        let sql = format!("DROP TABLE IF EXISTS `{0}`, `{0}_steps`", side.table);
         let _ = sqlx::query(AssertSqlSafe(sql))
             .execute(side.competitor.pool())
             .await;

@@ -180,8 +180,16 @@ async fn cross_process_exactly_once() {
     assert_eq!(rows, KEYS as i64, "exactly one side effect per key");
     assert_eq!(distinct, KEYS as i64);
     assert_eq!(executed, KEYS);
-    exec(&admin, format!("DROP TABLE \"{side}\"")).await;
-    exec(&admin, format!("DROP TABLE \"{table}\"")).await;
+    exec(
+        &admin,
+        format!("DROP TABLE IF EXISTS \"{side}\", \"{side}_steps\""),
+    )
+    .await;
+    exec(
+        &admin,
+        format!("DROP TABLE IF EXISTS \"{table}\", \"{table}_steps\""),
+    )
+    .await;
 }
 
 /// One of the processes of `cross_process_exactly_once`.
@@ -347,8 +355,16 @@ async fn crash_takeover_after_sigkill() {
         .await,
         1
     );
-    exec(&admin, format!("DROP TABLE \"{side}\"")).await;
-    exec(&admin, format!("DROP TABLE \"{table}\"")).await;
+    exec(
+        &admin,
+        format!("DROP TABLE IF EXISTS \"{side}\", \"{side}_steps\""),
+    )
+    .await;
+    exec(
+        &admin,
+        format!("DROP TABLE IF EXISTS \"{table}\", \"{table}_steps\""),
+    )
+    .await;
 }
 
 /// The process killed by `crash_takeover_after_sigkill`.
@@ -532,7 +548,11 @@ async fn terminated_connections_recover() {
         assert!(Instant::now() < deadline, "listener never came back");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    exec(&admin, format!("DROP TABLE \"{table}\"")).await;
+    exec(
+        &admin,
+        format!("DROP TABLE IF EXISTS \"{table}\", \"{table}_steps\""),
+    )
+    .await;
 }
 
 /// Awaits all futures concurrently (tokio tasks need 'static; these borrow the store).
@@ -628,7 +648,11 @@ async fn hostile_keys_touch_only_their_own_record() {
             assert_eq!(got, format!("{key:?}/{scope:?}"));
         }
     }
-    exec(&admin, format!("DROP TABLE \"{table}\"")).await;
+    exec(
+        &admin,
+        format!("DROP TABLE IF EXISTS \"{table}\", \"{table}_steps\""),
+    )
+    .await;
 }
 
 use idem_testkit::{claim_request as claim_req, completed};
@@ -707,7 +731,11 @@ async fn sweep_removes_expired_rows_only_in_batches() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     drop(swept);
-    exec(&admin, format!("DROP TABLE \"{table}\"")).await;
+    exec(
+        &admin,
+        format!("DROP TABLE IF EXISTS \"{table}\", \"{table}_steps\""),
+    )
+    .await;
 }
 
 async fn notifications_wake_waiters_of_another_store() {
@@ -764,7 +792,11 @@ async fn notifications_wake_waiters_of_another_store() {
         latencies[5], latencies[9]
     );
     assert!(latencies[9] < Duration::from_secs(2), "{latencies:?}");
-    exec(&admin, format!("DROP TABLE \"{table}\"")).await;
+    exec(
+        &admin,
+        format!("DROP TABLE IF EXISTS \"{table}\", \"{table}_steps\""),
+    )
+    .await;
 }
 
 async fn claims_report_takeovers_and_migrate_is_concurrent_safe() {
@@ -828,7 +860,11 @@ async fn claims_report_takeovers_and_migrate_is_concurrent_safe() {
             .build()
             .is_err());
     }
-    exec(&admin, format!("DROP TABLE \"{table}\"")).await;
+    exec(
+        &admin,
+        format!("DROP TABLE IF EXISTS \"{table}\", \"{table}_steps\""),
+    )
+    .await;
 }
 
 /// Many concurrent claims of a record that has just lapsed (an in-progress lease passed, or a
@@ -881,7 +917,11 @@ async fn racing_takeovers_have_one_winner() {
         }
         assert_eq!(acquired, 1, "round {round}");
     }
-    exec(&admin, format!("DROP TABLE \"{table}\"")).await;
+    exec(
+        &admin,
+        format!("DROP TABLE IF EXISTS \"{table}\", \"{table}_steps\""),
+    )
+    .await;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1033,7 +1073,11 @@ async fn database_outage_and_recovery_through_a_proxy() {
         assert!(Instant::now() < deadline, "the listener did not come back");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    exec(&admin, format!("DROP TABLE \"{table}\"")).await;
+    exec(
+        &admin,
+        format!("DROP TABLE IF EXISTS \"{table}\", \"{table}_steps\""),
+    )
+    .await;
 }
 
 /// Contract v2 at the row level: a retried claim restarts its lease, a retried completion
@@ -1043,7 +1087,11 @@ async fn contract_v2_retries_are_recognised() {
     let table = sql_common::unique_table("v2");
     let s = store(&url, &table).await;
     sql_common::contract::all(Arc::new(s)).await;
-    exec(&admin(&url).await, format!("DROP TABLE \"{table}\"")).await;
+    exec(
+        &admin(&url).await,
+        format!("DROP TABLE IF EXISTS \"{table}\", \"{table}_steps\""),
+    )
+    .await;
 }
 
 /// A table that was never migrated: every operation says to call `migrate()`.

@@ -249,9 +249,11 @@ mod pg {
             .extend(steps_crash::cancel(Arc::clone(&b)).await.rows);
         report("postgres", &m);
         for t in [format!("{table}_steps"), down] {
-            let _ = sqlx::query(AssertSqlSafe(format!("DROP TABLE IF EXISTS \"{t}\"")))
-                .execute(&h.pool)
-                .await;
+            let _ = sqlx::query(AssertSqlSafe(format!(
+                "DROP TABLE IF EXISTS \"{t}\", \"{t}_steps\""
+            )))
+            .execute(&h.pool)
+            .await;
         }
         h.cleanup().await;
         m.assert_passed("postgres");
@@ -311,9 +313,11 @@ mod my {
             .extend(steps_crash::cancel(Arc::clone(&b)).await.rows);
         report("mariadb", &m);
         for t in [format!("{table}_steps"), down] {
-            let _ = sqlx::query(AssertSqlSafe(format!("DROP TABLE IF EXISTS `{t}`")))
-                .execute(&h.pool)
-                .await;
+            let _ = sqlx::query(AssertSqlSafe(format!(
+                "DROP TABLE IF EXISTS `{t}`, `{t}_steps`"
+            )))
+            .execute(&h.pool)
+            .await;
         }
         h.cleanup().await;
         m.assert_passed("mariadb");

@@ -320,7 +320,8 @@ mod postgres {
     }
 
     async fn drop_tables(pg: &Pg) {
-        for t in [pg.biz.clone(), pg.store.table().to_owned()] {
+        let steps = format!("{}_steps", pg.store.table());
+        for t in [pg.biz.clone(), pg.store.table().to_owned(), steps] {
             let _ = sqlx::query(AssertSqlSafe(format!("DROP TABLE IF EXISTS {t}")))
                 .execute(pg.store.pool())
                 .await;

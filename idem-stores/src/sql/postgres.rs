@@ -292,7 +292,7 @@ impl PostgresStore {
     /// -- (added to a database of an earlier version by the same call).
     /// CREATE TABLE IF NOT EXISTS idem_records_steps (
     ///     key         BYTEA       NOT NULL CHECK (octet_length(key) = 32), -- the call's key
-    ///     name        TEXT        NOT NULL,   -- the step's name
+    ///     name        BYTEA       NOT NULL,   -- the step's name (UTF-8 bytes: NUL included)
     ///     occurrence  BIGINT      NOT NULL CHECK (occurrence >= 0), -- among steps of that name
     ///     status      SMALLINT    NOT NULL,   -- 1 started, 2 done, 3 failed
     ///     value       BYTEA       NOT NULL,   -- the step's envelope (opaque to the store)
@@ -624,9 +624,13 @@ impl Store for PostgresStore {
             };
         rows.iter()
             .map(|row| {
+                let name: Vec<u8> = col(row, "name")?;
+                let name = String::from_utf8(name).map_err(|e| {
+                    StoreError::Corrupt(format!("postgres: a step name is not UTF-8: {e}"))
+                })?;
                 super::steps::record(
                     "postgres",
-                    col(row, "name")?,
+                    name,
                     col(row, "occurrence")?,
                     col(row, "status")?,
                     col(row, "value")?,

@@ -75,7 +75,7 @@ pub async fn pg_drop_stale_tables(url: &str) {
             continue;
         };
         if pid != std::process::id() && !process_alive(pid) {
-            let sql = format!("DROP TABLE IF EXISTS \"{name}\"");
+            let sql = format!("DROP TABLE IF EXISTS \"{name}\", \"{name}_steps\"");
             let _ = sqlx::query(sqlx::AssertSqlSafe(sql)).execute(&pool).await;
         }
     }

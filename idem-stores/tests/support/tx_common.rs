@@ -122,7 +122,7 @@ pub mod pg {
 
         async fn cleanup(&self) {
             for t in [&self.table, &self.biz] {
-                let sql = format!("DROP TABLE IF EXISTS \"{t}\"");
+                let sql = format!("DROP TABLE IF EXISTS \"{t}\", \"{t}_steps\"");
                 let _ = sqlx::query(AssertSqlSafe(sql)).execute(&self.pool).await;
             }
         }
@@ -238,7 +238,7 @@ pub mod my {
 
         async fn cleanup(&self) {
             for t in [&self.table, &self.biz] {
-                let sql = format!("DROP TABLE IF EXISTS `{t}`");
+                let sql = format!("DROP TABLE IF EXISTS `{t}`, `{t}_steps`");
                 let _ = sqlx::query(AssertSqlSafe(sql)).execute(&self.pool).await;
             }
         }
@@ -363,7 +363,7 @@ pub mod lite {
 
         async fn cleanup(&self) {
             for t in [&self.table, &self.biz] {
-                let sql = format!("DROP TABLE IF EXISTS \"{t}\"");
+                let sql = format!("DROP TABLE IF EXISTS \"{t}\", \"{t}_steps\"");
                 let _ = sqlx::query(AssertSqlSafe(sql))
                     .execute(self.store.pool())
                     .await;

@@ -51,7 +51,7 @@ impl StepStatements {
             create_table: format!(
                 "CREATE TABLE IF NOT EXISTS {s} (
                     key BYTEA NOT NULL CHECK (octet_length(key) = 32),
-                    name TEXT NOT NULL,
+                    name BYTEA NOT NULL,  -- UTF-8 bytes: a name may hold any character, NUL included
                     occurrence BIGINT NOT NULL CHECK (occurrence >= 0),
                     status SMALLINT NOT NULL,
                     value BYTEA NOT NULL,
@@ -127,7 +127,7 @@ impl StepStatements {
         let done = sqlx::query(AssertSqlSafe(Arc::clone(&self.put)))
             .bind(&key.0[..])
             .bind(token.as_i64())
-            .bind(step.id.name.as_str())
+            .bind(step.id.name.as_bytes())
             .bind(i64::from(step.id.occurrence))
             .bind(i16::from(step.status.code()))
             .bind(&step.value[..])
@@ -148,7 +148,7 @@ impl StepStatements {
         let held: i64 = sqlx::query(AssertSqlSafe(Arc::clone(&self.clear)))
             .bind(&key.0[..])
             .bind(token.as_i64())
-            .bind(id.name.as_str())
+            .bind(id.name.as_bytes())
             .bind(i64::from(id.occurrence))
             .fetch_one(conn)
             .await?
