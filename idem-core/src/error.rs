@@ -107,7 +107,7 @@ pub enum Error {
         /// The function that was refused.
         second: &'static str,
     },
-    /// [`step`](crate::step) was called outside the body of an idempotent call (no
+    /// [`step`](crate::step()) was called outside the body of an idempotent call (no
     /// `#[idempotent]` or [`Call`](crate::Call) around it, or in a task the body spawned): a
     /// step records its result beside the call's record, so there is nowhere to record it.
     /// The step's future was not run (HTTP 500).

@@ -47,7 +47,7 @@ pub struct RecordInfo {
     pub tag: Option<String>,
     /// For a completed record: the size of the stored envelope in bytes.
     pub size: Option<usize>,
-    /// The call's recorded durable steps ([`step`](crate::step)), by name and occurrence;
+    /// The call's recorded durable steps ([`step`](crate::step())), by name and occurrence;
     /// empty when it has none or the store keeps no steps.
     pub steps: Vec<StepInfo>,
 }

@@ -56,7 +56,7 @@
 //!
 //! - [`idempotent`] (feature `macros`, default) — the attribute;
 //! - [`Call`] — the runtime: claim, replay, wait, execute, complete, release;
-//! - [`step`] — durable steps: a retried call resumes at its first unfinished step;
+//! - [`step()`] — durable steps: a retried call resumes at its first unfinished step;
 //! - [`Store`] — the trait every backend implements (memory, Redis, SQL in `idem-stores`);
 //! - [`key`] and [`fingerprint`] — hashed identities and argument fingerprints;
 //! - [`codec`] — the `Codec` trait, the MessagePack default and the record envelope;

@@ -50,7 +50,7 @@ pub struct Options {
     /// A limit on encoded results below the store's own. Default: the store's. It bounds
     /// each durable step's stored value too.
     pub max_value_size: Option<usize>,
-    /// The most durable steps ([`step`](crate::step)) one execution of the call may start;
+    /// The most durable steps ([`step`](crate::step())) one execution of the call may start;
     /// the next one fails with [`Error::TooManySteps`](crate::Error::TooManySteps). Default
     /// [`DEFAULT_MAX_STEPS`] (1,000).
     pub max_steps: u32,

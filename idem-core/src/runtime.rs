@@ -293,7 +293,7 @@ impl<C: Codec> Call<C> {
         self
     }
 
-    /// The most durable steps ([`step`](crate::step)) one execution may start (default
+    /// The most durable steps ([`step`](crate::step())) one execution may start (default
     /// 1,000); the next fails with [`Error::TooManySteps`].
     pub fn max_steps(mut self, limit: u32) -> Self {
         self.options.max_steps = limit;

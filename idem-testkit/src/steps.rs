@@ -1,6 +1,6 @@
 //! The durable-steps conformance cases: what every store that keeps steps
 //! ([`Store::supports_steps`]) must do, at the store level (fenced writes, replacement,
-//! retention, expiry, limits) and through the runtime ([`idem_core::step`]: occurrences,
+//! retention, expiry, limits) and through the runtime ([`idem_core::step()`]: occurrences,
 //! resume, at-most-once, stored errors, refusals).
 //!
 //! [`step_conformance_tests!`](crate::step_conformance_tests) stamps one test per case, like
