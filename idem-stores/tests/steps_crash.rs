@@ -679,6 +679,7 @@ async fn cancel_matrix_memory() {
 }
 
 fn main() -> std::process::ExitCode {
+    #[allow(unused_mut)] // no store feature: only the child and memory cases
     let mut cases = vec![idem_testkit::harness::child_cases(
         ROLE,
         idem_testkit::test_cases!([], multi_thread(2); steps_crash_child),
