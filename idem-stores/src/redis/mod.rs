@@ -894,6 +894,7 @@ impl Store for RedisStore {
 
     async fn remove(&self, key: &Key) -> Result<(), StoreError> {
         self.inner.seen.forget(key);
+        self.inner.recent.forget(key);
         let name = self.name(key);
         // The record and its steps, in one `DEL` (one slot: the steps key shares the tag).
         let steps = steps::steps_name(&name);

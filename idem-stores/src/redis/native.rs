@@ -399,6 +399,13 @@ impl Recent {
         let list = self.list.lock().unwrap_or_else(|p| p.into_inner());
         list.iter().rev().any(|(k, t, _)| k == key && *t == token)
     }
+
+    /// Forgets the key's completions: it was removed, so a later completion under an old
+    /// token is fenced, not taken for a repeat of one whose record expired.
+    pub(crate) fn forget(&self, key: &Key) {
+        let mut list = self.list.lock().unwrap_or_else(|p| p.into_inner());
+        list.retain(|(k, _, _)| k != key);
+    }
 }
 
 #[cfg(test)]
@@ -520,5 +527,17 @@ mod tests {
         assert!(!recent.contains(&Key([1; 32]), FencingToken(0)));
         assert!(recent.contains(&Key([1; 32]), FencingToken(RECENT_CAP as u64 + 9)));
         assert!(!recent.contains(&Key([2; 32]), FencingToken(RECENT_CAP as u64 + 9)));
+    }
+
+    #[test]
+    fn a_removed_key_is_not_a_recent_completion() {
+        // Completed, then removed (`forget`): a later completion under the old token finds
+        // the record gone and must be fenced, not taken for a lost reply's repeat.
+        let recent = Recent::new();
+        recent.completed(&Key([1; 32]), FencingToken(7));
+        recent.completed(&Key([2; 32]), FencingToken(7));
+        recent.forget(&Key([1; 32]));
+        assert!(!recent.contains(&Key([1; 32]), FencingToken(7)));
+        assert!(recent.contains(&Key([2; 32]), FencingToken(7)));
     }
 }
