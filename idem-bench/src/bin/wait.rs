@@ -193,18 +193,22 @@ async fn clean_up(kind: &str, tag: &str) {
         "postgres" => {
             let url = idem_bench::postgres_url();
             if let Ok(pool) = sqlx::PgPool::connect(&url).await {
-                let _ = sqlx::query(sqlx::AssertSqlSafe(format!("DROP TABLE IF EXISTS {TABLE}")))
-                    .execute(&pool)
-                    .await;
+                let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
+                    "DROP TABLE IF EXISTS {TABLE}, {TABLE}_steps"
+                )))
+                .execute(&pool)
+                .await;
             }
         }
         #[cfg(feature = "mysql")]
         "mysql" => {
             let url = idem_bench::mysql_url();
             if let Ok(pool) = sqlx::MySqlPool::connect(&url).await {
-                let _ = sqlx::query(sqlx::AssertSqlSafe(format!("DROP TABLE IF EXISTS {TABLE}")))
-                    .execute(&pool)
-                    .await;
+                let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
+                    "DROP TABLE IF EXISTS {TABLE}, {TABLE}_steps"
+                )))
+                .execute(&pool)
+                .await;
             }
         }
         #[cfg(feature = "sqlite")]
