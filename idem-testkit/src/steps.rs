@@ -611,54 +611,10 @@ pub async fn steps_refused_outside_and_nested(store: Arc<dyn Store>) {
     assert_eq!(runs.load(Ordering::SeqCst), 0);
 }
 
-/// A store wrapper that keeps no steps (a third-party store that predates them), counting the
-/// step operations that reach it.
-#[derive(Debug)]
-pub struct WithoutSteps(pub Arc<dyn Store>);
-
-#[async_trait]
-impl Store for WithoutSteps {
-    async fn claim(&self, req: &ClaimRequest) -> Result<Claim, StoreError> {
-        self.0.claim(req).await
-    }
-    async fn complete(
-        &self,
-        key: &Key,
-        token: FencingToken,
-        value: &[u8],
-        ttl: Duration,
-    ) -> Result<(), StoreError> {
-        self.0.complete(key, token, value, ttl).await
-    }
-    async fn release(&self, key: &Key, token: FencingToken) -> Result<(), StoreError> {
-        self.0.release(key, token).await
-    }
-    async fn renew(
-        &self,
-        key: &Key,
-        token: FencingToken,
-        lease: Duration,
-    ) -> Result<(), StoreError> {
-        self.0.renew(key, token, lease).await
-    }
-    async fn get(&self, key: &Key) -> Result<Option<RecordState>, StoreError> {
-        self.0.get(key).await
-    }
-    async fn wait(&self, key: &Key, timeout: Duration) -> Result<(), StoreError> {
-        self.0.wait(key, timeout).await
-    }
-    async fn remove(&self, key: &Key) -> Result<(), StoreError> {
-        self.0.remove(key).await
-    }
-    fn process_local(&self) -> bool {
-        self.0.process_local()
-    }
-}
-
 /// On a store that keeps no steps, the first step fails with `StepsUnsupported` and its future
 /// is not run (no silent re-run on every retry).
 pub async fn steps_unsupported_store(store: Arc<dyn Store>) {
-    let plain = WithoutSteps(store);
+    let plain = Spy::new(store, false);
     let runs = AtomicU32::new(0);
     let r = Call::new("testkit::steps::unsupported")
         .key(call_key())
@@ -745,79 +701,12 @@ pub async fn steps_other_arguments_ignored(store: Arc<dyn Store>) {
     );
 }
 
-/// A store wrapper that counts `load_steps`.
-#[derive(Debug)]
-struct CountingLoads(Arc<dyn Store>, AtomicUsize);
-
-#[async_trait]
-impl Store for CountingLoads {
-    async fn claim(&self, req: &ClaimRequest) -> Result<Claim, StoreError> {
-        self.0.claim(req).await
-    }
-    async fn complete(
-        &self,
-        key: &Key,
-        token: FencingToken,
-        value: &[u8],
-        ttl: Duration,
-    ) -> Result<(), StoreError> {
-        self.0.complete(key, token, value, ttl).await
-    }
-    async fn release(&self, key: &Key, token: FencingToken) -> Result<(), StoreError> {
-        self.0.release(key, token).await
-    }
-    async fn renew(
-        &self,
-        key: &Key,
-        token: FencingToken,
-        lease: Duration,
-    ) -> Result<(), StoreError> {
-        self.0.renew(key, token, lease).await
-    }
-    async fn get(&self, key: &Key) -> Result<Option<RecordState>, StoreError> {
-        self.0.get(key).await
-    }
-    async fn wait(&self, key: &Key, timeout: Duration) -> Result<(), StoreError> {
-        self.0.wait(key, timeout).await
-    }
-    async fn remove(&self, key: &Key) -> Result<(), StoreError> {
-        self.0.remove(key).await
-    }
-    fn process_local(&self) -> bool {
-        self.0.process_local()
-    }
-    fn supports_steps(&self) -> bool {
-        self.0.supports_steps()
-    }
-    async fn load_steps(&self, key: &Key) -> Result<Vec<StepRecord>, StoreError> {
-        self.1.fetch_add(1, Ordering::SeqCst);
-        self.0.load_steps(key).await
-    }
-    async fn put_step(
-        &self,
-        key: &Key,
-        token: FencingToken,
-        step: &StepRecord,
-        ttl: Duration,
-    ) -> Result<(), StoreError> {
-        self.0.put_step(key, token, step, ttl).await
-    }
-    async fn clear_step(
-        &self,
-        key: &Key,
-        token: FencingToken,
-        id: &idem_core::StepId,
-    ) -> Result<(), StoreError> {
-        self.0.clear_step(key, token, id).await
-    }
-}
-
 /// One execution reads the recorded steps once, however many steps it has; a replay of the
 /// completed call reads none.
 pub async fn steps_replay_reads_no_steps(store: Arc<dyn Store>) {
-    let counting = Arc::new(CountingLoads(store, AtomicUsize::new(0)));
-    // Steps are read through the store's detached handle: count on a wrapper that is its own.
-    let store: Arc<dyn Store> = Arc::new(Detachable(counting.clone()));
+    let counting = Spy::new(store, true);
+    let loads = Arc::clone(&counting.loads);
+    let store: Arc<dyn Store> = Arc::new(counting);
     let key = call_key();
     let call = || {
         Call::new("testkit::steps::loads")
@@ -831,87 +720,9 @@ pub async fn steps_replay_reads_no_steps(store: Arc<dyn Store>) {
             })
     };
     assert_eq!(call().await.expect("run"), 6);
-    assert_eq!(
-        counting.1.load(Ordering::SeqCst),
-        1,
-        "one read for four steps"
-    );
+    assert_eq!(loads.load(Ordering::SeqCst), 1, "one read for four steps");
     assert_eq!(call().await.expect("replay"), 6);
-    assert_eq!(
-        counting.1.load(Ordering::SeqCst),
-        1,
-        "a replay reads no steps"
-    );
-}
-
-/// A wrapper whose detached handle is itself (so that the runtime's step operations go
-/// through the wrapped store's counters).
-#[derive(Debug, Clone)]
-struct Detachable(Arc<CountingLoads>);
-
-#[async_trait]
-impl Store for Detachable {
-    async fn claim(&self, req: &ClaimRequest) -> Result<Claim, StoreError> {
-        self.0.claim(req).await
-    }
-    async fn complete(
-        &self,
-        key: &Key,
-        token: FencingToken,
-        value: &[u8],
-        ttl: Duration,
-    ) -> Result<(), StoreError> {
-        self.0.complete(key, token, value, ttl).await
-    }
-    async fn release(&self, key: &Key, token: FencingToken) -> Result<(), StoreError> {
-        self.0.release(key, token).await
-    }
-    async fn renew(
-        &self,
-        key: &Key,
-        token: FencingToken,
-        lease: Duration,
-    ) -> Result<(), StoreError> {
-        self.0.renew(key, token, lease).await
-    }
-    async fn get(&self, key: &Key) -> Result<Option<RecordState>, StoreError> {
-        self.0.get(key).await
-    }
-    async fn wait(&self, key: &Key, timeout: Duration) -> Result<(), StoreError> {
-        self.0.wait(key, timeout).await
-    }
-    async fn remove(&self, key: &Key) -> Result<(), StoreError> {
-        self.0.remove(key).await
-    }
-    fn detached(&self) -> Option<Arc<dyn Store>> {
-        Some(Arc::new(self.clone()))
-    }
-    fn process_local(&self) -> bool {
-        self.0.process_local()
-    }
-    fn supports_steps(&self) -> bool {
-        self.0.supports_steps()
-    }
-    async fn load_steps(&self, key: &Key) -> Result<Vec<StepRecord>, StoreError> {
-        self.0.load_steps(key).await
-    }
-    async fn put_step(
-        &self,
-        key: &Key,
-        token: FencingToken,
-        step: &StepRecord,
-        ttl: Duration,
-    ) -> Result<(), StoreError> {
-        self.0.put_step(key, token, step, ttl).await
-    }
-    async fn clear_step(
-        &self,
-        key: &Key,
-        token: FencingToken,
-        id: &idem_core::StepId,
-    ) -> Result<(), StoreError> {
-        self.0.clear_step(key, token, id).await
-    }
+    assert_eq!(loads.load(Ordering::SeqCst), 1, "a replay reads no steps");
 }
 
 /// `step_key()` is the same for a step on every execution, and differs between steps and
@@ -978,4 +789,94 @@ pub async fn steps_inspect_lists_steps(store: Arc<dyn Store>) {
         .steps
         .iter()
         .all(|s| s.status == StepStatus::Done && s.size > 0));
+}
+
+/// The one forwarding wrapper of the step cases: it hides the inner store's steps (a
+/// third-party store that predates them: `keeps_steps == false`, and it has no detached
+/// handle, like a store that implements nothing optional) or keeps them and counts
+/// `load_steps`. Its detached handle is itself, so that the runtime's step operations (which
+/// go through the detached handle) pass through the counter. Its `name` is the default,
+/// `"custom"`.
+#[derive(Debug, Clone)]
+struct Spy {
+    inner: Arc<dyn Store>,
+    keeps_steps: bool,
+    loads: Arc<AtomicUsize>,
+}
+
+impl Spy {
+    fn new(inner: Arc<dyn Store>, keeps_steps: bool) -> Self {
+        Spy {
+            inner,
+            keeps_steps,
+            loads: Arc::new(AtomicUsize::new(0)),
+        }
+    }
+}
+
+#[async_trait]
+impl Store for Spy {
+    async fn claim(&self, req: &ClaimRequest) -> Result<Claim, StoreError> {
+        self.inner.claim(req).await
+    }
+    async fn complete(
+        &self,
+        key: &Key,
+        token: FencingToken,
+        value: &[u8],
+        ttl: Duration,
+    ) -> Result<(), StoreError> {
+        self.inner.complete(key, token, value, ttl).await
+    }
+    async fn release(&self, key: &Key, token: FencingToken) -> Result<(), StoreError> {
+        self.inner.release(key, token).await
+    }
+    async fn renew(
+        &self,
+        key: &Key,
+        token: FencingToken,
+        lease: Duration,
+    ) -> Result<(), StoreError> {
+        self.inner.renew(key, token, lease).await
+    }
+    async fn get(&self, key: &Key) -> Result<Option<RecordState>, StoreError> {
+        self.inner.get(key).await
+    }
+    async fn wait(&self, key: &Key, timeout: Duration) -> Result<(), StoreError> {
+        self.inner.wait(key, timeout).await
+    }
+    async fn remove(&self, key: &Key) -> Result<(), StoreError> {
+        self.inner.remove(key).await
+    }
+    fn detached(&self) -> Option<Arc<dyn Store>> {
+        self.keeps_steps
+            .then(|| Arc::new(self.clone()) as Arc<dyn Store>)
+    }
+    fn process_local(&self) -> bool {
+        self.inner.process_local()
+    }
+    fn supports_steps(&self) -> bool {
+        self.keeps_steps && self.inner.supports_steps()
+    }
+    async fn load_steps(&self, key: &Key) -> Result<Vec<StepRecord>, StoreError> {
+        self.loads.fetch_add(1, Ordering::SeqCst);
+        self.inner.load_steps(key).await
+    }
+    async fn put_step(
+        &self,
+        key: &Key,
+        token: FencingToken,
+        step: &StepRecord,
+        ttl: Duration,
+    ) -> Result<(), StoreError> {
+        self.inner.put_step(key, token, step, ttl).await
+    }
+    async fn clear_step(
+        &self,
+        key: &Key,
+        token: FencingToken,
+        id: &idem_core::StepId,
+    ) -> Result<(), StoreError> {
+        self.inner.clear_step(key, token, id).await
+    }
 }
