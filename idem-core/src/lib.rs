@@ -103,8 +103,8 @@ pub use runtime::{current_key, default_store, set_default_store, with_default_st
 pub use shutdown::{shutdown, ShutdownError};
 pub use step::{step, step_in, step_key, Step};
 pub use store::{
-    Claim, ClaimRequest, ClaimTimes, CompletedRecord, FencingToken, Fingerprint, Key, RecordState,
-    StepId, StepRecord, StepStatus, Store, TransactionalStore, DEFAULT_MAX_VALUE_SIZE,
+    Claim, ClaimRequest, ClaimTimes, CompletedRecord, CompletedRef, FencingToken, Fingerprint, Key,
+    RecordState, StepId, StepRecord, StepStatus, Store, TransactionalStore, DEFAULT_MAX_VALUE_SIZE,
 };
 
 #[cfg(feature = "macros")]

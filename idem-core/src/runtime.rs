@@ -440,19 +440,24 @@ impl<C: Codec> Call<C> {
             Ok(None) => return Prepared::Done(Err(fail(Error::MissingKey, ns, None))),
             Err(e) => return Prepared::Done(Err(fail(e, ns, None))),
         };
-        // A replay held in this process: no span, no future, no claim.
-        if let Some(record) = store.completed_now(&ident.key) {
+        // A replay held in this process: no span, no future, no claim, and the record is
+        // decoded where the store holds it.
+        let mut done = None;
+        store.visit_completed_now(&ident.key, &mut |record| {
             if !mismatch(ident.fingerprint, record.fingerprint) {
                 let tag = P::tag(C::NAME, self.options.version);
-                return Prepared::Done(replay::<P, T, E, C>(
+                done = Some(replay::<P, T, E, C>(
                     &self.codec,
                     &tag,
-                    &record,
+                    record.value,
                     Outcome::Replayed,
                     ns,
                     &ident.key,
                 ));
             }
+        });
+        if let Some(result) = done {
+            return Prepared::Done(result);
         }
         Prepared::Claim(ident)
     }
@@ -468,36 +473,16 @@ impl<C: Codec> Call<C> {
         crate::observe::in_store_now(store.name(), || self.prepare::<P, T, E>(store))
     }
 
-    /// A prepared call that claims: its span, its store label, and the steps.
-    pub(crate) async fn drive<P, T, E, Fut>(
+    /// A prepared call that claims: its span, its store label, and the steps. The future
+    /// keeps the namespace, options and codec, not the whole `Call` (its recorded encodings
+    /// are spent once the identity is derived): every future that holds this one is smaller
+    /// by that much, and moving futures is a large part of an in-process call's cost.
+    pub(crate) fn drive<P, T, E, Fut>(
         self,
         store: &dyn Store,
         ident: Identity,
         body: Fut,
-    ) -> Result<T, E>
-    where
-        P: Policy<T, E>,
-        E: From<Error>,
-        Fut: Future<Output = Result<T, E>>,
-    {
-        let span = tracing::debug_span!(target: "idem", "idem.call", namespace = self.namespace, key = %ident.key);
-        let steps = self
-            .drive_claimed::<P, T, E, Fut>(store, ident, body)
-            .instrument(span);
-        #[cfg(feature = "metrics")]
-        return crate::observe::in_store(store.name(), steps).await;
-        #[cfg(not(feature = "metrics"))]
-        steps.await
-    }
-
-    /// The state machine's steps, one function each: claim (and wait), execute (with the
-    /// lease keeper), settle (complete or release).
-    async fn drive_claimed<P, T, E, Fut>(
-        self,
-        store: &dyn Store,
-        ident: Identity,
-        body: Fut,
-    ) -> Result<T, E>
+    ) -> impl Future<Output = Result<T, E>> + use<'_, P, T, E, Fut, C>
     where
         P: Policy<T, E>,
         E: From<Error>,
@@ -509,6 +494,31 @@ impl<C: Codec> Call<C> {
             codec,
             ..
         } = self;
+        let span =
+            tracing::debug_span!(target: "idem", "idem.call", namespace = ns, key = %ident.key);
+        let steps = Self::drive_claimed::<P, T, E, Fut>(ns, opts, codec, store, ident, body)
+            .instrument(span);
+        #[cfg(feature = "metrics")]
+        return crate::observe::in_store(store.name(), steps);
+        #[cfg(not(feature = "metrics"))]
+        steps
+    }
+
+    /// The state machine's steps, one function each: claim (and wait), execute (with the
+    /// lease keeper), settle (complete or release).
+    async fn drive_claimed<P, T, E, Fut>(
+        ns: &'static str,
+        opts: Options,
+        codec: C,
+        store: &dyn Store,
+        ident: Identity,
+        body: Fut,
+    ) -> Result<T, E>
+    where
+        P: Policy<T, E>,
+        E: From<Error>,
+        Fut: Future<Output = Result<T, E>>,
+    {
         let key = ident.key;
         let tag = P::tag(C::NAME, opts.version);
 
@@ -520,7 +530,7 @@ impl<C: Codec> Call<C> {
                 } else {
                     Outcome::Replayed
                 };
-                return replay::<P, T, E, C>(&codec, &tag, &record, outcome, ns, &key);
+                return replay::<P, T, E, C>(&codec, &tag, &record.value, outcome, ns, &key);
             }
             Claimed::Unprotected => return unprotected(body).await,
             Claimed::Failed(e, outcome) => {
@@ -535,7 +545,10 @@ impl<C: Codec> Call<C> {
         let result = execute(store, &held, &opts, ns, false, body).await;
 
         // Settle: encode, then complete or release, to the end even if the caller goes away.
-        let payload = match P::encode(&codec, &result) {
+        // The envelope's head, then the payload encoded after it: one buffer, which the
+        // store gets as it is (room for a small payload: most results are small).
+        let mut envelope = codec::seal_head(&tag, 64);
+        match P::encode(&codec, &result, &mut envelope) {
             None => {
                 settle(store, &held, &opts, ns, Settle::Fail).await;
                 return result;
@@ -544,9 +557,8 @@ impl<C: Codec> Call<C> {
                 settle(store, &held, &opts, ns, Settle::Discard).await;
                 return Err(fail(Error::Codec(e), ns, Some(&key)));
             }
-            Some(Ok(payload)) => payload,
-        };
-        let envelope = codec::seal(&tag, &payload);
+            Some(Ok(())) => {}
+        }
         let limit = opts
             .max_value_size
             .map_or(store.max_value_size(), |l| l.min(store.max_value_size()));
@@ -561,11 +573,11 @@ impl<C: Codec> Call<C> {
                 Some(&key),
             ));
         }
-        match settle(store, &held, &opts, ns, Settle::Complete(envelope.into())).await {
+        match settle(store, &held, &opts, ns, Settle::Complete(envelope)).await {
             Settled::Done => result,
             Settled::Failed(e) => Err(fail(e, ns, Some(&key))),
             Settled::Replaced(record) => {
-                replay::<P, T, E, C>(&codec, &tag, &record, Outcome::Executed, ns, &key)
+                replay::<P, T, E, C>(&codec, &tag, &record.value, Outcome::Executed, ns, &key)
             }
         }
     }
@@ -575,7 +587,7 @@ impl<C: Codec> Call<C> {
 pub(crate) fn replay<P, T, E, C>(
     codec: &C,
     tag: &codec::TypeTag,
-    record: &crate::CompletedRecord,
+    record: &[u8],
     outcome: Outcome,
     ns: &'static str,
     key: &Key,
@@ -585,7 +597,7 @@ where
     E: From<Error>,
     C: Codec,
 {
-    let decoded = codec::open(tag, &record.value).and_then(|payload| {
+    let decoded = codec::open(tag, record).and_then(|payload| {
         P::decode(codec, payload).map_err(|e| match e {
             // The tags agree but the payload is not a `T`: the type changed meaning.
             e @ CodecError::Decode { .. } => Error::IncompatibleRecord {
@@ -751,7 +763,8 @@ pub(crate) async fn claim(
         // refused once the drain has started.
         let claiming = match Claiming::start(ns, key) {
             Ok(claiming) => claiming,
-            Err(e) => return refused_while_draining(store, ident, opts, e, waited).await,
+            // Boxed: a rare path, which would otherwise grow every call's future.
+            Err(e) => return Box::pin(refused_while_draining(store, ident, opts, e, waited)).await,
         };
         let token = next_token();
         let req = ClaimRequest {
@@ -983,7 +996,8 @@ where
     match outcome {
         Ok(result) => result,
         Err(panic) => {
-            settle(store, held, opts, ns, Settle::Release).await;
+            // Boxed: a rare path, which would otherwise grow every call's future.
+            Box::pin(settle(store, held, opts, ns, Settle::Release)).await;
             std::panic::resume_unwind(panic);
         }
     }
@@ -993,7 +1007,7 @@ where
 #[derive(Clone)]
 pub(crate) enum Settle {
     /// Store this envelope as the result.
-    Complete(crate::Bytes),
+    Complete(Vec<u8>),
     /// Free the key so that a retry runs again.
     Release,
     /// Free the key after the body returned `Err`: a release counted as `failed`.
@@ -1053,6 +1067,19 @@ pub(crate) async fn settle(
             _ => {}
         }
     }
+    // Boxed: a store that completes at once (above) never builds this future, and its size
+    // (the lease keeper and the retries) would otherwise be part of every call's future.
+    Box::pin(settle_kept(store, held, opts, ns, action)).await
+}
+
+/// [`settle`] through the store's futures, keeping the lease until the store acknowledges.
+async fn settle_kept(
+    store: &dyn Store,
+    held: &Held,
+    opts: &Options,
+    ns: &'static str,
+    action: Settle,
+) -> Settled {
     // Borrows only: the options and the envelope are copied for a detached task only if the
     // caller is dropped, not on every call.
     let mut guard = SettleOnDrop {
@@ -1143,7 +1170,10 @@ async fn settle_once(
             }
             Err(e) => {
                 tracing::error!(target: "idem", %key, error = %e, "completion write failed {COMPLETE_ATTEMPTS} times");
-                return after_failed_completion(store, key, token, envelope, opts, ns).await;
+                return Box::pin(after_failed_completion(
+                    store, key, token, envelope, opts, ns,
+                ))
+                .await;
             }
         }
     }
@@ -1444,8 +1474,12 @@ impl<F: Future> Future for CatchUnwind<'_, F> {
 /// What is stored, and how a record is read back.
 pub(crate) trait Policy<T, E> {
     fn tag(codec: &'static str, version: u32) -> codec::TypeTag;
-    /// `None`: do not store, release.
-    fn encode<C: Codec>(codec: &C, result: &Result<T, E>) -> Option<Result<Vec<u8>, CodecError>>;
+    /// Appends the stored form of `result` to `out`; `None`: do not store, release.
+    fn encode<C: Codec>(
+        codec: &C,
+        result: &Result<T, E>,
+        out: &mut Vec<u8>,
+    ) -> Option<Result<(), CodecError>>;
     fn decode<C: Codec>(codec: &C, payload: &[u8]) -> Result<Result<T, E>, CodecError>;
 }
 
@@ -1455,8 +1489,12 @@ impl<T: Serialize + DeserializeOwned, E> Policy<T, E> for ReleaseErrors {
     fn tag(codec: &'static str, version: u32) -> codec::TypeTag {
         codec::TypeTag::of::<T>(codec, version)
     }
-    fn encode<C: Codec>(codec: &C, result: &Result<T, E>) -> Option<Result<Vec<u8>, CodecError>> {
-        result.as_ref().ok().map(|v| codec.encode(v))
+    fn encode<C: Codec>(
+        codec: &C,
+        result: &Result<T, E>,
+        out: &mut Vec<u8>,
+    ) -> Option<Result<(), CodecError>> {
+        result.as_ref().ok().map(|v| codec.encode_into(v, out))
     }
     fn decode<C: Codec>(codec: &C, payload: &[u8]) -> Result<Result<T, E>, CodecError> {
         codec.decode(payload).map(Ok)
@@ -1473,8 +1511,12 @@ where
     fn tag(codec: &'static str, version: u32) -> codec::TypeTag {
         codec::TypeTag::of::<Result<T, E>>(codec, version)
     }
-    fn encode<C: Codec>(codec: &C, result: &Result<T, E>) -> Option<Result<Vec<u8>, CodecError>> {
-        Some(codec.encode(result))
+    fn encode<C: Codec>(
+        codec: &C,
+        result: &Result<T, E>,
+        out: &mut Vec<u8>,
+    ) -> Option<Result<(), CodecError>> {
+        Some(codec.encode_into(result, out))
     }
     fn decode<C: Codec>(codec: &C, payload: &[u8]) -> Result<Result<T, E>, CodecError> {
         codec.decode(payload)

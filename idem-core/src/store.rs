@@ -165,6 +165,18 @@ impl CompletedRecord {
     }
 }
 
+/// A completed record lent by its store ([`Store::visit_completed_now`]): the fields of
+/// [`CompletedRecord`], with the value borrowed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CompletedRef<'a> {
+    /// The fingerprint stored at claim time.
+    pub fingerprint: Option<Fingerprint>,
+    /// The encoded value (an idem envelope).
+    pub value: &'a [u8],
+    /// How long the record still lives, as the store knows it when it answers.
+    pub expires_in: Option<Duration>,
+}
+
 /// The answer of [`Store::claim`].
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Claim {
@@ -504,6 +516,36 @@ pub trait Store: Send + Sync + fmt::Debug {
         None
     }
 
+    /// [`completed_now`](Self::completed_now) without an owned copy: the record is lent to
+    /// `visit` while the store holds it, so that an in-process replay builds no `Bytes`
+    /// handle (an allocation) for a value it only decodes. Returns whether `visit` was
+    /// called. The runtime uses this one; the default lends `completed_now`'s answer, so a
+    /// store only overrides it to save that allocation. Same contract as `completed_now`; and
+    /// `visit` runs the caller's decoding (user `Deserialize` code), so a store calls it
+    /// holding no lock.
+    ///
+    /// ```
+    /// use idem_core::{CompletedRef, Key, Store};
+    /// # async fn demo(store: &dyn Store, key: Key) {
+    /// let mut size = None;
+    /// let found = store.visit_completed_now(&key, &mut |r: CompletedRef<'_>| size = Some(r.value.len()));
+    /// assert_eq!(found, size.is_some());
+    /// # }
+    /// ```
+    fn visit_completed_now(&self, key: &Key, visit: &mut dyn FnMut(CompletedRef<'_>)) -> bool {
+        match self.completed_now(key) {
+            Some(record) => {
+                visit(CompletedRef {
+                    fingerprint: record.fingerprint,
+                    value: &record.value,
+                    expires_in: record.expires_in,
+                });
+                true
+            }
+            None => false,
+        }
+    }
+
     /// A synchronous [`claim`](Self::claim), for a store that answers at once without I/O
     /// (the memory store): the runtime tries it first, so that such a claim costs no boxed
     /// future and no timer. `Some` is the claim's answer, with `claim`'s whole contract;
@@ -796,6 +838,13 @@ macro_rules! forward_store {
             }
             fn completed_now(&self, key: &Key) -> Option<CompletedRecord> {
                 (**self).completed_now(key)
+            }
+            fn visit_completed_now(
+                &self,
+                key: &Key,
+                visit: &mut dyn FnMut(CompletedRef<'_>),
+            ) -> bool {
+                (**self).visit_completed_now(key, visit)
             }
             fn claim_now(&self, req: &ClaimRequest) -> Option<Result<Claim, StoreError>> {
                 (**self).claim_now(req)

@@ -146,7 +146,14 @@ impl<C: Codec> Call<C> {
                 } else {
                     Outcome::Replayed
                 };
-                return replay::<ReleaseErrors, T, E, C>(&codec, &tag, &record, outcome, ns, &key);
+                return replay::<ReleaseErrors, T, E, C>(
+                    &codec,
+                    &tag,
+                    &record.value,
+                    outcome,
+                    ns,
+                    &key,
+                );
             }
             Claimed::Unprotected => {
                 return match outer {
@@ -355,7 +362,7 @@ where
     };
     match bounded(Op("claim", store), budget(opts.lease, 2), store.claim(&req)).await {
         Ok(Claim::Completed(record)) => {
-            replay::<ReleaseErrors, T, E, C>(codec, tag, &record, Outcome::Executed, ns, &key)
+            replay::<ReleaseErrors, T, E, C>(codec, tag, &record.value, Outcome::Executed, ns, &key)
         }
         Ok(Claim::Acquired { .. }) => {
             release(store, &key, held.token, opts.lease).await;

@@ -658,4 +658,22 @@ impl Store for MemoryStore {
         let now = self.inner.clock.ticks(Instant::now());
         record.live_at(now).then(|| record.answer_at(now))
     }
+
+    /// [`completed_now`](Store::completed_now) with the record's buffer lent, not shared
+    /// through a new `Bytes` handle.
+    fn visit_completed_now(
+        &self,
+        key: &Key,
+        visit: &mut dyn FnMut(idem_core::CompletedRef<'_>),
+    ) -> bool {
+        let Some(record) = self.inner.records.get(&MapKey(*key)) else {
+            return false;
+        };
+        let now = self.inner.clock.ticks(Instant::now());
+        if !record.live_at(now) {
+            return false;
+        }
+        visit(record.lend_at(now));
+        true
+    }
 }

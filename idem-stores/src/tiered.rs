@@ -255,6 +255,14 @@ impl<S: Store> Store for TieredStore<S> {
         self.local.completed_now(key)
     }
 
+    fn visit_completed_now(
+        &self,
+        key: &Key,
+        visit: &mut dyn FnMut(idem_core::CompletedRef<'_>),
+    ) -> bool {
+        self.local.visit_completed_now(key, visit)
+    }
+
     /// The shared store's answer: the local tier only holds copies of the shared store's
     /// records, so a call derives the key it has there (over a `MemoryStore`, the same
     /// process-local key as a call made on it directly).

@@ -786,6 +786,33 @@ pub async fn completed_reports_expiry(store: Arc<dyn Store>) {
         Some(RecordState::Completed(rec)) => check(rec.expires_in),
         other => panic!("{other:?}"),
     }
+    // The synchronous looks (a store that holds records in this process answers them; others
+    // answer nothing) agree with each other and with the claim: the same value, fingerprint
+    // and a TTL in range, whether the record is copied or lent.
+    let owned = store.completed_now(&key);
+    let mut lent = None;
+    let visited = store.visit_completed_now(&key, &mut |r| {
+        lent = Some((r.fingerprint, r.value.to_vec(), r.expires_in));
+    });
+    assert_eq!(visited, lent.is_some());
+    assert_eq!(
+        owned.is_some(),
+        visited,
+        "completed_now and visit_completed_now disagree"
+    );
+    if let (Some(owned), Some((fingerprint, value, expires_in))) = (owned, lent) {
+        assert_eq!(&owned.value[..], b"v");
+        assert_eq!(value, b"v");
+        assert_eq!(fingerprint, owned.fingerprint);
+        check(owned.expires_in);
+        check(expires_in);
+    }
+    // A key never written is answered by neither.
+    let none = fresh_key();
+    assert!(store.completed_now(&none).is_none());
+    assert!(!store.visit_completed_now(&none, &mut |_| {
+        panic!("a record that does not exist was lent")
+    }));
 }
 
 fn namespace(what: &str) -> &'static str {

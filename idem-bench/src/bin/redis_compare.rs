@@ -402,6 +402,34 @@ async fn connect(server: &Server) -> Env {
     }
 }
 
+/// `IDEM_REDIS_PROFILE=<workload>:<calls>`: runs one workload (`raw_get`, `idem_replay`, ...)
+/// that many times on one task and exits, for counting this process's instructions per call
+/// under callgrind (run it at two counts and take the difference; the server is another
+/// process and is not counted).
+fn profile(spec: &str, binary: &str) {
+    let (name, calls) = spec
+        .split_once(':')
+        .expect("IDEM_REDIS_PROFILE=<workload>:<calls>");
+    let calls: u64 = calls.parse().expect("a number of calls");
+    let op = Op::ALL
+        .into_iter()
+        .find(|o| o.name() == name)
+        .expect("a workload name");
+    let server = Server::start(binary);
+    let rt = idem_bench::current_thread();
+    rt.block_on(async {
+        let env = connect(&server).await;
+        let mut e = env.clone();
+        idem_call(&e.idem, 0).await;
+        peer_call(&e.peer, "bench:peer", 0, false).await;
+        set_nx(&mut e.conn, "bench:hit:0".into()).await;
+        for op in Op::ALL {
+            run(&env, op, 1, 20).await;
+        }
+        run(&env, op, 1, calls).await;
+    });
+}
+
 fn arg(args: &[String], name: &str) -> Option<String> {
     args.iter()
         .position(|a| a == name)
@@ -435,6 +463,10 @@ fn main() {
             println!("skipped: {bin} is not installed");
             return;
         }
+    }
+    if let Ok(spec) = std::env::var("IDEM_REDIS_PROFILE") {
+        profile(&spec, &binaries[0]);
+        return;
     }
     // 64 tasks on the multi-thread runtime, as a server would run them; one task on a
     // current-thread runtime with its own connections (see the module's documentation).

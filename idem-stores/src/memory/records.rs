@@ -52,13 +52,21 @@ impl Record {
             Some(fp) if fp.0[16..] == [0u8; 16] => (2, &fp.0[..16]),
             Some(fp) => (1, &fp.0[..]),
         };
-        let mut buf = Vec::with_capacity(HEAD + fp.len() + value.len());
-        buf.extend_from_slice(&clock.ticks(expires_at).to_le_bytes());
-        buf.extend_from_slice(&token.0.to_le_bytes());
-        buf.push(form);
-        buf.extend_from_slice(fp);
-        buf.extend_from_slice(value);
-        Record(Arc::from(buf))
+        // One allocation, the record's own: a zeroed buffer of the exact length (an exact-size
+        // iterator is collected into an `Arc<[u8]>` in place), then filled.
+        let len = HEAD + fp.len() + value.len();
+        let mut record: Arc<[u8]> = std::iter::repeat_n(0u8, len).collect();
+        let Some(buf) = Arc::get_mut(&mut record) else {
+            unreachable!("a new Arc has no other handle")
+        };
+        let (head, rest) = buf.split_at_mut(HEAD);
+        head[..8].copy_from_slice(&clock.ticks(expires_at).to_le_bytes());
+        head[8..16].copy_from_slice(&token.0.to_le_bytes());
+        head[16] = form;
+        let (fp_part, value_part) = rest.split_at_mut(fp.len());
+        fp_part.copy_from_slice(fp);
+        value_part.copy_from_slice(value);
+        Record(record)
     }
 
     fn word(&self, at: usize) -> [u8; 8] {
@@ -120,6 +128,15 @@ impl Record {
     }
 
     /// [`answer`](Self::answer) at `now` in [`Clock::ticks`].
+    /// The record lent as a replay's answer at `now` (ticks).
+    pub(super) fn lend_at(&self, now: i64) -> idem_core::CompletedRef<'_> {
+        idem_core::CompletedRef {
+            fingerprint: self.fingerprint(),
+            expires_in: Some(self.remaining_at(now)),
+            value: &self.0[HEAD + self.fp_len()..],
+        }
+    }
+
     pub(super) fn answer_at(self, now: i64) -> CompletedRecord {
         let at = HEAD + self.fp_len();
         CompletedRecord {
