@@ -132,7 +132,8 @@ async fn claims_are_never_evicted_under_byte_pressure() {
 }
 
 /// Store-level race on 300 keys: one thread claims and completes each key while three others
-/// hammer it with claims under their own tokens, `get` and `completed_now`. A claim answer is
+/// hammer it with claims under their own tokens, `get`, `completed_now` and
+/// `visit_completed_now`. A claim answer is
 /// `InProgress` or `Completed`, never `Acquired` (which would be neither: a second execution);
 /// `get` is never `None`; and once a caller saw the record it never sees the claim again
 /// (which would be both).
@@ -212,6 +213,14 @@ fn the_handover_from_claim_to_record_is_atomic_for_racing_callers() {
                             Some(RecordState::Completed(_)) => seen_record = true,
                         }
                         if store.completed_now(key).is_some() {
+                            seen_record = true;
+                        }
+                        // The lent look the runtime's replay uses: the completed value, or
+                        // nothing while the claim is held.
+                        let expect = (i as u64).to_le_bytes();
+                        if store.visit_completed_now(key, &mut |r| {
+                            assert_eq!(r.value, &expect[..], "key {i}: a lent record's value");
+                        }) {
                             seen_record = true;
                         }
                         if done && seen_record {
