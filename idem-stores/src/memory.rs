@@ -18,12 +18,14 @@
 //!   *before* it removes the claim; a claim, a waiter or a `get`, under the same lock, looks
 //!   at the claims first and then at moka. So each of them sees the claim (the completion has
 //!   not started) or the record (it has finished), never neither — which would be a second
-//!   execution — and never both. The replay fast path ([`Store::completed_now`]) reads moka
-//!   without the lock: it can only miss a record that is being written, and then the runtime
-//!   claims, under the lock.
-//! - **Replays share the stored bytes**: a replay gets a [`Bytes`](idem_core::Bytes) handle on
-//!   the stored value (a reference count, no allocation), and [`Store::completed_now`]
-//!   answers it without a future or a lock, before the runtime claims.
+//!   execution — and never both. The replay fast path ([`Store::visit_completed_now`], and
+//!   [`Store::completed_now`]) reads moka without the lock: it can only miss a record that is
+//!   being written, and then the runtime claims, under the lock.
+//! - **Replays read the stored bytes in place**: [`Store::visit_completed_now`] lends the
+//!   stored record to the runtime, which decodes it there (no copy, no allocation), without a
+//!   future or a lock, before the runtime claims; [`Store::completed_now`] gives a
+//!   [`Bytes`](idem_core::Bytes) handle on it instead (a reference count) to a caller that
+//!   keeps it.
 //! - **Time is tokio's clock** ([`tokio::time::Instant`]): every deadline (leases, and each
 //!   record's expiry) is checked against it on read, so `tokio::time::pause()` and `advance()`
 //!   move TTLs and leases in tests. moka's own expiry, on the real clock, only frees memory

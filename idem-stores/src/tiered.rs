@@ -3,7 +3,8 @@
 //! Replays are the common case of an idempotency store (every retry of a finished call), and a
 //! completed record never changes: it only expires or is removed. So a process may keep the
 //! completed records it has seen and answer replays from memory, without a round trip to
-//! Redis or SQL — synchronously, through [`Store::completed_now`]. Everything else — claims,
+//! Redis or SQL — synchronously, through [`Store::visit_completed_now`] (lent, decoded in
+//! place) and [`Store::completed_now`]. Everything else — claims,
 //! waits, fenced writes — goes to the shared store, which stays the single source of truth for
 //! who owns a key.
 //!
