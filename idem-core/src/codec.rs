@@ -421,6 +421,49 @@ mod tests {
         MsgPack.decode(payload).map_err(Error::Codec)
     }
 
+    /// `encode_into` appends exactly what `encode` returns, after whatever the buffer holds
+    /// (the runtime's envelope head), for each built-in codec and for a codec that keeps the
+    /// provided method; and an envelope built that way opens to the payload.
+    #[test]
+    fn encode_into_appends_what_encode_returns() {
+        #[derive(Serialize)]
+        struct Row<'a> {
+            id: u64,
+            name: &'a str,
+            tags: Vec<&'a str>,
+        }
+        /// A codec that only implements `encode` and `decode`.
+        struct Plain;
+        impl Codec for Plain {
+            const NAME: &'static str = "plain";
+            fn encode<T: Serialize + ?Sized>(&self, value: &T) -> Result<Vec<u8>, CodecError> {
+                Json.encode(value)
+            }
+            fn decode<T: DeserializeOwned>(&self, bytes: &[u8]) -> Result<T, CodecError> {
+                Json.decode(bytes)
+            }
+        }
+        fn check<C: Codec>(codec: &C) {
+            let value = Row {
+                id: 7,
+                name: "a\0b",
+                tags: vec!["x"; 40],
+            };
+            let tag = TypeTag::new(C::NAME, 2);
+            let mut sealed = seal_head(&tag, 0);
+            let head = sealed.clone();
+            codec.encode_into(&value, &mut sealed).unwrap();
+            let payload = codec.encode(&value).unwrap();
+            assert_eq!(&sealed[..head.len()], &head[..], "{}", C::NAME);
+            assert_eq!(&sealed[head.len()..], &payload[..], "{}", C::NAME);
+            assert_eq!(sealed, seal(&tag, &payload), "{}", C::NAME);
+            assert_eq!(open(&tag, &sealed).unwrap(), &payload[..], "{}", C::NAME);
+        }
+        check(&MsgPack);
+        check(&Json);
+        check(&Plain);
+    }
+
     #[test]
     fn envelope_round_trip_and_mismatch() {
         let tag = TypeTag::of::<u32>(MsgPack::NAME, 0);
