@@ -71,6 +71,7 @@ fn spawn_child(kind: &str) -> (Child, String) {
             "--test-threads=1",
         ])
         .env(CHILD_VAR, kind)
+        .envs(http_support::child_env())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
@@ -177,7 +178,7 @@ async fn postgres_killed_mid_handler_then_taken_over() {
 
 fn main() -> std::process::ExitCode {
     use http_support::{POSTGRES, REDIS};
-    idem_testkit::harness::run([
+    let code = idem_testkit::harness::run([
         idem_testkit::harness::child_cases(
             CHILD_VAR,
             idem_testkit::test_cases!([], multi_thread(2); child_process_entry_point),
@@ -185,5 +186,7 @@ fn main() -> std::process::ExitCode {
         idem_testkit::test_cases!([REDIS], multi_thread(2); redis_killed_mid_handler_then_taken_over),
         idem_testkit::test_cases!([POSTGRES], multi_thread(2);
             postgres_killed_mid_handler_then_taken_over),
-    ])
+    ]);
+    http_support::forget_redis_keys();
+    code
 }

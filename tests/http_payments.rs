@@ -542,12 +542,14 @@ mod two_instances {
 
 fn main() -> std::process::ExitCode {
     use http_support::{POSTGRES, REDIS};
-    idem_testkit::harness::run([
+    let code = idem_testkit::harness::run([
         memory::cases(),
         redis::cases(),
         postgres::cases(),
         idem_testkit::test_cases!([], multi_thread(2); two_instances::memory),
         idem_testkit::test_cases!([REDIS], multi_thread(2); two_instances::redis),
         idem_testkit::test_cases!([POSTGRES], multi_thread(2); two_instances::postgres),
-    ])
+    ]);
+    http_support::forget_redis_keys();
+    code
 }

@@ -954,7 +954,9 @@ async fn first_request_after_a_redis_restart_succeeds() {
         .trim_end_matches('/')
         .to_owned();
     let proxy = Proxy::start(upstream).await;
-    let store = idem_stores::RedisStore::connect(&format!("redis://{}", proxy.addr))
+    let store = idem_stores::RedisStore::builder(format!("redis://{}", proxy.addr))
+        .prefix(http_support::redis_keys::run_prefix("http"))
+        .build()
         .await
         .unwrap();
     let app = App::start(IdempotencyLayer::new(Arc::new(store)).unscoped()).await;
@@ -1087,5 +1089,7 @@ fn main() -> std::process::ExitCode {
         idem_testkit::test_cases!([http_support::REDIS], multi_thread(2);
         first_request_after_a_redis_restart_succeeds),
     );
-    idem_testkit::harness::run(cases)
+    let code = idem_testkit::harness::run(cases);
+    http_support::forget_redis_keys();
+    code
 }

@@ -18,6 +18,11 @@
 
 #[path = "backends/mod.rs"]
 mod backends;
+// The run's keys on the shared Redis: this process's prefix, handed to its children, deleted
+// by `main` when the cases are done.
+#[cfg(feature = "redis")]
+#[path = "../idem-stores/tests/support/redis_keys.rs"]
+mod redis_keys;
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
@@ -41,7 +46,11 @@ async fn open(kind: &str) -> Option<Arc<dyn Store>> {
         "redis" => {
             let url = idem_testkit::env_url("IDEM_TEST_REDIS_URL")?;
             Some(Arc::new(
-                idem_stores::RedisStore::connect(&url).await.unwrap(),
+                idem_stores::RedisStore::builder(url.as_str())
+                    .prefix(redis_keys::run_prefix("sigterm"))
+                    .build()
+                    .await
+                    .unwrap(),
             ))
         }
         #[cfg(feature = "postgres")]
@@ -158,6 +167,7 @@ async fn sigterm_with_bodies_in_flight(kind: &str) {
             ])
             .env(CHILD_VAR, kind)
             .env(NS_VAR, ns)
+            .envs(child_env())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
@@ -283,7 +293,7 @@ async fn postgres_sigterm_drains_32_bodies() {
 fn main() -> std::process::ExitCode {
     use backends::{POSTGRES, REDIS};
     use idem_testkit::{harness, test_cases};
-    harness::run([
+    let code = harness::run([
         harness::child_cases(
             CHILD_VAR,
             test_cases!([], multi_thread(2); child_process_entry_point),
@@ -291,5 +301,21 @@ fn main() -> std::process::ExitCode {
         test_cases!([], multi_thread(2); memory_sigterm_drains_32_bodies),
         test_cases!([REDIS], multi_thread(2); redis_sigterm_drains_32_bodies),
         test_cases!([POSTGRES], multi_thread(2); postgres_sigterm_drains_32_bodies),
-    ])
+    ]);
+    #[cfg(feature = "redis")]
+    if redis_keys::owns_prefix() {
+        redis_keys::delete_prefix_blocking(
+            std::env::var("IDEM_TEST_REDIS_URL").ok(),
+            &redis_keys::run_prefix("sigterm"),
+        );
+    }
+    code
+}
+
+/// The environment a child needs to use the run's Redis keys.
+fn child_env() -> Vec<(&'static str, String)> {
+    #[cfg(feature = "redis")]
+    return vec![(redis_keys::PREFIX_VAR, redis_keys::run_prefix("sigterm"))];
+    #[cfg(not(feature = "redis"))]
+    Vec::new()
 }

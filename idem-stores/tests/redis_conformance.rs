@@ -5,8 +5,14 @@
 
 #[path = "support/backends.rs"]
 mod backends;
+#[path = "support/redis_keys.rs"]
+mod redis_keys;
 #[path = "support/redis_server.rs"]
 mod redis_server;
+
+/// This run's keys on the shared server: its own prefix, deleted when the cases are done.
+static PREFIX: std::sync::LazyLock<String> =
+    std::sync::LazyLock::new(|| redis_keys::process_prefix("conformance"));
 
 /// The suite against one server (`IDEM_TEST_REDIS_URL`, e.g. `redis://127.0.0.1:6379/`).
 mod single {
@@ -18,7 +24,7 @@ mod single {
     idem_testkit::conformance_tests!(async {
         let url = idem_testkit::env_url("IDEM_TEST_REDIS_URL")?;
         let store = RedisStore::builder(url)
-            .prefix("idem-test:")
+            .prefix(crate::PREFIX.as_str())
             .build()
             .await
             .expect("connect to IDEM_TEST_REDIS_URL");
@@ -64,7 +70,7 @@ mod single_steps {
     idem_testkit::step_conformance_tests!(async {
         let url = idem_testkit::env_url("IDEM_TEST_REDIS_URL")?;
         let store = RedisStore::builder(url)
-            .prefix("idem-test:")
+            .prefix(crate::PREFIX.as_str())
             .build()
             .await
             .expect("connect to IDEM_TEST_REDIS_URL");
@@ -96,10 +102,12 @@ mod cluster_steps {
 
 fn main() -> std::process::ExitCode {
     use backends::{REDIS, REDIS_SERVER};
-    idem_testkit::harness::run([
+    let code = idem_testkit::harness::run([
         single::cases(&[REDIS]),
         cluster::cases(&[REDIS_SERVER]),
         single_steps::cases(&[REDIS]),
         cluster_steps::cases(&[REDIS_SERVER]),
-    ])
+    ]);
+    redis_keys::delete_prefix_blocking(std::env::var("IDEM_TEST_REDIS_URL").ok(), &PREFIX);
+    code
 }

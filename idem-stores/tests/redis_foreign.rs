@@ -197,6 +197,8 @@ async fn garbage_records_are_codec_errors() {
         store.remove(&key).await.unwrap();
         assert_eq!(call().run(&store, body(ran.clone())).await.unwrap(), 42);
         assert_eq!(ran.load(Ordering::SeqCst), 2);
+        // Nothing left behind on the shared server.
+        store.remove(&key).await.unwrap();
     }
 }
 

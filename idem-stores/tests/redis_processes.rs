@@ -13,6 +13,8 @@
 
 #[path = "support/backends.rs"]
 mod backends;
+#[path = "support/redis_keys.rs"]
+mod redis_keys;
 #[path = "support/redis_server.rs"]
 mod redis_server;
 
@@ -28,6 +30,12 @@ const PROCESSES: usize = 4;
 const TASKS: usize = 50;
 const KEYS: usize = 200;
 const PREFIX: &str = "idem-test:";
+
+/// The store's prefix for one run's records (parent and children agree on it through the run
+/// id), so that the run deletes them when it is done.
+fn store_prefix(run: &str) -> String {
+    format!("{PREFIX}xproc:{run}:rec:")
+}
 
 /// The body's error type: the runtime's errors, or the counter's.
 #[derive(Debug)]
@@ -220,7 +228,7 @@ async fn child_entry() {
     if let Ok(nodes) = std::env::var("IDEM_XPROC_CLUSTER") {
         let nodes: Vec<String> = nodes.split(',').map(String::from).collect();
         let store = RedisStore::cluster_builder(nodes.clone())
-            .prefix(PREFIX)
+            .prefix(store_prefix(run))
             .build()
             .await
             .unwrap();
@@ -229,7 +237,7 @@ async fn child_entry() {
         return exactly_once_child(store, counters, run).await;
     }
     let store = RedisStore::builder(url.as_str())
-        .prefix(PREFIX)
+        .prefix(store_prefix(run))
         .build()
         .await
         .unwrap();
@@ -334,7 +342,11 @@ where
             .unwrap();
         assert_eq!(n, 1, "key {key}: the body ran {n} times");
     }
-    // Leave nothing behind on a shared server (the records expire with their ttl).
+    // Leave nothing behind on a shared server: the counters, and the records (a cluster is
+    // this test's own, and goes with it).
+    if cluster.is_none() {
+        redis_keys::delete_prefix(url, &store_prefix(&run)).await;
+    }
     let _: () = counters
         .del(
             (0..KEYS)
@@ -385,7 +397,7 @@ async fn crash_takeover() {
     let runs = format!("{PREFIX}xproc:{run}:runs");
     // Connected before the kill, so that the first call below comes well within the lease.
     let store = RedisStore::builder(url.as_str())
-        .prefix(PREFIX)
+        .prefix(store_prefix(run))
         .build()
         .await
         .unwrap();
@@ -445,6 +457,7 @@ async fn crash_takeover() {
     let n: i64 = counters.get(&runs).await.unwrap();
     assert_eq!(n, 2);
     let _: () = counters.del(&[&runs, &marker]).await.unwrap();
+    redis_keys::delete_prefix(&url, &store_prefix(run)).await;
     println!("took over {waited:?} after SIGKILL (lease 500 ms)");
 }
 

@@ -29,6 +29,9 @@
 
 #[path = "support/backends.rs"]
 mod backends;
+#[cfg(feature = "redis")]
+#[path = "support/redis_keys.rs"]
+mod redis_keys;
 #[cfg(any(feature = "postgres", feature = "mysql", feature = "sqlite"))]
 #[path = "support/sql_common.rs"]
 mod sql_common;
@@ -484,33 +487,6 @@ mod rd {
         }
     }
 
-    /// Deletes every key under `prefix`.
-    async fn cleanup(url: &str, prefix: &str) {
-        let Ok(client) = redis::Client::open(url) else {
-            return;
-        };
-        let Ok(mut con) = client.get_multiplexed_async_connection().await else {
-            return;
-        };
-        let keys: Vec<String> = {
-            let Ok(mut it) = con.scan_match::<_, String>(format!("{prefix}*")).await else {
-                return;
-            };
-            let mut keys = Vec::new();
-            while let Some(k) = futures_next(&mut it).await {
-                keys.push(k);
-            }
-            keys
-        };
-        for chunk in keys.chunks(100) {
-            let _: Result<(), _> = con.del(chunk).await;
-        }
-    }
-
-    async fn futures_next(it: &mut redis::AsyncIter<'_, String>) -> Option<String> {
-        it.next_item().await.and_then(Result::ok)
-    }
-
     pub async fn run() {
         let Some(url) = idem_testkit::env_url("IDEM_TEST_REDIS_URL") else {
             return;
@@ -527,7 +503,7 @@ mod rd {
         m.rows
             .extend(steps_crash::cancel(Arc::clone(&b)).await.rows);
         report("redis", &m);
-        cleanup(&url, &prefix).await;
+        crate::redis_keys::delete_prefix(&url, &prefix).await;
         m.assert_passed("redis");
     }
 }

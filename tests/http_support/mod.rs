@@ -16,6 +16,31 @@ pub mod app;
 #[path = "../../idem-stores/tests/support/backends.rs"]
 mod backends;
 
+// The run's keys on the shared Redis: a prefix of the test process (its children get it
+// through the environment), deleted by the test's `main` when its cases are done.
+#[cfg(feature = "redis")]
+#[path = "../../idem-stores/tests/support/redis_keys.rs"]
+pub mod redis_keys;
+
+/// The environment a child process needs to use the run's Redis keys.
+pub fn child_env() -> Vec<(&'static str, String)> {
+    #[cfg(feature = "redis")]
+    return vec![(redis_keys::PREFIX_VAR, redis_keys::run_prefix("http"))];
+    #[cfg(not(feature = "redis"))]
+    Vec::new()
+}
+
+/// Deletes the run's Redis keys, in the process that owns them (not in a child).
+pub fn forget_redis_keys() {
+    #[cfg(feature = "redis")]
+    if redis_keys::owns_prefix() {
+        redis_keys::delete_prefix_blocking(
+            std::env::var("IDEM_TEST_REDIS_URL").ok(),
+            &redis_keys::run_prefix("http"),
+        );
+    }
+}
+
 #[cfg(feature = "postgres")]
 #[allow(unused_imports)]
 pub use backends::POSTGRES;
@@ -154,7 +179,9 @@ fn url_from_env(var: &str, feature_on: bool, feature: &str) -> Option<String> {
 pub async fn redis_store() -> Option<Arc<dyn Store>> {
     let url = url_from_env("IDEM_TEST_REDIS_URL", true, "redis")?;
     // Reachability failures fail the test (in CI and out): the variable says a server is there.
-    let store = idem_stores::RedisStore::connect(&url)
+    let store = idem_stores::RedisStore::builder(url.as_str())
+        .prefix(redis_keys::run_prefix("http"))
+        .build()
         .await
         .unwrap_or_else(|e| panic!("IDEM_TEST_REDIS_URL={url} is set but Redis fails: {e}"));
     Some(Arc::new(store))
