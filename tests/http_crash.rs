@@ -187,6 +187,6 @@ fn main() -> std::process::ExitCode {
         idem_testkit::test_cases!([POSTGRES], multi_thread(2);
             postgres_killed_mid_handler_then_taken_over),
     ]);
-    http_support::forget_redis_keys();
+    http_support::forget_run_data();
     code
 }

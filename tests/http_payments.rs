@@ -550,6 +550,6 @@ fn main() -> std::process::ExitCode {
         idem_testkit::test_cases!([REDIS], multi_thread(2); two_instances::redis),
         idem_testkit::test_cases!([POSTGRES], multi_thread(2); two_instances::postgres),
     ]);
-    http_support::forget_redis_keys();
+    http_support::forget_run_data();
     code
 }

@@ -1090,6 +1090,6 @@ fn main() -> std::process::ExitCode {
         first_request_after_a_redis_restart_succeeds),
     );
     let code = idem_testkit::harness::run(cases);
-    http_support::forget_redis_keys();
+    http_support::forget_run_data();
     code
 }

@@ -18,6 +18,10 @@
 
 #[path = "backends/mod.rs"]
 mod backends;
+// The run's own PostgreSQL table, dropped by `main` when the cases are done.
+#[cfg(feature = "postgres")]
+#[path = "../idem-stores/tests/support/pg_run_table.rs"]
+mod pg_run_table;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -95,6 +99,7 @@ async fn open(kind: &str, memory: &Arc<MemoryStore>) -> Option<Arc<dyn Store>> {
             let url = idem_testkit::env_url("IDEM_TEST_POSTGRES_URL")?;
             let store = idem_stores::PostgresStore::builder()
                 .url(url.as_str())
+                .table(pg_run_table::run_table("shutdown"))
                 .max_connections(4)
                 .connect()
                 .await
@@ -486,7 +491,7 @@ fn postgres_a_finished_call_is_answered_during_the_drain() {
 fn main() -> std::process::ExitCode {
     use backends::{POSTGRES, REDIS};
     use idem_testkit::test_cases;
-    idem_testkit::harness::run([
+    let code = idem_testkit::harness::run([
         test_cases!([], sync;
             memory_runtime_dropped_after_a_drain_keeps_the_completion,
             memory_runtime_dropped_without_a_drain_loses_the_completion,
@@ -503,5 +508,8 @@ fn main() -> std::process::ExitCode {
             postgres_runtime_dropped_after_a_drain_keeps_the_completion,
             postgres_runtime_dropped_without_a_drain_loses_the_completion,
             postgres_a_finished_call_is_answered_during_the_drain),
-    ])
+    ]);
+    #[cfg(feature = "postgres")]
+    pg_run_table::drop_run_table_blocking("shutdown");
+    code
 }

@@ -23,6 +23,10 @@ mod backends;
 #[cfg(feature = "redis")]
 #[path = "../idem-stores/tests/support/redis_keys.rs"]
 mod redis_keys;
+// Likewise its PostgreSQL table.
+#[cfg(feature = "postgres")]
+#[path = "../idem-stores/tests/support/pg_run_table.rs"]
+mod pg_run_table;
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
@@ -58,6 +62,7 @@ async fn open(kind: &str) -> Option<Arc<dyn Store>> {
             let url = idem_testkit::env_url("IDEM_TEST_POSTGRES_URL")?;
             let store = idem_stores::PostgresStore::builder()
                 .url(url.as_str())
+                .table(pg_run_table::run_table("sigterm"))
                 .max_connections(8)
                 .connect()
                 .await
@@ -309,13 +314,19 @@ fn main() -> std::process::ExitCode {
             &redis_keys::run_prefix("sigterm"),
         );
     }
+    #[cfg(feature = "postgres")]
+    pg_run_table::drop_run_table_blocking("sigterm");
     code
 }
 
-/// The environment a child needs to use the run's Redis keys.
+/// The environment a child needs to use the run's Redis keys and PostgreSQL table.
 fn child_env() -> Vec<(&'static str, String)> {
-    #[cfg(feature = "redis")]
-    return vec![(redis_keys::PREFIX_VAR, redis_keys::run_prefix("sigterm"))];
-    #[cfg(not(feature = "redis"))]
-    Vec::new()
+    [
+        #[cfg(feature = "redis")]
+        (redis_keys::PREFIX_VAR, redis_keys::run_prefix("sigterm")),
+        #[cfg(feature = "postgres")]
+        (pg_run_table::TABLE_VAR, pg_run_table::run_table("sigterm")),
+    ]
+    .into_iter()
+    .collect()
 }

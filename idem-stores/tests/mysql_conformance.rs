@@ -2,7 +2,8 @@
 //!
 //! Runs when `IDEM_TEST_MYSQL_URL` is set (e.g. `mysql://root@127.0.0.1:3306/test`); prints
 //! `skipped: ...` and passes otherwise (fails under `CI`). Every case of one run shares one
-//! table, named after the process; tables of runs older than ten minutes are dropped on the way.
+//! table, named after the process, dropped when the cases are done; tables of runs older than ten
+//! minutes (a run that was killed) are dropped on the way.
 #![cfg(feature = "mysql")]
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -75,5 +76,38 @@ mod steps {
 }
 
 fn main() -> std::process::ExitCode {
-    idem_testkit::harness::run([cases(&[backends::MYSQL]), steps::cases(&[backends::MYSQL])])
+    let code =
+        idem_testkit::harness::run([cases(&[backends::MYSQL]), steps::cases(&[backends::MYSQL])]);
+    drop_own_tables();
+    code
+}
+
+/// Drops this run's tables once every case is done (stale ones of runs that were killed are
+/// dropped by the next run, above).
+fn drop_own_tables() {
+    let Ok(url) = std::env::var("IDEM_TEST_MYSQL_URL") else {
+        return;
+    };
+    let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    else {
+        return;
+    };
+    rt.block_on(async {
+        let Ok(pool) = sqlx::mysql::MySqlPoolOptions::new()
+            .max_connections(1)
+            .connect(&url)
+            .await
+        else {
+            return;
+        };
+        let t = table();
+        let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "DROP TABLE IF EXISTS `{t}`, `{t}_steps`"
+        )))
+        .execute(&pool)
+        .await;
+        pool.close().await;
+    });
 }

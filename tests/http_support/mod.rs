@@ -22,16 +22,26 @@ mod backends;
 #[path = "../../idem-stores/tests/support/redis_keys.rs"]
 pub mod redis_keys;
 
-/// The environment a child process needs to use the run's Redis keys.
+// Likewise the run's PostgreSQL table.
+#[cfg(feature = "postgres")]
+#[path = "../../idem-stores/tests/support/pg_run_table.rs"]
+pub mod pg_run_table;
+
+/// The environment a child process needs to use the run's Redis keys and PostgreSQL table.
 pub fn child_env() -> Vec<(&'static str, String)> {
-    #[cfg(feature = "redis")]
-    return vec![(redis_keys::PREFIX_VAR, redis_keys::run_prefix("http"))];
-    #[cfg(not(feature = "redis"))]
-    Vec::new()
+    [
+        #[cfg(feature = "redis")]
+        (redis_keys::PREFIX_VAR, redis_keys::run_prefix("http")),
+        #[cfg(feature = "postgres")]
+        (pg_run_table::TABLE_VAR, pg_run_table::run_table("http")),
+    ]
+    .into_iter()
+    .collect()
 }
 
-/// Deletes the run's Redis keys, in the process that owns them (not in a child).
-pub fn forget_redis_keys() {
+/// Deletes the run's Redis keys and drops its PostgreSQL table, in the process that owns them
+/// (not in a child).
+pub fn forget_run_data() {
     #[cfg(feature = "redis")]
     if redis_keys::owns_prefix() {
         redis_keys::delete_prefix_blocking(
@@ -39,6 +49,8 @@ pub fn forget_redis_keys() {
             &redis_keys::run_prefix("http"),
         );
     }
+    #[cfg(feature = "postgres")]
+    pg_run_table::drop_run_table_blocking("http");
 }
 
 #[cfg(feature = "postgres")]
@@ -198,6 +210,7 @@ pub async fn postgres_store() -> Option<Arc<dyn Store>> {
     // A small pool: every test has a store of its own, and they run side by side.
     let store = idem_stores::sql::postgres::PostgresStore::builder()
         .url(url.as_str())
+        .table(pg_run_table::run_table("http"))
         .max_connections(4)
         .connect()
         .await
