@@ -546,9 +546,9 @@ impl<C: Codec> Call<C> {
 
         // Settle: encode, then complete or release, to the end even if the caller goes away.
         // The envelope's head, then the payload encoded after it: one buffer, which the
-        // store gets as it is (room for a small payload: most results are small).
-        let mut envelope = codec::seal_head(&tag, 64);
-        match P::encode(&codec, &result, &mut envelope) {
+        // store gets as it is (room for a small payload: most results are small). Built only
+        // for a result that is stored.
+        let envelope = match P::encode(&codec, &result, || codec::seal_head(&tag, 64)) {
             None => {
                 settle(store, &held, &opts, ns, Settle::Fail).await;
                 return result;
@@ -557,8 +557,8 @@ impl<C: Codec> Call<C> {
                 settle(store, &held, &opts, ns, Settle::Discard).await;
                 return Err(fail(Error::Codec(e), ns, Some(&key)));
             }
-            Some(Ok(())) => {}
-        }
+            Some(Ok(envelope)) => envelope,
+        };
         let limit = opts
             .max_value_size
             .map_or(store.max_value_size(), |l| l.min(store.max_value_size()));
@@ -1474,16 +1474,26 @@ impl<F: Future> Future for CatchUnwind<'_, F> {
 /// What is stored, and how a record is read back.
 pub(crate) trait Policy<T, E> {
     fn tag(codec: &'static str, version: u32) -> codec::TypeTag;
-    /// Appends the stored form of `result` to `out`; `None`: do not store, release.
+    /// The stored form of `result` appended to `head()`; `None`: do not store, release.
     fn encode<C: Codec>(
         codec: &C,
         result: &Result<T, E>,
-        out: &mut Vec<u8>,
-    ) -> Option<Result<(), CodecError>>;
+        head: impl FnOnce() -> Vec<u8>,
+    ) -> Option<Result<Vec<u8>, CodecError>>;
     fn decode<C: Codec>(codec: &C, payload: &[u8]) -> Result<Result<T, E>, CodecError>;
 }
 
 pub(crate) struct ReleaseErrors;
+
+/// `value` encoded at the end of `out`.
+fn encode_after<C: Codec, V: Serialize + ?Sized>(
+    codec: &C,
+    value: &V,
+    mut out: Vec<u8>,
+) -> Result<Vec<u8>, CodecError> {
+    codec.encode_into(value, &mut out)?;
+    Ok(out)
+}
 
 impl<T: Serialize + DeserializeOwned, E> Policy<T, E> for ReleaseErrors {
     fn tag(codec: &'static str, version: u32) -> codec::TypeTag {
@@ -1492,9 +1502,10 @@ impl<T: Serialize + DeserializeOwned, E> Policy<T, E> for ReleaseErrors {
     fn encode<C: Codec>(
         codec: &C,
         result: &Result<T, E>,
-        out: &mut Vec<u8>,
-    ) -> Option<Result<(), CodecError>> {
-        result.as_ref().ok().map(|v| codec.encode_into(v, out))
+        head: impl FnOnce() -> Vec<u8>,
+    ) -> Option<Result<Vec<u8>, CodecError>> {
+        let value = result.as_ref().ok()?;
+        Some(encode_after(codec, value, head()))
     }
     fn decode<C: Codec>(codec: &C, payload: &[u8]) -> Result<Result<T, E>, CodecError> {
         codec.decode(payload).map(Ok)
@@ -1514,9 +1525,9 @@ where
     fn encode<C: Codec>(
         codec: &C,
         result: &Result<T, E>,
-        out: &mut Vec<u8>,
-    ) -> Option<Result<(), CodecError>> {
-        Some(codec.encode_into(result, out))
+        head: impl FnOnce() -> Vec<u8>,
+    ) -> Option<Result<Vec<u8>, CodecError>> {
+        Some(encode_after(codec, result, head()))
     }
     fn decode<C: Codec>(codec: &C, payload: &[u8]) -> Result<Result<T, E>, CodecError> {
         codec.decode(payload)

@@ -508,21 +508,13 @@ pub trait Store: Send + Sync + fmt::Debug {
 
     /// A synchronous look for a live completed record that this process already holds (the
     /// memory store, or `TieredStore`'s local tier), tried by the runtime before anything
-    /// else so that a replay costs no future, no span and no claim. It must never return a
-    /// record past its expiry, nor block or do I/O. Default: `None` (always ask
-    /// [`claim`](Self::claim)).
-    fn completed_now(&self, key: &Key) -> Option<CompletedRecord> {
-        let _ = key;
-        None
-    }
-
-    /// [`completed_now`](Self::completed_now) without an owned copy: the record is lent to
-    /// `visit` while the store holds it, so that an in-process replay builds no `Bytes`
-    /// handle (an allocation) for a value it only decodes. Returns whether `visit` was
-    /// called. The runtime uses this one; the default lends `completed_now`'s answer, so a
-    /// store only overrides it to save that allocation. Same contract as `completed_now`; and
-    /// `visit` runs the caller's decoding (user `Deserialize` code), so a store calls it
-    /// holding no lock.
+    /// else so that a replay costs no future, no span and no claim. The record is lent to
+    /// `visit` while the store holds it (no copy, no allocation: the runtime checks and
+    /// decodes it in place); the answer is whether `visit` was called. It must never lend a
+    /// record past its expiry, nor block or do I/O; and `visit` runs the caller's decoding
+    /// (user `Deserialize` code), so a store calls it holding no lock. Default: nothing
+    /// (always ask [`claim`](Self::claim)). This is the one to implement;
+    /// [`completed_now`](Self::completed_now) is built on it.
     ///
     /// ```
     /// use idem_core::{CompletedRef, Key, Store};
@@ -533,17 +525,22 @@ pub trait Store: Send + Sync + fmt::Debug {
     /// # }
     /// ```
     fn visit_completed_now(&self, key: &Key, visit: &mut dyn FnMut(CompletedRef<'_>)) -> bool {
-        match self.completed_now(key) {
-            Some(record) => {
-                visit(CompletedRef {
-                    fingerprint: record.fingerprint,
-                    value: &record.value,
-                    expires_in: record.expires_in,
-                });
-                true
-            }
-            None => false,
-        }
+        let _ = (key, visit);
+        false
+    }
+
+    /// [`visit_completed_now`](Self::visit_completed_now)'s record as an owned copy, for a
+    /// caller that keeps it. Not meant to be overridden.
+    fn completed_now(&self, key: &Key) -> Option<CompletedRecord> {
+        let mut owned = None;
+        self.visit_completed_now(key, &mut |r| {
+            owned = Some(CompletedRecord::new(
+                r.fingerprint,
+                r.value.to_vec(),
+                r.expires_in,
+            ));
+        });
+        owned
     }
 
     /// A synchronous [`claim`](Self::claim), for a store that answers at once without I/O
@@ -835,9 +832,6 @@ macro_rules! forward_store {
             }
             fn max_value_size(&self) -> usize {
                 (**self).max_value_size()
-            }
-            fn completed_now(&self, key: &Key) -> Option<CompletedRecord> {
-                (**self).completed_now(key)
             }
             fn visit_completed_now(
                 &self,

@@ -18,14 +18,13 @@
 //!   *before* it removes the claim; a claim, a waiter or a `get`, under the same lock, looks
 //!   at the claims first and then at moka. So each of them sees the claim (the completion has
 //!   not started) or the record (it has finished), never neither — which would be a second
-//!   execution — and never both. The replay fast path ([`Store::visit_completed_now`], and
-//!   [`Store::completed_now`]) reads moka without the lock: it can only miss a record that is
+//!   execution — and never both. The replay fast path ([`Store::visit_completed_now`]) reads
+//!   moka without the lock: it can only miss a record that is
 //!   being written, and then the runtime claims, under the lock.
 //! - **Replays read the stored bytes in place**: [`Store::visit_completed_now`] lends the
 //!   stored record to the runtime, which decodes it there (no copy, no allocation), without a
-//!   future or a lock, before the runtime claims; [`Store::completed_now`] gives a
-//!   [`Bytes`](idem_core::Bytes) handle on it instead (a reference count) to a caller that
-//!   keeps it.
+//!   future or a lock, before the runtime claims; a claim or `get` that answers a completed
+//!   record hands out a [`Bytes`](idem_core::Bytes) handle on it (a reference count).
 //! - **Time is tokio's clock** ([`tokio::time::Instant`]): every deadline (leases, and each
 //!   record's expiry) is checked against it on read, so `tokio::time::pause()` and `advance()`
 //!   move TTLs and leases in tests. moka's own expiry, on the real clock, only frees memory
@@ -331,6 +330,14 @@ impl MemoryStore {
                 },
             )),
         }
+    }
+
+    /// [`Store::visit_completed_now`]'s record as a [`CompletedRecord`] sharing the stored
+    /// bytes (a `Bytes` handle, no copy), for `TieredStore`, which hands it on.
+    pub(crate) fn completed_shared(&self, key: &Key) -> Option<CompletedRecord> {
+        let record = self.inner.records.get(&MapKey(*key))?;
+        let now = self.inner.clock.ticks(Instant::now());
+        record.live_at(now).then(|| record.answer_at(now))
     }
 
     fn claim_once(&self, req: &ClaimRequest) -> Claimed {
@@ -653,16 +660,7 @@ impl Store for MemoryStore {
 
     /// One moka read, without the lane lock: a record being written is at worst missed, and
     /// the runtime then claims under the lock. A record that tokio's clock calls expired is
-    /// not answered (and is removed by the next look under the lock).
-    fn completed_now(&self, key: &Key) -> Option<CompletedRecord> {
-        let record = self.inner.records.get(&MapKey(*key))?;
-        // One clock read, turned into ticks once: for the check and the remaining TTL.
-        let now = self.inner.clock.ticks(Instant::now());
-        record.live_at(now).then(|| record.answer_at(now))
-    }
-
-    /// [`completed_now`](Store::completed_now) with the record's buffer lent, not shared
-    /// through a new `Bytes` handle.
+    /// not lent (and is removed by the next look under the lock). Lent, never copied.
     fn visit_completed_now(
         &self,
         key: &Key,

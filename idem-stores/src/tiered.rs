@@ -4,7 +4,7 @@
 //! completed record never changes: it only expires or is removed. So a process may keep the
 //! completed records it has seen and answer replays from memory, without a round trip to
 //! Redis or SQL — synchronously, through [`Store::visit_completed_now`] (lent, decoded in
-//! place) and [`Store::completed_now`]. Everything else — claims,
+//! place). Everything else — claims,
 //! waits, fenced writes — goes to the shared store, which stays the single source of truth for
 //! who owns a key.
 //!
@@ -124,7 +124,7 @@ impl<S: std::fmt::Debug> std::fmt::Debug for TieredStore<S> {
 #[async_trait]
 impl<S: Store> Store for TieredStore<S> {
     async fn claim(&self, req: &ClaimRequest) -> Result<Claim, StoreError> {
-        if let Some(record) = self.local.completed_now(&req.key) {
+        if let Some(record) = self.local.completed_shared(&req.key) {
             return Ok(Claim::Completed(record));
         }
         let claim = self.shared.claim(req).await?;
@@ -184,7 +184,7 @@ impl<S: Store> Store for TieredStore<S> {
     }
 
     async fn get(&self, key: &Key) -> Result<Option<RecordState>, StoreError> {
-        if let Some(record) = self.local.completed_now(key) {
+        if let Some(record) = self.local.completed_shared(key) {
             return Ok(Some(RecordState::Completed(record)));
         }
         let state = self.shared.get(key).await?;
@@ -250,10 +250,6 @@ impl<S: Store> Store for TieredStore<S> {
 
     fn max_value_size(&self) -> usize {
         self.shared.max_value_size()
-    }
-
-    fn completed_now(&self, key: &Key) -> Option<CompletedRecord> {
-        self.local.completed_now(key)
     }
 
     fn visit_completed_now(

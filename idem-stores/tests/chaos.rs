@@ -43,8 +43,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use idem_core::{
-    step, Call, Claim, ClaimRequest, CompletedRecord, Error, FencingToken, Key, RecordState,
-    StepId, StepRecord, StepStatus, Store, StoreError,
+    step, Call, Claim, ClaimRequest, Error, FencingToken, Key, RecordState, StepId, StepRecord,
+    StepStatus, Store, StoreError,
 };
 use sqlx::postgres::{PgPool, PgPoolOptions};
 use sqlx::AssertSqlSafe;
@@ -346,8 +346,12 @@ impl Store for Timed {
     fn max_value_size(&self) -> usize {
         self.0.max_value_size()
     }
-    fn completed_now(&self, key: &Key) -> Option<CompletedRecord> {
-        self.0.completed_now(key)
+    fn visit_completed_now(
+        &self,
+        key: &Key,
+        visit: &mut dyn FnMut(idem_core::CompletedRef<'_>),
+    ) -> bool {
+        self.0.visit_completed_now(key, visit)
     }
     fn name(&self) -> &'static str {
         self.0.name()

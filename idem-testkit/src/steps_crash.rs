@@ -41,8 +41,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use idem_core::{
-    async_trait, step, step_in, step_key, Call, Claim, ClaimRequest, CompletedRecord, Error,
-    FencingToken, Key, RecordState, StepRecord, StepStatus, Store, StoreError, TransactionalStore,
+    async_trait, step, step_in, step_key, Call, Claim, ClaimRequest, Error, FencingToken, Key,
+    RecordState, StepRecord, StepStatus, Store, StoreError, TransactionalStore,
 };
 use serde::{Deserialize, Serialize};
 
@@ -391,8 +391,12 @@ impl<S: Store + Clone + 'static> Store for Stop<S> {
     fn max_value_size(&self) -> usize {
         self.inner.max_value_size()
     }
-    fn completed_now(&self, key: &Key) -> Option<CompletedRecord> {
-        self.inner.completed_now(key)
+    fn visit_completed_now(
+        &self,
+        key: &Key,
+        visit: &mut dyn FnMut(idem_core::CompletedRef<'_>),
+    ) -> bool {
+        self.inner.visit_completed_now(key, visit)
     }
     fn name(&self) -> &'static str {
         self.inner.name()
