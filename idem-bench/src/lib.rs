@@ -203,3 +203,96 @@ pub fn parse_commandstats(info: &str) -> std::collections::BTreeMap<String, (u64
     }
     out
 }
+
+/// A private `redis-server` (or `valkey-server`) on a spare loopback port, for the benches
+/// that measure one server's CPU (`idem-bench-redis`, `idem-bench-steps-redis`): started with
+/// no persistence, killed and its directory removed on drop.
+pub struct PrivateServer {
+    child: std::process::Child,
+    port: u16,
+    dir: PathBuf,
+    /// The binary's `--version` line.
+    pub version: String,
+}
+
+impl PrivateServer {
+    /// Starts `binary`; `tag` names its temporary directory. Panics if it does not answer
+    /// within 10 s (a bench has nothing to measure then).
+    #[allow(clippy::expect_used)]
+    pub fn start(binary: &str, tag: &str) -> PrivateServer {
+        use std::process::{Command, Stdio};
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("a spare port");
+        let dir = std::env::temp_dir().join(format!("{tag}-{}-{port}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("server dir");
+        let version = Command::new(binary)
+            .arg("--version")
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+            .unwrap_or_default();
+        let child = Command::new(binary)
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .arg("--dir")
+            .arg(&dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("the server binary runs");
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the server did not start"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        PrivateServer {
+            child,
+            port,
+            dir,
+            version,
+        }
+    }
+
+    /// Its URL.
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.port)
+    }
+
+    /// The server process's CPU time (user + system), from `/proc`.
+    pub fn cpu(&self) -> Duration {
+        proc_cpu(&format!("/proc/{}/stat", self.child.id()))
+    }
+}
+
+impl Drop for PrivateServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// utime + stime of a `/proc/<pid>/stat` file (`/proc/self/stat`: this process).
+pub fn proc_cpu(path: &str) -> Duration {
+    let stat = std::fs::read_to_string(path).unwrap_or_default();
+    // Fields after the command name (which may hold spaces), from field 3 on.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<u64> = rest
+        .split_whitespace()
+        .map(|x| x.parse().unwrap_or(0))
+        .collect();
+    let ticks = f.get(11).copied().unwrap_or(0) + f.get(12).copied().unwrap_or(0);
+    // CLK_TCK is 100 on Linux.
+    Duration::from_millis(ticks * 10)
+}
+
+/// The value after `name` on a command line.
+pub fn arg(args: &[String], name: &str) -> Option<String> {
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1).cloned())
+}

@@ -23,8 +23,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::BTreeMap;
-use std::net::TcpListener;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -50,85 +49,10 @@ fn next() -> u64 {
     NEXT.fetch_add(1, Ordering::Relaxed)
 }
 
-/// The private server; killed on drop.
-struct Server {
-    child: Child,
-    port: u16,
-    dir: std::path::PathBuf,
-    /// The binary's `--version` line.
-    version: String,
-}
-
-impl Server {
-    fn start(binary: &str) -> Server {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .map(|a| a.port())
-            .expect("a spare port");
-        let dir =
-            std::env::temp_dir().join(format!("idem-bench-redis-{}-{port}", std::process::id()));
-        std::fs::create_dir_all(&dir).expect("server dir");
-        let version = Command::new(binary)
-            .arg("--version")
-            .output()
-            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
-            .unwrap_or_default();
-        let child = Command::new(binary)
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no"])
-            .arg("--dir")
-            .arg(&dir)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("the server binary runs");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "redis-server did not start");
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        Server {
-            child,
-            port,
-            dir,
-            version,
-        }
-    }
-
-    fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}/", self.port)
-    }
-
-    /// The server process's CPU time (user + system), from `/proc`.
-    fn cpu(&self) -> Duration {
-        proc_cpu(&format!("/proc/{}/stat", self.child.id()))
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-/// utime + stime of a `/proc/<pid>/stat` file.
-fn proc_cpu(path: &str) -> Duration {
-    let stat = std::fs::read_to_string(path).unwrap_or_default();
-    // Fields after the command name (which may hold spaces), from field 3 on.
-    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
-    let f: Vec<u64> = rest
-        .split_whitespace()
-        .map(|x| x.parse().unwrap_or(0))
-        .collect();
-    let ticks = f.get(11).copied().unwrap_or(0) + f.get(12).copied().unwrap_or(0);
-    // CLK_TCK is 100 on Linux.
-    Duration::from_millis(ticks * 10)
-}
+use idem_bench::{arg, PrivateServer as Server};
 
 fn self_cpu() -> Duration {
-    proc_cpu("/proc/self/stat")
+    idem_bench::proc_cpu("/proc/self/stat")
 }
 
 /// `INFO commandstats`: command → (calls, µs).
@@ -415,7 +339,7 @@ fn profile(spec: &str, binary: &str) {
         .into_iter()
         .find(|o| o.name() == name)
         .expect("a workload name");
-    let server = Server::start(binary);
+    let server = Server::start(binary, "idem-bench-redis");
     let rt = idem_bench::current_thread();
     rt.block_on(async {
         let env = connect(&server).await;
@@ -428,12 +352,6 @@ fn profile(spec: &str, binary: &str) {
         }
         run(&env, op, 1, calls).await;
     });
-}
-
-fn arg(args: &[String], name: &str) -> Option<String> {
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1).cloned())
 }
 
 fn main() {
@@ -483,7 +401,7 @@ fn main() {
     let mut benches: Vec<Bench> = binaries
         .iter()
         .map(|bin| {
-            let server = Server::start(bin);
+            let server = Server::start(bin, "idem-bench-redis");
             let env = rt.block_on(connect(&server));
             let env1 = rt1.block_on(connect(&server));
             let native = env.idem.native_cas_active();
