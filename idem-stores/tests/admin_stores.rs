@@ -350,12 +350,7 @@ async fn postgres_inspect_forget_stats() {
         .unwrap();
     store.migrate().await.unwrap();
     scenario(&store, true, false).await;
-    sqlx::query(sqlx::AssertSqlSafe(format!(
-        "DROP TABLE IF EXISTS \"{table}\", \"{table}_steps\""
-    )))
-    .execute(store.pool())
-    .await
-    .unwrap();
+    sql_common::pg_drop_tables(store.pool(), &table).await;
 }
 
 #[cfg(feature = "mysql")]
@@ -372,12 +367,7 @@ async fn mysql_inspect_forget_stats() {
         .unwrap();
     store.migrate().await.unwrap();
     scenario(&store, true, false).await;
-    sqlx::query(sqlx::AssertSqlSafe(format!(
-        "DROP TABLE IF EXISTS `{table}`, `{table}_steps`"
-    )))
-    .execute(store.pool())
-    .await
-    .unwrap();
+    sql_common::mysql_drop_tables(store.pool(), &table).await;
 }
 
 #[cfg(feature = "sqlite")]

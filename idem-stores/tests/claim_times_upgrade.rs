@@ -191,12 +191,7 @@ async fn postgres_table_of_the_first_layout() {
     store.migrate().await.unwrap();
     store.migrate().await.unwrap();
     old_claim_still_works(&store, key, TOKEN).await;
-    sqlx::query(AssertSqlSafe(format!(
-        "DROP TABLE IF EXISTS \"{table}\", \"{table}_steps\""
-    )))
-    .execute(store.pool())
-    .await
-    .unwrap();
+    sql_common::pg_drop_tables(store.pool(), &table).await;
 }
 
 #[cfg(feature = "mysql")]
@@ -242,12 +237,7 @@ async fn mysql_table_of_the_first_layout() {
     store.migrate().await.unwrap();
     store.migrate().await.unwrap();
     old_claim_still_works(&store, key, TOKEN).await;
-    sqlx::query(AssertSqlSafe(format!(
-        "DROP TABLE IF EXISTS `{table}`, `{table}_steps`"
-    )))
-    .execute(store.pool())
-    .await
-    .unwrap();
+    sql_common::mysql_drop_tables(store.pool(), &table).await;
 }
 
 /// A v2 in-progress record as stores wrote it before they kept the claim's start and

@@ -384,12 +384,7 @@ async fn postgres() {
             renew: 1.0
         }
     );
-    sqlx::query(sqlx::AssertSqlSafe(format!(
-        "DROP TABLE IF EXISTS \"{table}\", \"{table}_steps\""
-    )))
-    .execute(store.pool())
-    .await
-    .unwrap();
+    sql_common::pg_drop_tables(store.pool(), &table).await;
 }
 
 #[cfg(feature = "mysql")]
@@ -416,12 +411,7 @@ async fn mysql() {
             renew: 1.0
         }
     );
-    sqlx::query(sqlx::AssertSqlSafe(format!(
-        "DROP TABLE IF EXISTS `{table}`, `{table}_steps`"
-    )))
-    .execute(store.pool())
-    .await
-    .unwrap();
+    sql_common::mysql_drop_tables(store.pool(), &table).await;
 }
 
 /// The SQL stores one after another: the statement counter is process-wide.

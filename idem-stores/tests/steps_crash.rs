@@ -252,11 +252,7 @@ mod pg {
             .extend(steps_crash::cancel(Arc::clone(&b)).await.rows);
         report("postgres", &m);
         for t in [format!("{table}_steps"), down] {
-            let _ = sqlx::query(AssertSqlSafe(format!(
-                "DROP TABLE IF EXISTS \"{t}\", \"{t}_steps\""
-            )))
-            .execute(&h.pool)
-            .await;
+            sql_common::pg_drop_tables(&h.pool, &t).await;
         }
         h.cleanup().await;
         m.assert_passed("postgres");
@@ -316,11 +312,7 @@ mod my {
             .extend(steps_crash::cancel(Arc::clone(&b)).await.rows);
         report("mariadb", &m);
         for t in [format!("{table}_steps"), down] {
-            let _ = sqlx::query(AssertSqlSafe(format!(
-                "DROP TABLE IF EXISTS `{t}`, `{t}_steps`"
-            )))
-            .execute(&h.pool)
-            .await;
+            sql_common::mysql_drop_tables(&h.pool, &t).await;
         }
         h.cleanup().await;
         m.assert_passed("mariadb");

@@ -82,6 +82,20 @@ pub async fn pg_drop_stale_tables(url: &str) {
     pool.close().await;
 }
 
+/// Drops a test's PostgreSQL table and its `_steps` table (best effort).
+#[cfg(feature = "postgres")]
+pub async fn pg_drop_tables(pool: &sqlx::PgPool, table: &str) {
+    let sql = format!("DROP TABLE IF EXISTS \"{table}\", \"{table}_steps\"");
+    let _ = sqlx::query(sqlx::AssertSqlSafe(sql)).execute(pool).await;
+}
+
+/// Drops a test's MySQL / MariaDB table and its `_steps` table (best effort).
+#[cfg(feature = "mysql")]
+pub async fn mysql_drop_tables(pool: &sqlx::MySqlPool, table: &str) {
+    let sql = format!("DROP TABLE IF EXISTS `{table}`, `{table}_steps`");
+    let _ = sqlx::query(sqlx::AssertSqlSafe(sql)).execute(pool).await;
+}
+
 /// A SQLite database file for this test process (`<tmp>/idem-sqlite/<pid>-<tag>.db`); files
 /// of processes that are gone are deleted first.
 pub fn sqlite_file(tag: &str) -> std::path::PathBuf {
